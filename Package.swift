@@ -1,0 +1,51 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// hv: a KVM hypervisor built like a microkernel. See ARCHITECTURE.md for the map.
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "hv",
+    products: [
+        .executable(name: "hvctl", targets: ["hvctl"]),
+        .executable(name: "hv-serial", targets: ["hv-serial"]),
+        .executable(name: "hv-bios", targets: ["hv-bios"]),
+        .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+    ],
+    targets: [
+        // Thin C shim: fixed-arity wrappers for variadic/macro-only kernel interfaces.
+        .target(name: "CHVShim", path: "Sources/CHVShim"),
+        // Typed syscall layer: Errno, owned file descriptors, memfd, eventfd, sockets with fd passing.
+        .target(name: "HVSys", dependencies: ["CHVShim"], path: "Sources/HVSys", swiftSettings: strict),
+        // /dev/kvm: system, VM, vCPU, guest memory.
+        .target(name: "HVKVM", dependencies: ["HVSys", "CHVShim", .product(name: "Atomics", package: "swift-atomics")], path: "Sources/HVKVM", swiftSettings: strict),
+        // Wire protocol (ipc-schema/), shared-memory rings, control channel.
+        .target(name: "HVIPC", dependencies: ["HVSys", .product(name: "Atomics", package: "swift-atomics")],
+                path: "Sources/HVIPC", swiftSettings: strict),
+        // Public device SDK: the device-process runtime.
+        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys"], path: "Sources/HVDeviceSDK", swiftSettings: strict),
+        // The trusted VMM core.
+        .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys"], path: "Sources/HVCore", swiftSettings: strict),
+        .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC"], path: "Sources/hvctl", swiftSettings: strict),
+
+        // Devices shipped with hv, built only on the public SDK.
+        .target(name: "HVSerialUART", path: "Plugins/serial/UART", swiftSettings: strict),
+        .executableTarget(name: "hv-serial", dependencies: ["HVDeviceSDK", "HVSerialUART"],
+                          path: "Plugins/serial/Device", swiftSettings: strict),
+        .target(name: "HVBootLoader", path: "Plugins/bios/Loader", swiftSettings: strict),
+        .executableTarget(name: "hv-bios", dependencies: ["HVDeviceSDK", "HVBootLoader"],
+                          path: "Plugins/bios/Device", swiftSettings: strict),
+
+        .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys"], path: "Tests/HVIPCTests",
+                    resources: [], swiftSettings: strict),
+        .testTarget(name: "HVSerialUARTTests", dependencies: ["HVSerialUART"], path: "Tests/HVSerialUARTTests",
+                    swiftSettings: strict),
+        .testTarget(name: "HVBootLoaderTests", dependencies: ["HVBootLoader"], path: "Tests/HVBootLoaderTests",
+                    swiftSettings: strict),
+        .testTarget(name: "HVIntegrationTests", dependencies: ["HVSys"], path: "Tests/HVIntegrationTests",
+                    exclude: [], swiftSettings: strict),
+    ]
+)

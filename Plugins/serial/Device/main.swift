@@ -1,0 +1,130 @@
+import Glibc
+import HVDeviceSDK
+import HVSerialUART
+
+/// The 16550A serial port as a device process: guest register accesses arrive on the ring,
+/// transmitted bytes go to the host output handed over as host file 0, and host input (host
+/// file 1, optional) feeds the receive FIFO.
+///
+/// Crash safety: the UART's registers live in the core-owned state page and are saved, with
+/// buffered output written out first, in `flush()` — the point where the runtime commits
+/// requests. A crash before that replays the uncommitted requests against the saved registers,
+/// so the guest sees each access take effect once.
+final class SerialDevice: DeviceModel {
+    private var uart: UART16550
+    private let runtime: DeviceRuntime
+    private let output: FileDescriptorNumber?
+    private let input: FileDescriptorNumber?
+    private let irq: InterruptLine?
+    private var pendingOutput: [UInt8] = []
+    private var lineHigh = false
+    private var inputIdle = true
+    private var inputOpen = true
+
+    typealias FileDescriptorNumber = Int32
+
+    init(runtime: DeviceRuntime) {
+        self.runtime = runtime
+        output = runtime.hostFiles[0]?.rawValue
+        input = runtime.hostFiles[1]?.rawValue
+        irq = runtime.interrupts[0]
+        if runtime.restartGeneration > 0, let page = runtime.statePage {
+            // The page survived the old process; it may have died mid-write, so sanitize.
+            var restored = page.load(UART16550.self)
+            restored.sanitize()
+            uart = restored
+        } else {
+            uart = UART16550()
+        }
+        pendingOutput.reserveCapacity(4096)
+        if let input {
+            _ = fcntl(input, F_SETFL, fcntl(input, F_GETFL) | O_NONBLOCK)
+            runtime.watch(fd: input, enabled: { [unowned self] in inputOpen && uart.canReceive }) { [unowned self] in
+                pullInput()
+            }
+        }
+        persist()
+    }
+
+    func read(resource: Int, offset: UInt64, size: Int) -> UInt64 {
+        let value = uart.read(offset: UInt8(truncatingIfNeeded: offset))
+        afterAccess()
+        return UInt64(value)
+    }
+
+    func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
+        if let byte = uart.write(offset: UInt8(truncatingIfNeeded: offset), value: UInt8(truncatingIfNeeded: value)) {
+            pendingOutput.append(byte)
+            if pendingOutput.count >= 4096 { writeOutput() }
+        }
+        afterAccess()
+    }
+
+    func flush() {
+        writeOutput()
+        persist()
+    }
+
+    private func writeOutput() {
+        guard !pendingOutput.isEmpty else { return }
+        if let output {
+            var offset = 0
+            while offset < pendingOutput.count {
+                let n = pendingOutput.withUnsafeBytes { Glibc.write(output, $0.baseAddress! + offset, $0.count - offset) }
+                if n < 0 && errno == EINTR { continue }
+                if n < 0 && errno == EAGAIN {
+                    // A non-blocking console that is full: wait for room rather than drop bytes.
+                    var p = pollfd(fd: output, events: Int16(POLLOUT), revents: 0)
+                    _ = poll(&p, 1, 100)
+                    continue
+                }
+                if n <= 0 {
+                    runtime.log(.error, "console output failed: \(String(cString: strerror(errno))); output is discarded from now on")
+                    break
+                }
+                offset += n
+            }
+        }
+        pendingOutput.removeAll(keepingCapacity: true)
+    }
+
+    private func persist() { runtime.statePage?.store(uart) }
+
+    private func afterAccess() {
+        if inputIdle { uart.receiveIdle() }
+        updateInterrupt()
+    }
+
+    private func updateInterrupt() {
+        let high = uart.interruptLine
+        // ISA IRQ 4 is edge-triggered at the PIC: deliver the rising edge.
+        if high && !lineHigh { irq?.pulse() }
+        lineHigh = high
+    }
+
+    private func pullInput() {
+        guard let input else { return }
+        var buffer = [UInt8](repeating: 0, count: UART16550.fifoDepth)
+        var room = 0
+        var probe = uart
+        while probe.canReceive && room < buffer.count {
+            probe.receive(0)
+            room += 1
+        }
+        guard room > 0 else { return }
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(input, $0.baseAddress, room) }
+        if n == 0 {
+            inputOpen = false  // end of input: stop watching
+            inputIdle = true
+        } else if n > 0 {
+            for byte in buffer.prefix(n) { uart.receive(byte) }
+            inputIdle = n < room
+            persist()  // input consumed from the pipe must not be lost with this process
+        }
+        if inputIdle { uart.receiveIdle() }
+        updateInterrupt()
+    }
+}
+
+let runtime = DeviceRuntime.startOrExit(name: "serial-16550a", capabilities: [.registerRing, .statePage])
+runtime.run(SerialDevice(runtime: runtime))

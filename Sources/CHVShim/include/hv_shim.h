@@ -1,0 +1,52 @@
+// CHVShim: the only C in hv's core. Each function exists because Swift cannot call the
+// underlying interface directly: ioctl/prctl/syscall are variadic, KVM request numbers are
+// _IOW()-style macros the Clang importer drops, and SCM_RIGHTS needs the CMSG_* macros.
+// Nothing here holds state or makes decisions; the typed Swift layer (HVSys, HVKVM) does.
+#ifndef HV_SHIM_H
+#define HV_SHIM_H
+
+#include <linux/kvm.h>
+#include <linux/prctl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+// ioctl(2) is variadic: Swift cannot call it. One wrapper per argument shape.
+int hv_ioctl_ptr(int fd, unsigned long request, void *arg);
+int hv_ioctl_val(int fd, unsigned long request, unsigned long arg);
+
+// prctl(2) is variadic.
+int hv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
+
+// syscall(2) is variadic; these have no glibc wrapper on every supported glibc.
+int hv_pidfd_open(pid_t pid);
+int hv_pidfd_send_signal(int pidfd, int sig);
+pid_t hv_gettid(void);
+
+// memfd_create/eventfd need _GNU_SOURCE-only headers the Glibc module may not expose.
+int hv_memfd_create(const char *name, unsigned int flags);
+int hv_eventfd(unsigned int initval, int flags);
+extern const int hv_MFD_CLOEXEC, hv_MFD_ALLOW_SEALING, hv_EFD_CLOEXEC, hv_EFD_NONBLOCK;
+extern const int hv_F_ADD_SEALS, hv_F_SEAL_SHRINK, hv_F_SEAL_GROW, hv_F_SEAL_SEAL;
+
+// SCM_RIGHTS fd passing needs CMSG_* macros. At most HV_MAX_PASSED_FDS descriptors per message.
+#define HV_MAX_PASSED_FDS 16
+// Returns bytes sent or -1 (errno set).
+ssize_t hv_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+// Returns bytes received or -1 (errno set). *nfds gets the number of descriptors received
+// (close-on-exec set); *truncated is nonzero if the payload or the descriptors were cut.
+ssize_t hv_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated);
+
+// pthread_setname_np is _GNU_SOURCE-only.
+int hv_set_thread_name(const char *name);
+
+// KVM ioctl request numbers (macros built from _IO/_IOR/_IOW/_IOWR).
+extern const unsigned long hv_KVM_GET_API_VERSION, hv_KVM_CREATE_VM, hv_KVM_CHECK_EXTENSION,
+    hv_KVM_GET_VCPU_MMAP_SIZE, hv_KVM_GET_SUPPORTED_CPUID, hv_KVM_CREATE_VCPU,
+    hv_KVM_SET_USER_MEMORY_REGION, hv_KVM_SET_TSS_ADDR, hv_KVM_SET_IDENTITY_MAP_ADDR,
+    hv_KVM_CREATE_IRQCHIP, hv_KVM_CREATE_PIT2, hv_KVM_IRQFD, hv_KVM_IOEVENTFD, hv_KVM_RUN,
+    hv_KVM_GET_REGS, hv_KVM_SET_REGS, hv_KVM_GET_SREGS, hv_KVM_SET_SREGS, hv_KVM_SET_CPUID2,
+    hv_KVM_GET_MP_STATE, hv_KVM_SET_MP_STATE, hv_KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING,
+    hv_KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU;
+
+#endif

@@ -1,0 +1,364 @@
+import Glibc
+import HVIPC
+import HVKVM
+import HVSys
+import Synchronization
+
+/// What the core needs to start one device process.
+public struct DeviceSpec: Sendable {
+    /// Instance name for messages, e.g. "serial0".
+    public var name: String
+    /// Absolute path of the device executable.
+    public var executable: String
+    /// Guest address ranges routed to it, in resource-index order.
+    public var resources: [Resource]
+    /// GSI of each of its interrupt lines (line i → GSI), wired through irqfd.
+    public var interruptGSIs: [UInt32]
+    /// Host files the trusted side opened for it, by hostIO index.
+    public var hostFiles: [FileDescriptor]
+    /// Device-specific `key=value` lines.
+    public var config: String
+    /// What it is allowed to do.
+    public var capabilities: Capabilities
+    /// Whether it maps guest RAM.
+    public var mapsGuestMemory: Bool
+
+    public init(name: String, executable: String, resources: [Resource] = [], interruptGSIs: [UInt32] = [],
+                hostFiles: [FileDescriptor] = [], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false) {
+        self.name = name
+        self.executable = executable
+        self.resources = resources
+        self.interruptGSIs = interruptGSIs
+        self.hostFiles = hostFiles
+        self.config = config
+        self.capabilities = capabilities
+        self.mapsGuestMemory = mapsGuestMemory
+    }
+}
+
+/// One device process and every durable resource behind it. The core owns the ring, the
+/// doorbells, the interrupt eventfds and the state page; the process only borrows them, so a new
+/// process picks up exactly where a dead one stopped.
+final class ManagedDevice: @unchecked Sendable {
+    // @unchecked: mutable fields are touched only by the supervisor thread (or by the main thread
+    // before that thread starts).
+    let spec: DeviceSpec
+    let endpoint: DeviceEndpoint
+    let statePage: FileDescriptor
+    let interrupts: [EventFD]
+    var process: ChildProcess?
+    var control: ControlChannel?
+    var events: ControlChannel?
+    var granted: Capabilities = []
+    var generation: UInt32 = 0
+    var crashTimes: [UInt64] = []
+    var restartAt: UInt64?
+    var lastError: String?
+
+    init(spec: DeviceSpec) throws(CoreError) {
+        self.spec = spec
+        endpoint = try DeviceEndpoint(name: spec.name)
+        do {
+            statePage = try MemFD.create(name: "hv-state-\(spec.name)", size: 4096)
+            interrupts = try spec.interruptGSIs.map { _ throws(SystemError) in try EventFD() }
+        } catch { throw .system(error) }
+    }
+}
+
+/// Starts device processes, watches them through pidfds, serves their device → core requests,
+/// and restarts them with backoff when they die.
+final class DeviceSupervisor: @unchecked Sendable {
+    // @unchecked: after `startAll`, device state is owned by the supervisor thread; the only
+    // cross-thread inputs are the atomics and the `wake` eventfd.
+    let devices: [ManagedDevice]
+    private let memory: GuestRAM
+    private let vm: VirtualMachine
+    private let wake: EventFD
+    private let stopping = Atomic<Bool>(false)
+    private let finished: EventFD
+    private let verbose: Bool
+    /// Called for SET_BOOT_STATE from a device with `bootControl`; returns the status to answer.
+    var onBootState: (@Sendable (BootState) -> Status)?
+    /// Called when a device dies before the guest has started (startup then fails).
+    var onEarlyDeath: (@Sendable (String) -> Void)?
+    /// True once the vCPUs run; before that a device death is a startup failure.
+    let guestStarted = Atomic<Bool>(false)
+
+    /// Give up on a device that crashed this many times within `crashWindow`.
+    static let maximumCrashes = 10
+    static let crashWindow: UInt64 = 60_000_000_000
+
+    init(specs: [DeviceSpec], memory: GuestRAM, vm: VirtualMachine, verbose: Bool) throws(CoreError) {
+        var devices: [ManagedDevice] = []
+        for spec in specs { devices.append(try ManagedDevice(spec: spec)) }
+        self.devices = devices
+        self.memory = memory
+        self.vm = vm
+        self.verbose = verbose
+        do {
+            wake = try EventFD(nonBlocking: true)
+            finished = try EventFD()
+        } catch { throw .system(error) }
+        for d in devices {
+            for (line, gsi) in zip(d.interrupts, d.spec.interruptGSIs) {
+                do { try vm.registerIRQFD(line, gsi: gsi) } catch { throw .kvm(error) }
+            }
+            let wake = self.wake
+            d.endpoint.onFault = { why in
+                Diagnostics.line("device \(d.spec.name) broke the ring protocol (\(why)); killing it")
+                d.process?.signal(SIGKILL)
+                wake.signal()
+            }
+        }
+    }
+
+    /// Starts every device and completes its handshake, on the calling thread.
+    func startAll() throws(CoreError) {
+        for d in devices {
+            try launch(d)
+            d.endpoint.state = .running
+        }
+    }
+
+    /// Runs the supervision loop on a dedicated thread.
+    func startThread() throws(CoreError) {
+        do { try HostThread.spawn(name: "hv-supervisor") { [self] in loop() } } catch { throw .system(error) }
+        threadRunning.store(true, ordering: .releasing)
+    }
+    private let threadRunning = Atomic<Bool>(false)
+
+    private func launch(_ d: ManagedDevice) throws(CoreError) {
+        let spec = d.spec
+        let (coreControl, deviceControl): (SeqPacketSocket, SeqPacketSocket)
+        let (coreEvents, deviceEvents): (SeqPacketSocket, SeqPacketSocket)
+        let child: ChildProcess
+        do {
+            (coreControl, deviceControl) = try SeqPacketSocket.pair()
+            (coreEvents, deviceEvents) = try SeqPacketSocket.pair()
+            child = try ChildProcess.spawn(path: spec.executable, arguments: [spec.name],
+                                           inherit: [(InheritedDescriptor.control, deviceControl.fd.rawValue),
+                                                     (InheritedDescriptor.events, deviceEvents.fd.rawValue)])
+        } catch {
+            throw .device(name: spec.name, reason: "cannot start \(spec.executable): \(error.errno)")
+        }
+        deviceControl.fd.close()
+        deviceEvents.fd.close()
+
+        var fds: [Int32] = []
+        var roles: [FDAssignment] = []
+        func pass(_ fd: FileDescriptor, _ role: FDRole, _ index: UInt16 = 0) {
+            fds.append(fd.rawValue)
+            roles.append(FDAssignment(role: role, index: index))
+        }
+        if spec.mapsGuestMemory { pass(memory.memfd, .guestMemory) }
+        var offered = spec.capabilities
+        if !spec.resources.isEmpty {
+            pass(d.endpoint.ringFD, .registerRing)
+            pass(d.endpoint.kick.fd, .ringKick)
+            pass(d.endpoint.reply.fd, .ringReply)
+            offered.insert(.registerRing)
+        }
+        if spec.capabilities.contains(.statePage) { pass(d.statePage, .statePage) }
+        for (i, line) in d.interrupts.enumerated() { pass(line.fd, .interrupt, UInt16(i)) }
+        for (i, file) in spec.hostFiles.enumerated() { pass(file, .hostIO, UInt16(i)) }
+
+        let hello = Hello(capabilities: offered, restartGeneration: d.generation,
+                          memoryRegions: spec.mapsGuestMemory ? memory.regions : [],
+                          resources: spec.resources, fds: roles, config: spec.config)
+        let control = ControlChannel(socket: coreControl)
+        do {
+            let (frame, unexpected) = try control.request(.hello, payload: hello.encode(), fds: fds, timeoutMilliseconds: 10_000)
+            guard unexpected.isEmpty else { throw ChannelError.malformed(.invalidField("device sent descriptors with its HELLO reply")) }
+            let reply = try HelloReply.decode(frame.payload)
+            guard reply.major == ProtocolVersion.major else {
+                throw ChannelError.malformed(.invalidField("device speaks protocol \(reply.major).\(reply.minor)"))
+            }
+            guard offered.isSuperset(of: reply.capabilities) else {
+                throw ChannelError.malformed(.invalidField("device claimed capabilities it was not offered"))
+            }
+            if !spec.resources.isEmpty && !reply.capabilities.contains(.registerRing) {
+                throw ChannelError.malformed(.invalidField("device refused the register ring but owns registers"))
+            }
+            d.granted = reply.capabilities
+        } catch {
+            child.killAndReap()
+            let why: String
+            if case ChannelError.closed = error {
+                why = "exited during the handshake" + (d.lastError.map { ": \($0)" } ?? "")
+            } else if let e = error as? WireError {
+                why = "malformed HELLO reply: \(e)"
+            } else {
+                why = "handshake failed: \(error)"
+            }
+            throw .device(name: spec.name, reason: why)
+        }
+        d.process = child
+        d.control = control
+        d.events = ControlChannel(socket: coreEvents)
+        if verbose { Diagnostics.line("device \(spec.name) started (pid \(child.pid), generation \(d.generation))") }
+    }
+
+    // MARK: Supervision loop
+
+    private func loop() {
+        while !stopping.load(ordering: .acquiring) {
+            var interests = [Poll.Interest(fd: wake.fd.rawValue)]
+            var owners: [(ManagedDevice, isPidfd: Bool)] = []
+            for d in devices {
+                if let p = d.process {
+                    interests.append(.init(fd: p.pidfd.rawValue))
+                    owners.append((d, true))
+                }
+                if let e = d.events {
+                    interests.append(.init(fd: e.socket.fd.rawValue))
+                    owners.append((d, false))
+                }
+            }
+            let now = monotonicNanoseconds()
+            let nextRestart = devices.compactMap(\.restartAt).min()
+            let timeout: Int32 = nextRestart.map { $0 <= now ? 0 : Int32(min(($0 - now) / 1_000_000 + 1, 60_000)) } ?? -1
+            guard let revents = try? Poll.wait(interests, timeoutMilliseconds: timeout) else { continue }
+            if revents[0] != 0 { wake.drain() }
+            if stopping.load(ordering: .acquiring) { break }
+            for (i, (d, isPidfd)) in owners.enumerated() where revents[i + 1] != 0 {
+                if isPidfd { handleDeath(d) } else { serveEvents(d) }
+            }
+            let after = monotonicNanoseconds()
+            for d in devices {
+                if let at = d.restartAt, at <= after { restart(d) }
+            }
+        }
+        finished.signal()
+    }
+
+    private func handleDeath(_ d: ManagedDevice) {
+        guard let p = d.process else { return }
+        // Serve what the device said before dying (its last log line explains it).
+        if d.events != nil { serveEvents(d, drainOnly: true) }
+        let how = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
+        d.process = nil
+        d.control = nil
+        d.events = nil
+        d.endpoint.state = .restarting
+        if !guestStarted.load(ordering: .acquiring) {
+            d.endpoint.state = .failed
+            onEarlyDeath?("device \(d.spec.name) \(d.lastError ?? how.description) before the guest started")
+            return
+        }
+        let now = monotonicNanoseconds()
+        d.crashTimes = d.crashTimes.filter { now - $0 < Self.crashWindow } + [now]
+        if d.crashTimes.count > Self.maximumCrashes {
+            d.endpoint.state = .failed
+            Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how); it crashed \(d.crashTimes.count) times in \(Self.crashWindow / 1_000_000_000) s, giving up: its registers now read as all-ones")
+            return
+        }
+        // 10 ms, 20 ms, 40 ms … capped at 2 s: quick recovery from a one-off crash, no busy loop from a broken one.
+        let delay = min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
+        d.restartAt = now + delay
+        Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how); the VM keeps running, restarting it in \(delay / 1_000_000) ms")
+    }
+
+    private func restart(_ d: ManagedDevice) {
+        d.restartAt = nil
+        d.generation &+= 1
+        // A ring the dead process left inconsistent would wedge the new one; the fault path
+        // already reported it.
+        d.endpoint.faulted.store(false, ordering: .releasing)
+        do {
+            try launch(d)
+        } catch {
+            Diagnostics.line("\(error)")
+            let now = monotonicNanoseconds()
+            d.crashTimes.append(now)
+            if d.crashTimes.count > Self.maximumCrashes {
+                d.endpoint.state = .failed
+                Diagnostics.line("device \(d.spec.name) could not be restarted; giving up: its registers now read as all-ones")
+            } else {
+                d.restartAt = now + min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
+            }
+            return
+        }
+        d.endpoint.state = .running
+        // Re-kick: the new process drains whatever the old one left uncommitted; and signal every
+        // interrupt line once, so no edge the dead process owed the guest is lost.
+        d.endpoint.kick.signal()
+        for line in d.interrupts { line.signal() }
+        Diagnostics.line("device \(d.spec.name) restarted (pid \(d.process?.pid ?? 0), restart \(d.generation)); output resumes")
+    }
+
+    private func serveEvents(_ d: ManagedDevice, drainOnly: Bool = false) {
+        guard let events = d.events else { return }
+        while true {
+            let frame: Frame
+            do {
+                (frame, _) = try events.receive(timeoutMilliseconds: 0)
+            } catch {
+                switch error {
+                case .timedOut: return
+                case .closed:
+                    d.events = nil  // the pidfd reports the death itself
+                    return
+                default:
+                    Diagnostics.line("device \(d.spec.name) sent a malformed message (\(error)); ignored")
+                    if drainOnly { return }
+                    continue
+                }
+            }
+            handleEvent(frame, from: d, channel: events)
+        }
+    }
+
+    private func handleEvent(_ frame: Frame, from d: ManagedDevice, channel: ControlChannel) {
+        func answer(_ status: Status) {
+            if !frame.flags.contains(.noReply) { try? channel.send(.reply(to: frame, status: status)) }
+        }
+        if frame.flags.contains(.reply) { return }
+        switch MessageType(rawValue: frame.type) {
+        case .log?:
+            guard let record = try? LogRecord.decode(frame.payload) else { return answer(.malformed) }
+            if record.level == .error { d.lastError = record.text }
+            if record.level.rawValue >= LogRecord.Level.warning.rawValue || verbose {
+                Diagnostics.line("\(d.spec.name): \(record.text)")
+            }
+            answer(.ok)
+        case .setBootState?:
+            guard d.granted.contains(.bootControl) else { return answer(.denied) }
+            guard let state = try? BootState.decode(frame.payload) else { return answer(.malformed) }
+            answer(onBootState?(state) ?? .denied)
+        case .setIRQLevel?:
+            guard d.granted.contains(.interruptLevel) else { return answer(.denied) }
+            guard let level = try? IRQLevel.decode(frame.payload) else { return answer(.malformed) }
+            guard Int(level.line) < d.spec.interruptGSIs.count else { return answer(.invalidArgument) }
+            do { try vm.setIRQLine(d.spec.interruptGSIs[Int(level.line)], level: level.asserted) } catch {
+                return answer(.internalError)
+            }
+            answer(.ok)
+        default:
+            answer(.unknownType)
+        }
+    }
+
+    // MARK: Shutdown
+
+    /// Stops supervising, lets each device finish its ring, asks it to exit, and reaps it.
+    func shutdown() {
+        stopping.store(true, ordering: .releasing)
+        wake.signal()
+        if threadRunning.load(ordering: .acquiring) { finished.drain() }
+        for d in devices {
+            // Everything the guest wrote must reach the device before it goes.
+            let deadline = monotonicNanoseconds() + 1_000_000_000
+            while d.process != nil && d.endpoint.ring.requestsOutstanding() != 0 && monotonicNanoseconds() < deadline {
+                usleep(200)
+            }
+            d.endpoint.state = .failed
+            if let control = d.control {
+                _ = try? control.request(.shutdown, payload: [], timeoutMilliseconds: 1000)
+            }
+            d.process?.killAndReap()
+            d.process = nil
+            let dropped = d.endpoint.droppedWrites.load(ordering: .relaxed)
+            if dropped > 0 { Diagnostics.line("device \(d.spec.name): \(dropped) guest writes could not be delivered") }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+import HVIPC
+import HVKVM
+import HVSys
+
+/// Guest RAM: one memfd, mapped once here and once in each device that needs it. Below 4 GiB the
+/// PC needs a hole for MMIO and firmware, so RAM above `lowLimit` continues at 4 GiB.
+public final class GuestRAM: Sendable {
+    /// Where low RAM stops (3 GiB, leaving [3 GiB, 4 GiB) for MMIO, the LAPIC/IOAPIC and the BIOS).
+    public static let lowLimit: UInt64 = 0xC000_0000
+    /// The memfd devices map.
+    public let memfd: FileDescriptor
+    let mapping: SharedMapping
+    /// The guest-physical layout, in the form HELLO carries it.
+    public let regions: [MemoryRegion]
+    /// Total bytes.
+    public let size: UInt64
+
+    init(size: UInt64) throws(CoreError) {
+        self.size = size
+        do {
+            memfd = try MemFD.create(name: "hv-guest-ram", size: Int(size))
+            mapping = try SharedMapping(fd: memfd, count: Int(size))
+        } catch { throw .system(error) }
+        let low = min(size, Self.lowLimit)
+        var regions = [MemoryRegion(guestPhysicalAddress: 0, size: low, memfdOffset: 0)]
+        if size > low {
+            regions.append(MemoryRegion(guestPhysicalAddress: 1 << 32, size: size - low, memfdOffset: low))
+        }
+        self.regions = regions
+    }
+
+    func register(with vm: VirtualMachine) throws(CoreError) {
+        for (slot, r) in regions.enumerated() {
+            do {
+                try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: r.guestPhysicalAddress, size: r.size,
+                                       hostAddress: mapping.base + Int(r.memfdOffset))
+            } catch { throw .kvm(error) }
+        }
+    }
+}

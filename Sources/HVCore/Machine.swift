@@ -1,0 +1,296 @@
+import CHVShim
+import Glibc
+import HVIPC
+import HVKVM
+import HVSys
+import Synchronization
+
+/// How a VM ended.
+public enum MachineExit: Sendable, Equatable {
+    /// Every vCPU halted with interrupts disabled (or was never started): the guest is done.
+    case poweredOff
+    /// The operator typed the console escape sequence.
+    case userQuit
+    /// SIGINT, SIGTERM or SIGHUP.
+    case signal(Int32)
+    /// Triple fault, KVM error or a fatal core error, with a one-line reason.
+    case failure(String)
+}
+
+/// A VM: KVM, guest RAM, vCPU threads, the I/O bus and the supervised device processes.
+public final class Machine: @unchecked Sendable {
+    // @unchecked: configuration is immutable; cross-thread state is atomic or under Mutex.
+    public struct Configuration: Sendable {
+        public var memoryBytes: UInt64
+        public var cpus: Int
+        public var devices: [DeviceSpec]
+        public var verbose: Bool
+        public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false) {
+            self.memoryBytes = memoryBytes
+            self.cpus = cpus
+            self.devices = devices
+            self.verbose = verbose
+        }
+    }
+
+    /// Largest vCPU count accepted (the in-kernel xAPIC's 8-bit IDs, minus the IOAPIC's).
+    public static let maximumCPUs = 254
+
+    private let configuration: Configuration
+    private let kvm: KVM
+    private let vm: VirtualMachine
+    private let ram: GuestRAM
+    private let vcpus: [VCPU]
+    private let bus = IOBus()
+    private let supervisor: DeviceSupervisor
+    private let bootState = Mutex<BootState?>(nil)
+    private let outcome = Mutex<MachineExit?>(nil)
+    private let stopping = Atomic<Bool>(false)
+    private let threads = Mutex<[pthread_t]>([])
+    /// Halt probe: generation asked by the monitor, and per vCPU the last generation answered
+    /// (shifted left by one) plus a "halted with IF=0" bit.
+    private let probeGeneration = Atomic<UInt64>(0)
+    private let probeAnswers: [ProbeAnswer]
+    private final class ProbeAnswer: Sendable {
+        let value = Atomic<UInt64>(0)
+    }
+
+    /// Builds the VM and its platform. Nothing runs yet.
+    public init(_ configuration: Configuration) throws(CoreError) {
+        self.configuration = configuration
+        guard (1...Self.maximumCPUs).contains(configuration.cpus) else {
+            throw .configuration("--cpus \(configuration.cpus) is out of range: use 1 to \(Self.maximumCPUs)")
+        }
+        do {
+            kvm = try KVM()
+            vm = try kvm.createVM()
+            try vm.createPlatform()
+        } catch { throw .kvm(error) }
+        ram = try GuestRAM(size: configuration.memoryBytes)
+        try ram.register(with: vm)
+        do {
+            let cpuid = try kvm.supportedCPUID()
+            var list: [VCPU] = []
+            for id in 0..<configuration.cpus {
+                let vcpu = try vm.createVCPU(id: UInt32(id))
+                try vcpu.setCPUID(cpuid)
+                list.append(vcpu)
+            }
+            vcpus = list
+        } catch { throw .kvm(error) }
+        probeAnswers = (0..<configuration.cpus).map { _ in ProbeAnswer() }
+        supervisor = try DeviceSupervisor(specs: configuration.devices, memory: ram, vm: vm, verbose: configuration.verbose)
+        for d in supervisor.devices {
+            for (i, r) in d.spec.resources.enumerated() {
+                try bus.add(r.kind, base: r.base, length: r.length, endpoint: d.endpoint, resource: UInt16(i))
+            }
+        }
+    }
+
+    /// Requests a stop with `exit` (the first request wins).
+    public func stop(_ exit: MachineExit) {
+        outcome.withLock { if $0 == nil { $0 = exit } }
+        stopping.store(true, ordering: .releasing)
+    }
+
+    /// Runs the VM until it powers off, fails, or is stopped. Call from the main thread.
+    public func run() -> MachineExit {
+        // SIGINT/SIGTERM/SIGHUP are taken synchronously by this thread; every thread started from
+        // here inherits the mask (device processes get a clean one from posix_spawn).
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, s) }
+        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        VCPUKicker.install()
+        signal(SIGPIPE, SIG_IGN)
+
+        supervisor.onBootState = { [self] state in acceptBootState(state) }
+        supervisor.onEarlyDeath = { [self] why in stop(.failure(why)) }
+        do {
+            try supervisor.startAll()
+            try supervisor.startThread()
+        } catch {
+            supervisor.shutdown()
+            return .failure("\(error)")
+        }
+
+        // The BIOS device loads the guest and then names the entry state.
+        let deadline = monotonicNanoseconds() + 30_000_000_000
+        while bootState.withLock({ $0 }) == nil && !stopping.load(ordering: .acquiring) {
+            if monotonicNanoseconds() > deadline {
+                stop(.failure("the BIOS device did not hand over a boot state within 30 s"))
+                break
+            }
+            usleep(200)
+        }
+        if !stopping.load(ordering: .acquiring) {
+            supervisor.guestStarted.store(true, ordering: .releasing)
+            for vcpu in vcpus {
+                do {
+                    let t = try HostThread.spawn(name: "hv-vcpu\(vcpu.id)") { [self] in vcpuLoop(vcpu) }
+                    threads.withLock { $0.append(t) }
+                } catch {
+                    stop(.failure("cannot start vCPU thread: \(error)"))
+                }
+            }
+        }
+
+        var lastProbe = monotonicNanoseconds()
+        while !stopping.load(ordering: .acquiring) {
+            var timeout = timespec(tv_sec: 0, tv_nsec: 10_000_000)
+            let sig = sigtimedwait(&stopSignals, nil, &timeout)
+            if sig > 0 {
+                stop(.signal(sig))
+                break
+            }
+            let now = monotonicNanoseconds()
+            if now - lastProbe >= 20_000_000 {
+                lastProbe = now
+                if allVCPUsHalted() { stop(.poweredOff) }
+            }
+        }
+        // Let every vCPU leave the guest, then let the devices finish what the guest wrote.
+        kickAll()
+        supervisor.shutdown()
+        return outcome.withLock { $0 } ?? .poweredOff
+    }
+
+    private func acceptBootState(_ state: BootState) -> Status {
+        guard !supervisor.guestStarted.load(ordering: .acquiring) else { return .denied }
+        guard state.vcpu == 0 else { return .invalidArgument }
+        if state.mode == .flat32 {
+            // The entry point must be guest RAM below 4 GiB, or the vCPU would fault at once.
+            guard state.rip < min(ram.size, GuestRAM.lowLimit), state.rip <= UInt64(UInt32.max) else { return .invalidArgument }
+        }
+        bootState.withLock { $0 = state }
+        return .ok
+    }
+
+    private func kickAll() {
+        for vcpu in vcpus { vcpu.requestExit() }
+        for t in threads.withLock({ $0 }) { VCPUKicker.kick(t) }
+    }
+
+    // MARK: Halt detection
+    //
+    // With the in-kernel irqchip, HLT never reaches user space. To notice a guest that is done
+    // (`cli; hlt` on every vCPU), the monitor kicks each vCPU out of KVM_RUN; the vCPU thread
+    // answers with its MP state and RFLAGS.IF, then re-enters the guest (still halted).
+
+    private func allVCPUsHalted() -> Bool {
+        let generation = probeGeneration.add(1, ordering: .acquiringAndReleasing).newValue
+        kickAll()
+        let deadline = monotonicNanoseconds() + 50_000_000
+        while monotonicNanoseconds() < deadline {
+            var answered = 0
+            var halted = 0
+            for a in probeAnswers {
+                let v = a.value.load(ordering: .acquiring)
+                if v >> 1 == generation {
+                    answered += 1
+                    if v & 1 == 1 { halted += 1 }
+                }
+            }
+            if answered == vcpus.count { return halted == vcpus.count }
+            if stopping.load(ordering: .acquiring) { return false }
+            usleep(100)
+        }
+        return false
+    }
+
+    private func answerProbe(_ vcpu: VCPU) {
+        let generation = probeGeneration.load(ordering: .acquiring)
+        let slot = probeAnswers[Int(vcpu.id)]
+        guard slot.value.load(ordering: .relaxed) >> 1 != generation else { return }
+        var halted = false
+        if let mp = try? vcpu.mpState() {
+            switch Int32(mp) {
+            case KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED:
+                halted = true  // an AP the guest never started
+            case KVM_MP_STATE_HALTED:
+                if let regs = try? vcpu.registers() { halted = regs.rflags & (1 << 9) == 0 }
+            default:
+                halted = false
+            }
+        }
+        slot.value.store(generation << 1 | (halted ? 1 : 0), ordering: .releasing)
+    }
+
+    // MARK: vCPU threads
+
+    private func vcpuLoop(_ vcpu: VCPU) {
+        if vcpu.id == 0, let state = bootState.withLock({ $0 }) {
+            do { try apply(state, to: vcpu) } catch {
+                return stop(.failure("cannot set the boot vCPU's entry state: \(error)"))
+            }
+        }
+        while !stopping.load(ordering: .acquiring) {
+            let exit: VCPUExit
+            do { exit = try vcpu.runOnce() } catch {
+                return stop(.failure("\(error)"))
+            }
+            switch exit {
+            case .io(let port, let size, let count, let isWrite):
+                for i in 0..<count {
+                    if isWrite {
+                        bus.pioWrite(port: port, size: size, value: vcpu.ioValue(i), vcpu: vcpu.id)
+                    } else {
+                        vcpu.setIOValue(i, bus.pioRead(port: port, size: size, vcpu: vcpu.id))
+                    }
+                }
+            case .mmio(let address, let size, let isWrite, let value):
+                if isWrite {
+                    bus.mmioWrite(address: address, size: size, value: value, vcpu: vcpu.id)
+                } else {
+                    vcpu.setMMIOReadValue(bus.mmioRead(address: address, size: size, vcpu: vcpu.id))
+                }
+            case .interrupted:
+                answerProbe(vcpu)
+            case .halt:
+                answerProbe(vcpu)
+                usleep(1000)
+            case .shutdown:
+                let rip = (try? vcpu.registers().rip).map { "0x" + String($0, radix: 16) } ?? "?"
+                return stop(.failure("guest triple-faulted on vCPU \(vcpu.id) (rip \(rip)); the VM is stopped"))
+            case .systemEvent(let type):
+                return stop(type == UInt32(KVM_SYSTEM_EVENT_SHUTDOWN) ? .poweredOff
+                            : .failure("guest requested system event \(type), which hv does not support yet"))
+            case .internalError(let suberror):
+                let rip = (try? vcpu.registers().rip).map { "0x" + String($0, radix: 16) } ?? "?"
+                return stop(.failure("KVM internal error on vCPU \(vcpu.id) (suberror \(suberror), rip \(rip)): KVM could not emulate the guest"))
+            case .failedEntry(let reason):
+                return stop(.failure("KVM refused to enter vCPU \(vcpu.id) (hardware reason 0x\(String(reason, radix: 16)))"))
+            case .unhandled(let reason):
+                return stop(.failure("vCPU \(vcpu.id) exited with unhandled KVM exit reason \(reason)"))
+            }
+        }
+    }
+
+    private func apply(_ state: BootState, to vcpu: VCPU) throws(KVMError) {
+        guard state.mode == .flat32 else { return }
+        var sregs = try vcpu.specialRegisters()
+        func flat(selector: UInt16, type: UInt8) -> kvm_segment {
+            kvm_segment(base: 0, limit: 0xFFFF_FFFF, selector: selector, type: type, present: 1, dpl: 0,
+                        db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0, padding: 0)
+        }
+        sregs.cs = flat(selector: 0x08, type: 0xB)  // execute/read, accessed
+        let data = flat(selector: 0x10, type: 0x3)  // read/write, accessed
+        sregs.ds = data
+        sregs.es = data
+        sregs.fs = data
+        sregs.gs = data
+        sregs.ss = data
+        sregs.cr0 = (sregs.cr0 | 0x1) & ~UInt64(0x8000_0000)  // PE on, PG off
+        sregs.cr4 = 0
+        sregs.efer = 0
+        try vcpu.setSpecialRegisters(sregs)
+        var regs = kvm_regs()
+        regs.rip = state.rip
+        regs.rsp = state.rsp
+        regs.rax = state.rax
+        regs.rbx = state.rbx
+        regs.rsi = state.rsi
+        regs.rflags = 0x2
+        try vcpu.setRegisters(regs)
+    }
+}

@@ -1,0 +1,298 @@
+import Glibc
+import HVIPC
+import HVSys
+
+/// What a device does with forwarded guest register accesses. All methods run on the device's
+/// single runtime thread, so a model needs no locking.
+public protocol DeviceModel: AnyObject {
+    /// A guest read of `size` bytes (1, 2, 4 or 8) at `offset` within resource `resource`
+    /// (an index into `DeviceRuntime.resources`). Already bounds-checked by the runtime.
+    func read(resource: Int, offset: UInt64, size: Int) -> UInt64
+    /// A guest write. Writes are posted: the vCPU does not wait for them.
+    func write(resource: Int, offset: UInt64, size: Int, value: UInt64)
+    /// Make the effects of every access handled so far durable (e.g. write buffered output to the
+    /// host). The runtime calls this before it commits requests as done and before it answers a
+    /// read; a request is replayed after a crash if and only if it was not yet committed.
+    func flush()
+}
+
+extension DeviceModel {
+    public func flush() {}
+}
+
+/// The device-process runtime: handshake with the core, guest-memory mapping, the register-ring
+/// loop and the device → core channel. A device's `main` is typically:
+///
+/// ```swift
+/// let runtime = DeviceRuntime.startOrExit(name: "my-device", capabilities: [.registerRing, .statePage])
+/// let model = MyModel(runtime: runtime)
+/// runtime.run(model)
+/// ```
+///
+/// See `Sources/HVDeviceSDK/README.md` for what a device may assume (its descriptors, its
+/// sandbox) and the guarantees the runtime gives.
+public final class DeviceRuntime: @unchecked Sendable {
+    // @unchecked: a runtime belongs to the device's one thread; nothing here is shared.
+
+    /// The HELLO as received.
+    public let hello: Hello
+    /// Address ranges routed to this device, in the order requests refer to them.
+    public var resources: [Resource] { hello.resources }
+    /// 0 on the first start; n after the nth restart. A restarted device restores its state
+    /// from `statePage` instead of resetting it.
+    public var restartGeneration: UInt32 { hello.restartGeneration }
+    /// The capabilities both sides agreed on.
+    public let capabilities: Capabilities
+    /// Device configuration from `hvctl`, parsed from `key=value` lines.
+    public let config: [String: String]
+    /// Guest RAM, if the core handed it over.
+    public let guestMemory: GuestMemory?
+    /// State that survives restarts, if granted.
+    public let statePage: StatePage?
+    /// Interrupt lines by line number.
+    public let interrupts: [UInt16: InterruptLine]
+    /// Host files opened by the trusted side for this device, by index.
+    public let hostFiles: [UInt16: FileDescriptor]
+
+    private let control: ControlChannel
+    private let events: ControlChannel
+    private let ring: RegisterRing?
+    private let kick: EventFD?
+    private let reply: EventFD?
+    private var watchers: [(fd: Int32, enabled: () -> Bool, handler: () -> Void)] = []
+    private let name: String
+
+    /// How long the ring loop spins on an empty ring before sleeping, in nanoseconds.
+    public var spinNanoseconds: UInt64 = 50_000
+
+    /// Connects to the core on the inherited descriptors and completes the handshake; on any
+    /// failure prints one line to stderr and exits with status 2.
+    public static func startOrExit(name: String, capabilities: Capabilities) -> DeviceRuntime {
+        dieWithParent()
+        do {
+            return try DeviceRuntime(name: name, capabilities: capabilities)
+        } catch {
+            fail(name, "\(error)")
+        }
+    }
+
+    /// Connects and handshakes, throwing on failure.
+    public init(name: String, capabilities wanted: Capabilities) throws(DeviceError) {
+        self.name = name
+        control = ControlChannel(socket: SeqPacketSocket(adopting: FileDescriptor(owning: InheritedDescriptor.control)))
+        events = ControlChannel(socket: SeqPacketSocket(adopting: FileDescriptor(owning: InheritedDescriptor.events)))
+        let frame: Frame
+        var fds: [FileDescriptor]
+        do { (frame, fds) = try control.receive(timeoutMilliseconds: 10_000) } catch { throw .channel(error) }
+        guard frame.type == MessageType.hello.rawValue, !frame.flags.contains(.reply) else {
+            throw .protocolViolation("first message is type 0x\(String(frame.type, radix: 16)), expected HELLO")
+        }
+        let hello: Hello
+        do { hello = try Hello.decode(frame.payload) } catch {
+            try? control.send(.reply(to: frame, status: .malformed))
+            throw .protocolViolation("HELLO: \(error)")
+        }
+        guard hello.major == ProtocolVersion.major else {
+            try? control.send(.reply(to: frame, status: .unsupportedVersion))
+            throw .protocolViolation("protocol major version \(hello.major), this SDK speaks \(ProtocolVersion.major)")
+        }
+        guard hello.fds.count == fds.count else {
+            try? control.send(.reply(to: frame, status: .malformed))
+            throw .protocolViolation("HELLO lists \(hello.fds.count) descriptors but \(fds.count) arrived")
+        }
+        self.hello = hello
+        capabilities = wanted.intersection(hello.capabilities)
+        var config: [String: String] = [:]
+        for line in hello.config.split(separator: "\n") {
+            if let eq = line.firstIndex(of: "=") {
+                config[String(line[..<eq])] = String(line[line.index(after: eq)...])
+            } else {
+                config[String(line)] = ""
+            }
+        }
+        self.config = config
+
+        var memory: GuestMemory?
+        var ring: RegisterRing?
+        var kick: EventFD?
+        var reply: EventFD?
+        var state: StatePage?
+        var interrupts: [UInt16: InterruptLine] = [:]
+        var host: [UInt16: FileDescriptor] = [:]
+        for (assignment, fd) in zip(hello.fds, fds) {
+            switch assignment.role {
+            case .guestMemory: memory = try GuestMemory(fd: fd, regions: hello.memoryRegions)
+            case .registerRing:
+                do { ring = try RegisterRing(attaching: fd) } catch { throw .ring(error) }
+            case .ringKick: kick = EventFD(adopting: fd)
+            case .ringReply: reply = EventFD(adopting: fd)
+            case .statePage: state = try StatePage(fd: fd)
+            case .interrupt: interrupts[assignment.index] = InterruptLine(doorbell: EventFD(adopting: fd))
+            case .hostIO: host[assignment.index] = fd
+            }
+        }
+        fds.removeAll()
+        if capabilities.contains(.registerRing) && (ring == nil || kick == nil || reply == nil) {
+            throw .protocolViolation("register ring granted without its ring, kick and reply descriptors")
+        }
+        guestMemory = memory
+        self.ring = ring
+        self.kick = kick
+        self.reply = reply
+        statePage = state
+        self.interrupts = interrupts
+        hostFiles = host
+        let minor = min(hello.minor, ProtocolVersion.minor)
+        do {
+            try control.send(.reply(to: frame, payload: HelloReply(minor: minor, capabilities: capabilities, name: name).encode()))
+        } catch { throw .channel(error) }
+    }
+
+    // MARK: Device → core
+
+    /// Sends a log line to the core, which prints it with this device's name. Never blocks on the core.
+    public func log(_ level: LogRecord.Level, _ text: String) {
+        try? events.notify(.log, payload: LogRecord(level: level, text: text).encode())
+    }
+
+    /// Asks the core to set the boot vCPU's entry state (requires `bootControl`).
+    public func setBootState(_ state: BootState) throws(DeviceError) {
+        do { _ = try events.request(.setBootState, payload: state.encode(), timeoutMilliseconds: 10_000) } catch { throw .channel(error) }
+    }
+
+    /// Drives a level-triggered interrupt line (requires `interruptLevel`).
+    public func setInterruptLevel(line: UInt32, asserted: Bool) {
+        try? events.notify(.setIRQLevel, payload: IRQLevel(line: line, asserted: asserted).encode())
+    }
+
+    /// Calls `handler` on the runtime thread whenever `fd` is readable and `enabled()` is true
+    /// (e.g. only while the device has room for input, so a full FIFO doesn't spin the loop).
+    /// Handlers run between committed batches of register accesses, never in the middle of one.
+    public func watch(fd: Int32, enabled: @escaping () -> Bool = { true }, _ handler: @escaping () -> Void) {
+        watchers.append((fd, enabled, handler))
+    }
+
+    // MARK: The loop
+
+    /// Serves register accesses and watched descriptors until the core says SHUTDOWN or goes away.
+    public func run(_ model: some DeviceModel) -> Never {
+        var cursor = ring?.committedRequestIndex() ?? 0
+        // A restarted device first finishes what the dead one left uncommitted.
+        var spinStart = monotonicNanoseconds()
+        var lastWatchPoll: UInt64 = 0
+        while true {
+            if let ring {
+                let published = ring.publishedRequestIndex()
+                if published != cursor {
+                    cursor = serve(ring: ring, model: model, from: cursor, to: published)
+                    spinStart = monotonicNanoseconds()
+                    continue
+                }
+            }
+            let now = monotonicNanoseconds()
+            if ring != nil && now &- spinStart < spinNanoseconds {
+                // Still spinning; look at watched fds and the control socket now and then.
+                if now &- lastWatchPoll > 1_000_000 {
+                    lastWatchPoll = now
+                    pollOthers(timeout: 0)
+                }
+                continue
+            }
+            if let ring {
+                if ring.setRequestConsumerSleeping(true, cursor: cursor) {
+                    ring.setRequestConsumerSleeping(false, cursor: cursor)
+                    continue
+                }
+            }
+            pollOthers(timeout: -1)
+            ring?.setRequestConsumerSleeping(false, cursor: cursor)
+            kick?.drain()
+            spinStart = monotonicNanoseconds()
+        }
+    }
+
+    private func serve(ring: RegisterRing, model: some DeviceModel, from start: UInt32, to end: UInt32) -> UInt32 {
+        var index = start
+        // Never trust the distance: a corrupt index must not make us spin over garbage forever.
+        let count = min(end &- start, ring.requestCapacity)
+        for _ in 0..<count {
+            if let request = ring.request(at: index) {
+                handle(request, ring: ring, model: model)
+            } else {
+                log(.error, "ignored a register request with an unknown operation at index \(index)")
+            }
+            index &+= 1
+        }
+        model.flush()
+        ring.commitRequests(upTo: index)
+        return index
+    }
+
+    private func handle(_ request: RegisterRequest, ring: RegisterRing, model: some DeviceModel) {
+        let size = Int(request.size)
+        let valid: Bool = {
+            guard [1, 2, 4, 8].contains(size), Int(request.resource) < resources.count else { return false }
+            let res = resources[Int(request.resource)]
+            let wantKind: Resource.Kind = (request.operation == .pioRead || request.operation == .pioWrite) ? .pio : .mmio
+            return res.kind == wantKind && request.offset < res.length && UInt64(size) <= res.length - request.offset
+        }()
+        if request.operation.isRead {
+            let value: UInt64
+            if valid {
+                model.flush()  // a read is ordered after every earlier write, effects included
+                value = model.read(resource: Int(request.resource), offset: request.offset, size: size)
+            } else {
+                value = ~0
+            }
+            while !ring.pushResponse(RegisterResponse(tag: request.tag, data: value)) {
+                // The core consumes responses as it waits for them; a full ring means it is behind.
+                sched_yield()
+            }
+            if ring.responseConsumerNeedsWakeup() { reply?.signal() }
+        } else if valid {
+            model.write(resource: Int(request.resource), offset: request.offset, size: size, value: request.data)
+        }
+        if !valid {
+            log(.warning, "refused an out-of-range register request (resource \(request.resource), offset 0x\(String(request.offset, radix: 16)), size \(size))")
+        }
+    }
+
+    private func pollOthers(timeout: Int32) {
+        var interests = [Poll.Interest(fd: control.socket.fd.rawValue)]
+        if let kick { interests.append(.init(fd: kick.fd.rawValue)) }
+        let watchBase = interests.count
+        // A disabled watcher polls fd -1, which poll(2) skips.
+        interests += watchers.map { Poll.Interest(fd: $0.enabled() ? $0.fd : -1) }
+        guard let revents = try? Poll.wait(interests, timeoutMilliseconds: timeout) else { return }
+        if revents[0] != 0 { serviceControl() }
+        for (i, watcher) in watchers.enumerated() where revents[watchBase + i] != 0 && interests[watchBase + i].fd >= 0 {
+            watcher.handler()
+        }
+    }
+
+    private func serviceControl() {
+        let frame: Frame
+        do { (frame, _) = try control.receive(timeoutMilliseconds: 0) } catch {
+            if case .closed = error { exit(0) }  // the core is gone; so are we
+            if case .timedOut = error { return }
+            Self.fail(name, "control channel: \(error)")
+        }
+        guard !frame.flags.contains(.reply) else { return }
+        switch MessageType(rawValue: frame.type) {
+        case .shutdown?:
+            try? control.send(.reply(to: frame))
+            exit(0)
+        case .ping?:
+            try? control.send(.reply(to: frame))
+        default:
+            if !frame.flags.contains(.noReply) { try? control.send(.reply(to: frame, status: .unknownType)) }
+        }
+    }
+
+    /// Prints `name: message` to stderr and exits with status 2.
+    public static func fail(_ name: String, _ message: String) -> Never {
+        let line = "\(name): \(message)\n"
+        _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+        exit(2)
+    }
+}

@@ -1,0 +1,116 @@
+import HVIPC
+import HVSys
+
+/// Why a guest-memory access was refused.
+public struct GuestMemoryAccessError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// First guest-physical address of the refused access.
+    public let address: UInt64
+    /// Its length in bytes.
+    public let count: UInt64
+    public var description: String {
+        "guest-physical range [0x\(String(address, radix: 16)), +0x\(String(count, radix: 16))) is not guest RAM"
+    }
+}
+
+/// The guest's RAM, mapped into this device process from the memfd the core handed over.
+///
+/// Audited raw-pointer holder. Unsafe assumptions:
+/// - each region's `[memfdOffset, memfdOffset + size)` lies inside the mapping (checked at init);
+/// - the guest and other devices write this memory concurrently: never assume a value read twice
+///   is the same, copy descriptors out once before validating them;
+/// - every access goes through `translate`, which refuses any range not wholly inside one region.
+public final class GuestMemory: @unchecked Sendable {
+    // @unchecked: immutable after init; concurrent access to guest bytes is inherent (see above).
+    private let mapping: SharedMapping
+    /// The RAM regions, as the core described them in HELLO.
+    public let regions: [MemoryRegion]
+
+    init(fd: FileDescriptor, regions: [MemoryRegion]) throws(DeviceError) {
+        var end: UInt64 = 0
+        for r in regions {
+            let (regionEnd, overflow) = r.memfdOffset.addingReportingOverflow(r.size)
+            guard !overflow else { throw .protocolViolation("memory region overflows") }
+            end = max(end, regionEnd)
+        }
+        let fdSize: Int64
+        do { fdSize = try fd.size() } catch { throw .system(error) }
+        guard end <= UInt64(max(fdSize, 0)), end > 0 else {
+            throw .protocolViolation("memory regions end at \(end) but the guest-memory memfd has \(fdSize) bytes")
+        }
+        do { mapping = try SharedMapping(fd: fd, count: Int(end)) } catch { throw .system(error) }
+        self.regions = regions
+    }
+
+    /// Bytes of RAM starting at guest-physical 0 (the first region, if it starts at 0).
+    public var lowRAMSize: UInt64 {
+        regions.first { $0.guestPhysicalAddress == 0 }?.size ?? 0
+    }
+
+    /// A pointer to `count` bytes at `address`, or nil if the range is not wholly inside one RAM region.
+    public func translate(_ address: UInt64, count: UInt64) -> UnsafeMutableRawPointer? {
+        for r in regions where address >= r.guestPhysicalAddress {
+            let offset = address - r.guestPhysicalAddress
+            guard offset <= r.size, count <= r.size - offset else { continue }
+            return mapping.base + Int(r.memfdOffset + offset)
+        }
+        return nil
+    }
+
+    /// Copies `bytes` into guest RAM at `address`.
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: UInt64) throws(GuestMemoryAccessError) {
+        guard let p = translate(address, count: UInt64(bytes.count)) else {
+            throw GuestMemoryAccessError(address: address, count: UInt64(bytes.count))
+        }
+        if let src = bytes.baseAddress { p.copyMemory(from: src, byteCount: bytes.count) }
+    }
+
+    /// Copies guest RAM at `address` into `buffer`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at address: UInt64) throws(GuestMemoryAccessError) {
+        guard let p = translate(address, count: UInt64(buffer.count)) else {
+            throw GuestMemoryAccessError(address: address, count: UInt64(buffer.count))
+        }
+        if let dst = buffer.baseAddress { dst.copyMemory(from: p, byteCount: buffer.count) }
+    }
+
+    /// Zero-fills `count` bytes at `address`.
+    public func zero(at address: UInt64, count: UInt64) throws(GuestMemoryAccessError) {
+        guard count <= UInt64(Int.max), let p = translate(address, count: count) else {
+            throw GuestMemoryAccessError(address: address, count: count)
+        }
+        p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
+    }
+}
+
+/// One of the device's interrupt lines: an eventfd the core wired to a KVM irqfd.
+public struct InterruptLine: Sendable {
+    private let doorbell: EventFD
+    init(doorbell: EventFD) { self.doorbell = doorbell }
+    /// Delivers one edge on the line (ISA-style edge-triggered interrupt).
+    public func pulse() { doorbell.signal() }
+}
+
+/// A page of memory owned by the core that survives this process: keep device state here and a
+/// restarted device resumes where the dead one stopped. Treat its contents as untrusted on restart
+/// (the process that died may have written anything) and validate before use.
+public final class StatePage: @unchecked Sendable {
+    // @unchecked: used only by the device's single runtime thread.
+    private let mapping: SharedMapping
+    /// Usable bytes.
+    public var count: Int { mapping.count }
+    init(fd: FileDescriptor) throws(DeviceError) {
+        do { mapping = try SharedMapping(fd: fd, count: 4096) } catch { throw .system(error) }
+    }
+
+    /// Reads a value stored at offset 0. `T` must be plain data that any bit pattern can represent
+    /// safely after the caller's validation (integers, tuples of integers).
+    public func load<T: BitwiseCopyable>(_ type: T.Type) -> T {
+        precondition(MemoryLayout<T>.size <= count, "state larger than the state page")
+        return mapping.base.loadUnaligned(as: T.self)
+    }
+
+    /// Stores a value at offset 0.
+    public func store<T: BitwiseCopyable>(_ value: T) {
+        precondition(MemoryLayout<T>.size <= count, "state larger than the state page")
+        mapping.base.storeBytes(of: value, as: T.self)
+    }
+}

@@ -1,0 +1,432 @@
+// Control-channel messages of hv IPC v1. The layouts here are normative in
+// ipc-schema/messages.json; Tests/HVIPCTests checks every constant and every test vector
+// against that file, so this code and the schema cannot drift apart.
+
+/// Protocol version spoken by this library.
+public enum ProtocolVersion {
+    /// Peers with a different major version refuse each other.
+    public static let major: UInt32 = 1
+    /// Peers settle on the lower minor version.
+    public static let minor: UInt32 = 0
+}
+
+/// Feature bits negotiated in the handshake. A device may accept only bits the core offered.
+public struct Capabilities: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// Register accesses arrive on the shared-memory register ring.
+    public static let registerRing = Capabilities(rawValue: 1 << 0)
+    /// A core-owned state page survives device restarts.
+    public static let statePage = Capabilities(rawValue: 1 << 1)
+    /// The device may set the boot vCPU's entry state (granted to the BIOS device only).
+    public static let bootControl = Capabilities(rawValue: 1 << 2)
+    /// The device may drive level-triggered interrupt lines with SET_IRQ_LEVEL.
+    public static let interruptLevel = Capabilities(rawValue: 1 << 3)
+}
+
+/// Message type numbers.
+public enum MessageType: UInt16, Sendable, CaseIterable {
+    // core → device, on the control socket
+    case hello = 0x0001
+    case shutdown = 0x0002
+    case ping = 0x0003
+    // device → core, on the event socket
+    case log = 0x0101
+    case setBootState = 0x0102
+    case setIRQLevel = 0x0103
+}
+
+/// Header flag bits.
+public struct MessageFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+    /// This frame answers the request with the same id.
+    public static let reply = MessageFlags(rawValue: 1 << 0)
+    /// The sender expects no reply.
+    public static let noReply = MessageFlags(rawValue: 1 << 1)
+}
+
+/// Status carried in every reply.
+public enum Status: Int32, Sendable, CaseIterable {
+    case ok = 0
+    case unknownType = 1
+    case malformed = 2
+    case unsupportedVersion = 3
+    case denied = 4
+    case invalidArgument = 5
+    case internalError = 6
+}
+
+/// One datagram on a control socket: a 16-byte header and a payload.
+public struct Frame: Equatable, Sendable {
+    /// Size of the fixed header.
+    public static let headerSize = 16
+    /// Largest datagram either side sends or accepts.
+    public static let maximumSize = 65536
+
+    public var type: UInt16
+    public var flags: MessageFlags
+    public var id: UInt32
+    public var status: Int32
+    public var payload: [UInt8]
+
+    public init(type: UInt16, flags: MessageFlags = [], id: UInt32, status: Int32 = 0, payload: [UInt8] = []) {
+        self.type = type
+        self.flags = flags
+        self.id = id
+        self.status = status
+        self.payload = payload
+    }
+
+    /// A reply to `request` carrying `status` and `payload`.
+    public static func reply(to request: Frame, status: Status = .ok, payload: [UInt8] = []) -> Frame {
+        Frame(type: request.type, flags: .reply, id: request.id, status: status.rawValue, payload: payload)
+    }
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u16(type)
+        w.u16(flags.rawValue)
+        w.u32(id)
+        w.i32(status)
+        w.u32(UInt32(payload.count))
+        w.raw(payload)
+        return w.bytes
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws(WireError) -> Frame {
+        var r = WireReader(bytes)
+        let type = try r.u16()
+        let flags = MessageFlags(rawValue: try r.u16())
+        let id = try r.u32()
+        let status = try r.i32()
+        let length = try r.u32()
+        guard Int(length) == r.remaining else { throw .lengthMismatch(declared: length, actual: r.remaining) }
+        if flags.contains(.reply) && flags.contains(.noReply) { throw .invalidField("flags: REPLY and NO_REPLY together") }
+        if flags.rawValue & ~0x3 != 0 { throw .invalidField("flags: reserved bits 0x\(String(flags.rawValue, radix: 16))") }
+        return Frame(type: type, flags: flags, id: id, status: status, payload: try r.raw(Int(length)))
+    }
+}
+
+/// A region of guest RAM inside the guest-memory memfd.
+public struct MemoryRegion: Equatable, Sendable {
+    public var guestPhysicalAddress: UInt64
+    public var size: UInt64
+    public var memfdOffset: UInt64
+    public init(guestPhysicalAddress: UInt64, size: UInt64, memfdOffset: UInt64) {
+        self.guestPhysicalAddress = guestPhysicalAddress
+        self.size = size
+        self.memfdOffset = memfdOffset
+    }
+}
+
+/// A guest-visible address range the core routes to the device.
+public struct Resource: Equatable, Sendable {
+    /// What kind of address space.
+    public enum Kind: UInt8, Sendable {
+        case pio = 1
+        case mmio = 2
+    }
+    public var kind: Kind
+    public var base: UInt64
+    public var length: UInt64
+    public init(kind: Kind, base: UInt64, length: UInt64) {
+        self.kind = kind
+        self.base = base
+        self.length = length
+    }
+}
+
+/// What a descriptor passed with HELLO is for.
+public enum FDRole: UInt16, Sendable {
+    /// The guest-memory memfd (map with the HELLO's memory regions).
+    case guestMemory = 1
+    /// The register-ring memfd.
+    case registerRing = 2
+    /// eventfd the core signals when it publishes requests (device sleeps on it).
+    case ringKick = 3
+    /// eventfd the device signals when it publishes responses (core sleeps on it).
+    case ringReply = 4
+    /// eventfd wired to a KVM irqfd; `index` is the device's interrupt line number.
+    case interrupt = 5
+    /// The device's state page memfd (4096 bytes, survives restarts).
+    case statePage = 6
+    /// A host file the trusted side opened for the device (image, console); `index` orders them.
+    case hostIO = 7
+}
+
+/// The role of one passed descriptor; the i-th entry describes the i-th descriptor.
+public struct FDAssignment: Equatable, Sendable {
+    public var role: FDRole
+    public var index: UInt16
+    public init(role: FDRole, index: UInt16) {
+        self.role = role
+        self.index = index
+    }
+}
+
+/// HELLO (core → device): everything the device gets, besides the descriptors themselves.
+public struct Hello: Equatable, Sendable {
+    public var major: UInt32 = ProtocolVersion.major
+    public var minor: UInt32 = ProtocolVersion.minor
+    public var capabilities: Capabilities
+    /// 0 on first start, incremented on every restart of this device.
+    public var restartGeneration: UInt32
+    public var memoryRegions: [MemoryRegion]
+    public var resources: [Resource]
+    public var fds: [FDAssignment]
+    /// Device-specific configuration, UTF-8 `key=value` pairs separated by newlines.
+    public var config: String
+
+    public init(capabilities: Capabilities, restartGeneration: UInt32, memoryRegions: [MemoryRegion],
+                resources: [Resource], fds: [FDAssignment], config: String) {
+        self.capabilities = capabilities
+        self.restartGeneration = restartGeneration
+        self.memoryRegions = memoryRegions
+        self.resources = resources
+        self.fds = fds
+        self.config = config
+    }
+
+    public static let maximumConfigBytes = 4096
+    public static let maximumTableEntries = 64
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(major)
+        w.u32(minor)
+        w.u64(capabilities.rawValue)
+        w.u32(restartGeneration)
+        w.u16(UInt16(memoryRegions.count))
+        w.u16(UInt16(resources.count))
+        w.u16(UInt16(fds.count))
+        let config = Array(self.config.utf8)
+        w.u16(UInt16(config.count))
+        w.u32(0)
+        for m in memoryRegions {
+            w.u64(m.guestPhysicalAddress)
+            w.u64(m.size)
+            w.u64(m.memfdOffset)
+        }
+        for r in resources {
+            w.u8(r.kind.rawValue)
+            w.u8(0)
+            w.u16(0)
+            w.u32(0)
+            w.u64(r.base)
+            w.u64(r.length)
+        }
+        for f in fds {
+            w.u16(f.role.rawValue)
+            w.u16(f.index)
+        }
+        w.raw(config)
+        return w.bytes
+    }
+
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> Hello {
+        var r = WireReader(payload)
+        let major = try r.u32()
+        let minor = try r.u32()
+        let caps = Capabilities(rawValue: try r.u64())
+        let generation = try r.u32()
+        let regionCount = Int(try r.u16())
+        let resourceCount = Int(try r.u16())
+        let fdCount = Int(try r.u16())
+        let configLength = Int(try r.u16())
+        guard try r.u32() == 0 else { throw .invalidField("hello: reserved word is not zero") }
+        guard regionCount <= maximumTableEntries, resourceCount <= maximumTableEntries, fdCount <= maximumTableEntries else {
+            throw .invalidField("hello: table larger than \(maximumTableEntries) entries")
+        }
+        guard configLength <= maximumConfigBytes else { throw .invalidField("hello: config longer than \(maximumConfigBytes) bytes") }
+        var regions: [MemoryRegion] = []
+        for _ in 0..<regionCount {
+            let m = MemoryRegion(guestPhysicalAddress: try r.u64(), size: try r.u64(), memfdOffset: try r.u64())
+            guard m.guestPhysicalAddress.addingReportingOverflow(m.size).overflow == false,
+                  m.memfdOffset.addingReportingOverflow(m.size).overflow == false else {
+                throw .invalidField("hello: memory region overflows 64 bits")
+            }
+            regions.append(m)
+        }
+        var resources: [Resource] = []
+        for _ in 0..<resourceCount {
+            let rawKind = try r.u8()
+            guard let kind = Resource.Kind(rawValue: rawKind) else { throw .invalidField("hello: resource kind \(rawKind)") }
+            guard try r.u8() == 0, try r.u16() == 0, try r.u32() == 0 else { throw .invalidField("hello: resource reserved bytes") }
+            let res = Resource(kind: kind, base: try r.u64(), length: try r.u64())
+            guard res.length > 0, res.base.addingReportingOverflow(res.length).overflow == false else {
+                throw .invalidField("hello: resource range empty or overflowing")
+            }
+            resources.append(res)
+        }
+        var fds: [FDAssignment] = []
+        for _ in 0..<fdCount {
+            let rawRole = try r.u16()
+            guard let role = FDRole(rawValue: rawRole) else { throw .invalidField("hello: fd role \(rawRole)") }
+            fds.append(FDAssignment(role: role, index: try r.u16()))
+        }
+        let config = try r.raw(configLength)
+        try r.finish()
+        var hello = Hello(capabilities: caps, restartGeneration: generation, memoryRegions: regions,
+                          resources: resources, fds: fds, config: String(decoding: config, as: UTF8.self))
+        hello.major = major
+        hello.minor = minor
+        return hello
+    }
+}
+
+/// HELLO's reply (device → core): the version and capabilities the device accepts, and its name.
+public struct HelloReply: Equatable, Sendable {
+    public var major: UInt32
+    public var minor: UInt32
+    public var capabilities: Capabilities
+    /// Short device model name, e.g. "serial-16550a" (at most 64 bytes).
+    public var name: String
+
+    public init(major: UInt32 = ProtocolVersion.major, minor: UInt32 = ProtocolVersion.minor,
+                capabilities: Capabilities, name: String) {
+        self.major = major
+        self.minor = minor
+        self.capabilities = capabilities
+        self.name = name
+    }
+
+    public static let maximumNameBytes = 64
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(major)
+        w.u32(minor)
+        w.u64(capabilities.rawValue)
+        let name = Array(self.name.utf8.prefix(Self.maximumNameBytes))
+        w.u16(UInt16(name.count))
+        w.u16(0)
+        w.raw(name)
+        return w.bytes
+    }
+
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> HelloReply {
+        var r = WireReader(payload)
+        let major = try r.u32()
+        let minor = try r.u32()
+        let caps = Capabilities(rawValue: try r.u64())
+        let length = Int(try r.u16())
+        guard try r.u16() == 0 else { throw .invalidField("hello reply: reserved half-word is not zero") }
+        guard length <= maximumNameBytes else { throw .invalidField("hello reply: name longer than \(maximumNameBytes) bytes") }
+        let name = try r.raw(length)
+        try r.finish()
+        return HelloReply(major: major, minor: minor, capabilities: caps, name: String(decoding: name, as: UTF8.self))
+    }
+}
+
+/// LOG (device → core, NO_REPLY): a line for the operator.
+public struct LogRecord: Equatable, Sendable {
+    public enum Level: UInt8, Sendable {
+        case debug = 0, info = 1, warning = 2, error = 3
+    }
+    public var level: Level
+    public var text: String
+    public init(level: Level, text: String) {
+        self.level = level
+        self.text = text
+    }
+    public static let maximumTextBytes = 4096
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u8(level.rawValue)
+        w.u8(0)
+        let text = Array(self.text.utf8.prefix(Self.maximumTextBytes))
+        w.u16(UInt16(text.count))
+        w.raw(text)
+        return w.bytes
+    }
+
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> LogRecord {
+        var r = WireReader(payload)
+        let rawLevel = try r.u8()
+        guard let level = Level(rawValue: rawLevel) else { throw .invalidField("log: level \(rawLevel)") }
+        guard try r.u8() == 0 else { throw .invalidField("log: reserved byte is not zero") }
+        let length = Int(try r.u16())
+        guard length <= maximumTextBytes else { throw .invalidField("log: text longer than \(maximumTextBytes) bytes") }
+        let text = try r.raw(length)
+        try r.finish()
+        return LogRecord(level: level, text: String(decoding: text, as: UTF8.self))
+    }
+}
+
+/// SET_BOOT_STATE (device → core): the entry state of the boot vCPU. Needs `bootControl`.
+public struct BootState: Equatable, Sendable {
+    /// How the core sets up segments and control registers before applying the registers below.
+    public enum Mode: UInt32, Sendable {
+        /// Leave the architectural reset state (firmware at the reset vector); registers ignored.
+        case reset = 0
+        /// 32-bit protected mode, flat 4 GiB code (0x08) and data (0x10) segments, paging off:
+        /// the multiboot v1 machine state.
+        case flat32 = 1
+    }
+    public var vcpu: UInt32
+    public var mode: Mode
+    public var rip: UInt64
+    public var rsp: UInt64
+    public var rax: UInt64
+    public var rbx: UInt64
+    public var rsi: UInt64
+
+    public init(vcpu: UInt32 = 0, mode: Mode, rip: UInt64 = 0, rsp: UInt64 = 0, rax: UInt64 = 0, rbx: UInt64 = 0, rsi: UInt64 = 0) {
+        self.vcpu = vcpu
+        self.mode = mode
+        self.rip = rip
+        self.rsp = rsp
+        self.rax = rax
+        self.rbx = rbx
+        self.rsi = rsi
+    }
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(vcpu)
+        w.u32(mode.rawValue)
+        w.u64(rip)
+        w.u64(rsp)
+        w.u64(rax)
+        w.u64(rbx)
+        w.u64(rsi)
+        return w.bytes
+    }
+
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> BootState {
+        var r = WireReader(payload)
+        let vcpu = try r.u32()
+        let rawMode = try r.u32()
+        guard let mode = Mode(rawValue: rawMode) else { throw .invalidField("boot state: mode \(rawMode)") }
+        let s = BootState(vcpu: vcpu, mode: mode, rip: try r.u64(), rsp: try r.u64(), rax: try r.u64(),
+                          rbx: try r.u64(), rsi: try r.u64())
+        try r.finish()
+        return s
+    }
+}
+
+/// SET_IRQ_LEVEL (device → core, usually NO_REPLY): drive one of the device's interrupt lines.
+public struct IRQLevel: Equatable, Sendable {
+    public var line: UInt32
+    public var asserted: Bool
+    public init(line: UInt32, asserted: Bool) {
+        self.line = line
+        self.asserted = asserted
+    }
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(line)
+        w.u32(asserted ? 1 : 0)
+        return w.bytes
+    }
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> IRQLevel {
+        var r = WireReader(payload)
+        let line = try r.u32()
+        let level = try r.u32()
+        guard level <= 1 else { throw .invalidField("irq level: level \(level) is not 0 or 1") }
+        try r.finish()
+        return IRQLevel(line: line, asserted: level == 1)
+    }
+}

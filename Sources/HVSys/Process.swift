@@ -1,0 +1,108 @@
+import CHVShim
+import Glibc
+
+/// A child process, tracked through a pidfd so its death can be polled alongside other fds and
+/// its pid can never be confused with a recycled one.
+public final class ChildProcess: Sendable {
+    /// The child's pid (for messages; signal it through `pidfd`).
+    public let pid: pid_t
+    /// A pidfd: readable once the child has exited.
+    public let pidfd: FileDescriptor
+
+    init(pid: pid_t, pidfd: FileDescriptor) {
+        self.pid = pid
+        self.pidfd = pidfd
+    }
+
+    /// Starts `path` with `arguments`. `inherit` maps child descriptor numbers to parent descriptors;
+    /// every other descriptor of the parent is close-on-exec in hv, so only these reach the child.
+    public static func spawn(path: String, arguments: [String], environment: [String] = [],
+                             inherit: [(child: Int32, parent: Int32)]) throws(SystemError) -> ChildProcess {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        // dup2 onto a number equal to the source would keep FD_CLOEXEC; go through a free slot first.
+        for (child, parent) in inherit {
+            if child == parent {
+                posix_spawn_file_actions_adddup2(&actions, parent, 100 + child)
+                posix_spawn_file_actions_adddup2(&actions, 100 + child, child)
+                posix_spawn_file_actions_addclose(&actions, 100 + child)
+            } else {
+                posix_spawn_file_actions_adddup2(&actions, parent, child)
+            }
+        }
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // Children start with default signal dispositions and an empty mask, whatever the core set.
+        var all = sigset_t()
+        sigfillset(&all)
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        posix_spawnattr_setsigmask(&attr, &none)
+        // Its own process group: a Ctrl-C on the terminal reaches hvctl, which then stops the
+        // devices in order, instead of killing every device at once.
+        posix_spawnattr_setpgroup(&attr, 0)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
+
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup($0) } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, &attr, argv, envp)
+        if rc != 0 { throw SystemError("spawn \(path)", Errno(rawValue: rc)) }
+        let pidfd = hv_pidfd_open(pid)
+        if pidfd < 0 {
+            let e = Errno.current
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            throw SystemError("pidfd_open \(pid)", e)
+        }
+        return ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))
+    }
+
+    /// Sends a signal through the pidfd (never hits a recycled pid).
+    public func signal(_ sig: Int32) { _ = hv_pidfd_send_signal(pidfd.rawValue, sig) }
+
+    /// How a child ended.
+    public enum Termination: Sendable, Equatable, CustomStringConvertible {
+        case exited(Int32)
+        case signalled(Int32)
+        public var description: String {
+            switch self {
+            case .exited(let code): return "exited with status \(code)"
+            case .signalled(let sig): return "killed by signal \(sig) (\(String(cString: strsignal(sig))))"
+            }
+        }
+    }
+
+    /// Reaps the child if it has exited; nil while it still runs.
+    public func reapIfExited() -> Termination? {
+        var status: Int32 = 0
+        let r = waitpid(pid, &status, WNOHANG)
+        guard r == pid else { return nil }
+        // WIFEXITED etc. are macros; decode the classic wait status layout.
+        let sig = status & 0x7f
+        if sig == 0 { return .exited((status >> 8) & 0xff) }
+        return .signalled(sig)
+    }
+
+    /// Kills and reaps, blocking until gone.
+    public func killAndReap() {
+        signal(SIGKILL)
+        var status: Int32 = 0
+        _ = retryOnInterrupt { waitpid(pid, &status, 0) }
+    }
+}
+
+/// Arranges for this process to receive SIGKILL when its parent dies, and exits at once if the
+/// parent is already gone. Device processes call this first.
+public func dieWithParent() {
+    _ = hv_prctl(PR_SET_PDEATHSIG, UInt(SIGKILL), 0, 0, 0)
+    if getppid() == 1 { _exit(1) }
+}

@@ -1,0 +1,95 @@
+import Glibc
+
+/// A command-line mistake, reported as one line plus a hint, exit status 2.
+struct UsageError: Error {
+    let message: String
+}
+
+/// Parses a size such as `256M`, `2G`, `65536K` or a plain byte count.
+func parseSize(_ text: String, flag: String) throws(UsageError) -> UInt64 {
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+    var digits = Substring(text)
+    var scale: UInt64 = 1
+    if let last = text.last?.uppercased().first, let unit = units[last] {
+        scale = unit
+        digits = digits.dropLast()
+    }
+    if digits.hasSuffix("i") || digits.hasSuffix("B") { digits = digits.dropLast() }
+    guard let value = UInt64(digits), value > 0 else {
+        throw UsageError(message: "invalid \(flag) '\(text)': use a size like 256M or 2G")
+    }
+    let (bytes, overflow) = value.multipliedReportingOverflow(by: scale)
+    guard !overflow else { throw UsageError(message: "invalid \(flag) '\(text)': too large") }
+    return bytes
+}
+
+/// Options of `hvctl run`.
+struct RunOptions {
+    var multiboot: String?
+    var commandLine = ""
+    var memory: UInt64 = 256 << 20
+    var cpus = 1
+    var serial = "stdio"
+    var verbose = false
+
+    static let help = """
+    usage: hvctl run [options]
+
+    Boots a VM. With no --multiboot, boots hv's built-in demo guest.
+
+    options:
+      --multiboot FILE   boot a multiboot (v1) kernel: ELF32 or a.out-kludge image
+      --cmdline STR      command line passed to the kernel
+      --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
+      --cpus N           number of vCPUs (default 1)
+      --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
+      --verbose          report device starts and debug logs on stderr
+      -h, --help         show this help
+
+    With --serial stdio on a terminal, keystrokes go to the guest; type Ctrl-A x to quit
+    (Ctrl-A Ctrl-A sends a literal Ctrl-A). hvctl exits 0 when the guest powers off or halts
+    every vCPU with interrupts disabled, 1 on a guest or VMM failure (the reason is printed),
+    2 on a usage error, and 128+N when stopped by signal N (SIGINT, SIGTERM).
+    """
+
+    static func parse(_ arguments: ArraySlice<String>) throws(UsageError) -> RunOptions? {
+        var options = RunOptions()
+        var rest = arguments
+        func value(_ flag: String) throws(UsageError) -> String {
+            guard let v = rest.popFirst() else { throw UsageError(message: "\(flag) needs a value") }
+            return v
+        }
+        while let arg = rest.popFirst() {
+            // Accept --flag=value as well as --flag value.
+            var flag = arg
+            if arg.hasPrefix("--"), let eq = arg.firstIndex(of: "=") {
+                flag = String(arg[..<eq])
+                rest.insert(String(arg[arg.index(after: eq)...]), at: rest.startIndex)
+            }
+            switch flag {
+            case "-h", "--help": return nil
+            case "--multiboot": options.multiboot = try value(flag)
+            case "--cmdline":
+                options.commandLine = try value(flag)
+                guard !options.commandLine.contains("\n"), !options.commandLine.contains("\0") else {
+                    throw UsageError(message: "--cmdline must not contain newlines or NUL bytes")
+                }
+            case "--memory": options.memory = try parseSize(try value(flag), flag: flag)
+            case "--cpus":
+                let text = try value(flag)
+                guard let n = Int(text), n >= 1 else { throw UsageError(message: "invalid --cpus '\(text)': use a whole number from 1 up") }
+                options.cpus = n
+            case "--serial":
+                let mode = try value(flag)
+                guard mode == "stdio" || mode == "none" || (mode.hasPrefix("file:") && mode.count > 5) else {
+                    throw UsageError(message: "invalid --serial '\(mode)': use stdio, file:PATH or none")
+                }
+                options.serial = mode
+            case "--verbose", "-v": options.verbose = true
+            default:
+                throw UsageError(message: "unknown option '\(arg)' for 'hvctl run'")
+            }
+        }
+        return options
+    }
+}

@@ -1,0 +1,138 @@
+import Glibc
+import HVCore
+import HVIPC
+import HVSys
+
+// hvctl: the operator's command. `hvctl run` builds a VM from flags and runs it in this process,
+// which is the VM's trusted core; devices run as separate processes it supervises.
+
+func fail(_ message: String, status: Int32 = 1) -> Never {
+    let line = "hvctl: \(message)\n"
+    _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+    exit(status)
+}
+
+let topLevelHelp = """
+usage: hvctl <command> [options]
+
+commands:
+  run       boot a VM (with no options: the built-in demo guest)
+  version   print hv's version and IPC protocol version
+  help      show this help
+
+'hvctl <command> --help' describes a command.
+"""
+
+/// Directory holding hvctl and the device executables built beside it.
+func executableDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard n > 0 else { return "." }
+    let path = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    guard let slash = path.lastIndex(of: "/") else { return "." }
+    return String(path[..<slash])
+}
+
+func deviceExecutable(_ name: String) -> String {
+    let path = executableDirectory() + "/" + name
+    guard access(path, X_OK) == 0 else {
+        fail("device executable '\(name)' not found next to hvctl (\(path)); rebuild hv with 'swift build'")
+    }
+    return path
+}
+
+func hostMemoryBytes() -> UInt64 {
+    UInt64(max(sysconf(Int32(_SC_PHYS_PAGES)), 0)) * UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 0))
+}
+
+func run(_ options: RunOptions) -> Int32 {
+    guard options.memory >= 4 << 20 else {
+        fail("--memory \(options.memory >> 20)M is too small: a guest needs at least 4M", status: 2)
+    }
+    let hostMemory = hostMemoryBytes()
+    guard options.memory <= hostMemory else {
+        fail("--memory \(options.memory >> 20)M does not fit: this host has \(hostMemory >> 20)M of RAM", status: 2)
+    }
+
+    // The trusted side opens every host file; devices only receive descriptors.
+    let image: FileDescriptor
+    do {
+        if let path = options.multiboot {
+            image = try FileDescriptor.open(path, flags: O_RDONLY)
+            if (try? image.size()) == 0 { fail("guest image '\(path)' is empty") }
+        } else {
+            image = try MemFD.create(name: "hv-demo-guest", size: DemoGuest.image().count)
+            try image.writeAll(DemoGuest.image())
+        }
+    } catch {
+        fail("cannot open guest image '\(options.multiboot ?? "demo")': \(error.errno)")
+    }
+
+    var serialFiles: [FileDescriptor] = []
+    var console: Console?
+    do {
+        switch options.serial {
+        case "stdio":
+            serialFiles.append(try FileDescriptor(owning: 1).duplicate())
+            let c = try Console()
+            serialFiles.append(c.deviceInput)
+            console = c
+        case "none":
+            serialFiles.append(try FileDescriptor.open("/dev/null", flags: O_WRONLY))
+        default:
+            let path = String(options.serial.dropFirst(5))
+            serialFiles.append(try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC))
+        }
+    } catch {
+        fail("cannot set up the serial port (\(options.serial)): \(error)")
+    }
+
+    let devices = [
+        DeviceSpec(name: "serial0", executable: deviceExecutable("hv-serial"),
+                   resources: [Resource(kind: .pio, base: 0x3F8, length: 8)], interruptGSIs: [4],
+                   hostFiles: serialFiles, capabilities: [.statePage]),
+        DeviceSpec(name: "bios", executable: deviceExecutable("hv-bios"), hostFiles: [image],
+                   config: "cmdline=\(options.commandLine)", capabilities: [.bootControl], mapsGuestMemory: true),
+    ]
+    let machine: Machine
+    do {
+        machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose))
+    } catch {
+        fail("\(error)")
+    }
+    if let console {
+        do { try console.start { machine.stop(.userQuit) } } catch { fail("cannot read the terminal: \(error)") }
+    }
+    let outcome = machine.run()
+    console?.restore()
+    switch outcome {
+    case .poweredOff, .userQuit:
+        return 0
+    case .signal(let sig):
+        return 128 + sig
+    case .failure(let why):
+        fail(why)
+    }
+}
+
+var arguments = CommandLine.arguments.dropFirst()
+switch arguments.popFirst() {
+case "run"?:
+    do {
+        guard let options = try RunOptions.parse(arguments) else {
+            print(RunOptions.help)
+            exit(0)
+        }
+        exit(run(options))
+    } catch {
+        fail("\(error.message); see 'hvctl run --help'", status: 2)
+    }
+case "version"?, "--version"?:
+    print("hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))")
+case "help"?, "-h"?, "--help"?:
+    print(topLevelHelp)
+case nil:
+    fail("no command given; try 'hvctl run' to boot the demo guest, or 'hvctl help'", status: 2)
+case let other?:
+    fail("unknown command '\(other)'; see 'hvctl help'", status: 2)
+}

@@ -1,0 +1,406 @@
+/*
+ * hv-testguest: a freestanding multiboot v1 guest for hv's integration
+ * tests and benchmarks. The command line picks a mode; every mode talks
+ * only through the COM1 16550 and ends with all CPUs in `cli; hlt`.
+ * The output strings are a contract with the tests: change them together.
+ */
+
+#include <stdarg.h>
+#include <stdint.h>
+
+#define MB_BOOT_MAGIC   0x2BADB002u
+#define MBI_MEM         (1u << 0)
+#define MBI_CMDLINE     (1u << 2)
+
+#define COM1            0x3F8
+#define UART_THR        (COM1 + 0)
+#define UART_DLL        (COM1 + 0)
+#define UART_IER        (COM1 + 1)
+#define UART_DLM        (COM1 + 1)
+#define UART_FCR        (COM1 + 2)
+#define UART_LCR        (COM1 + 3)
+#define UART_MCR        (COM1 + 4)
+#define UART_LSR        (COM1 + 5)
+#define UART_SCR        (COM1 + 7)
+#define LSR_THRE        0x20
+
+#define APIC_BASE       0xFEE00000u
+#define APIC_ID         0x020
+#define APIC_SVR        0x0F0
+#define APIC_ICR_LO     0x300
+#define APIC_ICR_HI     0x310
+#define APIC_SVR_ENABLE 0x100
+#define ICR_PENDING     (1u << 12)
+#define ICR_INIT_ALL    0x000C4500u     /* all-excluding-self, INIT, level assert */
+#define ICR_SIPI_ALL    0x000C4608u     /* all-excluding-self, STARTUP, vector 0x08 */
+
+#define TRAMP_BASE      0x8000
+/* Emulated instructions cost ~1 us, so keep IPI gaps short rather than timed. */
+#define IPI_GAP_SPINS   200
+#define ICR_WAIT_SPINS  100000
+/*
+ * The AP wait is bounded in TSC cycles, not pause iterations: on software
+ * KVM (kvm_pvm) a pause measured ~10k cycles, about 100x bare metal.
+ * 2^32 cycles is 1-2 s at common TSC rates; bring-up takes a few ms.
+ */
+#define SMP_WAIT_CYCLES (1ull << 32)
+
+#define LINE_LEN        64              /* throughput: 63 'x' + '\n' */
+
+struct multiboot_info {
+    uint32_t flags;
+    uint32_t mem_lower;
+    uint32_t mem_upper;
+    uint32_t boot_device;
+    uint32_t cmdline;
+};
+
+struct config {
+    char mode[16];
+    uint32_t cpus, lines, count, bytes, delay;
+};
+
+extern const char tramp_start[], tramp_end[];
+
+static volatile uint32_t console_lock;
+static volatile uint32_t aps_online;
+
+/* ---- port I/O and CPU helpers ---- */
+
+static inline void outb(uint16_t port, uint8_t v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static inline void cpu_pause(void)
+{
+    __asm__ volatile("pause" : : : "memory");
+}
+
+static void spin(uint32_t n)
+{
+    while (n--)
+        cpu_pause();
+}
+
+static inline volatile uint32_t *apic_reg(uint32_t reg)
+{
+    return (volatile uint32_t *)(APIC_BASE + reg);
+}
+
+/* ---- serial console ---- */
+
+static void serial_init(void)
+{
+    outb(UART_IER, 0x00);
+    outb(UART_LCR, 0x80);               /* DLAB on: next two writes set the divisor */
+    outb(UART_DLL, 0x01);               /* 115200 baud */
+    outb(UART_DLM, 0x00);
+    outb(UART_LCR, 0x03);               /* 8N1, DLAB off */
+    outb(UART_FCR, 0x07);
+    outb(UART_MCR, 0x03);
+}
+
+static void serial_putc(char c)
+{
+    while (!(inb(UART_LSR) & LSR_THRE))
+        ;
+    outb(UART_THR, (uint8_t)c);
+}
+
+static void serial_puts(const char *s)
+{
+    while (*s)
+        serial_putc(*s++);
+}
+
+/*
+ * 64-by-32 division built from two 32-bit `divl`s, so the link needs no
+ * libgcc (__udivdi3). The second divide cannot overflow: its high half
+ * is the first remainder, which is below d.
+ */
+static uint32_t divmod64(uint64_t *n, uint32_t d)
+{
+    uint32_t hi = (uint32_t)(*n >> 32), lo = (uint32_t)*n;
+    uint32_t qhi = hi / d, rem = hi % d, qlo;
+
+    __asm__("divl %4" : "=a"(qlo), "=d"(rem) : "a"(lo), "d"(rem), "rm"(d));
+    *n = ((uint64_t)qhi << 32) | qlo;
+    return rem;
+}
+
+static void put_number(uint64_t v, uint32_t base, int width, char pad)
+{
+    char digits[20];
+    int n = 0;
+
+    do
+        digits[n++] = "0123456789abcdef"[divmod64(&v, base)];
+    while (v);
+    for (; width > n; width--)
+        serial_putc(pad);
+    while (n)
+        serial_putc(digits[--n]);
+}
+
+/* Supports %u, %x, %s, %llu, %% with an optional zero flag and width. */
+static void kvprintf(const char *fmt, va_list ap)
+{
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') {
+            serial_putc(*fmt);
+            continue;
+        }
+        fmt++;
+        char pad = ' ';
+        int width = 0, is_long_long = 0;
+        if (*fmt == '0') {
+            pad = '0';
+            fmt++;
+        }
+        for (; *fmt >= '0' && *fmt <= '9'; fmt++)
+            width = width * 10 + (*fmt - '0');
+        if (fmt[0] == 'l' && fmt[1] == 'l') {
+            is_long_long = 1;
+            fmt += 2;
+        }
+        switch (*fmt) {
+        case 'u':
+        case 'x': {
+            uint64_t v = is_long_long ? va_arg(ap, uint64_t) : va_arg(ap, uint32_t);
+            put_number(v, *fmt == 'x' ? 16 : 10, width, pad);
+            break;
+        }
+        case 's':
+            serial_puts(va_arg(ap, const char *));
+            break;
+        case '%':
+            serial_putc('%');
+            break;
+        default:
+            return;                     /* malformed format: stop rather than misread args */
+        }
+    }
+}
+
+/* Every line goes out under one lock because the APs share the port. */
+static void kprintf(const char *fmt, ...)
+{
+    va_list ap;
+
+    while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_pause();
+    va_start(ap, fmt);
+    kvprintf(fmt, ap);
+    va_end(ap);
+    __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
+}
+
+/* ---- command line ---- */
+
+static int streq(const char *a, const char *b)
+{
+    while (*a && *a == *b)
+        a++, b++;
+    return *a == *b;
+}
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n';
+}
+
+/* If [tok, end) is `key=...`, returns the value's start, else 0. */
+static const char *token_value(const char *tok, const char *end, const char *key)
+{
+    while (*key && tok < end && *tok == *key)
+        tok++, key++;
+    return *key == '\0' ? tok : 0;
+}
+
+static uint32_t parse_u32(const char *s, const char *end)
+{
+    uint32_t v = 0;
+
+    for (; s < end && *s >= '0' && *s <= '9'; s++)
+        v = v * 10 + (uint32_t)(*s - '0');
+    return v;
+}
+
+static void parse_cmdline(const char *s, struct config *cfg)
+{
+    while (*s) {
+        while (is_space(*s))
+            s++;
+        const char *tok = s, *v;
+        while (*s && !is_space(*s))
+            s++;
+        if (tok == s)
+            break;
+
+        if ((v = token_value(tok, s, "mode="))) {
+            uint32_t n = 0;
+            while (v < s && n < sizeof(cfg->mode) - 1)
+                cfg->mode[n++] = *v++;
+            cfg->mode[n] = '\0';
+        } else if ((v = token_value(tok, s, "cpus="))) {
+            cfg->cpus = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "lines="))) {
+            cfg->lines = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "count="))) {
+            cfg->count = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "bytes="))) {
+            cfg->bytes = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "delay="))) {
+            cfg->delay = parse_u32(v, s);
+        }
+    }
+}
+
+/* ---- modes ---- */
+
+static void mode_hello(const struct multiboot_info *mbi)
+{
+    kprintf("hello from hv-testguest\n");
+    if (!mbi) {
+        kprintf("mbi: none\n");
+        return;
+    }
+    if (mbi->flags & MBI_MEM)
+        kprintf("mbi: flags=0x%x mem_lower=%u mem_upper=%u\n",
+                mbi->flags, mbi->mem_lower, mbi->mem_upper);
+    else
+        kprintf("mbi: flags=0x%x\n", mbi->flags);
+    if ((mbi->flags & MBI_CMDLINE) && mbi->cmdline)
+        kprintf("cmdline: %s\n", (const char *)mbi->cmdline);
+}
+
+static void apic_send_ipi(uint32_t icr_lo)
+{
+    *apic_reg(APIC_ICR_HI) = 0;         /* the shorthand ignores it; keep it defined */
+    *apic_reg(APIC_ICR_LO) = icr_lo;
+    for (uint32_t i = 0; i < ICR_WAIT_SPINS && (*apic_reg(APIC_ICR_LO) & ICR_PENDING); i++)
+        cpu_pause();
+}
+
+/* Called by entry.S on each AP's own stack; returning halts the AP. */
+void ap_main(void)
+{
+    kprintf("cpu %u online\n", *apic_reg(APIC_ID) >> 24);
+    __atomic_fetch_add(&aps_online, 1, __ATOMIC_RELEASE);
+}
+
+static void mode_smp(uint32_t cpus)
+{
+    uint32_t want = cpus ? cpus - 1 : 0;
+
+    if (want) {
+        uint32_t len = (uint32_t)(tramp_end - tramp_start);
+        void *dst = (void *)TRAMP_BASE;
+        const void *src = tramp_start;
+        __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(len) : : "memory");
+
+        *apic_reg(APIC_SVR) |= APIC_SVR_ENABLE;
+        apic_send_ipi(ICR_INIT_ALL);
+        spin(IPI_GAP_SPINS);
+        apic_send_ipi(ICR_SIPI_ALL);
+        spin(IPI_GAP_SPINS);
+        apic_send_ipi(ICR_SIPI_ALL);    /* ignored by APs the first one started */
+    }
+
+    uint64_t start = rdtsc();
+    while (__atomic_load_n(&aps_online, __ATOMIC_ACQUIRE) < want && rdtsc() - start < SMP_WAIT_CYCLES)
+        cpu_pause();
+
+    uint32_t n = __atomic_load_n(&aps_online, __ATOMIC_ACQUIRE) + 1;
+    if (n - 1 < want)
+        kprintf("smp: timeout, %u of %u cpus online\n", n, cpus);
+    else
+        kprintf("smp: %u cpus online\n", n);
+}
+
+static void mode_flood(uint32_t lines, uint32_t delay)
+{
+    for (uint32_t i = 0; i < lines; i++) {
+        kprintf("line %05u\n", i);
+        spin(delay);
+    }
+}
+
+/*
+ * An IDT with limit 0 turns the #UD into #GP, then #DF, then a shutdown.
+ * A fault rather than int3: on the kvm_pvm backend a soft interrupt (int3,
+ * int n) whose delivery faults ends in KVM_EXIT_INTERNAL_ERROR (emulation
+ * failure) instead of the shutdown.
+ */
+static void mode_triple(void)
+{
+    static const struct __attribute__((packed)) {
+        uint16_t limit;
+        uint32_t base;
+    } empty_idt = { 0, 0 };
+
+    __asm__ volatile("lidt %0; ud2" : : "m"(empty_idt));
+}
+
+static void mode_pioread(uint32_t count)
+{
+    uint64_t start = rdtsc();
+    for (uint32_t i = 0; i < count; i++)
+        (void)inb(UART_SCR);
+    uint64_t cycles = rdtsc() - start;
+
+    kprintf("pioread: count=%u cycles=%llu\n", count, cycles);
+}
+
+/* Exactly `bytes` bytes; the last line is cut short but still ends in '\n'. */
+static void mode_throughput(uint32_t bytes)
+{
+    for (uint32_t i = 0; i < bytes; i++)
+        serial_putc((i % LINE_LEN == LINE_LEN - 1 || i == bytes - 1) ? '\n' : 'x');
+    kprintf("throughput: bytes=%u\n", bytes);
+}
+
+void kmain(uint32_t magic, uint32_t mbi_addr)
+{
+    const struct multiboot_info *mbi =
+        magic == MB_BOOT_MAGIC ? (const struct multiboot_info *)mbi_addr : 0;
+    static struct config cfg = {
+        .mode = "hello", .cpus = 1, .lines = 100, .count = 10000, .bytes = 204800, .delay = 0,
+    };
+
+    serial_init();
+    if (mbi && (mbi->flags & MBI_CMDLINE) && mbi->cmdline)
+        parse_cmdline((const char *)mbi->cmdline, &cfg);
+
+    kprintf("hv-testguest: mode=%s\n", cfg.mode);
+    if (streq(cfg.mode, "hello"))
+        mode_hello(mbi);
+    else if (streq(cfg.mode, "smp"))
+        mode_smp(cfg.cpus);
+    else if (streq(cfg.mode, "flood"))
+        mode_flood(cfg.lines, cfg.delay);
+    else if (streq(cfg.mode, "triple"))
+        mode_triple();
+    else if (streq(cfg.mode, "pioread"))
+        mode_pioread(cfg.count);
+    else if (streq(cfg.mode, "throughput"))
+        mode_throughput(cfg.bytes);
+    else
+        kprintf("hv-testguest: unknown mode\n");
+    kprintf("hv-testguest: done\n");
+}
