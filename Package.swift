@@ -26,7 +26,8 @@ let package = Package(
         .target(name: "HVIPC", dependencies: ["HVSys", .product(name: "Atomics", package: "swift-atomics")],
                 path: "Sources/HVIPC", swiftSettings: strict),
         // Public device SDK: the device-process runtime.
-        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys"], path: "Sources/HVDeviceSDK", swiftSettings: strict),
+        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys"], path: "Sources/HVDeviceSDK", exclude: ["README.md"],
+                swiftSettings: strict),
         // The trusted VMM core.
         .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys"], path: "Sources/HVCore", swiftSettings: strict),
         .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC"], path: "Sources/hvctl", swiftSettings: strict),

@@ -42,7 +42,7 @@ final class DeviceEndpoint: @unchecked Sendable {
         self.name = name
         do {
             (ringFD, ring) = try RegisterRing.create()
-            kick = try EventFD()
+            kick = try EventFD(nonBlocking: true)
             reply = try EventFD(nonBlocking: true)
         } catch let e as RingError {
             throw .device(name: name, reason: e.description)

@@ -242,7 +242,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         d.endpoint.state = .restarting
         if !guestStarted.load(ordering: .acquiring) {
             d.endpoint.state = .failed
-            onEarlyDeath?("device \(d.spec.name) \(d.lastError ?? how.description) before the guest started")
+            onEarlyDeath?(d.lastError.map { "device \(d.spec.name): \($0)" } ?? "device \(d.spec.name) \(how) before the guest started")
             return
         }
         let now = monotonicNanoseconds()
@@ -317,7 +317,9 @@ final class DeviceSupervisor: @unchecked Sendable {
         case .log?:
             guard let record = try? LogRecord.decode(frame.payload) else { return answer(.malformed) }
             if record.level == .error { d.lastError = record.text }
-            if record.level.rawValue >= LogRecord.Level.warning.rawValue || verbose {
+            // Before the guest starts, a device's error becomes hvctl's one-line failure instead.
+            let fatalAtStartup = record.level == .error && !guestStarted.load(ordering: .acquiring)
+            if !fatalAtStartup && (record.level.rawValue >= LogRecord.Level.warning.rawValue || verbose) {
                 Diagnostics.line("\(d.spec.name): \(record.text)")
             }
             answer(.ok)

@@ -124,8 +124,10 @@ public final class DeviceRuntime: @unchecked Sendable {
             case .guestMemory: memory = try GuestMemory(fd: fd, regions: hello.memoryRegions)
             case .registerRing:
                 do { ring = try RegisterRing(attaching: fd) } catch { throw .ring(error) }
-            case .ringKick: kick = EventFD(adopting: fd)
-            case .ringReply: reply = EventFD(adopting: fd)
+            case .ringKick, .ringReply:
+                // Doorbells are drained opportunistically; a blocking one would hang the loop.
+                do { try fd.setNonBlocking(true) } catch { throw .system(error) }
+                if assignment.role == .ringKick { kick = EventFD(adopting: fd) } else { reply = EventFD(adopting: fd) }
             case .statePage: state = try StatePage(fd: fd)
             case .interrupt: interrupts[assignment.index] = InterruptLine(doorbell: EventFD(adopting: fd))
             case .hostIO: host[assignment.index] = fd
@@ -179,35 +181,37 @@ public final class DeviceRuntime: @unchecked Sendable {
         var cursor = ring?.committedRequestIndex() ?? 0
         // A restarted device first finishes what the dead one left uncommitted.
         var spinStart = monotonicNanoseconds()
-        var lastWatchPoll: UInt64 = 0
+        var lastOthersPoll: UInt64 = 0
         while true {
+            var served = false
             if let ring {
                 let published = ring.publishedRequestIndex()
                 if published != cursor {
                     cursor = serve(ring: ring, model: model, from: cursor, to: published)
-                    spinStart = monotonicNanoseconds()
-                    continue
+                    served = true
                 }
             }
             let now = monotonicNanoseconds()
-            if ring != nil && now &- spinStart < spinNanoseconds {
-                // Still spinning; look at watched fds and the control socket now and then.
-                if now &- lastWatchPoll > 1_000_000 {
-                    lastWatchPoll = now
-                    pollOthers(timeout: 0)
-                }
+            // Watched fds and the control socket get a look every millisecond even while the
+            // ring is busy: a guest polling a status register must not starve host input.
+            if now &- lastOthersPoll > 1_000_000 {
+                lastOthersPoll = now
+                pollOthers(timeout: 0)
+            }
+            if served {
+                spinStart = now
                 continue
             }
-            if let ring {
-                if ring.setRequestConsumerSleeping(true, cursor: cursor) {
-                    ring.setRequestConsumerSleeping(false, cursor: cursor)
-                    continue
-                }
+            if ring != nil && now &- spinStart < spinNanoseconds { continue }
+            if let ring, ring.setRequestConsumerSleeping(true, cursor: cursor) {
+                ring.setRequestConsumerSleeping(false, cursor: cursor)
+                continue
             }
             pollOthers(timeout: -1)
             ring?.setRequestConsumerSleeping(false, cursor: cursor)
             kick?.drain()
             spinStart = monotonicNanoseconds()
+            lastOthersPoll = spinStart
         }
     }
 

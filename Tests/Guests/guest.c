@@ -22,6 +22,8 @@
 #define UART_MCR        (COM1 + 4)
 #define UART_LSR        (COM1 + 5)
 #define UART_SCR        (COM1 + 7)
+#define UART_RBR        (COM1 + 0)
+#define LSR_DR          0x01
 #define LSR_THRE        0x20
 
 #define APIC_BASE       0xFEE00000u
@@ -375,6 +377,24 @@ static void mode_throughput(uint32_t bytes)
     kprintf("throughput: bytes=%u\n", bytes);
 }
 
+/* Echo serial input back in upper case until a '.' arrives: proves host input reaches the
+ * guest through the device's receive path. */
+static void mode_echo(void)
+{
+    kprintf("echo: ready\n");
+    for (;;) {
+        while (!(inb(UART_LSR) & LSR_DR))
+            cpu_pause();
+        char c = (char)inb(UART_RBR);
+        if (c == '.')
+            break;
+        if (c >= 'a' && c <= 'z')
+            c = (char)(c - 'a' + 'A');
+        serial_putc(c);
+    }
+    kprintf("\necho: end\n");
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -400,6 +420,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_pioread(cfg.count);
     else if (streq(cfg.mode, "throughput"))
         mode_throughput(cfg.bytes);
+    else if (streq(cfg.mode, "echo"))
+        mode_echo();
     else
         kprintf("hv-testguest: unknown mode\n");
     kprintf("hv-testguest: done\n");

@@ -193,6 +193,9 @@ final class MultibootTests: XCTestCase {
                     .kludgeLoadStartBeforeFile(headerOffset: 0x40, headerAddress: 0x10_0080, loadAddress: 0x10_0000))
         assertFails(image(header: 0x10_0040, load: 0x10_0000, loadEnd: 0xF_FFFF, bssEnd: 0),
                     .kludgeLoadEndBelowLoadAddress(loadEndAddress: 0xF_FFFF, loadAddress: 0x10_0000))
+        XCTAssertEqual(assertLoads(image(header: 0x10_0040, load: 0x10_0000, loadEnd: 0x10_0200, bssEnd: 0x10_0200),
+                                   into: SparseRAM(ramSize: 0x20_0000), commandLine: "")?.loadedRanges,
+                       [.init(start: 0x10_0000, end: 0x10_0200)], "bss_end_addr at the end of the data means no .bss")
         assertFails(image(header: 0x10_0040, load: 0x10_0000, loadEnd: 0x10_0200, bssEnd: 0x10_01FF),
                     .kludgeBSSEndBelowLoadEnd(bssEndAddress: 0x10_01FF, loadAddress: 0x10_0000, loadSize: 0x200))
         assertFails(image(header: 0x10_0040, load: 0x10_0000, loadEnd: 0, bssEnd: 0x10_0100),
@@ -237,7 +240,10 @@ final class MultibootTests: XCTestCase {
         func image(_ address: UInt32, _ size: Int) -> [UInt8] {
             elfImage(entry: address, segments: [TestSegment(address: address, data: pattern(size, seed: 16))])
         }
+        XCTAssertNotNil(assertLoads(image(0x3F_F000, 0x1000), into: SparseRAM(ramSize: 0x40_0000), commandLine: ""))
+        assertFails(image(0x3F_F000, 0x1001), .segmentBeyondRAM(segment: 0, start: 0x3F_F000, end: 0x40_0001, ramSize: 0x40_0000))
         assertFails(image(0x3F_F000, 0x2000), .segmentBeyondRAM(segment: 0, start: 0x3F_F000, end: 0x40_1000, ramSize: 0x40_0000))
+        assertFails(image(0xF_FFFF, 0x10), .segmentBelowOneMiB(segment: 0, start: 0xF_FFFF, end: 0x10_000F))
         assertFails(image(0xF_F000, 0x2000), .segmentBelowOneMiB(segment: 0, start: 0xF_F000, end: 0x10_1000))
         assertFails(image(0x7C00, 0x200), .segmentBelowOneMiB(segment: 0, start: 0x7C00, end: 0x7E00))
         assertFails(image(0x10_0000, 0x10), .ramTooSmall(ramSize: 0x10_0000), ramSize: 0x10_0000)
@@ -332,7 +338,7 @@ final class MultibootTests: XCTestCase {
 
     // MARK: Command line and guest memory
 
-    func testCommandLineErrors() {
+    func testCommandLineWithNULIsRefused() {
         let image = elfImage(entry: 0x10_0000, segments: [TestSegment(address: 0x10_0000, data: pattern(16, seed: 26))])
         assertFails(image, .commandLineContainsNUL, commandLine: "quiet\0init=/bin/sh")
     }

@@ -87,7 +87,7 @@ public struct MultibootLoader: Sendable {
         }
         let segment = try Segment(index: 0, fileOffset: fileOffset, fileSize: fileSize, address: UInt64(load),
                                   memorySize: memorySize, imageSize: image.count)
-        return (segment.memorySize == 0 ? [] : [segment], kludge.entryAddress)
+        return ([segment], kludge.entryAddress)
     }
 
     /// The PT_LOAD segments of an ELF32 i386 executable, placed at their physical addresses.
@@ -285,9 +285,11 @@ public enum MultibootError: Error, Equatable, CustomStringConvertible {
 private enum Layout {
     /// Segments load at or above 1 MiB; everything below belongs to the firmware and the information area.
     static let highMemoryStart: UInt64 = 0x10_0000
-    /// The information area: above the IVT, BDA and the firmware's own low structures, below the EBDA.
+    /// Conventional memory ends where the EBDA starts.
+    static let lowMemoryEnd: UInt64 = 0x9_FC00
+    /// The information area runs from here to `lowMemoryEnd`: above the IVT, BDA and the firmware's own low
+    /// structures.
     static let infoAreaStart: UInt64 = 0x1_0000
-    static let infoAreaEnd: UInt64 = 0x9_FC00
     /// Segments must end at or below 4 GiB: the kernel starts with 32-bit addressing.
     static let fourGiB: UInt64 = 1 << 32
 }
@@ -430,7 +432,6 @@ private struct InformationArea {
     private static let loaderName = Array("hv".utf8) + [0]
     /// Flags: mem_lower/mem_upper (bit 0), cmdline (bit 2), mmap (bit 6), boot_loader_name (bit 9).
     private static let flags: UInt32 = 1 << 0 | 1 << 2 | 1 << 6 | 1 << 9
-    private static let lowMemoryEnd: UInt64 = 0x9_FC00  // Conventional memory ends where the EBDA starts.
 
     private let bytes: [UInt8]
 
@@ -440,22 +441,22 @@ private struct InformationArea {
 
         // BIOS e820 style: type 1 is usable RAM, type 2 reserved (EBDA; BIOS ROM). ramSize > 1 MiB was checked.
         let map: [(base: UInt64, length: UInt64, type: UInt32)] = [
-            (0, Self.lowMemoryEnd, 1),
-            (Self.lowMemoryEnd, 0xA_0000 - Self.lowMemoryEnd, 2),
+            (0, Layout.lowMemoryEnd, 1),
+            (Layout.lowMemoryEnd, 0xA_0000 - Layout.lowMemoryEnd, 2),
             (0xF_0000, 0x1_0000, 2),
             (Layout.highMemoryStart, ramSize - Layout.highMemoryStart, 1),
         ]
         let mapOffset = Self.structureSize
         let nameOffset = mapOffset + map.count * Self.mapEntrySize
         let commandOffset = nameOffset + Self.loaderName.count
-        let maximum = Int(Layout.infoAreaEnd - Layout.infoAreaStart) - commandOffset - 1  // Leave room for the NUL.
+        let maximum = Int(Layout.lowMemoryEnd - Layout.infoAreaStart) - commandOffset - 1  // Leave room for the NUL.
         guard command.count <= maximum else {
             throw .commandLineTooLong(length: UInt64(command.count), maximum: UInt64(maximum))
         }
 
         var bytes = [UInt8](repeating: 0, count: Self.structureSize)
         bytes.storeLE(Self.flags, at: 0)
-        bytes.storeLE(UInt32(Self.lowMemoryEnd / 1024), at: 4)  // mem_lower, KiB from 0.
+        bytes.storeLE(UInt32(Layout.lowMemoryEnd / 1024), at: 4)  // mem_lower, KiB from 0.
         bytes.storeLE(UInt32(min((ramSize - Layout.highMemoryStart) / 1024, UInt64(UInt32.max))), at: 8)  // mem_upper, KiB from 1 MiB.
         bytes.storeLE(Self.address(of: commandOffset), at: 16)
         bytes.storeLE(UInt32(map.count * Self.mapEntrySize), at: 44)

@@ -1,0 +1,146 @@
+import Foundation
+import XCTest
+
+/// Paths and helpers shared by the KVM integration tests: they run the real `hvctl` and device
+/// executables built by `swift build`, with hv's own test guest built by gcc at test time.
+enum Harness {
+    static let repositoryRoot: URL = {
+        var url = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { url.deleteLastPathComponent() }  // Tests/HVIntegrationTests/Harness.swift
+        return url
+    }()
+
+    /// The directory holding this test binary, where SwiftPM also puts hvctl and the devices.
+    static let productsDirectory: URL = {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var url = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        // On Linux the XCTest bundle is `<products>/hvPackageTests.xctest`, a plain executable.
+        if url.lastPathComponent.hasSuffix(".xctest") { url.deleteLastPathComponent() }
+        return url
+    }()
+
+    static var hvctl: String { productsDirectory.appendingPathComponent("hvctl").path }
+
+    static func requireKVM() throws {
+        guard FileManager.default.isReadableFile(atPath: "/dev/kvm") && FileManager.default.isWritableFile(atPath: "/dev/kvm") else {
+            throw XCTSkip("/dev/kvm is not usable here (needs KVM and permission)")
+        }
+        guard FileManager.default.isExecutableFile(atPath: hvctl) else {
+            XCTFail("hvctl not built at \(hvctl): run 'swift build' before 'swift test' (the test script does)")
+            throw XCTSkip("hvctl missing")
+        }
+    }
+
+    private static let guestLock = NSLock()
+    nonisolated(unsafe) private static var guestPath: String?
+
+    /// Builds Tests/Guests into a temporary directory once per test run.
+    static func testGuest() throws -> String {
+        guestLock.lock()
+        defer { guestLock.unlock() }
+        if let guestPath { return guestPath }
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("hv-testguest-\(getpid())")
+        try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
+        let build = Process()
+        build.executableURL = URL(fileURLWithPath: "/bin/bash")
+        build.arguments = [repositoryRoot.appendingPathComponent("Tests/Guests/build.sh").path, out.path]
+        try build.run()
+        build.waitUntilExit()
+        guard build.terminationStatus == 0 else {
+            throw NSError(domain: "hv", code: 1, userInfo: [NSLocalizedDescriptionKey: "Tests/Guests/build.sh failed (is gcc installed?)"])
+        }
+        let path = out.appendingPathComponent("testguest.elf").path
+        guestPath = path
+        return path
+    }
+}
+
+/// One running `hvctl` with captured stdout/stderr and a writable stdin.
+final class VMProcess: @unchecked Sendable {
+    let process = Process()
+    private let stdoutPipe = Pipe()
+    private let stderrPipe = Pipe()
+    let stdinPipe = Pipe()
+    private let lock = NSLock()
+    private var stdoutData = Data()
+    private var stderrData = Data()
+
+    init(_ arguments: [String], executable: String = Harness.hvctl) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardOutput = stdoutPipe
+        process.standardError = stderrPipe
+        process.standardInput = stdinPipe
+        stdoutPipe.fileHandleForReading.readabilityHandler = { [weak self] h in
+            let d = h.availableData
+            self?.lock.withLock { self?.stdoutData.append(d) }
+        }
+        stderrPipe.fileHandleForReading.readabilityHandler = { [weak self] h in
+            let d = h.availableData
+            self?.lock.withLock { self?.stderrData.append(d) }
+        }
+        try process.run()
+    }
+
+    var stdout: String { lock.withLock { String(decoding: stdoutData, as: UTF8.self) } }
+    var stderr: String { lock.withLock { String(decoding: stderrData, as: UTF8.self) } }
+
+    /// Waits until stdout contains `text`; false on timeout or exit without it.
+    func waitForOutput(_ text: String, timeout: TimeInterval = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if stdout.contains(text) { return true }
+            if !process.isRunning {
+                Thread.sleep(forTimeInterval: 0.05)
+                return stdout.contains(text)
+            }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        return false
+    }
+
+    /// Waits for exit and returns the status; kills the VM and fails after `timeout`.
+    @discardableResult
+    func waitForExit(timeout: TimeInterval = 60, file: StaticString = #filePath, line: UInt = #line) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        if process.isRunning {
+            process.interrupt()
+            kill(process.processIdentifier, SIGKILL)
+            XCTFail("hvctl did not exit within \(timeout) s; stdout: \(stdout.suffix(500)) stderr: \(stderr)", file: file, line: line)
+            process.waitUntilExit()
+        }
+        // Let the readability handlers drain the pipes.
+        Thread.sleep(forTimeInterval: 0.05)
+        return process.terminationStatus
+    }
+
+    func write(_ text: String) {
+        stdinPipe.fileHandleForWriting.write(Data(text.utf8))
+    }
+
+    /// Child pids of hvctl whose command line contains `name`.
+    func children(named name: String) -> [pid_t] {
+        let pid = process.processIdentifier
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        var result: [pid_t] = []
+        for task in tasks {
+            guard let list = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/children", encoding: .utf8) else { continue }
+            for child in list.split(separator: " ").compactMap({ pid_t($0) }) {
+                let cmdline = (try? String(contentsOfFile: "/proc/\(child)/cmdline", encoding: .utf8)) ?? ""
+                if cmdline.contains(name) { result.append(child) }
+            }
+        }
+        return result
+    }
+}
+
+/// Runs hvctl to completion and returns (status, stdout, stderr).
+func runHvctl(_ arguments: [String], stdin: String? = nil, timeout: TimeInterval = 60,
+              file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, stdout: String, stderr: String) {
+    let vm = try VMProcess(arguments)
+    if let stdin { vm.write(stdin) }
+    try? vm.stdinPipe.fileHandleForWriting.close()
+    let status = vm.waitForExit(timeout: timeout, file: file, line: line)
+    return (status, vm.stdout, vm.stderr)
+}

@@ -1,0 +1,107 @@
+import Foundation
+import XCTest
+
+/// End-to-end: real KVM, the real hvctl core, real device processes, hv's own test guest.
+final class WalkingSkeletonTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireKVM() }
+
+    func testDemoGuestBootsWithNoArgumentsAndExitsZero() throws {
+        let r = try runHvctl(["run"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("Hello from hv!"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("hvctl sees that and exits."), "the whole message must arrive before hvctl exits: \(r.stdout)")
+    }
+
+    func testGuestPrintsThroughSerialProcessAndSeesItsMemoryAndCommandLine() throws {
+        let guest = try Harness.testGuest()
+        let r = try runHvctl(["run", "--multiboot", guest, "--memory", "64M", "--cmdline", "mode=hello extra=1"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines.first, "hv-testguest: mode=hello")
+        XCTAssertTrue(lines.contains("hello from hv-testguest"), r.stdout)
+        // 64 MiB: 639 KiB of conventional memory, and 63 MiB above 1 MiB.
+        XCTAssertTrue(lines.contains { $0.hasPrefix("mbi: ") && $0.contains("mem_lower=639 mem_upper=64512") }, r.stdout)
+        XCTAssertTrue(lines.contains("cmdline: mode=hello extra=1"), r.stdout)
+        XCTAssertEqual(lines.last, "hv-testguest: done")
+    }
+
+    func testSecondVCPUStartsAndRunsGuestCode() throws {
+        let guest = try Harness.testGuest()
+        let r = try runHvctl(["run", "--multiboot", guest, "--cpus", "2", "--cmdline", "mode=smp cpus=2"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("cpu 1 online"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("smp: 2 cpus online"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("hv-testguest: done"), r.stdout)
+    }
+
+    func testTripleFaultExitsNonZeroWithOneLineReason() throws {
+        let guest = try Harness.testGuest()
+        let r = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=triple"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("hvctl: guest triple-faulted on vCPU 0"), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+    }
+
+    func testHostInputReachesGuestThroughSerialDevice() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo"])
+        XCTAssertTrue(vm.waitForOutput("echo: ready"), vm.stdout + vm.stderr)
+        // More than the 16-byte receive FIFO: the device must hold the rest back, not drop it.
+        vm.write("the quick brown fox jumps over the lazy dog.")
+        XCTAssertEqual(vm.waitForExit(), 0, vm.stderr)
+        XCTAssertTrue(vm.stdout.contains("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG\necho: end"), vm.stdout)
+    }
+
+    func testTerminalEscapeSequenceQuits() throws {
+        let guest = try Harness.testGuest()
+        // script(1) gives hvctl a real pty, so raw mode and the Ctrl-A x escape are exercised.
+        let vm = try VMProcess(["-qec", "\(Harness.hvctl) run --multiboot \(guest) --cmdline mode=echo", "/dev/null"],
+                               executable: "/usr/bin/script")
+        XCTAssertTrue(vm.waitForOutput("echo: ready"), vm.stdout + vm.stderr)
+        vm.write("ab")
+        XCTAssertTrue(vm.waitForOutput("AB"), vm.stdout)
+        vm.write("\u{01}x")
+        XCTAssertEqual(vm.waitForExit(timeout: 20), 0, vm.stderr)
+        XCTAssertFalse(vm.stdout.contains("echo: end"), "the guest must not have seen the escape sequence")
+    }
+
+    func testSIGTERMStopsTheVMAndItsDevices() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo"])
+        XCTAssertTrue(vm.waitForOutput("echo: ready"), vm.stdout + vm.stderr)
+        let devices = vm.children(named: "hv-")
+        XCTAssertEqual(devices.count, 2, "expected hv-serial and hv-bios")
+        kill(vm.process.processIdentifier, SIGTERM)
+        XCTAssertEqual(vm.waitForExit(timeout: 20), 128 + SIGTERM)
+        for pid in devices { XCTAssertNotEqual(kill(pid, 0), 0, "device pid \(pid) outlived hvctl") }
+    }
+
+    func testKillingSerialDeviceMidOutputLosesNothing() throws {
+        let guest = try Harness.testGuest()
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("hv-flood-\(getpid()).txt")
+        defer { try? FileManager.default.removeItem(at: output) }
+        let count = 2000
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=flood lines=\(count)", "--serial", "file:\(output.path)"])
+        var kills = 0
+        var lastKilled: pid_t = 0
+        let deadline = Date().addingTimeInterval(60)
+        // Kill the serial process three times while the guest is printing.
+        while kills < 3 && vm.process.isRunning && Date() < deadline {
+            let written = (try? Data(contentsOf: output))?.count ?? 0
+            if written > (kills + 1) * 3000, let pid = vm.children(named: "hv-serial").first, pid != lastKilled {
+                kill(pid, SIGKILL)
+                lastKilled = pid
+                kills += 1
+            }
+            Thread.sleep(forTimeInterval: 0.002)
+        }
+        XCTAssertEqual(vm.waitForExit(), 0, vm.stderr)
+        XCTAssertEqual(kills, 3, "the guest finished before the test could kill the device 3 times; raise lines")
+        XCTAssertEqual(vm.stderr.components(separatedBy: "restarted (pid").count - 1, kills, vm.stderr)
+        let text = try String(contentsOf: output, encoding: .utf8)
+        let expected = (0..<count).map { String(format: "line %05d", $0) }
+        let got = text.split(separator: "\n").map(String.init).filter { $0.hasPrefix("line ") }
+        XCTAssertEqual(got, expected, "every line exactly once, in order")
+        XCTAssertTrue(text.hasSuffix("hv-testguest: done\n"))
+    }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# hv's whole test suite: unit tests, KVM integration tests with hv's own guests, schema
+# conformance, and the benchmark harness's own tests. Needs /dev/kvm and root (or kvm group).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+packages=(gcc binutils libc6-dev bsdutils python3)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+echo "== schema vectors are current"
+python3 ipc-schema/tools/vectors.py --check
+
+echo "== benchmark harness unit tests"
+python3 -m unittest bench/test_bench.py 2>&1 | tail -3
+
+echo "== swift build"
+swift build --build-tests 2>&1 | grep -E 'error|warning: unre|Compiling hv|Build' || true
+
+echo "== swift test"
+swift test --skip-build 2>&1 | grep -vE "^Test Case '.*' (started|passed)" 
