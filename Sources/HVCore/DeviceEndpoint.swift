@@ -127,8 +127,13 @@ final class DeviceEndpoint: @unchecked Sendable {
         }
     }
 
+    /// A live device that leaves a read unanswered this long is hung: it is killed and restarted,
+    /// and the replacement replays the read.
+    let hungNanoseconds: UInt64 = 5_000_000_000
+
     private func awaitResponse(tag: UInt64) -> UInt64? {
         let spinUntil = monotonicNanoseconds() + 20_000
+        var hungDeadline = monotonicNanoseconds() + hungNanoseconds
         var holdDeadline: UInt64 = 0
         while true {
             do {
@@ -149,6 +154,10 @@ final class DeviceEndpoint: @unchecked Sendable {
                 if now >= holdDeadline { return nil }
             case .running:
                 holdDeadline = 0
+                if now >= hungDeadline {
+                    fault("no answer to a register read within \(hungNanoseconds / 1_000_000_000) s")
+                    hungDeadline = now + hungNanoseconds
+                }
             }
             if ring.setResponseConsumerSleeping(true) {
                 ring.setResponseConsumerSleeping(false)

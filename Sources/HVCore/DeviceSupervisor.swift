@@ -105,7 +105,7 @@ final class DeviceSupervisor: @unchecked Sendable {
             }
             let wake = self.wake
             d.endpoint.onFault = { why in
-                Diagnostics.line("device \(d.spec.name) broke the ring protocol (\(why)); killing it")
+                Diagnostics.line("device \(d.spec.name) misbehaved (\(why)); killing and restarting it")
                 d.process?.signal(SIGKILL)
                 wake.signal()
             }

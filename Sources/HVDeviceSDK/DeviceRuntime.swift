@@ -221,7 +221,7 @@ public final class DeviceRuntime: @unchecked Sendable {
         let count = min(end &- start, ring.requestCapacity)
         for _ in 0..<count {
             if let request = ring.request(at: index) {
-                handle(request, ring: ring, model: model)
+                handle(request, at: index, ring: ring, model: model)
             } else {
                 log(.error, "ignored a register request with an unknown operation at index \(index)")
             }
@@ -232,7 +232,7 @@ public final class DeviceRuntime: @unchecked Sendable {
         return index
     }
 
-    private func handle(_ request: RegisterRequest, ring: RegisterRing, model: some DeviceModel) {
+    private func handle(_ request: RegisterRequest, at index: UInt32, ring: RegisterRing, model: some DeviceModel) {
         let size = Int(request.size)
         let valid: Bool = {
             guard [1, 2, 4, 8].contains(size), Int(request.resource) < resources.count else { return false }
@@ -243,7 +243,10 @@ public final class DeviceRuntime: @unchecked Sendable {
         if request.operation.isRead {
             let value: UInt64
             if valid {
-                model.flush()  // a read is ordered after every earlier write, effects included
+                // A read is ordered after every earlier write, effects included; and what was
+                // flushed is committed at once, so a crash after this point can't replay it.
+                model.flush()
+                ring.commitRequests(upTo: index)
                 value = model.read(resource: Int(request.resource), offset: request.offset, size: size)
             } else {
                 value = ~0

@@ -71,7 +71,17 @@ public final class ControlChannel: @unchecked Sendable {
         let id = nextID
         nextID &+= 1
         try send(Frame(type: type.rawValue, id: id, payload: payload), fds: fds)
-        let (reply, replyFDs) = try receive(timeoutMilliseconds: timeoutMilliseconds)
+        let deadline = timeoutMilliseconds < 0 ? UInt64.max : monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
+        var reply: Frame
+        var replyFDs: [FileDescriptor]
+        while true {
+            let now = monotonicNanoseconds()
+            let left = deadline == .max ? Int32(-1) : Int32(min(deadline > now ? (deadline - now) / 1_000_000 : 0, UInt64(Int32.max)))
+            (reply, replyFDs) = try receive(timeoutMilliseconds: left)
+            // A reply to an earlier request that timed out arrives late: skip it.
+            if reply.flags.contains(.reply) && reply.id != id && id &- reply.id < 1 << 31 { continue }
+            break
+        }
         guard reply.flags.contains(.reply), reply.id == id, reply.type == type.rawValue else {
             throw .malformed(.invalidField("expected the reply to \(type) #\(id), got type 0x\(String(reply.type, radix: 16)) #\(reply.id)"))
         }

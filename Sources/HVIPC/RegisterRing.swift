@@ -115,6 +115,10 @@ public final class RegisterRing: @unchecked Sendable {
     private let responseProducer: UnsafeAtomic<UInt32>
     private let responseConsumer: UnsafeAtomic<UInt32>
     private let responseConsumerSleeping: UnsafeAtomic<UInt32>
+    // Core side: the indices the core itself owns, kept privately so a device scribbling on the
+    // shared page cannot rewind them. Only the core's (serialised) producer path touches these.
+    private var coreRequestHead: UInt32 = 0
+    private var coreResponseTail: UInt32 = 0
 
     /// Creates and initialises a ring region (core side). Capacities must be powers of two.
     public static func create(requestCapacity: UInt32 = 256, responseCapacity: UInt32 = 64) throws(RingError) -> (FileDescriptor, RegisterRing) {
@@ -156,6 +160,9 @@ public final class RegisterRing: @unchecked Sendable {
               u32(RingLayout.responseEntrySizeOffset) == UInt32(RingLayout.responseEntrySize) else { throw .badHeader("entry sizes") }
         guard Int(size) >= RingLayout.size(requestCapacity: req, responseCapacity: resp) else { throw .badHeader("region too small for its capacities") }
         self.init(mapping: mapping, requestCapacity: req, responseCapacity: resp)
+        // An attached view that plays the core's role continues from the published state.
+        coreRequestHead = requestProducer.load(ordering: .acquiring)
+        coreResponseTail = responseConsumer.load(ordering: .acquiring)
     }
 
     private init(mapping: SharedMapping, requestCapacity: UInt32, responseCapacity: UInt32) {
@@ -184,7 +191,7 @@ public final class RegisterRing: @unchecked Sendable {
     /// Publishes a request. Returns false when the ring is full. Throws when the device's
     /// consumer index is impossible (the device is then faulty).
     public func pushRequest(_ request: RegisterRequest) throws(RingError) -> Bool {
-        let head = requestProducer.load(ordering: .relaxed)
+        let head = coreRequestHead
         let tail = requestConsumer.load(ordering: .acquiring)
         let used = head &- tail
         guard used <= requestCapacity else { throw .corruptIndex("request consumer \(tail) vs producer \(head)") }
@@ -197,7 +204,8 @@ public final class RegisterRing: @unchecked Sendable {
         slot.storeBytes(of: request.offset.littleEndian, toByteOffset: 8, as: UInt64.self)
         slot.storeBytes(of: request.data.littleEndian, toByteOffset: 16, as: UInt64.self)
         slot.storeBytes(of: request.tag.littleEndian, toByteOffset: 24, as: UInt64.self)
-        requestProducer.store(head &+ 1, ordering: .releasing)
+        coreRequestHead = head &+ 1
+        requestProducer.store(coreRequestHead, ordering: .releasing)
         return true
     }
 
@@ -209,12 +217,12 @@ public final class RegisterRing: @unchecked Sendable {
 
     /// Requests published but not yet consumed.
     public func requestsOutstanding() -> UInt32 {
-        requestProducer.load(ordering: .relaxed) &- requestConsumer.load(ordering: .acquiring)
+        min(coreRequestHead &- requestConsumer.load(ordering: .acquiring), requestCapacity)
     }
 
     /// Takes the next response, if any. Throws when the device's producer index is impossible.
     public func popResponse() throws(RingError) -> RegisterResponse? {
-        let tail = responseConsumer.load(ordering: .relaxed)
+        let tail = coreResponseTail
         let head = responseProducer.load(ordering: .acquiring)
         let available = head &- tail
         guard available <= responseCapacity else { throw .corruptIndex("response producer \(head) vs consumer \(tail)") }
@@ -222,7 +230,8 @@ public final class RegisterRing: @unchecked Sendable {
         let slot = responseBase + Int(tail & (responseCapacity - 1)) * RingLayout.responseEntrySize
         let response = RegisterResponse(tag: UInt64(littleEndian: slot.load(fromByteOffset: 0, as: UInt64.self)),
                                         data: UInt64(littleEndian: slot.load(fromByteOffset: 8, as: UInt64.self)))
-        responseConsumer.store(tail &+ 1, ordering: .releasing)
+        coreResponseTail = tail &+ 1
+        responseConsumer.store(coreResponseTail, ordering: .releasing)
         return response
     }
 
@@ -232,7 +241,7 @@ public final class RegisterRing: @unchecked Sendable {
     public func setResponseConsumerSleeping(_ sleeping: Bool) -> Bool {
         responseConsumerSleeping.store(sleeping ? 1 : 0, ordering: .relaxed)
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        return responseProducer.load(ordering: .acquiring) != responseConsumer.load(ordering: .relaxed)
+        return responseProducer.load(ordering: .acquiring) != coreResponseTail
     }
 
     // MARK: Device side (request consumer, response producer)
