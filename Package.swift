@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "hvctl", targets: ["hvctl"]),
         .executable(name: "hv-serial", targets: ["hv-serial"]),
         .executable(name: "hv-bios", targets: ["hv-bios"]),
+        .executable(name: "hv-jail", targets: ["hv-jail"]),
         .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
     ],
     dependencies: [
@@ -26,10 +27,18 @@ let package = Package(
         .target(name: "HVIPC", dependencies: ["HVSys", .product(name: "Atomics", package: "swift-atomics")],
                 path: "Sources/HVIPC", swiftSettings: strict),
         // Public device SDK: the device-process runtime.
-        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys"], path: "Sources/HVDeviceSDK", exclude: ["README.md"],
+        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys", "CHVShim"], path: "Sources/HVDeviceSDK", exclude: ["README.md"],
                 swiftSettings: strict),
+        // libseccomp and libcap, for the jail (Debian: libseccomp-dev, libcap-dev).
+        .systemLibrary(name: "CSeccomp", path: "Sources/CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
+        .systemLibrary(name: "CLibcap", path: "Sources/CLibcap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
+        // Sandbox profiles: the format, its loader and its rendering (pure Swift).
+        .target(name: "HVSandbox", path: "Sources/HVSandbox", swiftSettings: strict),
+        // Trusted jail stage run inside the device's new namespaces before the device binary.
+        .executableTarget(name: "hv-jail", dependencies: ["HVSandbox", "HVSys", "CHVShim", "CSeccomp", "CLibcap"],
+                          path: "Sources/hv-jail", swiftSettings: strict),
         // The trusted VMM core.
-        .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys"], path: "Sources/HVCore", swiftSettings: strict),
+        .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys", "HVSandbox", "CSeccomp"], path: "Sources/HVCore", swiftSettings: strict),
         .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC"], path: "Sources/hvctl", swiftSettings: strict),
 
         // Devices shipped with hv, built only on the public SDK.
@@ -46,6 +55,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "HVBootLoaderTests", dependencies: ["HVBootLoader"], path: "Tests/HVBootLoaderTests",
                     swiftSettings: strict),
+        .testTarget(name: "HVSandboxTests", dependencies: ["HVSandbox"], path: "Tests/HVSandboxTests", swiftSettings: strict),
         .testTarget(name: "HVIntegrationTests", dependencies: ["HVSys"], path: "Tests/HVIntegrationTests",
                     exclude: [], swiftSettings: strict),
     ]

@@ -1,6 +1,12 @@
 #define _GNU_SOURCE
 #include "hv_shim.h"
 
+#include <linux/filter.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+#include <sched.h>
+#include <signal.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -90,3 +96,66 @@ const unsigned long hv_KVM_GET_API_VERSION = KVM_GET_API_VERSION, hv_KVM_CREATE_
     hv_KVM_GET_MP_STATE = KVM_GET_MP_STATE, hv_KVM_SET_MP_STATE = KVM_SET_MP_STATE,
     hv_KVM_IRQ_LINE = KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING,
     hv_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU = KVM_SET_FPU;
+
+const unsigned long long hv_CLONE_NEWUSER = CLONE_NEWUSER, hv_CLONE_NEWPID = CLONE_NEWPID,
+    hv_CLONE_NEWNS = CLONE_NEWNS, hv_CLONE_NEWNET = CLONE_NEWNET, hv_CLONE_NEWIPC = CLONE_NEWIPC,
+    hv_CLONE_NEWUTS = CLONE_NEWUTS, hv_CLONE_NEWCGROUP = CLONE_NEWCGROUP;
+
+int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const envp[],
+                           const int *child_fds, const int *parent_fds, int nfds,
+                           unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out) {
+    if (nfds < 0 || nfds > 32) { errno = EINVAL; return -1; }
+    int pidfd = -1;
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.flags = CLONE_PIDFD | namespace_flags;
+    args.pidfd = (unsigned long long)(uintptr_t)&pidfd;
+    args.exit_signal = SIGCHLD;
+    long pid = syscall(SYS_clone3, &args, sizeof args);
+    if (pid < 0) return -1;
+    if (pid > 0) {
+        *pidfd_out = pidfd;
+        return (int)pid;
+    }
+    // Child: only async-signal-safe calls from here to execve.
+    char byte;
+    while (read(sync_read_fd, &byte, 1) < 0 && errno == EINTR) {}
+    if (byte != 'g') _exit(127);   // the parent could not set us up: give up quietly
+    if (namespace_flags & CLONE_NEWUSER) {
+        // Still kuid 0, which the new namespace does not map: become its uid/gid 0 (the tenant's
+        // ids outside). Raw syscalls: glibc's wrappers would try to sync threads this child lacks.
+        if (syscall(SYS_setgroups, 0, NULL) != 0) _exit(127);
+        if (syscall(SYS_setresgid, 0, 0, 0) != 0) _exit(127);
+        if (syscall(SYS_setresuid, 0, 0, 0) != 0) _exit(127);
+    }
+    // Park every source above any target first, so moving one can't clobber another.
+    int parked[32];
+    for (int i = 0; i < nfds; i++) {
+        parked[i] = fcntl(parent_fds[i], F_DUPFD_CLOEXEC, 64);
+        if (parked[i] < 0) _exit(127);
+    }
+    for (int i = 0; i < nfds; i++) {
+        if (dup2(parked[i], child_fds[i]) < 0) _exit(127);   // dup2 clears close-on-exec
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
+    execve(path, argv, envp);
+    _exit(127);
+}
+
+int hv_pivot_root(const char *new_root, const char *put_old) { return (int)syscall(SYS_pivot_root, new_root, put_old); }
+
+int hv_close_range(unsigned int first, unsigned int last) { return (int)syscall(SYS_close_range, first, last, 0); }
+
+int hv_install_seccomp_filter(const void *instructions, size_t length_bytes) {
+    if (length_bytes == 0 || length_bytes % sizeof(struct sock_filter) != 0 ||
+        length_bytes / sizeof(struct sock_filter) > BPF_MAXINSNS) { errno = EINVAL; return -1; }
+    struct sock_fprog program = {
+        .len = (unsigned short)(length_bytes / sizeof(struct sock_filter)),
+        .filter = (struct sock_filter *)instructions,
+    };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program, 0, 0);
+}

@@ -22,9 +22,13 @@ public struct DeviceSpec: Sendable {
     public var capabilities: Capabilities
     /// Whether it maps guest RAM.
     public var mapsGuestMemory: Bool
+    /// How it is jailed; nil runs it unsandboxed (`hvctl run --no-sandbox`, debugging only).
+    public var sandbox: SandboxPlan?
 
     public init(name: String, executable: String, resources: [Resource] = [], interruptGSIs: [UInt32] = [],
-                hostFiles: [FileDescriptor] = [], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false) {
+                hostFiles: [FileDescriptor] = [], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false,
+                sandbox: SandboxPlan? = nil) {
+        self.sandbox = sandbox
         self.name = name
         self.executable = executable
         self.resources = resources
@@ -135,11 +139,16 @@ final class DeviceSupervisor: @unchecked Sendable {
         do {
             (coreControl, deviceControl) = try SeqPacketSocket.pair()
             (coreEvents, deviceEvents) = try SeqPacketSocket.pair()
-            child = try ChildProcess.spawn(path: spec.executable, arguments: [spec.name],
-                                           inherit: [(InheritedDescriptor.control, deviceControl.fd.rawValue),
-                                                     (InheritedDescriptor.events, deviceEvents.fd.rawValue)])
+            let inherit = [(InheritedDescriptor.control, deviceControl.fd.rawValue),
+                           (InheritedDescriptor.events, deviceEvents.fd.rawValue)]
+            if let sandbox = spec.sandbox {
+                child = try sandbox.spawn(executable: spec.executable, arguments: [spec.name],
+                                          memoryBytes: memory.size, inherit: inherit)
+            } else {
+                child = try ChildProcess.spawn(path: spec.executable, arguments: [spec.name], inherit: inherit)
+            }
         } catch {
-            throw .device(name: spec.name, reason: "cannot start \(spec.executable): \(error.errno)")
+            throw .device(name: spec.name, reason: "cannot start \(spec.executable): \(error)")
         }
         deviceControl.fd.close()
         deviceEvents.fd.close()
@@ -181,10 +190,11 @@ final class DeviceSupervisor: @unchecked Sendable {
             }
             d.granted = reply.capabilities
         } catch {
+            let ended = child.reapIfExited()
             child.killAndReap()
             let why: String
             if case ChannelError.closed = error {
-                why = "exited during the handshake" + (d.lastError.map { ": \($0)" } ?? "")
+                why = "\(ended?.description ?? "exited") during the handshake" + (d.lastError.map { ": \($0)" } ?? "")
             } else if let e = error as? WireError {
                 why = "malformed HELLO reply: \(e)"
             } else {
@@ -235,7 +245,11 @@ final class DeviceSupervisor: @unchecked Sendable {
         guard let p = d.process else { return }
         // Serve what the device said before dying (its last log line explains it).
         if d.events != nil { serveEvents(d, drainOnly: true) }
-        let how = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
+        let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
+        // Seccomp's kill action ends the process with SIGSYS: say it was the sandbox.
+        let how = ended == .signalled(SIGSYS) && d.spec.sandbox != nil
+            ? "was killed by its sandbox for a system call \(d.spec.sandbox!.profilePath) does not allow"
+            : ended.description
         d.process = nil
         d.control = nil
         d.events = nil

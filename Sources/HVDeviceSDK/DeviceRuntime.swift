@@ -1,3 +1,4 @@
+import CHVShim
 import Glibc
 import HVIPC
 import HVSys
@@ -69,6 +70,7 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// failure prints one line to stderr and exits with status 2.
     public static func startOrExit(name: String, capabilities: Capabilities) -> DeviceRuntime {
         dieWithParent()
+        lockDown(name)
         do {
             return try DeviceRuntime(name: name, capabilities: capabilities)
         } catch {
@@ -148,6 +150,27 @@ public final class DeviceRuntime: @unchecked Sendable {
         do {
             try control.send(.reply(to: frame, payload: HelloReply(minor: minor, capabilities: capabilities, name: name).encode()))
         } catch { throw .channel(error) }
+    }
+
+    /// Descriptor on which a sandboxed device finds its lock-down seccomp filter (classic BPF).
+    public static let lockDownFilterDescriptor: Int32 = 5
+
+    /// Under hv's sandbox, installs the stricter second-stage seccomp filter that hv-jail
+    /// compiled from the device's profile (no execve, no open), and makes the process
+    /// non-dumpable. Runs before the first message is read: no untrusted input has been seen yet.
+    static func lockDown(_ name: String) {
+        let raw = lockDownFilterDescriptor
+        guard fcntl(raw, F_GETFD) >= 0 else {
+            if getenv("HV_SANDBOXED") != nil { fail(name, "started by hv-jail without its lock-down filter on fd \(raw)") }
+            return  // not sandboxed (hvctl run --no-sandbox)
+        }
+        let fd = FileDescriptor(owning: raw)
+        let program: [UInt8]
+        do { program = try fd.readAll() } catch { fail(name, "cannot read the lock-down filter: \(error)") }
+        fd.close()
+        _ = hv_prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        let rc = program.withUnsafeBytes { hv_install_seccomp_filter($0.baseAddress, $0.count) }
+        if rc != 0 { fail(name, "cannot install the lock-down filter: \(Errno.current)") }
     }
 
     // MARK: Device → core

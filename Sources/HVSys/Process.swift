@@ -9,7 +9,8 @@ public final class ChildProcess: Sendable {
     /// A pidfd: readable once the child has exited.
     public let pidfd: FileDescriptor
 
-    init(pid: pid_t, pidfd: FileDescriptor) {
+    /// Adopts a child started some other way (e.g. clone3 into new namespaces).
+    public init(pid: pid_t, pidfd: FileDescriptor) {
         self.pid = pid
         self.pidfd = pidfd
     }

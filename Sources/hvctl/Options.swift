@@ -31,6 +31,9 @@ struct RunOptions {
     var cpus = 1
     var serial = "stdio"
     var verbose = false
+    var sandbox = true
+    var tenant: String?
+    var plugins: [String] = []
 
     static let help = """
     usage: hvctl run [options]
@@ -43,6 +46,9 @@ struct RunOptions {
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
       --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
+      --tenant NAME      run this VM's devices as tenant NAME's uid/gid (default: one per VM)
+      --device SPEC      add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,KEY=VALUE]...
+      --no-sandbox       run devices unconfined (debugging only; prints a warning)
       --verbose          report device starts and debug logs on stderr
       -h, --help         show this help
 
@@ -86,6 +92,15 @@ struct RunOptions {
                 }
                 options.serial = mode
             case "--verbose", "-v": options.verbose = true
+            case "--no-sandbox": options.sandbox = false
+            case "--tenant":
+                let name = try value(flag)
+                guard (1...64).contains(name.utf8.count),
+                      name.utf8.allSatisfy({ $0 == 0x2D || $0 == 0x2E || $0 == 0x5F || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }) else {
+                    throw UsageError(message: "invalid --tenant '\(name)': use 1 to 64 letters, digits, '.', '_' or '-'")
+                }
+                options.tenant = name
+            case "--device": options.plugins.append(try value(flag))
             default:
                 throw UsageError(message: "unknown option '\(arg)' for 'hvctl run'")
             }

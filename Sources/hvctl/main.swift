@@ -6,6 +6,11 @@ import HVSys
 // hvctl: the operator's command. `hvctl run` builds a VM from flags and runs it in this process,
 // which is the VM's trusted core; devices run as separate processes it supervises.
 
+func warn(_ message: String) {
+    let line = "hvctl: \(message)\n"
+    _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+}
+
 func fail(_ message: String, status: Int32 = 1) -> Never {
     let line = "hvctl: \(message)\n"
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
@@ -17,6 +22,7 @@ usage: hvctl <command> [options]
 
 commands:
   run       boot a VM (with no options: the built-in demo guest)
+  sandbox   'sandbox show DEVICE': the effective sandbox profile of a device
   version   print hv's version and IPC protocol version
   help      show this help
 
@@ -87,13 +93,35 @@ func run(_ options: RunOptions) -> Int32 {
         fail("cannot set up the serial port (\(options.serial)): \(error)")
     }
 
-    let devices = [
+    var devices = [
         DeviceSpec(name: "serial0", executable: deviceExecutable("hv-serial"),
                    resources: [Resource(kind: .pio, base: 0x3F8, length: 8)], interruptGSIs: [4],
                    hostFiles: serialFiles, capabilities: [.statePage]),
         DeviceSpec(name: "bios", executable: deviceExecutable("hv-bios"), hostFiles: [image],
                    config: "cmdline=\(options.commandLine)", capabilities: [.bootControl], mapsGuestMemory: true),
     ]
+    let profiles = ["serial0": "serial", "bios": "bios"]
+    do {
+        for (i, spec) in options.plugins.enumerated() { devices.append(try pluginDevice(spec, index: i, sandboxed: options.sandbox)) }
+        if options.sandbox {
+            let tenant = options.tenant ?? "vm-\(getpid())"
+            for i in devices.indices where devices[i].sandbox == nil {
+                guard let profile = profiles[devices[i].name] else { continue }
+                devices[i].sandbox = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath(profile), tenant: tenant)
+            }
+            for i in devices.indices {
+                if var plan = devices[i].sandbox {
+                    plan.outsideUID = SandboxPlan.tenantID(tenant)
+                    plan.outsideGID = plan.outsideUID
+                    devices[i].sandbox = plan
+                }
+            }
+        } else {
+            warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
+        }
+    } catch {
+        fail(error.message, status: 2)
+    }
     let machine: Machine
     do {
         machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose))
@@ -127,6 +155,8 @@ case "run"?:
     } catch {
         fail("\(error.message); see 'hvctl run --help'", status: 2)
     }
+case "sandbox"?:
+    do { exit(try sandboxCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "version"?, "--version"?:
     print("hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))")
 case "help"?, "-h"?, "--help"?:

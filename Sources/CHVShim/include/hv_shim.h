@@ -40,6 +40,25 @@ ssize_t hv_recv_with_fds(int sock, void *buf, size_t len, int *fds, int maxfds, 
 // pthread_setname_np is _GNU_SOURCE-only.
 int hv_set_thread_name(const char *name);
 
+// Starting a sandboxed device: fork+exec from a multithreaded process must run only
+// async-signal-safe code in the child, so the whole child side lives here, in C.
+// clone3(CLONE_PIDFD | namespace flags); the child waits for one byte on `sync_read_fd` (the
+// parent writes its uid/gid maps meanwhile), moves parent_fds[i] onto child_fds[i], empties its
+// signal mask, and execve()s. Returns the child's pid (and *pidfd_out) or -1 with errno set.
+// The child exits 127 if it cannot exec.
+int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const envp[],
+                           const int *child_fds, const int *parent_fds, int nfds,
+                           unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out);
+extern const unsigned long long hv_CLONE_NEWUSER, hv_CLONE_NEWPID, hv_CLONE_NEWNS, hv_CLONE_NEWNET,
+    hv_CLONE_NEWIPC, hv_CLONE_NEWUTS, hv_CLONE_NEWCGROUP;
+
+// pivot_root(2) has no glibc wrapper.
+int hv_pivot_root(const char *new_root, const char *put_old);
+// close_range(2) may lack a wrapper in the Glibc module.
+int hv_close_range(unsigned int first, unsigned int last);
+// Installs a classic-BPF seccomp filter (PR_SET_SECCOMP needs a struct sock_fprog).
+int hv_install_seccomp_filter(const void *instructions, size_t length_bytes);
+
 // KVM ioctl request numbers (macros built from _IO/_IOR/_IOW/_IOWR).
 extern const unsigned long hv_KVM_GET_API_VERSION, hv_KVM_CREATE_VM, hv_KVM_CHECK_EXTENSION,
     hv_KVM_GET_VCPU_MMAP_SIZE, hv_KVM_GET_SUPPORTED_CPUID, hv_KVM_CREATE_VCPU,

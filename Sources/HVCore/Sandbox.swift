@@ -1,0 +1,136 @@
+import CHVShim
+import Glibc
+import HVSandbox
+import HVSys
+
+/// How one device process is jailed: which profile, which tenant identity, which host paths it
+/// may see (read-only). Built by hvctl; applied by `DeviceSupervisor` and `hv-jail`.
+public struct SandboxPlan: Sendable {
+    /// The trusted jail stage (`hv-jail`), next to hvctl.
+    public var jailExecutable: String
+    /// The device's profile file, e.g. sandbox-profiles/serial.json.
+    public var profilePath: String
+    /// The parsed profile (validated at VM start, before anything runs).
+    public var profile: SandboxProfile
+    /// The uid/gid the device runs as outside its user namespace (per tenant).
+    public var outsideUID: uid_t
+    public var outsideGID: gid_t
+    /// Host paths bind-mounted read-only into the device's otherwise empty root.
+    public var exposedPaths: [String]
+
+    public init(jailExecutable: String, profilePath: String, profile: SandboxProfile, outsideUID: uid_t,
+                outsideGID: gid_t, exposedPaths: [String]) {
+        self.jailExecutable = jailExecutable
+        self.profilePath = profilePath
+        self.profile = profile
+        self.outsideUID = outsideUID
+        self.outsideGID = outsideGID
+        self.exposedPaths = exposedPaths
+    }
+
+    /// The uid (and gid) for a tenant: 2,000,000 + a 32-bit FNV-1a hash of the name mod 1,000,000,
+    /// far above Debian's regular and system ranges. Different tenants get different ids (barring
+    /// a hash collision, reported by `hvctl sandbox show`), so their devices can't signal, trace
+    /// or read each other.
+    public static func tenantID(_ tenant: String) -> uid_t {
+        var hash: UInt32 = 0x811C_9DC5
+        for byte in tenant.utf8 {
+            hash ^= UInt32(byte)
+            hash = hash &* 0x0100_0193
+        }
+        return 2_000_000 + hash % 1_000_000
+    }
+
+    /// Shared-object directories this process has mapped, plus the loader's own paths: device
+    /// executables are built by the same toolchain as hvctl, so they need a subset of these.
+    public static func runtimeLibraryPaths() -> [String] {
+        var dirs: [String] = []
+        if let fd = try? FileDescriptor.open("/proc/self/maps", flags: O_RDONLY), let bytes = try? readToEnd(fd) {
+            for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+                guard let slash = line.firstIndex(of: "/") else { continue }
+                let path = String(line[slash...])
+                guard path.contains(".so"), let dirEnd = path.lastIndex(of: "/") else { continue }
+                let dir = String(path[..<dirEnd])
+                if !dirs.contains(dir) { dirs.append(dir) }
+            }
+        }
+        for extra in ["/etc/ld.so.cache"] where access(extra, F_OK) == 0 && !dirs.contains(extra) {
+            dirs.append(extra)
+        }
+        return dirs
+    }
+
+    private static func readToEnd(_ fd: FileDescriptor) throws(SystemError) -> [UInt8] {
+        // /proc files report size 0: read until EOF.
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { b in Glibc.read(fd.rawValue, b.baseAddress, b.count) }
+            if n < 0 && errno == EINTR { continue }
+            try check("read /proc/self/maps", n)
+            if n == 0 { return out }
+            out += chunk.prefix(n)
+        }
+    }
+
+    /// clone3 flags for the profile's namespaces.
+    var cloneFlags: UInt64 {
+        var flags: UInt64 = 0
+        for ns in profile.namespaces {
+            switch ns {
+            case .user: flags |= hv_CLONE_NEWUSER
+            case .pid: flags |= hv_CLONE_NEWPID
+            case .mount: flags |= hv_CLONE_NEWNS
+            case .net: flags |= hv_CLONE_NEWNET
+            case .ipc: flags |= hv_CLONE_NEWIPC
+            case .uts: flags |= hv_CLONE_NEWUTS
+            case .cgroup: flags |= hv_CLONE_NEWCGROUP
+            }
+        }
+        return flags
+    }
+
+    /// Starts `executable` under the jail with `inherit` (child fd → parent fd) and returns it.
+    func spawn(executable: String, arguments: [String], memoryBytes: UInt64,
+               inherit: [(child: Int32, parent: Int32)]) throws(SystemError) -> ChildProcess {
+        var sync: [Int32] = [-1, -1]
+        try check("pipe", pipe(&sync))
+        let syncRead = FileDescriptor(owning: sync[0])
+        let syncWrite = FileDescriptor(owning: sync[1])
+        _ = fcntl(sync[0], F_SETFD, FD_CLOEXEC)
+        _ = fcntl(sync[1], F_SETFD, FD_CLOEXEC)
+        let devNull = try FileDescriptor.open("/dev/null", flags: O_RDWR)
+
+        var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
+        for p in exposedPaths { argv += ["--expose", p] }
+        argv += ["--", executable] + arguments
+        let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        let cEnv: [UnsafeMutablePointer<CChar>?] = [nil]
+        defer { cArgs.forEach { free($0) } }
+        // The device's stdin and stdout are /dev/null; stderr stays the operator's.
+        let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), Int32(2))] + inherit
+        let childFDs = mapping.map(\.0)
+        let parentFDs = mapping.map(\.1)
+        var pidfd: Int32 = -1
+        let pid = hv_spawn_in_namespaces(jailExecutable, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
+                                         cloneFlags, syncRead.rawValue, &pidfd)
+        try check("clone3 into new namespaces for \(executable)", pid)
+        let child = ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))
+        do {
+            // Inside uid/gid 0 is the tenant's id outside; nothing else is mapped.
+            try writeProcFile("/proc/\(pid)/uid_map", "0 \(outsideUID) 1\n")
+            try writeProcFile("/proc/\(pid)/gid_map", "0 \(outsideGID) 1\n")
+        } catch {
+            try? syncWrite.writeAll(Array("x".utf8))
+            child.killAndReap()
+            throw error
+        }
+        try syncWrite.writeAll(Array("g".utf8))
+        return child
+    }
+
+    private func writeProcFile(_ path: String, _ text: String) throws(SystemError) {
+        let fd = try FileDescriptor.open(path, flags: O_WRONLY)
+        try fd.writeAll(Array(text.utf8))
+    }
+}
