@@ -49,6 +49,9 @@ let package = Package(
         .executableTarget(name: "hv-bios", dependencies: ["HVDeviceSDK", "HVBootLoader"],
                           path: "Plugins/bios/Device", swiftSettings: strict),
 
+        // Test-only hostile device, run as a third-party plugin under its own profile.
+        .executableTarget(name: "hv-rogue-device", dependencies: ["HVDeviceSDK"], path: "Tests/RogueDevice",
+                          exclude: ["rogue.json"], swiftSettings: strict),
         .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys"], path: "Tests/HVIPCTests",
                     resources: [], swiftSettings: strict),
         .testTarget(name: "HVSerialUARTTests", dependencies: ["HVSerialUART"], path: "Tests/HVSerialUARTTests",

@@ -159,3 +159,40 @@ int hv_install_seccomp_filter(const void *instructions, size_t length_bytes) {
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
     return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program, 0, 0);
 }
+
+static int hv_sigsys_events_fd = -1;
+
+static void hv_sigsys_handler(int sig, siginfo_t *info, void *context) {
+    (void)sig;
+    (void)context;
+    static const char prefix[] = "sandbox: denied syscall ";
+    unsigned char frame[16 + 4 + 48];
+    char digits[12];
+    int nd = 0;
+    unsigned int nr = (unsigned int)info->si_syscall;
+    do { digits[nd++] = (char)('0' + nr % 10); nr /= 10; } while (nr && nd < (int)sizeof digits);
+    unsigned int text = (unsigned int)(sizeof prefix - 1) + (unsigned int)nd;
+    unsigned int payload = 4 + text;
+    unsigned char *p = frame;
+    // Frame header, little-endian: type, flags (NO_REPLY), id, status, payload length.
+    *p++ = 0x01; *p++ = 0x01; *p++ = 0x02; *p++ = 0x00;
+    *p++ = 0xFF; *p++ = 0xFF; *p++ = 0xFF; *p++ = 0xFF;
+    *p++ = 0; *p++ = 0; *p++ = 0; *p++ = 0;
+    *p++ = (unsigned char)payload; *p++ = (unsigned char)(payload >> 8); *p++ = 0; *p++ = 0;
+    // LOG payload: level 3 (error), reserved, u16 text length, text.
+    *p++ = 3; *p++ = 0; *p++ = (unsigned char)text; *p++ = (unsigned char)(text >> 8);
+    for (unsigned int i = 0; i < sizeof prefix - 1; i++) *p++ = (unsigned char)prefix[i];
+    while (nd > 0) *p++ = (unsigned char)digits[--nd];
+    if (hv_sigsys_events_fd >= 0) (void)write(hv_sigsys_events_fd, frame, (size_t)(p - frame));
+    syscall(SYS_exit_group, HV_SANDBOX_VIOLATION_STATUS);
+}
+
+int hv_install_sigsys_reporter(int events_fd) {
+    hv_sigsys_events_fd = events_fd;
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = hv_sigsys_handler;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    return sigaction(SIGSYS, &action, NULL);
+}

@@ -1,3 +1,5 @@
+import CHVShim
+import CSeccomp
 import Glibc
 import HVIPC
 import HVKVM
@@ -246,10 +248,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         // Serve what the device said before dying (its last log line explains it).
         if d.events != nil { serveEvents(d, drainOnly: true) }
         let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
-        // Seccomp's kill action ends the process with SIGSYS: say it was the sandbox.
-        let how = ended == .signalled(SIGSYS) && d.spec.sandbox != nil
-            ? "was killed by its sandbox for a system call \(d.spec.sandbox!.profilePath) does not allow"
-            : ended.description
+        let how = describe(ended, of: d)
         d.process = nil
         d.control = nil
         d.events = nil
@@ -270,6 +269,25 @@ final class DeviceSupervisor: @unchecked Sendable {
         let delay = min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
         d.restartAt = now + delay
         Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how); the VM keeps running, restarting it in \(delay / 1_000_000) ms")
+    }
+
+    /// How a device ended, naming the syscall when its sandbox stopped it.
+    private func describe(_ ended: ChildProcess.Termination, of d: ManagedDevice) -> String {
+        guard let plan = d.spec.sandbox else { return ended.description }
+        let prefix = "sandbox: denied syscall "
+        if ended == .exited(Int32(HV_SANDBOX_VIOLATION_STATUS)), let report = d.lastError, report.hasPrefix(prefix),
+           let number = Int32(report.dropFirst(prefix.count)) {
+            var name = "unknown"
+            if let raw = seccomp_syscall_resolve_num_arch(UInt32(SCMP_ARCH_NATIVE), number) {
+                name = String(cString: raw)
+                free(raw)
+            }
+            return "was stopped by its sandbox: system call \(number) (\(name)) is not allowed by \(plan.profilePath)"
+        }
+        if ended == .signalled(SIGSYS) {
+            return "was killed by its sandbox during start-up: a system call not allowed by \(plan.profilePath)"
+        }
+        return ended.description
     }
 
     private func restart(_ d: ManagedDevice) {
@@ -333,7 +351,9 @@ final class DeviceSupervisor: @unchecked Sendable {
             if record.level == .error { d.lastError = record.text }
             // Before the guest starts, a device's error becomes hvctl's one-line failure instead.
             let fatalAtStartup = record.level == .error && !guestStarted.load(ordering: .acquiring)
-            if !fatalAtStartup && (record.level.rawValue >= LogRecord.Level.warning.rawValue || verbose) {
+            // A sandbox report is folded into the death message that follows it.
+            let sandboxReport = record.text.hasPrefix("sandbox: denied syscall ")
+            if !fatalAtStartup && !sandboxReport && (record.level.rawValue >= LogRecord.Level.warning.rawValue || verbose) {
                 Diagnostics.line("\(d.spec.name): \(record.text)")
             }
             answer(.ok)

@@ -169,6 +169,8 @@ public final class DeviceRuntime: @unchecked Sendable {
         do { program = try fd.readAll() } catch { fail(name, "cannot read the lock-down filter: \(error)") }
         fd.close()
         _ = hv_prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        // A denied syscall traps: report which one to the core, then exit.
+        if hv_install_sigsys_reporter(InheritedDescriptor.events) != 0 { fail(name, "cannot install the SIGSYS reporter: \(Errno.current)") }
         let rc = program.withUnsafeBytes { hv_install_seccomp_filter($0.baseAddress, $0.count) }
         if rc != 0 { fail(name, "cannot install the lock-down filter: \(Errno.current)") }
     }

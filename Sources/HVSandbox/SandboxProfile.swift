@@ -635,10 +635,12 @@ extension SandboxProfile {
         lines += header
         lines.append("namespaces: " + (namespaces.isEmpty ? "none" : namespaces.map(\.rawValue).joined(separator: ", ")))
         lines.append("rlimits: " + renderLimits())
+        // One name column for both lists, so their conditions line up.
+        let width = ((syscalls + startupSyscalls).map(\.name.count).max() ?? 0) + 2
         lines.append("syscalls after lock-down:")
-        lines += renderRules(syscalls)
+        lines += renderRules(syscalls, width: width)
         lines.append("syscalls during start-up only (until lock-down):")
-        lines += renderRules(startupSyscalls)
+        lines += renderRules(startupSyscalls, width: width)
         lines.append("\(steadyStateSyscallCount) \(steadyStateSyscallCount == 1 ? "syscall" : "syscalls") allowed after lock-down, "
             + "\(startupSyscallCount) during start-up")
         return lines.joined(separator: "\n")
@@ -651,12 +653,11 @@ extension SandboxProfile {
             + "fsize \(value(limits.fileSizeBytes, unit: " bytes")), address space \(addressSpace)"
     }
 
-    private func renderRules(_ rules: [SyscallRule]) -> [String] {
+    private func renderRules(_ rules: [SyscallRule], width: Int) -> [String] {
         guard !rules.isEmpty else { return ["  (none)"] }
         let ordered = rules.enumerated().sorted { lhs, rhs in
             lhs.element.name != rhs.element.name ? lhs.element.name < rhs.element.name : lhs.offset < rhs.offset
         }.map(\.element)
-        let width = (rules.map(\.name.count).max() ?? 0) + 2
         var lines: [String] = []
         var previous: String?
         for rule in ordered {

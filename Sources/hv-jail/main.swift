@@ -168,9 +168,13 @@ limit(9, profile.limits.addressSpaceLimit(guestRAMBytes: memoryBytes), "as")
 
 // MARK: Seccomp
 
+/// Both stages trap on a violation. Before the SDK installs its SIGSYS reporter the default
+/// disposition kills the process; after, the reporter names the syscall to the core and exits.
+/// (Stacked filters take the most severe action, so a KILL start-up stage would pre-empt the
+/// lock-down stage's report for syscalls both deny.)
 func filter(including startup: Bool) -> scmp_filter_ctx {
-    guard let ctx = seccomp_init(SCMP_ACT_KILL_PROCESS) else { die("seccomp_init failed") }
-    let rules = startup ? profile.startupSyscalls + profile.syscalls : profile.syscalls
+    guard let ctx = seccomp_init(SCMP_ACT_TRAP) else { die("seccomp_init failed") }
+    let rules = startup ? profile.startupRules : profile.syscalls
     for rule in rules {
         var conditions = rule.conditions.map { c -> scmp_arg_cmp in
             let op: scmp_compare

@@ -59,6 +59,7 @@ struct multiboot_info {
 
 struct config {
     char mode[16];
+    uint32_t port;
     uint32_t cpus, lines, count, bytes, delay;
 };
 
@@ -269,6 +270,8 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->bytes = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "delay="))) {
             cfg->delay = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "port="))) {
+            cfg->port = parse_u32(v, s);
         }
     }
 }
@@ -377,6 +380,13 @@ static void mode_throughput(uint32_t bytes)
     kprintf("throughput: bytes=%u\n", bytes);
 }
 
+/* Read an I/O port `count` times (decimal `port=`): drives a test device's register path. */
+static void mode_probe(uint32_t port, uint32_t count)
+{
+    for (uint32_t i = 0; i < count; i++)
+        kprintf("probe: port=0x%x value=0x%x\n", port, inb((uint16_t)port));
+}
+
 /* Echo serial input back in upper case until a '.' arrives: proves host input reaches the
  * guest through the device's receive path. */
 static void mode_echo(void)
@@ -422,6 +432,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_throughput(cfg.bytes);
     else if (streq(cfg.mode, "echo"))
         mode_echo();
+    else if (streq(cfg.mode, "probe"))
+        mode_probe(cfg.port, cfg.count);
     else
         kprintf("hv-testguest: unknown mode\n");
     kprintf("hv-testguest: done\n");

@@ -59,6 +59,15 @@ int hv_close_range(unsigned int first, unsigned int last);
 // Installs a classic-BPF seccomp filter (PR_SET_SECCOMP needs a struct sock_fprog).
 int hv_install_seccomp_filter(const void *instructions, size_t length_bytes);
 
+// Seccomp violation reporter for sandboxed devices. The lock-down filter's default action is
+// SECCOMP_RET_TRAP; this SIGSYS handler (async-signal-safe, so C) writes one LOG frame
+// (ipc-schema: type 0x0101, NO_REPLY, level error, text "sandbox: denied syscall N") on
+// `events_fd` and exits with HV_SANDBOX_VIOLATION_STATUS. The lock-down profile allows no
+// rt_sigaction, so a compromised device cannot replace the handler, and a blocked SIGSYS is
+// forced through by the kernel (killing the process).
+#define HV_SANDBOX_VIOLATION_STATUS 159
+int hv_install_sigsys_reporter(int events_fd);
+
 // KVM ioctl request numbers (macros built from _IO/_IOR/_IOW/_IOWR).
 extern const unsigned long hv_KVM_GET_API_VERSION, hv_KVM_CREATE_VM, hv_KVM_CHECK_EXTENSION,
     hv_KVM_GET_VCPU_MMAP_SIZE, hv_KVM_GET_SUPPORTED_CPUID, hv_KVM_CREATE_VCPU,

@@ -1,0 +1,173 @@
+import Foundation
+import XCTest
+
+/// The sandbox holds: every device is jailed by default, a hostile device is stopped and named
+/// without harming the VM, and tenants are kept apart.
+final class SandboxTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireKVM() }
+
+    private static func status(_ pid: pid_t) -> [String: String] {
+        let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        var fields: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            fields[String(line[..<colon])] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        return fields
+    }
+
+    private static func namespace(_ pid: pid_t, _ kind: String) -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/\(kind)")) ?? "?"
+    }
+
+    func testEveryDeviceIsJailedByDefault() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo"])
+        XCTAssertTrue(vm.waitForOutput("echo: ready"), vm.stdout + vm.stderr)
+        let devices = vm.children(named: "hv-")
+        XCTAssertEqual(devices.count, 2, "hv-serial and hv-bios")
+        for pid in devices {
+            let s = Self.status(pid)
+            let uid = Int(s["Uid"]?.split(separator: "\t").first ?? "") ?? 0
+            XCTAssertGreaterThanOrEqual(uid, 2_000_000, "device \(pid) runs as a tenant uid: \(s["Uid"] ?? "?")")
+            for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                XCTAssertEqual(s[cap], "0000000000000000", "\(cap) of device \(pid)")
+            }
+            XCTAssertEqual(s["NoNewPrivs"], "1")
+            XCTAssertEqual(s["Seccomp"], "2", "seccomp filter mode")
+            XCTAssertEqual(s["NSpid"]?.split(separator: "\t").last, "1", "pid 1 of its own pid namespace")
+            for kind in ["user", "pid", "mnt", "net", "ipc", "uts"] {
+                XCTAssertNotEqual(Self.namespace(pid, kind), Self.namespace(getpid(), kind), "\(kind) namespace of device \(pid)")
+            }
+            let limits = (try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8)) ?? ""
+            XCTAssertTrue(limits.contains { _ in true } && limits.split(separator: "\n").contains { $0.hasPrefix("Max core file size") && $0.contains(" 0 ") })
+            // Its root holds no host files beyond the read-only library binds.
+            XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(pid)/root/etc/passwd"))
+            XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(pid)/root/home"))
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+            XCTAssertLessThanOrEqual(fds.count, 12, "only handed-over descriptors: \(fds)")
+        }
+        vm.write(".")
+        XCTAssertEqual(vm.waitForExit(), 0, vm.stderr)
+    }
+
+    private func runRogue(_ attack: String, extra: String = "") throws -> (status: Int32, stdout: String, stderr: String) {
+        let guest = try Harness.testGuest()
+        let rogue = Harness.productsDirectory.appendingPathComponent("hv-rogue-device").path
+        let profile = Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json").path
+        return try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=probe port=1296 count=2",
+                             "--device", "\(rogue),profile=\(profile),pio=0x510:2,attack=\(attack)\(extra)"])
+    }
+
+    func testHostileDeviceIsStoppedNamedAndRestartedWhileTheVMRuns() throws {
+        let expected = ["open": "openat", "socket": "socket", "execve": "execve", "kill": "kill",
+                        "rlimit": "prlimit64", "mount": "mount", "mmap-exec": "mmap", "fork": "clone"]
+        for (attack, syscall) in expected.sorted(by: { $0.key < $1.key }) {
+            let r = try runRogue(attack)
+            XCTAssertEqual(r.status, 0, "\(attack): the VM must survive: \(r.stderr)")
+            XCTAssertFalse(r.stderr.contains("SUCCEEDED"), "\(attack) got through the sandbox: \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains("was stopped by its sandbox: system call") && r.stderr.contains("(\(syscall)) is not allowed"),
+                          "\(attack): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains("device0 restarted"), "\(attack): \(r.stderr)")
+            // The read in flight when the device died was replayed to its successor.
+            XCTAssertEqual(r.stdout.components(separatedBy: "probe: port=0x510 value=0x42").count - 1, 2, "\(attack): \(r.stdout)")
+            XCTAssertTrue(r.stdout.hasSuffix("hv-testguest: done\n"), "\(attack): \(r.stdout)")
+        }
+    }
+
+    func testHostileDeviceCannotWriteOutsideGuestMemory() throws {
+        let r = try runRogue("guest-memory", extra: ",memory")
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("rogue: attack guest-memory refused: guest-physical range"), r.stderr)
+        XCTAssertTrue(r.stdout.hasSuffix("hv-testguest: done\n"), r.stdout)
+    }
+
+    func testTenantsRunAsDifferentUsersAndCannotReachEachOther() throws {
+        let guest = try Harness.testGuest()
+        let alice = try VMProcess(["run", "--tenant", "alice", "--multiboot", guest, "--cmdline", "mode=echo"])
+        let bob = try VMProcess(["run", "--tenant", "bob", "--multiboot", guest, "--cmdline", "mode=echo"])
+        defer {
+            alice.write(".")
+            bob.write(".")
+            alice.waitForExit()
+            bob.waitForExit()
+        }
+        XCTAssertTrue(alice.waitForOutput("echo: ready") && bob.waitForOutput("echo: ready"))
+        guard let a = alice.children(named: "hv-serial").first, let b = bob.children(named: "hv-serial").first else {
+            return XCTFail("serial devices not found")
+        }
+        let uidA = Self.status(a)["Uid"]?.split(separator: "\t").first.map(String.init) ?? "?"
+        let uidB = Self.status(b)["Uid"]?.split(separator: "\t").first.map(String.init) ?? "?"
+        XCTAssertNotEqual(uidA, uidB)
+        // A process with alice's device identity (and none of the seccomp limits) still can't
+        // signal bob's device or read its /proc entries.
+        func asUser(_ uid: String, _ command: [String]) throws -> Int32 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            p.arguments = ["--reuid=\(uid)", "--regid=\(uid)", "--clear-groups", "--inh-caps=-all", "--"] + command
+            p.standardError = FileHandle.nullDevice
+            p.standardOutput = FileHandle.nullDevice
+            try p.run()
+            p.waitUntilExit()
+            return p.terminationStatus
+        }
+        func asAlice(_ command: [String]) throws -> Int32 { try asUser(uidA, command) }
+        // Control: bob's own identity can signal bob's device, so a refusal below is the sandbox.
+        XCTAssertEqual(try asUser(uidB, ["/bin/kill", "-0", String(b)]), 0, "control: same-tenant signal should work")
+        XCTAssertNotEqual(try asAlice(["/bin/kill", "-0", String(b)]), 0, "alice signalled bob's device")
+        XCTAssertNotEqual(try asAlice(["/bin/cat", "/proc/\(b)/environ"]), 0, "alice read bob's /proc/PID/environ")
+        XCTAssertNotEqual(try asAlice(["/bin/ls", "/proc/\(b)/fd"]), 0, "alice listed bob's descriptors")
+        XCTAssertNotEqual(try asAlice(["/bin/cat", "/proc/\(b)/maps"]), 0, "alice read bob's memory map")
+    }
+
+    func testNoSandboxIsLoudAndUnconfined() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--no-sandbox", "--multiboot", guest, "--cmdline", "mode=echo"])
+        XCTAssertTrue(vm.waitForOutput("echo: ready"), vm.stdout + vm.stderr)
+        XCTAssertTrue(vm.stderr.contains("hvctl: WARNING: --no-sandbox"), vm.stderr)
+        if let pid = vm.children(named: "hv-serial").first {
+            XCTAssertEqual(Self.status(pid)["Seccomp"], "0")
+        }
+        vm.write(".")
+        XCTAssertEqual(vm.waitForExit(), 0, vm.stderr)
+    }
+
+    func testSandboxShowPrintsTheEffectiveProfile() throws {
+        let r = try runHvctl(["sandbox", "show", "serial", "--tenant", "alice"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        for text in ["sandbox profile serial", "namespaces: user, pid, mount, net, ipc, uts", "tenant 'alice'",
+                     "rlimits: nofile 32", "syscalls after lock-down:", "fcntl", "if arg1 <= 4", "allowed after lock-down"] {
+            XCTAssertTrue(r.stdout.contains(text), "missing '\(text)' in:\n\(r.stdout)")
+        }
+        XCTAssertFalse(r.stdout.split(separator: "\n").contains { $0.trimmingCharacters(in: .whitespaces).hasPrefix("socket") })
+        let bios = try runHvctl(["sandbox", "show", "bios"])
+        XCTAssertEqual(bios.status, 0, bios.stderr)
+        let unknown = try runHvctl(["sandbox", "show", "gpu"])
+        XCTAssertEqual(unknown.status, 2)
+        XCTAssertTrue(unknown.stderr.hasPrefix("hvctl: unknown device 'gpu'"), unknown.stderr)
+    }
+
+    func testBrokenProfilesAreRefusedBeforeAnythingRuns() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-profiles-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let rogue = Harness.productsDirectory.appendingPathComponent("hv-rogue-device").path
+        let good = try String(contentsOf: Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json"), encoding: .utf8)
+        let cases: [(String, String, String)] = [
+            ("unknown-syscall", good.replacingOccurrences(of: "\"read\",", with: "\"reed\","), "unknown syscall \"reed\""),
+            ("malformed", String(good.dropLast(3)), "invalid JSON"),
+            ("bad-namespace", good.replacingOccurrences(of: "\"uts\"", with: "\"time\""), "namespace"),
+        ]
+        for (name, text, expected) in cases {
+            let path = dir.appendingPathComponent("\(name).json")
+            try text.write(to: path, atomically: true, encoding: .utf8)
+            let r = try runHvctl(["run", "--device", "\(rogue),profile=\(path.path),pio=0x510:2"])
+            XCTAssertEqual(r.status, 2, "\(name): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(name): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(path.path) && r.stderr.contains(expected), "\(name): \(r.stderr)")
+        }
+        let noProfile = try runHvctl(["run", "--device", "\(rogue),pio=0x510:2"])
+        XCTAssertEqual(noProfile.status, 2)
+        XCTAssertTrue(noProfile.stderr.contains("has no profile=FILE"), noProfile.stderr)
+    }
+}
