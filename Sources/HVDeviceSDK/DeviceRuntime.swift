@@ -203,41 +203,51 @@ public final class DeviceRuntime: @unchecked Sendable {
 
     /// Serves register accesses and watched descriptors until the core says SHUTDOWN or goes away.
     public func run(_ model: some DeviceModel) -> Never {
-        var cursor = ring?.committedRequestIndex() ?? 0
         // A restarted device first finishes what the dead one left uncommitted.
-        var spinStart = monotonicNanoseconds()
+        var loop = LoopState(cursor: ring?.committedRequestIndex() ?? 0, spinStart: monotonicNanoseconds())
+        while true { iterate(model, &loop) }
+    }
+
+    /// The ring loop's state between iterations.
+    struct LoopState {
+        var cursor: UInt32
+        var spinStart: UInt64
         var lastOthersPoll: UInt64 = 0
-        while true {
-            var served = false
-            if let ring {
-                let published = ring.publishedRequestIndex()
-                if published != cursor {
-                    cursor = serve(ring: ring, model: model, from: cursor, to: published)
-                    served = true
-                }
+    }
+
+    // One pass of the loop, kept out of line: Swift 6.3's loop-invariant code motion never
+    // finishes on the whole loop inlined into `run` (release builds hang).
+    @inline(never)
+    private func iterate(_ model: some DeviceModel, _ loop: inout LoopState) {
+        var served = false
+        if let ring {
+            let published = ring.publishedRequestIndex()
+            if published != loop.cursor {
+                loop.cursor = serve(ring: ring, model: model, from: loop.cursor, to: published)
+                served = true
             }
-            let now = monotonicNanoseconds()
-            // Watched fds and the control socket get a look every millisecond even while the
-            // ring is busy: a guest polling a status register must not starve host input.
-            if now &- lastOthersPoll > 1_000_000 {
-                lastOthersPoll = now
-                pollOthers(timeout: 0)
-            }
-            if served {
-                spinStart = now
-                continue
-            }
-            if ring != nil && now &- spinStart < spinNanoseconds { continue }
-            if let ring, ring.setRequestConsumerSleeping(true, cursor: cursor) {
-                ring.setRequestConsumerSleeping(false, cursor: cursor)
-                continue
-            }
-            pollOthers(timeout: -1)
-            ring?.setRequestConsumerSleeping(false, cursor: cursor)
-            kick?.drain()
-            spinStart = monotonicNanoseconds()
-            lastOthersPoll = spinStart
         }
+        let now = monotonicNanoseconds()
+        // Watched fds and the control socket get a look every millisecond even while the
+        // ring is busy: a guest polling a status register must not starve host input.
+        if now &- loop.lastOthersPoll > 1_000_000 {
+            loop.lastOthersPoll = now
+            pollOthers(timeout: 0)
+        }
+        if served {
+            loop.spinStart = now
+            return
+        }
+        if ring != nil && now &- loop.spinStart < spinNanoseconds { return }
+        if let ring, ring.setRequestConsumerSleeping(true, cursor: loop.cursor) {
+            ring.setRequestConsumerSleeping(false, cursor: loop.cursor)
+            return
+        }
+        pollOthers(timeout: -1)
+        ring?.setRequestConsumerSleeping(false, cursor: loop.cursor)
+        kick?.drain()
+        loop.spinStart = monotonicNanoseconds()
+        loop.lastOthersPoll = loop.spinStart
     }
 
     private func serve(ring: RegisterRing, model: some DeviceModel, from start: UInt32, to end: UInt32) -> UInt32 {

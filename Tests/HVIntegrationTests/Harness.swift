@@ -34,12 +34,12 @@ enum Harness {
     private static let guestLock = NSLock()
     nonisolated(unsafe) private static var guestPath: String?
 
-    /// Builds Tests/Guests into a temporary directory once per test run.
+    /// Builds Tests/Guests once per test run, into the build directory (so nothing is left in /tmp).
     static func testGuest() throws -> String {
         guestLock.lock()
         defer { guestLock.unlock() }
         if let guestPath { return guestPath }
-        let out = FileManager.default.temporaryDirectory.appendingPathComponent("hv-testguest-\(getpid())")
+        let out = productsDirectory.appendingPathComponent("hv-testguest")
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         let build = Process()
         build.executableURL = URL(fileURLWithPath: "/bin/bash")

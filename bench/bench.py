@@ -1,0 +1,959 @@
+#!/usr/bin/env python3
+"""hv benchmarks, side by side with QEMU in the same run.
+
+Usage:
+    python3 bench/bench.py [--quick] [--runs N] [--json OUT] [--plot PNG]
+                           [--no-build] [--keep-going]
+
+Builds hv in release mode, the hv test guest (Tests/Guests/build.sh) and a
+bare-KVM reference program (bench/kvm_exit.c), then runs every case several
+times, interleaving hv and QEMU (hv, QEMU, hv, QEMU, ...), and prints one
+table: median (min-max) for each side, the hv/QEMU ratio and the target.
+BENCHMARKS.md explains each case.
+
+Python 3 standard library only (matplotlib is optional, for --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+
+GUEST_RAM = "256M"
+GUEST_RAM_BYTES = 256 << 20
+
+# Serial markers printed by Tests/Guests/guest.c (a contract with the guest).
+MODE_MARKER = b"hv-testguest: mode="
+DONE_MARKER = b"hv-testguest: done"
+THROUGHPUT_MARKER = b"throughput: bytes="
+PIOREAD_RE = re.compile(rb"pioread: count=(\d+) cycles=(\d+)")
+
+# The hv guest-RAM memfd as it appears in /proc/PID/smaps (Sources/HVCore/GuestRAM.swift).
+HV_GUEST_RAM_NAME = "/memfd:hv-guest-ram"
+
+# A fresh release build takes a few minutes on 2 cores; far longer means the compiler is stuck.
+BUILD_TIMEOUT_S = 1200
+
+QEMU_BASE_ARGS = [
+    "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc", "-m", GUEST_RAM,
+    "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers (unit-tested in bench/test_bench.py)
+# ----------------------------------------------------------------------------------------------
+
+def parse_pioread(text: bytes | str) -> Optional[tuple[int, int]]:
+    """Returns (count, cycles) from the guest's `pioread: count=N cycles=C` line, or None."""
+    if isinstance(text, str):
+        text = text.encode()
+    m = PIOREAD_RE.search(text)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2))
+
+
+class MarkerScanner:
+    """Finds markers in a byte stream that arrives in chunks, recording when each first appears.
+
+    Markers may straddle chunk boundaries. Each marker is recorded once, with the timestamp of
+    the chunk that completed it and the stream offset just past its end.
+    """
+
+    def __init__(self, markers: Iterable[bytes]):
+        self.markers = list(markers)
+        self.data = bytearray()
+        self.found: dict[bytes, tuple[int, int]] = {}  # marker -> (time_ns, end offset)
+        self.first_ns: Optional[int] = None
+        self.first_len = 0
+        self.last_ns: Optional[int] = None
+        self._overlap = max((len(m) for m in self.markers), default=1) - 1
+
+    def feed(self, chunk: bytes, t_ns: int) -> list[bytes]:
+        """Adds a chunk received at t_ns; returns the markers it completed."""
+        if not chunk:
+            return []
+        if self.first_ns is None:
+            self.first_ns = t_ns
+            self.first_len = len(chunk)
+        self.last_ns = t_ns
+        start = max(0, len(self.data) - self._overlap)
+        self.data += chunk
+        new = []
+        for m in self.markers:
+            if m in self.found:
+                continue
+            i = self.data.find(m, start)
+            if i >= 0:
+                self.found[m] = (t_ns, i + len(m))
+                new.append(m)
+        return new
+
+    def time_of(self, marker: bytes) -> Optional[int]:
+        hit = self.found.get(marker)
+        return hit[0] if hit else None
+
+    def offset_of(self, marker: bytes) -> Optional[int]:
+        hit = self.found.get(marker)
+        return hit[1] if hit else None
+
+
+def throughput_bps(scanner: MarkerScanner, end_marker: bytes = THROUGHPUT_MARKER) -> Optional[float]:
+    """Bytes per second on the pipe, from the first chunk to the chunk that ends the payload.
+
+    The bytes of the first chunk were already there at the first timestamp, so they are not
+    counted; the payload ends where the guest's `throughput: bytes=` line starts.
+    """
+    end = scanner.found.get(end_marker)
+    if end is None or scanner.first_ns is None:
+        return None
+    t_end, end_off = end
+    payload_end = end_off - len(end_marker)
+    nbytes = payload_end - scanner.first_len
+    dt = (t_end - scanner.first_ns) / 1e9
+    if nbytes <= 0 or dt <= 0:
+        return None
+    return nbytes / dt
+
+
+@dataclass
+class Stats:
+    median: float
+    min: float
+    max: float
+    n: int
+
+
+def summarize(samples: Sequence[float]) -> Optional[Stats]:
+    vals = [float(s) for s in samples if s is not None]
+    if not vals:
+        return None
+    return Stats(statistics.median(vals), min(vals), max(vals), len(vals))
+
+
+def fmt_num(x: float) -> str:
+    """Three significant digits, no exponent for the ranges used here."""
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_stats(s: Optional[Stats], unit: str = "") -> str:
+    if s is None:
+        return "—"
+    u = f" {unit}" if unit else ""
+    if s.n == 1:
+        return f"{fmt_num(s.median)}{u}"
+    return f"{fmt_num(s.median)} ({fmt_num(s.min)}–{fmt_num(s.max)}){u}"
+
+
+def ratio(a: Optional[Stats], b: Optional[Stats]) -> Optional[float]:
+    if a is None or b is None or b.median == 0:
+        return None
+    return a.median / b.median
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    if r is None:
+        return "—"
+    if r >= 100:
+        return f"{r:.0f}×"
+    if r >= 10:
+        return f"{r:.1f}×"
+    if r >= 0.1:
+        return f"{r:.2f}×"
+    return f"{r:.3f}×"
+
+
+def parse_smaps(text: str) -> list[dict]:
+    """Parses /proc/PID/smaps into [{'range', 'name', 'size_kb', 'pss_kb', 'rss_kb'}]."""
+    header = re.compile(r"^([0-9a-f]+)-([0-9a-f]+)\s+\S+\s+\S+\s+\S+\s+\S+\s*(.*)$")
+    field_re = re.compile(r"^(\w+):\s+(\d+) kB")
+    entries: list[dict] = []
+    cur: Optional[dict] = None
+    for line in text.splitlines():
+        h = header.match(line)
+        if h:
+            cur = {"start": int(h.group(1), 16), "end": int(h.group(2), 16),
+                   "name": h.group(3).strip(), "size_kb": 0, "pss_kb": 0, "rss_kb": 0}
+            entries.append(cur)
+            continue
+        f = field_re.match(line)
+        if f and cur is not None:
+            key, val = f.group(1), int(f.group(2))
+            if key == "Size":
+                cur["size_kb"] = val
+            elif key == "Pss":
+                cur["pss_kb"] = val
+            elif key == "Rss":
+                cur["rss_kb"] = val
+    return entries
+
+
+def parse_rollup_pss(text: str) -> int:
+    """Pss in kB from /proc/PID/smaps_rollup."""
+    m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    if not m:
+        raise ValueError("no Pss line in smaps_rollup")
+    return int(m.group(1))
+
+
+def pss_of_named(entries: list[dict], name: str) -> int:
+    """Total Pss (kB) of the mappings whose path is `name` (a trailing ' (deleted)' allowed)."""
+    return sum(e["pss_kb"] for e in entries
+               if e["name"] == name or e["name"].startswith(name + " "))
+
+
+def qemu_ram_block(entries: list[dict], ram_bytes: int = GUEST_RAM_BYTES) -> Optional[dict]:
+    """QEMU's guest RAM: the anonymous mapping whose size is RAM (allowing a little alignment)."""
+    lo, hi = ram_bytes // 1024, (ram_bytes + (4 << 20)) // 1024
+    cands = [e for e in entries if e["name"] == "" and lo <= e["size_kb"] <= hi]
+    if not cands:
+        return None
+    return max(cands, key=lambda e: e["size_kb"])
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with a header rule; every cell left-aligned."""
+    widths = [len(h) for h in headers]
+    for r in rows:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+
+    def line(cells):
+        return "  ".join(c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def verdict(ok: Optional[bool]) -> str:
+    return "—" if ok is None else ("yes" if ok else "NO")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running guests
+# ----------------------------------------------------------------------------------------------
+
+def now_ns() -> int:
+    return time.perf_counter_ns()
+
+
+@dataclass
+class Capture:
+    argv: list[str]
+    scanner: MarkerScanner
+    t_spawn: int
+    exit_ns: Optional[int] = None
+    returncode: Optional[int] = None
+    timed_out: bool = False
+    stopped_by_us: bool = False
+    probe_result: object = None
+    stderr: str = ""
+
+    def since_spawn_ms(self, t: Optional[int]) -> Optional[float]:
+        return None if t is None else (t - self.t_spawn) / 1e6
+
+    def head(self, n: int = 200) -> str:
+        return bytes(self.scanner.data[:n]).decode(errors="replace")
+
+    def tail(self, n: int = 300) -> str:
+        return bytes(self.scanner.data[-n:]).decode(errors="replace")
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of pid (by scanning /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_capture(argv: list[str], *, timeout_s: float, markers: Iterable[bytes] = (),
+                stop_on: Optional[bytes] = None,
+                probe: Optional[tuple[bytes, float, Callable[[int], object]]] = None,
+                exit_grace_s: float = 10.0, env: Optional[dict] = None) -> Capture:
+    """Spawns argv with stdout on a pipe and watches it.
+
+    The clock starts just before spawn. Stops the process when `stop_on` appears (QEMU never
+    exits on a guest halt), or `probe[1]` seconds after `probe[0]` appears, once `probe[2](pid)`
+    has run. Otherwise waits for the process to exit by itself (hv exits on a guest halt) and
+    records when. Whatever happens, the process is gone on return.
+    """
+    marks = list(markers)
+    for extra in (stop_on, probe[0] if probe else None):
+        if extra is not None and extra not in marks:
+            marks.append(extra)
+    scanner = MarkerScanner(marks)
+    errf = tempfile.TemporaryFile()
+    t0 = now_ns()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
+                            cwd=REPO, env=env)
+    cap = Capture(argv=argv, scanner=scanner, t_spawn=t0)
+    fd = proc.stdout.fileno()
+    # A pidfd turns readable when the process exits, so its exit time is as exact as a byte's.
+    try:
+        pidfd: Optional[int] = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    deadline = t0 + int(timeout_s * 1e9)
+    probe_due: Optional[int] = None
+    eof = False
+    drain_until: Optional[int] = None
+    try:
+        while True:
+            t = now_ns()
+            if proc.returncode is None and proc.poll() is not None:
+                cap.exit_ns = t
+                cap.returncode = proc.returncode
+                # stdout may still be held by a device process; drain a little then give up.
+                drain_until = t + int(1e9)
+                if pidfd is not None:
+                    os.close(pidfd)
+                    pidfd = None
+            if eof or (drain_until is not None and t >= drain_until):
+                break
+            if probe_due is not None and t >= probe_due:
+                cap.probe_result = probe[2](proc.pid)
+                cap.stopped_by_us = True
+                break
+            if t >= deadline:
+                cap.timed_out = True
+                break
+            wait_ns = min(deadline - t, int(50e6))
+            if probe_due is not None:
+                wait_ns = min(wait_ns, probe_due - t)
+            watch = [fd] if pidfd is None else [fd, pidfd]
+            r, _, _ = select.select(watch, [], [], max(0, wait_ns) / 1e9)
+            if fd not in r:
+                continue
+            t = now_ns()
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                eof = True
+                continue
+            new = scanner.feed(chunk, t)
+            if stop_on is not None and stop_on in new:
+                cap.stopped_by_us = True
+                break
+            if probe is not None and probe[0] in new:
+                probe_due = t + int(probe[1] * 1e9)
+        if cap.returncode is None:
+            if not (cap.stopped_by_us or cap.timed_out):
+                # EOF on stdout: the process should be exiting by itself.
+                try:
+                    proc.wait(exit_grace_s)
+                    cap.exit_ns = now_ns()
+                    cap.returncode = proc.returncode
+                except subprocess.TimeoutExpired:
+                    cap.timed_out = True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        leftovers = descendants(proc.pid) if proc.poll() is None else []
+        stop(proc)
+        for c in leftovers:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.stdout.close()
+        errf.seek(0)
+        cap.stderr = errf.read().decode(errors="replace")
+        errf.close()
+    return cap
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Env:
+    hvctl: Path
+    qemu: str
+    guest: Path
+    kvm_exit: Path
+    tsc_hz: float
+    tsc_source: str
+    tmp: Path
+
+
+def sh(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    print("+ " + " ".join(str(a) for a in argv), flush=True)
+    return subprocess.run(argv, check=True, **kw)
+
+
+def ensure_prerequisites() -> None:
+    missing = [t for t in ("qemu-system-x86_64", "gcc", "ld") if shutil.which(t) is None]
+    if missing:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            print(f"missing {', '.join(missing)}: installing qemu-system-x86 gcc", flush=True)
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            if subprocess.run(["apt-get", "install", "-y", "qemu-system-x86", "gcc"], env=env).returncode:
+                sh(["apt-get", "update"], env=env)
+                sh(["apt-get", "install", "-y", "qemu-system-x86", "gcc"], env=env)
+        else:
+            sys.exit(f"bench: missing {', '.join(missing)}. Install them (Debian: "
+                     "`sudo apt-get install -y qemu-system-x86 gcc`) or run this script as root, "
+                     "which installs them itself.")
+    if shutil.which("swift") is None:
+        sys.exit("bench: `swift` not found; hv needs a Swift 6 toolchain on PATH")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        sys.exit("bench: /dev/kvm is missing or not accessible (need read/write access)")
+
+
+def builds_running() -> list[str]:
+    """Other processes that would skew timings: Swift builds (any user)."""
+    r = subprocess.run(["pgrep", "-af", "swift-build"], capture_output=True, text=True)
+    me = os.getpid()
+    return [l for l in r.stdout.splitlines() if l and int(l.split()[0]) != me]
+
+
+def wait_for_quiet(max_wait_s: float = 900) -> Optional[str]:
+    """Waits while a swift build runs (it would skew every timing on 2 cores)."""
+    t_end = time.monotonic() + max_wait_s
+    said = False
+    while True:
+        busy = builds_running()
+        if not busy:
+            return None
+        if time.monotonic() >= t_end:
+            return f"a swift build was still running after {max_wait_s:.0f} s of waiting: " + busy[0]
+        if not said:
+            print(f"waiting for a running swift build to finish before timing: {busy[0]}", flush=True)
+            said = True
+        time.sleep(5)
+
+
+def build_all(tmp: Path, skip_swift: bool, bin_dir: Optional[str]) -> tuple[Path, Path, Path]:
+    if bin_dir:
+        bin_dir = Path(bin_dir).resolve()
+    else:
+        if not skip_swift:
+            try:
+                sh(["swift", "build", "-c", "release"], cwd=REPO, timeout=BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                sys.exit(f"bench: `swift build -c release` did not finish in {BUILD_TIMEOUT_S} s (a "
+                         "compiler hang?); build elsewhere and pass --bin-dir (see BENCHMARKS.md)")
+        bin_dir = Path(subprocess.run(["swift", "build", "-c", "release", "--show-bin-path"], cwd=REPO,
+                                      check=True, capture_output=True, text=True).stdout.strip())
+    hvctl = bin_dir / "hvctl"
+    for exe in ("hvctl", "hv-serial", "hv-bios"):
+        if not (bin_dir / exe).exists():
+            sys.exit(f"bench: {bin_dir / exe} is missing; run `swift build -c release`")
+    sh([str(REPO / "Tests/Guests/build.sh"), str(tmp)], stdout=subprocess.DEVNULL)
+    guest = tmp / "testguest.elf"
+    kvm_exit = tmp / "kvm_exit"
+    sh(["gcc", "-O2", "-Wall", "-o", str(kvm_exit), str(REPO / "bench/kvm_exit.c")])
+    return hvctl, guest, kvm_exit
+
+
+def parse_kv(text: str) -> dict[str, str]:
+    return dict(l.split("=", 1) for l in text.splitlines() if "=" in l)
+
+
+def tsc_rate(kvm_exit: Path) -> tuple[float, str]:
+    """The guest TSC rate: KVM_GET_TSC_KHZ, else host rdtsc over a 100 ms sleep, else cpuinfo."""
+    try:
+        kv = parse_kv(subprocess.run([str(kvm_exit), "--tsc"], check=True, capture_output=True,
+                                     text=True).stdout)
+        khz = int(kv.get("tsc_khz_kvm", "0"))
+        cal = float(kv.get("tsc_hz_calibrated", "0"))
+        if khz > 0:
+            note = f"KVM_GET_TSC_KHZ {khz} kHz"
+            if cal > 0:
+                note += f"; rdtsc over 100 ms sleep: {cal / 1e6:.1f} MHz"
+            return khz * 1e3, note
+        if cal > 0:
+            return cal, "rdtsc over a 100 ms sleep"
+    except (subprocess.CalledProcessError, ValueError, OSError):
+        pass
+    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text(), re.M)
+    if m:
+        return float(m.group(1)) * 1e6, "/proc/cpuinfo cpu MHz (last resort)"
+    sys.exit("bench: cannot determine the TSC rate")
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if m:
+            cpu = m.group(1).strip()
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                        text=True).stdout.splitlines()
+    return {
+        "cpu": cpu, "kernel": platform.release(), "cores": os.cpu_count(),
+        "commit": commit, "dirty": bool(dirty), "qemu": qv[0] if qv else "unknown",
+        "python": platform.python_version(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    case: str
+    hv: Optional[Stats] = None
+    qemu: Optional[Stats] = None
+    unit: str = ""
+    target: str = ""
+    met: Optional[bool] = None
+    note: str = ""
+    text: Optional[str] = None  # replaces the numbers, e.g. "not yet"
+    show_ratio: bool = True
+
+    def cells(self) -> list[str]:
+        if self.text is not None:
+            return [self.case, self.text, "", "", self.target, self.note]
+        r = fmt_ratio(ratio(self.hv, self.qemu)) if self.show_ratio else "—"
+        met = verdict(self.met)
+        if self.note:
+            met = f"{met} ({self.note})" if self.met is not None else self.note
+        return [self.case, fmt_stats(self.hv, self.unit), fmt_stats(self.qemu, self.unit), r,
+                self.target, met]
+
+
+TABLE_HEADERS = ["case", "hv median (min–max)", "QEMU median (min–max)", "hv/QEMU", "target", "met"]
+
+
+class Bench:
+    def __init__(self, env: Env, runs: int, quick: bool):
+        self.env = env
+        self.runs = runs
+        self.quick = quick
+        self.samples: dict[str, dict[str, list]] = {}
+        self.problems: list[str] = []
+        self.first_bytes: dict[str, str] = {}
+        # hvctl looks for sandbox-profiles/ beside itself and above; a --bin-dir outside the
+        # repository needs it named.
+        self.hv_env = dict(os.environ)
+        if "HV_PROFILE_DIR" not in self.hv_env and (REPO / "sandbox-profiles").is_dir():
+            self.hv_env["HV_PROFILE_DIR"] = str(REPO / "sandbox-profiles")
+
+    # -- plumbing --
+
+    def hv_argv(self, cmdline: str) -> list[str]:
+        return [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", cmdline,
+                "--memory", GUEST_RAM, "--serial", "stdio"]
+
+    def qemu_argv(self, cmdline: str) -> list[str]:
+        return [self.env.qemu, *QEMU_BASE_ARGS, "-kernel", str(self.env.guest), "-append", cmdline]
+
+    def record(self, case: str, side: str, value) -> None:
+        self.samples.setdefault(case, {}).setdefault(side, []).append(value)
+
+    def get(self, case: str, side: str) -> Optional[Stats]:
+        return summarize([v for v in self.samples.get(case, {}).get(side, []) if v is not None])
+
+    def problem(self, side: str, what: str, cap: Capture) -> None:
+        msg = (f"{side} {what}: argv={' '.join(cap.argv[-4:])!r} rc={cap.returncode} "
+               f"timed_out={cap.timed_out} output head={cap.head(120)!r} tail={cap.tail(160)!r}")
+        if cap.stderr.strip():
+            msg += f" stderr={cap.stderr.strip()[-400:]!r}"
+        self.problems.append(msg)
+        print("  PROBLEM: " + msg, flush=True)
+
+    def guest_run(self, side: str, cmdline: str, timeout_s: float, markers: Sequence[bytes] = (),
+                  probe=None) -> Capture:
+        if side == "hv":
+            cap = run_capture(self.hv_argv(cmdline), timeout_s=timeout_s, markers=markers,
+                              probe=probe, env=self.hv_env)
+            if probe is None and (cap.returncode != 0 or DONE_MARKER not in cap.scanner.found):
+                self.problem("hv", f"did not finish cleanly ({cmdline})", cap)
+        else:
+            cap = run_capture(self.qemu_argv(cmdline), timeout_s=timeout_s, markers=markers,
+                              stop_on=None if probe else DONE_MARKER, probe=probe)
+            if probe is None and DONE_MARKER not in cap.scanner.found:
+                self.problem("QEMU", f"did not finish ({cmdline})", cap)
+        return cap
+
+    def interleaved(self, fn: Callable[[str, int], None], sides=("hv", "qemu")) -> None:
+        for i in range(self.runs):
+            # A swift build (another engineer's, CI's) would skew every timing on 2 cores.
+            note = wait_for_quiet()
+            if note:
+                self.problems.append(note)
+            for side in sides:
+                fn(side, i)
+
+    # -- warm-up --
+
+    def warm_up(self) -> None:
+        print("warm-up (discarded): hello under hv and QEMU", flush=True)
+        for side in ("hv", "qemu"):
+            self.guest_run(side, "mode=hello", timeout_s=120, markers=[DONE_MARKER])
+
+    # -- a. forwarded PIO read --
+
+    def case_pioread(self) -> list[Row]:
+        count = 10000 if self.quick else 100000
+        cmd = f"mode=pioread count={count}"
+        print(f"case: PIO read round trip ({cmd}), bare exit N={count}", flush=True)
+        hz = self.env.tsc_hz
+
+        def one(side, i):
+            if side == "bare":
+                r = subprocess.run([str(self.env.kvm_exit), str(count)], capture_output=True,
+                                   text=True, timeout=600)
+                kv = parse_kv(r.stdout)
+                if r.returncode != 0 or "ns_per_exit" not in kv:
+                    self.problems.append(f"kvm_exit failed: rc={r.returncode} {r.stderr.strip()!r}")
+                    v = None
+                else:
+                    v = float(kv["ns_per_exit"]) / 1e3
+                self.record("pioread", "bare", v)
+                print(f"  run {i + 1} bare: {v and round(v, 2)} µs/exit", flush=True)
+                return
+            cap = self.guest_run(side, cmd, timeout_s=60 + count * 100e-6, markers=[DONE_MARKER])
+            parsed = parse_pioread(cap.scanner.data)
+            v = None
+            if parsed is None or parsed[0] != count:
+                self.problem(side, "printed no valid pioread line", cap)
+            else:
+                v = parsed[1] / count / hz * 1e6
+            self.record("pioread", side, v)
+            # Cross-check of the TSC conversion: host wall time from the guest's first line to
+            # its last, which brackets the timed loop (plus printing ~60 bytes).
+            t_done = cap.scanner.time_of(DONE_MARKER)
+            wall = None
+            if t_done is not None and cap.scanner.first_ns is not None:
+                wall = (t_done - cap.scanner.first_ns) / 1e3 / count
+            self.record("pioread_wall", side, wall)
+            print(f"  run {i + 1} {side}: {v and round(v, 2)} µs/access "
+                  f"(host wall clock: {wall and round(wall, 2)} µs/access)", flush=True)
+
+        self.interleaved(one, sides=("hv", "qemu", "bare"))
+        hv, qemu, bare = (self.get("pioread", s) for s in ("hv", "qemu", "bare"))
+        hv_bare = ratio(hv, bare)
+        return [
+            Row("PIO read round trip, guest inb 0x3FF", hv, qemu, unit="µs", target="hv ≤ 2× bare exit",
+                met=None if hv_bare is None else hv_bare <= 2.0,
+                note=f"hv/bare {fmt_ratio(hv_bare)}"),
+            Row("  bare KVM PIO exit (kvm_exit.c, not hv)", bare, None, unit="µs",
+                target="reference", show_ratio=False),
+        ]
+
+    # -- b. time to first serial byte / done --
+
+    def case_time_to_x(self) -> list[Row]:
+        print("case: launch → first serial byte / done (mode=hello)", flush=True)
+
+        def one(side, i):
+            cap = self.guest_run(side, "mode=hello", timeout_s=120, markers=[DONE_MARKER])
+            first = cap.since_spawn_ms(cap.scanner.first_ns)
+            done = cap.since_spawn_ms(cap.scanner.time_of(DONE_MARKER))
+            self.record("first_byte", side, first)
+            self.record("done", side, done)
+            if side == "hv":
+                self.record("exit", side, cap.since_spawn_ms(cap.exit_ns) if cap.returncode == 0 else None)
+            self.first_bytes.setdefault(side, cap.head(40))
+            print(f"  run {i + 1} {side}: first byte {first and round(first, 1)} ms, "
+                  f"done {done and round(done, 1)} ms"
+                  + (f", exit {cap.since_spawn_ms(cap.exit_ns) and round(cap.since_spawn_ms(cap.exit_ns), 1)} ms"
+                     if side == "hv" else ""), flush=True)
+
+        self.interleaved(one)
+        s = {k: (self.get(k, "hv"), self.get(k, "qemu")) for k in ("first_byte", "done")}
+        hv_first, q_first = s["first_byte"]
+        r = ratio(hv_first, q_first)
+        met = None
+        if hv_first is not None:
+            met = hv_first.median <= 50 and (r is None or r <= 0.1)
+        return [
+            Row("launch → first serial byte (hello)", hv_first, q_first, unit="ms",
+                target="hv ≤ 50 ms and ≤ 0.1× QEMU", met=met),
+            Row("launch → 'hv-testguest: done' (hello)", *s["done"], unit="ms", target="—"),
+            Row("launch → hvctl exit on guest halt (hello)", self.get("exit", "hv"), None, unit="ms",
+                target="— (QEMU does not exit)", show_ratio=False),
+        ]
+
+    # -- c. serial throughput --
+
+    def case_throughput(self) -> list[Row]:
+        nbytes = 20480 if self.quick else 204800
+        cmd = f"mode=throughput bytes={nbytes}"
+        print(f"case: serial throughput ({cmd})", flush=True)
+
+        def one(side, i):
+            cap = self.guest_run(side, cmd, timeout_s=60 + nbytes * 300e-6,
+                                 markers=[THROUGHPUT_MARKER, DONE_MARKER])
+            bps = throughput_bps(cap.scanner)
+            if bps is None:
+                self.problem(side, "no throughput measured", cap)
+            else:
+                got = cap.scanner.offset_of(THROUGHPUT_MARKER) - len(THROUGHPUT_MARKER) \
+                    - len(b"hv-testguest: mode=throughput\n")
+                if got != nbytes:
+                    self.problem(side, f"payload is {got} bytes, expected {nbytes}", cap)
+            self.record("throughput", side, None if bps is None else bps / 1024)
+            print(f"  run {i + 1} {side}: {bps and round(bps / 1024, 1)} KiB/s", flush=True)
+
+        self.interleaved(one)
+        hv, qemu = self.get("throughput", "hv"), self.get("throughput", "qemu")
+        r = ratio(hv, qemu)
+        return [Row(f"serial throughput, {nbytes // 1024} KiB polled", hv, qemu, unit="KiB/s",
+                    target="hv ≥ QEMU", met=None if r is None else r >= 1.0)]
+
+    # -- memory PSS --
+
+    @staticmethod
+    def read_text(path: str) -> Optional[str]:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def hv_pss(self, pid: int) -> dict:
+        total = ram = 0
+        procs = []
+        for p in [pid, *descendants(pid)]:
+            rollup = self.read_text(f"/proc/{p}/smaps_rollup")
+            smaps = self.read_text(f"/proc/{p}/smaps")
+            comm = (self.read_text(f"/proc/{p}/comm") or "?").strip()
+            if rollup is None or smaps is None:
+                continue
+            pss = parse_rollup_pss(rollup)
+            g = pss_of_named(parse_smaps(smaps), HV_GUEST_RAM_NAME)
+            procs.append({"pid": p, "comm": comm, "pss_kb": pss, "guest_ram_pss_kb": g})
+            total += pss
+            ram += g
+        return {"total_kb": total, "guest_ram_kb": ram, "processes": procs}
+
+    def qemu_pss(self, pid: int) -> dict:
+        total = ram = 0
+        procs = []
+        for p in [pid, *descendants(pid)]:
+            rollup = self.read_text(f"/proc/{p}/smaps_rollup")
+            smaps = self.read_text(f"/proc/{p}/smaps")
+            if rollup is None or smaps is None:
+                continue
+            pss = parse_rollup_pss(rollup)
+            block = qemu_ram_block(parse_smaps(smaps)) if p == pid else None
+            g = block["pss_kb"] if block else 0
+            if p == pid and block is None:
+                self.problems.append("QEMU: no anonymous ~256 MiB mapping found in smaps")
+            procs.append({"pid": p, "comm": (self.read_text(f"/proc/{p}/comm") or "?").strip(),
+                          "pss_kb": pss, "guest_ram_pss_kb": g,
+                          "ram_block_kb": block["size_kb"] if block else None})
+            total += pss
+            ram += g
+        return {"total_kb": total, "guest_ram_kb": ram, "processes": procs}
+
+    def case_memory(self) -> list[Row]:
+        # pioread with a count far beyond the sampling point keeps the 256 MiB VM running
+        # (each access is an exit: several µs here) while printing nothing until the end.
+        cmd = "mode=pioread count=4000000000"
+        settle = 1.0
+        print(f"case: memory PSS, {GUEST_RAM} guest, sampled {settle:.0f} s after the guest's "
+              f"first line ({cmd})", flush=True)
+
+        def one(side, i):
+            fn = self.hv_pss if side == "hv" else self.qemu_pss
+            cap = self.guest_run(side, cmd, timeout_s=120, markers=[MODE_MARKER],
+                                 probe=(MODE_MARKER, settle, fn))
+            res = cap.probe_result
+            if not isinstance(res, dict) or res["total_kb"] == 0:
+                self.problem(side, "was not running when PSS was to be sampled", cap)
+                res = None
+            elif DONE_MARKER in cap.scanner.data:
+                self.problem(side, "guest finished before PSS was sampled", cap)
+            self.record("pss_total", side, res and res["total_kb"] / 1024)
+            self.record("pss_excl", side, res and (res["total_kb"] - res["guest_ram_kb"]) / 1024)
+            self.record("pss_detail", side, res)
+            if res:
+                who = ", ".join(f"{p['comm']} {p['pss_kb'] / 1024:.1f}" for p in res["processes"])
+                print(f"  run {i + 1} {side}: total {res['total_kb'] / 1024:.1f} MiB, guest RAM "
+                      f"{res['guest_ram_kb'] / 1024:.1f} MiB [{who}]", flush=True)
+
+        self.interleaved(one)
+        ex_hv, ex_q = self.get("pss_excl", "hv"), self.get("pss_excl", "qemu")
+        r = ratio(ex_hv, ex_q)
+        return [
+            Row("memory PSS, all VMM processes, 256 MiB guest", self.get("pss_total", "hv"),
+                self.get("pss_total", "qemu"), unit="MiB", target="—"),
+            Row("memory PSS excluding guest RAM", ex_hv, ex_q, unit="MiB", target="hv < QEMU",
+                met=None if r is None else r < 1.0),
+        ]
+
+    # -- not yet --
+
+    @staticmethod
+    def not_yet(case: str, target: str, why: str) -> Row:
+        return Row(case, text="not yet", target=target, note=why)
+
+    @classmethod
+    def cases_not_yet(cls) -> list[Row]:
+        return [
+            cls.not_yet("SeaBIOS banner", "≪ QEMU (≈1.1 s here)", "hv cannot boot SeaBIOS yet"),
+            cls.not_yet("ISO boot to GRUB prompt", "≪ QEMU", "no CD-ROM/SCSI device yet"),
+            cls.not_yet("SCSI throughput vs raw host reads", "near raw reads", "no SCSI device yet"),
+            cls.not_yet("network", "≥ QEMU", "no NIC yet"),
+            cls.not_yet("VMs started per second / at once", "≫ QEMU", "not measured yet"),
+        ]
+
+
+def plot_time_to_x(bench: Bench, path: str) -> Optional[str]:
+    """Bar chart of the time-to-X cases (median, min–max whiskers), log scale."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); no plot written"
+    cases = [("first_byte", "first serial byte"), ("done", "'hv-testguest: done'"),
+             ("exit", "hvctl exit\n(QEMU never exits)")]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    width = 0.38
+    for j, (side, colour, label) in enumerate((("hv", "#2a7ab9", "hv"), ("qemu", "#c0504d", "QEMU 7.2"))):
+        for i, (key, _) in enumerate(cases):
+            s = bench.get(key, side)
+            if s is None:
+                continue
+            x = i + (j - 0.5) * width
+            ax.bar(x, s.median, width, yerr=[[s.median - s.min], [s.max - s.median]], capsize=3,
+                   color=colour, label=label if i == 0 else None)
+            text = f"{s.median:.0f} ms" if s.median >= 10 else f"{s.median:.1f} ms"
+            ax.annotate(text, (x, s.max), textcoords="offset points", xytext=(0, 3), ha="center",
+                        fontsize=8)
+    ax.axhline(50, color="#2a7ab9", linestyle=":", linewidth=1, label="hv target: first byte ≤ 50 ms")
+    ax.set_yscale("log")
+    ax.set_ylim(5, ax.get_ylim()[1] * 5)  # headroom for the legend
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"launch → {c[1]}" for c in cases], fontsize=8)
+    ax.set_ylabel("ms after spawn (log scale)")
+    ax.set_title(f"hv-testguest mode=hello: time to X (median, min–max of {bench.runs} runs)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="hv benchmarks, side by side with QEMU")
+    ap.add_argument("--quick", action="store_true", help="small sizes and 2 runs (~2 minutes; CI)")
+    ap.add_argument("--runs", type=int, help="runs per case and side (default 5, --quick 2)")
+    ap.add_argument("--json", metavar="OUT", help="also write samples and the table as JSON")
+    ap.add_argument("--plot", metavar="PNG", help="plot the time-to-X cases (needs matplotlib)")
+    ap.add_argument("--no-build", action="store_true",
+                    help="skip `swift build -c release` (use the existing release build)")
+    ap.add_argument("--bin-dir", metavar="DIR",
+                    help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
+    args = ap.parse_args(argv)
+    runs = args.runs or (2 if args.quick else 5)
+    if runs < 1:
+        ap.error("--runs must be at least 1")
+
+    t_start = time.monotonic()
+    ensure_prerequisites()
+    with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        hvctl, guest, kvm_exit = build_all(tmp, args.no_build, args.bin_dir)
+        quiet_note = wait_for_quiet()
+        if quiet_note:
+            print("WARNING: " + quiet_note, flush=True)
+        hz, hz_src = tsc_rate(kvm_exit)
+        env = Env(hvctl=hvctl, qemu=shutil.which("qemu-system-x86_64"), guest=guest,
+                  kvm_exit=kvm_exit, tsc_hz=hz, tsc_source=hz_src, tmp=tmp)
+        info = machine_info()
+        print(f"TSC {hz / 1e6:.3f} MHz ({hz_src})", flush=True)
+        bench = Bench(env, runs, args.quick)
+        bench.warm_up()
+        rows: list[Row] = []
+        rows += bench.case_pioread()
+        rows += bench.case_time_to_x()
+        rows += bench.case_throughput()
+        rows += bench.case_memory()
+        rows += bench.cases_not_yet()
+
+    elapsed = time.monotonic() - t_start
+    table = format_table(TABLE_HEADERS, [r.cells() for r in rows])
+    header = (f"hv benchmarks — {'quick' if args.quick else 'full'} run, {runs} run(s) per case "
+              f"and side, interleaved hv/QEMU\n"
+              f"machine: {info['cpu']}, kernel {info['kernel']}, {info['cores']} cores; "
+              f"{info['qemu']}\n"
+              f"hv commit {info['commit'][:12]}{' + uncommitted changes' if info['dirty'] else ''}; "
+              f"guest TSC {hz / 1e6:.1f} MHz ({hz_src}); total {elapsed:.0f} s")
+    print()
+    print(header)
+    print()
+    print(table)
+    if bench.problems:
+        print("\nproblems:")
+        for p in bench.problems:
+            print("  - " + p)
+    if args.plot:
+        why = plot_time_to_x(bench, args.plot)
+        print(f"\nplot: {why}" if why else f"\nplot written to {args.plot}")
+    if args.json:
+        out = {"machine": info, "runs": runs, "quick": args.quick, "tsc_hz": hz, "tsc_source": hz_src,
+               "elapsed_s": elapsed, "samples": bench.samples, "first_bytes": bench.first_bytes,
+               "problems": bench.problems, "header": header, "table": table}
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        print(f"JSON written to {args.json}")
+    return 1 if bench.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
