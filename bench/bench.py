@@ -836,6 +836,59 @@ class Bench:
                 met=None if r is None else r < 1.0),
         ]
 
+    # -- sandbox cost (issue #5): the same hv case with and without the jail --
+
+    def case_sandbox(self) -> list[Row]:
+        count = 10000 if self.quick else 100000
+        print(f"case: sandbox cost: launch → first byte and PIO round trip (count={count}), "
+              "jailed vs --no-sandbox", flush=True)
+
+        def one(side, i):
+            extra = [] if side == "hv" else ["--no-sandbox"]
+            cap = run_capture(self.hv_argv("mode=hello") + extra, timeout_s=120, markers=[DONE_MARKER], env=self.hv_env)
+            first = cap.since_spawn_ms(cap.scanner.first_ns)
+            self.record("sb_first", side, first)
+            cap = run_capture(self.hv_argv(f"mode=pioread count={count}") + extra, timeout_s=120,
+                              markers=[DONE_MARKER], env=self.hv_env)
+            parsed = parse_pioread(cap.scanner.data)
+            v = parsed[1] / count / self.env.tsc_hz * 1e6 if parsed and parsed[0] == count else None
+            self.record("sb_pio", side, v)
+            print(f"  run {i + 1} {side}: first byte {first and round(first, 1)} ms, {v and round(v, 2)} µs/access",
+                  flush=True)
+
+        self.interleaved(one, sides=("hv", "hv-unsandboxed"))
+        f_sb, f_no = self.get("sb_first", "hv"), self.get("sb_first", "hv-unsandboxed")
+        p_sb, p_no = self.get("sb_pio", "hv"), self.get("sb_pio", "hv-unsandboxed")
+        extra = f"+{f_sb.median - f_no.median:.1f} ms" if f_sb and f_no else "?"
+        return [
+            Row("sandbox cost: first byte, jailed vs --no-sandbox", f_sb, f_no, unit="ms",
+                target="report (2 jailed devices)", note=f"{extra} for jailing; QEMU column = unsandboxed hv"),
+            Row("sandbox cost: PIO round trip, jailed vs unjailed", p_sb, p_no, unit="µs",
+                target="≈ 1× (seccomp off the hot path)", note="QEMU column = unsandboxed hv"),
+        ]
+
+    # -- scale (part 1): VMs started per second, back to back --
+
+    def case_vm_rate(self) -> list[Row]:
+        n = 5 if self.quick else 20
+        print(f"case: VMs started per second ({n} hello VMs back to back, launch → exit)", flush=True)
+
+        def one(side, i):
+            if side != "hv":
+                return
+            start = now_ns()
+            ok = 0
+            for _ in range(n):
+                cap = run_capture(self.hv_argv("mode=hello"), timeout_s=120, markers=[DONE_MARKER], env=self.hv_env)
+                ok += cap.returncode == 0
+            rate = n / ((now_ns() - start) / 1e9) if ok == n else None
+            self.record("vm_rate", "hv", rate)
+            print(f"  run {i + 1}: {rate and round(rate, 1)} VMs/s", flush=True)
+
+        self.interleaved(one, sides=("hv",))
+        return [Row("VMs started per second (sequential, full life)", self.get("vm_rate", "hv"), None,
+                    unit="VM/s", target="≫ QEMU (QEMU: <1/s, ≈3.6 s to first byte)", show_ratio=False)]
+
     # -- not yet --
 
     @staticmethod
@@ -849,7 +902,7 @@ class Bench:
             cls.not_yet("ISO boot to GRUB prompt", "≪ QEMU", "no CD-ROM/SCSI device yet"),
             cls.not_yet("SCSI throughput vs raw host reads", "near raw reads", "no SCSI device yet"),
             cls.not_yet("network", "≥ QEMU", "no NIC yet"),
-            cls.not_yet("VMs started per second / at once", "≫ QEMU", "not measured yet"),
+            cls.not_yet("VMs running at once", "≫ QEMU", "needs an idle guest mode (sti; hlt with an IDT)"),
         ]
 
 
@@ -925,6 +978,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += bench.case_time_to_x()
         rows += bench.case_throughput()
         rows += bench.case_memory()
+        rows += bench.case_sandbox()
+        rows += bench.case_vm_rate()
         rows += bench.cases_not_yet()
 
     elapsed = time.monotonic() - t_start
