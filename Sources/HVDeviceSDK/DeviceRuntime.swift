@@ -204,21 +204,47 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// Serves register accesses and watched descriptors until the core says SHUTDOWN or goes away.
     public func run(_ model: some DeviceModel) -> Never {
         // A restarted device first finishes what the dead one left uncommitted.
-        var loop = LoopState(cursor: ring?.committedRequestIndex() ?? 0, spinStart: monotonicNanoseconds())
-        while true { iterate(model, &loop) }
+        let start = ring?.committedRequestIndex() ?? 0
+        let loop = LoopState(cursor: start, spinStart: monotonicNanoseconds(), committed: start)
+        finalCommit = { [unowned self] in commit(model, loop, now: monotonicNanoseconds()) }
+        while true { iterate(model, loop) }
     }
 
     /// The ring loop's state between iterations.
-    struct LoopState {
+    /// A class, not a struct: SHUTDOWN handling commits from inside an iteration, and an
+    /// `inout` struct would make that an exclusivity violation.
+    final class LoopState {
         var cursor: UInt32
         var spinStart: UInt64
         var lastOthersPoll: UInt64 = 0
+        /// Requests before this index are committed (their effects flushed).
+        var committed: UInt32
+        var lastCommit: UInt64 = 0
+        init(cursor: UInt32, spinStart: UInt64, committed: UInt32) {
+            self.cursor = cursor
+            self.spinStart = spinStart
+            self.committed = committed
+        }
     }
+
+    /// Flushes the model and commits everything served so far. Batching this (instead of once
+    /// per access) keeps a polling guest from paying a host write(2) per register access; a crash
+    /// replays at most the uncommitted batch, exactly, because its effects were never externalised.
+    private func commit(_ model: some DeviceModel, _ loop: LoopState, now: UInt64) {
+        guard let ring, loop.committed != loop.cursor else { return }
+        model.flush()
+        ring.commitRequests(upTo: loop.cursor)
+        loop.committed = loop.cursor
+        loop.lastCommit = now
+    }
+
+    /// Set while `run` is active: flush and commit before the process exits on SHUTDOWN.
+    private var finalCommit: (() -> Void)?
 
     // One pass of the loop, kept out of line: Swift 6.3's loop-invariant code motion never
     // finishes on the whole loop inlined into `run` (release builds hang).
     @inline(never)
-    private func iterate(_ model: some DeviceModel, _ loop: inout LoopState) {
+    private func iterate(_ model: some DeviceModel, _ loop: LoopState) {
         var served = false
         if let ring {
             let published = ring.publishedRequestIndex()
@@ -228,9 +254,13 @@ public final class DeviceRuntime: @unchecked Sendable {
             }
         }
         let now = monotonicNanoseconds()
+        if let ring, loop.cursor &- loop.committed >= ring.requestCapacity / 2 || now &- loop.lastCommit > 1_000_000 {
+            commit(model, loop, now: now)
+        }
         // Watched fds and the control socket get a look every millisecond even while the
         // ring is busy: a guest polling a status register must not starve host input.
         if now &- loop.lastOthersPoll > 1_000_000 {
+            commit(model, loop, now: now)  // watchers run between committed batches
             loop.lastOthersPoll = now
             pollOthers(timeout: 0)
         }
@@ -239,6 +269,7 @@ public final class DeviceRuntime: @unchecked Sendable {
             return
         }
         if ring != nil && now &- loop.spinStart < spinNanoseconds { return }
+        commit(model, loop, now: now)  // never sleep on uncommitted work
         if let ring, ring.setRequestConsumerSleeping(true, cursor: loop.cursor) {
             ring.setRequestConsumerSleeping(false, cursor: loop.cursor)
             return
@@ -262,8 +293,6 @@ public final class DeviceRuntime: @unchecked Sendable {
             }
             index &+= 1
         }
-        model.flush()
-        ring.commitRequests(upTo: index)
         return index
     }
 
@@ -278,10 +307,8 @@ public final class DeviceRuntime: @unchecked Sendable {
         if request.operation.isRead {
             let value: UInt64
             if valid {
-                // A read is ordered after every earlier write, effects included; and what was
-                // flushed is committed at once, so a crash after this point can't replay it.
-                model.flush()
-                ring.commitRequests(upTo: index)
+                // Ordered after every earlier write: the model applied them in order. Their host-
+                // visible effects wait for the next commit (the guest cannot observe them sooner).
                 value = model.read(resource: Int(request.resource), offset: request.offset, size: size)
             } else {
                 value = ~0
@@ -315,13 +342,17 @@ public final class DeviceRuntime: @unchecked Sendable {
     private func serviceControl() {
         let frame: Frame
         do { (frame, _) = try control.receive(timeoutMilliseconds: 0) } catch {
-            if case .closed = error { exit(0) }  // the core is gone; so are we
+            if case .closed = error {
+                finalCommit?()
+                exit(0)  // the core is gone; so are we
+            }
             if case .timedOut = error { return }
             Self.fail(name, "control channel: \(error)")
         }
         guard !frame.flags.contains(.reply) else { return }
         switch MessageType(rawValue: frame.type) {
         case .shutdown?:
+            finalCommit?()
             try? control.send(.reply(to: frame))
             exit(0)
         case .ping?:
