@@ -118,12 +118,31 @@ final class DeviceSupervisor: @unchecked Sendable {
         }
     }
 
-    /// Starts every device and completes its handshake, on the calling thread.
+    /// Starts every device and completes its handshake, on the calling thread. All processes
+    /// are spawned first, so their jails and runtimes start up in parallel.
     func startAll() throws(CoreError) {
-        for d in devices {
-            try launch(d)
-            d.endpoint.state = .running
+        var started: [(ManagedDevice, Spawned)] = []
+        do {
+            for d in devices { started.append((d, try spawn(d))) }
+            for (d, s) in started {
+                try handshake(d, s)
+                d.endpoint.state = .running
+            }
+        } catch {
+            for (d, s) in started where d.process == nil { s.child.killAndReap() }
+            throw error
         }
+    }
+
+    /// A device process that is running but has not completed its handshake yet.
+    struct Spawned {
+        let child: ChildProcess
+        let control: SeqPacketSocket
+        let events: SeqPacketSocket
+    }
+
+    private func launch(_ d: ManagedDevice) throws(CoreError) {
+        try handshake(d, try spawn(d))
     }
 
     /// Runs the supervision loop on a dedicated thread.
@@ -133,7 +152,7 @@ final class DeviceSupervisor: @unchecked Sendable {
     }
     private let threadRunning = Atomic<Bool>(false)
 
-    private func launch(_ d: ManagedDevice) throws(CoreError) {
+    private func spawn(_ d: ManagedDevice) throws(CoreError) -> Spawned {
         let spec = d.spec
         let (coreControl, deviceControl): (SeqPacketSocket, SeqPacketSocket)
         let (coreEvents, deviceEvents): (SeqPacketSocket, SeqPacketSocket)
@@ -154,7 +173,14 @@ final class DeviceSupervisor: @unchecked Sendable {
         }
         deviceControl.fd.close()
         deviceEvents.fd.close()
+        return Spawned(child: child, control: coreControl, events: coreEvents)
+    }
 
+    private func handshake(_ d: ManagedDevice, _ spawned: Spawned) throws(CoreError) {
+        let spec = d.spec
+        let child = spawned.child
+        let coreControl = spawned.control
+        let coreEvents = spawned.events
         var fds: [Int32] = []
         var roles: [FDAssignment] = []
         func pass(_ fd: FileDescriptor, _ role: FDRole, _ index: UInt16 = 0) {

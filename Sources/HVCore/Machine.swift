@@ -144,7 +144,7 @@ public final class Machine: @unchecked Sendable {
                 break
             }
             let now = monotonicNanoseconds()
-            if now - lastProbe >= 20_000_000 {
+            if now - lastProbe >= 10_000_000 {
                 lastProbe = now
                 if allVCPUsHalted() { stop(.poweredOff) }
             }
