@@ -23,3 +23,6 @@ swift build --build-tests 2>&1 | grep -E 'error|warning: unre|Compiling hv|Build
 
 echo "== swift test"
 swift test --skip-build 2>&1 | grep -vE "^Test Case '.*' (started|passed)" 
+
+echo "== benchmark harness end to end (--quick: hv and QEMU side by side; figures, no timing assertions)"
+python3 bench/bench.py --quick
