@@ -3,6 +3,8 @@
 # conformance, and the benchmark harness's own tests. Needs /dev/kvm and root (or kvm group).
 set -euo pipefail
 cd "$(dirname "$0")"
+log=$(mktemp)
+trap 'rm -f "$log" "$log.py"' EXIT
 
 packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev python3)
 missing=()
@@ -16,13 +18,20 @@ echo "== schema vectors are current"
 python3 ipc-schema/tools/vectors.py --check
 
 echo "== benchmark harness unit tests"
-python3 -m unittest bench/test_bench.py 2>&1 | tail -3
+python3 -m unittest bench/test_bench.py 2>&1 | tee "$log.py" | tail -3
 
 echo "== swift build"
-swift build --build-tests 2>&1 | grep -E 'error|warning: unre|Compiling hv|Build' || true
+swift build --build-tests 2>&1 | { grep -E 'error|warning: unre|Build' || true; }
 
 echo "== swift test"
-swift test --skip-build 2>&1 | grep -vE "^Test Case '.*' (started|passed)" 
+swift test --skip-build --disable-swift-testing 2>&1 | tee "$log" | grep -vE "^Test Case '.*' (started|passed)"
+
 
 echo "== benchmark harness end to end (--quick: hv and QEMU side by side; figures, no timing assertions)"
 python3 bench/bench.py --quick
+
+# One closing line for the whole suite: XCTest's total plus the harness's unit tests.
+xc=$(grep -E "Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -1 | sed -E 's/.*Executed ([0-9]+) tests?, with ([0-9]+) failures?.*/\1 \2/')
+py=$(grep -E "^Ran [0-9]+ tests?" "$log.py" | sed -E 's/Ran ([0-9]+).*/\1/')
+set -- $xc
+echo "hv: $(( $1 + py )) passed, $2 failed"
