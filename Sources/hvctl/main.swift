@@ -52,6 +52,13 @@ func hostMemoryBytes() -> UInt64 {
 }
 
 func run(_ options: RunOptions) -> Int32 {
+    // Stop signals are taken synchronously by Machine.run on the main thread; block them before
+    // any thread (the console's, the supervisor's, vCPUs) exists, so none of those inherits an
+    // unblocked mask and lets a SIGTERM kill hvctl without a clean stop.
+    var stopSignals = sigset_t()
+    sigemptyset(&stopSignals)
+    for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, s) }
+    pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
     guard options.memory >= 4 << 20 else {
         fail("--memory \(options.memory >> 20)M is too small: a guest needs at least 4M", status: 2)
     }
