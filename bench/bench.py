@@ -889,6 +889,64 @@ class Bench:
         return [Row("VMs started per second (sequential, full life)", self.get("vm_rate", "hv"), None,
                     unit="VM/s", target="≫ QEMU (QEMU: <1/s, ≈3.6 s to first byte)", show_ratio=False)]
 
+    # -- scale (part 2): how many idle VMs run at once --
+
+    def case_vms_at_once(self) -> list[Row]:
+        cap = 8 if self.quick else 48
+        print(f"case: VMs running at once (idle guests, 32 MiB each, up to {cap})", flush=True)
+
+        def one(side, i):
+            if side != "hv":
+                return
+            procs, outs = [], []
+            up = 0
+            try:
+                for k in range(cap):
+                    out = tempfile.TemporaryFile()
+                    argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", "mode=idle",
+                            "--memory", "32M", "--serial", "stdio"]
+                    procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL,
+                                                  stdin=subprocess.DEVNULL, env=self.hv_env))
+                    outs.append(out)
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        out.seek(0)
+                        if b"idle: ready" in out.read() or procs[-1].poll() is not None:
+                            break
+                        time.sleep(0.005)
+                    out.seek(0)
+                    if b"idle: ready" not in out.read():
+                        self.problems.append(f"VM {k + 1} did not come up; stopped at {up} VMs")
+                        break
+                    up += 1
+                alive = sum(p.poll() is None for p in procs)
+                pss = sum(self.hv_pss(p.pid)["total_kb"] for p in procs if p.poll() is None) / 1024
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                clean = 0
+                for p in procs:
+                    try:
+                        clean += p.wait(timeout=30) == 128 + signal.SIGTERM
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                for o in outs:
+                    o.close()
+            self.record("at_once", "hv", alive if alive == up else None)
+            self.record("at_once_pss", "hv", pss / max(alive, 1))
+            print(f"  run {i + 1}: {up} started, {alive} alive together, {pss:.0f} MiB PSS in all "
+                  f"({pss / max(alive, 1):.1f} MiB per VM), {clean} stopped cleanly", flush=True)
+
+        self.interleaved(one, sides=("hv",))
+        return [
+            Row(f"VMs running at once (idle, 32 MiB; cap {cap})", self.get("at_once", "hv"), None, unit="VMs",
+                target="all up to the cap", show_ratio=False,
+                met=None if self.get("at_once", "hv") is None else self.get("at_once", "hv").min >= cap),
+            Row("  PSS per running VM (all its processes)", self.get("at_once_pss", "hv"), None, unit="MiB",
+                target="report", show_ratio=False),
+        ]
+
     # -- not yet --
 
     @staticmethod
@@ -902,7 +960,6 @@ class Bench:
             cls.not_yet("ISO boot to GRUB prompt", "≪ QEMU", "no CD-ROM/SCSI device yet"),
             cls.not_yet("SCSI throughput vs raw host reads", "near raw reads", "no SCSI device yet"),
             cls.not_yet("network", "≥ QEMU", "no NIC yet"),
-            cls.not_yet("VMs running at once", "≫ QEMU", "needs an idle guest mode (sti; hlt with an IDT)"),
         ]
 
 
@@ -980,6 +1037,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += bench.case_memory()
         rows += bench.case_sandbox()
         rows += bench.case_vm_rate()
+        rows += bench.case_vms_at_once()
         rows += bench.cases_not_yet()
 
     elapsed = time.monotonic() - t_start

@@ -387,6 +387,17 @@ static void mode_probe(uint32_t port, uint32_t count)
         kprintf("probe: port=0x%x value=0x%x\n", port, inb((uint16_t)port));
 }
 
+/* Stay up without using the CPU: mask every PIC line (the LAPIC timer is off at reset), then
+ * halt with interrupts enabled, which the hypervisor must NOT take for power-off. */
+static void mode_idle(void)
+{
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    kprintf("idle: ready\n");
+    for (;;)
+        __asm__ volatile("sti; hlt");
+}
+
 /* Echo serial input back in upper case until a '.' arrives: proves host input reaches the
  * guest through the device's receive path. */
 static void mode_echo(void)
@@ -432,6 +443,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_throughput(cfg.bytes);
     else if (streq(cfg.mode, "echo"))
         mode_echo();
+    else if (streq(cfg.mode, "idle"))
+        mode_idle();
     else if (streq(cfg.mode, "probe"))
         mode_probe(cfg.port, cfg.count);
     else

@@ -65,6 +65,18 @@ final class WalkingSkeletonTests: XCTestCase {
         XCTAssertFalse(vm.stdout.contains("echo: end"), "the guest must not have seen the escape sequence")
     }
 
+    func testHaltWithInterruptsEnabledIsNotPowerOff() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--memory", "32M", "--cmdline", "mode=idle"])
+        XCTAssertTrue(vm.waitForOutput("idle: ready"), vm.stdout + vm.stderr)
+        // Many halt probes (every 10 ms) later, the VM must still be up: an idle guest waits for
+        // interrupts, it has not powered off.
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertTrue(vm.process.isRunning, "hvctl exited for an idle guest: \(vm.stderr)")
+        kill(vm.process.processIdentifier, SIGTERM)
+        XCTAssertEqual(vm.waitForExit(timeout: 20), 128 + SIGTERM, vm.stderr)
+    }
+
     func testSIGTERMStopsTheVMAndItsDevices() throws {
         let guest = try Harness.testGuest()
         let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo"])
