@@ -25,11 +25,16 @@ public final class Machine: @unchecked Sendable {
         public var cpus: Int
         public var devices: [DeviceSpec]
         public var verbose: Bool
-        public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false) {
+        /// A memfd the BIOS device fills with the firmware image; the core maps it read-only just
+        /// below 4 GiB, where the reset vector lives. Nil for direct (multiboot) boot.
+        public var firmwareROM: FileDescriptor?
+        public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false,
+                    firmwareROM: FileDescriptor? = nil) {
             self.memoryBytes = memoryBytes
             self.cpus = cpus
             self.devices = devices
             self.verbose = verbose
+            self.firmwareROM = firmwareROM
         }
     }
 
@@ -40,6 +45,7 @@ public final class Machine: @unchecked Sendable {
     private let kvm: KVM
     private let vm: VirtualMachine
     private let ram: GuestRAM
+    private let firmwareMapping: SharedMapping?
     private let vcpus: [VCPU]
     private let bus = IOBus()
     private let supervisor: DeviceSupervisor
@@ -68,6 +74,28 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
         ram = try GuestRAM(size: configuration.memoryBytes)
         try ram.register(with: vm)
+        if let rom = configuration.firmwareROM {
+            // Read-only slot ending at 4 GiB: guest writes to it exit as MMIO and are dropped.
+            let size: Int64
+            do { size = try rom.size() } catch { throw .system(error) }
+            guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
+                throw .configuration("firmware ROM of \(size) bytes: it must be a multiple of 64 KiB, at most 16 MiB")
+            }
+            do {
+                let mapping = try SharedMapping(fd: rom, count: Int(size), readOnly: true)
+                try vm.setMemoryRegion(slot: UInt32(ram.regions.count), guestAddress: (1 << 32) - UInt64(size),
+                                       size: UInt64(size), hostAddress: mapping.base, readOnly: true)
+                firmwareMapping = mapping
+            } catch let e as KVMError {
+                throw .kvm(e)
+            } catch let e as SystemError {
+                throw .system(e)
+            } catch {
+                throw .configuration("\(error)")
+            }
+        } else {
+            firmwareMapping = nil
+        }
         do {
             let cpuid = try kvm.supportedCPUID()
             var list: [VCPU] = []

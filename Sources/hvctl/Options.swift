@@ -26,6 +26,9 @@ func parseSize(_ text: String, flag: String) throws(UsageError) -> UInt64 {
 /// Options of `hvctl run`.
 struct RunOptions {
     var multiboot: String?
+    var firmware: String?
+    var bootMenu = false
+    var debugcon: String?
     var commandLine = ""
     var memory: UInt64 = 256 << 20
     var cpus = 1
@@ -42,6 +45,9 @@ struct RunOptions {
 
     options:
       --multiboot FILE   boot a multiboot (v1) kernel: ELF32 or a.out-kludge image
+      --firmware FW      boot firmware: 'seabios' (Debian's /usr/share/seabios/bios-256k.bin) or a path
+      --boot-menu        let the firmware show its boot menu (off by default: no menu delay)
+      --debugcon file:PATH  write the 0x402 debug port (SeaBIOS's log) to PATH (default: discarded)
       --cmdline STR      command line passed to the kernel
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
@@ -75,6 +81,16 @@ struct RunOptions {
             switch flag {
             case "-h", "--help": return nil
             case "--multiboot": options.multiboot = try value(flag)
+            case "--firmware":
+                let fw = try value(flag)
+                options.firmware = fw == "seabios" ? "/usr/share/seabios/bios-256k.bin" : fw
+            case "--boot-menu": options.bootMenu = true
+            case "--debugcon":
+                let mode = try value(flag)
+                guard mode.hasPrefix("file:"), mode.count > 5 else {
+                    throw UsageError(message: "invalid --debugcon '\(mode)': use file:PATH")
+                }
+                options.debugcon = String(mode.dropFirst(5))
             case "--cmdline":
                 options.commandLine = try value(flag)
                 guard !options.commandLine.contains("\n"), !options.commandLine.contains("\0") else {
@@ -104,6 +120,9 @@ struct RunOptions {
             default:
                 throw UsageError(message: "unknown option '\(arg)' for 'hvctl run'")
             }
+        }
+        if options.firmware != nil && options.multiboot != nil {
+            throw UsageError(message: "--firmware and --multiboot both choose how the VM boots: give one")
         }
         return options
     }

@@ -69,8 +69,16 @@ func run(_ options: RunOptions) -> Int32 {
 
     // The trusted side opens every host file; devices only receive descriptors.
     let image: FileDescriptor
+    var firmwareROM: FileDescriptor?
     do {
-        if let path = options.multiboot {
+        if let path = options.firmware {
+            image = try FileDescriptor.open(path, flags: O_RDONLY)
+            let size = (try? image.size()) ?? 0
+            guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
+                fail("firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
+            }
+            firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: Int(size))
+        } else if let path = options.multiboot {
             image = try FileDescriptor.open(path, flags: O_RDONLY)
             if (try? image.size()) == 0 { fail("guest image '\(path)' is empty") }
         } else {
@@ -78,7 +86,8 @@ func run(_ options: RunOptions) -> Int32 {
             try image.writeAll(DemoGuest.image())
         }
     } catch {
-        fail("cannot open guest image '\(options.multiboot ?? "demo")': \(error.errno)")
+        let what = options.firmware.map { "firmware image '\($0)'" } ?? "guest image '\(options.multiboot ?? "demo")'"
+        fail("cannot open \(what): \(error.errno)")
     }
 
     var serialFiles: [FileDescriptor] = []
@@ -100,12 +109,31 @@ func run(_ options: RunOptions) -> Int32 {
         fail("cannot set up the serial port (\(options.serial)): \(error)")
     }
 
+    let debugOutput: FileDescriptor
+    do {
+        if let path = options.debugcon {
+            debugOutput = try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC)
+        } else {
+            debugOutput = try FileDescriptor.open("/dev/null", flags: O_WRONLY)
+        }
+    } catch {
+        fail("cannot open the --debugcon file '\(options.debugcon ?? "/dev/null")': \(error.errno)")
+    }
     var devices = [
         DeviceSpec(name: "serial0", executable: deviceExecutable("hv-serial"),
                    resources: [Resource(kind: .pio, base: 0x3F8, length: 8)], interruptGSIs: [4],
                    hostFiles: serialFiles, capabilities: [.statePage]),
-        DeviceSpec(name: "bios", executable: deviceExecutable("hv-bios"), hostFiles: [image],
-                   config: "cmdline=\(options.commandLine)", capabilities: [.bootControl], mapsGuestMemory: true),
+        DeviceSpec(name: "bios", executable: deviceExecutable("hv-bios"),
+                   // CMOS/RTC, the 0x402 debug console, fw_cfg (+ DMA), PCI configuration
+                   // mechanism #1 with the i440FX/PIIX3 functions, and port A (fast A20).
+                   resources: [Resource(kind: .pio, base: 0x70, length: 2), Resource(kind: .pio, base: 0x402, length: 1),
+                               Resource(kind: .pio, base: 0x510, length: 2), Resource(kind: .pio, base: 0x514, length: 8),
+                               Resource(kind: .pio, base: 0xCF8, length: 8), Resource(kind: .pio, base: 0x92, length: 1)],
+                   interruptGSIs: [8],
+                   hostFiles: [image, firmwareROM ?? image, debugOutput],
+                   config: ["mode=\(firmwareROM == nil ? "multiboot" : "firmware")", "cpus=\(options.cpus)",
+                            "boot_menu=\(options.bootMenu ? 1 : 0)", "cmdline=\(options.commandLine)"].joined(separator: "\n"),
+                   capabilities: [.bootControl, .statePage], mapsGuestMemory: true),
     ]
     let profiles = ["serial0": "serial", "bios": "bios"]
     do {
@@ -131,7 +159,8 @@ func run(_ options: RunOptions) -> Int32 {
     }
     let machine: Machine
     do {
-        machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose))
+        machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose,
+                                    firmwareROM: firmwareROM))
     } catch {
         fail("\(error)")
     }

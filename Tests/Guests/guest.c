@@ -387,6 +387,33 @@ static void mode_probe(uint32_t port, uint32_t count)
         kprintf("probe: port=0x%x value=0x%x\n", port, inb((uint16_t)port));
 }
 
+static uint8_t cmos_read(uint8_t reg)
+{
+    outb(0x70, reg);
+    return inb(0x71);
+}
+
+static uint32_t from_bcd(uint8_t v, int bcd)
+{
+    return bcd ? (uint32_t)(v >> 4) * 10 + (v & 0x0F) : v;
+}
+
+/* Read the RTC the way firmware does (wait out an update, honour BCD/binary) and print it in
+ * ISO 8601, so a test can compare it with the host's clock. */
+static void mode_rtc(void)
+{
+    for (uint32_t spins = 0; (cmos_read(0x0A) & 0x80) && spins < 1000000; spins++)
+        cpu_pause();
+    int bcd = !(cmos_read(0x0B) & 0x04);
+    uint32_t sec = from_bcd(cmos_read(0x00), bcd), min = from_bcd(cmos_read(0x02), bcd);
+    uint32_t hour = from_bcd(cmos_read(0x04), bcd), day = from_bcd(cmos_read(0x07), bcd);
+    uint32_t month = from_bcd(cmos_read(0x08), bcd), year = from_bcd(cmos_read(0x09), bcd);
+    uint32_t century = from_bcd(cmos_read(0x32), bcd);
+    kprintf("rtc: %u%s%u-%s%u-%s%uT%s%u:%s%u:%s%uZ\n", century, year < 10 ? "0" : "", year,
+            month < 10 ? "0" : "", month, day < 10 ? "0" : "", day, hour < 10 ? "0" : "", hour,
+            min < 10 ? "0" : "", min, sec < 10 ? "0" : "", sec);
+}
+
 /* Stay up without using the CPU: mask every PIC line (the LAPIC timer is off at reset), then
  * halt with interrupts enabled, which the hypervisor must NOT take for power-off. */
 static void mode_idle(void)
@@ -443,6 +470,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_throughput(cfg.bytes);
     else if (streq(cfg.mode, "echo"))
         mode_echo();
+    else if (streq(cfg.mode, "rtc"))
+        mode_rtc();
     else if (streq(cfg.mode, "idle"))
         mode_idle();
     else if (streq(cfg.mode, "probe"))

@@ -55,8 +55,8 @@ final class SandboxTests: XCTestCase {
         let guest = try Harness.testGuest()
         let rogue = Harness.productsDirectory.appendingPathComponent("hv-rogue-device").path
         let profile = Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json").path
-        return try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=probe port=1296 count=2",
-                             "--device", "\(rogue),profile=\(profile),pio=0x510:2,attack=\(attack)\(extra)"])
+        return try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=probe port=1312 count=2",
+                             "--device", "\(rogue),profile=\(profile),pio=0x520:2,attack=\(attack)\(extra)"])
     }
 
     func testHostileDeviceIsStoppedNamedAndRestartedWhileTheVMRuns() throws {
@@ -70,7 +70,7 @@ final class SandboxTests: XCTestCase {
                           "\(attack): \(r.stderr)")
             XCTAssertTrue(r.stderr.contains("device0 restarted"), "\(attack): \(r.stderr)")
             // The read in flight when the device died was replayed to its successor.
-            XCTAssertEqual(r.stdout.components(separatedBy: "probe: port=0x510 value=0x42").count - 1, 2, "\(attack): \(r.stdout)")
+            XCTAssertEqual(r.stdout.components(separatedBy: "probe: port=0x520 value=0x42").count - 1, 2, "\(attack): \(r.stdout)")
             XCTAssertTrue(r.stdout.hasSuffix("hv-testguest: done\n"), "\(attack): \(r.stdout)")
         }
     }
@@ -161,12 +161,12 @@ final class SandboxTests: XCTestCase {
         for (name, text, expected) in cases {
             let path = dir.appendingPathComponent("\(name).json")
             try text.write(to: path, atomically: true, encoding: .utf8)
-            let r = try runHvctl(["run", "--device", "\(rogue),profile=\(path.path),pio=0x510:2"])
+            let r = try runHvctl(["run", "--device", "\(rogue),profile=\(path.path),pio=0x520:2"])
             XCTAssertEqual(r.status, 2, "\(name): \(r.stderr)")
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(name): \(r.stderr)")
             XCTAssertTrue(r.stderr.contains(path.path) && r.stderr.contains(expected), "\(name): \(r.stderr)")
         }
-        let noProfile = try runHvctl(["run", "--device", "\(rogue),pio=0x510:2"])
+        let noProfile = try runHvctl(["run", "--device", "\(rogue),pio=0x520:2"])
         XCTAssertEqual(noProfile.status, 2)
         XCTAssertTrue(noProfile.stderr.contains("has no profile=FILE"), noProfile.stderr)
     }

@@ -92,7 +92,7 @@ final class WalkingSkeletonTests: XCTestCase {
         let guest = try Harness.testGuest()
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("hv-flood-\(getpid()).txt")
         defer { try? FileManager.default.removeItem(at: output) }
-        let count = 2000
+        let count = 4000
         let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=flood lines=\(count)", "--serial", "file:\(output.path)"])
         var kills = 0
         var lastKilled: pid_t = 0

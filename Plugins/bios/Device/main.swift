@@ -2,13 +2,19 @@ import Glibc
 import HVBootLoader
 import HVDeviceSDK
 
-// The BIOS device: loads the guest into RAM and tells the core where the boot vCPU starts.
-// Guest images are untrusted input, so they are parsed here, in a sandboxed process, and never
-// in the core. Host file 0 is the image, opened by the trusted side; config `cmdline=` is the
-// command line handed to the guest.
+// The BIOS device: the PC platform's firmware-facing pieces, in a sandboxed process.
+//
+// - Boot: in `mode=multiboot` it parses the guest image (host file 0, untrusted) into guest RAM and
+//   names the entry state; in `mode=firmware` it copies the firmware image (host file 0) into the
+//   ROM memfd the core maps read-only below 4 GiB (host file 1), puts the BIOS's last 128 KiB at
+//   0xE0000 as real PCs shadow it, and lets the vCPU start at the reset vector.
+// - Registers: CMOS/RTC (0x70–0x71, IRQ 8), the 0x402 debug console (to host file 2), fw_cfg
+//   (0x510–0x511 and DMA at 0x514–0x51B), PCI configuration mechanism #1 with the i440FX host
+//   bridge and PIIX3 ISA bridge (0xCF8–0xCFF), and system control port A (0x92, fast A20).
+// Images and guest-written registers are untrusted input: all of it is parsed here, never in the core.
 
-/// Guest RAM as the multiboot loader sees it: the low region, starting at guest-physical 0.
-struct LowRAM: GuestPhysicalMemory {
+/// Guest RAM as the loaders see it: the low region, starting at guest-physical 0.
+struct LowRAM: GuestPhysicalMemory, GuestMemoryIO {
     let memory: GuestMemory
     var ramSize: UInt64 { memory.lowRAMSize }
     func write(_ bytes: UnsafeRawBufferPointer, at guestAddress: UInt64) throws(GuestMemoryError) {
@@ -21,10 +27,13 @@ struct LowRAM: GuestPhysicalMemory {
             throw GuestMemoryError(address: error.address, count: error.count)
         }
     }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at address: UInt64) -> Bool {
+        (try? memory.read(into: buffer, at: address)) != nil
+    }
+    func write(_ bytes: UnsafeRawBufferPointer, at address: UInt64) -> Bool {
+        (try? memory.write(bytes, at: address)) != nil
+    }
 }
-
-/// Largest image accepted; a bigger file is refused before anything is read into memory.
-let maximumImageBytes: Int64 = 512 << 20
 
 /// Why the guest could not be loaded, in one line.
 struct LoadFailure: Error {
@@ -32,43 +41,200 @@ struct LoadFailure: Error {
     init(_ reason: String) { self.reason = reason }
 }
 
-func loadGuest(_ runtime: DeviceRuntime) -> Result<Void, LoadFailure> {
-    guard let image = runtime.hostFiles[0], let memory = runtime.guestMemory else {
-        return .failure(LoadFailure("no guest image or guest memory was handed over"))
-    }
+/// Largest image accepted; a bigger file is refused before anything is read into memory.
+let maximumImageBytes: Int64 = 512 << 20
+
+func readImage(_ runtime: DeviceRuntime) throws(LoadFailure) -> [UInt8] {
+    guard let image = runtime.hostFiles[0] else { throw LoadFailure("no guest image was handed over") }
     let size: Int64
-    do { size = try image.size() } catch { return .failure(LoadFailure("cannot stat the guest image: \(error.errno)")) }
-    guard size > 0 else { return .failure(LoadFailure("the guest image is empty")) }
-    guard size <= maximumImageBytes else { return .failure(LoadFailure("the guest image is \(size) bytes, larger than the \(maximumImageBytes >> 20) MiB limit")) }
-    let bytes: [UInt8]
-    do { bytes = try image.readAll() } catch { return .failure(LoadFailure("cannot read the guest image: \(error.errno)")) }
+    do { size = try image.size() } catch { throw LoadFailure("cannot stat the image: \(error.errno)") }
+    guard size > 0 else { throw LoadFailure("the image is empty") }
+    guard size <= maximumImageBytes else { throw LoadFailure("the image is \(size) bytes, larger than the \(maximumImageBytes >> 20) MiB limit") }
+    do { return try image.readAll() } catch { throw LoadFailure("cannot read the image: \(error.errno)") }
+}
+
+func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
+    let bytes = try readImage(runtime)
     let entry: MultibootEntry
     do {
         entry = try MultibootLoader(image: bytes).load(into: LowRAM(memory: memory), commandLine: runtime.config["cmdline"] ?? "")
     } catch {
-        return .failure(LoadFailure(error.description))
+        throw LoadFailure(error.description)
     }
     do {
         try runtime.setBootState(BootState(mode: .flat32, rip: UInt64(entry.entryPoint),
                                            rax: UInt64(MultibootEntry.bootloaderMagic), rbx: UInt64(entry.infoAddress)))
     } catch {
-        return .failure(LoadFailure("the core refused the boot state: \(error)"))
+        throw LoadFailure("the core refused the boot state: \(error)")
     }
-    return .success(())
 }
 
-/// The BIOS owns no registers yet (fw_cfg, CMOS and friends come with firmware boot).
-final class Firmware: DeviceModel {
-    func read(resource: Int, offset: UInt64, size: Int) -> UInt64 { ~0 }
-    func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {}
+func loadFirmware(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
+    let bytes = try readImage(runtime)
+    guard let romFD = runtime.hostFiles[1] else { throw LoadFailure("no firmware ROM was handed over") }
+    let romSize: Int64
+    do { romSize = try romFD.size() } catch { throw LoadFailure("cannot stat the firmware ROM: \(error.errno)") }
+    guard Int64(bytes.count) == romSize, romSize % 65536 == 0 else {
+        throw LoadFailure("the firmware image is \(bytes.count) bytes but the ROM is \(romSize): a BIOS image is a multiple of 64 KiB")
+    }
+    do {
+        let rom = try SharedMapping(fd: romFD, count: Int(romSize))
+        bytes.withUnsafeBytes { rom.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    } catch {
+        throw LoadFailure("cannot map the firmware ROM: \(error)")
+    }
+    // The legacy BIOS area: the image's last 128 KiB at 0xE0000–0xFFFFF, where the reset vector's
+    // far jump lands (real chipsets alias the top of the flash there).
+    let legacy = min(bytes.count, 128 << 10)
+    let failure = bytes.withUnsafeBytes { b -> GuestMemoryAccessError? in
+        do throws(GuestMemoryAccessError) {
+            try memory.write(UnsafeRawBufferPointer(rebasing: b[(b.count - legacy)...]), at: 0x10_0000 - UInt64(legacy))
+            return nil
+        } catch {
+            return error
+        }
+    }
+    if let failure { throw LoadFailure("guest RAM is too small for the legacy BIOS area: \(failure)") }
+    do { try runtime.setBootState(BootState(mode: .reset)) } catch {
+        throw LoadFailure("the core refused the boot state: \(error)")
+    }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.bootControl])
+/// Everything that must survive a restart of this process, kept in the state page.
+struct PlatformState: BitwiseCopyable {
+    static let magicValue: UInt32 = 0x4856_4253  // "HVBS"
+    var magic: UInt32
+    var cmos: CMOS
+    var pci: PCIHostBridge
+    var fwSelector: UInt16
+    var fwOffset: UInt32
+}
+
+final class Platform: DeviceModel {
+    private let runtime: DeviceRuntime
+    private var state: PlatformState
+    private var fwcfg: FirmwareConfig
+    private let memory: LowRAM?
+    private let console: Int32?
+    private var pendingConsole: [UInt8] = []
+    private var irqHigh = false
+
+    init(runtime: DeviceRuntime) {
+        self.runtime = runtime
+        let low = runtime.guestMemory?.lowRAMSize ?? 0
+        let total = runtime.guestMemory?.regions.reduce(0) { $0 + $1.size } ?? 0
+        let cpus = Int(runtime.config["cpus"] ?? "1") ?? 1
+        fwcfg = FirmwareConfig.standard(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus,
+                                        bootMenu: runtime.config["boot_menu"] == "1",
+                                        bootFailWaitMilliseconds: 60_000, bootOrder: "")
+        memory = runtime.guestMemory.map { LowRAM(memory: $0) }
+        console = runtime.hostFiles[2]?.rawValue
+        let fresh = PlatformState(magic: PlatformState.magicValue,
+                                  cmos: CMOS(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus),
+                                  pci: PCIHostBridge(), fwSelector: 0, fwOffset: 0)
+        if runtime.restartGeneration > 0, let page = runtime.statePage, page.load(PlatformState.self).magic == PlatformState.magicValue {
+            var restored = page.load(PlatformState.self)
+            restored.cmos.sanitize()
+            state = restored
+            fwcfg.cursor = (state.fwSelector, state.fwOffset)
+        } else {
+            state = fresh
+        }
+    }
+
+    private static func now() -> (seconds: Int64, nanoseconds: Int64) {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return (Int64(ts.tv_sec), Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec))
+    }
+
+    func read(resource: Int, offset: UInt64, size: Int) -> UInt64 {
+        defer { afterAccess() }
+        switch resource {
+        case 0:  // CMOS/RTC
+            let t = Self.now()
+            state.cmos.tick(nowNanoseconds: t.nanoseconds)
+            return offset == 0 ? UInt64(state.cmos.readIndex()) : UInt64(state.cmos.readData(now: t.seconds))
+        case 1: return 0xE9  // Bochs/QEMU debug-console presence byte
+        case 2: return offset == 1 ? UInt64(fwcfg.readData()) : 0
+        case 3: return fwcfg.readDMARegister(offset: Int(offset) + 4, size: size)
+        case 4:
+            if offset == 0 && size == 4 { return UInt64(state.pci.address) }
+            if offset == 1 && size == 1 { return 0 }  // PIIX3 reset control
+            if offset >= 4 { return UInt64(state.pci.readData(offset: Int(offset - 4), size: size)) }
+            return ~0
+        case 5: return 0x02  // port A: A20 enabled (KVM never masks A20)
+        default: return ~0
+        }
+    }
+
+    func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
+        defer { afterAccess() }
+        switch resource {
+        case 0:
+            let t = Self.now()
+            state.cmos.tick(nowNanoseconds: t.nanoseconds)
+            if offset == 0 { state.cmos.writeIndex(UInt8(truncatingIfNeeded: value)) } else {
+                state.cmos.writeData(UInt8(truncatingIfNeeded: value), now: t.seconds)
+            }
+        case 1:
+            pendingConsole.append(UInt8(truncatingIfNeeded: value))
+            if pendingConsole.count >= 4096 { flush() }
+        case 2: if offset == 0 { fwcfg.writeSelector(UInt16(truncatingIfNeeded: value)) }
+        case 3:
+            if let memory { fwcfg.writeDMARegister(offset: Int(offset) + 4, size: size, value: value, memory: memory) }
+        case 4:
+            if offset == 0 && size == 4 {
+                state.pci.writeAddress(UInt32(truncatingIfNeeded: value))
+            } else if offset == 1 && size == 1 {
+                if PCIHostBridge.isResetRequest(UInt8(truncatingIfNeeded: value)) {
+                    runtime.log(.warning, "the guest asked for a reset (port 0xCF9); hv does not reboot guests yet, the request is ignored")
+                }
+            } else if offset >= 4 {
+                state.pci.writeData(offset: Int(offset - 4), size: size, value: UInt32(truncatingIfNeeded: value))
+            }
+        case 5:
+            if value & 1 != 0 {
+                runtime.log(.warning, "the guest asked for a reset (port 0x92); hv does not reboot guests yet, the request is ignored")
+            }
+        default: break
+        }
+    }
+
+    private func afterAccess() {
+        let cursor = fwcfg.cursor
+        state.fwSelector = cursor.selector
+        state.fwOffset = cursor.offset
+        // ISA IRQ 8 is edge-triggered at the PIC: deliver the rising edge.
+        let high = state.cmos.interruptLine
+        if high && !irqHigh { runtime.interrupts[0]?.pulse() }
+        irqHigh = high
+    }
+
+    func flush() {
+        if let console, !pendingConsole.isEmpty {
+            var offset = 0
+            while offset < pendingConsole.count {
+                let n = pendingConsole.withUnsafeBytes { Glibc.write(console, $0.baseAddress! + offset, $0.count - offset) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                offset += n
+            }
+        }
+        pendingConsole.removeAll(keepingCapacity: true)
+        runtime.statePage?.store(state)
+    }
+}
+
+let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRing, .statePage, .bootControl])
 // A restarted BIOS must not load the guest again: it is already running.
 if runtime.restartGeneration == 0 {
-    if case .failure(let failure) = loadGuest(runtime) {
-        runtime.log(.error, failure.reason)
+    do throws(LoadFailure) {
+        guard let memory = runtime.guestMemory else { throw LoadFailure("no guest memory was handed over") }
+        if runtime.config["mode"] == "firmware" { try loadFirmware(runtime, memory) } else { try loadMultiboot(runtime, memory) }
+    } catch {
+        runtime.log(.error, error.reason)
         exit(2)
     }
 }
-runtime.run(Firmware())
+runtime.run(Platform(runtime: runtime))

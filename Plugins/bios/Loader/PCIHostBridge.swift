@@ -1,0 +1,102 @@
+/// PCI configuration mechanism #1 (ports 0xCF8–0xCFF) with the two functions every PC firmware
+/// expects at boot: an Intel 440FX host bridge (00:00.0, 8086:1237) and a PIIX3 ISA bridge
+/// (00:01.0, 8086:7000). SeaBIOS identifies the platform by the host bridge's IDs, programs the
+/// PAM registers to shadow itself, and routes PIRQs through PIIX3's 0x60–0x63.
+///
+/// Plain data (no arrays), so it can live in the device's state page; every access is masked,
+/// so restored garbage can't make it trap.
+public struct PCIHostBridge: Sendable, BitwiseCopyable {
+    /// The CF8 address latch: bit 31 enable, 23..16 bus, 15..11 device, 10..8 function, 7..2 register.
+    public private(set) var address: UInt32 = 0
+    /// i440FX PAM0–PAM6 (0x59–0x5F) as the guest wrote them; guest RAM under them is always RAM in hv.
+    private var pam: UInt64 = 0
+    /// i440FX SMRAM (0x72).
+    private var smram: UInt8 = 0x02
+    /// PIIX3 PIRQA–D routing (0x60–0x63); 0x80 = disabled.
+    private var pirq: UInt32 = 0x8080_8080
+    /// Command registers (0x04) of the two functions.
+    private var hostCommand: UInt16 = 0x0006
+    private var isaCommand: UInt16 = 0x0007
+
+    public init() {}
+
+    /// Port 0xCF8 (32-bit) write.
+    public mutating func writeAddress(_ value: UInt32) { address = value & 0x80FF_FFFC }
+
+    /// Whether port 0xCF9 (PIIX3 reset control) was written with a reset request (bit 2).
+    public static func isResetRequest(_ value: UInt8) -> Bool { value & 0x04 != 0 }
+
+    /// Reads `size` bytes at data port offset `offset` (0–3, i.e. 0xCFC + offset).
+    public func readData(offset: Int, size: Int) -> UInt32 {
+        guard address & 0x8000_0000 != 0 else { return Self.ones(size) }
+        let register = Int(address & 0xFC) + (offset & 3)
+        var value: UInt32 = 0
+        for i in 0..<min(max(size, 1), 4) {
+            value |= UInt32(byte(function: selectedFunction, at: register + i)) << (8 * UInt32(i))
+        }
+        return value
+    }
+
+    /// Writes `size` bytes at data port offset `offset`.
+    public mutating func writeData(offset: Int, size: Int, value: UInt32) {
+        guard address & 0x8000_0000 != 0, let function = selectedFunction else { return }
+        let register = Int(address & 0xFC) + (offset & 3)
+        for i in 0..<min(max(size, 1), 4) {
+            setByte(function: function, at: register + i, UInt8(truncatingIfNeeded: value >> (8 * UInt32(i))))
+        }
+    }
+
+    private enum Function { case host, isa }
+
+    /// Only bus 0 device 0 function 0 and device 1 function 0 exist.
+    private var selectedFunction: Function? {
+        let bus = (address >> 16) & 0xFF, device = (address >> 11) & 0x1F, function = (address >> 8) & 0x7
+        guard bus == 0, function == 0 else { return nil }
+        switch device {
+        case 0: return .host
+        case 1: return .isa
+        default: return nil
+        }
+    }
+
+    private static func ones(_ size: Int) -> UInt32 { size >= 4 ? ~0 : (1 << (UInt32(size) * 8)) - 1 }
+
+    private func byte(function: Function?, at register: Int) -> UInt8 {
+        guard let function, register < 256 else { return 0xFF }
+        func le16(_ v: UInt16, _ r: Int) -> UInt8 { UInt8(truncatingIfNeeded: v >> (8 * UInt16(r & 1))) }
+        switch (function, register) {
+        case (_, 0...1): return le16(0x8086, register)
+        case (.host, 2...3): return le16(0x1237, register)
+        case (.isa, 2...3): return le16(0x7000, register)
+        case (.host, 4...5): return le16(hostCommand, register)
+        case (.isa, 4...5): return le16(isaCommand, register)
+        case (_, 6...7): return le16(0x0280, register)          // status: medium DEVSEL, fast back-to-back
+        case (.host, 8): return 0x02                               // revision
+        case (.isa, 8): return 0x00
+        case (_, 9): return 0x00                                   // programming interface
+        case (.host, 0xA): return 0x00                             // subclass: host bridge
+        case (.isa, 0xA): return 0x01                              // subclass: ISA bridge
+        case (_, 0xB): return 0x06                                 // class: bridge
+        case (.isa, 0xE): return 0x80                              // header type 0, multifunction
+        case (.host, 0x59...0x5F): return UInt8(truncatingIfNeeded: pam >> (8 * UInt64(register - 0x59)))
+        case (.host, 0x72): return smram
+        case (.isa, 0x60...0x63): return UInt8(truncatingIfNeeded: pirq >> (8 * UInt32(register - 0x60)))
+        default: return 0x00
+        }
+    }
+
+    private mutating func setByte(function: Function, at register: Int, _ value: UInt8) {
+        switch (function, register) {
+        case (.host, 4): hostCommand = (hostCommand & 0xFF00) | UInt16(value)
+        case (.isa, 4): isaCommand = (isaCommand & 0xFF00) | UInt16(value)
+        case (.host, 0x59...0x5F):
+            let shift = 8 * UInt64(register - 0x59)
+            pam = (pam & ~(0xFF << shift)) | (UInt64(value) << shift)
+        case (.host, 0x72): smram = value & 0x7F  // D_LCK and friends; no SMRAM in hv
+        case (.isa, 0x60...0x63):
+            let shift = 8 * UInt32(register - 0x60)
+            pirq = (pirq & ~(0xFF << shift)) | (UInt32(value & 0x8F) << shift)
+        default: break  // read-only or unimplemented: ignored, as on hardware
+        }
+    }
+}
