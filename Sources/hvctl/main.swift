@@ -170,7 +170,10 @@ func run(_ options: RunOptions) -> Int32 {
     let outcome = machine.run()
     console?.restore()
     switch outcome {
-    case .poweredOff, .userQuit:
+    case .poweredOff:
+        return 0
+    case .userQuit:
+        _ = "\r\nhvctl: quit (Ctrl-A x)\n".withCString { Glibc.write(2, $0, strlen($0)) }  // ends the guest's unfinished line
         return 0
     case .signal(let sig):
         return 128 + sig
