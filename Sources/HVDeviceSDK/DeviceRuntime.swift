@@ -15,10 +15,17 @@ public protocol DeviceModel: AnyObject {
     /// host). The runtime calls this before it commits requests as done and before it answers a
     /// read; a request is replayed after a crash if and only if it was not yet committed.
     func flush()
+    /// When, on the monotonic clock (`monotonicNanoseconds()`), the model next needs
+    /// `deadlineReached` even if the guest does nothing (a timer interrupt); nil for never.
+    func nextDeadline() -> UInt64?
+    /// Called on the runtime thread at or after `nextDeadline()`.
+    func deadlineReached(now: UInt64)
 }
 
 extension DeviceModel {
     public func flush() {}
+    public func nextDeadline() -> UInt64? { nil }
+    public func deadlineReached(now: UInt64) {}
 }
 
 /// The device-process runtime: handshake with the core, guest-memory mapping, the register-ring
@@ -220,6 +227,9 @@ public final class DeviceRuntime: @unchecked Sendable {
         /// Requests before this index are committed (their effects flushed).
         var committed: UInt32
         var lastCommit: UInt64 = 0
+        /// The model's next deadline as last asked (re-asked after accesses and after it fires).
+        var deadline: UInt64?
+        var deadlineKnown = false
         init(cursor: UInt32, spinStart: UInt64, committed: UInt32) {
             self.cursor = cursor
             self.spinStart = spinStart
@@ -253,7 +263,16 @@ public final class DeviceRuntime: @unchecked Sendable {
                 served = true
             }
         }
-        let now = monotonicNanoseconds()
+        var now = monotonicNanoseconds()
+        if served || !loop.deadlineKnown {
+            loop.deadline = model.nextDeadline()
+            loop.deadlineKnown = true
+        }
+        if let deadline = loop.deadline, deadline <= now {
+            model.deadlineReached(now: now)
+            loop.deadline = model.nextDeadline()
+            now = monotonicNanoseconds()
+        }
         if let ring, loop.cursor &- loop.committed >= ring.requestCapacity / 2 || now &- loop.lastCommit > 1_000_000 {
             commit(model, loop, now: now)
         }
@@ -274,7 +293,12 @@ public final class DeviceRuntime: @unchecked Sendable {
             ring.setRequestConsumerSleeping(false, cursor: loop.cursor)
             return
         }
-        pollOthers(timeout: -1)
+        // Sleep until a kick, a descriptor, or the model's next deadline.
+        var timeout: Int32 = -1
+        if let deadline = loop.deadline {
+            timeout = deadline <= now ? 0 : Int32(min((deadline - now + 999_999) / 1_000_000, UInt64(Int32.max)))
+        }
+        pollOthers(timeout: timeout)
         ring?.setRequestConsumerSleeping(false, cursor: loop.cursor)
         kick?.drain()
         loop.spinStart = monotonicNanoseconds()

@@ -414,6 +414,65 @@ static void mode_rtc(void)
             min < 10 ? "0" : "", min, sec < 10 ? "0" : "", sec);
 }
 
+/* ---- RTC periodic interrupts through the PIC ---- */
+
+struct idt_gate {
+    uint16_t offset_lo, selector;
+    uint8_t zero, type;
+    uint16_t offset_hi;
+} __attribute__((packed));
+
+static struct idt_gate idt[256];
+static volatile uint32_t rtc_ticks;
+
+/* The interrupt entry: save registers, run the C handler, return from the interrupt. This
+ * machine's software KVM cannot emulate `iret`, so the return is done by hand: turn the
+ * same-privilege frame [EIP][CS][EFLAGS] into [EFLAGS][EIP], then `popfl; ret` (CS is unchanged). */
+void rtc_stub(void);
+__asm__(".globl rtc_stub\nrtc_stub:\n"
+        " pushal\n cld\n call rtc_isr\n popal\n"
+        " push %eax\n"              /* [eax][EIP][CS][EFL] */
+        " mov 4(%esp), %eax\n"      /* eax = EIP */
+        " xchg %eax, 12(%esp)\n"    /* [eax][EIP][CS][EIP], eax = EFL */
+        " mov %eax, 8(%esp)\n"      /* [eax][EIP][EFL][EIP] */
+        " pop %eax\n"               /* [EIP][EFL][EIP] */
+        " add $4, %esp\n"           /* [EFL][EIP] */
+        " popfl\n ret\n");
+
+void rtc_isr(void)
+{
+    (void)cmos_read(0x0C);  /* acknowledge: reading register C lowers IRQ 8 */
+    rtc_ticks++;
+    outb(0xA0, 0x20);       /* EOI to the slave PIC, then the master */
+    outb(0x20, 0x20);
+}
+
+/* Remap the PICs to vectors 0x20–0x2F, unmask only IRQ 2 (cascade) and IRQ 8, enable the RTC's
+ * periodic interrupt at 64 Hz and count `count` of them while halted with interrupts on. */
+static void mode_rtcirq(uint32_t count)
+{
+    uint32_t handler = (uint32_t)rtc_stub;
+    idt[0x28] = (struct idt_gate){ (uint16_t)handler, 0x08, 0, 0x8E, (uint16_t)(handler >> 16) };
+    struct { uint16_t limit; uint32_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint32_t)idt };
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+
+    outb(0x20, 0x11); outb(0xA0, 0x11);   /* ICW1: edge, cascade, ICW4 follows */
+    outb(0x21, 0x20); outb(0xA1, 0x28);   /* ICW2: vector bases */
+    outb(0x21, 0x04); outb(0xA1, 0x02);   /* ICW3: slave on IRQ 2 */
+    outb(0x21, 0x01); outb(0xA1, 0x01);   /* ICW4: 8086 mode */
+    outb(0x21, 0xFB); outb(0xA1, 0xFE);   /* masks */
+
+    outb(0x70, 0x0A); outb(0x71, 0x2A);   /* 32.768 kHz base, rate 10 = 64 Hz */
+    outb(0x70, 0x0B); outb(0x71, (uint8_t)(cmos_read(0x0B) | 0x40));  /* PIE */
+    (void)cmos_read(0x0C);
+    uint64_t start = rdtsc();
+    while (rtc_ticks < count)
+        __asm__ volatile("sti; hlt; cli");
+    uint64_t cycles = rdtsc() - start;
+    outb(0x70, 0x0B); outb(0x71, (uint8_t)(cmos_read(0x0B) & ~0x40));
+    kprintf("rtcirq: %u periodic interrupts, cycles=%llu\n", rtc_ticks, cycles);
+}
+
 /* Stay up without using the CPU: mask every PIC line (the LAPIC timer is off at reset), then
  * halt with interrupts enabled, which the hypervisor must NOT take for power-off. */
 static void mode_idle(void)
@@ -472,6 +531,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_echo();
     else if (streq(cfg.mode, "rtc"))
         mode_rtc();
+    else if (streq(cfg.mode, "rtcirq"))
+        mode_rtcirq(cfg.count);
     else if (streq(cfg.mode, "idle"))
         mode_idle();
     else if (streq(cfg.mode, "probe"))

@@ -41,6 +41,19 @@ final class FirmwareTests: XCTestCase {
         XCTAssertLessThan(abs(guestTime.timeIntervalSinceNow), 3, "guest RTC \(line) vs host \(formatter.string(from: Date()))")
     }
 
+    func testRTCPeriodicInterruptReachesTheGuestOnIRQ8() throws {
+        let guest = try Harness.testGuest()
+        let start = Date()
+        // The guest remaps the PIC, enables the RTC's 64 Hz periodic interrupt and counts 16 of
+        // them while halted with interrupts enabled: nothing but the RTC can wake it.
+        let r = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=rtcirq count=16"], timeout: 30)
+        let elapsed = Date().timeIntervalSince(start)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("rtcirq: 16 periodic interrupts"), r.stdout + r.stderr)
+        // 16 periods of 1/64 s cannot pass in less than 15/64 s: no spurious or early interrupts.
+        XCTAssertGreaterThan(elapsed, 15.0 / 64.0)
+    }
+
     func testFirmwareThatIsNotABIOSImageIsRefused() throws {
         let junk = FileManager.default.temporaryDirectory.appendingPathComponent("hv-junk-fw-\(getpid()).bin")
         try Data(repeating: 0x90, count: 1000).write(to: junk)

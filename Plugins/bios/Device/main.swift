@@ -201,6 +201,18 @@ final class Platform: DeviceModel {
         }
     }
 
+    /// The RTC's next enabled interrupt, mapped from the wall clock onto the runtime's monotonic clock.
+    func nextDeadline() -> UInt64? {
+        let wall = Self.now().nanoseconds
+        guard let next = state.cmos.nextInterruptNanoseconds(after: wall) else { return nil }
+        return monotonicNanoseconds() &+ UInt64(max(next - wall, 0))
+    }
+
+    func deadlineReached(now: UInt64) {
+        state.cmos.tick(nowNanoseconds: Self.now().nanoseconds)
+        afterAccess()
+    }
+
     private func afterAccess() {
         let cursor = fwcfg.cursor
         state.fwSelector = cursor.selector

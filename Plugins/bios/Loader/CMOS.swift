@@ -239,6 +239,28 @@ public struct CMOS: Sendable, BitwiseCopyable {
         setByte(Register.c, flags)
     }
 
+    /// When the device should next call `tick` so that an enabled interrupt reaches IRQ 8 on time:
+    /// the next periodic tick if PIE is set, the next second boundary if UIE or AIE is set; nil when
+    /// no interrupt is enabled (then nothing needs the device awake).
+    public func nextInterruptNanoseconds(after now: Int64) -> Int64? {
+        let registerA = byte(Register.a), registerB = byte(Register.b)
+        guard registerA & RegisterA.dividerResetMask != RegisterA.dividerResetMask, now >= 0, now < Int64.max / 2 else { return nil }
+        var next: Int64?
+        // PIE, AIE, UIE sit at the same bit positions as PF, AF, UF in register C.
+        if registerB & RegisterC.periodic != 0, let shift = Self.periodicShift(rate: registerA & RegisterA.rateMask) {
+            // The first 32.768 kHz cycle count past `now` that is a multiple of the period.
+            let period = Int64(1) << shift
+            let cycle = (Self.timeBaseCycles(now) / period + 1) * period
+            let seconds = cycle / 32_768, remainder = cycle % 32_768
+            next = seconds * Time.nanosecondsPerSecond + (remainder * Time.nanosecondsPerSecond + 32_767) / 32_768
+        }
+        if registerB & (RegisterC.alarm | RegisterC.updateEnded) != 0 {
+            let boundary = (Time.floorDivide(now, Time.nanosecondsPerSecond) + 1) * Time.nanosecondsPerSecond
+            next = min(next ?? boundary, boundary)
+        }
+        return next
+    }
+
     // MARK: Restoring
 
     /// Brings every field back to its invariants after the struct was restored from untrusted memory: register A's
