@@ -97,10 +97,6 @@ const unsigned long hv_KVM_GET_API_VERSION = KVM_GET_API_VERSION, hv_KVM_CREATE_
     hv_KVM_IRQ_LINE = KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING,
     hv_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU = KVM_SET_FPU;
 
-const unsigned long long hv_CLONE_NEWUSER = CLONE_NEWUSER, hv_CLONE_NEWPID = CLONE_NEWPID,
-    hv_CLONE_NEWNS = CLONE_NEWNS, hv_CLONE_NEWNET = CLONE_NEWNET, hv_CLONE_NEWIPC = CLONE_NEWIPC,
-    hv_CLONE_NEWUTS = CLONE_NEWUTS, hv_CLONE_NEWCGROUP = CLONE_NEWCGROUP;
-
 int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
                            unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out) {

@@ -92,6 +92,18 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     /// Give up on a device that crashed this many times within `crashWindow`.
     static let maximumCrashes = 10
+
+    /// Records a crash (or failed restart) at `now`; returns the delay before the next restart, or
+    /// nil when the device crashed too often and is given up. 10 ms, 20 ms, 40 ms … capped at 2 s:
+    /// quick recovery from a one-off crash, no busy loop from a broken one.
+    private func recordCrash(_ d: ManagedDevice, now: UInt64) -> UInt64? {
+        d.crashTimes = d.crashTimes.filter { now - $0 < Self.crashWindow } + [now]
+        guard d.crashTimes.count <= Self.maximumCrashes else {
+            d.endpoint.state = .failed
+            return nil
+        }
+        return min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
+    }
     static let crashWindow: UInt64 = 60_000_000_000
 
     init(specs: [DeviceSpec], memory: GuestRAM, vm: VirtualMachine, verbose: Bool) throws(CoreError) {
@@ -285,14 +297,10 @@ final class DeviceSupervisor: @unchecked Sendable {
             return
         }
         let now = monotonicNanoseconds()
-        d.crashTimes = d.crashTimes.filter { now - $0 < Self.crashWindow } + [now]
-        if d.crashTimes.count > Self.maximumCrashes {
-            d.endpoint.state = .failed
+        guard let delay = recordCrash(d, now: now) else {
             Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how); it crashed \(d.crashTimes.count) times in \(Self.crashWindow / 1_000_000_000) s, giving up: its registers now read as all-ones")
             return
         }
-        // 10 ms, 20 ms, 40 ms … capped at 2 s: quick recovery from a one-off crash, no busy loop from a broken one.
-        let delay = min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
         d.restartAt = now + delay
         Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how); the VM keeps running, restarting it in \(delay / 1_000_000) ms")
     }
@@ -327,12 +335,10 @@ final class DeviceSupervisor: @unchecked Sendable {
         } catch {
             Diagnostics.line("\(error)")
             let now = monotonicNanoseconds()
-            d.crashTimes.append(now)
-            if d.crashTimes.count > Self.maximumCrashes {
-                d.endpoint.state = .failed
-                Diagnostics.line("device \(d.spec.name) could not be restarted; giving up: its registers now read as all-ones")
+            if let delay = recordCrash(d, now: now) {
+                d.restartAt = now + delay
             } else {
-                d.restartAt = now + min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
+                Diagnostics.line("device \(d.spec.name) could not be restarted; giving up: its registers now read as all-ones")
             }
             return
         }

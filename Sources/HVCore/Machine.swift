@@ -121,14 +121,23 @@ public final class Machine: @unchecked Sendable {
         stopping.store(true, ordering: .releasing)
     }
 
+    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts
+    /// later) and returns that set; `run` takes them synchronously. Call it before starting any
+    /// thread, so none inherits a mask that would let a stop signal kill the process uncleanly.
+    @discardableResult
+    public static func blockStopSignals() -> sigset_t {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        return set
+    }
+
     /// Runs the VM until it powers off, fails, or is stopped. Call from the main thread.
     public func run() -> MachineExit {
         // SIGINT/SIGTERM/SIGHUP are taken synchronously by this thread; every thread started from
         // here inherits the mask (device processes get a clean one from posix_spawn).
-        var stopSignals = sigset_t()
-        sigemptyset(&stopSignals)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, s) }
-        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        var stopSignals = Self.blockStopSignals()
         VCPUKicker.install()
         signal(SIGPIPE, SIG_IGN)
 

@@ -45,7 +45,7 @@ public struct SandboxPlan: Sendable {
     /// executables are built by the same toolchain as hvctl, so they need a subset of these.
     public static func runtimeLibraryPaths() -> [String] {
         var dirs: [String] = []
-        if let fd = try? FileDescriptor.open("/proc/self/maps", flags: O_RDONLY), let bytes = try? readToEnd(fd) {
+        if let fd = try? FileDescriptor.open("/proc/self/maps", flags: O_RDONLY), let bytes = try? fd.readAll() {
             for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
                 guard let slash = line.firstIndex(of: "/") else { continue }
                 let path = String(line[slash...])
@@ -60,34 +60,9 @@ public struct SandboxPlan: Sendable {
         return dirs
     }
 
-    private static func readToEnd(_ fd: FileDescriptor) throws(SystemError) -> [UInt8] {
-        // /proc files report size 0: read until EOF.
-        var out: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { b in Glibc.read(fd.rawValue, b.baseAddress, b.count) }
-            if n < 0 && errno == EINTR { continue }
-            try check("read /proc/self/maps", n)
-            if n == 0 { return out }
-            out += chunk.prefix(n)
-        }
-    }
-
     /// clone3 flags for the profile's namespaces.
     var cloneFlags: UInt64 {
-        var flags: UInt64 = 0
-        for ns in profile.namespaces {
-            switch ns {
-            case .user: flags |= hv_CLONE_NEWUSER
-            case .pid: flags |= hv_CLONE_NEWPID
-            case .mount: flags |= hv_CLONE_NEWNS
-            case .net: flags |= hv_CLONE_NEWNET
-            case .ipc: flags |= hv_CLONE_NEWIPC
-            case .uts: flags |= hv_CLONE_NEWUTS
-            case .cgroup: flags |= hv_CLONE_NEWCGROUP
-            }
-        }
-        return flags
+        profile.namespaces.reduce(0) { $0 | UInt64($1.cloneFlag) }
     }
 
     /// Starts `executable` under the jail with `inherit` (child fd → parent fd) and returns it.

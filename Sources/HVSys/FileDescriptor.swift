@@ -76,25 +76,20 @@ public final class FileDescriptor: @unchecked Sendable {
         return n
     }
 
-    /// Reads the whole file from offset 0 (pread, so the file position is untouched).
+    /// Reads the whole file from offset 0 (pread, so the file position is untouched), until end
+    /// of file: the size from fstat is only a first guess, since /proc files report 0.
     public func readAll() throws(SystemError) -> [UInt8] {
-        let total = Int(try size())
-        var bytes = [UInt8](repeating: 0, count: total)
+        var bytes = [UInt8](repeating: 0, count: max(Int(try size()), 4096))
         var done = 0
-        var failure: SystemError?
-        bytes.withUnsafeMutableBytes { buffer in
-            while done < total {
-                let n = pread(raw, buffer.baseAddress! + done, total - done, off_t(done))
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 {
-                    failure = SystemError("read fd \(raw)", n == 0 ? Errno(rawValue: EIO) : .current)
-                    return
-                }
-                done += n
+        while true {
+            if done == bytes.count { bytes += [UInt8](repeating: 0, count: bytes.count) }
+            let n = bytes.withUnsafeMutableBytes { buffer in
+                retryOnInterrupt { pread(raw, buffer.baseAddress! + done, buffer.count - done, off_t(done)) }
             }
+            try check("read fd \(raw)", n)
+            if n == 0 { return Array(bytes.prefix(done)) }
+            done += n
         }
-        if let failure { throw failure }
-        return bytes
     }
 
     /// Size of the open file, in bytes.

@@ -49,6 +49,9 @@ enum DeviceCatalog {
         return "\(dir)/\(device).json"
     }
 
+    /// Library directories to expose in every jail: the same for every device, so read once.
+    static let libraryPaths = SandboxPlan.runtimeLibraryPaths()
+
     /// The jail plan for a device run by `tenant`.
     static func plan(profilePath: String, tenant: String) throws(UsageError) -> SandboxPlan {
         let jail = executableDirectory() + "/hv-jail"
@@ -57,7 +60,7 @@ enum DeviceCatalog {
         }
         let id = SandboxPlan.tenantID(tenant)
         return SandboxPlan(jailExecutable: jail, profilePath: profilePath, profile: try loadProfile(profilePath),
-                           outsideUID: id, outsideGID: id, exposedPaths: SandboxPlan.runtimeLibraryPaths())
+                           outsideUID: id, outsideGID: id, exposedPaths: libraryPaths)
     }
 }
 

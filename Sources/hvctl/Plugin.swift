@@ -4,7 +4,8 @@ import HVIPC
 
 /// Parses `--device PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,KEY=VALUE]...` into a
 /// device spec: a third-party device process, jailed under its own profile like hv's own.
-func pluginDevice(_ text: String, index: Int, sandboxed: Bool) throws(UsageError) -> DeviceSpec {
+/// `tenant` is nil with `--no-sandbox`.
+func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError) -> DeviceSpec {
     let fields = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
     guard let path = fields.first, path.hasPrefix("/") else {
         throw UsageError(message: "invalid --device '\(text)': start with the device executable's absolute path")
@@ -42,11 +43,11 @@ func pluginDevice(_ text: String, index: Int, sandboxed: Bool) throws(UsageError
         }
     }
     spec.config = config.joined(separator: "\n")
-    if sandboxed {
+    if let tenant {
         guard let profile else {
             throw UsageError(message: "--device \(path) has no profile=FILE: every device runs sandboxed (or pass --no-sandbox to debug)")
         }
-        spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: "unset")
+        spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: tenant)
     }
     return spec
 }

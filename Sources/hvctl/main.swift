@@ -55,10 +55,7 @@ func run(_ options: RunOptions) -> Int32 {
     // Stop signals are taken synchronously by Machine.run on the main thread; block them before
     // any thread (the console's, the supervisor's, vCPUs) exists, so none of those inherits an
     // unblocked mask and lets a SIGTERM kill hvctl without a clean stop.
-    var stopSignals = sigset_t()
-    sigemptyset(&stopSignals)
-    for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, s) }
-    pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+    Machine.blockStopSignals()
     guard options.memory >= 4 << 20 else {
         fail("--memory \(options.memory >> 20)M is too small: a guest needs at least 4M", status: 2)
     }
@@ -135,25 +132,19 @@ func run(_ options: RunOptions) -> Int32 {
                             "boot_menu=\(options.bootMenu ? 1 : 0)", "cmdline=\(options.commandLine)"].joined(separator: "\n"),
                    capabilities: [.bootControl, .statePage], mapsGuestMemory: true),
     ]
+    // Every device is jailed under the VM's tenant unless --no-sandbox.
+    let tenant = options.sandbox ? options.tenant ?? "vm-\(getpid())" : nil
     let profiles = ["serial0": "serial", "bios": "bios"]
     do {
-        for (i, spec) in options.plugins.enumerated() { devices.append(try pluginDevice(spec, index: i, sandboxed: options.sandbox)) }
-        if options.sandbox {
-            let tenant = options.tenant ?? "vm-\(getpid())"
-            for i in devices.indices where devices[i].sandbox == nil {
+        if let tenant {
+            for i in devices.indices {
                 guard let profile = profiles[devices[i].name] else { continue }
                 devices[i].sandbox = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath(profile), tenant: tenant)
-            }
-            for i in devices.indices {
-                if var plan = devices[i].sandbox {
-                    plan.outsideUID = SandboxPlan.tenantID(tenant)
-                    plan.outsideGID = plan.outsideUID
-                    devices[i].sandbox = plan
-                }
             }
         } else {
             warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
         }
+        for (i, spec) in options.plugins.enumerated() { devices.append(try pluginDevice(spec, index: i, tenant: tenant)) }
     } catch {
         fail(error.message, status: 2)
     }

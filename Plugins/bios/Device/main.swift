@@ -115,7 +115,7 @@ final class Platform: DeviceModel {
     private var state: PlatformState
     private var fwcfg: FirmwareConfig
     private let memory: LowRAM?
-    private let console: Int32?
+    private let console: FileDescriptor?
     private var pendingConsole: [UInt8] = []
     private var irqHigh = false
 
@@ -128,7 +128,7 @@ final class Platform: DeviceModel {
                                         bootMenu: runtime.config["boot_menu"] == "1",
                                         bootFailWaitMilliseconds: 60_000, bootOrder: "")
         memory = runtime.guestMemory.map { LowRAM(memory: $0) }
-        console = runtime.hostFiles[2]?.rawValue
+        console = runtime.hostFiles[2]
         let fresh = PlatformState(magic: PlatformState.magicValue,
                                   cmos: CMOS(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus),
                                   pci: PCIHostBridge(), fwSelector: 0, fwOffset: 0)
@@ -224,14 +224,8 @@ final class Platform: DeviceModel {
     }
 
     func flush() {
-        if let console, !pendingConsole.isEmpty {
-            var offset = 0
-            while offset < pendingConsole.count {
-                let n = pendingConsole.withUnsafeBytes { Glibc.write(console, $0.baseAddress! + offset, $0.count - offset) }
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { break }
-                offset += n
-            }
+        if !pendingConsole.isEmpty {
+            try? console?.writeAll(pendingConsole)  // debug output: a failing sink loses only the log
         }
         pendingConsole.removeAll(keepingCapacity: true)
         runtime.statePage?.store(state)

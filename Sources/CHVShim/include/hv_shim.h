@@ -49,8 +49,6 @@ int hv_set_thread_name(const char *name);
 int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
                            unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out);
-extern const unsigned long long hv_CLONE_NEWUSER, hv_CLONE_NEWPID, hv_CLONE_NEWNS, hv_CLONE_NEWNET,
-    hv_CLONE_NEWIPC, hv_CLONE_NEWUTS, hv_CLONE_NEWCGROUP;
 
 // pivot_root(2) has no glibc wrapper.
 int hv_pivot_root(const char *new_root, const char *put_old);
