@@ -97,7 +97,7 @@ const unsigned long hv_KVM_GET_API_VERSION = KVM_GET_API_VERSION, hv_KVM_CREATE_
     hv_KVM_IRQ_LINE = KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING,
     hv_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU = KVM_SET_FPU;
 
-int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const envp[],
+int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
                            unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out) {
     if (nfds < 0 || nfds > 32) { errno = EINVAL; return -1; }
@@ -137,8 +137,12 @@ int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const env
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
-    execve(path, argv, envp);
+    hv_execveat_fd(exec_fd, argv, envp);
     _exit(127);
+}
+
+int hv_execveat_fd(int fd, char *const argv[], char *const envp[]) {
+    return (int)syscall(SYS_execveat, fd, "", argv, envp, AT_EMPTY_PATH);
 }
 
 int hv_pivot_root(const char *new_root, const char *put_old) { return (int)syscall(SYS_pivot_root, new_root, put_old); }

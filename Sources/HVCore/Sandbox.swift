@@ -60,6 +60,10 @@ public struct SandboxPlan: Sendable {
         return dirs
     }
 
+    /// Descriptors hv-jail receives: the device executable and the profile, opened by the core.
+    static let jailDeviceFD: Int32 = 7
+    static let jailProfileFD: Int32 = 8
+
     /// clone3 flags for the profile's namespaces.
     var cloneFlags: UInt64 {
         profile.namespaces.reduce(0) { $0 | UInt64($1.cloneFlag) }
@@ -76,6 +80,12 @@ public struct SandboxPlan: Sendable {
         _ = fcntl(sync[1], F_SETFD, FD_CLOEXEC)
         let devNull = try FileDescriptor.open("/dev/null", flags: O_RDWR)
 
+        // Opened here, by the trusted side: the jailed child runs as the tenant's uid and may not be
+        // able to traverse the directories hv is installed in (a 0700 build tree, say).
+        let jail = try FileDescriptor.open(jailExecutable, flags: O_RDONLY)
+        let deviceBinary = try FileDescriptor.open(executable, flags: O_RDONLY)
+        let profileFile = try FileDescriptor.open(profilePath, flags: O_RDONLY)
+
         var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
         for p in exposedPaths { argv += ["--expose", p] }
         argv += ["--", executable] + arguments
@@ -83,11 +93,12 @@ public struct SandboxPlan: Sendable {
         let cEnv: [UnsafeMutablePointer<CChar>?] = [nil]
         defer { cArgs.forEach { free($0) } }
         // The device's stdin and stdout are /dev/null; stderr stays the operator's.
-        let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), Int32(2))] + inherit
+        let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), Int32(2)),
+                       (Self.jailDeviceFD, deviceBinary.rawValue), (Self.jailProfileFD, profileFile.rawValue)] + inherit
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)
         var pidfd: Int32 = -1
-        let pid = hv_spawn_in_namespaces(jailExecutable, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
+        let pid = hv_spawn_in_namespaces(jail.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
                                          cloneFlags, syncRead.rawValue, &pidfd)
         try check("clone3 into new namespaces for \(executable)", pid)
         let child = ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))

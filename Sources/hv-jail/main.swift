@@ -16,9 +16,15 @@ import HVSys
 // it reads any message, so execve/openat are gone before untrusted input is touched.
 //
 // usage: hv-jail --profile FILE --memory BYTES [--expose PATH]... -- DEVICE [ARG]...
+// The core also hands over fd 7 (the DEVICE executable) and fd 8 (the profile FILE), opened with
+// its own rights: this process is already the tenant's uid and may not be able to reach either
+// path (nor could it bind a file from the parent's mount namespace). The device is executed from
+// fd 7, so its binary never appears in the new root; the paths only name things in messages.
 
 let newRoot = "/mnt"
 let stage2FD: Int32 = 5
+let deviceFD: Int32 = 7
+let profileFD: Int32 = 8
 
 func die(_ message: String) -> Never {
     let line = "hv-jail: \(message)\n"
@@ -53,8 +59,7 @@ guard let profilePath, let devicePath = device.first, devicePath.hasPrefix("/") 
 // The profile is read before the root disappears; the core already validated it once.
 let profile: SandboxProfile
 do {
-    let fd = try FileDescriptor.open(profilePath, flags: O_RDONLY)
-    profile = try SandboxProfile.load(json: try fd.readAll(), source: profilePath) { name in
+    profile = try SandboxProfile.load(json: try FileDescriptor(owning: profileFD).readAll(), source: profilePath) { name in
         let n = seccomp_syscall_resolve_name(name)
         return n == __NR_SCMP_ERROR ? nil : n
     }
@@ -79,7 +84,21 @@ func isDirectory(_ path: String) -> Bool {
     return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
 }
 
-nonisolated(unsafe) var bound: [String] = []  // hv-jail is single-threaded
+nonisolated(unsafe) var bound: [String] = []
+
+/// Bind-mounts host `source` at `inside` (in the new root) and remounts it read-only. The remount
+/// must keep the flags the kernel locked on the source mount.
+func mountReadOnly(_ source: String, at inside: String, recursive: Bool) {
+    require(mount(source, inside, nil, UInt(recursive ? MS_BIND | MS_REC : MS_BIND), nil) == 0, "bind \(source)")
+    var vfs = statvfs()
+    _ = statvfs(source, &vfs)
+    var flags = UInt(MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    // statvfs(3) ST_* bits (not exported by the Glibc module): NOEXEC 8, NOATIME 1024, RELATIME 4096.
+    if vfs.f_flag & 8 != 0 { flags |= UInt(MS_NOEXEC) }
+    if vfs.f_flag & 1024 != 0 { flags |= UInt(MS_NOATIME) }
+    if vfs.f_flag & 4096 != 0 { flags |= UInt(MS_RELATIME) }
+    require(mount(nil, inside, nil, flags, nil) == 0, "remount \(source) read-only")
+}  // hv-jail is single-threaded
 
 /// Makes host `path` visible read-only at the same path in the new root, recreating any
 /// symlinks on the way (e.g. Debian's /lib → usr/lib) so the dynamic loader's paths resolve.
@@ -109,22 +128,14 @@ func expose(_ path: String, depth: Int = 0) {
             let fd = open(inside, O_CREAT | O_WRONLY | O_CLOEXEC, 0o444)
             if fd >= 0 { close(fd) }
         }
-        require(mount(prefix, inside, nil, UInt(MS_BIND | MS_REC), nil) == 0, "bind \(prefix)")
+        mountReadOnly(prefix, at: inside, recursive: true)
         bound.append(prefix)
-        // A read-only remount must keep the flags the kernel locked on the source mount.
-        var vfs = statvfs()
-        _ = statvfs(prefix, &vfs)
-        var flags = UInt(MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        // statvfs(3) ST_* bits (not exported by the Glibc module): NOEXEC 8, NOATIME 1024, RELATIME 4096.
-        if vfs.f_flag & 8 != 0 { flags |= UInt(MS_NOEXEC) }
-        if vfs.f_flag & 1024 != 0 { flags |= UInt(MS_NOATIME) }
-        if vfs.f_flag & 4096 != 0 { flags |= UInt(MS_RELATIME) }
-        require(mount(nil, inside, nil, flags, nil) == 0, "remount \(prefix) read-only")
     }
 }
 
 // The x86-64 psABI fixes the dynamic loader's path; expose it last, through its symlinks.
-for path in exposed + [devicePath, "/lib64/ld-linux-x86-64.so.2"] where access(path, F_OK) == 0 { expose(path) }
+for path in exposed + ["/lib64/ld-linux-x86-64.so.2"] where access(path, F_OK) == 0 { expose(path) }
+// The device executable is not in the new root at all: it is executed from the core's descriptor.
 require(mkdir(newRoot + "/.old", 0o700) == 0, "mkdir \(newRoot)/.old")
 require(hv_pivot_root(newRoot, newRoot + "/.old") == 0, "pivot_root")
 require(chdir("/") == 0, "chdir /")
@@ -207,13 +218,16 @@ require(lseek(stage2, 0, SEEK_SET) == 0, "rewind the stage-2 filter")
 require(dup2(stage2, stage2FD) == stage2FD, "place the stage-2 filter on fd 5")
 // dup2 onto itself (memfd_create may have returned 5) keeps close-on-exec: clear it explicitly.
 require(fcntl(stage2FD, F_SETFD, 0) == 0, "keep the stage-2 filter across exec")
-// Only 0–2, the two channels and the stage-2 filter survive into the device.
-_ = hv_close_range(UInt32(stage2FD + 1), UInt32.max)
+// Only 0–2, the two channels and the stage-2 filter survive into the device; the executable's
+// descriptor stays open until the exec, which closes it.
+require(fcntl(deviceFD, F_SETFD, FD_CLOEXEC) == 0, "mark the device executable close-on-exec")
+_ = hv_close_range(UInt32(stage2FD + 1), UInt32(deviceFD - 1))
+_ = hv_close_range(UInt32(deviceFD + 1), UInt32.max)
 
 let startup = filter(including: true)
 let argv: [UnsafeMutablePointer<CChar>?] = device.map { strdup($0) } + [nil]
 let envp: [UnsafeMutablePointer<CChar>?] = [strdup("HV_SANDBOXED=1"), nil]
 let rc = seccomp_load(startup)
 if rc != 0 { die("load the seccomp filter: \(Errno(rawValue: -rc))") }
-execve(devicePath, argv, envp)
+hv_execveat_fd(deviceFD, argv, envp)
 die("exec \(devicePath): \(Errno.current)")

@@ -89,7 +89,7 @@ func sandboxCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32
         "profile file: \(path)",
         "runs as: uid 0 / gid 0 inside its own user namespace = uid \(plan.outsideUID) / gid \(plan.outsideGID) on the host (tenant '\(tenant)'); no other id is mapped",
         "capabilities: none (bounding, inheritable, permitted, effective and ambient sets emptied; SECBIT_NOROOT locked); no_new_privs; non-dumpable",
-        "root: empty read-only tmpfs with the device executable and these read-only binds: \(plan.exposedPaths.joined(separator: ", "))",
+        "root: empty read-only tmpfs with only these read-only binds: \(plan.exposedPaths.joined(separator: ", ")) (the device runs from a descriptor the core opened)",
         "descriptors: only those the core hands over (control, events, and what HELLO carries)",
     ]))
     return 0

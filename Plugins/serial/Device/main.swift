@@ -20,6 +20,8 @@ final class SerialDevice: DeviceModel {
     private var lineHigh = false
     private var inputIdle = true
     private var inputOpen = true
+    /// Set once the host output fails for good: the rest is discarded, reported once.
+    private var outputBroken = false
 
     typealias FileDescriptorNumber = Int32
 
@@ -67,7 +69,7 @@ final class SerialDevice: DeviceModel {
 
     private func writeOutput() {
         guard !pendingOutput.isEmpty else { return }
-        if let output {
+        if let output, !outputBroken {
             var offset = 0
             while offset < pendingOutput.count {
                 let n = pendingOutput.withUnsafeBytes { Glibc.write(output, $0.baseAddress! + offset, $0.count - offset) }
@@ -80,6 +82,7 @@ final class SerialDevice: DeviceModel {
                 }
                 if n <= 0 {
                     runtime.log(.error, "console output failed: \(String(cString: strerror(errno))); output is discarded from now on")
+                    outputBroken = true
                     break
                 }
                 offset += n

@@ -44,11 +44,17 @@ int hv_set_thread_name(const char *name);
 // async-signal-safe code in the child, so the whole child side lives here, in C.
 // clone3(CLONE_PIDFD | namespace flags); the child waits for one byte on `sync_read_fd` (the
 // parent writes its uid/gid maps meanwhile), moves parent_fds[i] onto child_fds[i], empties its
-// signal mask, and execve()s. Returns the child's pid (and *pidfd_out) or -1 with errno set.
-// The child exits 127 if it cannot exec.
-int hv_spawn_in_namespaces(const char *path, char *const argv[], char *const envp[],
+// signal mask, and executes the file open on `exec_fd` (execveat with AT_EMPTY_PATH: the child,
+// already the tenant's uid, may not be able to traverse the path the trusted side opened it by).
+// Returns the child's pid (and *pidfd_out) or -1 with errno set. The child exits 127 if it
+// cannot exec.
+int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
                            unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out);
+
+// execveat(fd, "", argv, envp, AT_EMPTY_PATH): runs an executable from a descriptor (no wrapper
+// in older glibc). Returns only on failure (-1, errno set).
+int hv_execveat_fd(int fd, char *const argv[], char *const envp[]);
 
 // pivot_root(2) has no glibc wrapper.
 int hv_pivot_root(const char *new_root, const char *put_old);
