@@ -85,6 +85,8 @@ final class DeviceSupervisor: @unchecked Sendable {
     private let verbose: Bool
     /// Called for SET_BOOT_STATE from a device with `bootControl`; returns the status to answer.
     var onBootState: (@Sendable (BootState) -> Status)?
+    /// Called for SYSTEM_EVENT from a device with `bootControl`.
+    var onSystemEvent: (@Sendable (SystemEvent) -> Void)?
     /// Called when a device dies before the guest has started (startup then fails).
     var onEarlyDeath: (@Sendable (String) -> Void)?
     /// True once the vCPUs run; before that a device death is a startup failure.
@@ -393,6 +395,12 @@ final class DeviceSupervisor: @unchecked Sendable {
             guard d.granted.contains(.bootControl) else { return answer(.denied) }
             guard let state = try? BootState.decode(frame.payload) else { return answer(.malformed) }
             answer(onBootState?(state) ?? .denied)
+        case .systemEvent?:
+            guard d.granted.contains(.bootControl) else { return answer(.denied) }
+            guard let event = try? SystemEvent.decode(frame.payload) else { return answer(.malformed) }
+            if verbose { Diagnostics.line("\(d.spec.name): the guest asked for \(event.kind == .powerOff ? "power-off" : "a reset")") }
+            onSystemEvent?(event)
+            answer(.ok)
         case .setIRQLevel?:
             guard d.granted.contains(.interruptLevel) else { return answer(.denied) }
             guard let level = try? IRQLevel.decode(frame.payload) else { return answer(.malformed) }

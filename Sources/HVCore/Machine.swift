@@ -9,6 +9,9 @@ import Synchronization
 public enum MachineExit: Sendable, Equatable {
     /// Every vCPU halted with interrupts disabled (or was never started): the guest is done.
     case poweredOff
+    /// The guest asked for a platform reset (i8042, port 0xCF9 or 0x92). The caller decides whether
+    /// to build the VM afresh (a reboot) or to end.
+    case resetRequested
     /// The operator typed the console escape sequence.
     case userQuit
     /// SIGINT, SIGTERM or SIGHUP.
@@ -142,6 +145,11 @@ public final class Machine: @unchecked Sendable {
         signal(SIGPIPE, SIG_IGN)
 
         supervisor.onBootState = { [self] state in acceptBootState(state) }
+        supervisor.onSystemEvent = { [self] event in
+            // Stop at once: no vCPU should run guest code past a power-off or a reset.
+            stop(event.kind == .powerOff ? .poweredOff : .resetRequested)
+            kickAll()
+        }
         supervisor.onEarlyDeath = { [self] why in stop(.failure(why)) }
         do {
             try supervisor.startAll()
@@ -195,9 +203,21 @@ public final class Machine: @unchecked Sendable {
     private func acceptBootState(_ state: BootState) -> Status {
         guard !supervisor.guestStarted.load(ordering: .acquiring) else { return .denied }
         guard state.vcpu == 0 else { return .invalidArgument }
-        if state.mode == .flat32 {
-            // The entry point must be guest RAM below 4 GiB, or the vCPU would fault at once.
-            guard state.rip < min(ram.size, GuestRAM.lowLimit), state.rip <= UInt64(UInt32.max) else { return .invalidArgument }
+        // The entry point, page tables and GDT must be guest RAM below 4 GiB, or the vCPU would
+        // fault at once (a triple fault with no clue why).
+        let lowTop = min(ram.size, GuestRAM.lowLimit)
+        func inLowRAM(_ address: UInt64, _ count: UInt64) -> Bool {
+            address < lowTop && count <= lowTop - address
+        }
+        switch state.mode {
+        case .reset, .flat32:
+            guard state.cr3 == 0, state.gdtBase == 0, state.gdtLimit == 0 else { return .invalidArgument }
+            if state.mode == .flat32 {
+                guard state.rip < lowTop, state.rip <= UInt64(UInt32.max) else { return .invalidArgument }
+            }
+        case .long64:
+            guard inLowRAM(state.rip, 1), state.cr3 & 0xFFF == 0, inLowRAM(state.cr3, 4096),
+                  state.gdtLimit >= 0x1F, inLowRAM(state.gdtBase, UInt64(state.gdtLimit) + 1) else { return .invalidArgument }
         }
         bootState.withLock { $0 = state }
         return .ok
@@ -290,8 +310,11 @@ public final class Machine: @unchecked Sendable {
                 let rip = (try? vcpu.registers().rip).map { "0x" + String($0, radix: 16) } ?? "?"
                 return stop(.failure("guest triple-faulted on vCPU \(vcpu.id) (rip \(rip)); the VM is stopped"))
             case .systemEvent(let type):
-                return stop(type == UInt32(KVM_SYSTEM_EVENT_SHUTDOWN) ? .poweredOff
-                            : .failure("guest requested system event \(type), which hv does not support yet"))
+                switch Int32(type) {
+                case KVM_SYSTEM_EVENT_SHUTDOWN: return stop(.poweredOff)
+                case KVM_SYSTEM_EVENT_RESET: return stop(.resetRequested)
+                default: return stop(.failure("guest requested system event \(type), which hv does not support"))
+                }
             case .internalError(let suberror):
                 let rip = (try? vcpu.registers().rip).map { "0x" + String($0, radix: 16) } ?? "?"
                 return stop(.failure("KVM internal error on vCPU \(vcpu.id) (suberror \(suberror), rip \(rip)): KVM could not emulate the guest"))
@@ -304,22 +327,40 @@ public final class Machine: @unchecked Sendable {
     }
 
     private func apply(_ state: BootState, to vcpu: VCPU) throws(KVMError) {
-        guard state.mode == .flat32 else { return }
+        guard state.mode != .reset else { return }
         var sregs = try vcpu.specialRegisters()
-        func flat(selector: UInt16, type: UInt8) -> kvm_segment {
+        func segment(selector: UInt16, type: UInt8, long: Bool = false) -> kvm_segment {
+            // In long mode a 64-bit code segment has L=1 and D=0; everything else is a flat 4 GiB
+            // 32-bit segment.
             kvm_segment(base: 0, limit: 0xFFFF_FFFF, selector: selector, type: type, present: 1, dpl: 0,
-                        db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0, padding: 0)
+                        db: long ? 0 : 1, s: 1, l: long ? 1 : 0, g: 1, avl: 0, unusable: 0, padding: 0)
         }
-        sregs.cs = flat(selector: 0x08, type: 0xB)  // execute/read, accessed
-        let data = flat(selector: 0x10, type: 0x3)  // read/write, accessed
+        let data: kvm_segment
+        switch state.mode {
+        case .long64:
+            // The Linux 64-bit boot protocol: __BOOT_CS 0x10 (64-bit code), __BOOT_DS 0x18, paging
+            // with the loader's identity map, PAE, EFER.LME|LMA. The GDT in guest RAM holds the
+            // same descriptors (the loader wrote it); KVM takes the hidden parts from here.
+            sregs.cs = segment(selector: 0x10, type: 0xB, long: true)
+            data = segment(selector: 0x18, type: 0x3)
+            sregs.gdt.base = state.gdtBase
+            sregs.gdt.limit = state.gdtLimit
+            sregs.cr3 = state.cr3
+            sregs.cr4 = 0x20  // PAE
+            sregs.cr0 = (sregs.cr0 | 0x8000_0001) & ~UInt64(0x6000_0000)  // PG, PE on; caches on (CD, NW off)
+            sregs.efer = 0x500  // LME | LMA
+        default:
+            sregs.cs = segment(selector: 0x08, type: 0xB)  // execute/read, accessed
+            data = segment(selector: 0x10, type: 0x3)  // read/write, accessed
+            sregs.cr0 = (sregs.cr0 | 0x1) & ~UInt64(0x8000_0000)  // PE on, PG off
+            sregs.cr4 = 0
+            sregs.efer = 0
+        }
         sregs.ds = data
         sregs.es = data
         sregs.fs = data
         sregs.gs = data
         sregs.ss = data
-        sregs.cr0 = (sregs.cr0 | 0x1) & ~UInt64(0x8000_0000)  // PE on, PG off
-        sregs.cr4 = 0
-        sregs.efer = 0
         try vcpu.setSpecialRegisters(sregs)
         var regs = kvm_regs()
         regs.rip = state.rip

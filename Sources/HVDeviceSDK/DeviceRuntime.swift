@@ -194,6 +194,13 @@ public final class DeviceRuntime: @unchecked Sendable {
         do { _ = try events.request(.setBootState, payload: state.encode(), timeoutMilliseconds: 10_000) } catch { throw .channel(error) }
     }
 
+    /// Tells the core the guest powered the machine off or asked for a reset (requires
+    /// `bootControl`). The core stops the vCPUs when it takes the message; on a reset it builds
+    /// the VM afresh, so this process ends either way.
+    public func signalSystemEvent(_ kind: SystemEvent.Kind) {
+        try? events.notify(.systemEvent, payload: SystemEvent(kind).encode())
+    }
+
     /// Drives a level-triggered interrupt line (requires `interruptLevel`).
     public func setInterruptLevel(line: UInt32, asserted: Bool) {
         try? events.notify(.setIRQLevel, payload: IRQLevel(line: line, asserted: asserted).encode())

@@ -18,7 +18,8 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     public static let registerRing = Capabilities(rawValue: 1 << 0)
     /// A core-owned state page survives device restarts.
     public static let statePage = Capabilities(rawValue: 1 << 1)
-    /// The device may set the boot vCPU's entry state (granted to the BIOS device only).
+    /// The platform device's rights: SET_BOOT_STATE (the boot vCPU's entry state) and SYSTEM_EVENT
+    /// (power-off, reset). Granted to the BIOS device only.
     public static let bootControl = Capabilities(rawValue: 1 << 2)
     /// The device may drive level-triggered interrupt lines with SET_IRQ_LEVEL.
     public static let interruptLevel = Capabilities(rawValue: 1 << 3)
@@ -34,6 +35,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case log = 0x0101
     case setBootState = 0x0102
     case setIRQLevel = 0x0103
+    case systemEvent = 0x0104
 }
 
 /// Header flag bits.
@@ -364,6 +366,10 @@ public struct BootState: Equatable, Sendable {
         /// 32-bit protected mode, flat 4 GiB code (0x08) and data (0x10) segments, paging off:
         /// the multiboot v1 machine state.
         case flat32 = 1
+        /// 64-bit long mode as the Linux 64-bit boot protocol requires: paging on with `cr3`,
+        /// CR4.PAE, EFER.LME|LMA, GDTR from `gdtBase`/`gdtLimit`, 64-bit code selector 0x10, flat
+        /// data selector 0x18, interrupts off.
+        case long64 = 2
     }
     public var vcpu: UInt32
     public var mode: Mode
@@ -372,8 +378,15 @@ public struct BootState: Equatable, Sendable {
     public var rax: UInt64
     public var rbx: UInt64
     public var rsi: UInt64
+    /// `long64`: the page-table root. Zero otherwise.
+    public var cr3: UInt64
+    /// `long64`: guest-physical address of the GDT. Zero otherwise.
+    public var gdtBase: UInt64
+    /// `long64`: the GDT limit. Zero otherwise.
+    public var gdtLimit: UInt16
 
-    public init(vcpu: UInt32 = 0, mode: Mode, rip: UInt64 = 0, rsp: UInt64 = 0, rax: UInt64 = 0, rbx: UInt64 = 0, rsi: UInt64 = 0) {
+    public init(vcpu: UInt32 = 0, mode: Mode, rip: UInt64 = 0, rsp: UInt64 = 0, rax: UInt64 = 0, rbx: UInt64 = 0, rsi: UInt64 = 0,
+                cr3: UInt64 = 0, gdtBase: UInt64 = 0, gdtLimit: UInt16 = 0) {
         self.vcpu = vcpu
         self.mode = mode
         self.rip = rip
@@ -381,6 +394,9 @@ public struct BootState: Equatable, Sendable {
         self.rax = rax
         self.rbx = rbx
         self.rsi = rsi
+        self.cr3 = cr3
+        self.gdtBase = gdtBase
+        self.gdtLimit = gdtLimit
     }
 
     public func encode() -> [UInt8] {
@@ -392,6 +408,11 @@ public struct BootState: Equatable, Sendable {
         w.u64(rax)
         w.u64(rbx)
         w.u64(rsi)
+        w.u64(cr3)
+        w.u64(gdtBase)
+        w.u16(gdtLimit)
+        w.u16(0)
+        w.u32(0)
         return w.bytes
     }
 
@@ -401,9 +422,38 @@ public struct BootState: Equatable, Sendable {
         let rawMode = try r.u32()
         guard let mode = Mode(rawValue: rawMode) else { throw .invalidField("boot state: mode \(rawMode)") }
         let s = BootState(vcpu: vcpu, mode: mode, rip: try r.u64(), rsp: try r.u64(), rax: try r.u64(),
-                          rbx: try r.u64(), rsi: try r.u64())
+                          rbx: try r.u64(), rsi: try r.u64(), cr3: try r.u64(), gdtBase: try r.u64(), gdtLimit: try r.u16())
+        guard try r.u16() == 0, try r.u32() == 0 else { throw .invalidField("boot state: reserved bytes are not zero") }
         try r.finish()
         return s
+    }
+}
+
+/// SYSTEM_EVENT (device → core, usually NO_REPLY): the guest powered off or asked for a reset.
+public struct SystemEvent: Equatable, Sendable {
+    public enum Kind: UInt32, Sendable, CaseIterable {
+        /// The guest turned the machine off (ACPI S5); the VM ends.
+        case powerOff = 1
+        /// The guest asked for a platform reset; the VM restarts unless the operator said not to.
+        case reset = 2
+    }
+    public var kind: Kind
+    public init(_ kind: Kind) { self.kind = kind }
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(kind.rawValue)
+        w.u32(0)
+        return w.bytes
+    }
+
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> SystemEvent {
+        var r = WireReader(payload)
+        let raw = try r.u32()
+        guard let kind = Kind(rawValue: raw) else { throw .invalidField("system event: event \(raw)") }
+        guard try r.u32() == 0 else { throw .invalidField("system event: reserved word is not zero") }
+        try r.finish()
+        return SystemEvent(kind)
     }
 }
 

@@ -26,7 +26,10 @@ func parseSize(_ text: String, flag: String) throws(UsageError) -> UInt64 {
 /// Options of `hvctl run`.
 struct RunOptions {
     var multiboot: String?
+    var kernel: String?
+    var initrd: String?
     var firmware: String?
+    var noReboot = false
     var bootMenu = false
     var debugcon: String?
     var commandLine = ""
@@ -41,14 +44,17 @@ struct RunOptions {
     static let help = """
     usage: hvctl run [options]
 
-    Boots a VM. With no --multiboot, boots hv's built-in demo guest.
+    Boots a VM. With none of --multiboot, --kernel or --firmware, boots hv's built-in demo guest.
 
     options:
       --multiboot FILE   boot a multiboot (v1) kernel: ELF32 or a.out-kludge image
+      --kernel FILE      boot a Linux bzImage by the x86 boot protocol (64-bit entry)
+      --initrd FILE      initial ramdisk for --kernel
       --firmware FW      boot firmware: 'seabios' (Debian's /usr/share/seabios/bios-256k.bin) or a path
       --boot-menu        let the firmware show its boot menu (off by default: no menu delay)
       --debugcon file:PATH  write the 0x402 debug port (SeaBIOS's log) to PATH (default: discarded)
-      --cmdline STR      command line passed to the kernel
+      --cmdline STR      command line passed to the kernel (--multiboot, --kernel)
+      --no-reboot        end the VM (exit 0) when the guest asks for a reset, instead of rebooting it
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
       --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
@@ -59,8 +65,9 @@ struct RunOptions {
       -h, --help         show this help
 
     With --serial stdio on a terminal, keystrokes go to the guest; type Ctrl-A x to quit
-    (Ctrl-A Ctrl-A sends a literal Ctrl-A). hvctl exits 0 when the guest powers off or halts
-    every vCPU with interrupts disabled, 1 on a guest or VMM failure (the reason is printed),
+    (Ctrl-A Ctrl-A sends a literal Ctrl-A). hvctl exits 0 when the guest powers off (ACPI S5) or
+    halts every vCPU with interrupts disabled, or asks for a reset under --no-reboot (a reset
+    otherwise reboots the VM afresh); 1 on a guest or VMM failure (the reason is printed),
     2 on a usage error, and 128+N when stopped by signal N (SIGINT, SIGTERM).
     """
 
@@ -81,6 +88,9 @@ struct RunOptions {
             switch flag {
             case "-h", "--help": return nil
             case "--multiboot": options.multiboot = try value(flag)
+            case "--kernel": options.kernel = try value(flag)
+            case "--initrd": options.initrd = try value(flag)
+            case "--no-reboot": options.noReboot = true
             case "--firmware":
                 let fw = try value(flag)
                 options.firmware = fw == "seabios" ? "/usr/share/seabios/bios-256k.bin" : fw
@@ -121,8 +131,13 @@ struct RunOptions {
                 throw UsageError(message: "unknown option '\(arg)' for 'hvctl run'")
             }
         }
-        if options.firmware != nil && options.multiboot != nil {
-            throw UsageError(message: "--firmware and --multiboot both choose how the VM boots: give one")
+        let boots = [("--firmware", options.firmware), ("--multiboot", options.multiboot), ("--kernel", options.kernel)]
+            .filter { $0.1 != nil }.map(\.0)
+        if boots.count > 1 {
+            throw UsageError(message: "\(boots.joined(separator: " and ")) each choose how the VM boots: give one")
+        }
+        if options.initrd != nil && options.kernel == nil {
+            throw UsageError(message: "--initrd needs --kernel (an initial ramdisk is for a Linux kernel)")
         }
         return options
     }

@@ -2,6 +2,7 @@ import Glibc
 import HVCore
 import HVIPC
 import HVSys
+import Synchronization
 
 // hvctl: the operator's command. `hvctl run` builds a VM from flags and runs it in this process,
 // which is the VM's trusted core; devices run as separate processes it supervises.
@@ -51,6 +52,70 @@ func hostMemoryBytes() -> UInt64 {
     UInt64(max(sysconf(Int32(_SC_PHYS_PAGES)), 0)) * UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 0))
 }
 
+/// The VM that is running now; a reboot replaces it. The console's quit key reaches whichever
+/// VM is current, and a quit typed between two boots is not lost.
+final class CurrentMachine: @unchecked Sendable {
+    // @unchecked: every field is under `lock`.
+    private let lock = Mutex<(machine: Machine?, quit: Bool)>((nil, false))
+    func install(_ machine: Machine) {
+        let quit = lock.withLock { state -> Bool in
+            state.machine = machine
+            return state.quit
+        }
+        if quit { machine.stop(.userQuit) }
+    }
+    func quit() {
+        let machine = lock.withLock { state -> Machine? in
+            state.quit = true
+            return state.machine
+        }
+        machine?.stop(.userQuit)
+    }
+}
+
+/// The host files that stay open across reboots: the guest image, the initrd, the firmware.
+struct BootFiles {
+    var image: FileDescriptor
+    var initrd: FileDescriptor?
+    var firmwareSize: Int?
+    var mode: String
+}
+
+func openBootFiles(_ options: RunOptions) -> BootFiles {
+    var what = "guest image '\(options.multiboot ?? "demo")'"
+    do {
+        if let path = options.firmware {
+            what = "firmware image '\(path)'"
+            let image = try FileDescriptor.open(path, flags: O_RDONLY)
+            let size = (try? image.size()) ?? 0
+            guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
+                fail("firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
+            }
+            return BootFiles(image: image, firmwareSize: Int(size), mode: "firmware")
+        } else if let path = options.kernel {
+            what = "kernel '\(path)'"
+            let image = try FileDescriptor.open(path, flags: O_RDONLY)
+            if (try? image.size()) == 0 { fail("kernel '\(path)' is empty: give a bzImage") }
+            var initrd: FileDescriptor?
+            if let initrdPath = options.initrd {
+                what = "initrd '\(initrdPath)'"
+                initrd = try FileDescriptor.open(initrdPath, flags: O_RDONLY)
+            }
+            return BootFiles(image: image, initrd: initrd, mode: "linux")
+        } else if let path = options.multiboot {
+            let image = try FileDescriptor.open(path, flags: O_RDONLY)
+            if (try? image.size()) == 0 { fail("guest image '\(path)' is empty") }
+            return BootFiles(image: image, mode: "multiboot")
+        } else {
+            let image = try MemFD.create(name: "hv-demo-guest", size: DemoGuest.image().count)
+            try image.writeAll(DemoGuest.image())
+            return BootFiles(image: image, mode: "multiboot")
+        }
+    } catch {
+        fail("cannot open \(what): \(error.errno)")
+    }
+}
+
 func run(_ options: RunOptions) -> Int32 {
     // Stop signals are taken synchronously by Machine.run on the main thread; block them before
     // any thread (the console's, the supervisor's, vCPUs) exists, so none of those inherits an
@@ -65,27 +130,7 @@ func run(_ options: RunOptions) -> Int32 {
     }
 
     // The trusted side opens every host file; devices only receive descriptors.
-    let image: FileDescriptor
-    var firmwareROM: FileDescriptor?
-    do {
-        if let path = options.firmware {
-            image = try FileDescriptor.open(path, flags: O_RDONLY)
-            let size = (try? image.size()) ?? 0
-            guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
-                fail("firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
-            }
-            firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: Int(size))
-        } else if let path = options.multiboot {
-            image = try FileDescriptor.open(path, flags: O_RDONLY)
-            if (try? image.size()) == 0 { fail("guest image '\(path)' is empty") }
-        } else {
-            image = try MemFD.create(name: "hv-demo-guest", size: DemoGuest.image().count)
-            try image.writeAll(DemoGuest.image())
-        }
-    } catch {
-        let what = options.firmware.map { "firmware image '\($0)'" } ?? "guest image '\(options.multiboot ?? "demo")'"
-        fail("cannot open \(what): \(error.errno)")
-    }
+    let boot = openBootFiles(options)
 
     var serialFiles: [FileDescriptor] = []
     var console: Console?
@@ -116,24 +161,78 @@ func run(_ options: RunOptions) -> Int32 {
     } catch {
         fail("cannot open the --debugcon file '\(options.debugcon ?? "/dev/null")': \(error.errno)")
     }
+    // Every device is jailed under the VM's tenant unless --no-sandbox.
+    let tenant = options.sandbox ? options.tenant ?? "vm-\(getpid())" : nil
+    if tenant == nil {
+        warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
+    }
+
+    let current = CurrentMachine()
+    if let console {
+        do { try console.start { current.quit() } } catch { fail("cannot read the terminal: \(error)") }
+    }
+    defer { console?.restore() }
+    // A reset builds the VM afresh (new RAM, devices and firmware), like a power cycle; only the
+    // console, the image files and the tenant carry over.
+    while true {
+        let devices: [DeviceSpec]
+        var firmwareROM: FileDescriptor?
+        do {
+            if let size = boot.firmwareSize { firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: size) }
+            devices = try platformDevices(options, boot: boot, firmwareROM: firmwareROM, serialFiles: serialFiles,
+                                          debugOutput: debugOutput, tenant: tenant)
+        } catch let error as UsageError {
+            fail(error.message, status: 2)
+        } catch {
+            fail("cannot prepare the firmware ROM: \(error)")
+        }
+        let machine: Machine
+        do {
+            machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose,
+                                        firmwareROM: firmwareROM))
+        } catch {
+            fail("\(error)")
+        }
+        current.install(machine)
+        switch machine.run() {
+        case .poweredOff:
+            return 0
+        case .resetRequested:
+            if options.noReboot {
+                warn("the guest asked for a reset; stopping (--no-reboot)")
+                return 0
+            }
+            if options.verbose { warn("the guest asked for a reset; rebooting") }
+        case .userQuit:
+            console?.restore()
+            _ = "\r\nhvctl: quit (Ctrl-A x)\n".withCString { Glibc.write(2, $0, strlen($0)) }  // ends the guest's unfinished line
+            return 0
+        case .signal(let sig):
+            return 128 + sig
+        case .failure(let why):
+            console?.restore()
+            fail(why)
+        }
+    }
+}
+
+/// The serial port, the BIOS/platform device and any --device plugins, each planned into its
+/// tenant's sandbox.
+func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDescriptor?, serialFiles: [FileDescriptor],
+                     debugOutput: FileDescriptor, tenant: String?) throws -> [DeviceSpec] {
+    var biosFiles = [boot.image, firmwareROM ?? boot.image, debugOutput]
+    if let initrd = boot.initrd { biosFiles.append(initrd) }
     var devices = [
         DeviceSpec(name: "serial0", executable: deviceExecutable("hv-serial"),
                    resources: [Resource(kind: .pio, base: 0x3F8, length: 8)], interruptGSIs: [4],
                    hostFiles: serialFiles, capabilities: [.statePage]),
         DeviceSpec(name: "bios", executable: deviceExecutable("hv-bios"),
-                   // CMOS/RTC, the 0x402 debug console, fw_cfg (+ DMA), PCI configuration
-                   // mechanism #1 with the i440FX/PIIX3 functions, and port A (fast A20).
-                   resources: [Resource(kind: .pio, base: 0x70, length: 2), Resource(kind: .pio, base: 0x402, length: 1),
-                               Resource(kind: .pio, base: 0x510, length: 2), Resource(kind: .pio, base: 0x514, length: 8),
-                               Resource(kind: .pio, base: 0xCF8, length: 8), Resource(kind: .pio, base: 0x92, length: 1)],
-                   interruptGSIs: [8],
-                   hostFiles: [image, firmwareROM ?? image, debugOutput],
-                   config: ["mode=\(firmwareROM == nil ? "multiboot" : "firmware")", "cpus=\(options.cpus)",
-                            "boot_menu=\(options.bootMenu ? 1 : 0)", "cmdline=\(options.commandLine)"].joined(separator: "\n"),
+                   resources: BIOSResources.all, interruptGSIs: [8, 1],  // RTC, keyboard
+                   hostFiles: biosFiles,
+                   config: ["mode=\(boot.mode)", "cpus=\(options.cpus)", "boot_menu=\(options.bootMenu ? 1 : 0)",
+                            "initrd=\(boot.initrd == nil ? 0 : 1)", "cmdline=\(options.commandLine)"].joined(separator: "\n"),
                    capabilities: [.bootControl, .statePage], mapsGuestMemory: true),
     ]
-    // Every device is jailed under the VM's tenant unless --no-sandbox.
-    let tenant = options.sandbox ? options.tenant ?? "vm-\(getpid())" : nil
     let profiles = ["serial0": "serial", "bios": "bios"]
     do {
         if let tenant {
@@ -141,36 +240,27 @@ func run(_ options: RunOptions) -> Int32 {
                 guard let profile = profiles[devices[i].name] else { continue }
                 devices[i].sandbox = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath(profile), tenant: tenant)
             }
-        } else {
-            warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
         }
         for (i, spec) in options.plugins.enumerated() { devices.append(try pluginDevice(spec, index: i, tenant: tenant)) }
     } catch {
-        fail(error.message, status: 2)
+        throw UsageError(message: error.message)
     }
-    let machine: Machine
-    do {
-        machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose,
-                                    firmwareROM: firmwareROM))
-    } catch {
-        fail("\(error)")
-    }
-    if let console {
-        do { try console.start { machine.stop(.userQuit) } } catch { fail("cannot read the terminal: \(error)") }
-    }
-    let outcome = machine.run()
-    console?.restore()
-    switch outcome {
-    case .poweredOff:
-        return 0
-    case .userQuit:
-        _ = "\r\nhvctl: quit (Ctrl-A x)\n".withCString { Glibc.write(2, $0, strlen($0)) }  // ends the guest's unfinished line
-        return 0
-    case .signal(let sig):
-        return 128 + sig
-    case .failure(let why):
-        fail(why)
-    }
+    return devices
+}
+
+/// The BIOS device's register windows, in the order its model numbers them (resource index).
+enum BIOSResources {
+    static let all: [Resource] = [
+        Resource(kind: .pio, base: 0x70, length: 2),     // 0: CMOS/RTC
+        Resource(kind: .pio, base: 0x402, length: 1),    // 1: debug console
+        Resource(kind: .pio, base: 0x510, length: 2),    // 2: fw_cfg selector/data
+        Resource(kind: .pio, base: 0x514, length: 8),    // 3: fw_cfg DMA
+        Resource(kind: .pio, base: 0xCF8, length: 8),    // 4: PCI config mechanism #1 (+ 0xCF9 reset control)
+        Resource(kind: .pio, base: 0x92, length: 1),     // 5: port A (fast A20, fast reset)
+        Resource(kind: .pio, base: 0x60, length: 1),     // 6: i8042 data
+        Resource(kind: .pio, base: 0x64, length: 1),     // 7: i8042 status/command
+        Resource(kind: .pio, base: 0xB000, length: 16),  // 8: PIIX4 ACPI PM (PM1 event/control, PM timer)
+    ]
 }
 
 var arguments = CommandLine.arguments.dropFirst()

@@ -247,6 +247,7 @@ final class ControlChannelTests: XCTestCase {
             ("log", LogRecord(level: .warning, text: "warn").encode()),
             ("set_boot_state", BootState(mode: .flat32, rip: 0x100000).encode()),
             ("set_irq_level", IRQLevel(line: 1, asserted: true).encode()),
+            ("system_event", SystemEvent(.reset).encode()),
         ]
         var rng = LCG(seed: 0x5EED)
         for (name, seed) in seeds {
@@ -295,6 +296,9 @@ final class ControlChannelTests: XCTestCase {
                 XCTAssertEqual(v.encode(), input)
             case "set_irq_level":
                 let v = try IRQLevel.decode(input)
+                XCTAssertEqual(v.encode(), input)
+            case "system_event":
+                let v = try SystemEvent.decode(input)
                 XCTAssertEqual(v.encode(), input)
             default:
                 throw TestFailure("no decoder for \(layout)")

@@ -39,7 +39,7 @@ final class SchemaConformanceTests: XCTestCase {
         let schema = try SchemaFiles.schema()
         let names: [MessageType: String] = [
             .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING",
-            .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL",
+            .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT",
         ]
         XCTAssertEqual(names.count, MessageType.allCases.count, "a MessageType case has no schema name in this test")
         let expected = try schema.enumValues("message_type")
@@ -106,6 +106,7 @@ final class SchemaConformanceTests: XCTestCase {
         try check("register_operation", over: 0...255, { RegisterRequest.Operation(rawValue: UInt8($0)) }, raw: { UInt64($0.rawValue) })
         try check("boot_mode", over: 0...65536, { BootState.Mode(rawValue: UInt32($0)) }, raw: { UInt64($0.rawValue) })
         XCTAssertNil(BootState.Mode(rawValue: UInt32.max))
+        try check("system_event", over: 0...65536, { SystemEvent.Kind(rawValue: UInt32($0)) }, raw: { UInt64($0.rawValue) })
 
         // And by name, so a swapped pair of values would be caught.
         let roles: [String: FDRole] = [
@@ -116,7 +117,9 @@ final class SchemaConformanceTests: XCTestCase {
         XCTAssertEqual(try schema.enumValues("resource_kind"), ["PIO": UInt64(Resource.Kind.pio.rawValue), "MMIO": UInt64(Resource.Kind.mmio.rawValue)])
         let levels: [String: LogRecord.Level] = ["DEBUG": .debug, "INFO": .info, "WARNING": .warning, "ERROR": .error]
         XCTAssertEqual(try schema.enumValues("log_level"), levels.mapValues { UInt64($0.rawValue) })
-        XCTAssertEqual(try schema.enumValues("boot_mode"), ["RESET": UInt64(BootState.Mode.reset.rawValue), "FLAT32": UInt64(BootState.Mode.flat32.rawValue)])
+        XCTAssertEqual(try schema.enumValues("boot_mode"), ["RESET": UInt64(BootState.Mode.reset.rawValue), "FLAT32": UInt64(BootState.Mode.flat32.rawValue),
+                                                             "LONG64": UInt64(BootState.Mode.long64.rawValue)])
+        XCTAssertEqual(try schema.enumValues("system_event"), ["POWER_OFF": UInt64(SystemEvent.Kind.powerOff.rawValue), "RESET": UInt64(SystemEvent.Kind.reset.rawValue)])
         let ops: [String: RegisterRequest.Operation] = ["PIO_READ": .pioRead, "PIO_WRITE": .pioWrite, "MMIO_READ": .mmioRead, "MMIO_WRITE": .mmioWrite]
         XCTAssertEqual(try schema.enumValues("register_operation"), ops.mapValues { UInt64($0.rawValue) })
         let reads = Set(schema.json["enums"]["register_operation"]["reads"].array.compactMap(\.string))
@@ -185,7 +188,7 @@ final class SchemaConformanceTests: XCTestCase {
         let messages = Set(vectors["vectors"].array.compactMap { $0["message"].string })
         XCTAssertEqual(messages, Set(schema.json["messages"].keys))
         let layouts = Set(vectors["vectors"].array.compactMap { $0["layout"].string })
-        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "empty",
+        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "empty",
                        "ring_request_entry", "ring_response_entry", "ring_header"] {
             XCTAssertTrue(layouts.contains(layout), "no vector for layout \(layout)")
         }
@@ -231,6 +234,7 @@ final class SchemaConformanceTests: XCTestCase {
             case "log": expectWireError(name, category) { _ = try LogRecord.decode(data) }
             case "set_boot_state": expectWireError(name, category) { _ = try BootState.decode(data) }
             case "set_irq_level": expectWireError(name, category) { _ = try IRQLevel.decode(data) }
+            case "system_event": expectWireError(name, category) { _ = try SystemEvent.decode(data) }
             case "ring_request_entry":
                 XCTAssertEqual(category, "unknown_enum", name)
                 let ring = try RingFixture()
@@ -311,9 +315,16 @@ final class SchemaConformanceTests: XCTestCase {
             let value = BootState(vcpu: try fields["vcpu"].fixed(UInt32.self, "vcpu"), mode: mode,
                                   rip: try fields["rip"].u64("rip"), rsp: try fields["rsp"].u64("rsp"),
                                   rax: try fields["rax"].u64("rax"), rbx: try fields["rbx"].u64("rbx"),
-                                  rsi: try fields["rsi"].u64("rsi"))
+                                  rsi: try fields["rsi"].u64("rsi"), cr3: try fields["cr3"].u64("cr3"),
+                                  gdtBase: try fields["gdt_base"].u64("gdt_base"),
+                                  gdtLimit: try fields["gdt_limit"].fixed(UInt16.self, "gdt_limit"))
             XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
             XCTAssertEqual(try BootState.decode(expected), value, name)
+        case "system_event":
+            let kind = try XCTUnwrap(SystemEvent.Kind(rawValue: UInt32(try schema.enumValue("system_event", fields["event"]))), name)
+            let value = SystemEvent(kind)
+            XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
+            XCTAssertEqual(try SystemEvent.decode(expected), value, name)
         case "set_irq_level":
             let level = try schema.enumValue("irq_level", fields["level"])
             let value = IRQLevel(line: try fields["line"].fixed(UInt32.self, "line"),

@@ -56,6 +56,12 @@ enum Harness {
         guestPath = path
         return path
     }
+
+    /// The 64-bit Linux boot-protocol probe (a bzImage-format file), built with the test guest.
+    static func bootProbe() throws -> String {
+        let guest = try testGuest()
+        return URL(fileURLWithPath: guest).deletingLastPathComponent().appendingPathComponent("bootparams-probe.bzImage").path
+    }
 }
 
 /// One running `hvctl` with captured stdout/stderr and a writable stdin.

@@ -5,12 +5,16 @@ import HVDeviceSDK
 // The BIOS device: the PC platform's firmware-facing pieces, in a sandboxed process.
 //
 // - Boot: in `mode=multiboot` it parses the guest image (host file 0, untrusted) into guest RAM and
-//   names the entry state; in `mode=firmware` it copies the firmware image (host file 0) into the
-//   ROM memfd the core maps read-only below 4 GiB (host file 1), puts the BIOS's last 128 KiB at
-//   0xE0000 as real PCs shadow it, and lets the vCPU start at the reset vector.
+//   names the entry state; in `mode=linux` it loads a bzImage (host file 0) and an initrd (host
+//   file 3) by the 64-bit Linux boot protocol; in `mode=firmware` it copies the firmware image
+//   (host file 0) into the ROM memfd the core maps read-only below 4 GiB (host file 1), puts the
+//   BIOS's last 128 KiB at 0xE0000 as real PCs shadow it, and lets the vCPU start at the reset vector.
 // - Registers: CMOS/RTC (0x70–0x71, IRQ 8), the 0x402 debug console (to host file 2), fw_cfg
 //   (0x510–0x511 and DMA at 0x514–0x51B), PCI configuration mechanism #1 with the i440FX host
-//   bridge and PIIX3 ISA bridge (0xCF8–0xCFF), and system control port A (0x92, fast A20).
+//   bridge, PIIX3 ISA bridge and PIIX4 PM function (0xCF8–0xCFF, and reset control at 0xCF9),
+//   system control port A (0x92: fast A20, fast reset), the i8042 keyboard controller (0x60,
+//   0x64, IRQ 1) and the ACPI PM block (0xB000–0xB00F: power-off, PM timer).
+// - Power-off (ACPI S5) and reset requests (i8042, 0xCF9, 0x92) go to the core as SYSTEM_EVENT.
 // Images and guest-written registers are untrusted input: all of it is parsed here, never in the core.
 
 /// Guest RAM as the loaders see it: the low region, starting at guest-physical 0.
@@ -69,6 +73,33 @@ func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadF
     }
 }
 
+func loadLinux(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
+    let kernel = try readImage(runtime)
+    var initrd: [UInt8] = []
+    if runtime.config["initrd"] == "1" {
+        guard let file = runtime.hostFiles[3] else { throw LoadFailure("no initrd was handed over") }
+        let size: Int64
+        do { size = try file.size() } catch { throw LoadFailure("cannot stat the initrd: \(error.errno)") }
+        guard size <= maximumImageBytes else { throw LoadFailure("the initrd is \(size) bytes, larger than the \(maximumImageBytes >> 20) MiB limit") }
+        do { initrd = try file.readAll() } catch { throw LoadFailure("cannot read the initrd: \(error.errno)") }
+    }
+    let low = memory.lowRAMSize
+    let total = memory.regions.reduce(0) { $0 + $1.size }
+    let entry: LinuxEntry
+    do {
+        entry = try LinuxLoader(kernel: kernel, initrd: initrd)
+            .load(into: LowRAM(memory: memory), ramAbove4G: total - low, commandLine: runtime.config["cmdline"] ?? "")
+    } catch {
+        throw LoadFailure(error.description)
+    }
+    do {
+        try runtime.setBootState(BootState(mode: .long64, rip: entry.entryPoint, rsp: entry.stackPointer, rsi: entry.bootParams,
+                                           cr3: entry.pageTableRoot, gdtBase: entry.gdtBase, gdtLimit: entry.gdtLimit))
+    } catch {
+        throw LoadFailure("the core refused the boot state: \(error)")
+    }
+}
+
 func loadFirmware(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
     let bytes = try readImage(runtime)
     guard let romFD = runtime.hostFiles[1] else { throw LoadFailure("no firmware ROM was handed over") }
@@ -106,6 +137,8 @@ struct PlatformState: BitwiseCopyable {
     var magic: UInt32
     var cmos: CMOS
     var pci: PCIHostBridge
+    var keyboard: I8042
+    var power: ACPIPowerManagement
     var fwSelector: UInt16
     var fwOffset: UInt32
 }
@@ -118,6 +151,9 @@ final class Platform: DeviceModel {
     private let console: FileDescriptor?
     private var pendingConsole: [UInt8] = []
     private var irqHigh = false
+    private var keyboardIRQHigh = false
+    /// Set once a power-off or reset went to the core: the machine is ending, ignore the rest.
+    private var ended = false
 
     init(runtime: DeviceRuntime) {
         self.runtime = runtime
@@ -131,10 +167,12 @@ final class Platform: DeviceModel {
         console = runtime.hostFiles[2]
         let fresh = PlatformState(magic: PlatformState.magicValue,
                                   cmos: CMOS(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus),
-                                  pci: PCIHostBridge(), fwSelector: 0, fwOffset: 0)
+                                  pci: PCIHostBridge(), keyboard: I8042(), power: ACPIPowerManagement(),
+                                  fwSelector: 0, fwOffset: 0)
         if runtime.restartGeneration > 0, let page = runtime.statePage, page.load(PlatformState.self).magic == PlatformState.magicValue {
             var restored = page.load(PlatformState.self)
             restored.cmos.sanitize()
+            restored.keyboard.sanitize()
             state = restored
             fwcfg.cursor = (state.fwSelector, state.fwOffset)
         } else {
@@ -160,12 +198,27 @@ final class Platform: DeviceModel {
         case 3: return fwcfg.readDMARegister(offset: Int(offset) + 4, size: size)
         case 4:
             if offset == 0 && size == 4 { return UInt64(state.pci.address) }
-            if offset == 1 && size == 1 { return 0 }  // PIIX3 reset control
+            if offset == 1 && size == 1 { return UInt64(state.pci.resetControl) }
             if offset >= 4 { return UInt64(state.pci.readData(offset: Int(offset - 4), size: size)) }
             return ~0
         case 5: return 0x02  // port A: A20 enabled (KVM never masks A20)
+        case 6:
+            let byte = state.keyboard.readData()
+            keyboardIRQHigh = false  // reading the buffer drops IRQ 1; the next byte raises it again
+            return UInt64(byte)
+        case 7: return UInt64(state.keyboard.readStatus())
+        case 8: return UInt64(state.power.read(offset: Int(offset), size: size, nowNanoseconds: monotonicNanoseconds()))
         default: return ~0
         }
+    }
+
+    /// Hands a power-off or reset to the core, once.
+    private func end(_ kind: SystemEvent.Kind, _ why: String) {
+        guard !ended else { return }
+        ended = true
+        runtime.log(.info, why)
+        flush()
+        runtime.signalSystemEvent(kind)
     }
 
     func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
@@ -187,15 +240,26 @@ final class Platform: DeviceModel {
             if offset == 0 && size == 4 {
                 state.pci.writeAddress(UInt32(truncatingIfNeeded: value))
             } else if offset == 1 && size == 1 {
-                if PCIHostBridge.isResetRequest(UInt8(truncatingIfNeeded: value)) {
-                    runtime.log(.warning, "the guest asked for a reset (port 0xCF9); hv does not reboot guests yet, the request is ignored")
-                }
+                if state.pci.writeResetControl(UInt8(truncatingIfNeeded: value)) { end(.reset, "the guest asked for a reset (port 0xCF9)") }
             } else if offset >= 4 {
                 state.pci.writeData(offset: Int(offset - 4), size: size, value: UInt32(truncatingIfNeeded: value))
             }
         case 5:
-            if value & 1 != 0 {
-                runtime.log(.warning, "the guest asked for a reset (port 0x92); hv does not reboot guests yet, the request is ignored")
+            if value & 1 != 0 { end(.reset, "the guest asked for a reset (port 0x92 fast reset)") }
+        case 6:
+            if state.keyboard.writeData(UInt8(truncatingIfNeeded: value)) == .reset {
+                end(.reset, "the guest asked for a reset (i8042 output port)")
+            }
+        case 7:
+            if state.keyboard.writeCommand(UInt8(truncatingIfNeeded: value)) == .reset {
+                end(.reset, "the guest asked for a reset (i8042 command 0x\(String(value & 0xFF, radix: 16)))")
+            }
+        case 8:
+            switch state.power.write(offset: Int(offset), size: size, value: UInt32(truncatingIfNeeded: value)) {
+            case .none: break
+            case .powerOff: end(.powerOff, "the guest powered off (ACPI S5)")
+            case .unsupportedSleep(let type):
+                runtime.log(.warning, "the guest asked for ACPI sleep type \(type); hv supports only S5 (power-off), the request is ignored")
             }
         default: break
         }
@@ -221,6 +285,10 @@ final class Platform: DeviceModel {
         let high = state.cmos.interruptLine
         if high && !irqHigh { runtime.interrupts[0]?.pulse() }
         irqHigh = high
+        // IRQ 1 is edge-triggered too: one edge per byte the keyboard controller loads.
+        let keyboardHigh = state.keyboard.interruptLine
+        if keyboardHigh && !keyboardIRQHigh { runtime.interrupts[1]?.pulse() }
+        keyboardIRQHigh = keyboardHigh
     }
 
     func flush() {
@@ -237,7 +305,11 @@ let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRi
 if runtime.restartGeneration == 0 {
     do throws(LoadFailure) {
         guard let memory = runtime.guestMemory else { throw LoadFailure("no guest memory was handed over") }
-        if runtime.config["mode"] == "firmware" { try loadFirmware(runtime, memory) } else { try loadMultiboot(runtime, memory) }
+        switch runtime.config["mode"] {
+        case "firmware": try loadFirmware(runtime, memory)
+        case "linux": try loadLinux(runtime, memory)
+        default: try loadMultiboot(runtime, memory)
+        }
     } catch {
         runtime.log(.error, error.reason)
         exit(2)

@@ -1,7 +1,9 @@
-/// PCI configuration mechanism #1 (ports 0xCF8–0xCFF) with the two functions every PC firmware
-/// expects at boot: an Intel 440FX host bridge (00:00.0, 8086:1237) and a PIIX3 ISA bridge
-/// (00:01.0, 8086:7000). SeaBIOS identifies the platform by the host bridge's IDs, programs the
-/// PAM registers to shadow itself, and routes PIRQs through PIIX3's 0x60–0x63.
+/// PCI configuration mechanism #1 (ports 0xCF8–0xCFF) with the functions every PC firmware
+/// expects at boot: an Intel 440FX host bridge (00:00.0, 8086:1237), a PIIX3 ISA bridge
+/// (00:01.0, 8086:7000) and the PIIX4 power-management function (00:01.3, 8086:7113), as QEMU's
+/// "pc" machine has them. SeaBIOS identifies the platform by the host bridge's IDs, programs the
+/// PAM registers to shadow itself, routes PIRQs through PIIX3's 0x60–0x63, and sets up ACPI
+/// power management through 00:01.3 (its PM I/O block is `ACPIPowerManagement`, at a fixed base).
 ///
 /// Plain data (no arrays), so it can live in the device's state page; every access is masked,
 /// so restored garbage can't make it trap.
@@ -17,14 +19,25 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
     /// Command registers (0x04) of the two functions.
     private var hostCommand: UInt16 = 0x0006
     private var isaCommand: UInt16 = 0x0007
+    private var pmCommand: UInt16 = 0x0000
+    /// PIIX4 PM: interrupt line (0x3C), PMREGMISC (0x80), SMBus base (0x90) and host config (0xD2).
+    private var pmInterruptLine: UInt8 = 0
+    private var pmMisc: UInt8 = 0
+    private var smbusBase: UInt32 = 0x0000_0001
+    private var smbusConfig: UInt8 = 0
+    /// PIIX3 reset control register (port 0xCF9).
+    public private(set) var resetControl: UInt8 = 0
 
     public init() {}
 
     /// Port 0xCF8 (32-bit) write.
     public mutating func writeAddress(_ value: UInt32) { address = value & 0x80FF_FFFC }
 
-    /// Whether port 0xCF9 (PIIX3 reset control) was written with a reset request (bit 2).
-    public static func isResetRequest(_ value: UInt8) -> Bool { value & 0x04 != 0 }
+    /// Port 0xCF9 (PIIX3 reset control) write; true when it asks for a reset (RST_CPU, bit 2, set).
+    public mutating func writeResetControl(_ value: UInt8) -> Bool {
+        resetControl = value & 0x0A  // SYS_RST and FULL_RST stick; RST_CPU is a trigger
+        return value & 0x04 != 0
+    }
 
     /// Reads `size` bytes at data port offset `offset` (0–3, i.e. 0xCFC + offset).
     public func readData(offset: Int, size: Int) -> UInt32 {
@@ -46,15 +59,16 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
         }
     }
 
-    private enum Function { case host, isa }
+    private enum Function { case host, isa, pm }
 
-    /// Only bus 0 device 0 function 0 and device 1 function 0 exist.
+    /// Only 00:00.0, 00:01.0 and 00:01.3 exist.
     private var selectedFunction: Function? {
         let bus = (address >> 16) & 0xFF, device = (address >> 11) & 0x1F, function = (address >> 8) & 0x7
-        guard bus == 0, function == 0 else { return nil }
-        switch device {
-        case 0: return .host
-        case 1: return .isa
+        guard bus == 0 else { return nil }
+        switch (device, function) {
+        case (0, 0): return .host
+        case (1, 0): return .isa
+        case (1, 3): return .pm
         default: return nil
         }
     }
@@ -68,19 +82,34 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
         case (_, 0...1): return le16(0x8086, register)
         case (.host, 2...3): return le16(0x1237, register)
         case (.isa, 2...3): return le16(0x7000, register)
+        case (.pm, 2...3): return le16(0x7113, register)
         case (.host, 4...5): return le16(hostCommand, register)
         case (.isa, 4...5): return le16(isaCommand, register)
+        case (.pm, 4...5): return le16(pmCommand, register)
         case (_, 6...7): return le16(0x0280, register)          // status: medium DEVSEL, fast back-to-back
         case (.host, 8): return 0x02                               // revision
         case (.isa, 8): return 0x00
+        case (.pm, 8): return 0x03
         case (_, 9): return 0x00                                   // programming interface
         case (.host, 0xA): return 0x00                             // subclass: host bridge
         case (.isa, 0xA): return 0x01                              // subclass: ISA bridge
+        case (.pm, 0xA): return 0x80                               // subclass: other bridge
         case (_, 0xB): return 0x06                                 // class: bridge
         case (.isa, 0xE): return 0x80                              // header type 0, multifunction
         case (.host, 0x59...0x5F): return UInt8(truncatingIfNeeded: pam >> (8 * UInt64(register - 0x59)))
         case (.host, 0x72): return smram
         case (.isa, 0x60...0x63): return UInt8(truncatingIfNeeded: pirq >> (8 * UInt32(register - 0x60)))
+        case (.pm, 0x3C): return pmInterruptLine
+        case (.pm, 0x3D): return 0x01                              // INTA#: the SCI
+        case (.pm, 0x40...0x43):                                   // PMBA: fixed, I/O space
+            return UInt8(truncatingIfNeeded: (UInt32(ACPIPowerManagement.base) | 1) >> (8 * UInt32(register - 0x40)))
+        // DEVACTB (0x58–0x5B) with APMC_EN (bit 25) set: "SMM already set up". hv has no SMM;
+        // without this SeaBIOS raises an SMI through port 0xB2 and waits for it forever (QEMU
+        // reports the same with smm=off).
+        case (.pm, 0x5B): return 0x02
+        case (.pm, 0x80): return pmMisc
+        case (.pm, 0x90...0x93): return UInt8(truncatingIfNeeded: smbusBase >> (8 * UInt32(register - 0x90)))
+        case (.pm, 0xD2): return smbusConfig
         default: return 0x00
         }
     }
@@ -89,6 +118,14 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
         switch (function, register) {
         case (.host, 4): hostCommand = (hostCommand & 0xFF00) | UInt16(value)
         case (.isa, 4): isaCommand = (isaCommand & 0xFF00) | UInt16(value)
+        case (.pm, 4): pmCommand = (pmCommand & 0xFF00) | UInt16(value & 0x01)
+        case (.pm, 0x3C): pmInterruptLine = value
+        case (.pm, 0x80): pmMisc = value & 0x01
+        case (.pm, 0x90...0x93):
+            // The SMBus base is only remembered (hv has no SMBus); bit 0 marks I/O space.
+            let shift = 8 * UInt32(register - 0x90)
+            smbusBase = ((smbusBase & ~(0xFF << shift)) | (UInt32(value) << shift)) & 0xFFF0 | 1
+        case (.pm, 0xD2): smbusConfig = value & 0x0F
         case (.host, 0x59...0x5F):
             let shift = 8 * UInt64(register - 0x59)
             pam = (pam & ~(0xFF << shift)) | (UInt64(value) << shift)
