@@ -186,10 +186,23 @@ final class CMOSTests: XCTestCase {
         XCTAssertEqual(cmos.read(0x0C), 0x00)
         cmos.write(0x0D, 0x00)
         XCTAssertEqual(cmos.read(0x0D), 0x80)
-        cmos.write(0x00, 0x33, now: y2038)  // Time write with SET clear: ignored.
-        cmos.write(0x32, 0x19, now: y2038)
-        XCTAssertEqual(cmos.read(0x00, now: y2038), 0x08)
-        XCTAssertEqual(cmos.read(0x32, now: y2038), 0x20)
+    }
+
+    func testTimeWritesWithSETClearTakeEffectAtOnce() {
+        // SeaBIOS's INT 1Ah AH=03h/05h write the time and date registers without setting SET first.
+        var cmos = CMOS(ramBelow4G: 64 << 20, ramAbove4G: 0, cpus: 1)
+        let host = y2038  // 2038-01-19T03:14:08Z, a Tuesday
+        cmos.write(0x04, 0x21, now: host)  // hours
+        cmos.write(0x02, 0x05, now: host)  // minutes
+        cmos.write(0x00, 0x30, now: host)  // seconds
+        assertClock(&cmos, now: host, [0x30, 0x05, 0x21, 0x03, 0x19, 0x01, 0x38, 0x20])
+        assertClock(&cmos, now: host + 31, [0x01, 0x06, 0x21, 0x03, 0x19, 0x01, 0x38, 0x20])  // it keeps running
+        cmos.write(0x07, 0x04, now: host)  // day of month
+        cmos.write(0x08, 0x07, now: host)  // month
+        cmos.write(0x09, 0x26, now: host)  // year
+        assertClock(&cmos, now: host, [0x30, 0x05, 0x21, 0x07, 0x04, 0x07, 0x26, 0x20])  // Sat 4 July 2026
+        cmos.write(0x06, 0x02, now: host)  // day of week: derived from the date, so unchanged
+        XCTAssertEqual(cmos.read(0x06, now: host), 0x07)
     }
 
     // MARK: Interrupts

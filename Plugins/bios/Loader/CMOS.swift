@@ -159,7 +159,9 @@ public struct CMOS: Sendable, BitwiseCopyable {
     /// Port 0x71 write to the register selected by the last `writeIndex` (its bits 6..0).
     ///
     /// - Time registers (0x00, 0x02, 0x04, 0x06-0x09, 0x32): stored in the frozen copy while register B's SET bit is
-    ///   1, ignored otherwise. When SET goes from 1 to 0 the frozen registers are decoded in register B's new format
+    ///   1. With SET clear the write takes effect at once, as on the chip and in QEMU (SeaBIOS's INT 1Ah time and
+    ///   date setters write that way): the running time with that one field replaced becomes the guest time (the day
+    ///   of week is recomputed from the date, so writing it alone changes nothing). When SET goes from 1 to 0 the frozen registers are decoded in register B's new format
     ///   (out-of-range fields are clamped, the day of week is recomputed from the date) and the guest offset becomes
     ///   that time minus `now`, so the guest clock keeps running from what it set.
     /// - Register A: bits 6..0 stored (UIP is read-only).
@@ -172,7 +174,15 @@ public struct CMOS: Sendable, BitwiseCopyable {
         switch register {
         case Register.seconds, Register.minutes, Register.hours, Register.dayOfWeek, Register.dayOfMonth,
              Register.month, Register.year, Register.century:
-            if byte(Register.b) & RegisterB.set != 0 { setByte(register, value) }
+            if byte(Register.b) & RegisterB.set != 0 {
+                setByte(register, value)
+            } else {
+                // Freeze the running time, replace the field, and run on from there.
+                let format = byte(Register.b)
+                freezeTime(now: now, format: format)
+                setByte(register, value)
+                setOffsetFromFrozenTime(format: format, now: now)
+            }
         case Register.a:
             setByte(Register.a, value & ~RegisterA.updateInProgress)
         case Register.b:
@@ -394,17 +404,27 @@ extension CMOS {
         var new = value
         if new & RegisterB.set != 0 { new &= ~RegisterB.updateEndedEnable }
         if old & RegisterB.set == 0, new & RegisterB.set != 0 {
-            let time = CivilTime(seconds: guestSeconds(now: now))
-            for register in [Register.seconds, Register.minutes, Register.hours, Register.dayOfWeek,
-                             Register.dayOfMonth, Register.month, Register.year, Register.century] {
-                setByte(register, Self.encode(register, of: time, format: new))
-            }
+            freezeTime(now: now, format: new)
         } else if old & RegisterB.set != 0, new & RegisterB.set == 0 {
-            let (difference, overflow) = frozenSeconds(format: new).subtractingReportingOverflow(now)
-            offsetSeconds = overflow ? (now < 0 ? Time.maxOffsetSeconds : -Time.maxOffsetSeconds)
-                                     : Time.clampOffset(difference)
+            setOffsetFromFrozenTime(format: new, now: now)
         }
         setByte(Register.b, new)
+    }
+
+    /// Copies the running guest time at `now` into the time registers, in register B value `format`.
+    mutating func freezeTime(now: Int64, format: UInt8) {
+        let time = CivilTime(seconds: guestSeconds(now: now))
+        for register in [Register.seconds, Register.minutes, Register.hours, Register.dayOfWeek,
+                         Register.dayOfMonth, Register.month, Register.year, Register.century] {
+            setByte(register, Self.encode(register, of: time, format: format))
+        }
+    }
+
+    /// Makes the time in the registers (read in `format`) the guest time at `now`.
+    mutating func setOffsetFromFrozenTime(format: UInt8, now: Int64) {
+        let (difference, overflow) = frozenSeconds(format: format).subtractingReportingOverflow(now)
+        offsetSeconds = overflow ? (now < 0 ? Time.maxOffsetSeconds : -Time.maxOffsetSeconds)
+                                 : Time.clampOffset(difference)
     }
 
     /// The frozen time registers decoded leniently in register B value `format`: invalid BCD digits count at face
