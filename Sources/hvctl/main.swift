@@ -259,7 +259,7 @@ enum BIOSResources {
         Resource(kind: .pio, base: 0x92, length: 1),     // 5: port A (fast A20, fast reset)
         Resource(kind: .pio, base: 0x60, length: 1),     // 6: i8042 data
         Resource(kind: .pio, base: 0x64, length: 1),     // 7: i8042 status/command
-        Resource(kind: .pio, base: 0xB000, length: 16),  // 8: PIIX4 ACPI PM (PM1 event/control, PM timer)
+        Resource(kind: .pio, base: 0x600, length: 16),   // 8: PIIX4 ACPI PM (PM1 event/control, PM timer)
     ]
 }
 

@@ -49,7 +49,7 @@ final class PlatformTests: XCTestCase {
         var pci = PCIHostBridge()
         // SeaBIOS's piix4_pm_config_setup.
         setConfig(&pci, device: 1, function: 3, register: 0x3C, size: 1, value: 9)
-        setConfig(&pci, device: 1, function: 3, register: 0x40, size: 4, value: 0xB001)
+        setConfig(&pci, device: 1, function: 3, register: 0x40, size: 4, value: 0x0601)
         setConfig(&pci, device: 1, function: 3, register: 0x80, size: 1, value: 0x01)
         setConfig(&pci, device: 1, function: 3, register: 0x90, size: 4, value: 0xB101)
         XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x3C, size: 1), 9)
@@ -58,8 +58,8 @@ final class PlatformTests: XCTestCase {
         XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x80, size: 1), 1)
         XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x90), 0xB101)
         // PMBA does not move: hv decodes the block at a fixed base.
-        setConfig(&pci, device: 1, function: 3, register: 0x40, size: 4, value: 0x0601)
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x40), 0xB001)
+        setConfig(&pci, device: 1, function: 3, register: 0x40, size: 4, value: 0xB001)
+        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x40), 0x0601)
         // DEVACTB.APMC_EN set: SeaBIOS must find SMM already set up, or it waits for an SMI forever.
         XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x58) & (1 << 25), 1 << 25)
     }

@@ -12,7 +12,9 @@ final class FirmwareTests: XCTestCase {
         }
         let console = FileManager.default.temporaryDirectory.appendingPathComponent("hv-seabios-\(getpid()).txt")
         defer { try? FileManager.default.removeItem(at: console) }
-        let vm = try VMProcess(["run", "--firmware", "seabios", "--serial", "file:\(console.path)"])
+        let debug = FileManager.default.temporaryDirectory.appendingPathComponent("hv-seabios-debug-\(getpid()).txt")
+        defer { try? FileManager.default.removeItem(at: debug) }
+        let vm = try VMProcess(["run", "--firmware", "seabios", "--serial", "file:\(console.path)", "--debugcon", "file:\(debug.path)"])
         let deadline = Date().addingTimeInterval(120)
         var text = ""
         while Date() < deadline && vm.process.isRunning {
@@ -25,6 +27,14 @@ final class FirmwareTests: XCTestCase {
         XCTAssertTrue(text.contains("SeaBIOS (version"), "no banner in:\n\(text.suffix(2000))\nstderr: \(vm.stderr)")
         XCTAssertTrue(text.contains("No bootable device"), "no boot failure message in:\n\(text.suffix(2000))")
         XCTAssertFalse(text.contains("Press ESC for boot menu"), "the boot menu must be off unless --boot-menu")
+        // SeaBIOS's own log: it ran hv's ACPI table-loader script, found the DSDT (and in it the
+        // PS/2 keyboard, which it then initialised through hv's i8042), and moved the PM block
+        // where hv decodes it.
+        let log = (try? String(contentsOf: debug, encoding: .utf8)) ?? ""
+        for line in ["Moving pm_base to 0x600", "ACPI: parse DSDT", "PS2 keyboard initialized"] {
+            XCTAssertTrue(log.contains(line), "'\(line)' missing from SeaBIOS's log:\n\(log.suffix(3000))")
+        }
+        XCTAssertFalse(log.contains("internal error"), log)
     }
 
     func testGuestReadsTheHostTimeFromTheRTC() throws {

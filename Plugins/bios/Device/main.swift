@@ -13,7 +13,8 @@ import HVDeviceSDK
 //   (0x510–0x511 and DMA at 0x514–0x51B), PCI configuration mechanism #1 with the i440FX host
 //   bridge, PIIX3 ISA bridge and PIIX4 PM function (0xCF8–0xCFF, and reset control at 0xCF9),
 //   system control port A (0x92: fast A20, fast reset), the i8042 keyboard controller (0x60,
-//   0x64, IRQ 1) and the ACPI PM block (0xB000–0xB00F: power-off, PM timer).
+//   0x64, IRQ 1) and the ACPI PM block (0x600–0x60F: power-off, PM timer).
+// - ACPI tables describing all that: fw_cfg files for SeaBIOS, or placed at 0xE0000 for direct boots.
 // - Power-off (ACPI S5) and reset requests (i8042, 0xCF9, 0x92) go to the core as SYSTEM_EVENT.
 // Images and guest-written registers are untrusted input: all of it is parsed here, never in the core.
 
@@ -57,6 +58,18 @@ func readImage(_ runtime: DeviceRuntime) throws(LoadFailure) -> [UInt8] {
     do { return try image.readAll() } catch { throw LoadFailure("cannot read the image: \(error.errno)") }
 }
 
+func write(_ bytes: [UInt8], at address: UInt64, into memory: GuestMemory, what: String) throws(LoadFailure) {
+    let failure = bytes.withUnsafeBytes { b -> GuestMemoryAccessError? in
+        do throws(GuestMemoryAccessError) {
+            try memory.write(b, at: address)
+            return nil
+        } catch {
+            return error
+        }
+    }
+    if let failure { throw LoadFailure("guest RAM is too small for \(what): \(failure)") }
+}
+
 func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
     let bytes = try readImage(runtime)
     let entry: MultibootEntry
@@ -65,6 +78,11 @@ func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadF
     } catch {
         throw LoadFailure(error.description)
     }
+    // The ACPI tables, where an OS scans for them (the multiboot loader keeps below 0xA0000 and
+    // above 1 MiB).
+    let acpi = ACPITables.placed(cpus: Int(runtime.config["cpus"] ?? "1") ?? 1)
+    try write(acpi.rsdp, at: ACPITables.directRSDPAddress, into: memory, what: "the ACPI tables")
+    try write(acpi.tables, at: ACPITables.directTablesAddress, into: memory, what: "the ACPI tables")
     do {
         try runtime.setBootState(BootState(mode: .flat32, rip: UInt64(entry.entryPoint),
                                            rax: UInt64(MultibootEntry.bootloaderMagic), rbx: UInt64(entry.infoAddress)))
@@ -88,7 +106,8 @@ func loadLinux(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailu
     let entry: LinuxEntry
     do {
         entry = try LinuxLoader(kernel: kernel, initrd: initrd)
-            .load(into: LowRAM(memory: memory), ramAbove4G: total - low, commandLine: runtime.config["cmdline"] ?? "")
+            .load(into: LowRAM(memory: memory), ramAbove4G: total - low, commandLine: runtime.config["cmdline"] ?? "",
+                  cpus: Int(runtime.config["cpus"] ?? "1") ?? 1)
     } catch {
         throw LoadFailure(error.description)
     }
@@ -117,15 +136,7 @@ func loadFirmware(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFa
     // The legacy BIOS area: the image's last 128 KiB at 0xE0000–0xFFFFF, where the reset vector's
     // far jump lands (real chipsets alias the top of the flash there).
     let legacy = min(bytes.count, 128 << 10)
-    let failure = bytes.withUnsafeBytes { b -> GuestMemoryAccessError? in
-        do throws(GuestMemoryAccessError) {
-            try memory.write(UnsafeRawBufferPointer(rebasing: b[(b.count - legacy)...]), at: 0x10_0000 - UInt64(legacy))
-            return nil
-        } catch {
-            return error
-        }
-    }
-    if let failure { throw LoadFailure("guest RAM is too small for the legacy BIOS area: \(failure)") }
+    try write(Array(bytes.suffix(legacy)), at: 0x10_0000 - UInt64(legacy), into: memory, what: "the legacy BIOS area")
     do { try runtime.setBootState(BootState(mode: .reset)) } catch {
         throw LoadFailure("the core refused the boot state: \(error)")
     }

@@ -180,7 +180,8 @@ public struct FirmwareConfig: Sendable {
     /// - Files: "bootorder" (empty when `bootOrder` is empty, else its UTF-8 text plus a NUL, as QEMU
     ///   writes it), "etc/boot-fail-wait" (u32 LE milliseconds; 0xFFFFFFFF means never retry),
     ///   "etc/e820" (`e820Table`), "etc/show-boot-menu" (u16 LE, the same value as the legacy key; the file
-    ///   wins in SeaBIOS's romfile lookup, so the two agree on purpose).
+    ///   wins in SeaBIOS's romfile lookup, so the two agree on purpose), and the ACPI tables with their
+    ///   loader script ("etc/acpi/rsdp", "etc/acpi/tables", "etc/table-loader"; see `ACPITables`).
     public static func standard(ramBelow4G: UInt64, ramAbove4G: UInt64, cpus: Int, bootMenu: Bool,
                                 bootFailWaitMilliseconds: UInt32, bootOrder: String) -> FirmwareConfig {
         var config = FirmwareConfig()
@@ -199,6 +200,7 @@ public struct FirmwareConfig: Sendable {
         config.addFile("etc/boot-fail-wait", littleEndian(bootFailWaitMilliseconds))
         config.addFile("etc/e820", e820Table(ramBelow4G: ramBelow4G, ramAbove4G: ramAbove4G).flatMap(\.encoded))
         config.addFile("etc/show-boot-menu", littleEndian(menu))
+        for file in ACPITables.firmwareFiles(cpus: cpus) { config.addFile(file.name, file.bytes) }
         return config
     }
 

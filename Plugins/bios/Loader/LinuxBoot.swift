@@ -170,7 +170,7 @@ public struct LinuxLoader: Sendable {
     /// Validates everything, then writes the kernel, initrd, command line, boot_params, page
     /// tables and GDT into `memory` (low RAM: guest-physical 0 up to `memory.ramSize`).
     /// `ramAbove4G` only feeds the e820 map.
-    public func load(into memory: some GuestPhysicalMemory, ramAbove4G: UInt64, commandLine: String) throws(LinuxBootError) -> LinuxEntry {
+    public func load(into memory: some GuestPhysicalMemory, ramAbove4G: UInt64, commandLine: String, cpus: Int = 1) throws(LinuxBootError) -> LinuxEntry {
         let header = try LinuxSetupHeader(image: kernel)
         let ramBelow4G = memory.ramSize
         // Usable RAM below 4 GiB ends at the lower of the RAM size and the KVM pages hv reserves.
@@ -207,8 +207,14 @@ public struct LinuxLoader: Sendable {
             initrdAddress = (highest - initrdSize) & ~0xFFF
         }
 
-        let params = bootParams(header: header, e820: e820, commandLineAddress: LinuxBootLayout.commandLine,
+        var params = bootParams(header: header, e820: e820, commandLineAddress: LinuxBootLayout.commandLine,
                                 initrdAddress: initrdAddress, initrdSize: initrdSize)
+        // ACPI tables in the legacy hole, where the kernel also scans for the RSDP; protocol 2.14
+        // added boot_params.acpi_rsdp_addr (0x070) to say so directly.
+        let acpi = ACPITables.placed(cpus: cpus)
+        if header.version >= 0x020E {
+            for i in 0..<8 { params[0x070 + i] = UInt8(truncatingIfNeeded: ACPITables.directRSDPAddress >> (8 * UInt64(i))) }
+        }
 
         // Everything checked: write.
         do throws(GuestMemoryError) {
@@ -218,6 +224,8 @@ public struct LinuxLoader: Sendable {
             try write(params[...], at: LinuxBootLayout.bootParams, into: memory)
             try write(Self.pageTables(at: LinuxBootLayout.pageTables)[...], at: LinuxBootLayout.pageTables, into: memory)
             try write(Self.gdt[...], at: LinuxBootLayout.gdt, into: memory)
+            try write(acpi.rsdp[...], at: ACPITables.directRSDPAddress, into: memory)
+            try write(acpi.tables[...], at: ACPITables.directTablesAddress, into: memory)
         } catch {
             throw .guestMemory(error)
         }

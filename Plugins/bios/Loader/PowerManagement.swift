@@ -1,17 +1,18 @@
-/// The PIIX4 ACPI power-management registers hv decodes at a fixed base (0xB000, SeaBIOS's
-/// `PORT_ACPI_PM_BASE` on i440FX): PM1a event block (status, enable), PM1a control block, and
+/// The PIIX4 ACPI power-management registers hv decodes at a fixed base, 0x600 — where QEMU's
+/// i440FX machine has them and where SeaBIOS puts them whenever the host supplies ACPI tables
+/// ("etc/table-loader"), as hv does: PM1a event block (status, enable), PM1a control block, and
 /// the 24-bit PM timer. Writing SLP_EN with SLP_TYP 0 — the S5 value of QEMU's i440FX DSDT, which
 /// guests written for that platform use — powers the machine off.
 ///
-/// The base does not move when a guest reprograms PMBA (PCI 00:01.3 register 0x40, which reads
-/// back fixed), and the block is decoded even before firmware enables it (PMREGMISC), because hv
+/// The ACPI tables (`ACPITables`) describe the block. The base does not move when a guest
+/// reprograms PMBA (PCI 00:01.3 register 0x40, which reads back fixed), and the block is decoded even before firmware enables it (PMREGMISC), because hv
 /// also boots kernels with no firmware at all. SCI_EN reads as set: the platform is always in
 /// ACPI mode, so no SMI command port is needed.
 ///
 /// Plain data, so it can live in the device's state page.
 public struct ACPIPowerManagement: Sendable, BitwiseCopyable {
     /// First port of the block.
-    public static let base: UInt16 = 0xB000
+    public static let base: UInt16 = 0x600
     /// Bytes decoded from `base`.
     public static let length: UInt16 = 16
     /// PM timer frequency in Hz (the ACPI-defined 3.579545 MHz).

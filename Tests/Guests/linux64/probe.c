@@ -35,6 +35,8 @@ static u16 rd16(const u8 *p, u32 off) { return (u16)(p[off] | p[off + 1] << 8); 
 static u32 rd32(const u8 *p, u32 off) { return rd16(p, off) | (u32)rd16(p, off + 2) << 16; }
 static u64 rd64(const u8 *p, u32 off) { return rd32(p, off) | (u64)rd32(p, off + 4) << 32; }
 
+static u8 sum8(const u8 *p, u32 n) { u8 s = 0; while (n--) s += *p++; return s; }
+
 static int contains(const char *hay, const char *needle) {
     for (; *hay; hay++) {
         const char *h = hay, *n = needle;
@@ -101,6 +103,35 @@ void probe_main(const u8 *bp) {
     puts("probe: initrd addr="); hex(initrd, 8); puts(" size="); dec(initrd_size);
     puts(" fnv="); hex(sum, 8); puts(" aligned="); dec((initrd & 0xFFF) == 0); puts("\n");
 
+    /* ACPI: RSDP from boot_params.acpi_rsdp_addr → RSDT → FACP (PM ports) and DSDT (\_S5). */
+    u16 pm1a_cnt = 0, pm_tmr = 0;
+    u8 s5 = 0xFF;
+    const u8 *rsdp = (const u8 *)rd64(bp, 0x070);
+    int ok = rsdp && rd32(rsdp, 0) == 0x20445352 && rd32(rsdp, 4) == 0x20525450 && sum8(rsdp, 20) == 0;
+    if (ok) {
+        const u8 *rsdt = (const u8 *)(u64)rd32(rsdp, 16);
+        ok = rd32(rsdt, 0) == 0x54445352 && sum8(rsdt, rd32(rsdt, 4)) == 0;
+        for (u32 i = 0; ok && i < (rd32(rsdt, 4) - 36) / 4; i++) {
+            const u8 *t = (const u8 *)(u64)rd32(rsdt, 36 + 4 * i);
+            if (sum8(t, rd32(t, 4)) != 0) ok = 0;
+            if (rd32(t, 0) != 0x50434146) continue;  /* "FACP" */
+            pm1a_cnt = (u16)rd32(t, 64);
+            pm_tmr = (u16)rd32(t, 76);
+            const u8 *dsdt = (const u8 *)(u64)rd32(t, 40);
+            if (rd32(dsdt, 0) != 0x54445344 || sum8(dsdt, rd32(dsdt, 4)) != 0) { ok = 0; continue; }
+            /* Name(_S5_, Package(n) { SLP_TYP_a, ... }): 08 '_S5_' 12 len n value */
+            for (u32 j = 36; j + 9 < rd32(dsdt, 4); j++) {
+                if (dsdt[j] == 0x08 && rd32(dsdt, j + 1) == 0x5F35535F && dsdt[j + 5] == 0x12) {
+                    u8 v = dsdt[j + 8];
+                    s5 = v == 0x0A ? dsdt[j + 9] : v == 0x01 ? 1 : v == 0x00 ? 0 : 0xFE;
+                    break;
+                }
+            }
+        }
+    }
+    puts("probe: acpi rsdp="); hex((u64)rsdp, 8); puts(" checksums="); puts(ok ? "ok" : "bad");
+    puts(" pm1a_cnt="); hex(pm1a_cnt, 4); puts(" pm_tmr="); hex(pm_tmr, 4); puts(" s5="); dec(s5); puts("\n");
+
     const char *line = cmd ? (const char *)cmd : "";
     if (contains(line, "probe.end=kbd")) {
         puts("probe: reset via i8042\n");
@@ -115,13 +146,13 @@ void probe_main(const u8 *bp) {
     } else if (contains(line, "probe.end=halt")) {
         puts("probe: halt\n");
     } else {
-        /* PM timer first: it must count (3.579545 MHz, 24 bits). */
-        u32 t0 = inl(0xB008) & 0xFFFFFF, t1 = t0;
-        for (int i = 0; i < 1000 && t1 == t0; i++) t1 = inl(0xB008) & 0xFFFFFF;
+        /* The PM timer the FADT names must count (3.579545 MHz, 24 bits). */
+        u32 t0 = inl(pm_tmr) & 0xFFFFFF, t1 = t0;
+        for (int i = 0; i < 1000 && t1 == t0; i++) t1 = inl(pm_tmr) & 0xFFFFFF;
         puts("probe: pm timer advances="); dec(t1 != t0); puts("\n");
         puts("probe: power off via ACPI\n");
-        /* PM1a_CNT = PM base + 4: SLP_TYP = 0 (S5 in hv's _S5 package) with SLP_EN (bit 13). */
-        outw(0xB004, (u16)(0 << 10 | 1 << 13));
+        /* PM1a_CNT from the FADT: SLP_TYP from the DSDT's \_S5 with SLP_EN (bit 13). */
+        outw(pm1a_cnt, (u16)((s5 & 7) << 10 | 1 << 13));
     }
     for (;;) __asm__ volatile("cli; hlt");
 }
