@@ -52,6 +52,9 @@ let package = Package(
         // Test-only hostile device, run as a third-party plugin under its own profile.
         .executableTarget(name: "hv-rogue-device", dependencies: ["HVDeviceSDK"], path: "Tests/RogueDevice",
                           exclude: ["rogue.json"], swiftSettings: strict),
+        // Test-only PCI function (config space, a memory BAR and an I/O BAR) for the PCI bus tests.
+        .executableTarget(name: "hv-pci-testdevice", dependencies: ["HVDeviceSDK"], path: "Tests/PCITestDevice",
+                          swiftSettings: strict),
         .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys"], path: "Tests/HVIPCTests",
                     resources: [], swiftSettings: strict),
         .testTarget(name: "HVSerialUARTTests", dependencies: ["HVSerialUART"], path: "Tests/HVSerialUARTTests",

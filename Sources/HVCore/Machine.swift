@@ -51,6 +51,7 @@ public final class Machine: @unchecked Sendable {
     private let firmwareMapping: SharedMapping?
     private let vcpus: [VCPU]
     private let bus = IOBus()
+    private let pci: PCIBus
     private let supervisor: DeviceSupervisor
     private let bootState = Mutex<BootState?>(nil)
     private let outcome = Mutex<MachineExit?>(nil)
@@ -111,9 +112,39 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
         probeAnswers = (0..<configuration.cpus).map { _ in ProbeAnswer() }
         supervisor = try DeviceSupervisor(specs: configuration.devices, memory: ram, vm: vm, verbose: configuration.verbose)
+        // Memory BARs may go anywhere that is not RAM, the firmware ROM, the IOAPIC or local APIC
+        // windows, or another device's range.
+        let ramRegions = ram.regions.map { ($0.guestPhysicalAddress, $0.size) }
+        let romStart = firmwareMapping.map { (1 << 32) - UInt64($0.count) }
+        let mmio = bus
+        pci = PCIBus(bus: bus) { base, length in
+            let (end, overflow) = base.addingReportingOverflow(length)
+            guard !overflow else { return false }
+            func overlaps(_ start: UInt64, _ size: UInt64) -> Bool { base < start &+ size && start < end }
+            if ramRegions.contains(where: { overlaps($0.0, $0.1) }) { return false }
+            if let romStart, overlaps(romStart, (1 << 32) - romStart) { return false }
+            if overlaps(0xFEC0_0000, 0x1000) || overlaps(0xFEE0_0000, 0x10_0000) { return false }
+            if overlaps(VirtualMachine.identityMapAddress, 0x4000) { return false }  // KVM's identity map and TSS
+            return mmio.mmioIsFree(base: base, length: length)
+        }
+        bus.pciHost = pci
         for d in supervisor.devices {
+            // Functions first, so each BAR finds its function whatever the resource order.
+            for (i, r) in d.spec.resources.enumerated() where r.kind == .pciConfig {
+                guard let bdf = PCIBus.bdf(r.base), r.length == 256 else {
+                    throw .configuration("\(d.spec.name): PCI_CONFIG resource \(i) must be base = bus/device/function, length 256")
+                }
+                try pci.addFunction(bdf: bdf, endpoint: d.endpoint, resource: UInt16(i))
+            }
             for (i, r) in d.spec.resources.enumerated() {
-                try bus.add(r.kind, base: r.base, length: r.length, endpoint: d.endpoint, resource: UInt16(i))
+                switch r.kind {
+                case .pio, .mmio:
+                    try bus.add(r.kind, base: r.base, length: r.length, endpoint: d.endpoint, resource: UInt16(i))
+                case .pciMMIOBar, .pciPIOBar:
+                    try pci.addBAR(r.kind, base: r.base, size: r.length, endpoint: d.endpoint, resource: UInt16(i))
+                case .pciConfig:
+                    break
+                }
             }
         }
     }

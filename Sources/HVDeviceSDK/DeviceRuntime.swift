@@ -332,8 +332,7 @@ public final class DeviceRuntime: @unchecked Sendable {
         let valid: Bool = {
             guard [1, 2, 4, 8].contains(size), Int(request.resource) < resources.count else { return false }
             let res = resources[Int(request.resource)]
-            let wantKind: Resource.Kind = (request.operation == .pioRead || request.operation == .pioWrite) ? .pio : .mmio
-            return res.kind == wantKind && request.offset < res.length && UInt64(size) <= res.length - request.offset
+            return res.kind.accepts(request.operation) && request.offset < res.length && UInt64(size) <= res.length - request.offset
         }()
         if request.operation.isRead {
             let value: UInt64

@@ -126,8 +126,30 @@ public struct MemoryRegion: Equatable, Sendable {
 public struct Resource: Equatable, Sendable {
     /// What kind of address space.
     public enum Kind: UInt8, Sendable {
+        /// Fixed port range at `base`.
         case pio = 1
+        /// Fixed guest-physical range at `base`.
         case mmio = 2
+        /// A PCI function's configuration space: `base` is its bus/device/function
+        /// (`bus << 8 | device << 3 | function`), `length` 256. The core keeps the command
+        /// register and the BARs; every other byte arrives as CONFIG_READ/CONFIG_WRITE.
+        case pciConfig = 3
+        /// A memory BAR, placed where the guest programs it: `base` is `bdf << 8 | barIndex`.
+        case pciMMIOBar = 4
+        /// An I/O BAR, placed where the guest programs it: `base` is `bdf << 8 | barIndex`.
+        case pciPIOBar = 5
+
+        /// The register operations that address a resource of this kind.
+        public func accepts(_ operation: RegisterRequest.Operation) -> Bool {
+            switch (self, operation) {
+            case (.pio, .pioRead), (.pio, .pioWrite), (.pciPIOBar, .pioRead), (.pciPIOBar, .pioWrite),
+                 (.mmio, .mmioRead), (.mmio, .mmioWrite), (.pciMMIOBar, .mmioRead), (.pciMMIOBar, .mmioWrite),
+                 (.pciConfig, .configRead), (.pciConfig, .configWrite):
+                return true
+            default:
+                return false
+            }
+        }
     }
     public var kind: Kind
     public var base: UInt64

@@ -36,8 +36,8 @@ public enum RingLayout {
 /// One forwarded guest register access.
 public struct RegisterRequest: Equatable, Sendable {
     public enum Operation: UInt8, Sendable {
-        case pioRead = 1, pioWrite = 2, mmioRead = 3, mmioWrite = 4
-        public var isRead: Bool { self == .pioRead || self == .mmioRead }
+        case pioRead = 1, pioWrite = 2, mmioRead = 3, mmioWrite = 4, configRead = 5, configWrite = 6
+        public var isRead: Bool { self == .pioRead || self == .mmioRead || self == .configRead }
     }
     public var operation: Operation
     /// Access width in bytes: 1, 2, 4 or 8.

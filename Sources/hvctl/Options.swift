@@ -59,7 +59,7 @@ struct RunOptions {
       --cpus N           number of vCPUs (default 1)
       --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
       --tenant NAME      run this VM's devices as tenant NAME's uid/gid (default: one per VM)
-      --device SPEC      add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,KEY=VALUE]...
+      --device SPEC      add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,pci=DD.F[,barN=mmio|pio:SIZE]...][,KEY=VALUE]...
       --no-sandbox       run devices unconfined (debugging only; prints a warning)
       --verbose          report device starts and debug logs on stderr
       -h, --help         show this help

@@ -255,11 +255,14 @@ enum BIOSResources {
         Resource(kind: .pio, base: 0x402, length: 1),    // 1: debug console
         Resource(kind: .pio, base: 0x510, length: 2),    // 2: fw_cfg selector/data
         Resource(kind: .pio, base: 0x514, length: 8),    // 3: fw_cfg DMA
-        Resource(kind: .pio, base: 0xCF8, length: 8),    // 4: PCI config mechanism #1 (+ 0xCF9 reset control)
+        Resource(kind: .pio, base: 0xCF9, length: 1),    // 4: PIIX3 reset control (the core's PCI host owns the rest of 0xCF8–0xCFF)
         Resource(kind: .pio, base: 0x92, length: 1),     // 5: port A (fast A20, fast reset)
         Resource(kind: .pio, base: 0x60, length: 1),     // 6: i8042 data
         Resource(kind: .pio, base: 0x64, length: 1),     // 7: i8042 status/command
         Resource(kind: .pio, base: 0x600, length: 16),   // 8: PIIX4 ACPI PM (PM1 event/control, PM timer)
+        Resource(kind: .pciConfig, base: 0x00, length: 256),  // 9: 00:00.0 i440FX host bridge
+        Resource(kind: .pciConfig, base: 0x08, length: 256),  // 10: 00:01.0 PIIX3 ISA bridge
+        Resource(kind: .pciConfig, base: 0x0B, length: 256),  // 11: 00:01.3 PIIX4 power management
     ]
 }
 

@@ -82,6 +82,18 @@ static inline uint8_t inb(uint16_t port)
     return v;
 }
 
+static inline void outl(uint16_t port, uint32_t v)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+    uint32_t v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
 static inline uint64_t rdtsc(void)
 {
     uint32_t lo, hi;
@@ -502,6 +514,56 @@ static void mode_echo(void)
     kprintf("\necho: end\n");
 }
 
+/* PCI configuration mechanism #1. */
+static uint32_t pci_read(uint32_t bdf, uint32_t reg)
+{
+    outl(0xCF8, 0x80000000u | bdf << 8 | (reg & 0xFC));
+    return inl(0xCFC);
+}
+
+static void pci_write(uint32_t bdf, uint32_t reg, uint32_t v)
+{
+    outl(0xCF8, 0x80000000u | bdf << 8 | (reg & 0xFC));
+    outl(0xCFC, v);
+}
+
+/*
+ * pcibar: find the 1234:11e9 test function on bus 0, size its BARs, place BAR 0 (memory) and
+ * BAR 1 (I/O) at addresses of the guest's choosing, and check accesses reach the device there,
+ * follow a move, stop when decoding is off, and are refused over guest RAM.
+ */
+static void mode_pcibar(void)
+{
+    uint32_t bdf = 0xFFFF;
+    for (uint32_t dev = 0; dev < 32; dev++) {
+        uint32_t id = pci_read(dev << 3, 0);
+        if (id != 0xFFFFFFFFu)
+            kprintf("pcibar: 00:%x.0 id=%x class=%x\n", dev, id, pci_read(dev << 3, 8) >> 8);
+        if (id == 0x11E91234u)
+            bdf = dev << 3;
+    }
+    if (bdf == 0xFFFF) { kprintf("pcibar: test function not found\n"); return; }
+    pci_write(bdf, 0x10, 0xFFFFFFFFu);
+    pci_write(bdf, 0x14, 0xFFFFFFFFu);
+    kprintf("pcibar: sizing bar0=%x bar1=%x bar2=%x\n", pci_read(bdf, 0x10), pci_read(bdf, 0x14), pci_read(bdf, 0x18));
+    pci_write(bdf, 0x10, 0xE0000000u);
+    pci_write(bdf, 0x14, 0xC100);
+    pci_write(bdf, 0x04, 0x3);  /* memory and I/O decode */
+    kprintf("pcibar: bar0=%x bar1=%x command=%x\n", pci_read(bdf, 0x10), pci_read(bdf, 0x14), pci_read(bdf, 0x04) & 0xFFFF);
+    volatile uint32_t *mem = (volatile uint32_t *)0xE0000000u;
+    mem[4] = 0xDEADBEEFu;
+    outl(0xC104, 0x12345678u);
+    kprintf("pcibar: mmio=%x pio=%x\n", mem[4], inl(0xC104));
+    pci_write(bdf, 0x10, 0xE0010000u);  /* move BAR 0: the register follows, the old place floats */
+    kprintf("pcibar: moved mmio=%x old=%x\n", ((volatile uint32_t *)0xE0010000u)[4], mem[4]);
+    pci_write(bdf, 0x04, 0x1);  /* memory decode off */
+    kprintf("pcibar: decode off mmio=%x pio=%x\n", ((volatile uint32_t *)0xE0010000u)[4], inl(0xC104));
+    pci_write(bdf, 0x10, 0x00100000u);  /* over guest RAM: refused, RAM stays RAM */
+    pci_write(bdf, 0x04, 0x3);
+    kprintf("pcibar: over ram bar0=%x ram=%x\n", pci_read(bdf, 0x10), ((volatile uint32_t *)0x00100000u)[0] == 0xDEADBEEFu);
+    kprintf("pcibar: absent=%x\n", pci_read(31 << 3 | 7, 0));
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -535,6 +597,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_rtcirq(cfg.count);
     else if (streq(cfg.mode, "idle"))
         mode_idle();
+    else if (streq(cfg.mode, "pcibar"))
+        mode_pcibar();
     else if (streq(cfg.mode, "probe"))
         mode_probe(cfg.port, cfg.count);
     else

@@ -4,64 +4,57 @@ import XCTest
 /// The PC platform pieces of the bios device: PCI configuration space of the i440FX/PIIX3/PIIX4
 /// functions, the i8042 keyboard controller, and the ACPI PM block.
 final class PlatformTests: XCTestCase {
-    // MARK: PCI configuration mechanism #1
+    // MARK: PCI configuration space (the core forwards every byte but the command register and BARs)
 
-    private func config(_ pci: inout PCIHostBridge, device: UInt32, function: UInt32 = 0, register: UInt32, size: Int = 4) -> UInt32 {
-        pci.writeAddress(0x8000_0000 | device << 11 | function << 8 | (register & 0xFC))
-        return pci.readData(offset: Int(register & 3), size: size)
+    private func config(_ pci: inout PCIHostBridge, _ function: PCIHostBridge.Function, register: Int, size: Int = 4) -> UInt32 {
+        pci.readConfig(function, register: register, size: size)
     }
 
-    private func setConfig(_ pci: inout PCIHostBridge, device: UInt32, function: UInt32 = 0, register: UInt32, size: Int, value: UInt32) {
-        pci.writeAddress(0x8000_0000 | device << 11 | function << 8 | (register & 0xFC))
-        pci.writeData(offset: Int(register & 3), size: size, value: value)
+    private func setConfig(_ pci: inout PCIHostBridge, _ function: PCIHostBridge.Function, register: Int, size: Int, value: UInt32) {
+        pci.writeConfig(function, register: register, size: size, value: value)
     }
 
     func testFunctionsAndTheirIdentities() {
         var pci = PCIHostBridge()
-        XCTAssertEqual(config(&pci, device: 0, register: 0), 0x1237_8086, "i440FX host bridge")
-        XCTAssertEqual(config(&pci, device: 1, register: 0), 0x7000_8086, "PIIX3 ISA bridge")
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0), 0x7113_8086, "PIIX4 power management")
-        XCTAssertEqual(config(&pci, device: 0, register: 8) >> 8, 0x06_0000, "class: host bridge")
-        XCTAssertEqual(config(&pci, device: 1, register: 8) >> 8, 0x06_0100, "class: ISA bridge")
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 8) >> 8, 0x06_8000, "class: other bridge")
-        XCTAssertEqual(config(&pci, device: 1, register: 0xC) >> 16 & 0x80, 0x80, "device 1 is multi-function")
-        // Nothing else answers.
-        for (device, function): (UInt32, UInt32) in [(0, 1), (1, 1), (1, 2), (2, 0), (31, 7)] {
-            XCTAssertEqual(config(&pci, device: device, function: function, register: 0), 0xFFFF_FFFF, "\(device).\(function)")
-        }
-        pci.writeAddress(0x8001_0000)  // bus 1
-        XCTAssertEqual(pci.readData(offset: 0, size: 4), 0xFFFF_FFFF)
-        pci.writeAddress(0x0000_0000)  // enable bit clear
-        XCTAssertEqual(pci.readData(offset: 0, size: 2), 0xFFFF)
+        XCTAssertEqual(PCIHostBridge.Function.allCases.map(\.bdf), [0x00, 0x08, 0x0B], "00:00.0, 00:01.0, 00:01.3")
+        XCTAssertEqual(config(&pci, .host, register: 0), 0x1237_8086, "i440FX host bridge")
+        XCTAssertEqual(config(&pci, .isa, register: 0), 0x7000_8086, "PIIX3 ISA bridge")
+        XCTAssertEqual(config(&pci, .pm, register: 0), 0x7113_8086, "PIIX4 power management")
+        XCTAssertEqual(config(&pci, .host, register: 8) >> 8, 0x06_0000, "class: host bridge")
+        XCTAssertEqual(config(&pci, .isa, register: 8) >> 8, 0x06_0100, "class: ISA bridge")
+        XCTAssertEqual(config(&pci, .pm, register: 8) >> 8, 0x06_8000, "class: other bridge")
+        XCTAssertEqual(config(&pci, .isa, register: 0xC) >> 16 & 0x80, 0x80, "device 1 is multi-function")
+        XCTAssertEqual(config(&pci, .host, register: 2, size: 2), 0x1237, "word reads at an offset")
+        XCTAssertEqual(config(&pci, .host, register: 300, size: 1), 0xFF, "past the 256-byte space")
     }
 
     func testPAMAndPIRQRegistersHoldWhatFirmwareWrites() {
         var pci = PCIHostBridge()
-        setConfig(&pci, device: 0, register: 0x5A, size: 1, value: 0x33)
-        XCTAssertEqual(config(&pci, device: 0, register: 0x5A, size: 1), 0x33)
-        setConfig(&pci, device: 1, register: 0x60, size: 4, value: 0x0B0B_0A0A)
-        XCTAssertEqual(config(&pci, device: 1, register: 0x60), 0x0B0B_0A0A)
-        setConfig(&pci, device: 0, register: 0x00, size: 4, value: 0)  // IDs are read-only
-        XCTAssertEqual(config(&pci, device: 0, register: 0), 0x1237_8086)
+        setConfig(&pci, .host, register: 0x5A, size: 1, value: 0x33)
+        XCTAssertEqual(config(&pci, .host, register: 0x5A, size: 1), 0x33)
+        setConfig(&pci, .isa, register: 0x60, size: 4, value: 0x0B0B_0A0A)
+        XCTAssertEqual(config(&pci, .isa, register: 0x60), 0x0B0B_0A0A)
+        setConfig(&pci, .host, register: 0x00, size: 4, value: 0)  // IDs are read-only
+        XCTAssertEqual(config(&pci, .host, register: 0), 0x1237_8086)
     }
 
     func testPowerManagementFunctionAsSeaBIOSProgramsIt() {
         var pci = PCIHostBridge()
         // SeaBIOS's piix4_pm_config_setup.
-        setConfig(&pci, device: 1, function: 3, register: 0x3C, size: 1, value: 9)
-        setConfig(&pci, device: 1, function: 3, register: 0x40, size: 4, value: 0x0601)
-        setConfig(&pci, device: 1, function: 3, register: 0x80, size: 1, value: 0x01)
-        setConfig(&pci, device: 1, function: 3, register: 0x90, size: 4, value: 0xB101)
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x3C, size: 1), 9)
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x3D, size: 1), 1, "INTA#")
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x40), UInt32(ACPIPowerManagement.base) | 1)
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x80, size: 1), 1)
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x90), 0xB101)
+        setConfig(&pci, .pm, register: 0x3C, size: 1, value: 9)
+        setConfig(&pci, .pm, register: 0x40, size: 4, value: 0x0601)
+        setConfig(&pci, .pm, register: 0x80, size: 1, value: 0x01)
+        setConfig(&pci, .pm, register: 0x90, size: 4, value: 0x0701)
+        XCTAssertEqual(config(&pci, .pm, register: 0x3C, size: 1), 9)
+        XCTAssertEqual(config(&pci, .pm, register: 0x3D, size: 1), 1, "INTA#")
+        XCTAssertEqual(config(&pci, .pm, register: 0x40), UInt32(ACPIPowerManagement.base) | 1)
+        XCTAssertEqual(config(&pci, .pm, register: 0x80, size: 1), 1)
+        XCTAssertEqual(config(&pci, .pm, register: 0x90), 0x0701)
         // PMBA does not move: hv decodes the block at a fixed base.
-        setConfig(&pci, device: 1, function: 3, register: 0x40, size: 4, value: 0xB001)
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x40), 0x0601)
+        setConfig(&pci, .pm, register: 0x40, size: 4, value: 0xB001)
+        XCTAssertEqual(config(&pci, .pm, register: 0x40), 0x0601)
         // DEVACTB.APMC_EN set: SeaBIOS must find SMM already set up, or it waits for an SMI forever.
-        XCTAssertEqual(config(&pci, device: 1, function: 3, register: 0x58) & (1 << 25), 1 << 25)
+        XCTAssertEqual(config(&pci, .pm, register: 0x58) & (1 << 25), 1 << 25)
     }
 
     func testResetControlRegister() {

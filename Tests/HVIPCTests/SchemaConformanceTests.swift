@@ -114,13 +114,15 @@ final class SchemaConformanceTests: XCTestCase {
             "INTERRUPT": .interrupt, "STATE_PAGE": .statePage, "HOST_IO": .hostIO,
         ]
         XCTAssertEqual(try schema.enumValues("fd_role"), roles.mapValues { UInt64($0.rawValue) })
-        XCTAssertEqual(try schema.enumValues("resource_kind"), ["PIO": UInt64(Resource.Kind.pio.rawValue), "MMIO": UInt64(Resource.Kind.mmio.rawValue)])
+        let kinds: [String: Resource.Kind] = ["PIO": .pio, "MMIO": .mmio, "PCI_CONFIG": .pciConfig, "PCI_MMIO_BAR": .pciMMIOBar, "PCI_PIO_BAR": .pciPIOBar]
+        XCTAssertEqual(try schema.enumValues("resource_kind"), kinds.mapValues { UInt64($0.rawValue) })
         let levels: [String: LogRecord.Level] = ["DEBUG": .debug, "INFO": .info, "WARNING": .warning, "ERROR": .error]
         XCTAssertEqual(try schema.enumValues("log_level"), levels.mapValues { UInt64($0.rawValue) })
         XCTAssertEqual(try schema.enumValues("boot_mode"), ["RESET": UInt64(BootState.Mode.reset.rawValue), "FLAT32": UInt64(BootState.Mode.flat32.rawValue),
                                                              "LONG64": UInt64(BootState.Mode.long64.rawValue)])
         XCTAssertEqual(try schema.enumValues("system_event"), ["POWER_OFF": UInt64(SystemEvent.Kind.powerOff.rawValue), "RESET": UInt64(SystemEvent.Kind.reset.rawValue)])
-        let ops: [String: RegisterRequest.Operation] = ["PIO_READ": .pioRead, "PIO_WRITE": .pioWrite, "MMIO_READ": .mmioRead, "MMIO_WRITE": .mmioWrite]
+        let ops: [String: RegisterRequest.Operation] = ["PIO_READ": .pioRead, "PIO_WRITE": .pioWrite, "MMIO_READ": .mmioRead, "MMIO_WRITE": .mmioWrite,
+                                                         "CONFIG_READ": .configRead, "CONFIG_WRITE": .configWrite]
         XCTAssertEqual(try schema.enumValues("register_operation"), ops.mapValues { UInt64($0.rawValue) })
         let reads = Set(schema.json["enums"]["register_operation"]["reads"].array.compactMap(\.string))
         for (name, op) in ops { XCTAssertEqual(op.isRead, reads.contains(name), name) }

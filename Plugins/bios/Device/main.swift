@@ -10,8 +10,8 @@ import HVDeviceSDK
 //   (host file 0) into the ROM memfd the core maps read-only below 4 GiB (host file 1), puts the
 //   BIOS's last 128 KiB at 0xE0000 as real PCs shadow it, and lets the vCPU start at the reset vector.
 // - Registers: CMOS/RTC (0x70–0x71, IRQ 8), the 0x402 debug console (to host file 2), fw_cfg
-//   (0x510–0x511 and DMA at 0x514–0x51B), PCI configuration mechanism #1 with the i440FX host
-//   bridge, PIIX3 ISA bridge and PIIX4 PM function (0xCF8–0xCFF, and reset control at 0xCF9),
+//   (0x510–0x511 and DMA at 0x514–0x51B), the config space of the i440FX host bridge, PIIX3 ISA
+//   bridge and PIIX4 PM function (forwarded by the core's PCI host) and reset control at 0xCF9,
 //   system control port A (0x92: fast A20, fast reset), the i8042 keyboard controller (0x60,
 //   0x64, IRQ 1) and the ACPI PM block (0x600–0x60F: power-off, PM timer).
 // - ACPI tables describing all that: fw_cfg files for SeaBIOS, or placed at 0xE0000 for direct boots.
@@ -207,11 +207,9 @@ final class Platform: DeviceModel {
         case 1: return 0xE9  // Bochs/QEMU debug-console presence byte
         case 2: return offset == 1 ? UInt64(fwcfg.readData()) : 0
         case 3: return fwcfg.readDMARegister(offset: Int(offset) + 4, size: size)
-        case 4:
-            if offset == 0 && size == 4 { return UInt64(state.pci.address) }
-            if offset == 1 && size == 1 { return UInt64(state.pci.resetControl) }
-            if offset >= 4 { return UInt64(state.pci.readData(offset: Int(offset - 4), size: size)) }
-            return ~0
+        case 4: return UInt64(state.pci.resetControl)
+        case 9, 10, 11:
+            return UInt64(state.pci.readConfig(PCIHostBridge.Function.allCases[resource - 9], register: Int(offset), size: size))
         case 5: return 0x02  // port A: A20 enabled (KVM never masks A20)
         case 6:
             let byte = state.keyboard.readData()
@@ -248,13 +246,10 @@ final class Platform: DeviceModel {
         case 3:
             if let memory { fwcfg.writeDMARegister(offset: Int(offset) + 4, size: size, value: value, memory: memory) }
         case 4:
-            if offset == 0 && size == 4 {
-                state.pci.writeAddress(UInt32(truncatingIfNeeded: value))
-            } else if offset == 1 && size == 1 {
-                if state.pci.writeResetControl(UInt8(truncatingIfNeeded: value)) { end(.reset, "the guest asked for a reset (port 0xCF9)") }
-            } else if offset >= 4 {
-                state.pci.writeData(offset: Int(offset - 4), size: size, value: UInt32(truncatingIfNeeded: value))
-            }
+            if state.pci.writeResetControl(UInt8(truncatingIfNeeded: value)) { end(.reset, "the guest asked for a reset (port 0xCF9)") }
+        case 9, 10, 11:
+            state.pci.writeConfig(PCIHostBridge.Function.allCases[resource - 9], register: Int(offset), size: size,
+                                  value: UInt32(truncatingIfNeeded: value))
         case 5:
             if value & 1 != 0 { end(.reset, "the guest asked for a reset (port 0x92 fast reset)") }
         case 6:

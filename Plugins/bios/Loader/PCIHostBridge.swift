@@ -1,25 +1,33 @@
-/// PCI configuration mechanism #1 (ports 0xCF8–0xCFF) with the functions every PC firmware
-/// expects at boot: an Intel 440FX host bridge (00:00.0, 8086:1237), a PIIX3 ISA bridge
+/// The configuration space of the PCI functions every PC firmware expects at boot: an Intel 440FX host bridge (00:00.0, 8086:1237), a PIIX3 ISA bridge
 /// (00:01.0, 8086:7000) and the PIIX4 power-management function (00:01.3, 8086:7113), as QEMU's
 /// "pc" machine has them. SeaBIOS identifies the platform by the host bridge's IDs, programs the
 /// PAM registers to shadow itself, routes PIRQs through PIIX3's 0x60–0x63, and sets up ACPI
 /// power management through 00:01.3 (its PM I/O block is `ACPIPowerManagement`, at a fixed base).
 ///
+/// The core owns configuration mechanism #1 (the 0xCF8 latch), each function's command register
+/// and BARs; it forwards every other config byte of these three functions here (the bios device
+/// declares them as PCI_CONFIG resources).
+///
 /// Plain data (no arrays), so it can live in the device's state page; every access is masked,
 /// so restored garbage can't make it trap.
 public struct PCIHostBridge: Sendable, BitwiseCopyable {
-    /// The CF8 address latch: bit 31 enable, 23..16 bus, 15..11 device, 10..8 function, 7..2 register.
-    public private(set) var address: UInt32 = 0
+    /// The three functions, and their bus/device/function numbers (`bus << 8 | device << 3 | function`).
+    public enum Function: Sendable, CaseIterable {
+        case host, isa, pm
+        public var bdf: UInt16 {
+            switch self {
+            case .host: return 0x00  // 00:00.0
+            case .isa: return 0x08   // 00:01.0
+            case .pm: return 0x0B    // 00:01.3
+            }
+        }
+    }
     /// i440FX PAM0–PAM6 (0x59–0x5F) as the guest wrote them; guest RAM under them is always RAM in hv.
     private var pam: UInt64 = 0
     /// i440FX SMRAM (0x72).
     private var smram: UInt8 = 0x02
     /// PIIX3 PIRQA–D routing (0x60–0x63); 0x80 = disabled.
     private var pirq: UInt32 = 0x8080_8080
-    /// Command registers (0x04) of the two functions.
-    private var hostCommand: UInt16 = 0x0006
-    private var isaCommand: UInt16 = 0x0007
-    private var pmCommand: UInt16 = 0x0000
     /// PIIX4 PM: interrupt line (0x3C), PMREGMISC (0x80), SMBus base (0x90) and host config (0xD2).
     private var pmInterruptLine: UInt8 = 0
     private var pmMisc: UInt8 = 0
@@ -30,62 +38,37 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
 
     public init() {}
 
-    /// Port 0xCF8 (32-bit) write.
-    public mutating func writeAddress(_ value: UInt32) { address = value & 0x80FF_FFFC }
-
     /// Port 0xCF9 (PIIX3 reset control) write; true when it asks for a reset (RST_CPU, bit 2, set).
     public mutating func writeResetControl(_ value: UInt8) -> Bool {
         resetControl = value & 0x0A  // SYS_RST and FULL_RST stick; RST_CPU is a trigger
         return value & 0x04 != 0
     }
 
-    /// Reads `size` bytes at data port offset `offset` (0–3, i.e. 0xCFC + offset).
-    public func readData(offset: Int, size: Int) -> UInt32 {
-        guard address & 0x8000_0000 != 0 else { return Self.ones(size) }
-        let register = Int(address & 0xFC) + (offset & 3)
+    /// Reads `size` (1, 2 or 4) bytes of `function`'s config space at `register`.
+    public func readConfig(_ function: Function, register: Int, size: Int) -> UInt32 {
         var value: UInt32 = 0
         for i in 0..<min(max(size, 1), 4) {
-            value |= UInt32(byte(function: selectedFunction, at: register + i)) << (8 * UInt32(i))
+            value |= UInt32(byte(function: function, at: register + i)) << (8 * UInt32(i))
         }
         return value
     }
 
-    /// Writes `size` bytes at data port offset `offset`.
-    public mutating func writeData(offset: Int, size: Int, value: UInt32) {
-        guard address & 0x8000_0000 != 0, let function = selectedFunction else { return }
-        let register = Int(address & 0xFC) + (offset & 3)
+    /// Writes `size` (1, 2 or 4) bytes of `function`'s config space at `register`.
+    public mutating func writeConfig(_ function: Function, register: Int, size: Int, value: UInt32) {
         for i in 0..<min(max(size, 1), 4) {
             setByte(function: function, at: register + i, UInt8(truncatingIfNeeded: value >> (8 * UInt32(i))))
         }
     }
 
-    private enum Function { case host, isa, pm }
 
-    /// Only 00:00.0, 00:01.0 and 00:01.3 exist.
-    private var selectedFunction: Function? {
-        let bus = (address >> 16) & 0xFF, device = (address >> 11) & 0x1F, function = (address >> 8) & 0x7
-        guard bus == 0 else { return nil }
-        switch (device, function) {
-        case (0, 0): return .host
-        case (1, 0): return .isa
-        case (1, 3): return .pm
-        default: return nil
-        }
-    }
-
-    private static func ones(_ size: Int) -> UInt32 { size >= 4 ? ~0 : (1 << (UInt32(size) * 8)) - 1 }
-
-    private func byte(function: Function?, at register: Int) -> UInt8 {
-        guard let function, register < 256 else { return 0xFF }
+    private func byte(function: Function, at register: Int) -> UInt8 {
+        guard (0..<256).contains(register) else { return 0xFF }
         func le16(_ v: UInt16, _ r: Int) -> UInt8 { UInt8(truncatingIfNeeded: v >> (8 * UInt16(r & 1))) }
         switch (function, register) {
         case (_, 0...1): return le16(0x8086, register)
         case (.host, 2...3): return le16(0x1237, register)
         case (.isa, 2...3): return le16(0x7000, register)
         case (.pm, 2...3): return le16(0x7113, register)
-        case (.host, 4...5): return le16(hostCommand, register)
-        case (.isa, 4...5): return le16(isaCommand, register)
-        case (.pm, 4...5): return le16(pmCommand, register)
         case (_, 6...7): return le16(0x0280, register)          // status: medium DEVSEL, fast back-to-back
         case (.host, 8): return 0x02                               // revision
         case (.isa, 8): return 0x00
@@ -116,9 +99,6 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
 
     private mutating func setByte(function: Function, at register: Int, _ value: UInt8) {
         switch (function, register) {
-        case (.host, 4): hostCommand = (hostCommand & 0xFF00) | UInt16(value)
-        case (.isa, 4): isaCommand = (isaCommand & 0xFF00) | UInt16(value)
-        case (.pm, 4): pmCommand = (pmCommand & 0xFF00) | UInt16(value & 0x01)
         case (.pm, 0x3C): pmInterruptLine = value
         case (.pm, 0x80): pmMisc = value & 0x01
         case (.pm, 0x90...0x93):

@@ -1,0 +1,243 @@
+import HVIPC
+import Synchronization
+
+/// PCI configuration mechanism #1 (the 0xCF8 address latch and the 0xCFC–0xCFF data window) and
+/// the BARs of every PCI function a device process declares.
+///
+/// The core keeps what decides where guest accesses go: each function's command register (I/O and
+/// memory decode), its BARs (sized by the device's declaration, placed where the guest writes
+/// them) and the expansion-ROM BAR (none: reads 0). Every other byte of config space belongs to
+/// the device and is forwarded as CONFIG_READ/CONFIG_WRITE on its PCI_CONFIG resource. When the
+/// guest moves a BAR or toggles decoding, the core moves the BAR's route on the I/O bus, refusing
+/// placements over guest RAM, the firmware, the local APIC/IOAPIC windows or another device.
+final class PCIBus: @unchecked Sendable {
+    // @unchecked: all mutable state is under `state`.
+
+    /// Largest number of BARs in a type-0 header.
+    static let barCount = 6
+
+    struct BAR {
+        let kind: Resource.Kind  // .pciMMIOBar or .pciPIOBar
+        let size: UInt64
+        let resource: UInt16
+        /// The register as the guest last wrote it (before masking).
+        var register: UInt32 = 0
+
+        /// What the guest reads: the address bits the size allows, plus the type bits.
+        var value: UInt32 {
+            let mask = ~UInt32(truncatingIfNeeded: size - 1)
+            return kind == .pciPIOBar ? (register & mask & 0xFFFF_FFFC) | 0x1 : register & mask & 0xFFFF_FFF0
+        }
+        var address: UInt64 { UInt64(value & (kind == .pciPIOBar ? 0xFFFF_FFFC : 0xFFFF_FFF0)) }
+    }
+
+    struct Function {
+        let bdf: UInt16
+        let endpoint: DeviceEndpoint
+        let configResource: UInt16
+        var bars: [BAR?] = Array(repeating: nil, count: PCIBus.barCount)
+        var command: UInt16 = 0
+        /// Where each BAR is routed now (nil: not routed).
+        var routed: [UInt64?] = Array(repeating: nil, count: PCIBus.barCount)
+    }
+
+    private struct State {
+        var latch: UInt32 = 0
+        var functions: [UInt16: Function] = [:]
+    }
+    private let state = Mutex(State())
+    private let bus: IOBus
+    /// Whether a guest-physical range may hold a memory BAR (not RAM, firmware or APIC windows).
+    private let memoryRangeIsFree: @Sendable (UInt64, UInt64) -> Bool
+
+    init(bus: IOBus, memoryRangeIsFree: @escaping @Sendable (UInt64, UInt64) -> Bool) {
+        self.bus = bus
+        self.memoryRangeIsFree = memoryRangeIsFree
+    }
+
+    /// The bus/device/function of a PCI_CONFIG resource's `base`, or nil when out of range.
+    static func bdf(_ base: UInt64) -> UInt16? {
+        base <= 0xFFFF ? UInt16(base) : nil
+    }
+
+    static func describe(_ bdf: UInt16) -> String {
+        func hex(_ v: UInt16, _ width: Int) -> String {
+            let s = String(v, radix: 16)
+            return String(repeating: "0", count: max(0, width - s.count)) + s
+        }
+        return "\(hex(bdf >> 8, 2)):\(hex((bdf >> 3) & 0x1F, 2)).\(bdf & 7)"
+    }
+
+    // MARK: Declaration (before the guest runs)
+
+    func addFunction(bdf: UInt16, endpoint: DeviceEndpoint, resource: UInt16) throws(CoreError) {
+        try state.withLock { s throws(CoreError) in
+            guard bdf >> 8 == 0 else {
+                throw .configuration("\(endpoint.name) declares PCI function \(Self.describe(bdf)): hv has one PCI bus, bus 00")
+            }
+            if let other = s.functions[bdf] {
+                throw .configuration("\(endpoint.name) declares PCI function \(Self.describe(bdf)), which \(other.endpoint.name) already has")
+            }
+            s.functions[bdf] = Function(bdf: bdf, endpoint: endpoint, configResource: resource)
+        }
+    }
+
+    func addBAR(_ kind: Resource.Kind, base: UInt64, size: UInt64, endpoint: DeviceEndpoint, resource: UInt16) throws(CoreError) {
+        let bdf = UInt16(truncatingIfNeeded: base >> 8), index = Int(base & 0xFF)
+        let name = "\(endpoint.name): BAR \(index) of PCI function \(Self.describe(bdf))"
+        try state.withLock { s throws(CoreError) in
+            guard base >> 24 == 0, index < Self.barCount else { throw .configuration("\(name): BAR index out of range (0-5)") }
+            guard var function = s.functions[bdf], function.endpoint === endpoint else {
+                throw .configuration("\(name): the device has no PCI_CONFIG resource for that function")
+            }
+            let minimum: UInt64 = kind == .pciPIOBar ? 4 : 16
+            let maximum: UInt64 = kind == .pciPIOBar ? 256 : 1 << 31
+            guard size >= minimum, size <= maximum, size & (size - 1) == 0 else {
+                throw .configuration("\(name): size \(size) must be a power of two from \(minimum) to \(maximum)")
+            }
+            guard function.bars[index] == nil else { throw .configuration("\(name) is declared twice") }
+            function.bars[index] = BAR(kind: kind, size: size, resource: resource)
+            s.functions[bdf] = function
+        }
+    }
+
+    // MARK: Guest accesses
+
+    /// Ports 0xCF8–0xCFF, except a byte at 0xCF9 (the chipset's reset control, a device's).
+    func handles(port: UInt16, size: Int) -> Bool {
+        (0xCF8...0xCFF).contains(port) && !(port == 0xCF9 && size == 1)
+    }
+
+    func pioRead(port: UInt16, size: Int, vcpu: UInt32) -> UInt64 {
+        if port == 0xCF8 {
+            return size == 4 ? UInt64(state.withLock { $0.latch }) : Self.ones(size)
+        }
+        guard port >= 0xCFC, let (function, register) = selected(offset: Int(port - 0xCFC)) else { return Self.ones(size) }
+        let size = min(size, 4 - (register & 3))
+        return configRead(function, register: register, size: size, vcpu: vcpu)
+    }
+
+    func pioWrite(port: UInt16, size: Int, value: UInt64, vcpu: UInt32) {
+        if port == 0xCF8 {
+            if size == 4 { state.withLock { $0.latch = UInt32(truncatingIfNeeded: value) & 0x80FF_FFFC } }
+            return
+        }
+        guard port >= 0xCFC, let (function, register) = selected(offset: Int(port - 0xCFC)) else { return }
+        let size = min(size, 4 - (register & 3))
+        configWrite(function, register: register, size: size, value: value, vcpu: vcpu)
+    }
+
+    private func selected(offset: Int) -> (UInt16, Int)? {
+        state.withLock { s in
+            guard s.latch & 0x8000_0000 != 0 else { return nil }
+            let bdf = UInt16(truncatingIfNeeded: s.latch >> 8)
+            guard s.functions[bdf] != nil else { return nil }
+            return (bdf, Int(s.latch & 0xFC) + offset)
+        }
+    }
+
+    private static func ones(_ size: Int) -> UInt64 { size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1 }
+
+    /// Bytes the core answers itself: command (0x04–0x05), BARs (0x10–0x27), expansion ROM (0x30–0x33).
+    static func coreOwns(_ register: Int) -> Bool {
+        (0x04...0x05).contains(register) || (0x10...0x27).contains(register) || (0x30...0x33).contains(register)
+    }
+
+    func configRead(_ bdf: UInt16, register: Int, size: Int, vcpu: UInt32) -> UInt64 {
+        let range = register..<(register + size)
+        var value: UInt64 = 0
+        var endpoint: DeviceEndpoint?
+        var resource: UInt16 = 0
+        state.withLock { s in
+            guard let f = s.functions[bdf] else { return }
+            for r in range where Self.coreOwns(r) {
+                value |= UInt64(Self.coreByte(f, r)) << (8 * UInt64(r - register))
+            }
+            if range.contains(where: { !Self.coreOwns($0) }) {
+                endpoint = f.endpoint
+                resource = f.configResource
+            }
+        }
+        guard let endpoint else { return value }
+        // The device's bytes, outside the lock (the read may wait for a restarting device).
+        let device = endpoint.read(.configRead, resource: resource, offset: UInt64(register), size: size, vcpu: vcpu)
+        for r in range where !Self.coreOwns(r) {
+            value |= ((device >> (8 * UInt64(r - register))) & 0xFF) << (8 * UInt64(r - register))
+        }
+        return value
+    }
+
+    func configWrite(_ bdf: UInt16, register: Int, size: Int, value: UInt64, vcpu: UInt32) {
+        let range = register..<(register + size)
+        var forward: (DeviceEndpoint, UInt16)?
+        var moved: Function?
+        state.withLock { s in
+            guard var f = s.functions[bdf] else { return }
+            var routingChanged = false
+            for r in range where Self.coreOwns(r) {
+                let byte = UInt8(truncatingIfNeeded: value >> (8 * UInt64(r - register)))
+                switch r {
+                case 0x04:
+                    // I/O space, memory space, bus master, and the rest the core does not model.
+                    f.command = (f.command & 0xFF00) | UInt16(byte & 0x07)
+                    routingChanged = true
+                case 0x05:
+                    f.command = (f.command & 0x00FF) | UInt16(byte & 0x04) << 8  // INTx disable
+                case 0x10...0x27:
+                    let index = (r - 0x10) / 4, shift = UInt32(8 * ((r - 0x10) % 4))
+                    if var bar = f.bars[index] {
+                        bar.register = (bar.register & ~(0xFF << shift)) | UInt32(byte) << shift
+                        f.bars[index] = bar
+                        routingChanged = true
+                    }
+                default:
+                    break  // the expansion ROM BAR: none
+                }
+            }
+            s.functions[bdf] = f
+            if routingChanged { moved = f }
+            if range.contains(where: { !Self.coreOwns($0) }) { forward = (f.endpoint, f.configResource) }
+        }
+        if let moved { reroute(moved) }
+        if let (endpoint, resource) = forward {
+            endpoint.write(.configWrite, resource: resource, offset: UInt64(register), size: size, value: value, vcpu: vcpu)
+        }
+    }
+
+    private static func coreByte(_ f: Function, _ register: Int) -> UInt8 {
+        switch register {
+        case 0x04: return UInt8(truncatingIfNeeded: f.command)
+        case 0x05: return UInt8(truncatingIfNeeded: f.command >> 8)
+        case 0x10...0x27:
+            let index = (register - 0x10) / 4
+            guard let bar = f.bars[index] else { return 0 }
+            return UInt8(truncatingIfNeeded: bar.value >> UInt32(8 * ((register - 0x10) % 4)))
+        default:
+            return 0
+        }
+    }
+
+    /// Moves each BAR's route to where the function's registers now put it.
+    private func reroute(_ snapshot: Function) {
+        for index in 0..<Self.barCount {
+            guard let bar = snapshot.bars[index] else { continue }
+            let decodes = bar.kind == .pciPIOBar ? snapshot.command & 0x1 != 0 : snapshot.command & 0x2 != 0
+            var target: UInt64? = decodes && bar.address != 0 ? bar.address : nil
+            let kind: Resource.Kind = bar.kind == .pciPIOBar ? .pio : .mmio
+            let current = state.withLock { $0.functions[snapshot.bdf]?.routed[index] ?? nil }
+            guard target != current else { continue }
+            bus.remove(kind, endpoint: snapshot.endpoint, resource: bar.resource)
+            if let address = target {
+                let fits = kind == .pio ? address + bar.size <= 0x1_0000 : memoryRangeIsFree(address, bar.size)
+                do throws(CoreError) {
+                    guard fits else { throw .configuration("it is not free") }
+                    try bus.add(kind, base: address, length: bar.size, endpoint: snapshot.endpoint, resource: bar.resource)
+                } catch {
+                    Diagnostics.line("\(snapshot.endpoint.name): the guest put BAR \(index) of PCI function \(Self.describe(snapshot.bdf)) at 0x\(String(address, radix: 16)) (+\(bar.size)), which is not free; it is not routed")
+                    target = nil
+                }
+            }
+            state.withLock { $0.functions[snapshot.bdf]?.routed[index] = target }
+        }
+    }
+}
