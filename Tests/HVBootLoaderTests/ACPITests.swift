@@ -174,3 +174,49 @@ final class ACPITests: XCTestCase {
         return (0...(hay.count - needle.count)).first { Array(hay[$0..<$0 + needle.count]) == needle }
     }
 }
+
+/// The SMBIOS files SeaBIOS copies instead of building its own tables (biostables.c).
+final class SMBIOSTests: XCTestCase {
+    func testAnchorAndStructuresAsSeaBIOSReadsThem() throws {
+        let t = SMBIOSTables(cpus: 2)
+        let a = t.anchor
+        // SeaBIOS takes the anchor only if it is exactly a 2.1-style entry point with "_SM_".
+        XCTAssertEqual(a.count, 31)
+        XCTAssertEqual(Array(a[0..<4]), Array("_SM_".utf8))
+        XCTAssertEqual(a[5], 0x1F, "entry point length")
+        XCTAssertEqual([a[6], a[7]], [2, 8], "SMBIOS 2.8")
+        XCTAssertEqual(Array(a[16..<21]), Array("_DMI_".utf8))
+        // …and the tables file only if its size is the anchor's table length.
+        XCTAssertEqual(Int(a[22]) | Int(a[23]) << 8, t.tables.count)
+        XCTAssertEqual(Int(a[28]) | Int(a[29]) << 8, t.structureCount)
+        XCTAssertEqual(Int(a[8]) | Int(a[9]) << 8, t.largestStructure)
+
+        // Walk the structures as smbios_next does: formatted length, then strings to a double NUL.
+        var offset = 0
+        var types: [UInt8] = []
+        var strings: [[String]] = []
+        var handles = Set<Int>()
+        while offset < t.tables.count {
+            let type = t.tables[offset], length = Int(t.tables[offset + 1])
+            XCTAssertGreaterThanOrEqual(length, 4)
+            XCTAssertTrue(handles.insert(Int(t.tables[offset + 2]) | Int(t.tables[offset + 3]) << 8).inserted, "unique handles")
+            // The string set ends at the first double NUL (just "00 00" when there are none).
+            var end = offset + length
+            while !(t.tables[end] == 0 && t.tables[end + 1] == 0) { end += 1 }
+            let found = t.tables[(offset + length)..<end].split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            end += 2
+            types.append(type)
+            strings.append(found)
+            offset = end
+        }
+        XCTAssertEqual(offset, t.tables.count, "the structures fill the file exactly")
+        XCTAssertEqual(types, [1, 3, 4, 4, 32, 127])
+        XCTAssertEqual(types.count, t.structureCount)
+        XCTAssertEqual(strings[0], ["hv", "hv virtual machine", "0.1.0"])
+        XCTAssertEqual(strings[2], ["CPU 0", "hv"])
+        XCTAssertEqual(strings[3], ["CPU 1", "hv"])
+        // Type 1 is the 2.4+ layout (27 bytes) with its string indices 1, 2, 3.
+        XCTAssertEqual(Array(t.tables[1...8]), [27, 0x00, 0x01, 1, 2, 3, 0, 0])
+        XCTAssertFalse(types.contains(0), "type 0 is SeaBIOS's to add")
+    }
+}

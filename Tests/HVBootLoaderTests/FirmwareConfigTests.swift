@@ -405,7 +405,8 @@ final class FirmwareConfigTests: XCTestCase {
         XCTAssertEqual(readItem(&config, 0x000E, count: 3), [0, 0, 0])
 
         XCTAssertEqual(directoryNames(&config), ["bootorder", "etc/acpi/rsdp", "etc/acpi/tables", "etc/boot-fail-wait", "etc/e820",
-                                                 "etc/show-boot-menu", "etc/table-loader"])
+                                                 "etc/show-boot-menu", "etc/smbios/smbios-anchor", "etc/smbios/smbios-tables",
+                                                 "etc/table-loader"])
         XCTAssertEqual(readFile(&config, "bootorder"), [])
         XCTAssertEqual(readFile(&config, "etc/boot-fail-wait"), [0x88, 0x13, 0, 0])
         XCTAssertEqual(readFile(&config, "etc/show-boot-menu"), [0, 0])

@@ -181,7 +181,8 @@ public struct FirmwareConfig: Sendable {
     ///   writes it), "etc/boot-fail-wait" (u32 LE milliseconds; 0xFFFFFFFF means never retry),
     ///   "etc/e820" (`e820Table`), "etc/show-boot-menu" (u16 LE, the same value as the legacy key; the file
     ///   wins in SeaBIOS's romfile lookup, so the two agree on purpose), and the ACPI tables with their
-    ///   loader script ("etc/acpi/rsdp", "etc/acpi/tables", "etc/table-loader"; see `ACPITables`).
+    ///   loader script ("etc/acpi/rsdp", "etc/acpi/tables", "etc/table-loader"; see `ACPITables`), and
+    ///   the SMBIOS anchor and structures ("etc/smbios/smbios-anchor", "etc/smbios/smbios-tables").
     public static func standard(ramBelow4G: UInt64, ramAbove4G: UInt64, cpus: Int, bootMenu: Bool,
                                 bootFailWaitMilliseconds: UInt32, bootOrder: String) -> FirmwareConfig {
         var config = FirmwareConfig()
@@ -201,6 +202,9 @@ public struct FirmwareConfig: Sendable {
         config.addFile("etc/e820", e820Table(ramBelow4G: ramBelow4G, ramAbove4G: ramAbove4G).flatMap(\.encoded))
         config.addFile("etc/show-boot-menu", littleEndian(menu))
         for file in ACPITables.firmwareFiles(cpus: cpus) { config.addFile(file.name, file.bytes) }
+        let smbios = SMBIOSTables(cpus: cpus)
+        config.addFile("etc/smbios/smbios-anchor", smbios.anchor)
+        config.addFile("etc/smbios/smbios-tables", smbios.tables)
         return config
     }
 
