@@ -24,6 +24,7 @@ usage: hvctl <command> [options]
 commands:
   run       boot a VM (with no options: the built-in demo guest)
   sandbox   'sandbox show DEVICE': the effective sandbox profile of a device
+  disk      'disk create PATH --size 20G': a new sparse raw disk image
   version   print hv's version and IPC protocol version
   help      show this help
 
@@ -280,6 +281,8 @@ case "run"?:
     }
 case "sandbox"?:
     do { exit(try sandboxCommand(arguments)) } catch { fail(error.message, status: 2) }
+case "disk"?:
+    do { exit(try diskCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "version"?, "--version"?:
     print("hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))")
 case "help"?, "-h"?, "--help"?:
