@@ -903,11 +903,12 @@ class Bench:
             try:
                 for k in range(cap):
                     out = tempfile.TemporaryFile()
+                    err = tempfile.TemporaryFile()
                     argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", "mode=idle",
                             "--memory", "32M", "--serial", "stdio"]
-                    procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL,
+                    procs.append(subprocess.Popen(argv, stdout=out, stderr=err,
                                                   stdin=subprocess.DEVNULL, env=self.hv_env))
-                    outs.append(out)
+                    outs += [out, err]
                     deadline = time.monotonic() + 30
                     while time.monotonic() < deadline:
                         out.seek(0)
@@ -916,7 +917,13 @@ class Bench:
                         time.sleep(0.005)
                     out.seek(0)
                     if b"idle: ready" not in out.read():
-                        self.problems.append(f"VM {k + 1} did not come up; stopped at {up} VMs")
+                        # Say why: what hvctl printed, and whether it is still running.
+                        out.seek(0)
+                        err.seek(0)
+                        state = "still running" if procs[-1].poll() is None else f"exit status {procs[-1].poll()}"
+                        said = " | ".join(err.read().decode(errors="replace").strip().splitlines()[-3:]) or "nothing on stderr"
+                        self.problems.append(f"VM {k + 1} did not come up within 30 s ({state}; stdout {out.read()[-80:]!r}; "
+                                             f"stderr: {said}); stopped at {up} VMs")
                         break
                     up += 1
                 alive = sum(p.poll() is None for p in procs)
