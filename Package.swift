@@ -39,7 +39,7 @@ let package = Package(
                           path: "Sources/hv-jail", swiftSettings: strict),
         // The trusted VMM core.
         .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys", "HVSandbox", "CSeccomp"], path: "Sources/HVCore", swiftSettings: strict),
-        .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC"], path: "Sources/hvctl", swiftSettings: strict),
+        .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox"], path: "Sources/hvctl", swiftSettings: strict),
 
         // Devices shipped with hv, built only on the public SDK.
         .target(name: "HVSerialUART", path: "Plugins/serial/UART", swiftSettings: strict),

@@ -60,6 +60,10 @@ final class ManagedDevice: @unchecked Sendable {
     var crashTimes: [UInt64] = []
     var restartAt: UInt64?
     var lastError: String?
+    /// Published for other threads (the control socket): the live process's pid (0 while none)
+    /// and how many times the device was restarted.
+    let publishedPid = Atomic<Int32>(0)
+    let restarts = Atomic<UInt32>(0)
 
     init(spec: DeviceSpec) throws(CoreError) {
         self.spec = spec
@@ -245,6 +249,8 @@ final class DeviceSupervisor: @unchecked Sendable {
             throw .device(name: spec.name, reason: why)
         }
         d.process = child
+        d.publishedPid.store(child.pid, ordering: .releasing)
+        if d.generation > 0 { d.restarts.wrappingAdd(1, ordering: .relaxed) }
         d.control = control
         d.events = ControlChannel(socket: coreEvents)
         if verbose { Diagnostics.line("device \(spec.name) started (pid \(child.pid), generation \(d.generation))") }
@@ -290,6 +296,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
         let how = describe(ended, of: d)
         d.process = nil
+        d.publishedPid.store(0, ordering: .releasing)
         d.control = nil
         d.events = nil
         d.endpoint.state = .restarting

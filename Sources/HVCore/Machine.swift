@@ -12,6 +12,8 @@ public enum MachineExit: Sendable, Equatable {
     /// The guest asked for a platform reset (i8042, port 0xCF9 or 0x92). The caller decides whether
     /// to build the VM afresh (a reboot) or to end.
     case resetRequested
+    /// The operator asked for the stop (`hvctl stop NAME`).
+    case stopRequested
     /// The operator typed the console escape sequence.
     case userQuit
     /// SIGINT, SIGTERM or SIGHUP.
@@ -146,6 +148,30 @@ public final class Machine: @unchecked Sendable {
                     break
                 }
             }
+        }
+    }
+
+    /// One device process as the control socket reports it.
+    public struct DeviceStatus: Sendable {
+        public var name: String
+        /// The live process, or nil while it is being restarted (or was given up).
+        public var pid: Int32?
+        public var restarts: UInt32
+        /// "running", "restarting" or "failed".
+        public var state: String
+    }
+
+    /// The device processes now. Safe from any thread.
+    public func deviceStatus() -> [DeviceStatus] {
+        supervisor.devices.map { d in
+            let pid = d.publishedPid.load(ordering: .acquiring)
+            let state: String
+            switch d.endpoint.state {
+            case .running: state = "running"
+            case .restarting: state = "restarting"
+            case .failed: state = "failed"
+            }
+            return DeviceStatus(name: d.spec.name, pid: pid == 0 ? nil : pid, restarts: d.restarts.load(ordering: .relaxed), state: state)
         }
     }
 

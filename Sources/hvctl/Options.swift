@@ -39,6 +39,7 @@ struct RunOptions {
     var verbose = false
     var sandbox = true
     var tenant: String?
+    var name: String?
     var plugins: [String] = []
 
     static let help = """
@@ -58,6 +59,7 @@ struct RunOptions {
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
       --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
+      --name NAME        the VM's name for 'hvctl ls/status/stop' (default: vm-PID)
       --tenant NAME      run this VM's devices as tenant NAME's uid/gid (default: one per VM)
       --device SPEC      add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,pci=DD.F[,barN=mmio|pio:SIZE]...][,KEY=VALUE]...
       --no-sandbox       run devices unconfined (debugging only; prints a warning)
@@ -127,6 +129,10 @@ struct RunOptions {
                 }
                 options.tenant = name
             case "--device": options.plugins.append(try value(flag))
+            case "--name":
+                let name = try value(flag)
+                try RunDirectory.validate(name, flag: "--name")
+                options.name = name
             default:
                 throw UsageError(message: "unknown option '\(arg)' for 'hvctl run'")
             }

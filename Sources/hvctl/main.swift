@@ -12,7 +12,11 @@ func warn(_ message: String) {
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
 }
 
+/// The running VM's control socket, removed on every way out (fail() exits directly).
+nonisolated(unsafe) var activeControlServer: ControlServer?
+
 func fail(_ message: String, status: Int32 = 1) -> Never {
+    activeControlServer?.close()
     let line = "hvctl: \(message)\n"
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
     exit(status)
@@ -25,6 +29,9 @@ commands:
   run       boot a VM (with no options: the built-in demo guest)
   sandbox   'sandbox show DEVICE': the effective sandbox profile of a device
   disk      'disk create PATH --size 20G': a new sparse raw disk image
+  ls        list running VMs (their control sockets in $HV_RUN_DIR, default /run/hv)
+  status    'status NAME [--json]': one running VM and its device processes
+  stop      'stop NAME': stop a running VM
   version   print hv's version and IPC protocol version
   help      show this help
 
@@ -57,21 +64,23 @@ func hostMemoryBytes() -> UInt64 {
 /// VM is current, and a quit typed between two boots is not lost.
 final class CurrentMachine: @unchecked Sendable {
     // @unchecked: every field is under `lock`.
-    private let lock = Mutex<(machine: Machine?, quit: Bool)>((nil, false))
+    private let lock = Mutex<(machine: Machine?, exit: MachineExit?)>((nil, nil))
     func install(_ machine: Machine) {
-        let quit = lock.withLock { state -> Bool in
+        let exit = lock.withLock { state -> MachineExit? in
             state.machine = machine
-            return state.quit
+            return state.exit
         }
-        if quit { machine.stop(.userQuit) }
+        if let exit { machine.stop(exit) }
     }
-    func quit() {
+    /// Stops the current VM (and any the loop would build next) with `exit`.
+    func stop(_ exit: MachineExit) {
         let machine = lock.withLock { state -> Machine? in
-            state.quit = true
+            if state.exit == nil { state.exit = exit }
             return state.machine
         }
-        machine?.stop(.userQuit)
+        machine?.stop(exit)
     }
+    var machine: Machine? { lock.withLock { $0.machine } }
 }
 
 /// The host files that stay open across reboots: the guest image, the initrd, the firmware.
@@ -169,8 +178,27 @@ func run(_ options: RunOptions) -> Int32 {
     }
 
     let current = CurrentMachine()
+    let name = options.name ?? "vm-\(getpid())"
+    let server: ControlServer
+    do { server = try ControlServer(name: name) } catch { fail(error.message, status: 2) }
+    activeControlServer = server
+    defer { server.close() }
+    let started = monotonicNanoseconds()
+    do {
+        try server.start(status: {
+            let devices = current.machine?.deviceStatus() ?? []
+            let list = devices.map { d in
+                "{\"name\": \(jsonString(d.name)), \"pid\": \(d.pid ?? 0), \"restarts\": \(d.restarts), \"state\": \(jsonString(d.state))}"
+            }
+            return "{\"name\": \(jsonString(name)), \"pid\": \(getpid()), \"boot\": \(jsonString(boot.mode)), "
+                + "\"uptime_seconds\": \((monotonicNanoseconds() - started) / 1_000_000_000), \"memory_mib\": \(options.memory >> 20), "
+                + "\"cpus\": \(options.cpus), \"tenant\": \(jsonString(tenant ?? "none (--no-sandbox)")), \"devices\": [\(list.joined(separator: ", "))]}"
+        }, stop: { current.stop(.stopRequested) })
+    } catch {
+        fail("cannot serve the control socket: \(error)")
+    }
     if let console {
-        do { try console.start { current.quit() } } catch { fail("cannot read the terminal: \(error)") }
+        do { try console.start { current.stop(.userQuit) } } catch { fail("cannot read the terminal: \(error)") }
     }
     defer { console?.restore() }
     // A reset builds the VM afresh (new RAM, devices and firmware), like a power cycle; only the
@@ -204,6 +232,9 @@ func run(_ options: RunOptions) -> Int32 {
                 return 0
             }
             if options.verbose { warn("the guest asked for a reset; rebooting") }
+        case .stopRequested:
+            warn("stopped by 'hvctl stop \(name)'")
+            return 0
         case .userQuit:
             console?.restore()
             _ = "\r\nhvctl: quit (Ctrl-A x)\n".withCString { Glibc.write(2, $0, strlen($0)) }  // ends the guest's unfinished line
@@ -281,6 +312,8 @@ case "run"?:
     }
 case "sandbox"?:
     do { exit(try sandboxCommand(arguments)) } catch { fail(error.message, status: 2) }
+case "ls"?, "status"?, "stop"?:
+    do { exit(try vmCommand(CommandLine.arguments[1], arguments)) } catch { fail(error.message, status: 2) }
 case "disk"?:
     do { exit(try diskCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "version"?, "--version"?:

@@ -1,0 +1,254 @@
+import Glibc
+import HVSandbox
+import HVSys
+
+// The control socket of a running VM: `hvctl run` (the VM's core) listens on
+// RUN_DIR/NAME.sock, and `hvctl ls`, `hvctl status NAME` and `hvctl stop NAME` talk to it.
+// One SOCK_SEQPACKET message each way: a command ("status", "stop"), then a JSON answer.
+// The directory is root's, mode 0700, and each socket 0600: only the operator reaches a VM.
+
+enum RunDirectory {
+    /// `HV_RUN_DIR`, or /run/hv.
+    static var path: String {
+        if let v = getenv("HV_RUN_DIR"), v.pointee != 0 { return String(cString: v) }
+        return "/run/hv"
+    }
+    static func socket(_ name: String) -> String { path + "/" + name + ".sock" }
+
+    /// VM names are file names in the run directory: the same rule as tenant names.
+    static func validate(_ name: String, flag: String) throws(UsageError) {
+        guard (1...64).contains(name.utf8.count), name.utf8.first != UInt8(ascii: "."),
+              name.utf8.allSatisfy({ $0 == 0x2D || $0 == 0x2E || $0 == 0x5F || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }) else {
+            throw UsageError(message: "invalid \(flag) '\(name)': use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'")
+        }
+    }
+}
+
+/// A Unix socket address for `path`, or nil when the path does not fit `sun_path`.
+private func unixAddress(_ path: String) -> sockaddr_un? {
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, b) in bytes.enumerated() { raw[i] = b }
+        raw[bytes.count] = 0
+    }
+    return address
+}
+
+private func connectTo(_ path: String) -> Int32? {
+    guard var address = unixAddress(path) else { return nil }
+    let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return nil }
+    let r = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    if r != 0 {
+        close(fd)
+        return nil
+    }
+    return fd
+}
+
+/// The listening side, owned by `hvctl run`.
+final class ControlServer: @unchecked Sendable {
+    // @unchecked: `fd` and `path` are immutable; the handler closures are Sendable.
+    let path: String
+    private let fd: Int32
+
+    /// Binds RUN_DIR/NAME.sock. A live VM of that name is an error; a stale socket (its VM
+    /// died without cleaning up) is replaced.
+    init(name: String) throws(UsageError) {
+        let dir = RunDirectory.path
+        if mkdir(dir, 0o700) != 0 && errno != EEXIST {
+            throw UsageError(message: "cannot create the run directory \(dir): \(String(cString: strerror(errno)))")
+        }
+        path = RunDirectory.socket(name)
+        if let live = connectTo(path) {
+            Glibc.close(live)
+            throw UsageError(message: "a VM named '\(name)' is already running (\(path)); pick another --name or 'hvctl stop \(name)'")
+        }
+        unlink(path)
+        guard var address = unixAddress(path) else { throw UsageError(message: "the socket path \(path) is too long; set HV_RUN_DIR to a shorter directory") }
+        fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw UsageError(message: "cannot create the control socket: \(String(cString: strerror(errno)))") }
+        let old = umask(0o177)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        umask(old)
+        guard bound == 0, listen(fd, 8) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw UsageError(message: "cannot listen on \(path): \(String(cString: strerror(e)))")
+        }
+    }
+
+    /// Serves commands on a thread of its own until `close()`.
+    func start(status: @escaping @Sendable () -> String, stop: @escaping @Sendable () -> Void) throws(SystemError) {
+        let listener = fd
+        try HostThread.spawn(name: "hv-control") {
+            while true {
+                let client = accept(listener, nil, nil)
+                if client >= 0 { _ = fcntl(client, F_SETFD, FD_CLOEXEC) }  // accept4 is not in the Glibc module
+                if client < 0 {
+                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    return  // shut down
+                }
+                // A client that never sends must not wedge the socket: 2 s to say something.
+                var timeout = timeval(tv_sec: 2, tv_usec: 0)
+                setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                var buffer = [UInt8](repeating: 0, count: 256)
+                let n = buffer.withUnsafeMutableBytes { recv(client, $0.baseAddress, $0.count, 0) }
+                let command = n > 0 ? String(decoding: buffer.prefix(n), as: UTF8.self) : ""
+                let answer: String
+                switch command {
+                case "status": answer = status()
+                case "stop":
+                    answer = #"{"stopping":true}"#
+                    stop()
+                default: answer = #"{"error":"unknown command; use status or stop"}"#
+                }
+                _ = Array(answer.utf8).withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                Glibc.close(client)
+            }
+        }
+    }
+
+    /// Stops listening and removes the socket.
+    func close() {
+        unlink(path)
+        shutdown(fd, Int32(SHUT_RDWR))  // wakes the accept loop, which then ends
+    }
+}
+
+/// Sends `command` to the VM called `name` and returns its answer, or nil when no such VM runs.
+func controlRequest(_ name: String, _ command: String) -> JSONObject? {
+    guard let fd = connectTo(RunDirectory.socket(name)) else { return nil }
+    defer { close(fd) }
+    var timeout = timeval(tv_sec: 5, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    guard Array(command.utf8).withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 else { return nil }
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+    guard n > 0, case .object(let object)? = try? JSONValue.parse(Array(buffer.prefix(n))) else { return nil }
+    return object
+}
+
+/// JSON text for a string value.
+func jsonString(_ s: String) -> String {
+    var out = "\""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case "\n": out += "\\n"
+        case _ where u.value < 0x20: out += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count) + String(u.value, radix: 16)
+        default: out.unicodeScalars.append(u)
+        }
+    }
+    return out + "\""
+}
+
+// MARK: Commands
+
+private func names() -> [String] {
+    guard let dir = opendir(RunDirectory.path) else { return [] }
+    defer { closedir(dir) }
+    var found: [String] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        if name.hasSuffix(".sock") { found.append(String(name.dropLast(5))) }
+    }
+    return found.sorted()
+}
+
+private func number(_ o: JSONObject, _ key: String) -> UInt64 {
+    if case .number(let n)? = o[key] { return n.uint64Value ?? 0 }
+    return 0
+}
+
+private func text(_ o: JSONObject, _ key: String) -> String {
+    if case .string(let s)? = o[key] { return s }
+    return "?"
+}
+
+private func devices(_ o: JSONObject) -> [JSONObject] {
+    guard case .array(let list)? = o["devices"] else { return [] }
+    return list.compactMap { if case .object(let d) = $0 { return d } else { return nil } }
+}
+
+private func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+
+/// `hvctl ls`, `hvctl status NAME [--json]`, `hvctl stop NAME`.
+func vmCommand(_ verb: String, _ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
+    var rest = arguments
+    switch verb {
+    case "ls":
+        guard rest.isEmpty else { throw UsageError(message: "'hvctl ls' takes no arguments") }
+        print(pad("NAME", 20) + pad("PID", 9) + pad("UPTIME", 9) + pad("MEMORY", 9) + pad("CPUS", 6) + "DEVICES")
+        for name in names() {
+            guard let o = controlRequest(name, "status") else {
+                // A socket whose VM is gone (killed without cleaning up): remove it.
+                unlink(RunDirectory.socket(name))
+                continue
+            }
+            let devs = devices(o).map { "\(text($0, "name"))(\(text($0, "state")), \(number($0, "restarts")) restarts)" }
+            print(pad(name, 20) + pad("\(number(o, "pid"))", 9) + pad("\(number(o, "uptime_seconds"))s", 9)
+                  + pad("\(number(o, "memory_mib"))M", 9) + pad("\(number(o, "cpus"))", 6) + devs.joined(separator: " "))
+        }
+        return 0
+    case "status", "stop":
+        guard let name = rest.popFirst() else { throw UsageError(message: "'hvctl \(verb)' needs a VM name (see 'hvctl ls')") }
+        let json = rest.first == "--json"
+        if json { rest.removeFirst() }
+        guard rest.isEmpty, verb == "status" || !json else { throw UsageError(message: "unexpected arguments after '\(name)'") }
+        try RunDirectory.validate(name, flag: "name")
+        guard let o = controlRequest(name, verb) else {
+            fail("no VM named '\(name)' is running (see 'hvctl ls')")
+        }
+        if verb == "stop" {
+            // Wait for the VM to go: its socket disappears when hvctl run exits.
+            for _ in 0..<200 {
+                if access(RunDirectory.socket(name), F_OK) != 0 { break }
+                usleep(50_000)
+            }
+            print("stopped \(name)")
+            return 0
+        }
+        if json {
+            var parts: [String] = []
+            for m in o.members { parts.append("\(jsonString(m.key)): \(render(m.value))") }
+            print("{" + parts.joined(separator: ", ") + "}")
+            return 0
+        }
+        print("name:    \(text(o, "name"))")
+        print("pid:     \(number(o, "pid"))")
+        print("boot:    \(text(o, "boot"))")
+        print("uptime:  \(number(o, "uptime_seconds")) s")
+        print("memory:  \(number(o, "memory_mib")) MiB")
+        print("cpus:    \(number(o, "cpus"))")
+        print("tenant:  \(text(o, "tenant"))")
+        for d in devices(o) {
+            let pid = number(d, "pid")
+            print("device:  \(pad(text(d, "name"), 10))\(pad(text(d, "state"), 11))pid \(pid == 0 ? "-" : "\(pid)")  restarts \(number(d, "restarts"))")
+        }
+        return 0
+    default:
+        throw UsageError(message: "unknown command '\(verb)'")
+    }
+}
+
+private func render(_ v: JSONValue) -> String {
+    switch v {
+    case .string(let s): return jsonString(s)
+    case .number(let n): return n.literal
+    case .bool(let b): return b ? "true" : "false"
+    case .null: return "null"
+    case .array(let a): return "[" + a.map(render).joined(separator: ", ") + "]"
+    case .object(let o): return "{" + o.members.map { "\(jsonString($0.key)): \(render($0.value))" }.joined(separator: ", ") + "}"
+    }
+}
