@@ -27,7 +27,8 @@ let package = Package(
         .target(name: "HVIPC", dependencies: ["HVSys", .product(name: "Atomics", package: "swift-atomics")],
                 path: "Sources/HVIPC", swiftSettings: strict),
         // Public device SDK: the device-process runtime.
-        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys", "CHVShim"], path: "Sources/HVDeviceSDK", exclude: ["README.md"],
+        .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys", "CHVShim", .product(name: "Atomics", package: "swift-atomics")],
+                path: "Sources/HVDeviceSDK", exclude: ["README.md"],
                 swiftSettings: strict),
         // libseccomp and libcap, for the jail (Debian: libseccomp-dev, libcap-dev).
         .systemLibrary(name: "CSeccomp", path: "Sources/CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
@@ -55,6 +56,8 @@ let package = Package(
         // Test-only PCI function (config space, a memory BAR and an I/O BAR) for the PCI bus tests.
         .executableTarget(name: "hv-pci-testdevice", dependencies: ["HVDeviceSDK"], path: "Tests/PCITestDevice",
                           swiftSettings: strict),
+        .testTarget(name: "HVDeviceSDKTests", dependencies: ["HVDeviceSDK", "HVSys"], path: "Tests/HVDeviceSDKTests",
+                    swiftSettings: strict),
         .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys"], path: "Tests/HVIPCTests",
                     resources: [], swiftSettings: strict),
         .testTarget(name: "HVSerialUARTTests", dependencies: ["HVSerialUART"], path: "Tests/HVSerialUARTTests",
