@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "hvctl", targets: ["hvctl"]),
         .executable(name: "hv-serial", targets: ["hv-serial"]),
         .executable(name: "hv-bios", targets: ["hv-bios"]),
+        .executable(name: "hv-scsi", targets: ["hv-scsi"]),
         .executable(name: "hv-jail", targets: ["hv-jail"]),
         .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
     ],
@@ -50,6 +51,11 @@ let package = Package(
         .executableTarget(name: "hv-bios", dependencies: ["HVDeviceSDK", "HVBootLoader"],
                           path: "Plugins/bios/Device", swiftSettings: strict),
 
+        // virtio-scsi disk: the SCSI command interpreter (pure, unit-tested) and the device process.
+        .target(name: "HVSCSIDisk", dependencies: ["CHVShim"], path: "Plugins/scsi/Disk", swiftSettings: strict),
+        .executableTarget(name: "hv-scsi", dependencies: ["HVDeviceSDK", "HVSCSIDisk"], path: "Plugins/scsi/Device",
+                          swiftSettings: strict),
+
         // Test-only hostile device, run as a third-party plugin under its own profile.
         .executableTarget(name: "hv-rogue-device", dependencies: ["HVDeviceSDK"], path: "Tests/RogueDevice",
                           exclude: ["rogue.json"], swiftSettings: strict),
@@ -58,6 +64,7 @@ let package = Package(
                           swiftSettings: strict),
         .testTarget(name: "HVDeviceSDKTests", dependencies: ["HVDeviceSDK", "HVSys"], path: "Tests/HVDeviceSDKTests",
                     swiftSettings: strict),
+        .testTarget(name: "HVSCSIDiskTests", dependencies: ["HVSCSIDisk"], path: "Tests/HVSCSIDiskTests", swiftSettings: strict),
         .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys"], path: "Tests/HVIPCTests",
                     resources: [], swiftSettings: strict),
         .testTarget(name: "HVSerialUARTTests", dependencies: ["HVSerialUART"], path: "Tests/HVSerialUARTTests",

@@ -149,6 +149,8 @@ int hv_pivot_root(const char *new_root, const char *put_old) { return (int)sysca
 
 int hv_close_range(unsigned int first, unsigned int last) { return (int)syscall(SYS_close_range, first, last, 0); }
 
+int hv_fallocate(int fd, int mode, long long offset, long long length) { return fallocate(fd, mode, (off_t)offset, (off_t)length); }
+
 int hv_install_seccomp_filter(const void *instructions, size_t length_bytes) {
     if (length_bytes == 0 || length_bytes % sizeof(struct sock_filter) != 0 ||
         length_bytes / sizeof(struct sock_filter) > BPF_MAXINSNS) { errno = EINVAL; return -1; }

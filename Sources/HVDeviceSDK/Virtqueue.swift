@@ -63,6 +63,9 @@ public struct SplitVirtqueue: Sendable {
     public private(set) var nextAvailable: UInt16 = 0
     /// The used ring's index as the device last published it.
     public private(set) var usedIndex: UInt16 = 0
+    /// The head of the chain `next` last took, when it was a valid index: a refused chain is
+    /// still completed (with nothing written), so the driver does not wait for it forever.
+    public private(set) var lastHead: UInt16?
 
     static let descriptorSize: UInt64 = 16
     static let flagNext: UInt16 = 1, flagWrite: UInt16 = 2, flagIndirect: UInt16 = 4
@@ -104,6 +107,7 @@ public struct SplitVirtqueue: Sendable {
             return .failure(.ringUnreadable)
         }
         nextAvailable &+= 1
+        lastHead = head < size ? head : nil
         guard head < size else { return .failure(.headOutOfRange(head)) }
         return walk(head, memory).map { $0 }
     }

@@ -40,6 +40,7 @@ struct RunOptions {
     var sandbox = true
     var tenant: String?
     var name: String?
+    var disks: [String] = []
     var plugins: [String] = []
 
     static let help = """
@@ -55,6 +56,7 @@ struct RunOptions {
       --boot-menu        let the firmware show its boot menu (off by default: no menu delay)
       --debugcon file:PATH  write the 0x402 debug port (SeaBIOS's log) to PATH (default: discarded)
       --cmdline STR      command line passed to the kernel (--multiboot, --kernel)
+      --disk PATH[,readonly]  a raw disk image on a virtio-scsi adapter (its own sandboxed process); repeatable
       --no-reboot        end the VM (exit 0) when the guest asks for a reset, instead of rebooting it
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
@@ -129,6 +131,13 @@ struct RunOptions {
                 }
                 options.tenant = name
             case "--device": options.plugins.append(try value(flag))
+            case "--disk":
+                let spec = try value(flag)
+                guard !spec.isEmpty, !spec.hasPrefix(","), spec.split(separator: ",").dropFirst().allSatisfy({ $0 == "readonly" }) else {
+                    throw UsageError(message: "invalid --disk '\(spec)': use PATH or PATH,readonly")
+                }
+                guard options.disks.count < 8 else { throw UsageError(message: "at most 8 --disk images") }
+                options.disks.append(spec)
             case "--name":
                 let name = try value(flag)
                 try RunDirectory.validate(name, flag: "--name")

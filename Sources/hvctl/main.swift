@@ -126,6 +126,47 @@ func openBootFiles(_ options: RunOptions) -> BootFiles {
     }
 }
 
+/// A disk image the trusted side opened, locked and checked.
+struct DiskImage {
+    var path: String
+    var file: FileDescriptor
+    var readOnly: Bool
+}
+
+/// Opens every --disk: a missing, unreadable, locked or empty image, one that is not whole
+/// sectors, or the same file given twice is a one-line error before the VM starts.
+func openDisks(_ options: RunOptions) -> [DiskImage] {
+    var disks: [DiskImage] = []
+    var seen: [(dev: UInt64, ino: UInt64, path: String)] = []
+    for spec in options.disks {
+        let parts = spec.split(separator: ",").map(String.init)
+        let path = parts[0], readOnly = parts.count > 1
+        let file: FileDescriptor
+        do { file = try FileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR) } catch {
+            let hint = !readOnly && (error.errno == .permissionDenied || error.errno.rawValue == EROFS) ? " (add ,readonly for a read-only disk)" : ""
+            fail("cannot open disk image '\(path)'\(readOnly ? "" : " for writing"): \(error.errno)\(hint)")
+        }
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            fail("disk image '\(path)' is not a regular file")
+        }
+        if let other = seen.first(where: { $0.dev == UInt64(st.st_dev) && $0.ino == UInt64(st.st_ino) }) {
+            fail("disk image '\(path)' is given twice (also as '\(other.path)'): one process per image")
+        }
+        seen.append((UInt64(st.st_dev), UInt64(st.st_ino), path))
+        guard st.st_size > 0, st.st_size % 512 == 0 else {
+            fail("disk image '\(path)' is \(st.st_size) bytes: a disk is a non-zero whole number of 512-byte sectors (make one with 'hvctl disk create')")
+        }
+        // Another VM (or tool) writing the same image would corrupt it: take a lock, shared for
+        // read-only use, exclusive for writing.
+        if flock(file.rawValue, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0 {
+            fail("disk image '\(path)' is locked by another process (another VM using it?); stop that first")
+        }
+        disks.append(DiskImage(path: path, file: file, readOnly: readOnly))
+    }
+    return disks
+}
+
 func run(_ options: RunOptions) -> Int32 {
     // Stop signals are taken synchronously by Machine.run on the main thread; block them before
     // any thread (the console's, the supervisor's, vCPUs) exists, so none of those inherits an
@@ -141,6 +182,7 @@ func run(_ options: RunOptions) -> Int32 {
 
     // The trusted side opens every host file; devices only receive descriptors.
     let boot = openBootFiles(options)
+    let disks = openDisks(options)
 
     var serialFiles: [FileDescriptor] = []
     var console: Console?
@@ -209,7 +251,7 @@ func run(_ options: RunOptions) -> Int32 {
         do {
             if let size = boot.firmwareSize { firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: size) }
             devices = try platformDevices(options, boot: boot, firmwareROM: firmwareROM, serialFiles: serialFiles,
-                                          debugOutput: debugOutput, tenant: tenant)
+                                          debugOutput: debugOutput, tenant: tenant, disks: disks)
         } catch let error as UsageError {
             fail(error.message, status: 2)
         } catch {
@@ -251,7 +293,7 @@ func run(_ options: RunOptions) -> Int32 {
 /// The serial port, the BIOS/platform device and any --device plugins, each planned into its
 /// tenant's sandbox.
 func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDescriptor?, serialFiles: [FileDescriptor],
-                     debugOutput: FileDescriptor, tenant: String?) throws -> [DeviceSpec] {
+                     debugOutput: FileDescriptor, tenant: String?, disks: [DiskImage]) throws -> [DeviceSpec] {
     var biosFiles = [boot.image, firmwareROM ?? boot.image, debugOutput]
     if let initrd = boot.initrd { biosFiles.append(initrd) }
     var devices = [
@@ -265,7 +307,18 @@ func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDe
                             "initrd=\(boot.initrd == nil ? 0 : 1)", "cmdline=\(options.commandLine)"].joined(separator: "\n"),
                    capabilities: [.bootControl, .statePage], mapsGuestMemory: true),
     ]
-    let profiles = ["serial0": "serial", "bios": "bios"]
+    var profiles = ["serial0": "serial", "bios": "bios"]
+    // Each disk is its own virtio-scsi adapter (PCI 00:04.0, 00:05.0, …) in its own process.
+    for (i, disk) in disks.enumerated() {
+        let bdf = UInt64((4 + i) << 3)
+        devices.append(DeviceSpec(name: "disk\(i)", executable: deviceExecutable("hv-scsi"),
+                                  resources: [Resource(kind: .pciConfig, base: bdf, length: 256),
+                                              Resource(kind: .pciMMIOBar, base: bdf << 8, length: 0x4000)],
+                                  hostFiles: [disk.file],
+                                  config: "readonly=\(disk.readOnly ? 1 : 0)\nserial=hv-disk\(i)",
+                                  capabilities: [], mapsGuestMemory: true))
+        profiles["disk\(i)"] = "scsi"
+    }
     do {
         if let tenant {
             for i in devices.indices {

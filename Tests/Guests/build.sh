@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds hv-testguest (a multiboot v1 ELF32 kernel) as OUTDIR/testguest.elf, and
 # hv-bootparams-probe (a 64-bit bzImage-format payload for the Linux boot protocol) as
-# OUTDIR/bootparams-probe.bzImage.
+# OUTDIR/bootparams-probe.bzImage, and a boot sector for the disk tests as OUTDIR/mbr.bin.
 # Needs only gcc and binutils: no multilib, libc or libgcc for i386.
 set -euo pipefail
 
@@ -36,3 +36,7 @@ gcc "${cflags64[@]}" -c "$src/linux64/probe.c" -o "$out/probe.o"
 ld -m elf_x86_64 -T "$src/linux64/linker.ld" -nostdlib --no-warn-rwx-segments -o "$out/bootparams-probe.elf" \
     "$out/probe-setup.o" "$out/probe-head.o" "$out/probe.o"
 objcopy -O binary "$out/bootparams-probe.elf" "$out/bootparams-probe.bzImage"
+
+# A boot sector for the disk tests (16-bit code at 0x7C00, 512 bytes ending in 55 AA).
+gcc -m32 -c "$src/mbr.S" -o "$out/mbr.o"
+ld -m elf_i386 -Ttext 0x7C00 -e _start --oformat binary -o "$out/mbr.bin" "$out/mbr.o"

@@ -38,3 +38,73 @@ final class DiskTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("b.img").path))
     }
 }
+
+/// `--disk`: a raw image on a virtio-scsi adapter in its own sandboxed process, booted by SeaBIOS
+/// (its virtio-scsi driver is the acceptance client).
+final class VirtioSCSIDiskTests: XCTestCase {
+    private var dir: URL!
+
+    override func setUpWithError() throws {
+        try Harness.requireKVM()
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(at: dir) }
+
+    /// A 1 MiB image: hv's boot sector, then a message in sector 1 for it to read and print.
+    private func bootDisk(_ name: String) throws -> String {
+        let guestDir = URL(fileURLWithPath: try Harness.testGuest()).deletingLastPathComponent()
+        var image = try Data(contentsOf: guestDir.appendingPathComponent("mbr.bin"))
+        XCTAssertEqual(image.count, 512)
+        var sector = Data("hv-disk: sector 1 came through virtio-scsi\r\n".utf8)
+        sector.append(Data(repeating: 0, count: 512 - sector.count))
+        image.append(sector)
+        image.append(Data(repeating: 0, count: (1 << 20) - image.count))
+        let path = dir.appendingPathComponent(name).path
+        try image.write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    func testSeaBIOSBootsFromTheDiskAndReadsIt() throws {
+        for readOnly in [false, true] {
+            let disk = try bootDisk("boot-\(readOnly).img")
+            let r = try runHvctl(["run", "--firmware", "seabios", "--disk", disk + (readOnly ? ",readonly" : "")], timeout: 60)
+            XCTAssertEqual(r.status, 0, "the boot sector halts with interrupts off: \(r.stderr)")
+            let lines = r.stdout.replacingOccurrences(of: "\r", with: "").split(separator: "\n").map(String.init)
+            XCTAssertTrue(lines.contains("Booting from Hard Disk..."), r.stdout)
+            XCTAssertTrue(lines.contains("hv-mbr: booted from the disk"), r.stdout)
+            XCTAssertTrue(lines.contains("hv-disk: sector 1 came through virtio-scsi"), r.stdout)
+            XCTAssertFalse(r.stderr.contains("refused"), r.stderr)
+        }
+    }
+
+    func testBadDisksAreRefusedBeforeTheVMStarts() throws {
+        let good = try bootDisk("good.img")
+        let odd = dir.appendingPathComponent("odd.img").path
+        try Data(repeating: 0, count: 1000).write(to: URL(fileURLWithPath: odd))
+        let empty = dir.appendingPathComponent("empty.img").path
+        try Data().write(to: URL(fileURLWithPath: empty))
+        let cases: [([String], Int32, String)] = [
+            (["--disk", "/nonexistent/disk.img"], 1, "cannot open disk image '/nonexistent/disk.img' for writing"),
+            (["--disk", good, "--disk", good], 1, "is given twice"),
+            (["--disk", odd], 1, "is 1000 bytes: a disk is a non-zero whole number of 512-byte sectors"),
+            (["--disk", empty], 1, "disk image '\(empty)' is 0 bytes"),
+            (["--disk", "\(good),bogus"], 2, "invalid --disk"),
+            (["--disk", dir.path], 1, "Is a directory"),
+        ]
+        for (args, status, message) in cases {
+            let r = try runHvctl(["run"] + args, timeout: 30)
+            XCTAssertEqual(r.status, status, "\(args): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(message), "\(args): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): one line: \(r.stderr)")
+        }
+        // An image another process holds for writing is refused, not shared.
+        let fd = open(good, O_RDWR)
+        XCTAssertEqual(flock(fd, LOCK_EX), 0)
+        let locked = try runHvctl(["run", "--disk", good], timeout: 30)
+        close(fd)
+        XCTAssertEqual(locked.status, 1)
+        XCTAssertTrue(locked.stderr.contains("is locked by another process"), locked.stderr)
+    }
+}

@@ -60,6 +60,10 @@ int hv_execveat_fd(int fd, char *const argv[], char *const envp[]);
 int hv_pivot_root(const char *new_root, const char *put_old);
 // close_range(2) may lack a wrapper in the Glibc module.
 int hv_close_range(unsigned int first, unsigned int last);
+
+/// fallocate(2) (a GNU extension Swift's Glibc module does not export): the SCSI disk punches
+/// holes (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) to give discarded blocks back to the host.
+int hv_fallocate(int fd, int mode, long long offset, long long length);
 // Installs a classic-BPF seccomp filter (PR_SET_SECCOMP needs a struct sock_fprog).
 int hv_install_seccomp_filter(const void *instructions, size_t length_bytes);
 

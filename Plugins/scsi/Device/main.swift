@@ -1,0 +1,135 @@
+import Glibc
+import HVDeviceSDK
+import HVSCSIDisk
+
+// hv-scsi: a virtio-scsi host adapter (virtio 1.2 §5.6) with one disk, target 0 LUN 0, backed by
+// a raw image the trusted side opened (host file 0). Queues: 0 control, 1 event, 2 requests.
+// Requests are served in the order the driver makes them available; each is completed before
+// the next is taken.
+
+final class VirtioSCSI: VirtioDevice {
+    let runtime: DeviceRuntime
+    let disk: SCSIDisk
+    var senseSize: UInt32 = 96
+    var cdbSize: UInt32 = 32
+
+    init(runtime: DeviceRuntime, disk: SCSIDisk) {
+        self.runtime = runtime
+        self.disk = disk
+    }
+
+    var deviceType: UInt16 { 8 }
+    var pciClass: UInt32 { 0x01_0000 }  // mass storage, SCSI
+    var features: UInt64 { 0 }
+    var queueCount: Int { 3 }
+    var maxQueueSize: UInt16 { 256 }
+
+    /// struct virtio_scsi_config.
+    func readConfig(offset: Int, size: Int) -> UInt64 {
+        let fields: [UInt32] = [1, 126, UInt32(SCSIDisk.maximumTransferBlocks), 128, 16, senseSize, cdbSize]
+        var bytes: [UInt8] = fields.flatMap { v in (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * UInt32($0))) } }
+        bytes += [0, 0, 0, 0] + [0, 0, 0, 0]  // max_channel 0, max_target 0, max_lun 0
+        var value: UInt64 = 0
+        for i in 0..<size where offset + i < bytes.count { value |= UInt64(bytes[offset + i]) << (8 * UInt64(i)) }
+        return value
+    }
+
+    func writeConfig(offset: Int, size: Int, value: UInt64) {
+        // The driver may set sense_size (0x14) and cdb_size (0x18); keep them sane.
+        if offset == 0x14 && size == 4 { senseSize = min(UInt32(truncatingIfNeeded: value), 96) }
+        if offset == 0x18 && size == 4 { cdbSize = max(min(UInt32(truncatingIfNeeded: value), 32), 16) }
+    }
+
+    func reset() {
+        senseSize = 96
+        cdbSize = 32
+    }
+
+    func queueNotified(_ index: Int, transport: VirtioPCITransport) {
+        guard let memory = transport.memory, index != 1 else { return }  // the event queue only holds buffers
+        while var queue = transport.queues[index], let taken = queue.next(memory) {
+            let head = queue.lastHead
+            transportUpdate(transport, index, queue)
+            switch taken {
+            case .success(let chain):
+                let written = index == 0 ? control(chain, memory) : request(chain, memory)
+                transport.complete(queue: index, head: chain.head, written: written)
+            case .failure(let error):
+                runtime.log(.warning, "queue \(index): refused a request: \(error)")
+                if let head { transport.complete(queue: index, head: head, written: 0) }
+            }
+            queue = transport.queues[index]!
+        }
+    }
+
+    /// Keeps the transport's copy of the queue in step with the indices `next` advanced.
+    private func transportUpdate(_ transport: VirtioPCITransport, _ index: Int, _ queue: SplitVirtqueue) {
+        transport.replaceQueue(index, with: queue)
+    }
+
+    /// Task management and asynchronous notification requests: nothing is ever outstanding, so
+    /// every TMF succeeds and no event is subscribed.
+    private func control(_ chain: DescriptorChain, _ memory: GuestMemory) -> UInt32 {
+        let zeros = [UInt8](repeating: 0, count: Int(min(chain.writableLength, 8)))
+        return UInt32(chain.write(zeros, memory))
+    }
+
+    private func request(_ chain: DescriptorChain, _ memory: GuestMemory) -> UInt32 {
+        let headerSize = 19 + Int(cdbSize)
+        let responseSize = 12 + Int(senseSize)
+        let input = chain.readAll(memory, limit: headerSize + Int(SCSIDisk.maximumTransferBlocks * SCSIDisk.blockSize))
+        guard input.count >= headerSize, chain.writableLength >= UInt64(responseSize) else {
+            // Too short to carry a command or its answer: VIRTIO_SCSI_S_FAILURE if the response fits.
+            var response = [UInt8](repeating: 0, count: min(Int(chain.writableLength), responseSize))
+            if response.count >= 12 { response[11] = 9 }
+            return UInt32(chain.write(response, memory))
+        }
+        let lun = Array(input[0..<8])
+        let cdb = Array(input[19..<headerSize])
+        let dataOut = Array(input[headerSize...])
+        let dataInCapacity = Int(min(chain.writableLength - UInt64(responseSize), UInt64(Int32.max)))
+        var response = [UInt8](repeating: 0, count: responseSize)
+        var dataIn: [UInt8] = []
+        let target = lun[0] == 1 ? lun[1] : 0xFF
+        let unit = (UInt16(lun[2]) << 8 | UInt16(lun[3])) & 0x3FFF
+        if target != 0 {
+            response[11] = 3  // VIRTIO_SCSI_S_BAD_TARGET
+        } else if unit != 0 {
+            // No such LUN on this target: INQUIRY says so (peripheral qualifier 3), the rest fails.
+            if cdb[0] == 0x12 {
+                dataIn = [0x7F] + [UInt8](repeating: 0, count: 35)
+            } else {
+                response[10] = SCSIStatus.checkCondition.rawValue
+                let sense = SCSISense(key: 0x05, asc: 0x25, ascq: 0).bytes
+                response.replaceSubrange(12..<(12 + min(sense.count, Int(senseSize))), with: sense.prefix(Int(senseSize)))
+                response[0] = UInt8(min(sense.count, Int(senseSize)))
+            }
+        } else {
+            let result = disk.execute(cdb, dataOut: dataOut, dataInCapacity: dataInCapacity)
+            if let problem = disk.lastHostError { runtime.log(.error, problem) }
+            response[10] = result.status.rawValue
+            if result.status == .checkCondition {
+                let sense = result.sense.bytes.prefix(Int(senseSize))
+                response.replaceSubrange(12..<(12 + sense.count), with: sense)
+                response[0] = UInt8(sense.count)  // sense_len (le32)
+            }
+            dataIn = Array(result.dataIn.prefix(dataInCapacity))
+        }
+        let residual = UInt32(dataInCapacity - dataIn.count)
+        for i in 0..<4 { response[4 + i] = UInt8(truncatingIfNeeded: residual >> (8 * UInt32(i))) }
+        var written = chain.write(response, memory)
+        if !dataIn.isEmpty { written += chain.write(dataIn, at: UInt64(responseSize), memory) }
+        return UInt32(written)
+    }
+}
+
+let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing])
+guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 else {
+    runtime.log(.error, "no disk image was handed over")
+    exit(2)
+}
+let readOnly = runtime.config["readonly"] == "1"
+let disk = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
+                    readOnly: readOnly, serial: runtime.config["serial"] ?? "hv-disk")
+let device = VirtioSCSI(runtime: runtime, disk: disk)
+runtime.run(VirtioPCITransport(runtime: runtime, device: device))

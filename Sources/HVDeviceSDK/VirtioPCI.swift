@@ -1,0 +1,341 @@
+/// What a virtio device plugin implements; `VirtioPCITransport` does the rest (PCI config space,
+/// capabilities, feature negotiation, queue setup, notifications).
+public protocol VirtioDevice: AnyObject {
+    /// The virtio device ID (virtio 1.2 §5): 8 for SCSI host, 1 for network, …
+    var deviceType: UInt16 { get }
+    /// The PCI class code (class << 16 | subclass << 8 | prog-if), e.g. 0x010000 for SCSI storage.
+    var pciClass: UInt32 { get }
+    /// Device-specific feature bits offered (VIRTIO_F_VERSION_1 is added by the transport).
+    var features: UInt64 { get }
+    /// Number of virtqueues.
+    var queueCount: Int { get }
+    /// Largest queue size the device accepts (a power of two ≤ 32768).
+    var maxQueueSize: UInt16 { get }
+    /// A read of the device-specific configuration structure.
+    func readConfig(offset: Int, size: Int) -> UInt64
+    /// A write to it.
+    func writeConfig(offset: Int, size: Int, value: UInt64)
+    /// The driver notified queue `index`, which is live (`transport.queues[index]` is set).
+    func queueNotified(_ index: Int, transport: VirtioPCITransport)
+    /// The driver reset the device: forget every request in flight.
+    func reset()
+}
+
+/// The virtio-pci modern transport (virtio 1.2 §4.1) for a device process: serves its PCI config
+/// space (a type-0 header with the virtio vendor capabilities) and its memory BAR, whose layout is
+/// common configuration at 0x0000, ISR status at 0x1000, device configuration at 0x2000 and
+/// notifications at 0x3000 (4 bytes per queue).
+///
+/// Declare the function to hvctl with `pci=DD.F,bar0=mmio:16384` (and `memory`), then:
+///
+/// ```swift
+/// let transport = VirtioPCITransport(runtime: runtime, device: MyDevice())
+/// runtime.run(transport)
+/// ```
+///
+/// Interrupts are not delivered yet (no MSI-X, no INTx): drivers that poll the used ring (SeaBIOS)
+/// work; interrupt-driven ones need the next step of the PCI bus.
+public final class VirtioPCITransport: DeviceModel {
+    public let runtime: DeviceRuntime
+    public let device: any VirtioDevice
+    /// The live queues (nil until the driver enables them).
+    public private(set) var queues: [SplitVirtqueue?]
+    /// Guest RAM (the device must be declared with `memory`).
+    public let memory: GuestMemory?
+
+    /// Size of BAR 0 this transport expects.
+    public static let barSize: UInt64 = 0x4000
+    static let versionFeature: UInt64 = 1 << 32
+    static let commonOffset = 0x0000, isrOffset = 0x1000, deviceOffset = 0x2000, notifyOffset = 0x3000
+    static let notifyMultiplier: UInt32 = 4
+
+    private let configResource: Int?
+    private let barResource: Int?
+
+    // Common configuration state.
+    private var deviceFeatureSelect: UInt32 = 0
+    private var driverFeatureSelect: UInt32 = 0
+    private var driverFeatures: UInt64 = 0
+    private var status: UInt8 = 0
+    private var configGeneration: UInt8 = 0
+    private var queueSelect: UInt16 = 0
+    private struct QueueSetup {
+        var size: UInt16
+        var enabled = false
+        var descriptors: UInt64 = 0
+        var driver: UInt64 = 0
+        var device: UInt64 = 0
+        var vector: UInt16 = 0xFFFF
+    }
+    private var setups: [QueueSetup]
+    /// ISR status: bit 0 queue interrupt, bit 1 configuration change.
+    public private(set) var isr: UInt8 = 0
+
+    // Config space bytes the device owns that the guest may write.
+    private var interruptLine: UInt8 = 0
+    /// The PCI configuration-access capability's window: bar, offset, length.
+    private var windowBAR: UInt8 = 0
+    private var windowOffset: UInt32 = 0
+    private var windowLength: UInt32 = 0
+
+    public init(runtime: DeviceRuntime, device: any VirtioDevice) {
+        self.runtime = runtime
+        self.device = device
+        memory = runtime.guestMemory
+        configResource = runtime.resources.firstIndex { $0.kind == .pciConfig }
+        barResource = runtime.resources.firstIndex { $0.kind == .pciMMIOBar && $0.base & 0xFF == 0 && $0.length >= Self.barSize }
+        queues = Array(repeating: nil, count: device.queueCount)
+        setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
+        if configResource == nil || barResource == nil {
+            runtime.log(.error, "a virtio-pci device needs pci=DD.F and bar0=mmio:\(Self.barSize) (at least)")
+        }
+        if memory == nil { runtime.log(.error, "a virtio device needs guest memory: declare it with 'memory'") }
+    }
+
+    // MARK: DeviceModel
+
+    public func read(resource: Int, offset: UInt64, size: Int) -> UInt64 {
+        if resource == configResource { return configRead(Int(offset), size) }
+        if resource == barResource { return barRead(Int(offset), size) }
+        return ~0
+    }
+
+    public func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
+        if resource == configResource { configWrite(Int(offset), size, value) }
+        if resource == barResource { barWrite(Int(offset), size, value) }
+    }
+
+    /// Marks used buffers for the driver (ISR bit 0). Call after completing requests.
+    public func signalUsedBuffers() {
+        isr |= 1
+    }
+
+    /// Stores a queue the device advanced (after `next`), so the transport's copy keeps its indices.
+    public func replaceQueue(_ index: Int, with queue: SplitVirtqueue) {
+        guard index < queues.count, queues[index] != nil else { return }
+        queues[index] = queue
+    }
+
+    /// Completes `head` on queue `index` with `written` bytes.
+    public func complete(queue index: Int, head: UInt16, written: UInt32) {
+        guard let memory, index < queues.count, queues[index] != nil else { return }
+        queues[index]!.complete(head: head, written: written, memory)
+        signalUsedBuffers()
+    }
+
+    // MARK: PCI configuration space
+
+    private static let capabilityStart = 0x40
+
+    /// The header and capability list, as bytes (the core overrides command and BARs).
+    private func configByte(_ r: Int) -> UInt8 {
+        func le(_ v: UInt32, _ at: Int) -> UInt8 { UInt8(truncatingIfNeeded: v >> (8 * UInt32(r - at))) }
+        switch r {
+        case 0...1: return le(0x1AF4, 0)
+        case 2...3: return le(0x1040 + UInt32(device.deviceType), 2)
+        case 6: return 0x10                                     // status: capabilities list
+        case 8: return 0x01                                     // revision 1: a modern device
+        case 9...11: return le(device.pciClass, 9)
+        case 0x2C...0x2D: return le(0x1AF4, 0x2C)               // subsystem vendor
+        case 0x2E...0x2F: return le(0x40 + UInt32(device.deviceType), 0x2E)
+        case 0x34: return UInt8(Self.capabilityStart)
+        case 0x3C: return interruptLine
+        case 0x3D: return 0x01                                  // INTA#
+        case 0x40..<0x98: return capabilityByte(r)
+        default: return 0
+        }
+    }
+
+    /// virtio_pci_cap structures: common (0x40), notify (0x50), ISR (0x64), device (0x74),
+    /// PCI configuration access (0x84).
+    private func capabilityByte(_ r: Int) -> UInt8 {
+        struct Cap { let at: Int, next: Int, length: Int, type: UInt8, offset: Int, size: UInt32 }
+        let caps = [
+            Cap(at: 0x40, next: 0x50, length: 16, type: 1, offset: Self.commonOffset, size: 0x40),
+            Cap(at: 0x50, next: 0x64, length: 20, type: 2, offset: Self.notifyOffset, size: 0x1000),
+            Cap(at: 0x64, next: 0x74, length: 16, type: 3, offset: Self.isrOffset, size: 4),
+            Cap(at: 0x74, next: 0x84, length: 16, type: 4, offset: Self.deviceOffset, size: 0x1000),
+            Cap(at: 0x84, next: 0x00, length: 20, type: 5, offset: 0, size: 0),
+        ]
+        guard let cap = caps.first(where: { r >= $0.at && r < $0.at + $0.length }) else { return 0 }
+        let i = r - cap.at
+        func le(_ v: UInt32, _ at: Int) -> UInt8 { UInt8(truncatingIfNeeded: v >> (8 * UInt32(i - at))) }
+        switch i {
+        case 0: return 0x09                                     // vendor-specific
+        case 1: return UInt8(cap.next)
+        case 2: return UInt8(cap.length)
+        case 3: return cap.type
+        case 4: return cap.type == 5 ? windowBAR : 0            // BAR 0
+        case 8...11: return cap.type == 5 ? le(windowOffset, 8) : le(UInt32(cap.offset), 8)
+        case 12...15: return cap.type == 5 ? le(windowLength, 12) : le(cap.size, 12)
+        case 16...19:
+            if cap.type == 2 { return le(Self.notifyMultiplier, 16) }
+            return le(UInt32(truncatingIfNeeded: windowRead()), 16)  // pci_cfg_data
+        default: return 0
+        }
+    }
+
+    private func configRead(_ offset: Int, _ size: Int) -> UInt64 {
+        // The access window's data is one access, not four byte reads.
+        if (0x94..<0x98).contains(offset) { return windowRead() }
+        var value: UInt64 = 0
+        for i in 0..<size { value |= UInt64(configByte(offset + i)) << (8 * UInt64(i)) }
+        return value
+    }
+
+    private func configWrite(_ offset: Int, _ size: Int, _ value: UInt64) {
+        if offset == 0x94 {
+            windowWrite(value)
+            return
+        }
+        for i in 0..<size {
+            let byte = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i)))
+            switch offset + i {
+            case 0x3C: interruptLine = byte
+            case 0x88: windowBAR = byte
+            case 0x8C...0x8F: windowOffset = merge(windowOffset, byte, at: offset + i - 0x8C)
+            case 0x90...0x93: windowLength = merge(windowLength, byte, at: offset + i - 0x90)
+            default: break  // read-only
+            }
+        }
+    }
+
+    private func merge(_ old: UInt32, _ byte: UInt8, at index: Int) -> UInt32 {
+        (old & ~(0xFF << (8 * UInt32(index)))) | UInt32(byte) << (8 * UInt32(index))
+    }
+
+    /// VIRTIO_PCI_CAP_PCI_CFG: an access to BAR `windowBAR` at `windowOffset`, `windowLength`
+    /// (1, 2 or 4) bytes wide — how 16-bit firmware code reaches registers above 1 MiB.
+    private func windowRead() -> UInt64 {
+        guard windowBAR == 0, [1, 2, 4].contains(windowLength) else { return 0 }
+        return barRead(Int(windowOffset), Int(windowLength))
+    }
+
+    private func windowWrite(_ value: UInt64) {
+        guard windowBAR == 0, [1, 2, 4].contains(windowLength) else { return }
+        barWrite(Int(windowOffset), Int(windowLength), value)
+    }
+
+    // MARK: BAR 0
+
+    private func barRead(_ offset: Int, _ size: Int) -> UInt64 {
+        switch offset {
+        case Self.commonOffset..<Self.isrOffset: return commonRead(offset - Self.commonOffset, size)
+        case Self.isrOffset..<(Self.isrOffset + 4):
+            let v = isr
+            isr = 0  // reading ISR acknowledges it
+            return UInt64(v)
+        case Self.deviceOffset..<Self.notifyOffset: return device.readConfig(offset: offset - Self.deviceOffset, size: size)
+        default: return 0
+        }
+    }
+
+    private func barWrite(_ offset: Int, _ size: Int, _ value: UInt64) {
+        switch offset {
+        case Self.commonOffset..<Self.isrOffset: commonWrite(offset - Self.commonOffset, size, value)
+        case Self.deviceOffset..<Self.notifyOffset: device.writeConfig(offset: offset - Self.deviceOffset, size: size, value: value)
+        case Self.notifyOffset..<(Self.notifyOffset + 0x1000):
+            let index = (offset - Self.notifyOffset) / Int(Self.notifyMultiplier)
+            if index < queues.count, queues[index] != nil, status & 4 != 0 { device.queueNotified(index, transport: self) }
+        default: break
+        }
+    }
+
+    private var selected: QueueSetup? { Int(queueSelect) < setups.count ? setups[Int(queueSelect)] : nil }
+
+    /// The common configuration as a little-endian byte image of `virtio_pci_common_cfg`.
+    private func commonImage() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 0x40)
+        func put(_ v: UInt64, _ n: Int, _ at: Int) { for i in 0..<n { b[at + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) } }
+        let offered = device.features | Self.versionFeature
+        put(UInt64(deviceFeatureSelect), 4, 0x00)
+        put(deviceFeatureSelect < 2 ? offered >> (32 * UInt64(deviceFeatureSelect)) : 0, 4, 0x04)
+        put(UInt64(driverFeatureSelect), 4, 0x08)
+        put(driverFeatureSelect < 2 ? driverFeatures >> (32 * UInt64(driverFeatureSelect)) : 0, 4, 0x0C)
+        put(0xFFFF, 2, 0x10)                                    // config_msix_vector: none
+        put(UInt64(setups.count), 2, 0x12)
+        put(UInt64(status), 1, 0x14)
+        put(UInt64(configGeneration), 1, 0x15)
+        put(UInt64(queueSelect), 2, 0x16)
+        if let q = selected {
+            put(UInt64(q.size), 2, 0x18)
+            put(UInt64(q.vector), 2, 0x1A)
+            put(q.enabled ? 1 : 0, 2, 0x1C)
+            put(UInt64(queueSelect), 2, 0x1E)                   // queue_notify_off = the queue's index
+            put(q.descriptors, 8, 0x20)
+            put(q.driver, 8, 0x28)
+            put(q.device, 8, 0x30)
+        }
+        return b
+    }
+
+    private func commonRead(_ offset: Int, _ size: Int) -> UInt64 {
+        let image = commonImage()
+        var value: UInt64 = 0
+        for i in 0..<size where offset + i < image.count { value |= UInt64(image[offset + i]) << (8 * UInt64(i)) }
+        return value
+    }
+
+    private func commonWrite(_ offset: Int, _ size: Int, _ value: UInt64) {
+        // Merge the written bytes into the current image, then apply each field touched.
+        var image = commonImage()
+        for i in 0..<size where offset + i < image.count { image[offset + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))) }
+        func field(_ at: Int, _ n: Int) -> UInt64 { (0..<n).reduce(0) { $0 | UInt64(image[at + $1]) << (8 * UInt64($1)) } }
+        let touched = offset..<(offset + size)
+        func hit(_ at: Int, _ n: Int) -> Bool { touched.overlaps(at..<(at + n)) }
+        if hit(0x00, 4) { deviceFeatureSelect = UInt32(field(0x00, 4)) }
+        if hit(0x08, 4) { driverFeatureSelect = UInt32(field(0x08, 4)) }
+        if hit(0x0C, 4), status & 8 == 0, driverFeatureSelect < 2 {
+            let shift = 32 * UInt64(driverFeatureSelect)
+            driverFeatures = (driverFeatures & ~(0xFFFF_FFFF << shift)) | field(0x0C, 4) << shift
+        }
+        if hit(0x14, 1) { writeStatus(UInt8(field(0x14, 1))) }
+        if hit(0x16, 2) { queueSelect = UInt16(field(0x16, 2)) }
+        guard Int(queueSelect) < setups.count, status & 4 == 0 || hit(0x1C, 2) else { return }
+        let q = Int(queueSelect)
+        if hit(0x18, 2) {
+            let size = UInt16(field(0x18, 2))
+            // A power of two no larger than what the device offers; anything else is ignored.
+            if size > 0, size <= device.maxQueueSize, size & (size - 1) == 0 { setups[q].size = size }
+        }
+        if hit(0x1A, 2) { setups[q].vector = UInt16(field(0x1A, 2)) }
+        if hit(0x20, 8) { setups[q].descriptors = field(0x20, 8) }
+        if hit(0x28, 8) { setups[q].driver = field(0x28, 8) }
+        if hit(0x30, 8) { setups[q].device = field(0x30, 8) }
+        if hit(0x1C, 2), field(0x1C, 2) == 1, !setups[q].enabled { enableQueue(q) }
+    }
+
+    private func enableQueue(_ q: Int) {
+        let s = setups[q]
+        guard let memory,
+              let queue = SplitVirtqueue(size: s.size, descriptorTable: s.descriptors, availableRing: s.driver,
+                                         usedRing: s.device, memory: memory) else {
+            runtime.log(.warning, "queue \(q): the driver's rings are misaligned or not in guest RAM; the device needs a reset")
+            status |= 0x40  // DEVICE_NEEDS_RESET
+            return
+        }
+        setups[q].enabled = true
+        queues[q] = queue
+    }
+
+    private func writeStatus(_ value: UInt8) {
+        if value == 0 {
+            // Reset: everything back to its initial state.
+            device.reset()
+            status = 0
+            driverFeatures = 0
+            isr = 0
+            queueSelect = 0
+            setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
+            queues = Array(repeating: nil, count: device.queueCount)
+            return
+        }
+        var next = value
+        if value & 8 != 0 && status & 8 == 0 {
+            // FEATURES_OK only for a subset of what was offered that includes VERSION_1.
+            let offered = device.features | Self.versionFeature
+            if driverFeatures & ~offered != 0 || driverFeatures & Self.versionFeature == 0 { next &= ~8 }
+        }
+        status = next | (status & 0x40)
+    }
+}
