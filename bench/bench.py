@@ -286,6 +286,15 @@ class Capture:
         return bytes(self.scanner.data[-n:]).decode(errors="replace")
 
 
+def peek(f, limit: int = 1 << 20) -> bytes:
+    """What a child has written so far to the file `f` it shares with us, read with pread.
+
+    The child writes at the file description's shared offset; seeking and reading here would move
+    that offset under it, and a write landing between our seek(0) and read() then overwrites the
+    start of its own output (this garbled "idle: ready" in the density case once in tens of runs).
+    pread leaves the offset alone."""
+    return os.pread(f.fileno(), limit, 0)
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid (by scanning /proc/*/stat)."""
     children: dict[int, list[int]] = {}
@@ -911,18 +920,14 @@ class Bench:
                     outs += [out, err]
                     deadline = time.monotonic() + 30
                     while time.monotonic() < deadline:
-                        out.seek(0)
-                        if b"idle: ready" in out.read() or procs[-1].poll() is not None:
+                        if b"idle: ready" in peek(out) or procs[-1].poll() is not None:
                             break
                         time.sleep(0.005)
-                    out.seek(0)
-                    if b"idle: ready" not in out.read():
+                    if b"idle: ready" not in peek(out):
                         # Say why: what hvctl printed, and whether it is still running.
-                        out.seek(0)
-                        err.seek(0)
                         state = "still running" if procs[-1].poll() is None else f"exit status {procs[-1].poll()}"
-                        said = " | ".join(err.read().decode(errors="replace").strip().splitlines()[-3:]) or "nothing on stderr"
-                        self.problems.append(f"VM {k + 1} did not come up within 30 s ({state}; stdout {out.read()[-80:]!r}; "
+                        said = " | ".join(peek(err).decode(errors="replace").strip().splitlines()[-3:]) or "nothing on stderr"
+                        self.problems.append(f"VM {k + 1} did not come up within 30 s ({state}; stdout {peek(out)[-80:]!r}; "
                                              f"stderr: {said}); stopped at {up} VMs")
                         break
                     up += 1

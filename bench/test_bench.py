@@ -218,5 +218,22 @@ class TableTests(unittest.TestCase):
         self.assertEqual(table.count("not yet"), 3)
 
 
+class PeekTests(unittest.TestCase):
+    def test_peek_leaves_the_shared_offset_alone(self):
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryFile() as f:
+            # A child writing at the shared offset while we look, as hvctl does in the density case.
+            child = subprocess.Popen([sys.executable, "-c",
+                                      "import os,time\nfor i in range(200):\n os.write(1, b'line %03d\\n' % i)\n time.sleep(0.0005)"],
+                                     stdout=f)
+            while child.poll() is None:
+                bench.peek(f)
+            child.wait()
+            expected = b"".join(b"line %03d\n" % i for i in range(200))
+            self.assertEqual(bench.peek(f), expected)
+            self.assertEqual(f.tell(), len(expected))
+
+
 if __name__ == "__main__":
     unittest.main()
