@@ -41,6 +41,7 @@ struct RunOptions {
     var tenant: String?
     var name: String?
     var disks: [String] = []
+    var cdrom: String?
     var plugins: [String] = []
 
     static let help = """
@@ -57,6 +58,7 @@ struct RunOptions {
       --debugcon file:PATH  write the 0x402 debug port (SeaBIOS's log) to PATH (default: discarded)
       --cmdline STR      command line passed to the kernel (--multiboot, --kernel)
       --disk PATH[,readonly]  a raw disk image on a virtio-scsi adapter (its own sandboxed process); repeatable
+      --cdrom ISO        an ISO image in a virtio-scsi CD-ROM drive (its own sandboxed process); firmware boots it first
       --no-reboot        end the VM (exit 0) when the guest asks for a reset, instead of rebooting it
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
@@ -131,6 +133,9 @@ struct RunOptions {
                 }
                 options.tenant = name
             case "--device": options.plugins.append(try value(flag))
+            case "--cdrom":
+                guard options.cdrom == nil else { throw UsageError(message: "one --cdrom per VM") }
+                options.cdrom = try value(flag)
             case "--disk":
                 let spec = try value(flag)
                 guard !spec.isEmpty, !spec.hasPrefix(","), spec.split(separator: ",").dropFirst().allSatisfy({ $0 == "readonly" }) else {

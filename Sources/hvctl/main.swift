@@ -133,6 +133,23 @@ struct DiskImage {
     var readOnly: Bool
 }
 
+/// Opens --cdrom read-only with a shared lock (several VMs may share an ISO; nobody may write it).
+func openCDROM(_ options: RunOptions) -> FileDescriptor? {
+    guard let path = options.cdrom else { return nil }
+    let file: FileDescriptor
+    do { file = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
+        fail("cannot open the --cdrom image '\(path)': \(error.errno)")
+    }
+    var st = stat()
+    guard fstat(file.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 2048 else {
+        fail("the --cdrom image '\(path)' is not an ISO image (a regular file of at least one 2048-byte sector)")
+    }
+    if flock(file.rawValue, LOCK_SH | LOCK_NB) != 0 {
+        fail("the --cdrom image '\(path)' is locked for writing by another process")
+    }
+    return file
+}
+
 /// Opens every --disk: a missing, unreadable, locked or empty image, one that is not whole
 /// sectors, or the same file given twice is a one-line error before the VM starts.
 func openDisks(_ options: RunOptions) -> [DiskImage] {
@@ -183,6 +200,7 @@ func run(_ options: RunOptions) -> Int32 {
     // The trusted side opens every host file; devices only receive descriptors.
     let boot = openBootFiles(options)
     let disks = openDisks(options)
+    let cdrom = openCDROM(options)
 
     var serialFiles: [FileDescriptor] = []
     var console: Console?
@@ -251,7 +269,7 @@ func run(_ options: RunOptions) -> Int32 {
         do {
             if let size = boot.firmwareSize { firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: size) }
             devices = try platformDevices(options, boot: boot, firmwareROM: firmwareROM, serialFiles: serialFiles,
-                                          debugOutput: debugOutput, tenant: tenant, disks: disks)
+                                          debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom)
         } catch let error as UsageError {
             fail(error.message, status: 2)
         } catch {
@@ -293,7 +311,10 @@ func run(_ options: RunOptions) -> Int32 {
 /// The serial port, the BIOS/platform device and any --device plugins, each planned into its
 /// tenant's sandbox.
 func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDescriptor?, serialFiles: [FileDescriptor],
-                     debugOutput: FileDescriptor, tenant: String?, disks: [DiskImage]) throws -> [DeviceSpec] {
+                     debugOutput: FileDescriptor, tenant: String?, disks: [DiskImage], cdrom: FileDescriptor?) throws -> [DeviceSpec] {
+    // The CD-ROM drive is PCI 00:0d.0; with one, the firmware boots it first.
+    let cdromBDF: UInt64 = 0x0D << 3
+    let bootOrder = cdrom == nil ? "" : "/pci@i0cf8/*@d/*@0/*@0,0"
     var biosFiles = [boot.image, firmwareROM ?? boot.image, debugOutput]
     if let initrd = boot.initrd { biosFiles.append(initrd) }
     var devices = [
@@ -304,7 +325,8 @@ func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDe
                    resources: BIOSResources.all, interruptGSIs: [8, 1],  // RTC, keyboard
                    hostFiles: biosFiles,
                    config: ["mode=\(boot.mode)", "cpus=\(options.cpus)", "boot_menu=\(options.bootMenu ? 1 : 0)",
-                            "initrd=\(boot.initrd == nil ? 0 : 1)", "cmdline=\(options.commandLine)"].joined(separator: "\n"),
+                            "initrd=\(boot.initrd == nil ? 0 : 1)", "boot_order=\(bootOrder)",
+                            "cmdline=\(options.commandLine)"].joined(separator: "\n"),
                    capabilities: [.bootControl, .statePage], mapsGuestMemory: true),
     ]
     var profiles = ["serial0": "serial", "bios": "bios"]
@@ -318,6 +340,13 @@ func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDe
                                   config: "readonly=\(disk.readOnly ? 1 : 0)\nserial=hv-disk\(i)",
                                   capabilities: [], mapsGuestMemory: true))
         profiles["disk\(i)"] = "scsi"
+    }
+    if let cdrom {
+        devices.append(DeviceSpec(name: "cdrom0", executable: deviceExecutable("hv-scsi"),
+                                  resources: [Resource(kind: .pciConfig, base: cdromBDF, length: 256),
+                                              Resource(kind: .pciMMIOBar, base: cdromBDF << 8, length: 0x4000)],
+                                  hostFiles: [cdrom], config: "kind=cdrom", capabilities: [], mapsGuestMemory: true))
+        profiles["cdrom0"] = "scsi"
     }
     do {
         if let tenant {

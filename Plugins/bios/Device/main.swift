@@ -173,7 +173,9 @@ final class Platform: DeviceModel {
         let cpus = Int(runtime.config["cpus"] ?? "1") ?? 1
         fwcfg = FirmwareConfig.standard(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus,
                                         bootMenu: runtime.config["boot_menu"] == "1",
-                                        bootFailWaitMilliseconds: 60_000, bootOrder: "")
+                                        bootFailWaitMilliseconds: 60_000,
+                                        // hvctl lists boot devices as OpenFirmware paths separated by '|'.
+                                        bootOrder: (runtime.config["boot_order"] ?? "").split(separator: "|").joined(separator: "\n"))
         memory = runtime.guestMemory.map { LowRAM(memory: $0) }
         console = runtime.hostFiles[2]
         let fresh = PlatformState(magic: PlatformState.magicValue,

@@ -2,20 +2,21 @@ import Glibc
 import HVDeviceSDK
 import HVSCSIDisk
 
-// hv-scsi: a virtio-scsi host adapter (virtio 1.2 §5.6) with one disk, target 0 LUN 0, backed by
-// a raw image the trusted side opened (host file 0). Queues: 0 control, 1 event, 2 requests.
+// hv-scsi: a virtio-scsi host adapter (virtio 1.2 §5.6) with one logical unit, target 0 LUN 0:
+// a disk backed by a raw image (`kind=disk`) or a CD-ROM drive holding an ISO (`kind=cdrom`), the
+// image opened by the trusted side (host file 0). Queues: 0 control, 1 event, 2 requests.
 // Requests are served in the order the driver makes them available; each is completed before
 // the next is taken.
 
 final class VirtioSCSI: VirtioDevice {
     let runtime: DeviceRuntime
-    let disk: SCSIDisk
+    let unit: any SCSILogicalUnit
     var senseSize: UInt32 = 96
     var cdbSize: UInt32 = 32
 
-    init(runtime: DeviceRuntime, disk: SCSIDisk) {
+    init(runtime: DeviceRuntime, unit: any SCSILogicalUnit) {
         self.runtime = runtime
-        self.disk = disk
+        self.unit = unit
     }
 
     var deviceType: UInt16 { 8 }
@@ -91,10 +92,10 @@ final class VirtioSCSI: VirtioDevice {
         var response = [UInt8](repeating: 0, count: responseSize)
         var dataIn: [UInt8] = []
         let target = lun[0] == 1 ? lun[1] : 0xFF
-        let unit = (UInt16(lun[2]) << 8 | UInt16(lun[3])) & 0x3FFF
+        let lunNumber = (UInt16(lun[2]) << 8 | UInt16(lun[3])) & 0x3FFF
         if target != 0 {
             response[11] = 3  // VIRTIO_SCSI_S_BAD_TARGET
-        } else if unit != 0 {
+        } else if lunNumber != 0 {
             // No such LUN on this target: INQUIRY says so (peripheral qualifier 3), the rest fails.
             if cdb[0] == 0x12 {
                 dataIn = [0x7F] + [UInt8](repeating: 0, count: 35)
@@ -105,8 +106,8 @@ final class VirtioSCSI: VirtioDevice {
                 response[0] = UInt8(min(sense.count, Int(senseSize)))
             }
         } else {
-            let result = disk.execute(cdb, dataOut: dataOut, dataInCapacity: dataInCapacity)
-            if let problem = disk.lastHostError { runtime.log(.error, problem) }
+            let result = self.unit.execute(cdb, dataOut: dataOut, dataInCapacity: dataInCapacity)
+            if let problem = self.unit.takeHostError() { runtime.log(.error, problem) }
             response[10] = result.status.rawValue
             if result.status == .checkCondition {
                 let sense = result.sense.bytes.prefix(Int(senseSize))
@@ -128,8 +129,12 @@ guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 
     runtime.log(.error, "no disk image was handed over")
     exit(2)
 }
-let readOnly = runtime.config["readonly"] == "1"
-let disk = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
-                    readOnly: readOnly, serial: runtime.config["serial"] ?? "hv-disk")
-let device = VirtioSCSI(runtime: runtime, disk: disk)
-runtime.run(VirtioPCITransport(runtime: runtime, device: device))
+let unit: any SCSILogicalUnit
+if runtime.config["kind"] == "cdrom" {
+    let medium = FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSICDROM.blockSize - 1))
+    unit = SCSICDROM(medium: medium)
+} else {
+    unit = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
+                    readOnly: runtime.config["readonly"] == "1", serial: runtime.config["serial"] ?? "hv-disk")
+}
+runtime.run(VirtioPCITransport(runtime: runtime, device: VirtioSCSI(runtime: runtime, unit: unit)))

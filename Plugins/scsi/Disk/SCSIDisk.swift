@@ -18,6 +18,28 @@ public protocol BlockBackend: AnyObject {
     func discard(at offset: UInt64, count: UInt64) -> Int32?
 }
 
+/// A logical unit the virtio-scsi adapter serves: `SCSIDisk` or `SCSICDROM`.
+public protocol SCSILogicalUnit: AnyObject {
+    /// Runs `cdb` with the driver's data-out bytes; data-in is at most `dataInCapacity` bytes.
+    func execute(_ cdb: [UInt8], dataOut: [UInt8], dataInCapacity: Int) -> SCSIResult
+    /// A host I/O failure since the last call, described for the log (then forgotten).
+    func takeHostError() -> String?
+}
+
+extension SCSIDisk: SCSILogicalUnit {
+    public func takeHostError() -> String? {
+        defer { lastHostError = nil }
+        return lastHostError
+    }
+}
+
+extension SCSICDROM: SCSILogicalUnit {
+    public func takeHostError() -> String? {
+        defer { lastHostError = nil }
+        return lastHostError
+    }
+}
+
 /// SCSI status bytes.
 public enum SCSIStatus: UInt8, Sendable {
     case good = 0x00
@@ -73,8 +95,8 @@ public final class SCSIDisk {
     public let serial: String
     /// The sense of the last CHECK CONDITION, for REQUEST SENSE (cleared when reported).
     public private(set) var pendingSense = SCSISense.none
-    /// Host I/O errors seen, for the log.
-    public private(set) var lastHostError: String?
+    /// The last host I/O error, for the log (`takeHostError`).
+    public internal(set) var lastHostError: String?
 
     public init(backend: BlockBackend, readOnly: Bool, serial: String) {
         self.backend = backend
@@ -119,10 +141,6 @@ public final class SCSIDisk {
         return .check(sense)
     }
 
-    private func u16(_ b: [UInt8], _ i: Int) -> UInt64 { UInt64(b[i]) << 8 | UInt64(b[i + 1]) }
-    private func u32(_ b: [UInt8], _ i: Int) -> UInt64 { u16(b, i) << 16 | u16(b, i + 2) }
-    private func u64(_ b: [UInt8], _ i: Int) -> UInt64 { u32(b, i) << 32 | u32(b, i + 4) }
-    private func be(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64(n - 1 - $0))) } }
 
     /// The CDB's LBA and block count, by opcode; nil when the CDB is too short.
     private func extent(_ cdb: [UInt8]) -> (lba: UInt64, blocks: UInt64)? {
@@ -143,11 +161,6 @@ public final class SCSIDisk {
         pendingSense = .none
         let length = cdb.count > 4 ? Int(cdb[4]) : 18
         return .good(Array(sense.bytes.prefix(length)))
-    }
-
-    private func padded(_ s: String, _ n: Int) -> [UInt8] {
-        let b = Array(s.utf8.prefix(n))
-        return b + [UInt8](repeating: 0x20, count: n - b.count)
     }
 
     private func inquiry(_ cdb: [UInt8]) -> SCSIResult {

@@ -1,0 +1,67 @@
+import Foundation
+import XCTest
+
+/// Acceptance with software no one here wrote: SeaBIOS boots a GRUB ISO (made by grub-mkrescue at
+/// test time) from hv's virtio-scsi CD-ROM; GRUB, through SeaBIOS's INT 13h, lists the disks,
+/// prints the MD5 of a 2 MiB file on an ext2 disk on hv's virtio-scsi disk, and halts — through
+/// hv's ACPI tables, so the VM ends with status 0.
+final class GRUBTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireKVM() }
+
+    private func run(_ tool: String, _ arguments: [String]) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = [tool] + arguments
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        guard p.terminationStatus == 0 else {
+            throw Harness.MissingBuild(description: "\(tool) failed (test.sh installs grub-pc-bin, xorriso, mtools, e2fsprogs): \(text)")
+        }
+        return text
+    }
+
+    func testSeaBIOSBootsAGRUBISOFromTheCDROMAndGRUBReadsTheDisk() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-grub-\(getpid())")
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("iso/boot/grub"), withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("fs"), withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try """
+            serial --unit=0 --speed=115200
+            terminal_input serial
+            terminal_output serial
+            set timeout=0
+            insmod ext2
+            insmod hashsum
+            echo "hv-grub: started"
+            ls
+            md5sum (hd0)/big.bin
+            echo "hv-grub: done"
+            halt
+
+            """.write(to: dir.appendingPathComponent("iso/boot/grub/grub.cfg"), atomically: true, encoding: .utf8)
+        var bytes = [UInt8](repeating: 0, count: 2 << 20)
+        var x: UInt32 = 2024
+        for i in bytes.indices { x = x &* 1_664_525 &+ 1_013_904_223; bytes[i] = UInt8(truncatingIfNeeded: x >> 24) }
+        let big = dir.appendingPathComponent("fs/big.bin")
+        try Data(bytes).write(to: big)
+        let md5 = String(try run("md5sum", [big.path]).prefix(32))
+        let disk = dir.appendingPathComponent("disk.img").path, iso = dir.appendingPathComponent("grub.iso").path
+        _ = try run("mkfs.ext2", ["-q", "-d", dir.appendingPathComponent("fs").path, "-F", disk, "8M"])
+        _ = try run("grub-mkrescue", ["-o", iso, dir.appendingPathComponent("iso").path, "--modules=ext2 hashsum"])
+
+        let r = try runHvctl(["run", "--firmware", "seabios", "--cdrom", iso, "--disk", disk], timeout: 600)
+        XCTAssertEqual(r.status, 0, "GRUB's halt powers off through the ACPI tables: \(r.stderr)")
+        let out = r.stdout.replacingOccurrences(of: "\r", with: "")
+        XCTAssertTrue(out.contains("Booting from DVD/CD..."), out.suffix(2000).description)
+        XCTAssertTrue(out.contains("hv-grub: started"), out.suffix(2000).description)
+        XCTAssertTrue(out.contains("(hd0)"), "GRUB lists the disk: \(out.suffix(2000))")
+        XCTAssertTrue(out.contains("\(md5)  (hd0)/big.bin"), "GRUB's MD5 must equal the host's \(md5): \(out.suffix(2000))")
+        XCTAssertTrue(out.contains("hv-grub: done"), out.suffix(2000).description)
+        XCTAssertFalse(r.stderr.contains("refused"), r.stderr)
+    }
+}
