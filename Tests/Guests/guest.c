@@ -564,6 +564,183 @@ static void mode_pcibar(void)
     kprintf("pcibar: absent=%x\n", pci_read(31 << 3 | 7, 0));
 }
 
+/* ---- vscsi: hv's own virtio-scsi driver (polled), for precise and hostile checks ---- */
+
+struct vq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+#define VQ_SIZE 8
+static struct vq_desc vq_desc[VQ_SIZE] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[VQ_SIZE], used_event; } vq_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[VQ_SIZE]; uint16_t avail_event; } vq_used __attribute__((aligned(4)));
+static uint8_t vs_req[VQ_SIZE][64], vs_resp[VQ_SIZE][128];
+static uint8_t vs_data[VQ_SIZE][4096] __attribute__((aligned(4096)));
+static volatile uint8_t *vs_common, *vs_notify;
+static uint16_t vs_used_seen;
+
+static void mb(void) { __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory"); }
+
+static int vscsi_setup(int *readonly_out)
+{
+    (void)readonly_out;
+    uint32_t bdf = 0xFFFF;
+    for (uint32_t dev = 0; dev < 32; dev++)
+        if (pci_read(dev << 3, 0) == 0x10481AF4u) { bdf = dev << 3; break; }
+    if (bdf == 0xFFFF) { kprintf("vscsi: no virtio-scsi function\n"); return 0; }
+    pci_write(bdf, 0x10, 0xE0000000u);
+    pci_write(bdf, 0x04, 0x6);  /* memory decode, bus master */
+    uint32_t notify_mult = 0, common_off = 0, notify_off = 0;
+    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF) {
+        uint32_t head = pci_read(bdf, cap), type = (head >> 24) & 0xFF;
+        if ((head & 0xFF) != 0x09) continue;
+        if (type == 1) common_off = pci_read(bdf, cap + 8);
+        if (type == 2) { notify_off = pci_read(bdf, cap + 8); notify_mult = pci_read(bdf, cap + 16); }
+    }
+    vs_common = (volatile uint8_t *)(0xE0000000u + common_off);
+    vs_notify = (volatile uint8_t *)(0xE0000000u + notify_off);
+    vs_common[0x14] = 0;                                   /* reset */
+    vs_common[0x14] = 1 | 2;                               /* ACKNOWLEDGE | DRIVER */
+    *(volatile uint32_t *)(vs_common + 0x08) = 1;          /* driver_feature_select: bits 32-63 */
+    *(volatile uint32_t *)(vs_common + 0x0C) = 1;          /* VIRTIO_F_VERSION_1 */
+    vs_common[0x14] = 1 | 2 | 8;                           /* FEATURES_OK */
+    if (!(vs_common[0x14] & 8)) { kprintf("vscsi: features refused\n"); return 0; }
+    *(volatile uint16_t *)(vs_common + 0x16) = 2;          /* the request queue */
+    *(volatile uint16_t *)(vs_common + 0x18) = VQ_SIZE;
+    *(volatile uint32_t *)(vs_common + 0x20) = (uint32_t)vq_desc;  *(volatile uint32_t *)(vs_common + 0x24) = 0;
+    *(volatile uint32_t *)(vs_common + 0x28) = (uint32_t)&vq_avail; *(volatile uint32_t *)(vs_common + 0x2C) = 0;
+    *(volatile uint32_t *)(vs_common + 0x30) = (uint32_t)&vq_used;  *(volatile uint32_t *)(vs_common + 0x34) = 0;
+    *(volatile uint16_t *)(vs_common + 0x1C) = 1;          /* queue_enable */
+    vs_common[0x14] = 1 | 2 | 8 | 4;                       /* DRIVER_OK */
+    (void)notify_mult;  /* queue 2's notify_off is 2: offset 2 * multiplier */
+    vs_notify += 2 * notify_mult;
+    kprintf("vscsi: ready status=%x\n", vs_common[0x14]);
+    return 1;
+}
+
+/* Builds the chain for request slot 0 or 1 in descriptors slot*4 .. slot*4+3: request header,
+ * optional data-out, response, optional data-in. */
+static void vscsi_chain(int slot, const uint8_t *cdb, int cdblen, uint32_t out_len, uint32_t in_len)
+{
+    int d = slot * 4;
+    uint8_t *req = vs_req[slot];
+    for (int i = 0; i < 64; i++) req[i] = 0;
+    req[0] = 1; req[1] = 0; req[2] = 0x40; req[3] = 0;  /* target 0, LUN 0 */
+    for (int i = 0; i < cdblen; i++) req[19 + i] = cdb[i];
+    int n = 0;
+    vq_desc[d + n] = (struct vq_desc){ (uint32_t)req, 51, 1, (uint16_t)(d + n + 1) }; n++;
+    if (out_len) { vq_desc[d + n] = (struct vq_desc){ (uint32_t)vs_data[slot], out_len, 1, (uint16_t)(d + n + 1) }; n++; }
+    vq_desc[d + n] = (struct vq_desc){ (uint32_t)vs_resp[slot], 108, 2 | (in_len ? 1 : 0), (uint16_t)(d + n + 1) }; n++;
+    if (in_len) { vq_desc[d + n] = (struct vq_desc){ (uint32_t)vs_data[slot], in_len, 2, 0 }; n++; }
+}
+
+static void vscsi_offer(uint16_t head)
+{
+    vq_avail.ring[vq_avail.idx % VQ_SIZE] = head;
+    mb();
+    vq_avail.idx++;
+    mb();
+}
+
+static void vscsi_kick_and_wait(uint16_t count)
+{
+    *(volatile uint16_t *)vs_notify = 2;
+    uint32_t spins = 0;
+    while ((uint16_t)(*(volatile uint16_t *)&vq_used.idx - vs_used_seen) < count && ++spins < 50000000u)
+        cpu_pause();
+    vs_used_seen = *(volatile uint16_t *)&vq_used.idx;
+}
+
+/* One command on slot 0; returns the SCSI status, or 0xFF for "no answer". */
+static uint8_t vscsi_cmd(const uint8_t *cdb, int cdblen, uint32_t out_len, uint32_t in_len)
+{
+    uint16_t before = vs_used_seen;
+    vscsi_chain(0, cdb, cdblen, out_len, in_len);
+    vscsi_offer(0);
+    vscsi_kick_and_wait(1);
+    if (vs_used_seen == before) return 0xFF;
+    return vs_resp[0][11] != 0 ? 0xFE : vs_resp[0][10];
+}
+
+static void put_be32(uint8_t *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v; }
+
+static void mode_vscsi(void)
+{
+    int ro = 0;
+    if (!vscsi_setup(&ro)) return;
+    uint8_t inquiry[6] = { 0x12, 0, 0, 0, 36, 0 };
+    uint8_t st = vscsi_cmd(inquiry, 6, 0, 36);
+    char vendor[9], product[17];
+    for (int i = 0; i < 8; i++) vendor[i] = (char)vs_data[0][8 + i];
+    for (int i = 0; i < 16; i++) product[i] = (char)vs_data[0][16 + i];
+    vendor[8] = 0; product[16] = 0;
+    kprintf("vscsi: inquiry status=%x type=%x vendor=%s product=%s\n", st, vs_data[0][0], vendor, product);
+    uint8_t capacity[10] = { 0x25 };
+    st = vscsi_cmd(capacity, 10, 0, 8);
+    uint32_t last = (uint32_t)vs_data[0][0] << 24 | vs_data[0][1] << 16 | vs_data[0][2] << 8 | vs_data[0][3];
+    kprintf("vscsi: capacity status=%x blocks=%u\n", st, last + 1);
+
+    /* Write a pattern to LBA 100..107, read it back. */
+    for (int i = 0; i < 4096; i++) vs_data[0][i] = (uint8_t)(i * 7 + 3);
+    uint8_t wr[10] = { 0x2A, 0, 0, 0, 0, 100, 0, 0, 8, 0 };
+    uint8_t wst = vscsi_cmd(wr, 10, 4096, 0);
+    kprintf("vscsi: write status=%x sense=%x/%x\n", wst, vs_resp[0][12 + 2] & 0xF, vs_resp[0][12 + 12]);
+    for (int i = 0; i < 4096; i++) vs_data[0][i] = 0;
+    uint8_t rd[10] = { 0x28, 0, 0, 0, 0, 100, 0, 0, 8, 0 };
+    st = vscsi_cmd(rd, 10, 0, 4096);
+    int same = 1;
+    for (int i = 0; i < 4096; i++) if (vs_data[0][i] != (uint8_t)(i * 7 + 3)) same = 0;
+    kprintf("vscsi: read status=%x pattern=%s\n", st, wst == 0 ? (same ? "match" : "MISMATCH") : "n/a");
+
+    /* Two requests in flight at once: both offered, one notification. */
+    uint8_t rd2[10] = { 0x28, 0, 0, 0, 0, 100, 0, 0, 1, 0 };
+    vscsi_chain(0, rd2, 10, 0, 512);
+    rd2[5] = 101;
+    vscsi_chain(1, rd2, 10, 0, 512);
+    uint16_t before = vs_used_seen;
+    vscsi_offer(0);
+    vscsi_offer(4);
+    vscsi_kick_and_wait(2);
+    kprintf("vscsi: in flight completed=%u status=%x,%x\n", (uint16_t)(vs_used_seen - before), vs_resp[0][10], vs_resp[1][10]);
+
+    /* Hostile chains: each must fail alone, and the device must keep answering. */
+    vq_desc[0] = (struct vq_desc){ 0xF0000000u, 51, 1, 1 };           /* request outside guest RAM */
+    vq_desc[1] = (struct vq_desc){ (uint32_t)vs_resp[0], 108, 2, 0 };
+    before = vs_used_seen; vscsi_offer(0); vscsi_kick_and_wait(1);
+    kprintf("vscsi: hostile outside-ram completed=%u len=%u\n", (uint16_t)(vs_used_seen - before), vq_used.ring[(vs_used_seen - 1) % VQ_SIZE].len);
+    vq_desc[0] = (struct vq_desc){ (uint32_t)vs_req[0], 51, 1, 1 };
+    vq_desc[1] = (struct vq_desc){ (uint32_t)vs_resp[0], 108, 1, 0 };  /* 0 → 1 → 0 → …: a loop */
+    before = vs_used_seen; vscsi_offer(0); vscsi_kick_and_wait(1);
+    kprintf("vscsi: hostile loop completed=%u len=%u\n", (uint16_t)(vs_used_seen - before), vq_used.ring[(vs_used_seen - 1) % VQ_SIZE].len);
+    vq_desc[0] = (struct vq_desc){ (uint32_t)vs_req[0], 0xFFFFFFF0u, 1, 1 };  /* an absurd length */
+    vq_desc[1] = (struct vq_desc){ (uint32_t)vs_resp[0], 108, 2, 0 };
+    before = vs_used_seen; vscsi_offer(0); vscsi_kick_and_wait(1);
+    kprintf("vscsi: hostile length completed=%u len=%u\n", (uint16_t)(vs_used_seen - before), vq_used.ring[(vs_used_seen - 1) % VQ_SIZE].len);
+    vscsi_offer(9);  /* a head past the queue */
+    vscsi_kick_and_wait(0);
+    uint8_t tur[6] = { 0 };
+    kprintf("vscsi: alive after hostile chains: tur status=%x\n", vscsi_cmd(tur, 6, 0, 0));
+
+    /* Discards: write 1 MiB at LBA 4096, let the host look, then UNMAP it. */
+    for (int i = 0; i < 4096; i++) vs_data[0][i] = 0x5A;
+    int wrote = 1;
+    for (uint32_t lba = 4096; lba < 4096 + 2048; lba += 8) {
+        uint8_t w[10] = { 0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0 };
+        put_be32(&w[2], lba);
+        if (vscsi_cmd(w, 10, 4096, 0) != 0) { wrote = 0; break; }
+    }
+    uint8_t sync[10] = { 0x35 };
+    vscsi_cmd(sync, 10, 0, 0);
+    kprintf("vscsi: wrote 1MiB=%s\n", wrote ? "yes" : "no");
+    while (!(inb(UART_LSR) & LSR_DR)) cpu_pause();  /* the host looks at the image, then sends a byte */
+    (void)inb(UART_RBR);
+    uint8_t *list = vs_data[0];
+    for (int i = 0; i < 24; i++) list[i] = 0;
+    list[1] = 22; list[3] = 16;
+    put_be32(&list[8 + 4], 4096);    /* LBA (low half) */
+    put_be32(&list[8 + 8], 2048);    /* blocks */
+    uint8_t unmap[10] = { 0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0 };
+    st = vscsi_cmd(unmap, 10, 24, 0);
+    kprintf("vscsi: unmap status=%x\n", st);
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -597,6 +774,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_rtcirq(cfg.count);
     else if (streq(cfg.mode, "idle"))
         mode_idle();
+    else if (streq(cfg.mode, "vscsi"))
+        mode_vscsi();
     else if (streq(cfg.mode, "pcibar"))
         mode_pcibar();
     else if (streq(cfg.mode, "probe"))

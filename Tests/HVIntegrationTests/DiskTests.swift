@@ -108,3 +108,72 @@ final class VirtioSCSIDiskTests: XCTestCase {
         XCTAssertTrue(locked.stderr.contains("is locked by another process"), locked.stderr)
     }
 }
+
+/// hv's own guest drives virtio-scsi directly (Tests/Guests/guest.c, mode=vscsi): identity,
+/// capacity, a written pattern read back, two requests in flight, hostile chains that fail alone,
+/// and discards that give the image's blocks back to the host.
+final class VirtioSCSIGuestTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireKVM() }
+
+    private func allocated(_ path: String) -> Int64 {
+        var st = stat()
+        stat(path, &st)
+        return Int64(st.st_blocks) * 512
+    }
+
+    func testGuestDriverWritesReadsSurvivesHostileChainsAndDiscards() throws {
+        let guest = try Harness.testGuest()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-guest-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let image = dir.appendingPathComponent("d.img").path
+        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "8M"]).status, 0)
+        let empty = allocated(image)
+
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsi", "--disk", image])
+        XCTAssertTrue(vm.waitForOutput("vscsi: wrote 1MiB=yes", timeout: 60), vm.stdout + vm.stderr)
+        let written = allocated(image)
+        XCTAssertGreaterThanOrEqual(written - empty, 1 << 20, "the guest's 1 MiB reached the image")
+        vm.write("x")
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        XCTAssertLessThanOrEqual(allocated(image), written - (1 << 20) + 64 * 1024, "UNMAP gave the MiB back to the host")
+
+        let lines = vm.stdout.split(separator: "\n").map(String.init).filter { $0.hasPrefix("vscsi: ") }
+        XCTAssertEqual(lines, [
+            "vscsi: ready status=f",
+            "vscsi: inquiry status=0 type=0 vendor=HV       product=VIRTUAL DISK    ",
+            "vscsi: capacity status=0 blocks=16384",
+            "vscsi: write status=0 sense=0/0",
+            "vscsi: read status=0 pattern=match",
+            "vscsi: in flight completed=2 status=0,0",
+            "vscsi: hostile outside-ram completed=1 len=0",
+            "vscsi: hostile loop completed=1 len=0",
+            "vscsi: hostile length completed=1 len=0",
+            "vscsi: alive after hostile chains: tur status=0",
+            "vscsi: wrote 1MiB=yes",
+            "vscsi: unmap status=0",
+        ], vm.stdout)
+        // The device named what it refused, and was never restarted.
+        XCTAssertTrue(vm.stderr.contains("a buffer [0xf0000000, +51) is not guest RAM"), vm.stderr)
+        XCTAssertTrue(vm.stderr.contains("loops"), vm.stderr)
+        XCTAssertFalse(vm.stderr.contains("restarting"), vm.stderr)
+    }
+
+    func testReadOnlyDiskRefusesWritesWithDataProtect() throws {
+        let guest = try Harness.testGuest()
+        let image = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-ro-\(getpid()).img").path
+        defer { unlink(image) }
+        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "8M"]).status, 0)
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsi", "--disk", image + ",readonly"])
+        XCTAssertTrue(vm.waitForOutput("vscsi: wrote 1MiB=", timeout: 60), vm.stdout + vm.stderr)
+        vm.write("x")
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        XCTAssertTrue(vm.stdout.contains("vscsi: write status=2 sense=7/27"), "CHECK CONDITION, DATA PROTECT / WRITE PROTECTED: \(vm.stdout)")
+        XCTAssertTrue(vm.stdout.contains("vscsi: read status=0 pattern=n/a"), vm.stdout)
+        XCTAssertTrue(vm.stdout.contains("vscsi: wrote 1MiB=no"), vm.stdout)
+        XCTAssertTrue(vm.stdout.contains("vscsi: unmap status=2"), vm.stdout)
+        var st = stat()
+        stat(image, &st)
+        XCTAssertEqual(st.st_blocks, 0, "nothing written to a read-only image")
+    }
+}

@@ -12,6 +12,8 @@ final class VirtioSCSI: VirtioDevice {
     let runtime: DeviceRuntime
     let unit: any SCSILogicalUnit
     var senseSize: UInt32 = 96
+    /// Chains refused so far (hostile or broken drivers).
+    var refused = 0
     var cdbSize: UInt32 = 32
 
     init(runtime: DeviceRuntime, unit: any SCSILogicalUnit) {
@@ -56,7 +58,11 @@ final class VirtioSCSI: VirtioDevice {
                 let written = index == 0 ? control(chain, memory) : request(chain, memory)
                 transport.complete(queue: index, head: chain.head, written: written)
             case .failure(let error):
-                runtime.log(.warning, "queue \(index): refused a request: \(error)")
+                // A hostile guest can send these in a loop: name the first few, then count.
+                refused += 1
+                if refused <= 5 {
+                    runtime.log(.warning, "queue \(index): refused a request: \(error)\(refused == 5 ? " (further refusals are not logged)" : "")")
+                }
                 if let head { transport.complete(queue: index, head: head, written: 0) }
             }
             queue = transport.queues[index]!
