@@ -18,3 +18,8 @@ public enum CoreError: Error, Sendable, CustomStringConvertible {
         }
     }
 }
+
+/// Why a removable medium could not be changed (`Machine.changeMedium`), in one line.
+public struct MediaChangeError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+}

@@ -53,7 +53,16 @@ final class ManagedDevice: @unchecked Sendable {
     let statePage: FileDescriptor
     let interrupts: [EventFD]
     var process: ChildProcess?
-    var control: ControlChannel?
+    /// The control channel of the live process. Under a lock: the control socket thread sends
+    /// MEDIA_CHANGE on it while the supervisor thread may be replacing it.
+    let controlChannel = Mutex<ControlChannel?>(nil)
+    var control: ControlChannel? {
+        get { controlChannel.withLock { $0 } }
+        set { controlChannel.withLock { $0 = newValue } }
+    }
+    /// Host files the operator replaced while the VM ran (a new CD), by index; a restarted
+    /// process gets these instead of the spec's. `nil` value: an empty placeholder (no medium).
+    let hostFileOverrides = Mutex<[Int: FileDescriptor]>([:])
     var events: ControlChannel?
     var granted: Capabilities = []
     var generation: UInt32 = 0
@@ -215,7 +224,8 @@ final class DeviceSupervisor: @unchecked Sendable {
         }
         if spec.capabilities.contains(.statePage) { pass(d.statePage, .statePage) }
         for (i, line) in d.interrupts.enumerated() { pass(line.fd, .interrupt, UInt16(i)) }
-        for (i, file) in spec.hostFiles.enumerated() { pass(file, .hostIO, UInt16(i)) }
+        let overrides = d.hostFileOverrides.withLock { $0 }
+        for (i, file) in spec.hostFiles.enumerated() { pass(overrides[i] ?? file, .hostIO, UInt16(i)) }
 
         let hello = Hello(capabilities: offered, restartGeneration: d.generation,
                           memoryRegions: spec.mapsGuestMemory ? memory.regions : [],
@@ -418,6 +428,37 @@ final class DeviceSupervisor: @unchecked Sendable {
             answer(.ok)
         default:
             answer(.unknownType)
+        }
+    }
+
+    // MARK: Removable media
+
+    /// Gives `device` a new medium for host file `hostFile` (`file`), or ejects it (`file` nil),
+    /// and remembers it for restarts. Safe from any thread; waits for the device's answer.
+    func changeMedium(device name: String, hostFile: Int, file: FileDescriptor?) throws(MediaChangeError) {
+        guard let d = devices.first(where: { $0.spec.name == name }) else {
+            throw MediaChangeError(description: "this VM has no device '\(name)'")
+        }
+        guard hostFile < d.spec.hostFiles.count else { throw MediaChangeError(description: "\(name) has no host file \(hostFile)") }
+        // An empty memfd stands for "no medium" when a restarted process is handed its files.
+        let placeholder: FileDescriptor
+        do { placeholder = try file ?? MemFD.create(name: "hv-no-medium", size: 0) } catch {
+            throw MediaChangeError(description: "cannot prepare the eject: \(error)")
+        }
+        let status: Int32? = d.controlChannel.withLock { control -> Int32? in
+            guard let control else { return nil }
+            let payload = MediaChange(hostFile: UInt32(hostFile), present: file != nil).encode()
+            let fds = file.map { [$0.rawValue] } ?? []
+            guard let (reply, _) = try? control.request(.mediaChange, payload: payload, fds: fds, timeoutMilliseconds: 5000) else { return -1 }
+            return reply.status
+        }
+        switch status {
+        case nil: throw MediaChangeError(description: "\(name) is restarting; try again in a moment")
+        case .some(-1): throw MediaChangeError(description: "\(name) did not answer the media change")
+        case .some(Status.ok.rawValue):
+            d.hostFileOverrides.withLock { $0[hostFile] = placeholder }
+        case .some(Status.unknownType.rawValue): throw MediaChangeError(description: "\(name) has no removable medium")
+        default: throw MediaChangeError(description: "\(name) refused the medium")
         }
     }
 

@@ -175,6 +175,12 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
+    /// Inserts `file` into (or, with nil, ejects the medium of) device `name`'s removable drive,
+    /// host file `hostFile`. The guest sees a media change. Safe from any thread.
+    public func changeMedium(device name: String, hostFile: Int = 0, file: FileDescriptor?) throws(MediaChangeError) {
+        try supervisor.changeMedium(device: name, hostFile: hostFile, file: file)
+    }
+
     /// Requests a stop with `exit` (the first request wins).
     public func stop(_ exit: MachineExit) {
         outcome.withLock { if $0 == nil { $0 = exit } }

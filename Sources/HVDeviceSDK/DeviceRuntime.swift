@@ -70,6 +70,12 @@ public final class DeviceRuntime: @unchecked Sendable {
     private var watchers: [(fd: Int32, enabled: () -> Bool, handler: () -> Void)] = []
     private let name: String
 
+    /// Called on the runtime thread (between batches of register accesses) when the operator
+    /// inserts a medium (`file` is its descriptor) or ejects it (`file` nil) for host file
+    /// `hostFile`; return false to refuse (INVALID_ARGUMENT). Leave nil if the device has no
+    /// removable media: MEDIA_CHANGE is then answered UNKNOWN_TYPE.
+    public var onMediaChange: ((_ hostFile: UInt32, _ file: FileDescriptor?) -> Bool)?
+
     /// How long the ring loop spins on an empty ring before sleeping, in nanoseconds.
     public var spinNanoseconds: UInt64 = 50_000
 
@@ -371,7 +377,8 @@ public final class DeviceRuntime: @unchecked Sendable {
 
     private func serviceControl() {
         let frame: Frame
-        do { (frame, _) = try control.receive(timeoutMilliseconds: 0) } catch {
+        let fds: [FileDescriptor]
+        do { (frame, fds) = try control.receive(timeoutMilliseconds: 0) } catch {
             if case .closed = error {
                 finalCommit?()
                 exit(0)  // the core is gone; so are we
@@ -387,6 +394,13 @@ public final class DeviceRuntime: @unchecked Sendable {
             exit(0)
         case .ping?:
             try? control.send(.reply(to: frame))
+        case .mediaChange?:
+            guard let handler = onMediaChange else { return (try? control.send(.reply(to: frame, status: .unknownType))) ?? () }
+            guard let change = try? MediaChange.decode(frame.payload), fds.count == (change.present ? 1 : 0) else {
+                return (try? control.send(.reply(to: frame, status: .malformed))) ?? ()
+            }
+            let accepted = handler(change.hostFile, fds.first)
+            try? control.send(.reply(to: frame, status: accepted ? .ok : .invalidArgument))
         default:
             if !frame.flags.contains(.noReply) { try? control.send(.reply(to: frame, status: .unknownType)) }
         }

@@ -31,6 +31,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case hello = 0x0001
     case shutdown = 0x0002
     case ping = 0x0003
+    case mediaChange = 0x0004
     // device → core, on the event socket
     case log = 0x0101
     case setBootState = 0x0102
@@ -448,6 +449,32 @@ public struct BootState: Equatable, Sendable {
         guard try r.u16() == 0, try r.u32() == 0 else { throw .invalidField("boot state: reserved bytes are not zero") }
         try r.finish()
         return s
+    }
+}
+
+/// MEDIA_CHANGE (core → device): a removable medium was inserted (its descriptor rides along) or
+/// ejected.
+public struct MediaChange: Equatable, Sendable {
+    /// The HOST_IO index the medium replaces.
+    public var hostFile: UInt32
+    public var present: Bool
+    public init(hostFile: UInt32, present: Bool) {
+        self.hostFile = hostFile
+        self.present = present
+    }
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(hostFile)
+        w.u32(present ? 1 : 0)
+        return w.bytes
+    }
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> MediaChange {
+        var r = WireReader(payload)
+        let hostFile = try r.u32()
+        let present = try r.u32()
+        guard present <= 1 else { throw .invalidField("media change: present \(present) is not 0 or 1") }
+        try r.finish()
+        return MediaChange(hostFile: hostFile, present: present == 1)
     }
 }
 

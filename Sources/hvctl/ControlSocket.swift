@@ -86,7 +86,8 @@ final class ControlServer: @unchecked Sendable {
     }
 
     /// Serves commands on a thread of its own until `close()`.
-    func start(status: @escaping @Sendable () -> String, stop: @escaping @Sendable () -> Void) throws(SystemError) {
+    func start(status: @escaping @Sendable () -> String, stop: @escaping @Sendable () -> Void,
+               other: @escaping @Sendable (String) -> String?) throws(SystemError) {
         let listener = fd
         try HostThread.spawn(name: "hv-control") {
             while true {
@@ -99,7 +100,7 @@ final class ControlServer: @unchecked Sendable {
                 // A client that never sends must not wedge the socket: 2 s to say something.
                 var timeout = timeval(tv_sec: 2, tv_usec: 0)
                 setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                var buffer = [UInt8](repeating: 0, count: 256)
+                var buffer = [UInt8](repeating: 0, count: 4352)
                 let n = buffer.withUnsafeMutableBytes { recv(client, $0.baseAddress, $0.count, 0) }
                 let command = n > 0 ? String(decoding: buffer.prefix(n), as: UTF8.self) : ""
                 let answer: String
@@ -108,7 +109,7 @@ final class ControlServer: @unchecked Sendable {
                 case "stop":
                     answer = #"{"stopping":true}"#
                     stop()
-                default: answer = #"{"error":"unknown command; use status or stop"}"#
+                default: answer = other(command) ?? #"{"error":"unknown command; use status, stop or cdrom"}"#
                 }
                 _ = Array(answer.utf8).withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                 Glibc.close(client)
@@ -182,6 +183,37 @@ private func devices(_ o: JSONObject) -> [JSONObject] {
 }
 
 private func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+
+/// `hvctl cdrom NAME eject` and `hvctl cdrom NAME insert ISO`: the running VM's core opens the
+/// ISO (it is the trusted side) and hands it to the CD-ROM drive's process.
+func cdromCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
+    let usage = "usage: hvctl cdrom NAME eject | hvctl cdrom NAME insert ISO"
+    var rest = arguments
+    guard let name = rest.popFirst(), let verb = rest.popFirst() else { throw UsageError(message: usage) }
+    try RunDirectory.validate(name, flag: "name")
+    let command: String
+    switch verb {
+    case "eject":
+        guard rest.isEmpty else { throw UsageError(message: usage) }
+        command = "cdrom eject"
+    case "insert":
+        guard let path = rest.popFirst(), rest.isEmpty else { throw UsageError(message: usage) }
+        var absolute = path
+        if !path.hasPrefix("/") {
+            var buffer = [CChar](repeating: 0, count: 4096)
+            guard getcwd(&buffer, buffer.count) != nil else { throw UsageError(message: "cannot resolve '\(path)': no current directory") }
+            absolute = String(cString: buffer) + "/" + path
+        }
+        guard absolute.utf8.count < 4096 else { throw UsageError(message: "the ISO path is too long") }
+        command = "cdrom insert " + absolute
+    default:
+        throw UsageError(message: "unknown cdrom action '\(verb)'; \(usage)")
+    }
+    guard let answer = controlRequest(name, command) else { fail("no VM named '\(name)' is running (see 'hvctl ls')") }
+    if case .string(let error)? = answer["error"] { fail(error) }
+    print(verb == "eject" ? "ejected the CD of \(name)" : "inserted \(command.dropFirst(13)) into \(name)")
+    return 0
+}
 
 /// `hvctl ls`, `hvctl status NAME [--json]`, `hvctl stop NAME`.
 func vmCommand(_ verb: String, _ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {

@@ -32,6 +32,7 @@ commands:
   ls        list running VMs (their control sockets in $HV_RUN_DIR, default /run/hv)
   status    'status NAME [--json]': one running VM and its device processes
   stop      'stop NAME': stop a running VM
+  cdrom     'cdrom NAME eject' or 'cdrom NAME insert ISO': change a running VM's CD
   version   print hv's version and IPC protocol version
   help      show this help
 
@@ -253,7 +254,32 @@ func run(_ options: RunOptions) -> Int32 {
             return "{\"name\": \(jsonString(name)), \"pid\": \(getpid()), \"boot\": \(jsonString(boot.mode)), "
                 + "\"uptime_seconds\": \((monotonicNanoseconds() - started) / 1_000_000_000), \"memory_mib\": \(options.memory >> 20), "
                 + "\"cpus\": \(options.cpus), \"tenant\": \(jsonString(tenant ?? "none (--no-sandbox)")), \"devices\": [\(list.joined(separator: ", "))]}"
-        }, stop: { current.stop(.stopRequested) })
+        }, stop: { current.stop(.stopRequested) }, other: { command in
+            guard command.hasPrefix("cdrom ") else { return nil }
+            guard cdrom != nil, let machine = current.machine else {
+                return #"{"error": "this VM has no CD-ROM drive (start it with --cdrom)"}"#
+            }
+            var file: FileDescriptor?
+            if command.hasPrefix("cdrom insert ") {
+                let path = String(command.dropFirst(13))
+                do throws(SystemError) { file = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
+                    return "{\"error\": \(jsonString("cannot open the ISO '\(path)': \(error.errno)"))}"
+                }
+                var st = stat()
+                guard fstat(file!.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 2048 else {
+                    return "{\"error\": \(jsonString("'\(path)' is not an ISO image (a regular file of at least one 2048-byte sector)"))}"
+                }
+                guard flock(file!.rawValue, LOCK_SH | LOCK_NB) == 0 else {
+                    return "{\"error\": \(jsonString("'\(path)' is locked for writing by another process"))}"
+                }
+            } else if command != "cdrom eject" {
+                return nil
+            }
+            do throws(MediaChangeError) { try machine.changeMedium(device: "cdrom0", file: file) } catch {
+                return "{\"error\": \(jsonString(error.description))}"
+            }
+            return #"{"ok": true}"#
+        })
     } catch {
         fail("cannot serve the control socket: \(error)")
     }
@@ -394,6 +420,8 @@ case "run"?:
     }
 case "sandbox"?:
     do { exit(try sandboxCommand(arguments)) } catch { fail(error.message, status: 2) }
+case "cdrom"?:
+    do { exit(try cdromCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "ls"?, "status"?, "stop"?:
     do { exit(try vmCommand(CommandLine.arguments[1], arguments)) } catch { fail(error.message, status: 2) }
 case "disk"?:

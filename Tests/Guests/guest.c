@@ -741,6 +741,47 @@ static void mode_vscsi(void)
     kprintf("vscsi: unmap status=%x\n", st);
 }
 
+/* vscsicd: a CD-ROM drive seen through the polled driver while the operator ejects and inserts
+ * media (the host sends a byte on the serial line after each change). */
+static void vscsicd_state(const char *when)
+{
+    uint8_t tur[6] = { 0 };
+    uint8_t st = vscsi_cmd(tur, 6, 0, 0);
+    kprintf("vscsicd: %s tur status=%x sense=%x/%x\n", when, st, st == 2 ? vs_resp[0][12 + 2] & 0xF : 0, st == 2 ? vs_resp[0][12 + 12] : 0);
+}
+
+static void vscsicd_wait(void)
+{
+    kprintf("vscsicd: waiting\n");
+    while (!(inb(UART_LSR) & LSR_DR)) cpu_pause();
+    (void)inb(UART_RBR);
+}
+
+static uint32_t vscsicd_blocks(void)
+{
+    uint8_t capacity[10] = { 0x25 };
+    if (vscsi_cmd(capacity, 10, 0, 8) != 0) return 0;
+    return ((uint32_t)vs_data[0][0] << 24 | vs_data[0][1] << 16 | vs_data[0][2] << 8 | vs_data[0][3]) + 1;
+}
+
+static void mode_vscsicd(void)
+{
+    int ro = 0;
+    if (!vscsi_setup(&ro)) return;
+    vscsicd_state("start");
+    kprintf("vscsicd: blocks=%u\n", vscsicd_blocks());
+    vscsicd_wait();
+    vscsicd_state("after eject");
+    vscsicd_state("then");
+    uint8_t event[10] = { 0x4A, 1, 0, 0, 0x10, 0, 0, 0, 8, 0 };
+    vscsi_cmd(event, 10, 0, 8);
+    kprintf("vscsicd: media event=%x present=%x\n", vs_data[0][4], vs_data[0][5]);
+    vscsicd_wait();
+    vscsicd_state("after insert");
+    vscsicd_state("then");
+    kprintf("vscsicd: blocks=%u\n", vscsicd_blocks());
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -774,6 +815,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_rtcirq(cfg.count);
     else if (streq(cfg.mode, "idle"))
         mode_idle();
+    else if (streq(cfg.mode, "vscsicd"))
+        mode_vscsicd();
     else if (streq(cfg.mode, "vscsi"))
         mode_vscsi();
     else if (streq(cfg.mode, "pcibar"))

@@ -248,6 +248,7 @@ final class ControlChannelTests: XCTestCase {
             ("set_boot_state", BootState(mode: .flat32, rip: 0x100000).encode()),
             ("set_irq_level", IRQLevel(line: 1, asserted: true).encode()),
             ("system_event", SystemEvent(.reset).encode()),
+            ("media_change", MediaChange(hostFile: 0, present: true).encode()),
         ]
         var rng = LCG(seed: 0x5EED)
         for (name, seed) in seeds {
@@ -296,6 +297,9 @@ final class ControlChannelTests: XCTestCase {
                 XCTAssertEqual(v.encode(), input)
             case "set_irq_level":
                 let v = try IRQLevel.decode(input)
+                XCTAssertEqual(v.encode(), input)
+            case "media_change":
+                let v = try MediaChange.decode(input)
                 XCTAssertEqual(v.encode(), input)
             case "system_event":
                 let v = try SystemEvent.decode(input)

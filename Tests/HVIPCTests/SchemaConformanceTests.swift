@@ -39,7 +39,7 @@ final class SchemaConformanceTests: XCTestCase {
         let schema = try SchemaFiles.schema()
         let names: [MessageType: String] = [
             .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING",
-            .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT",
+            .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT", .mediaChange: "MEDIA_CHANGE",
         ]
         XCTAssertEqual(names.count, MessageType.allCases.count, "a MessageType case has no schema name in this test")
         let expected = try schema.enumValues("message_type")
@@ -190,7 +190,7 @@ final class SchemaConformanceTests: XCTestCase {
         let messages = Set(vectors["vectors"].array.compactMap { $0["message"].string })
         XCTAssertEqual(messages, Set(schema.json["messages"].keys))
         let layouts = Set(vectors["vectors"].array.compactMap { $0["layout"].string })
-        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "empty",
+        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "media_change", "empty",
                        "ring_request_entry", "ring_response_entry", "ring_header"] {
             XCTAssertTrue(layouts.contains(layout), "no vector for layout \(layout)")
         }
@@ -237,6 +237,7 @@ final class SchemaConformanceTests: XCTestCase {
             case "set_boot_state": expectWireError(name, category) { _ = try BootState.decode(data) }
             case "set_irq_level": expectWireError(name, category) { _ = try IRQLevel.decode(data) }
             case "system_event": expectWireError(name, category) { _ = try SystemEvent.decode(data) }
+            case "media_change": expectWireError(name, category) { _ = try MediaChange.decode(data) }
             case "ring_request_entry":
                 XCTAssertEqual(category, "unknown_enum", name)
                 let ring = try RingFixture()
@@ -322,6 +323,12 @@ final class SchemaConformanceTests: XCTestCase {
                                   gdtLimit: try fields["gdt_limit"].fixed(UInt16.self, "gdt_limit"))
             XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
             XCTAssertEqual(try BootState.decode(expected), value, name)
+        case "media_change":
+            let present = try schema.enumValue("media_presence", fields["present"])
+            let value = MediaChange(hostFile: try fields["host_file"].fixed(UInt32.self, "host_file"),
+                                    present: present == (try schema.enumValues("media_presence")["INSERTED"]))
+            XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
+            XCTAssertEqual(try MediaChange.decode(expected), value, name)
         case "system_event":
             let kind = try XCTUnwrap(SystemEvent.Kind(rawValue: UInt32(try schema.enumValue("system_event", fields["event"]))), name)
             let value = SystemEvent(kind)

@@ -177,3 +177,72 @@ final class VirtioSCSIGuestTests: XCTestCase {
         XCTAssertEqual(st.st_blocks, 0, "nothing written to a read-only image")
     }
 }
+
+/// `hvctl cdrom NAME eject|insert`: the operator changes the CD of a running VM, and the guest's
+/// own driver sees it (UNIT ATTENTION, empty tray, media events, the new capacity).
+final class CDROMMediaChangeTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireKVM() }
+
+    func testEjectAndInsertWhileTheGuestWatches() throws {
+        let guest = try Harness.testGuest()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-cdchange-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer {
+            unsetenv("HV_RUN_DIR")
+            try? FileManager.default.removeItem(at: dir)
+        }
+        setenv("HV_RUN_DIR", dir.appendingPathComponent("run").path, 1)
+        let first = dir.appendingPathComponent("first.iso").path, second = dir.appendingPathComponent("second.iso").path
+        try Data(repeating: 0, count: 2048 * 50).write(to: URL(fileURLWithPath: first))
+        try Data(repeating: 0, count: 2048 * 70).write(to: URL(fileURLWithPath: second))
+
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsicd", "--cdrom", first, "--name", "cdvm"])
+        XCTAssertTrue(vm.waitForOutput("vscsicd: waiting", timeout: 60), vm.stdout + vm.stderr)
+        var r = try runHvctl(["cdrom", "cdvm", "eject"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        vm.write("x")
+        let waitingTwice = { vm.stdout.components(separatedBy: "vscsicd: waiting").count - 1 >= 2 }
+        let deadline = Date().addingTimeInterval(30)
+        while !waitingTwice() && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        r = try runHvctl(["cdrom", "cdvm", "insert", second])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        vm.write("y")
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        let lines = vm.stdout.split(separator: "\n").map(String.init).filter { $0.hasPrefix("vscsicd: ") && $0 != "vscsicd: waiting" }
+        XCTAssertEqual(lines, [
+            "vscsicd: start tur status=0 sense=0/0",
+            "vscsicd: blocks=50",
+            "vscsicd: after eject tur status=2 sense=6/3a",   // UNIT ATTENTION, MEDIUM NOT PRESENT
+            "vscsicd: then tur status=2 sense=2/3a",          // NOT READY, MEDIUM NOT PRESENT
+            "vscsicd: media event=3 present=0",               // media removal
+            "vscsicd: after insert tur status=2 sense=6/28",  // UNIT ATTENTION, MEDIUM MAY HAVE CHANGED
+            "vscsicd: then tur status=0 sense=0/0",
+            "vscsicd: blocks=70",
+        ], vm.stdout)
+    }
+
+    func testCDROMCommandMistakes() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-cdmistake-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer {
+            unsetenv("HV_RUN_DIR")
+            try? FileManager.default.removeItem(at: dir)
+        }
+        setenv("HV_RUN_DIR", dir.path, 1)
+        var r = try runHvctl(["cdrom", "nobody", "eject"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("no VM named 'nobody' is running"), r.stderr)
+        r = try runHvctl(["cdrom", "nobody", "spin"])
+        XCTAssertEqual(r.status, 2)
+        XCTAssertTrue(r.stderr.contains("unknown cdrom action 'spin'"), r.stderr)
+        // A VM without a drive says so; a bad ISO is refused by the VM's core.
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=idle", "--memory", "32M", "--name", "nocd"])
+        XCTAssertTrue(vm.waitForOutput("idle: ready"), vm.stderr)
+        r = try runHvctl(["cdrom", "nocd", "eject"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("this VM has no CD-ROM drive"), r.stderr)
+        XCTAssertEqual(try runHvctl(["stop", "nocd"]).status, 0)
+        XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
+    }
+}

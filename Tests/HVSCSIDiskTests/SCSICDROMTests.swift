@@ -62,6 +62,13 @@ final class SCSICDROMTests: XCTestCase {
         var event = cd.execute([0x4A, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], dataOut: [], dataInCapacity: 8).dataIn
         XCTAssertEqual([event[4], event[5]], [3, 0], "media removal event, tray empty")
 
+        // The operator removes and inserts media: UNIT ATTENTION once each time.
+        cd.changeMedium(nil)
+        r = cd.execute([0x00, 0, 0, 0, 0, 0], dataOut: [], dataInCapacity: 0)
+        XCTAssertEqual([r.sense.key, r.sense.asc], [0x06, 0x3A], "UNIT ATTENTION / MEDIUM NOT PRESENT")
+        r = cd.execute([0x00, 0, 0, 0, 0, 0], dataOut: [], dataInCapacity: 0)
+        XCTAssertEqual([r.sense.key, r.sense.asc], [0x02, 0x3A], "then NOT READY")
+        _ = cd.execute([0x4A, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], dataOut: [], dataInCapacity: 8)
         // The operator inserts a new ISO: UNIT ATTENTION once, then ready; a new-media event.
         cd.changeMedium(iso(20))
         r = cd.execute([0x25] + [UInt8](repeating: 0, count: 9), dataOut: [], dataInCapacity: 8)

@@ -136,9 +136,24 @@ guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 
     exit(2)
 }
 let unit: any SCSILogicalUnit
+/// The medium's descriptor, kept open while it is in the drive.
+nonisolated(unsafe) var mediumFile: FileDescriptor? = image
 if runtime.config["kind"] == "cdrom" {
-    let medium = FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSICDROM.blockSize - 1))
-    unit = SCSICDROM(medium: medium)
+    // An empty file stands for an empty tray (the operator ejected the medium before a restart).
+    let cd = SCSICDROM(medium: size >= 2048 ? FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSICDROM.blockSize - 1)) : nil)
+    runtime.onMediaChange = { hostFile, file in
+        guard hostFile == 0 else { return false }
+        guard let file else {
+            cd.changeMedium(nil)
+            mediumFile = nil
+            return true
+        }
+        guard let newSize = try? file.size(), newSize >= 2048 else { return false }
+        cd.changeMedium(FileBackend(fd: file.rawValue, byteCount: UInt64(newSize) & ~(SCSICDROM.blockSize - 1)))
+        mediumFile = file
+        return true
+    }
+    unit = cd
 } else {
     unit = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
                     readOnly: runtime.config["readonly"] == "1", serial: runtime.config["serial"] ?? "hv-disk")

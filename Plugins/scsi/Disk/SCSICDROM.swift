@@ -7,21 +7,24 @@
 /// (media class, polled), MODE SENSE (6/10: error recovery and CD capabilities pages), START STOP
 /// UNIT (eject and load), PREVENT ALLOW MEDIUM REMOVAL, READ DISC INFORMATION, REPORT LUNS. Writes
 /// are refused with DATA PROTECT / WRITE PROTECTED; an eject while removal is prevented with
-/// ILLEGAL REQUEST / MEDIUM REMOVAL PREVENTED. After a medium change, the next command gets UNIT
-/// ATTENTION / NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED, once.
+/// ILLEGAL REQUEST / MEDIUM REMOVAL PREVENTED. After the operator changes the medium, the next
+/// command gets UNIT ATTENTION once: MEDIUM MAY HAVE CHANGED (06/28) for an insertion, MEDIUM NOT
+/// PRESENT (06/3A) for a removal; then NOT READY / MEDIUM NOT PRESENT (02/3A) while the tray is empty.
 public final class SCSICDROM {
     public static let blockSize: UInt64 = 2048
     public static let maximumTransferBlocks: UInt64 = 2048
     /// The medium, nil when the tray is empty.
     public private(set) var medium: BlockBackend?
     public private(set) var removalPrevented = false
-    private var unitAttention = false
+    /// A UNIT ATTENTION to report once (after the operator changed the medium).
+    private var unitAttention: SCSISense?
     private var mediaEvent: UInt8 = 0  // 0 none, 1 eject request, 2 new media, 3 media removal
     public private(set) var pendingSense = SCSISense.none
     public internal(set) var lastHostError: String?
 
     public static let notReadyNoMedium = SCSISense(key: 0x02, asc: 0x3A, ascq: 0x00)
     public static let mediumChanged = SCSISense(key: 0x06, asc: 0x28, ascq: 0x00)
+    public static let mediumRemoved = SCSISense(key: 0x06, asc: 0x3A, ascq: 0x00)
     public static let removalPreventedSense = SCSISense(key: 0x05, asc: 0x53, ascq: 0x02)
 
     public init(medium: BlockBackend?) {
@@ -33,16 +36,16 @@ public final class SCSICDROM {
     /// Replaces the medium (nil: eject) as an operator would; the guest hears of it.
     public func changeMedium(_ new: BlockBackend?) {
         medium = new
-        unitAttention = true
+        unitAttention = new == nil ? Self.mediumRemoved : Self.mediumChanged
         mediaEvent = new == nil ? 3 : 2
     }
 
     public func execute(_ cdb: [UInt8], dataOut: [UInt8], dataInCapacity: Int) -> SCSIResult {
         guard let opcode = cdb.first else { return finish(.check(.invalidOpcode)) }
         // INQUIRY, REQUEST SENSE, REPORT LUNS and GET EVENT STATUS never report UNIT ATTENTION.
-        if unitAttention && ![0x12, 0x03, 0xA0, 0x4A].contains(opcode) {
-            unitAttention = false
-            return finish(.check(Self.mediumChanged))
+        if let attention = unitAttention, ![0x12, 0x03, 0xA0, 0x4A].contains(opcode) {
+            unitAttention = nil
+            return finish(.check(attention))
         }
         let result: SCSIResult
         switch opcode {
