@@ -98,6 +98,8 @@ final class DeviceSupervisor: @unchecked Sendable {
     private let verbose: Bool
     /// Called for SET_BOOT_STATE from a device with `bootControl`; returns the status to answer.
     var onBootState: (@Sendable (BootState) -> Status)?
+    /// Called for SET_IRQ_LEVEL on the INTx line; false when the device has no PCI function.
+    var onINTx: (@Sendable (DeviceEndpoint, Bool) -> Bool)?
     /// Called for SYSTEM_EVENT from a device with `bootControl`.
     var onSystemEvent: (@Sendable (SystemEvent) -> Void)?
     /// Called when a device dies before the guest has started (startup then fails).
@@ -421,6 +423,9 @@ final class DeviceSupervisor: @unchecked Sendable {
         case .setIRQLevel?:
             guard d.granted.contains(.interruptLevel) else { return answer(.denied) }
             guard let level = try? IRQLevel.decode(frame.payload) else { return answer(.malformed) }
+            if level.line == IRQLevel.pciINTx {
+                return answer(onINTx?(d.endpoint, level.asserted) == true ? .ok : .invalidArgument)
+            }
             guard Int(level.line) < d.spec.interruptGSIs.count else { return answer(.invalidArgument) }
             do { try vm.setIRQLine(d.spec.interruptGSIs[Int(level.line)], level: level.asserted) } catch {
                 return answer(.internalError)
@@ -429,6 +434,11 @@ final class DeviceSupervisor: @unchecked Sendable {
         default:
             answer(.unknownType)
         }
+    }
+
+    /// Whether every device has committed every register access the guest made.
+    func ringsDrained() -> Bool {
+        devices.allSatisfy { $0.endpoint.state != .running || $0.endpoint.ring.requestsOutstanding() == 0 }
     }
 
     // MARK: Removable media

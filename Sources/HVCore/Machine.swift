@@ -130,6 +130,9 @@ public final class Machine: @unchecked Sendable {
             return mmio.mmioIsFree(base: base, length: length)
         }
         bus.pciHost = pci
+        let machineVM = vm
+        pci.setIRQLine = { irq, level in try? machineVM.setIRQLine(irq, level: level) }
+        supervisor.onINTx = { [pci] endpoint, level in pci.setINTx(endpoint: endpoint, asserted: level) }
         for d in supervisor.devices {
             // Functions first, so each BAR finds its function whatever the resource order.
             for (i, r) in d.spec.resources.enumerated() where r.kind == .pciConfig {
@@ -254,7 +257,10 @@ public final class Machine: @unchecked Sendable {
             let now = monotonicNanoseconds()
             if now - lastProbe >= 10_000_000 {
                 lastProbe = now
-                if allVCPUsHalted() { stop(.poweredOff) }
+                // A guest that halts right after writing a reset or power-off register must not be
+                // taken for powered off before the device has handled the write: only decide once
+                // every device has committed what the guest wrote.
+                if allVCPUsHalted() && supervisor.ringsDrained() { stop(.poweredOff) }
             }
         }
         // Let every vCPU leave the guest, then let the devices finish what the guest wrote.

@@ -44,9 +44,19 @@ final class PCIBus: @unchecked Sendable {
     private struct State {
         var latch: UInt32 = 0
         var functions: [UInt16: Function] = [:]
+        /// PIIX3 PIRQA–D routing (00:01.0, 0x60–0x63): bit 7 disables, bits 3..0 the ISA IRQ.
+        var pirq: [UInt8] = [0x80, 0x80, 0x80, 0x80]
+        /// Functions whose INTx pin is asserted now.
+        var intxAsserted: Set<UInt16> = []
+        /// ISA IRQs the core drives high for INTx now.
+        var irqsHigh: Set<UInt32> = []
     }
+    /// The PCI-to-ISA bridge whose 0x60–0x63 route PIRQs (PIIX3's place).
+    static let pirqRouter: UInt16 = 0x08
     private let state = Mutex(State())
     private let bus: IOBus
+    /// Drives an ISA IRQ line (the in-kernel PIC and IOAPIC).
+    var setIRQLine: (@Sendable (UInt32, Bool) -> Void)?
     /// Whether a guest-physical range may hold a memory BAR (not RAM, firmware or APIC windows).
     private let memoryRangeIsFree: @Sendable (UInt64, UInt64) -> Bool
 
@@ -138,9 +148,46 @@ final class PCIBus: @unchecked Sendable {
 
     private static func ones(_ size: Int) -> UInt64 { size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1 }
 
-    /// Bytes the core answers itself: command (0x04–0x05), BARs (0x10–0x27), expansion ROM (0x30–0x33).
-    static func coreOwns(_ register: Int) -> Bool {
+    /// Bytes the core answers itself: command (0x04–0x05), BARs (0x10–0x27), expansion ROM
+    /// (0x30–0x33), and on the PIRQ router its routing registers (0x60–0x63), since the core
+    /// routes INTx.
+    static func coreOwns(_ register: Int, of bdf: UInt16) -> Bool {
         (0x04...0x05).contains(register) || (0x10...0x27).contains(register) || (0x30...0x33).contains(register)
+            || (bdf == pirqRouter && (0x60...0x63).contains(register))
+    }
+
+    // MARK: INTx
+
+    /// The ISA IRQ function `bdf`'s INTA# reaches now, or nil when its PIRQ is disabled.
+    private static func irq(of bdf: UInt16, _ s: State) -> UInt32? {
+        let device = Int(bdf >> 3) & 0x1F, pin = 1
+        let route = s.pirq[(pin - 1 + device - 1 + 4) & 3]
+        guard route & 0x80 == 0 else { return nil }
+        let irq = UInt32(route & 0x0F)
+        // PIIX3 accepts 3–7, 9–12, 14 and 15.
+        return [3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15].contains(irq) ? irq : nil
+    }
+
+    /// Sets function `bdf`'s INTx pin; false when the device has no such function.
+    func setINTx(endpoint: DeviceEndpoint, asserted: Bool) -> Bool {
+        let found = state.withLock { s -> Bool in
+            guard let f = s.functions.first(where: { $0.value.endpoint === endpoint }) else { return false }
+            if asserted { s.intxAsserted.insert(f.key) } else { s.intxAsserted.remove(f.key) }
+            return true
+        }
+        if found { updateIRQLines() }
+        return found
+    }
+
+    /// Drives every INTx-routed IRQ to the OR of the functions routed to it (lines are shared).
+    private func updateIRQLines() {
+        let changes = state.withLock { s -> [(UInt32, Bool)] in
+            let wanted = Set(s.intxAsserted.compactMap { Self.irq(of: $0, s) })
+            let changes = wanted.subtracting(s.irqsHigh).map { ($0, true) } + s.irqsHigh.subtracting(wanted).map { ($0, false) }
+            s.irqsHigh = wanted
+            return changes
+        }
+        for (irq, level) in changes { setIRQLine?(irq, level) }
     }
 
     func configRead(_ bdf: UInt16, register: Int, size: Int, vcpu: UInt32) -> UInt64 {
@@ -150,10 +197,10 @@ final class PCIBus: @unchecked Sendable {
         var resource: UInt16 = 0
         state.withLock { s in
             guard let f = s.functions[bdf] else { return }
-            for r in range where Self.coreOwns(r) {
-                value |= UInt64(Self.coreByte(f, r)) << (8 * UInt64(r - register))
+            for r in range where Self.coreOwns(r, of: bdf) {
+                value |= UInt64(Self.coreByte(f, r, s)) << (8 * UInt64(r - register))
             }
-            if range.contains(where: { !Self.coreOwns($0) }) {
+            if range.contains(where: { !Self.coreOwns($0, of: bdf) }) {
                 endpoint = f.endpoint
                 resource = f.configResource
             }
@@ -161,7 +208,7 @@ final class PCIBus: @unchecked Sendable {
         guard let endpoint else { return value }
         // The device's bytes, outside the lock (the read may wait for a restarting device).
         let device = endpoint.read(.configRead, resource: resource, offset: UInt64(register), size: size, vcpu: vcpu)
-        for r in range where !Self.coreOwns(r) {
+        for r in range where !Self.coreOwns(r, of: bdf) {
             value |= ((device >> (8 * UInt64(r - register))) & 0xFF) << (8 * UInt64(r - register))
         }
         return value
@@ -171,10 +218,11 @@ final class PCIBus: @unchecked Sendable {
         let range = register..<(register + size)
         var forward: (DeviceEndpoint, UInt16)?
         var moved: Function?
+        var pirqChanged = false
         state.withLock { s in
             guard var f = s.functions[bdf] else { return }
             var routingChanged = false
-            for r in range where Self.coreOwns(r) {
+            for r in range where Self.coreOwns(r, of: bdf) {
                 let byte = UInt8(truncatingIfNeeded: value >> (8 * UInt64(r - register)))
                 switch r {
                 case 0x04:
@@ -183,6 +231,9 @@ final class PCIBus: @unchecked Sendable {
                     routingChanged = true
                 case 0x05:
                     f.command = (f.command & 0x00FF) | UInt16(byte & 0x04) << 8  // INTx disable
+                case 0x60...0x63 where bdf == Self.pirqRouter:
+                    s.pirq[r - 0x60] = byte & 0x8F
+                    pirqChanged = true
                 case 0x10...0x27:
                     let index = (r - 0x10) / 4, shift = UInt32(8 * ((r - 0x10) % 4))
                     if var bar = f.bars[index] {
@@ -196,16 +247,18 @@ final class PCIBus: @unchecked Sendable {
             }
             s.functions[bdf] = f
             if routingChanged { moved = f }
-            if range.contains(where: { !Self.coreOwns($0) }) { forward = (f.endpoint, f.configResource) }
+            if range.contains(where: { !Self.coreOwns($0, of: bdf) }) { forward = (f.endpoint, f.configResource) }
         }
         if let moved { reroute(moved) }
+        if pirqChanged { updateIRQLines() }
         if let (endpoint, resource) = forward {
             endpoint.write(.configWrite, resource: resource, offset: UInt64(register), size: size, value: value, vcpu: vcpu)
         }
     }
 
-    private static func coreByte(_ f: Function, _ register: Int) -> UInt8 {
+    private static func coreByte(_ f: Function, _ register: Int, _ s: State) -> UInt8 {
         switch register {
+        case 0x60...0x63 where f.bdf == pirqRouter: return s.pirq[register - 0x60]
         case 0x04: return UInt8(truncatingIfNeeded: f.command)
         case 0x05: return UInt8(truncatingIfNeeded: f.command >> 8)
         case 0x10...0x27:

@@ -204,12 +204,23 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// `bootControl`). The core stops the vCPUs when it takes the message; on a reset it builds
     /// the VM afresh, so this process ends either way.
     public func signalSystemEvent(_ kind: SystemEvent.Kind) {
-        try? events.notify(.systemEvent, payload: SystemEvent(kind).encode())
+        // Waits for the core's answer: by the time the guest's register write that caused this is
+        // committed, the core has taken the event (it must not mistake the halt that follows for
+        // a power-off).
+        _ = try? events.request(.systemEvent, payload: SystemEvent(kind).encode(), timeoutMilliseconds: 1000)
     }
 
-    /// Drives a level-triggered interrupt line (requires `interruptLevel`).
-    public func setInterruptLevel(line: UInt32, asserted: Bool) {
-        try? events.notify(.setIRQLevel, payload: IRQLevel(line: line, asserted: asserted).encode())
+    /// Drives a level-triggered interrupt line (requires `interruptLevel`). With `wait`, returns
+    /// only once the core has applied it: lower a line that way inside a register read that
+    /// acknowledges the interrupt, so the guest never sees the acknowledgement before the line
+    /// drops (it would take the interrupt again, or a spurious one).
+    public func setInterruptLevel(line: UInt32, asserted: Bool, wait: Bool = false) {
+        let payload = IRQLevel(line: line, asserted: asserted).encode()
+        if wait {
+            _ = try? events.request(.setIRQLevel, payload: payload, timeoutMilliseconds: 1000)
+        } else {
+            try? events.notify(.setIRQLevel, payload: payload)
+        }
     }
 
     /// Calls `handler` on the runtime thread whenever `fd` is readable and `enabled()` is true

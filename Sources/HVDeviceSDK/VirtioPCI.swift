@@ -33,8 +33,8 @@ public protocol VirtioDevice: AnyObject {
 /// runtime.run(transport)
 /// ```
 ///
-/// Interrupts are not delivered yet (no MSI-X, no INTx): drivers that poll the used ring (SeaBIOS)
-/// work; interrupt-driven ones need the next step of the PCI bus.
+/// Interrupts: INTx (pin A), level-triggered, routed by the core through the chipset's PIRQ
+/// registers, when the device is granted `interruptLevel`; the ISR read lowers it. No MSI-X yet.
 public final class VirtioPCITransport: DeviceModel {
     public let runtime: DeviceRuntime
     public let device: any VirtioDevice
@@ -105,9 +105,22 @@ public final class VirtioPCITransport: DeviceModel {
         if resource == barResource { barWrite(Int(offset), size, value) }
     }
 
-    /// Marks used buffers for the driver (ISR bit 0). Call after completing requests.
-    public func signalUsedBuffers() {
+    /// Marks used buffers for the driver (ISR bit 0) and raises INTx, if the driver asked for
+    /// interrupts on queue `index` and the device was granted `interruptLevel`. Reading the ISR
+    /// lowers it again.
+    public func signalUsedBuffers(queue index: Int) {
+        guard let memory, index < queues.count, let queue = queues[index], queue.driverWantsInterrupt(memory) else { return }
         isr |= 1
+        setINTx(true)
+    }
+
+    private var intxHigh = false
+    private func setINTx(_ high: Bool) {
+        guard high != intxHigh, runtime.capabilities.contains(.interruptLevel) else { return }
+        intxHigh = high
+        // Lowering happens inside the ISR read: wait for the core, so the line is low before the
+        // guest has the value (and sends its EOI).
+        runtime.setInterruptLevel(line: IRQLevel.pciINTx, asserted: high, wait: !high)
     }
 
     /// Stores a queue the device advanced (after `next`), so the transport's copy keeps its indices.
@@ -120,7 +133,7 @@ public final class VirtioPCITransport: DeviceModel {
     public func complete(queue index: Int, head: UInt16, written: UInt32) {
         guard let memory, index < queues.count, queues[index] != nil else { return }
         queues[index]!.complete(head: head, written: written, memory)
-        signalUsedBuffers()
+        signalUsedBuffers(queue: index)
     }
 
     // MARK: PCI configuration space
@@ -223,7 +236,8 @@ public final class VirtioPCITransport: DeviceModel {
         case Self.commonOffset..<Self.isrOffset: return commonRead(offset - Self.commonOffset, size)
         case Self.isrOffset..<(Self.isrOffset + 4):
             let v = isr
-            isr = 0  // reading ISR acknowledges it
+            isr = 0  // reading ISR acknowledges it and lowers INTx
+            setINTx(false)
             return UInt64(v)
         case Self.deviceOffset..<Self.notifyOffset: return device.readConfig(offset: offset - Self.deviceOffset, size: size)
         default: return 0
@@ -325,6 +339,7 @@ public final class VirtioPCITransport: DeviceModel {
             status = 0
             driverFeatures = 0
             isr = 0
+            setINTx(false)
             queueSelect = 0
             setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
             queues = Array(repeating: nil, count: device.queueCount)

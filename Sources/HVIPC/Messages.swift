@@ -508,6 +508,9 @@ public struct SystemEvent: Equatable, Sendable {
 
 /// SET_IRQ_LEVEL (device → core, usually NO_REPLY): drive one of the device's interrupt lines.
 public struct IRQLevel: Equatable, Sendable {
+    /// The `line` that means the INTx pin of the device's PCI function: the core routes it
+    /// through the chipset's PIRQ routing to an ISA IRQ.
+    public static let pciINTx: UInt32 = 0xFFFF_FFFF
     public var line: UInt32
     public var asserted: Bool
     public init(line: UInt32, asserted: Bool) {

@@ -573,7 +573,7 @@ static struct { uint16_t flags, idx, ring[VQ_SIZE], used_event; } vq_avail __att
 static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[VQ_SIZE]; uint16_t avail_event; } vq_used __attribute__((aligned(4)));
 static uint8_t vs_req[VQ_SIZE][64], vs_resp[VQ_SIZE][128];
 static uint8_t vs_data[VQ_SIZE][4096] __attribute__((aligned(4096)));
-static volatile uint8_t *vs_common, *vs_notify;
+static volatile uint8_t *vs_common, *vs_notify, *vs_isr;
 static uint16_t vs_used_seen;
 
 static void mb(void) { __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory"); }
@@ -592,6 +592,7 @@ static int vscsi_setup(int *readonly_out)
         uint32_t head = pci_read(bdf, cap), type = (head >> 24) & 0xFF;
         if ((head & 0xFF) != 0x09) continue;
         if (type == 1) common_off = pci_read(bdf, cap + 8);
+        if (type == 3) vs_isr = (volatile uint8_t *)(0xE0000000u + pci_read(bdf, cap + 8));
         if (type == 2) { notify_off = pci_read(bdf, cap + 8); notify_mult = pci_read(bdf, cap + 16); }
     }
     vs_common = (volatile uint8_t *)(0xE0000000u + common_off);
@@ -782,6 +783,83 @@ static void mode_vscsicd(void)
     kprintf("vscsicd: blocks=%u\n", vscsicd_blocks());
 }
 
+/* vscsiirq: the same driver with interrupts. The guest routes the adapter's INTA# (device 4:
+ * PIRQD) to IRQ 11 through the PIIX3 routing register, as firmware would, makes IRQ 11 level-
+ * triggered (ELCR), and counts interrupts; reading the ISR lowers the line. */
+static volatile uint32_t vs_irqs, vs_isr_bits;
+
+void vscsi_irq_stub(void);
+__asm__(".globl vscsi_irq_stub\nvscsi_irq_stub:\n"
+        " pushal\n cld\n call vscsi_isr\n popal\n"
+        " push %eax\n mov 4(%esp), %eax\n xchg %eax, 12(%esp)\n mov %eax, 8(%esp)\n pop %eax\n"
+        " add $4, %esp\n popfl\n ret\n");
+
+void vscsi_isr(void)
+{
+    vs_isr_bits |= *vs_isr;  /* acknowledges: the device lowers INTx */
+    vs_irqs++;
+    outb(0xA0, 0x20);
+    outb(0x20, 0x20);
+}
+
+static volatile uint32_t vs_spurious;
+void spurious_stub(void);
+__asm__(".globl spurious_stub\nspurious_stub:\n"
+        " lock incl vs_spurious\n"
+        " push %eax\n mov 4(%esp), %eax\n xchg %eax, 12(%esp)\n mov %eax, 8(%esp)\n pop %eax\n"
+        " add $4, %esp\n popfl\n ret\n");
+
+/* Waits with interrupts on until `target` interrupts were taken, or about 0.2 s (TSC) passed. */
+static void vscsi_wait_irq(uint32_t target)
+{
+    uint64_t end = rdtsc() + 500000000ull;
+    while (vs_irqs < target && rdtsc() < end)
+        __asm__ volatile("sti; pause; cli");
+}
+
+static void mode_vscsiirq(void)
+{
+    int ro = 0;
+    pci_write(0x08, 0x60, 0x0B808080u);   /* PIRQD → IRQ 11; A–C off */
+    outb(0x4D1, 0x08);                    /* ELCR: IRQ 11 level-triggered */
+    if (!vscsi_setup(&ro)) return;
+    uint32_t handler = (uint32_t)vscsi_irq_stub;
+    idt[0x2B] = (struct idt_gate){ (uint16_t)handler, 0x08, 0, 0x8E, (uint16_t)(handler >> 16) };
+    /* Spurious IRQ 7 and 15 (a line that drops before the PIC's acknowledge): counted, no EOI. */
+    uint32_t spurious = (uint32_t)spurious_stub;
+    idt[0x27] = (struct idt_gate){ (uint16_t)spurious, 0x08, 0, 0x8E, (uint16_t)(spurious >> 16) };
+    idt[0x2F] = (struct idt_gate){ (uint16_t)spurious, 0x08, 0, 0x8E, (uint16_t)(spurious >> 16) };
+    struct { uint16_t limit; uint32_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint32_t)idt };
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    outb(0x20, 0x11); outb(0xA0, 0x11);
+    outb(0x21, 0x20); outb(0xA1, 0x28);
+    outb(0x21, 0x04); outb(0xA1, 0x02);
+    outb(0x21, 0x01); outb(0xA1, 0x01);
+    outb(0x21, 0xFB); outb(0xA1, 0xF7);   /* unmask the cascade and IRQ 11 */
+
+    uint8_t tur[6] = { 0 };
+    vscsi_chain(0, tur, 6, 0, 0);
+    vscsi_offer(0);
+    *(volatile uint16_t *)vs_notify = 2;
+    vscsi_wait_irq(1);
+    kprintf("vscsiirq: interrupts=%u isr=%x used=%u\n", vs_irqs, vs_isr_bits, vq_used.idx);
+    vscsi_wait_irq(2);   /* a line left high would fire again after the EOI */
+    kprintf("vscsiirq: after waiting interrupts=%u\n", vs_irqs);
+    vq_avail.flags = 1;  /* VIRTQ_AVAIL_F_NO_INTERRUPT: the driver polls instead */
+    vscsi_chain(0, tur, 6, 0, 0);
+    vscsi_offer(0);
+    *(volatile uint16_t *)vs_notify = 2;
+    while (*(volatile uint16_t *)&vq_used.idx != 2) cpu_pause();
+    vscsi_wait_irq(2);
+    kprintf("vscsiirq: suppressed interrupts=%u used=%u\n", vs_irqs, vq_used.idx);
+    vq_avail.flags = 0;
+    vscsi_chain(0, tur, 6, 0, 0);
+    vscsi_offer(0);
+    *(volatile uint16_t *)vs_notify = 2;
+    vscsi_wait_irq(2);
+    kprintf("vscsiirq: interrupts=%u used=%u spurious=%u\n", vs_irqs, vq_used.idx, vs_spurious);
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -815,6 +893,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_rtcirq(cfg.count);
     else if (streq(cfg.mode, "idle"))
         mode_idle();
+    else if (streq(cfg.mode, "vscsiirq"))
+        mode_vscsiirq();
     else if (streq(cfg.mode, "vscsicd"))
         mode_vscsicd();
     else if (streq(cfg.mode, "vscsi"))

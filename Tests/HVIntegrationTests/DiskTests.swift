@@ -246,3 +246,26 @@ final class CDROMMediaChangeTests: XCTestCase {
         XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
     }
 }
+
+/// INTx: the adapter's INTA# routed by the core through the PIIX3 PIRQ register the guest
+/// programmed, level-triggered on the in-kernel PIC, lowered by the ISR read before the guest sees
+/// its value; VIRTQ_AVAIL_F_NO_INTERRUPT honoured.
+final class VirtioSCSIInterruptTests: XCTestCase {
+    override func setUpWithError() throws { try Harness.requireKVM() }
+
+    func testOneInterruptPerCompletionThroughPIRQRouting() throws {
+        let guest = try Harness.testGuest()
+        let image = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-irq-\(getpid()).img").path
+        defer { unlink(image) }
+        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "8M"]).status, 0)
+        let r = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=vscsiirq", "--disk", image], timeout: 60)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = r.stdout.split(separator: "\n").map(String.init).filter { $0.hasPrefix("vscsiirq: ") }
+        XCTAssertEqual(lines, [
+            "vscsiirq: interrupts=1 isr=1 used=1",        // one completion, one interrupt, ISR bit 0
+            "vscsiirq: after waiting interrupts=1",       // the ISR read lowered the line: no second one
+            "vscsiirq: suppressed interrupts=1 used=2",   // NO_INTERRUPT: completed without one
+            "vscsiirq: interrupts=2 used=3 spurious=0",
+        ], r.stdout)
+    }
+}

@@ -1,11 +1,12 @@
 /// The configuration space of the PCI functions every PC firmware expects at boot: an Intel 440FX host bridge (00:00.0, 8086:1237), a PIIX3 ISA bridge
 /// (00:01.0, 8086:7000) and the PIIX4 power-management function (00:01.3, 8086:7113), as QEMU's
 /// "pc" machine has them. SeaBIOS identifies the platform by the host bridge's IDs, programs the
-/// PAM registers to shadow itself, routes PIRQs through PIIX3's 0x60–0x63, and sets up ACPI
+/// PAM registers to shadow itself, routes PIRQs through PIIX3's 0x60–0x63 (which the core keeps, as
+/// it routes INTx), and sets up ACPI
 /// power management through 00:01.3 (its PM I/O block is `ACPIPowerManagement`, at a fixed base).
 ///
 /// The core owns configuration mechanism #1 (the 0xCF8 latch), each function's command register
-/// and BARs; it forwards every other config byte of these three functions here (the bios device
+/// and BARs, and the PIRQ routing registers; it forwards every other config byte of these three functions here (the bios device
 /// declares them as PCI_CONFIG resources).
 ///
 /// Plain data (no arrays), so it can live in the device's state page; every access is masked,
@@ -26,8 +27,6 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
     private var pam: UInt64 = 0
     /// i440FX SMRAM (0x72).
     private var smram: UInt8 = 0x02
-    /// PIIX3 PIRQA–D routing (0x60–0x63); 0x80 = disabled.
-    private var pirq: UInt32 = 0x8080_8080
     /// PIIX4 PM: interrupt line (0x3C), PMREGMISC (0x80), SMBus base (0x90) and host config (0xD2).
     private var pmInterruptLine: UInt8 = 0
     private var pmMisc: UInt8 = 0
@@ -81,7 +80,6 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
         case (.isa, 0xE): return 0x80                              // header type 0, multifunction
         case (.host, 0x59...0x5F): return UInt8(truncatingIfNeeded: pam >> (8 * UInt64(register - 0x59)))
         case (.host, 0x72): return smram
-        case (.isa, 0x60...0x63): return UInt8(truncatingIfNeeded: pirq >> (8 * UInt32(register - 0x60)))
         case (.pm, 0x3C): return pmInterruptLine
         case (.pm, 0x3D): return 0x01                              // INTA#: the SCI
         case (.pm, 0x40...0x43):                                   // PMBA: fixed, I/O space
@@ -110,9 +108,6 @@ public struct PCIHostBridge: Sendable, BitwiseCopyable {
             let shift = 8 * UInt64(register - 0x59)
             pam = (pam & ~(0xFF << shift)) | (UInt64(value) << shift)
         case (.host, 0x72): smram = value & 0x7F  // D_LCK and friends; no SMRAM in hv
-        case (.isa, 0x60...0x63):
-            let shift = 8 * UInt32(register - 0x60)
-            pirq = (pirq & ~(0xFF << shift)) | (UInt32(value & 0x8F) << shift)
         default: break  // read-only or unimplemented: ignored, as on hardware
         }
     }

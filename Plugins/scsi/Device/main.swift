@@ -130,7 +130,7 @@ final class VirtioSCSI: VirtioDevice {
     }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing])
+let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel])
 guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 else {
     runtime.log(.error, "no disk image was handed over")
     exit(2)
