@@ -123,10 +123,18 @@ public final class VirtioPCITransport: DeviceModel {
         runtime.setInterruptLevel(line: IRQLevel.pciINTx, asserted: high, wait: !high)
     }
 
-    /// Stores a queue the device advanced (after `next`), so the transport's copy keeps its indices.
-    public func replaceQueue(_ index: Int, with queue: SplitVirtqueue) {
-        guard index < queues.count, queues[index] != nil else { return }
-        queues[index] = queue
+    /// The next request the driver made available on queue `index` (see `SplitVirtqueue.next`);
+    /// nil when there is none, or the queue is not live.
+    public func takeNext(queue index: Int) -> Result<DescriptorChain, DescriptorChainError>? {
+        guard let memory, index < queues.count, queues[index] != nil else { return nil }
+        return queues[index]!.next(memory)
+    }
+
+    /// Completes, with nothing written, the chain `takeNext` last refused (when its head was a
+    /// valid index), so the driver does not wait for it forever.
+    public func completeRefused(queue index: Int) {
+        guard index < queues.count, let head = queues[index]?.lastHead else { return }
+        complete(queue: index, head: head, written: 0)
     }
 
     /// Completes `head` on queue `index` with `written` bytes.

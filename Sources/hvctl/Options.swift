@@ -63,7 +63,7 @@ struct RunOptions {
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
       --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
-      --name NAME        the VM's name for 'hvctl ls/status/stop' (default: vm-PID)
+      --name NAME        the VM's name for 'hvctl ls/status/stop/cdrom' (default: vm-PID)
       --tenant NAME      run this VM's devices as tenant NAME's uid/gid (default: one per VM)
       --device SPEC      add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,pci=DD.F[,barN=mmio|pio:SIZE]...][,KEY=VALUE]...
       --no-sandbox       run devices unconfined (debugging only; prints a warning)

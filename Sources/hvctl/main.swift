@@ -134,21 +134,29 @@ struct DiskImage {
     var readOnly: Bool
 }
 
-/// Opens --cdrom read-only with a shared lock (several VMs may share an ISO; nobody may write it).
-func openCDROM(_ options: RunOptions) -> FileDescriptor? {
-    guard let path = options.cdrom else { return nil }
+/// Opens an ISO read-only with a shared lock (several VMs may share an ISO; nobody may write it),
+/// for --cdrom and for `hvctl cdrom insert`; the error is one line naming the image.
+func openISO(_ path: String, what: String) -> Result<FileDescriptor, UsageError> {
     let file: FileDescriptor
     do { file = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
-        fail("cannot open the --cdrom image '\(path)': \(error.errno)")
+        return .failure(UsageError(message: "cannot open \(what) '\(path)': \(error.errno)"))
     }
     var st = stat()
     guard fstat(file.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 2048 else {
-        fail("the --cdrom image '\(path)' is not an ISO image (a regular file of at least one 2048-byte sector)")
+        return .failure(UsageError(message: "\(what) '\(path)' is not an ISO image (a regular file of at least one 2048-byte sector)"))
     }
-    if flock(file.rawValue, LOCK_SH | LOCK_NB) != 0 {
-        fail("the --cdrom image '\(path)' is locked for writing by another process")
+    guard flock(file.rawValue, LOCK_SH | LOCK_NB) == 0 else {
+        return .failure(UsageError(message: "\(what) '\(path)' is locked for writing by another process"))
     }
-    return file
+    return .success(file)
+}
+
+func openCDROM(_ options: RunOptions) -> FileDescriptor? {
+    guard let path = options.cdrom else { return nil }
+    switch openISO(path, what: "the --cdrom image") {
+    case .success(let file): return file
+    case .failure(let error): fail(error.message)
+    }
 }
 
 /// Opens every --disk: a missing, unreadable, locked or empty image, one that is not whole
@@ -261,16 +269,9 @@ func run(_ options: RunOptions) -> Int32 {
             }
             var file: FileDescriptor?
             if command.hasPrefix("cdrom insert ") {
-                let path = String(command.dropFirst(13))
-                do throws(SystemError) { file = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
-                    return "{\"error\": \(jsonString("cannot open the ISO '\(path)': \(error.errno)"))}"
-                }
-                var st = stat()
-                guard fstat(file!.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 2048 else {
-                    return "{\"error\": \(jsonString("'\(path)' is not an ISO image (a regular file of at least one 2048-byte sector)"))}"
-                }
-                guard flock(file!.rawValue, LOCK_SH | LOCK_NB) == 0 else {
-                    return "{\"error\": \(jsonString("'\(path)' is locked for writing by another process"))}"
+                switch openISO(String(command.dropFirst(13)), what: "the ISO") {
+                case .success(let opened): file = opened
+                case .failure(let error): return "{\"error\": \(jsonString(error.message))}"
                 }
             } else if command != "cdrom eject" {
                 return nil

@@ -50,9 +50,7 @@ final class VirtioSCSI: VirtioDevice {
 
     func queueNotified(_ index: Int, transport: VirtioPCITransport) {
         guard let memory = transport.memory, index != 1 else { return }  // the event queue only holds buffers
-        while var queue = transport.queues[index], let taken = queue.next(memory) {
-            let head = queue.lastHead
-            transportUpdate(transport, index, queue)
+        while let taken = transport.takeNext(queue: index) {
             switch taken {
             case .success(let chain):
                 let written = index == 0 ? control(chain, memory) : request(chain, memory)
@@ -63,15 +61,9 @@ final class VirtioSCSI: VirtioDevice {
                 if refused <= 5 {
                     runtime.log(.warning, "queue \(index): refused a request: \(error)\(refused == 5 ? " (further refusals are not logged)" : "")")
                 }
-                if let head { transport.complete(queue: index, head: head, written: 0) }
+                transport.completeRefused(queue: index)
             }
-            queue = transport.queues[index]!
         }
-    }
-
-    /// Keeps the transport's copy of the queue in step with the indices `next` advanced.
-    private func transportUpdate(_ transport: VirtioPCITransport, _ index: Int, _ queue: SplitVirtqueue) {
-        transport.replaceQueue(index, with: queue)
     }
 
     /// Task management and asynchronous notification requests: nothing is ever outstanding, so

@@ -20,7 +20,7 @@ public final class SCSICDROM {
     private var unitAttention: SCSISense?
     private var mediaEvent: UInt8 = 0  // 0 none, 1 eject request, 2 new media, 3 media removal
     public private(set) var pendingSense = SCSISense.none
-    public internal(set) var lastHostError: String?
+    public var lastHostError: String?
 
     public static let notReadyNoMedium = SCSISense(key: 0x02, asc: 0x3A, ascq: 0x00)
     public static let mediumChanged = SCSISense(key: 0x06, asc: 0x28, ascq: 0x00)

@@ -22,23 +22,20 @@ public protocol BlockBackend: AnyObject {
 public protocol SCSILogicalUnit: AnyObject {
     /// Runs `cdb` with the driver's data-out bytes; data-in is at most `dataInCapacity` bytes.
     func execute(_ cdb: [UInt8], dataOut: [UInt8], dataInCapacity: Int) -> SCSIResult
-    /// A host I/O failure since the last call, described for the log (then forgotten).
-    func takeHostError() -> String?
+    /// The last host I/O failure, described for the log.
+    var lastHostError: String? { get set }
 }
 
-extension SCSIDisk: SCSILogicalUnit {
+extension SCSILogicalUnit {
+    /// The host I/O failure since the last call (then forgotten).
     public func takeHostError() -> String? {
         defer { lastHostError = nil }
         return lastHostError
     }
 }
 
-extension SCSICDROM: SCSILogicalUnit {
-    public func takeHostError() -> String? {
-        defer { lastHostError = nil }
-        return lastHostError
-    }
-}
+extension SCSIDisk: SCSILogicalUnit {}
+extension SCSICDROM: SCSILogicalUnit {}
 
 /// SCSI status bytes.
 public enum SCSIStatus: UInt8, Sendable {
@@ -96,7 +93,7 @@ public final class SCSIDisk {
     /// The sense of the last CHECK CONDITION, for REQUEST SENSE (cleared when reported).
     public private(set) var pendingSense = SCSISense.none
     /// The last host I/O error, for the log (`takeHostError`).
-    public internal(set) var lastHostError: String?
+    public var lastHostError: String?
 
     public init(backend: BlockBackend, readOnly: Bool, serial: String) {
         self.backend = backend
