@@ -100,6 +100,10 @@ final class DeviceSupervisor: @unchecked Sendable {
     var onBootState: (@Sendable (BootState) -> Status)?
     /// Called for SET_IRQ_LEVEL on the INTx line; false when the device has no PCI function.
     var onINTx: (@Sendable (DeviceEndpoint, Bool) -> Bool)?
+    /// Serves ADD_DOORBELL (set by the machine, which knows where BARs are).
+    var doorbells: DoorbellTable?
+    /// Serves SET_MSI_ROUTE.
+    let msiRouter: MSIRouter
     /// Called for SYSTEM_EVENT from a device with `bootControl`.
     var onSystemEvent: (@Sendable (SystemEvent) -> Void)?
     /// Called when a device dies before the guest has started (startup then fails).
@@ -130,6 +134,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         self.memory = memory
         self.vm = vm
         self.verbose = verbose
+        msiRouter = MSIRouter(vm: vm)
         do {
             wake = try EventFD(nonBlocking: true)
             finished = try EventFD()
@@ -431,6 +436,27 @@ final class DeviceSupervisor: @unchecked Sendable {
                 return answer(.internalError)
             }
             answer(.ok)
+        case .addDoorbell?:
+            guard d.granted.contains(.registerRing) else { return answer(.denied) }
+            guard let request = try? DoorbellRequest.decode(frame.payload) else { return answer(.malformed) }
+            guard Int(request.resource) < d.spec.resources.count, let doorbells else { return answer(.invalidArgument) }
+            do {
+                let eventfd = try doorbells.add(request, resource: d.spec.resources[Int(request.resource)], endpoint: d.endpoint)
+                try? channel.send(.reply(to: frame), fds: [eventfd.fd.rawValue])
+            } catch {
+                Diagnostics.line("\(d.spec.name): doorbell refused: \(error)")
+                answer(error.status)
+            }
+        case .setMSIRoute?:
+            guard d.granted.contains(.msi) else { return answer(.denied) }
+            guard let route = try? MSIRoute.decode(frame.payload) else { return answer(.malformed) }
+            do {
+                let eventfd = try msiRouter.apply(route, endpoint: d.endpoint)
+                try? channel.send(.reply(to: frame), fds: eventfd.map { [$0.fd.rawValue] } ?? [])
+            } catch {
+                Diagnostics.line("\(d.spec.name): MSI route refused: \(error)")
+                answer(error.status)
+            }
         default:
             answer(.unknownType)
         }

@@ -133,6 +133,19 @@ public final class Machine: @unchecked Sendable {
         let machineVM = vm
         pci.setIRQLine = { irq, level in try? machineVM.setIRQLine(irq, level: level) }
         supervisor.onINTx = { [pci] endpoint, level in pci.setINTx(endpoint: endpoint, asserted: level) }
+        let fixedBases = supervisor.devices.map { (ObjectIdentifier($0.endpoint), $0.spec.resources) }
+        let doorbells = DoorbellTable(vm: vm, verbose: configuration.verbose) { [pci] endpoint, resource in
+            guard let resources = fixedBases.first(where: { $0.0 == ObjectIdentifier(endpoint) })?.1,
+                  Int(resource) < resources.count else { return nil }
+            let r = resources[Int(resource)]
+            switch r.kind {
+            case .pio, .mmio: return r.base
+            case .pciMMIOBar, .pciPIOBar: return pci.routedAddress(endpoint: endpoint, resource: resource)
+            case .pciConfig: return nil
+            }
+        }
+        supervisor.doorbells = doorbells
+        pci.onBARMoved = { endpoint, resource, base in doorbells.resourceMoved(endpoint: endpoint, resource: resource, base: base) }
         for d in supervisor.devices {
             // Functions first, so each BAR finds its function whatever the resource order.
             for (i, r) in d.spec.resources.enumerated() where r.kind == .pciConfig {

@@ -55,6 +55,19 @@ final class PCIBus: @unchecked Sendable {
     static let pirqRouter: UInt16 = 0x08
     private let state = Mutex(State())
     private let bus: IOBus
+    /// Told when the guest moves a BAR (resource index of the device) or stops decoding it (nil).
+    var onBARMoved: (@Sendable (DeviceEndpoint, UInt16, UInt64?) -> Void)?
+
+    /// Where the BAR that is `endpoint`'s resource `resource` is routed now (nil: nowhere).
+    func routedAddress(endpoint: DeviceEndpoint, resource: UInt16) -> UInt64? {
+        state.withLock { s in
+            for f in s.functions.values where f.endpoint === endpoint {
+                for (i, bar) in f.bars.enumerated() where bar?.resource == resource { return f.routed[i] }
+            }
+            return nil
+        }
+    }
+
     /// Drives an ISA IRQ line (the in-kernel PIC and IOAPIC).
     var setIRQLine: (@Sendable (UInt32, Bool) -> Void)?
     /// Whether a guest-physical range may hold a memory BAR (not RAM, firmware or APIC windows).
@@ -291,6 +304,7 @@ final class PCIBus: @unchecked Sendable {
                 }
             }
             state.withLock { $0.functions[snapshot.bdf]?.routed[index] = target }
+            onBARMoved?(snapshot.endpoint, bar.resource, target)
         }
     }
 }

@@ -68,6 +68,11 @@ public final class DeviceRuntime: @unchecked Sendable {
     private let kick: EventFD?
     private let reply: EventFD?
     private var watchers: [(fd: Int32, enabled: () -> Bool, handler: () -> Void)] = []
+    /// Watchers that are doorbells: polled on every pass of the spin loop, and served only after
+    /// the register ring (see `watchDoorbell`).
+    private var doorbellWatchers = 0
+    /// Set while `run` is active: serves the register ring up to its published index now.
+    private var catchUp: (() -> Void)?
     private let name: String
 
     /// Called on the runtime thread (between batches of register accesses) when the operator
@@ -223,6 +228,42 @@ public final class DeviceRuntime: @unchecked Sendable {
         }
     }
 
+    /// Asks the core for a doorbell (KVM ioeventfd) on the register at `offset` of resource
+    /// `resource`: guest writes of `length` bytes there (0: any width, MMIO only) then signal the
+    /// returned eventfd instead of arriving on the register ring — no exit to the core, no ring
+    /// entry. Nil when the core refuses (the register keeps working through the ring). Watch the
+    /// eventfd with `watchDoorbell`.
+    public func addDoorbell(resource: Int, offset: UInt32, length: UInt32) -> EventFD? {
+        let request = DoorbellRequest(resource: UInt32(resource), offset: offset, length: length)
+        guard let (reply, fds) = try? events.request(.addDoorbell, payload: request.encode(), timeoutMilliseconds: 1000),
+              reply.status == Status.ok.rawValue, fds.count == 1 else { return nil }
+        try? fds[0].setNonBlocking(true)
+        return EventFD(adopting: fds[0])
+    }
+
+    /// Calls `handler` on the runtime thread when `doorbell` rings, after serving every register
+    /// access the guest made before it: a doorbell write bypasses the ring, so without this a
+    /// notification could overtake the configuration writes that preceded it. The eventfd is
+    /// drained before `handler` runs.
+    public func watchDoorbell(_ doorbell: EventFD, _ handler: @escaping () -> Void) {
+        watchers.append((doorbell.fd.rawValue, { true }, { [unowned self] in
+            _ = doorbell.drain()
+            catchUp?()
+            handler()
+        }))
+        doorbellWatchers += 1
+    }
+
+    /// Routes MSI-X vector `vector` of the device's PCI function to the message the guest
+    /// programmed (requires `msi`); returns the vector's eventfd, which delivers the message once
+    /// per `signal()`. Nil when the core refuses (e.g. an address outside the local APIC window).
+    public func routeMSI(vector: UInt32, address: UInt64, data: UInt32) -> EventFD? {
+        let route = MSIRoute(vector: vector, enabled: true, address: address, data: data)
+        guard let (reply, fds) = try? events.request(.setMSIRoute, payload: route.encode(), timeoutMilliseconds: 1000),
+              reply.status == Status.ok.rawValue, fds.count == 1 else { return nil }
+        return EventFD(adopting: fds[0])
+    }
+
     /// Calls `handler` on the runtime thread whenever `fd` is readable and `enabled()` is true
     /// (e.g. only while the device has room for input, so a full FIFO doesn't spin the loop).
     /// Handlers run between committed batches of register accesses, never in the middle of one.
@@ -238,6 +279,11 @@ public final class DeviceRuntime: @unchecked Sendable {
         let start = ring?.committedRequestIndex() ?? 0
         let loop = LoopState(cursor: start, spinStart: monotonicNanoseconds(), committed: start)
         finalCommit = { [unowned self] in commit(model, loop, now: monotonicNanoseconds()) }
+        catchUp = { [unowned self] in
+            guard let ring else { return }
+            let published = ring.publishedRequestIndex()
+            if published != loop.cursor { loop.cursor = serve(ring: ring, model: model, from: loop.cursor, to: published) }
+        }
         while true { iterate(model, loop) }
     }
 
@@ -311,7 +357,12 @@ public final class DeviceRuntime: @unchecked Sendable {
             loop.spinStart = now
             return
         }
-        if ring != nil && now &- loop.spinStart < spinNanoseconds { return }
+        if ring != nil && now &- loop.spinStart < spinNanoseconds {
+            // Doorbells bypass the ring: look at them while spinning too, or a busy device would
+            // see them only once a millisecond.
+            if doorbellWatchers > 0 { pollOthers(timeout: 0) }
+            return
+        }
         commit(model, loop, now: now)  // never sleep on uncommitted work
         if let ring, ring.setRequestConsumerSleeping(true, cursor: loop.cursor) {
             ring.setRequestConsumerSleeping(false, cursor: loop.cursor)

@@ -33,8 +33,15 @@ public protocol VirtioDevice: AnyObject {
 /// runtime.run(transport)
 /// ```
 ///
-/// Interrupts: INTx (pin A), level-triggered, routed by the core through the chipset's PIRQ
-/// registers, when the device is granted `interruptLevel`; the ISR read lowers it. No MSI-X yet.
+/// Interrupts: MSI-X when the device is granted `msi` (one vector per queue plus one for
+/// configuration changes; table at BAR 0 + 0x1800, pending bits at 0x1C00), each vector an irqfd
+/// the core routes; otherwise, or while the driver leaves MSI-X off, INTx (pin A), level-triggered,
+/// routed through the chipset's PIRQ registers (needs `interruptLevel`), lowered by the ISR read.
+///
+/// Notifications: each queue's notify register is a doorbell (KVM ioeventfd) when the core grants
+/// one, so a driver's kick reaches the device without an exit to the core.
+///
+/// Offers VIRTIO_F_VERSION_1 and VIRTIO_RING_F_EVENT_IDX besides the device's features.
 public final class VirtioPCITransport: DeviceModel {
     public let runtime: DeviceRuntime
     public let device: any VirtioDevice
@@ -46,6 +53,10 @@ public final class VirtioPCITransport: DeviceModel {
     /// Size of BAR 0 this transport expects.
     public static let barSize: UInt64 = 0x4000
     static let versionFeature: UInt64 = 1 << 32
+    static let eventIndexFeature: UInt64 = 1 << 29
+    static let msixTableOffset = 0x1800, msixPBAOffset = 0x1C00
+    /// No MSI-X vector (VIRTIO_MSI_NO_VECTOR).
+    static let noVector: UInt16 = 0xFFFF
     static let commonOffset = 0x0000, isrOffset = 0x1000, deviceOffset = 0x2000, notifyOffset = 0x3000
     static let notifyMultiplier: UInt32 = 4
 
@@ -70,6 +81,21 @@ public final class VirtioPCITransport: DeviceModel {
     private var setups: [QueueSetup]
     /// ISR status: bit 0 queue interrupt, bit 1 configuration change.
     public private(set) var isr: UInt8 = 0
+    private var configVector: UInt16 = 0xFFFF
+
+    // MSI-X (present when the core granted `msi`).
+    private let msixVectors: Int
+    private var msixEnabled = false
+    private var msixFunctionMask = false
+    /// The table as the guest wrote it: per vector address (8), data (4), vector control (4).
+    private var msixTable: [UInt8]
+    private var msixPending: [Bool]
+    /// Each vector's irqfd, and whether the table changed since the core last routed it.
+    private var msixEventFDs: [EventFD?]
+    private var msixStale: [Bool]
+    private var msixRefusalLogged: [Bool]
+    /// Interrupts delivered through MSI-X and through INTx so far (for tests and statistics).
+    public private(set) var msixDelivered: UInt64 = 0
 
     // Config space bytes the device owns that the guest may write.
     private var interruptLine: UInt8 = 0
@@ -86,10 +112,28 @@ public final class VirtioPCITransport: DeviceModel {
         barResource = runtime.resources.firstIndex { $0.kind == .pciMMIOBar && $0.base & 0xFF == 0 && $0.length >= Self.barSize }
         queues = Array(repeating: nil, count: device.queueCount)
         setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
+        msixVectors = runtime.capabilities.contains(.msi) ? min(device.queueCount + 1, 64) : 0
+        msixTable = (0..<msixVectors).flatMap { _ in [UInt8](repeating: 0, count: 12) + [1, 0, 0, 0] }  // masked at reset
+        msixPending = Array(repeating: false, count: msixVectors)
+        msixEventFDs = Array(repeating: nil, count: msixVectors)
+        msixStale = Array(repeating: true, count: msixVectors)
+        msixRefusalLogged = Array(repeating: false, count: msixVectors)
         if configResource == nil || barResource == nil {
             runtime.log(.error, "a virtio-pci device needs pci=DD.F and bar0=mmio:\(Self.barSize) (at least)")
         }
         if memory == nil { runtime.log(.error, "a virtio device needs guest memory: declare it with 'memory'") }
+        if let barResource {
+            // Each queue's notify register as a doorbell: the kick skips the core and the ring.
+            for q in 0..<device.queueCount {
+                let offset = UInt32(Self.notifyOffset) + UInt32(q) * Self.notifyMultiplier
+                guard let doorbell = runtime.addDoorbell(resource: barResource, offset: offset, length: 0) else { break }
+                runtime.watchDoorbell(doorbell) { [unowned self] in notified(q) }
+            }
+        }
+    }
+
+    private func notified(_ index: Int) {
+        if index < queues.count, queues[index] != nil, status & 4 != 0 { device.queueNotified(index, transport: self) }
     }
 
     // MARK: DeviceModel
@@ -109,9 +153,83 @@ public final class VirtioPCITransport: DeviceModel {
     /// interrupts on queue `index` and the device was granted `interruptLevel`. Reading the ISR
     /// lowers it again.
     public func signalUsedBuffers(queue index: Int) {
-        guard let memory, index < queues.count, let queue = queues[index], queue.driverWantsInterrupt(memory) else { return }
+        guard let memory, index < queues.count, queues[index] != nil, queues[index]!.needsInterrupt(memory) else { return }
+        if msixEnabled {
+            fireMSIX(setups[index].vector)
+            return
+        }
         isr |= 1
         setINTx(true)
+    }
+
+    /// Tells the driver the device configuration changed (ISR bit 1, or the configuration vector).
+    public func signalConfigurationChange() {
+        configGeneration &+= 1
+        if msixEnabled {
+            fireMSIX(configVector)
+            return
+        }
+        isr |= 2
+        setINTx(true)
+    }
+
+    // MARK: MSI-X
+
+    private func msixEntryMasked(_ v: Int) -> Bool { msixTable[16 * v + 12] & 1 != 0 }
+
+    private func fireMSIX(_ vector: UInt16) {
+        let v = Int(vector)
+        guard v < msixVectors else { return }  // NO_VECTOR: the driver wants no interrupt
+        if msixFunctionMask || msixEntryMasked(v) {
+            msixPending[v] = true
+            return
+        }
+        if msixStale[v] || msixEventFDs[v] == nil {
+            let t = 16 * v
+            func word(_ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(msixTable[t + at + $1]) << (8 * UInt32($1)) } }
+            let address = UInt64(word(0)) | UInt64(word(4)) << 32
+            msixEventFDs[v] = runtime.routeMSI(vector: UInt32(v), address: address, data: word(8))
+            msixStale[v] = false
+            if msixEventFDs[v] == nil {
+                if !msixRefusalLogged[v] {
+                    runtime.log(.warning, "MSI-X vector \(v): the core refused address 0x\(String(address, radix: 16)); its interrupts are dropped")
+                    msixRefusalLogged[v] = true
+                }
+                return
+            }
+        }
+        msixEventFDs[v]?.signal()
+        msixDelivered &+= 1
+    }
+
+    /// Delivers what masking held back, once the vector and the function are unmasked.
+    private func deliverPendingMSIX() {
+        guard msixEnabled, !msixFunctionMask else { return }
+        for v in 0..<msixVectors where msixPending[v] && !msixEntryMasked(v) {
+            msixPending[v] = false
+            fireMSIX(UInt16(v))
+        }
+    }
+
+    private func msixRead(_ offset: Int, _ size: Int) -> UInt64 {
+        var value: UInt64 = 0
+        if offset >= Self.msixPBAOffset {
+            for v in 0..<msixVectors where msixPending[v] { value |= 1 << UInt64(v) }
+            return (value >> (8 * UInt64(offset - Self.msixPBAOffset))) & (size >= 8 ? ~0 : (1 << (8 * UInt64(size))) - 1)
+        }
+        let at = offset - Self.msixTableOffset
+        for i in 0..<size where at + i < msixTable.count { value |= UInt64(msixTable[at + i]) << (8 * UInt64(i)) }
+        return value
+    }
+
+    private func msixWrite(_ offset: Int, _ size: Int, _ value: UInt64) {
+        guard offset < Self.msixPBAOffset else { return }  // pending bits are read-only
+        let at = offset - Self.msixTableOffset
+        for i in 0..<size where at + i < msixTable.count {
+            msixTable[at + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i)))
+            msixStale[(at + i) / 16] = true
+        }
+        deliverPendingMSIX()
     }
 
     private var intxHigh = false
@@ -163,6 +281,7 @@ public final class VirtioPCITransport: DeviceModel {
         case 0x3C: return interruptLine
         case 0x3D: return 0x01                                  // INTA#
         case 0x40..<0x98: return capabilityByte(r)
+        case 0x98..<0xA4 where msixVectors > 0: return msixCapabilityByte(r - 0x98)
         default: return 0
         }
     }
@@ -176,7 +295,7 @@ public final class VirtioPCITransport: DeviceModel {
             Cap(at: 0x50, next: 0x64, length: 20, type: 2, offset: Self.notifyOffset, size: 0x1000),
             Cap(at: 0x64, next: 0x74, length: 16, type: 3, offset: Self.isrOffset, size: 4),
             Cap(at: 0x74, next: 0x84, length: 16, type: 4, offset: Self.deviceOffset, size: 0x1000),
-            Cap(at: 0x84, next: 0x00, length: 20, type: 5, offset: 0, size: 0),
+            Cap(at: 0x84, next: msixVectors > 0 ? 0x98 : 0x00, length: 20, type: 5, offset: 0, size: 0),
         ]
         guard let cap = caps.first(where: { r >= $0.at && r < $0.at + $0.length }) else { return 0 }
         let i = r - cap.at
@@ -196,6 +315,32 @@ public final class VirtioPCITransport: DeviceModel {
         }
     }
 
+    /// The MSI-X capability (PCI 3.0 §6.8.2) at 0x98: table and pending bits in BAR 0.
+    private func msixCapabilityByte(_ i: Int) -> UInt8 {
+        let control = UInt16(msixVectors - 1) | (msixEnabled ? 0x8000 : 0) | (msixFunctionMask ? 0x4000 : 0)
+        switch i {
+        case 0: return 0x11
+        case 1: return 0x00
+        case 2: return UInt8(truncatingIfNeeded: control)
+        case 3: return UInt8(truncatingIfNeeded: control >> 8)
+        case 4...7: return UInt8(truncatingIfNeeded: UInt32(Self.msixTableOffset) >> (8 * UInt32(i - 4)))  // BIR 0
+        case 8...11: return UInt8(truncatingIfNeeded: UInt32(Self.msixPBAOffset) >> (8 * UInt32(i - 8)))
+        default: return 0
+        }
+    }
+
+    private func setMSIXControl(_ high: UInt8) {
+        let enable = high & 0x80 != 0
+        if enable && !msixEnabled {
+            // The guest may have rewritten the table while MSI-X was off: route afresh.
+            for v in 0..<msixVectors { msixStale[v] = true }
+            setINTx(false)
+        }
+        msixEnabled = enable
+        msixFunctionMask = high & 0x40 != 0
+        deliverPendingMSIX()
+    }
+
     private func configRead(_ offset: Int, _ size: Int) -> UInt64 {
         // The access window's data is one access, not four byte reads.
         if (0x94..<0x98).contains(offset) { return windowRead() }
@@ -213,6 +358,7 @@ public final class VirtioPCITransport: DeviceModel {
             let byte = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i)))
             switch offset + i {
             case 0x3C: interruptLine = byte
+            case 0x9B where msixVectors > 0: setMSIXControl(byte)
             case 0x88: windowBAR = byte
             case 0x8C...0x8F: windowOffset = merge(windowOffset, byte, at: offset + i - 0x8C)
             case 0x90...0x93: windowLength = merge(windowLength, byte, at: offset + i - 0x90)
@@ -247,6 +393,7 @@ public final class VirtioPCITransport: DeviceModel {
             isr = 0  // reading ISR acknowledges it and lowers INTx
             setINTx(false)
             return UInt64(v)
+        case Self.msixTableOffset..<(Self.msixPBAOffset + 8) where msixVectors > 0: return msixRead(offset, size)
         case Self.deviceOffset..<Self.notifyOffset: return device.readConfig(offset: offset - Self.deviceOffset, size: size)
         default: return 0
         }
@@ -255,10 +402,11 @@ public final class VirtioPCITransport: DeviceModel {
     private func barWrite(_ offset: Int, _ size: Int, _ value: UInt64) {
         switch offset {
         case Self.commonOffset..<Self.isrOffset: commonWrite(offset - Self.commonOffset, size, value)
+        case Self.msixTableOffset..<(Self.msixPBAOffset + 8) where msixVectors > 0: msixWrite(offset, size, value)
         case Self.deviceOffset..<Self.notifyOffset: device.writeConfig(offset: offset - Self.deviceOffset, size: size, value: value)
         case Self.notifyOffset..<(Self.notifyOffset + 0x1000):
-            let index = (offset - Self.notifyOffset) / Int(Self.notifyMultiplier)
-            if index < queues.count, queues[index] != nil, status & 4 != 0 { device.queueNotified(index, transport: self) }
+            // Only without a doorbell (or through the PCI configuration access window).
+            notified((offset - Self.notifyOffset) / Int(Self.notifyMultiplier))
         default: break
         }
     }
@@ -269,12 +417,12 @@ public final class VirtioPCITransport: DeviceModel {
     private func commonImage() -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 0x40)
         func put(_ v: UInt64, _ n: Int, _ at: Int) { for i in 0..<n { b[at + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) } }
-        let offered = device.features | Self.versionFeature
+        let offered = device.features | Self.versionFeature | Self.eventIndexFeature
         put(UInt64(deviceFeatureSelect), 4, 0x00)
         put(deviceFeatureSelect < 2 ? offered >> (32 * UInt64(deviceFeatureSelect)) : 0, 4, 0x04)
         put(UInt64(driverFeatureSelect), 4, 0x08)
         put(driverFeatureSelect < 2 ? driverFeatures >> (32 * UInt64(driverFeatureSelect)) : 0, 4, 0x0C)
-        put(0xFFFF, 2, 0x10)                                    // config_msix_vector: none
+        put(UInt64(configVector), 2, 0x10)
         put(UInt64(setups.count), 2, 0x12)
         put(UInt64(status), 1, 0x14)
         put(UInt64(configGeneration), 1, 0x15)
@@ -311,6 +459,11 @@ public final class VirtioPCITransport: DeviceModel {
             let shift = 32 * UInt64(driverFeatureSelect)
             driverFeatures = (driverFeatures & ~(0xFFFF_FFFF << shift)) | field(0x0C, 4) << shift
         }
+        if hit(0x10, 2) {
+            // A vector the table does not have reads back as NO_VECTOR (virtio 1.2 §4.1.5.1.2).
+            let v = UInt16(field(0x10, 2))
+            configVector = Int(v) < msixVectors ? v : Self.noVector
+        }
         if hit(0x14, 1) { writeStatus(UInt8(field(0x14, 1))) }
         if hit(0x16, 2) { queueSelect = UInt16(field(0x16, 2)) }
         guard Int(queueSelect) < setups.count, status & 4 == 0 || hit(0x1C, 2) else { return }
@@ -320,7 +473,10 @@ public final class VirtioPCITransport: DeviceModel {
             // A power of two no larger than what the device offers; anything else is ignored.
             if size > 0, size <= device.maxQueueSize, size & (size - 1) == 0 { setups[q].size = size }
         }
-        if hit(0x1A, 2) { setups[q].vector = UInt16(field(0x1A, 2)) }
+        if hit(0x1A, 2) {
+            let v = UInt16(field(0x1A, 2))
+            setups[q].vector = Int(v) < msixVectors ? v : Self.noVector
+        }
         if hit(0x20, 8) { setups[q].descriptors = field(0x20, 8) }
         if hit(0x28, 8) { setups[q].driver = field(0x28, 8) }
         if hit(0x30, 8) { setups[q].device = field(0x30, 8) }
@@ -338,6 +494,7 @@ public final class VirtioPCITransport: DeviceModel {
         }
         setups[q].enabled = true
         queues[q] = queue
+        queues[q]!.eventIndex = driverFeatures & Self.eventIndexFeature != 0
     }
 
     private func writeStatus(_ value: UInt8) {
@@ -348,6 +505,7 @@ public final class VirtioPCITransport: DeviceModel {
             driverFeatures = 0
             isr = 0
             setINTx(false)
+            configVector = Self.noVector
             queueSelect = 0
             setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
             queues = Array(repeating: nil, count: device.queueCount)
@@ -356,7 +514,7 @@ public final class VirtioPCITransport: DeviceModel {
         var next = value
         if value & 8 != 0 && status & 8 == 0 {
             // FEATURES_OK only for a subset of what was offered that includes VERSION_1.
-            let offered = device.features | Self.versionFeature
+            let offered = device.features | Self.versionFeature | Self.eventIndexFeature
             if driverFeatures & ~offered != 0 || driverFeatures & Self.versionFeature == 0 { next &= ~8 }
         }
         status = next | (status & 0x40)

@@ -66,6 +66,11 @@ public struct SplitVirtqueue: Sendable {
     /// The head of the chain `next` last took, when it was a valid index: a refused chain is
     /// still completed (with nothing written), so the driver does not wait for it forever.
     public private(set) var lastHead: UInt16?
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: the driver says when it wants an interrupt
+    /// (used_event) and the device when it wants a notification (avail_event).
+    public var eventIndex = false
+    /// The used index when the device last decided about an interrupt.
+    private var signalledUsedIndex: UInt16 = 0
 
     static let descriptorSize: UInt64 = 16
     static let flagNext: UInt16 = 1, flagWrite: UInt16 = 2, flagIndirect: UInt16 = 4
@@ -100,7 +105,14 @@ public struct SplitVirtqueue: Sendable {
     /// `.failure` for a chain that breaks the rules (its head, if valid, is still to be completed).
     public mutating func next(_ memory: GuestMemory) -> Result<DescriptorChain, DescriptorChainError>? {
         guard let availableIndex = load16(memory, availableRing + 2) else { return .failure(.ringUnreadable) }
-        guard availableIndex != nextAvailable else { return nil }
+        if availableIndex == nextAvailable {
+            guard eventIndex, let availEvent = memory.translate(usedRing + 4 + 8 * UInt64(size), count: 2) else { return nil }
+            // Ask for a notification when the next chain arrives, then look once more: the driver
+            // may have added one before it could see the request.
+            availEvent.storeBytes(of: nextAvailable.littleEndian, as: UInt16.self)
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            guard let again = load16(memory, availableRing + 2), again != nextAvailable else { return nil }
+        }
         // The ring entry is read after the index (acquire), as the driver wrote it before.
         atomicMemoryFence(ordering: .acquiring)
         guard let head = load16(memory, availableRing + 4 + 2 * UInt64(nextAvailable % size)) else {
@@ -156,10 +168,17 @@ public struct SplitVirtqueue: Sendable {
         index.storeBytes(of: usedIndex.littleEndian, as: UInt16.self)
     }
 
-    /// Whether the driver wants an interrupt for used buffers (VIRTQ_AVAIL_F_NO_INTERRUPT clear).
-    public func driverWantsInterrupt(_ memory: GuestMemory) -> Bool {
+    /// Whether the driver wants an interrupt for the buffers used since the last call: with event
+    /// indices, when the used index passed the driver's used_event; otherwise when
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT is clear.
+    public mutating func needsInterrupt(_ memory: GuestMemory) -> Bool {
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        return (load16(memory, availableRing) ?? 0) & 1 == 0
+        guard eventIndex else { return (load16(memory, availableRing) ?? 0) & 1 == 0 }
+        let old = signalledUsedIndex
+        signalledUsedIndex = usedIndex
+        guard let usedEvent = load16(memory, availableRing + 4 + 2 * UInt64(size)) else { return true }
+        // vring_need_event: did the used index step over used_event since the last decision?
+        return usedIndex &- usedEvent &- 1 < usedIndex &- old
     }
 }
 

@@ -23,6 +23,8 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     public static let bootControl = Capabilities(rawValue: 1 << 2)
     /// The device may drive level-triggered interrupt lines with SET_IRQ_LEVEL.
     public static let interruptLevel = Capabilities(rawValue: 1 << 3)
+    /// The device may route message-signalled interrupts (MSI-X) with SET_MSI_ROUTE.
+    public static let msi = Capabilities(rawValue: 1 << 4)
 }
 
 /// Message type numbers.
@@ -37,6 +39,8 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case setBootState = 0x0102
     case setIRQLevel = 0x0103
     case systemEvent = 0x0104
+    case addDoorbell = 0x0105
+    case setMSIRoute = 0x0106
 }
 
 /// Header flag bits.
@@ -530,5 +534,76 @@ public struct IRQLevel: Equatable, Sendable {
         guard level <= 1 else { throw .invalidField("irq level: level \(level) is not 0 or 1") }
         try r.finish()
         return IRQLevel(line: line, asserted: level == 1)
+    }
+}
+
+/// ADD_DOORBELL (device → core, expects a reply carrying an eventfd): a guest write to one
+/// register that KVM signals on an eventfd instead of exiting to the core (KVM_IOEVENTFD).
+public struct DoorbellRequest: Equatable, Sendable {
+    /// Index of the resource (HELLO order) holding the register.
+    public var resource: UInt32
+    /// The register's offset within the resource.
+    public var offset: UInt32
+    /// The access width that rings it (1, 2, 4, 8), or 0 for any width (MMIO only).
+    public var length: UInt32
+    public init(resource: UInt32, offset: UInt32, length: UInt32) {
+        self.resource = resource
+        self.offset = offset
+        self.length = length
+    }
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(resource)
+        w.u32(offset)
+        w.u32(length)
+        w.u32(0)
+        return w.bytes
+    }
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> DoorbellRequest {
+        var r = WireReader(payload)
+        let resource = try r.u32()
+        let offset = try r.u32()
+        let length = try r.u32()
+        guard try r.u32() == 0 else { throw .invalidField("add doorbell: reserved word is not zero") }
+        try r.finish()
+        return DoorbellRequest(resource: resource, offset: offset, length: length)
+    }
+}
+
+/// SET_MSI_ROUTE (device → core, expects a reply; needs `msi`): points one of the device's
+/// message-signalled vectors at the message the guest programmed (ENABLED, the reply carries the
+/// vector's irqfd) or removes its route (MASKED).
+public struct MSIRoute: Equatable, Sendable {
+    /// Largest vector number + 1 (the MSI-X table limit).
+    public static let vectorLimit: UInt32 = 2048
+    public var vector: UInt32
+    public var enabled: Bool
+    public var address: UInt64
+    public var data: UInt32
+    public init(vector: UInt32, enabled: Bool, address: UInt64, data: UInt32) {
+        self.vector = vector
+        self.enabled = enabled
+        self.address = address
+        self.data = data
+    }
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(vector)
+        w.u32(enabled ? 1 : 0)
+        w.u64(address)
+        w.u32(data)
+        w.u32(0)
+        return w.bytes
+    }
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> MSIRoute {
+        var r = WireReader(payload)
+        let vector = try r.u32()
+        let state = try r.u32()
+        guard state <= 1 else { throw .invalidField("msi route: state \(state) is not MASKED or ENABLED") }
+        let address = try r.u64()
+        let data = try r.u32()
+        guard try r.u32() == 0 else { throw .invalidField("msi route: reserved word is not zero") }
+        try r.finish()
+        return MSIRoute(vector: vector, enabled: state == 1, address: address, data: data)
     }
 }

@@ -45,6 +45,69 @@ public final class VirtualMachine: Sendable {
         _ = try kvmIoctl(fd.rawValue, hv_KVM_IRQFD, &irqfd, "IRQFD gsi \(gsi)")
     }
 
+    /// Registers (`assign`) or removes a doorbell: a guest write of `length` bytes (0: any width,
+    /// MMIO only) at `address` signals `eventfd` inside KVM, without an exit to userspace. Removal
+    /// must repeat the registration's parameters.
+    public func setIOEventFD(_ eventfd: EventFD, address: UInt64, length: UInt32, pio: Bool, assign: Bool) throws(KVMError) {
+        var request = kvm_ioeventfd()
+        request.addr = address
+        request.len = length
+        request.fd = eventfd.fd.rawValue
+        var flags: UInt32 = 0
+        // enum kvm_ioeventfd_flag_nr: datamatch 0, pio 1, deassign 2 (an anonymous C enum).
+        if pio { flags |= 1 << 1 }
+        if !assign { flags |= 1 << 2 }
+        request.flags = flags
+        let what = "IOEVENTFD \(assign ? "assign" : "deassign") \(pio ? "port" : "address") 0x\(String(address, radix: 16))"
+        _ = try kvmIoctl(fd.rawValue, hv_KVM_IOEVENTFD, &request, what)
+    }
+
+    /// One message-signalled interrupt route: GSI `gsi` delivers the MSI (`address`, `data`).
+    public struct MSIRoute: Sendable, Equatable {
+        public var gsi: UInt32
+        public var address: UInt64
+        public var data: UInt32
+        public init(gsi: UInt32, address: UInt64, data: UInt32) {
+            self.gsi = gsi
+            self.address = address
+            self.data = data
+        }
+    }
+
+    /// GSIs 0–23 belong to the in-kernel PIC and IOAPIC; message-signalled routes start here.
+    public static let firstMSIGSI: UInt32 = 24
+
+    /// Replaces KVM's GSI routing table with the PC's irqchip routes — the same table KVM
+    /// installs with the irqchip (GSI 0–15 to the PIC and the IOAPIC pin of the same number,
+    /// 16–23 to the IOAPIC) — plus `msi`. KVM takes the whole table each time.
+    public func setGSIRouting(msi: [MSIRoute]) throws(KVMError) {
+        // struct kvm_irq_routing { u32 nr; u32 flags; struct kvm_irq_routing_entry entries[]; },
+        // each entry { u32 gsi, type, flags, pad; union (32 bytes) }: built as bytes, since the
+        // flexible array and the union do not import into Swift as usable types.
+        let entrySize = MemoryLayout<kvm_irq_routing_entry>.size
+        let headerSize = MemoryLayout<kvm_irq_routing>.size
+        var entries: [(gsi: UInt32, type: UInt32, words: [UInt32])] = []
+        for gsi in UInt32(0)..<24 {
+            if gsi < 16 { entries.append((gsi, UInt32(KVM_IRQ_ROUTING_IRQCHIP), [gsi < 8 ? UInt32(KVM_IRQCHIP_PIC_MASTER) : UInt32(KVM_IRQCHIP_PIC_SLAVE), gsi % 8])) }
+            entries.append((gsi, UInt32(KVM_IRQ_ROUTING_IRQCHIP), [UInt32(KVM_IRQCHIP_IOAPIC), gsi]))
+        }
+        for route in msi {
+            entries.append((route.gsi, UInt32(KVM_IRQ_ROUTING_MSI),
+                            [UInt32(truncatingIfNeeded: route.address), UInt32(truncatingIfNeeded: route.address >> 32), route.data]))
+        }
+        var bytes = [UInt8](repeating: 0, count: headerSize + entrySize * entries.count)
+        func put(_ value: UInt32, _ at: Int) { for i in 0..<4 { bytes[at + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(i))) } }
+        put(UInt32(entries.count), 0)
+        for (i, e) in entries.enumerated() {
+            let base = headerSize + i * entrySize
+            put(e.gsi, base)
+            put(e.type, base + 4)
+            for (j, w) in e.words.enumerated() { put(w, base + 16 + 4 * j) }
+        }
+        let rc = bytes.withUnsafeMutableBytes { hv_ioctl_ptr(fd.rawValue, hv_KVM_SET_GSI_ROUTING, $0.baseAddress) }
+        if rc < 0 { throw .ioctl("SET_GSI_ROUTING (\(entries.count) routes)", .current) }
+    }
+
     /// Sets an interrupt line's level (in-kernel PIC/IOAPIC).
     public func setIRQLine(_ irq: UInt32, level: Bool) throws(KVMError) {
         var line = kvm_irq_level()

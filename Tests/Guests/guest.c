@@ -575,6 +575,11 @@ static uint8_t vs_req[VQ_SIZE][64], vs_resp[VQ_SIZE][128];
 static uint8_t vs_data[VQ_SIZE][4096] __attribute__((aligned(4096)));
 static volatile uint8_t *vs_common, *vs_notify, *vs_isr;
 static uint16_t vs_used_seen;
+static uint32_t vs_bdf;
+/* Feature bits 0-31 the driver accepts (vscsimsix adds VIRTIO_RING_F_EVENT_IDX), and the MSI-X
+ * vector it gives the request queue before DRIVER_OK (0xFFFF: none). */
+static uint32_t vs_features_lo;
+static uint16_t vs_queue_vector = 0xFFFF, vs_queue_vector_read;
 
 static void mb(void) { __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory"); }
 
@@ -585,6 +590,7 @@ static int vscsi_setup(int *readonly_out)
     for (uint32_t dev = 0; dev < 32; dev++)
         if (pci_read(dev << 3, 0) == 0x10481AF4u) { bdf = dev << 3; break; }
     if (bdf == 0xFFFF) { kprintf("vscsi: no virtio-scsi function\n"); return 0; }
+    vs_bdf = bdf;
     pci_write(bdf, 0x10, 0xE0000000u);
     pci_write(bdf, 0x04, 0x6);  /* memory decode, bus master */
     uint32_t notify_mult = 0, common_off = 0, notify_off = 0;
@@ -599,6 +605,8 @@ static int vscsi_setup(int *readonly_out)
     vs_notify = (volatile uint8_t *)(0xE0000000u + notify_off);
     vs_common[0x14] = 0;                                   /* reset */
     vs_common[0x14] = 1 | 2;                               /* ACKNOWLEDGE | DRIVER */
+    *(volatile uint32_t *)(vs_common + 0x08) = 0;
+    *(volatile uint32_t *)(vs_common + 0x0C) = vs_features_lo;
     *(volatile uint32_t *)(vs_common + 0x08) = 1;          /* driver_feature_select: bits 32-63 */
     *(volatile uint32_t *)(vs_common + 0x0C) = 1;          /* VIRTIO_F_VERSION_1 */
     vs_common[0x14] = 1 | 2 | 8;                           /* FEATURES_OK */
@@ -608,6 +616,11 @@ static int vscsi_setup(int *readonly_out)
     *(volatile uint32_t *)(vs_common + 0x20) = (uint32_t)vq_desc;  *(volatile uint32_t *)(vs_common + 0x24) = 0;
     *(volatile uint32_t *)(vs_common + 0x28) = (uint32_t)&vq_avail; *(volatile uint32_t *)(vs_common + 0x2C) = 0;
     *(volatile uint32_t *)(vs_common + 0x30) = (uint32_t)&vq_used;  *(volatile uint32_t *)(vs_common + 0x34) = 0;
+    if (vs_queue_vector != 0xFFFF) {
+        *(volatile uint16_t *)(vs_common + 0x1A) = 60;     /* past the table: reads back NO_VECTOR */
+        vs_queue_vector_read = *(volatile uint16_t *)(vs_common + 0x1A);
+        *(volatile uint16_t *)(vs_common + 0x1A) = vs_queue_vector;
+    }
     *(volatile uint16_t *)(vs_common + 0x1C) = 1;          /* queue_enable */
     vs_common[0x14] = 1 | 2 | 8 | 4;                       /* DRIVER_OK */
     (void)notify_mult;  /* queue 2's notify_off is 2: offset 2 * multiplier */
@@ -860,6 +873,95 @@ static void mode_vscsiirq(void)
     kprintf("vscsiirq: interrupts=%u used=%u spurious=%u\n", vs_irqs, vq_used.idx, vs_spurious);
 }
 
+/* vscsimsix: the driver with MSI-X and event indices. The request queue gets vector 1, whose
+ * table entry sends vector 0x41 to local APIC 0; the guest counts interrupts, masks the entry
+ * (the pending bit must hold the interrupt until it unmasks), and uses used_event to ask for an
+ * interrupt only every second completion. */
+static volatile uint32_t msix_irqs;
+#define LAPIC ((volatile uint32_t *)0xFEE00000u)
+
+void msix_stub(void);
+__asm__(".globl msix_stub\nmsix_stub:\n"
+        " pushal\n cld\n call msix_isr\n popal\n"
+        " push %eax\n mov 4(%esp), %eax\n xchg %eax, 12(%esp)\n mov %eax, 8(%esp)\n pop %eax\n"
+        " add $4, %esp\n popfl\n ret\n");
+
+void msix_isr(void)
+{
+    msix_irqs++;
+    LAPIC[0xB0 / 4] = 0;  /* EOI */
+}
+
+static void msix_wait(uint32_t target)
+{
+    uint64_t end = rdtsc() + 500000000ull;
+    while (msix_irqs < target && rdtsc() < end)
+        __asm__ volatile("sti; pause; cli");
+}
+
+static void msix_request(void)
+{
+    uint8_t tur[6] = { 0 };
+    vscsi_chain(0, tur, 6, 0, 0);
+    vscsi_offer(0);
+    *(volatile uint16_t *)vs_notify = 2;
+}
+
+static void mode_vscsimsix(void)
+{
+    int ro = 0;
+    outb(0x20, 0x11); outb(0xA0, 0x11);   /* PICs out of the way: remapped, every line masked */
+    outb(0x21, 0x20); outb(0xA1, 0x28);
+    outb(0x21, 0x04); outb(0xA1, 0x02);
+    outb(0x21, 0x01); outb(0xA1, 0x01);
+    outb(0x21, 0xFF); outb(0xA1, 0xFF);
+    uint32_t handler = (uint32_t)msix_stub;
+    idt[0x41] = (struct idt_gate){ (uint16_t)handler, 0x08, 0, 0x8E, (uint16_t)(handler >> 16) };
+    struct { uint16_t limit; uint32_t base; } __attribute__((packed)) idtr = { sizeof idt - 1, (uint32_t)idt };
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    LAPIC[0xF0 / 4] = 0x1FF;              /* software-enable the local APIC, spurious vector 0xFF */
+
+    vs_features_lo = 1u << 29;            /* VIRTIO_RING_F_EVENT_IDX */
+    vs_queue_vector = 1;
+    if (!vscsi_setup(&ro)) return;
+    uint32_t cap = pci_read(vs_bdf, 0x34) & 0xFF;
+    while (cap && (pci_read(vs_bdf, cap) & 0xFF) != 0x11) cap = (pci_read(vs_bdf, cap) >> 8) & 0xFF;
+    if (!cap) { kprintf("vscsimsix: no MSI-X capability\n"); return; }
+    uint32_t control = pci_read(vs_bdf, cap) >> 16, table = pci_read(vs_bdf, cap + 4), pba = pci_read(vs_bdf, cap + 8);
+    kprintf("vscsimsix: vectors=%u table=%x pba=%x queue_vector_60=%x\n", (control & 0x7FF) + 1, table, pba, vs_queue_vector_read);
+    volatile uint32_t *entry = (volatile uint32_t *)(0xE0000000u + (table & ~7u) + 16);
+    volatile uint32_t *pending = (volatile uint32_t *)(0xE0000000u + (pba & ~7u));
+    entry[0] = 0xFEE00000u;               /* local APIC 0, physical destination */
+    entry[1] = 0;
+    entry[2] = 0x41;                      /* fixed delivery, edge, vector 0x41 */
+    entry[3] = 0;                         /* unmasked */
+    pci_write(vs_bdf, cap, pci_read(vs_bdf, cap) | (0x8000u << 16));  /* MSI-X enable */
+
+    vq_avail.used_event = vs_used_seen;   /* an interrupt for the next completion */
+    msix_request();
+    msix_wait(1);
+    kprintf("vscsimsix: interrupts=%u isr=%x used=%u\n", msix_irqs, *vs_isr, vq_used.idx);
+
+    entry[3] = 1;                         /* mask: the interrupt waits in the pending bits */
+    vq_avail.used_event = vq_used.idx;
+    msix_request();
+    while (*(volatile uint16_t *)&vq_used.idx != 2) cpu_pause();
+    msix_wait(2);
+    kprintf("vscsimsix: masked interrupts=%u pending=%x used=%u\n", msix_irqs, pending[0], vq_used.idx);
+    entry[3] = 0;
+    msix_wait(2);
+    kprintf("vscsimsix: unmasked interrupts=%u pending=%x\n", msix_irqs, pending[0]);
+
+    vq_avail.used_event = vq_used.idx + 1; /* event index: no interrupt until the second completion */
+    msix_request();
+    while (*(volatile uint16_t *)&vq_used.idx != 3) cpu_pause();
+    msix_wait(3);
+    kprintf("vscsimsix: event index interrupts=%u used=%u avail_event=%u\n", msix_irqs, vq_used.idx, vq_used.avail_event);
+    msix_request();
+    msix_wait(3);
+    kprintf("vscsimsix: event index interrupts=%u used=%u\n", msix_irqs, vq_used.idx);
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -895,6 +997,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_idle();
     else if (streq(cfg.mode, "vscsiirq"))
         mode_vscsiirq();
+    else if (streq(cfg.mode, "vscsimsix"))
+        mode_vscsimsix();
     else if (streq(cfg.mode, "vscsicd"))
         mode_vscsicd();
     else if (streq(cfg.mode, "vscsi"))

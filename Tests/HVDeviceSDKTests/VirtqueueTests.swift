@@ -157,9 +157,53 @@ final class VirtqueueTests: XCTestCase {
 
     func testNoInterruptFlag() throws {
         let m = try makeMemory()
-        let q = try queue(m)
-        XCTAssertTrue(q.driverWantsInterrupt(m))
+        var q = try queue(m)
+        XCTAssertTrue(q.needsInterrupt(m))
         put(m, UInt16(1), at: avail)
-        XCTAssertFalse(q.driverWantsInterrupt(m))
+        XCTAssertFalse(q.needsInterrupt(m))
+    }
+
+    /// VIRTIO_RING_F_EVENT_IDX (virtio 1.2 §2.7.7, §2.7.10): interrupts only when the used index
+    /// passes the driver's used_event, and the device's avail_event asks for the next kick.
+    func testEventIndexSuppression() throws {
+        let m = try makeMemory()
+        var q = try queue(m)
+        q.eventIndex = true
+        let usedEvent = avail + 4 + 2 * 8, availEvent = used + 4 + 8 * 8
+        for i in UInt16(0)..<4 { descriptor(m, i, address: 0x8000 + 0x100 * UInt64(i), length: 16, flags: 2) }
+        put(m, UInt16(1), at: avail)  // NO_INTERRUPT is ignored under event indices
+
+        // The driver wants an interrupt once the first buffer is used (used_event 0).
+        put(m, UInt16(0), at: usedEvent)
+        offer(m, head: 0, slot: 0, index: 1)
+        var chain = try XCTUnwrap(q.next(m)).get()
+        q.complete(head: chain.head, written: 0, m)
+        XCTAssertTrue(q.needsInterrupt(m), "used index 1 passed used_event 0")
+        XCTAssertNil(q.next(m))
+        XCTAssertEqual(get(m, UInt16.self, at: availEvent), 1, "the device asks for a kick at the next chain")
+
+        // used_event 2: no interrupt for the second buffer, one for the third.
+        put(m, UInt16(2), at: usedEvent)
+        offer(m, head: 1, slot: 1, index: 2)
+        chain = try XCTUnwrap(q.next(m)).get()
+        q.complete(head: chain.head, written: 0, m)
+        XCTAssertFalse(q.needsInterrupt(m), "used index 2 has not passed used_event 2")
+        offer(m, head: 2, slot: 2, index: 3)
+        chain = try XCTUnwrap(q.next(m)).get()
+        q.complete(head: chain.head, written: 0, m)
+        XCTAssertTrue(q.needsInterrupt(m), "used index 3 passed used_event 2")
+        XCTAssertFalse(q.needsInterrupt(m), "nothing new since")
+
+        // Two completions at once that jump over used_event still interrupt once.
+        put(m, UInt16(3), at: usedEvent)
+        offer(m, head: 3, slot: 3, index: 4)
+        offer(m, head: 0, slot: 4, index: 5)
+        for _ in 0..<2 {
+            chain = try XCTUnwrap(q.next(m)).get()
+            q.complete(head: chain.head, written: 0, m)
+        }
+        XCTAssertTrue(q.needsInterrupt(m))
+        XCTAssertNil(q.next(m))
+        XCTAssertEqual(get(m, UInt16.self, at: availEvent), 5)
     }
 }

@@ -249,6 +249,8 @@ final class ControlChannelTests: XCTestCase {
             ("set_irq_level", IRQLevel(line: 1, asserted: true).encode()),
             ("system_event", SystemEvent(.reset).encode()),
             ("media_change", MediaChange(hostFile: 0, present: true).encode()),
+            ("add_doorbell", DoorbellRequest(resource: 1, offset: 0x3000, length: 0).encode()),
+            ("set_msi_route", MSIRoute(vector: 2, enabled: true, address: 0xFEE0_0000, data: 0x41).encode()),
         ]
         var rng = LCG(seed: 0x5EED)
         for (name, seed) in seeds {
@@ -300,6 +302,12 @@ final class ControlChannelTests: XCTestCase {
                 XCTAssertEqual(v.encode(), input)
             case "media_change":
                 let v = try MediaChange.decode(input)
+                XCTAssertEqual(v.encode(), input)
+            case "add_doorbell":
+                let v = try DoorbellRequest.decode(input)
+                XCTAssertEqual(v.encode(), input)
+            case "set_msi_route":
+                let v = try MSIRoute.decode(input)
                 XCTAssertEqual(v.encode(), input)
             case "system_event":
                 let v = try SystemEvent.decode(input)

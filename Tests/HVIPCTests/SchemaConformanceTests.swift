@@ -40,6 +40,7 @@ final class SchemaConformanceTests: XCTestCase {
         let names: [MessageType: String] = [
             .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING",
             .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT", .mediaChange: "MEDIA_CHANGE",
+            .addDoorbell: "ADD_DOORBELL", .setMSIRoute: "SET_MSI_ROUTE",
         ]
         XCTAssertEqual(names.count, MessageType.allCases.count, "a MessageType case has no schema name in this test")
         let expected = try schema.enumValues("message_type")
@@ -66,7 +67,7 @@ final class SchemaConformanceTests: XCTestCase {
         let schema = try SchemaFiles.schema()
         let swift: [String: Capabilities] = [
             "REGISTER_RING": .registerRing, "STATE_PAGE": .statePage,
-            "BOOT_CONTROL": .bootControl, "INTERRUPT_LEVEL": .interruptLevel,
+            "BOOT_CONTROL": .bootControl, "INTERRUPT_LEVEL": .interruptLevel, "MSI": .msi,
         ]
         let bits = try schema.bits("capabilities")
         XCTAssertEqual(Set(bits.keys), Set(swift.keys))
@@ -190,7 +191,7 @@ final class SchemaConformanceTests: XCTestCase {
         let messages = Set(vectors["vectors"].array.compactMap { $0["message"].string })
         XCTAssertEqual(messages, Set(schema.json["messages"].keys))
         let layouts = Set(vectors["vectors"].array.compactMap { $0["layout"].string })
-        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "media_change", "empty",
+        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "media_change", "add_doorbell", "set_msi_route", "empty",
                        "ring_request_entry", "ring_response_entry", "ring_header"] {
             XCTAssertTrue(layouts.contains(layout), "no vector for layout \(layout)")
         }
@@ -237,6 +238,8 @@ final class SchemaConformanceTests: XCTestCase {
             case "set_boot_state": expectWireError(name, category) { _ = try BootState.decode(data) }
             case "set_irq_level": expectWireError(name, category) { _ = try IRQLevel.decode(data) }
             case "system_event": expectWireError(name, category) { _ = try SystemEvent.decode(data) }
+            case "add_doorbell": expectWireError(name, category) { _ = try DoorbellRequest.decode(data) }
+            case "set_msi_route": expectWireError(name, category) { _ = try MSIRoute.decode(data) }
             case "media_change": expectWireError(name, category) { _ = try MediaChange.decode(data) }
             case "ring_request_entry":
                 XCTAssertEqual(category, "unknown_enum", name)
@@ -329,6 +332,20 @@ final class SchemaConformanceTests: XCTestCase {
                                     present: present == (try schema.enumValues("media_presence")["INSERTED"]))
             XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
             XCTAssertEqual(try MediaChange.decode(expected), value, name)
+        case "add_doorbell":
+            let value = DoorbellRequest(resource: try fields["resource"].fixed(UInt32.self, "resource"),
+                                        offset: try fields["offset"].fixed(UInt32.self, "offset"),
+                                        length: try fields["length"].fixed(UInt32.self, "length"))
+            XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
+            XCTAssertEqual(try DoorbellRequest.decode(expected), value, name)
+        case "set_msi_route":
+            let state = try schema.enumValue("msi_state", fields["state"])
+            let value = MSIRoute(vector: try fields["vector"].fixed(UInt32.self, "vector"),
+                                 enabled: state == (try schema.enumValues("msi_state")["ENABLED"]),
+                                 address: try fields["address"].u64("address"),
+                                 data: try fields["data"].fixed(UInt32.self, "data"))
+            XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
+            XCTAssertEqual(try MSIRoute.decode(expected), value, name)
         case "system_event":
             let kind = try XCTUnwrap(SystemEvent.Kind(rawValue: UInt32(try schema.enumValue("system_event", fields["event"]))), name)
             let value = SystemEvent(kind)

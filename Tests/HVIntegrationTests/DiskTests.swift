@@ -268,4 +268,26 @@ final class VirtioSCSIInterruptTests: XCTestCase {
             "vscsiirq: interrupts=2 used=3 spurious=0",
         ], r.stdout)
     }
+
+    /// MSI-X through the core's GSI routes and an irqfd per vector, the kick through a doorbell
+    /// (ioeventfd) that follows the BAR, and event-index suppression.
+    func testMSIXMaskingAndEventIndexWithDoorbellKicks() throws {
+        let guest = try Harness.testGuest()
+        let image = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-msix-\(getpid()).img").path
+        defer { unlink(image) }
+        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "8M"]).status, 0)
+        let r = try runHvctl(["run", "--verbose", "--multiboot", guest, "--cmdline", "mode=vscsimsix", "--disk", image], timeout: 60)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = r.stdout.split(separator: "\n").map(String.init).filter { $0.hasPrefix("vscsimsix: ") }
+        XCTAssertEqual(lines, [
+            "vscsimsix: vectors=4 table=1800 pba=1c00 queue_vector_60=ffff",  // 3 queues + config; a vector past the table reads NO_VECTOR
+            "vscsimsix: interrupts=1 isr=0 used=1",                           // MSI-X, not INTx: the ISR stays 0
+            "vscsimsix: masked interrupts=1 pending=2 used=2",                // masked: held in the pending bit of vector 1
+            "vscsimsix: unmasked interrupts=2 pending=0",                     // delivered on unmask
+            "vscsimsix: event index interrupts=2 used=3 avail_event=3",       // used_event asked for none yet; the device asks for the next kick
+            "vscsimsix: event index interrupts=3 used=4",
+        ], r.stdout)
+        // The request queue's notify register became a doorbell where the guest put BAR 0.
+        XCTAssertTrue(r.stderr.contains("disk0: doorbell at offset 0x3008 of resource 1 at address 0xe0003008"), r.stderr)
+    }
 }

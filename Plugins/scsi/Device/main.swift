@@ -122,7 +122,7 @@ final class VirtioSCSI: VirtioDevice {
     }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel])
+let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi])
 guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 else {
     runtime.log(.error, "no disk image was handed over")
     exit(2)
