@@ -1,4 +1,5 @@
 import Atomics
+import Glibc
 
 /// One buffer of a descriptor chain: guest-physical address and length, already checked to lie
 /// wholly inside guest RAM.
@@ -183,6 +184,31 @@ public struct SplitVirtqueue: Sendable {
 }
 
 extension DescriptorChain {
+    /// Bytes `[skipping, skipping + count)` of the chain's readable buffers (`writable` false) or
+    /// writable buffers (true), as iovecs pointing into guest RAM: for vectored host I/O
+    /// (`preadv`/`pwritev`) straight to or from the guest's buffers, with no copy. Nil when the
+    /// buffers hold fewer bytes.
+    ///
+    /// Unsafe assumptions: the pointers are valid while `memory` lives (the device's whole life);
+    /// every buffer was checked to lie inside guest RAM when the chain was taken; the guest may
+    /// change the bytes while the I/O runs, which only affects its own data.
+    public func ioVectors(writable: Bool, skipping: UInt64, count: UInt64, _ memory: GuestMemory) -> [iovec]? {
+        var vectors: [iovec] = []
+        var skip = skipping, left = count
+        for b in (writable ? self.writable : readable) where left > 0 {
+            if skip >= UInt64(b.length) {
+                skip -= UInt64(b.length)
+                continue
+            }
+            let n = min(UInt64(b.length) - skip, left)
+            guard let p = memory.translate(b.address + skip, count: n) else { return nil }
+            vectors.append(iovec(iov_base: p, iov_len: Int(n)))
+            left -= n
+            skip = 0
+        }
+        return left == 0 ? vectors : nil
+    }
+
     /// The readable buffers' bytes, concatenated (at most `limit` bytes).
     public func readAll(_ memory: GuestMemory, limit: Int = 1 << 20) -> [UInt8] {
         var out: [UInt8] = []

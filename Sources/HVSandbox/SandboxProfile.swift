@@ -12,7 +12,10 @@
 //                                                  optional, every key optional (defaults below)
 //       "startup_syscalls": ["openat", "execve"],  optional: allowed from exec until the device locks down
 //       "syscalls": [ "read",                      required: the steady-state allowlist
-//         { "name": "ioctl", "allow_if": [ { "arg": 1, "op": "eq", "value": "0x5421" } ] } ]
+//         { "name": "ioctl", "allow_if": [ { "arg": 1, "op": "eq", "value": "0x5421" } ] } ],
+//       "enosys": ["clone3"]                       optional: fail with ENOSYS instead of trapping, in both
+//                                                  stages, so libc falls back to an older call (clone3 →
+//                                                  clone, which the allowlist can filter by its flags)
 //     }
 //
 // A syscall entry is a bare name (always allowed) or {"name", "allow_if": [conditions]}: the conditions
@@ -47,11 +50,16 @@ public struct SandboxProfile: Equatable, Sendable {
     public let startupSyscalls: [SyscallRule]
     /// The steady-state allowlist, in file order: rules in force for the device's whole life.
     public let syscalls: [SyscallRule]
+    /// Syscalls that fail with ENOSYS (both stages) instead of stopping the device: for libc's
+    /// fallbacks, e.g. `clone3`, whose flags seccomp cannot inspect, so pthread_create uses `clone`.
+    public let enosysSyscalls: [SyscallRule]
 
     /// A profile from its parts. `load(json:source:resolveSyscall:)` is the checked way to get one; this
     /// initializer checks nothing.
     public init(name: String, version: Int = SandboxProfile.formatVersion, description: String,
-                namespaces: [Namespace], limits: ResourceLimits, startupSyscalls: [SyscallRule], syscalls: [SyscallRule]) {
+                namespaces: [Namespace], limits: ResourceLimits, startupSyscalls: [SyscallRule], syscalls: [SyscallRule],
+                enosysSyscalls: [SyscallRule] = []) {
+        self.enosysSyscalls = enosysSyscalls
         self.name = name
         self.version = version
         self.description = description
@@ -270,6 +278,8 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
         case bareAndConditional(name: String, list: String)
         /// A start-up entry for a syscall `syscalls` already allows unconditionally.
         case alreadyAllowedBySyscalls(name: String)
+        /// An `enosys` entry with conditions, or for a syscall an allowlist also names.
+        case enosysConflict(name: String)
         /// An `allow_if` list with no conditions.
         case emptyConditions(name: String)
         /// An `op` that is not one of the allowed operations.
@@ -328,6 +338,8 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
         case let .bareAndConditional(name, list):
             return "syscall \(quotedForMessage(name)) is in \(list) both unconditionally and with allow_if, "
                 + "which would make the condition meaningless"
+        case let .enosysConflict(name):
+            return "\(name) in enosys must be a bare name that no allowlist names"
         case let .alreadyAllowedBySyscalls(name):
             return "syscall \(quotedForMessage(name)) is already allowed unconditionally by syscalls, "
                 + "which also apply during start-up"
@@ -361,7 +373,7 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
 
 extension SandboxProfile {
     /// The top-level keys of format version 1.
-    static let topLevelKeys = ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls"]
+    static let topLevelKeys = ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]
     /// The keys of `rlimits`.
     static let rlimitKeys = ["nofile", "nproc", "core", "fsize", "as_extra_mib"]
 
@@ -422,8 +434,17 @@ extension SandboxProfile {
             throw reader.fail(.alreadyAllowedBySyscalls(name: startup[index].name), at: reader.entryPath("startup_syscalls", startup, index))
         }
 
+        var enosys: [SyscallRule] = []
+        if let value = root["enosys"] {
+            enosys = try reader.syscallList(value, list: "enosys", resolveSyscall: resolveSyscall)
+            let allowed = Set((syscalls + startup).map(\.name))
+            if let index = enosys.firstIndex(where: { !$0.conditions.isEmpty || allowed.contains($0.name) }) {
+                throw reader.fail(.enosysConflict(name: enosys[index].name), at: reader.entryPath("enosys", enosys, index))
+            }
+        }
+
         return SandboxProfile(name: name, version: formatVersion, description: description, namespaces: namespaces,
-                              limits: limits, startupSyscalls: startup, syscalls: syscalls)
+                              limits: limits, startupSyscalls: startup, syscalls: syscalls, enosysSyscalls: enosys)
     }
 }
 
@@ -641,6 +662,7 @@ extension SandboxProfile {
         lines += renderRules(syscalls, width: width)
         lines.append("syscalls during start-up only (until lock-down):")
         lines += renderRules(startupSyscalls, width: width)
+        if !enosysSyscalls.isEmpty { lines.append("failing with ENOSYS: " + enosysSyscalls.map(\.name).joined(separator: ", ")) }
         lines.append("\(steadyStateSyscallCount) \(steadyStateSyscallCount == 1 ? "syscall" : "syscalls") allowed after lock-down, "
             + "\(startupSyscallCount) during start-up")
         return lines.joined(separator: "\n")

@@ -7,8 +7,11 @@ public final class EventFD: Sendable {
     public let fd: FileDescriptor
 
     /// A new eventfd, close-on-exec; non-blocking when `nonBlocking`.
-    public init(nonBlocking: Bool = false) throws(SystemError) {
-        let raw = hv_eventfd(0, hv_EFD_CLOEXEC | (nonBlocking ? hv_EFD_NONBLOCK : 0))
+    /// With `semaphore`, each read takes one from the counter instead of all of it
+    /// (EFD_SEMAPHORE): a work queue's "one job ready" signal for several waiting threads.
+    public init(nonBlocking: Bool = false, semaphore: Bool = false) throws(SystemError) {
+        // EFD_SEMAPHORE is 1 on Linux.
+        let raw = hv_eventfd(0, hv_EFD_CLOEXEC | (nonBlocking ? hv_EFD_NONBLOCK : 0) | (semaphore ? 1 : 0))
         try check("eventfd", raw)
         fd = FileDescriptor(owning: raw)
     }

@@ -205,6 +205,11 @@ func filter(including startup: Bool) -> scmp_filter_ctx {
         let rc = seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, rule.number, UInt32(conditions.count), &conditions)
         if rc != 0 { die("seccomp rule for \(rule.name): \(Errno(rawValue: -rc))") }
     }
+    // SCMP_ACT_ERRNO(ENOSYS), a macro the importer drops: 0x00050000 | errno.
+    for rule in profile.enosysSyscalls {
+        let rc = seccomp_rule_add_array(ctx, 0x0005_0000 | UInt32(ENOSYS), rule.number, 0, nil)
+        if rc != 0 { die("seccomp ENOSYS rule for \(rule.name): \(Errno(rawValue: -rc))") }
+    }
     return ctx
 }
 

@@ -580,6 +580,9 @@ static uint32_t vs_bdf;
  * vector it gives the request queue before DRIVER_OK (0xFFFF: none). */
 static uint32_t vs_features_lo;
 static uint16_t vs_queue_vector = 0xFFFF, vs_queue_vector_read;
+/* The request queue's rings (vscsibench swaps in a larger queue). */
+static void *vs_qdesc = vq_desc, *vs_qavail = &vq_avail, *vs_qused = &vq_used;
+static uint16_t vs_qsize = VQ_SIZE;
 
 static void mb(void) { __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory"); }
 
@@ -591,7 +594,12 @@ static int vscsi_setup(int *readonly_out)
         if (pci_read(dev << 3, 0) == 0x10481AF4u) { bdf = dev << 3; break; }
     if (bdf == 0xFFFF) { kprintf("vscsi: no virtio-scsi function\n"); return 0; }
     vs_bdf = bdf;
-    pci_write(bdf, 0x10, 0xE0000000u);
+    /* The BAR the capabilities name (hv: BAR 0; QEMU: BAR 4, 64-bit) goes at 0xE0000000. */
+    uint32_t bar = 0;
+    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF)
+        if ((pci_read(bdf, cap) & 0xFF) == 0x09 && ((pci_read(bdf, cap) >> 24) & 0xFF) == 1) bar = pci_read(bdf, cap + 4) & 0xFF;
+    pci_write(bdf, 0x10 + 4 * bar, 0xE0000000u);
+    if ((pci_read(bdf, 0x10 + 4 * bar) & 0x6) == 0x4) pci_write(bdf, 0x14 + 4 * bar, 0);
     pci_write(bdf, 0x04, 0x6);  /* memory decode, bus master */
     uint32_t notify_mult = 0, common_off = 0, notify_off = 0;
     for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF) {
@@ -612,10 +620,10 @@ static int vscsi_setup(int *readonly_out)
     vs_common[0x14] = 1 | 2 | 8;                           /* FEATURES_OK */
     if (!(vs_common[0x14] & 8)) { kprintf("vscsi: features refused\n"); return 0; }
     *(volatile uint16_t *)(vs_common + 0x16) = 2;          /* the request queue */
-    *(volatile uint16_t *)(vs_common + 0x18) = VQ_SIZE;
-    *(volatile uint32_t *)(vs_common + 0x20) = (uint32_t)vq_desc;  *(volatile uint32_t *)(vs_common + 0x24) = 0;
-    *(volatile uint32_t *)(vs_common + 0x28) = (uint32_t)&vq_avail; *(volatile uint32_t *)(vs_common + 0x2C) = 0;
-    *(volatile uint32_t *)(vs_common + 0x30) = (uint32_t)&vq_used;  *(volatile uint32_t *)(vs_common + 0x34) = 0;
+    *(volatile uint16_t *)(vs_common + 0x18) = vs_qsize;
+    *(volatile uint32_t *)(vs_common + 0x20) = (uint32_t)vs_qdesc;  *(volatile uint32_t *)(vs_common + 0x24) = 0;
+    *(volatile uint32_t *)(vs_common + 0x28) = (uint32_t)vs_qavail; *(volatile uint32_t *)(vs_common + 0x2C) = 0;
+    *(volatile uint32_t *)(vs_common + 0x30) = (uint32_t)vs_qused;  *(volatile uint32_t *)(vs_common + 0x34) = 0;
     if (vs_queue_vector != 0xFFFF) {
         *(volatile uint16_t *)(vs_common + 0x1A) = 60;     /* past the table: reads back NO_VECTOR */
         vs_queue_vector_read = *(volatile uint16_t *)(vs_common + 0x1A);
@@ -962,6 +970,91 @@ static void mode_vscsimsix(void)
     kprintf("vscsimsix: event index interrupts=%u used=%u\n", msix_irqs, vq_used.idx);
 }
 
+/* vscsibench: throughput of the SCSI path as the guest sees it, for bench/bench.py (not a test).
+ * Sequential reads then writes of `count` MiB in 256 KiB requests, then `count` × 256 random 4 KiB
+ * reads, each with 4 requests in flight on a 32-entry queue. The host times the marker lines. */
+#define BQ_SIZE 32
+#define BQ_DEPTH 4
+#define BQ_CHUNK (256u * 1024u)
+static struct vq_desc bq_desc[BQ_SIZE] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[BQ_SIZE], used_event; } bq_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[BQ_SIZE]; uint16_t avail_event; } bq_used __attribute__((aligned(4)));
+static uint8_t bq_buf[BQ_DEPTH][BQ_CHUNK] __attribute__((aligned(4096)));
+static uint8_t bq_req[BQ_DEPTH][64], bq_resp[BQ_DEPTH][128];
+
+static void bench_submit(int slot, int write, uint32_t lba, uint32_t bytes)
+{
+    uint8_t *req = bq_req[slot];
+    for (int i = 0; i < 64; i++) req[i] = 0;
+    req[0] = 1; req[2] = 0x40;
+    uint8_t *cdb = req + 19;
+    uint32_t blocks = bytes / 512;
+    cdb[0] = write ? 0x2A : 0x28;
+    cdb[2] = lba >> 24; cdb[3] = lba >> 16; cdb[4] = lba >> 8; cdb[5] = lba;
+    cdb[7] = blocks >> 8; cdb[8] = blocks;
+    int d = slot * 3;
+    bq_desc[d] = (struct vq_desc){ (uint32_t)req, 51, 1, (uint16_t)(d + 1) };
+    if (write) {
+        bq_desc[d + 1] = (struct vq_desc){ (uint32_t)bq_buf[slot], bytes, 1, (uint16_t)(d + 2) };
+        bq_desc[d + 2] = (struct vq_desc){ (uint32_t)bq_resp[slot], 108, 2, 0 };
+    } else {
+        bq_desc[d + 1] = (struct vq_desc){ (uint32_t)bq_resp[slot], 108, 2 | 1, (uint16_t)(d + 2) };
+        bq_desc[d + 2] = (struct vq_desc){ (uint32_t)bq_buf[slot], bytes, 2, 0 };
+    }
+    bq_avail.ring[bq_avail.idx % BQ_SIZE] = (uint16_t)d;
+    mb();
+    bq_avail.idx++;
+}
+
+/* Runs `total` requests, BQ_DEPTH in flight; returns how many failed. */
+static uint32_t bench_run(int write, uint32_t total, uint32_t bytes, int random, uint32_t span_blocks)
+{
+    uint32_t submitted = 0, completed = 0, failed = 0, seed = 12345;
+    int busy[BQ_DEPTH] = { 0 };
+    uint16_t seen = bq_used.idx;
+    while (completed < total) {
+        int offered = 0;
+        for (int slot = 0; slot < BQ_DEPTH && submitted < total; slot++) {
+            if (busy[slot]) continue;
+            uint32_t lba;
+            if (random) { seed = seed * 1103515245u + 12345u; lba = ((seed >> 8) % (span_blocks / 8)) * 8; }
+            else lba = submitted * (bytes / 512);
+            bench_submit(slot, write, lba, bytes);
+            busy[slot] = 1; submitted++; offered = 1;
+        }
+        if (offered) { mb(); *(volatile uint16_t *)vs_notify = 2; }
+        while (*(volatile uint16_t *)&bq_used.idx == seen) cpu_pause();
+        while (seen != *(volatile uint16_t *)&bq_used.idx) {
+            uint32_t id = bq_used.ring[seen % BQ_SIZE].id;
+            int slot = id / 3;
+            if (slot < BQ_DEPTH) {
+                if (bq_resp[slot][10] != 0 || bq_resp[slot][11] != 0) failed++;
+                busy[slot] = 0;
+            }
+            seen++; completed++;
+        }
+    }
+    return failed;
+}
+
+static void mode_vscsibench(uint32_t mib)
+{
+    int ro = 0;
+    vs_qdesc = bq_desc; vs_qavail = &bq_avail; vs_qused = &bq_used; vs_qsize = BQ_SIZE;
+    if (!vscsi_setup(&ro)) return;
+    uint32_t chunks = mib * (1024u * 1024u / BQ_CHUNK), span = mib * 2048u;
+    kprintf("bench: seqread start\n");
+    uint32_t e1 = bench_run(0, chunks, BQ_CHUNK, 0, span);
+    kprintf("bench: seqread end\n");
+    kprintf("bench: seqwrite start\n");
+    uint32_t e2 = bench_run(1, chunks, BQ_CHUNK, 0, span);
+    kprintf("bench: seqwrite end\n");
+    kprintf("bench: randread start\n");
+    uint32_t e3 = bench_run(0, mib * 256u, 4096, 1, span);
+    kprintf("bench: randread end\n");
+    kprintf("bench: errors=%u\n", e1 + e2 + e3);
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -999,6 +1092,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_vscsiirq();
     else if (streq(cfg.mode, "vscsimsix"))
         mode_vscsimsix();
+    else if (streq(cfg.mode, "vscsibench"))
+        mode_vscsibench(cfg.count);
     else if (streq(cfg.mode, "vscsicd"))
         mode_vscsicd();
     else if (streq(cfg.mode, "vscsi"))

@@ -309,7 +309,7 @@ final class SandboxProfileTests: XCTestCase {
     static let syscallTable: [String: Int32] = [
         "read": 0, "write": 1, "close": 3, "mmap": 9, "mprotect": 10, "ioctl": 16, "access": 21, "futex": 202, "execve": 59,
         "fcntl": 72, "readlink": 89, "arch_prctl": 158, "set_tid_address": 218, "openat": 257, "newfstatat": 262,
-        "set_robust_list": 273, "prlimit64": 302, "rseq": 334, "exit_group": 231, "socketcall": -101,
+        "set_robust_list": 273, "prlimit64": 302, "rseq": 334, "exit_group": 231, "socketcall": -101, "clone3": 435,
     ]
 
     static let source = "sandbox-profiles/serial.json"
@@ -452,11 +452,24 @@ final class SandboxProfileTests: XCTestCase {
                     .wrongType(expected: "an array", found: "a string"), at: "namespaces")
     }
 
+    /// `enosys`: bare names the allowlists do not name, failing with ENOSYS in both stages.
+    func testENOSYSList() throws {
+        let base = #"{"profile": "scsi", "version": 1, "namespaces": [], "syscalls": ["read", "write"]"#
+        let profile = try load(base + #", "enosys": ["clone3"]}"#)
+        XCTAssertEqual(profile.enosysSyscalls, [SyscallRule(name: "clone3", number: 435)])
+        XCTAssertTrue(profile.render().contains("failing with ENOSYS: clone3"))
+        XCTAssertEqual(try load(base + "}").enosysSyscalls, [])
+        XCTAssertEqual(loadError(base + #", "enosys": ["write"]}"#)?.problem, .enosysConflict(name: "write"))
+        XCTAssertEqual(loadError(base + #", "enosys": [{"name": "clone3", "allow_if": [{"arg": 0, "op": "eq", "value": 1}]}]}"#)?.problem,
+                       .enosysConflict(name: "clone3"))
+        XCTAssertEqual(loadError(base + #", "enosys": ["nosuch"]}"#)?.problem, .unknownSyscall(name: "nosuch", list: "enosys"))
+    }
+
     func testUnknownKeysAreErrors() {
         assertError(replacing: #""version": 1,"#, with: #""version": 1, "seccomp": true,"#,
-                    .unknownKey("seccomp", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls"]),
+                    .unknownKey("seccomp", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
                     at: "seccomp",
-                    description: #"sandbox-profiles/serial.json: unknown key "seccomp"; allowed keys are profile, version, description, namespaces, rlimits, startup_syscalls, syscalls (seccomp)"#)
+                    description: #"sandbox-profiles/serial.json: unknown key "seccomp"; allowed keys are profile, version, description, namespaces, rlimits, startup_syscalls, syscalls, enosys (seccomp)"#)
         assertError(replacing: #""nofile": 32"#, with: #""nofiles": 32"#,
                     .unknownKey("nofiles", allowed: ["nofile", "nproc", "core", "fsize", "as_extra_mib"]), at: "rlimits.nofiles")
         assertError(replacing: #"{ "name": "ioctl","#, with: #"{ "name": "ioctl", "action": "log","#,
@@ -464,7 +477,7 @@ final class SandboxProfileTests: XCTestCase {
         assertError(replacing: #""op": "eq","#, with: #""op": "eq", "comment": "TCGETS","#,
                     .unknownKey("comment", allowed: ["arg", "op", "value", "mask"]), at: "syscalls[3].allow_if[0].comment")
         assertError(replacing: #""version": 1,"#, with: #""version": 1, "a.b\n": 0,"#,
-                    .unknownKey("a.b\n", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls"]),
+                    .unknownKey("a.b\n", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
                     at: #"["a.b\n"]"#)
     }
 
@@ -559,9 +572,9 @@ final class SandboxProfileTests: XCTestCase {
         assertError(replacing: #""read", "write""#, with: #""read", ["write"]"#,
                     .wrongType(expected: "a syscall name or an object with \"name\" and \"allow_if\"", found: "an array"), at: "syscalls[1]")
         assertError(replacing: #""startup_syscalls": ["openat""#, with: #""startup_syscalls": {}, "x": ["openat""#,
-                    .unknownKey("x", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls"]), at: "x")
+                    .unknownKey("x", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]), at: "x")
         assertError(replacing: #""startup_syscalls": ["#, with: #""startup_syscalls": null, "unused": ["#,
-                    .unknownKey("unused", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls"]),
+                    .unknownKey("unused", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
                     at: "unused")
 
         XCTAssertEqual(loadError("[1]")?.problem, .wrongType(expected: "an object", found: "an array"))

@@ -5,8 +5,8 @@ import HVSCSIDisk
 // hv-scsi: a virtio-scsi host adapter (virtio 1.2 §5.6) with one logical unit, target 0 LUN 0:
 // a disk backed by a raw image (`kind=disk`) or a CD-ROM drive holding an ISO (`kind=cdrom`), the
 // image opened by the trusted side (host file 0). Queues: 0 control, 1 event, 2 requests.
-// Requests are served in the order the driver makes them available; each is completed before
-// the next is taken.
+// Plain READs and WRITEs go to a pool of I/O threads, straight between the image and the guest's
+// buffers, several in flight; every other command runs on the runtime thread as it is taken.
 
 final class VirtioSCSI: VirtioDevice {
     let runtime: DeviceRuntime
@@ -15,10 +15,23 @@ final class VirtioSCSI: VirtioDevice {
     /// Chains refused so far (hostile or broken drivers).
     var refused = 0
     var cdbSize: UInt32 = 32
+    /// The I/O threads; nil runs transfers inline (if the threads could not be started).
+    let pool: IOPool?
+    /// Bumped by each reset: completions of requests taken before it are dropped.
+    var generation: UInt64 = 0
+    weak var transport: VirtioPCITransport?
 
-    init(runtime: DeviceRuntime, unit: any SCSILogicalUnit) {
+    init(runtime: DeviceRuntime, unit: any SCSILogicalUnit, ioThreads: Int) {
         self.runtime = runtime
         self.unit = unit
+        var pool: IOPool?
+        if ioThreads > 0 {
+            do { pool = try IOPool(workers: ioThreads, unit: unit) } catch {
+                runtime.log(.warning, "no I/O threads (\(error)); transfers run one at a time")
+            }
+        }
+        self.pool = pool
+        if let pool { runtime.watch(fd: pool.completions.fd.rawValue) { [unowned self] in finishJobs(pool.takeFinished()) } }
     }
 
     var deviceType: UInt16 { 8 }
@@ -44,17 +57,30 @@ final class VirtioSCSI: VirtioDevice {
     }
 
     func reset() {
+        // Let the I/O in flight finish (it writes guest memory), then forget it.
+        if let pool { _ = pool.drainAll() }
+        generation &+= 1
         senseSize = 96
         cdbSize = 32
     }
 
+    /// Completes transfers the I/O threads finished.
+    private func finishJobs(_ jobs: [IOJob]) {
+        guard let transport, let memory = transport.memory else { return }
+        for job in jobs where job.generation == generation {
+            let written = finishTransfer(job, errno: job.errno, memory)
+            transport.complete(queue: job.queue, head: job.chain.head, written: written)
+        }
+    }
+
     func queueNotified(_ index: Int, transport: VirtioPCITransport) {
+        self.transport = transport
         guard let memory = transport.memory, index != 1 else { return }  // the event queue only holds buffers
         while let taken = transport.takeNext(queue: index) {
             switch taken {
             case .success(let chain):
-                let written = index == 0 ? control(chain, memory) : request(chain, memory)
-                transport.complete(queue: index, head: chain.head, written: written)
+                let written = index == 0 ? control(chain, memory) : request(chain, memory, queue: index)
+                if let written { transport.complete(queue: index, head: chain.head, written: written) }
             case .failure(let error):
                 // A hostile guest can send these in a loop: name the first few, then count.
                 refused += 1
@@ -73,10 +99,31 @@ final class VirtioSCSI: VirtioDevice {
         return UInt32(chain.write(zeros, memory))
     }
 
-    private func request(_ chain: DescriptorChain, _ memory: GuestMemory) -> UInt32 {
+    /// Serves one request; nil when it went to the I/O threads (completed later).
+    private func request(_ chain: DescriptorChain, _ memory: GuestMemory, queue: Int) -> UInt32? {
         let headerSize = 19 + Int(cdbSize)
         let responseSize = 12 + Int(senseSize)
-        let input = chain.readAll(memory, limit: headerSize + Int(SCSIDisk.maximumTransferBlocks * SCSIDisk.blockSize))
+        let header = chain.readAll(memory, limit: headerSize)
+        if header.count >= headerSize, chain.writableLength >= UInt64(responseSize), header[0] == 1, header[1] == 0,
+           (UInt16(header[2]) << 8 | UInt16(header[3])) & 0x3FFF == 0 {
+            // Target 0, LUN 0: a plain READ or WRITE moves its data without a copy.
+            let cdb = Array(header[19..<headerSize])
+            let dataInCapacity = Int(min(chain.writableLength - UInt64(responseSize), UInt64(Int32.max)))
+            let dataOutCapacity = Int(min(chain.readableLength - UInt64(headerSize), UInt64(Int32.max)))
+            if let transfer = unit.plannedTransfer(cdb, dataOutCapacity: dataOutCapacity, dataInCapacity: dataInCapacity),
+               let vectors = chain.ioVectors(writable: !transfer.isWrite, skipping: UInt64(transfer.isWrite ? headerSize : responseSize),
+                                             count: UInt64(transfer.byteCount), memory) {
+                let job = IOJob(queue: queue, chain: chain, transfer: transfer, vectors: vectors,
+                                dataInCapacity: dataInCapacity, generation: generation)
+                if let pool {
+                    pool.submit(job)
+                    return nil
+                }
+                return finishTransfer(job, errno: unit.transfer(transfer, vectors: vectors), memory)
+            }
+        }
+        let input = header.count < headerSize ? header
+            : chain.readAll(memory, limit: headerSize + Int(SCSIDisk.maximumTransferBlocks * SCSIDisk.blockSize))
         guard input.count >= headerSize, chain.writableLength >= UInt64(responseSize) else {
             // Too short to carry a command or its answer: VIRTIO_SCSI_S_FAILURE if the response fits.
             var response = [UInt8](repeating: 0, count: min(Int(chain.writableLength), responseSize))
@@ -120,6 +167,25 @@ final class VirtioSCSI: VirtioDevice {
         if !dataIn.isEmpty { written += chain.write(dataIn, at: UInt64(responseSize), memory) }
         return UInt32(written)
     }
+
+    /// The virtio-scsi response for a planned transfer that ended (`errno` nil: it succeeded);
+    /// returns the bytes written to the guest (the response, plus the data a READ brought).
+    private func finishTransfer(_ job: IOJob, errno: Int32?, _ memory: GuestMemory) -> UInt32 {
+        let result = unit.transferCompleted(job.transfer, errno: errno)
+        if let problem = unit.takeHostError() { runtime.log(.error, problem) }
+        let responseSize = 12 + Int(senseSize)
+        var response = [UInt8](repeating: 0, count: responseSize)
+        response[10] = result.status.rawValue
+        if result.status == .checkCondition {
+            let sense = result.sense.bytes.prefix(Int(senseSize))
+            response.replaceSubrange(12..<(12 + sense.count), with: sense)
+            response[0] = UInt8(sense.count)
+        }
+        let dataIn = !job.transfer.isWrite && result.status == .good ? job.transfer.byteCount : 0
+        let residual = UInt32(job.dataInCapacity - dataIn)
+        for i in 0..<4 { response[4 + i] = UInt8(truncatingIfNeeded: residual >> (8 * UInt32(i))) }
+        return UInt32(job.chain.write(response, memory) + dataIn)
+    }
 }
 
 let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi])
@@ -150,4 +216,6 @@ if runtime.config["kind"] == "cdrom" {
     unit = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
                     readOnly: runtime.config["readonly"] == "1", serial: runtime.config["serial"] ?? "hv-disk")
 }
-runtime.run(VirtioPCITransport(runtime: runtime, device: VirtioSCSI(runtime: runtime, unit: unit)))
+// Three I/O threads (the sandbox allows this process four tasks); `io_threads=0` runs transfers inline.
+let ioThreads = min(Int(runtime.config["io_threads"] ?? "3") ?? 3, 3)
+runtime.run(VirtioPCITransport(runtime: runtime, device: VirtioSCSI(runtime: runtime, unit: unit, ioThreads: runtime.config["kind"] == "cdrom" ? 0 : ioThreads)))

@@ -1,3 +1,5 @@
+import Glibc
+
 /// A SCSI direct-access (disk) logical unit over a raw image, as a pure command interpreter:
 /// the virtio-scsi device hands it a CDB and the data-out bytes, and it answers with a status,
 /// sense data and data-in. All host I/O goes through `BlockBackend`, so tests can use memory.
@@ -16,6 +18,49 @@ public protocol BlockBackend: AnyObject {
     func flush() -> Int32?
     /// Gives the range's space back to the host (reads as zeros afterwards).
     func discard(at offset: UInt64, count: UInt64) -> Int32?
+    /// Reads `count` bytes at `offset` straight into `vectors` (guest buffers, say), with no
+    /// copy in between. Safe from any thread: a backend keeps no mutable state.
+    func read(into vectors: [iovec], count: Int, at offset: UInt64) -> Int32?
+    /// Writes `count` bytes from `vectors` at `offset`. Safe from any thread.
+    func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32?
+}
+
+extension BlockBackend {
+    /// Vector by vector through `read(into:at:)`, for backends without vectored I/O.
+    public func read(into vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
+        var at = offset, left = count
+        for v in vectors where left > 0 {
+            let n = min(v.iov_len, left)
+            guard let base = v.iov_base else { return EFAULT }
+            if let e = read(into: UnsafeMutableRawBufferPointer(start: base, count: n), at: at) { return e }
+            at += UInt64(n)
+            left -= n
+        }
+        return left == 0 ? nil : EFAULT
+    }
+
+    /// Vector by vector through `write(_:at:)`.
+    public func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
+        var at = offset, left = count
+        for v in vectors where left > 0 {
+            let n = min(v.iov_len, left)
+            guard let base = v.iov_base else { return EFAULT }
+            if let e = write(UnsafeRawBufferPointer(start: base, count: n), at: at) { return e }
+            at += UInt64(n)
+            left -= n
+        }
+        return left == 0 ? nil : EFAULT
+    }
+}
+
+/// A READ or WRITE the adapter carries out itself, straight between the image and the guest's
+/// buffers (`SCSIDisk.plannedTransfer`): no copy through the interpreter, and off its thread.
+public struct SCSITransfer: Equatable, Sendable {
+    public let isWrite: Bool
+    /// Byte offset in the image.
+    public let offset: UInt64
+    public let byteCount: Int
+    public let lba: UInt64
 }
 
 /// A logical unit the virtio-scsi adapter serves: `SCSIDisk` or `SCSICDROM`.
@@ -24,6 +69,13 @@ public protocol SCSILogicalUnit: AnyObject {
     func execute(_ cdb: [UInt8], dataOut: [UInt8], dataInCapacity: Int) -> SCSIResult
     /// The last host I/O failure, described for the log.
     var lastHostError: String? { get set }
+    /// The transfer `cdb` asks for when it is a plain READ or WRITE that passes every check, so the
+    /// adapter may do the I/O itself (`transfer`, then `transferCompleted`); nil: use `execute`.
+    func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer?
+    /// Carries out a planned transfer against the guest's buffers. Safe from any thread.
+    func transfer(_ t: SCSITransfer, vectors: [iovec]) -> Int32?
+    /// The command's outcome once its transfer ended (`errno` nil: it succeeded). Runtime thread.
+    func transferCompleted(_ t: SCSITransfer, errno: Int32?) -> SCSIResult
 }
 
 extension SCSILogicalUnit {
@@ -35,7 +87,11 @@ extension SCSILogicalUnit {
 }
 
 extension SCSIDisk: SCSILogicalUnit {}
-extension SCSICDROM: SCSILogicalUnit {}
+extension SCSICDROM: SCSILogicalUnit {
+    public func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer? { nil }
+    public func transfer(_ t: SCSITransfer, vectors: [iovec]) -> Int32? { EINVAL }
+    public func transferCompleted(_ t: SCSITransfer, errno: Int32?) -> SCSIResult { .check(.invalidField) }
+}
 
 /// SCSI status bytes.
 public enum SCSIStatus: UInt8, Sendable {
@@ -126,6 +182,31 @@ public final class SCSIDisk {
         default: result = .check(.invalidOpcode)
         }
         return finish(result)
+    }
+
+    public func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer? {
+        guard let opcode = cdb.first, [0x28, 0xA8, 0x88, 0x2A, 0xAA, 0x8A].contains(opcode),
+              let (lba, blocks) = extent(cdb), blocks > 0, inRange(lba, blocks), blocks <= Self.maximumTransferBlocks else { return nil }
+        // READ/WRITE (10) with FUA or DPO bits, and anything unusual, take the interpreter's path.
+        let isWrite = [0x2A, 0xAA, 0x8A].contains(opcode)
+        let bytes = Int(blocks * Self.blockSize)
+        if isWrite {
+            guard !readOnly, dataOutCapacity >= bytes else { return nil }
+        } else {
+            guard dataInCapacity >= bytes else { return nil }
+        }
+        return SCSITransfer(isWrite: isWrite, offset: lba * Self.blockSize, byteCount: bytes, lba: lba)
+    }
+
+    public func transfer(_ t: SCSITransfer, vectors: [iovec]) -> Int32? {
+        t.isWrite ? backend.write(from: vectors, count: t.byteCount, at: t.offset) : backend.read(into: vectors, count: t.byteCount, at: t.offset)
+    }
+
+    public func transferCompleted(_ t: SCSITransfer, errno: Int32?) -> SCSIResult {
+        guard let errno else { return finish(.good()) }
+        let blocks = UInt64(t.byteCount) / Self.blockSize
+        return finish(t.isWrite ? hostError(errno, .writeError, "write of \(blocks) blocks at LBA \(t.lba)")
+                                : hostError(errno, .unrecoveredReadError, "read of \(blocks) blocks at LBA \(t.lba)"))
     }
 
     private func finish(_ r: SCSIResult) -> SCSIResult {
