@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import select
 import shutil
@@ -1037,6 +1038,83 @@ class Bench:
         r = ratio(hv, q)
         return [Row(name, hv, q, unit="ms", target=target, met=None if r is None else r <= 0.5)]
 
+    # -- virtio-scsi disk, as the guest sees it --
+
+    def case_scsi(self) -> list[Row]:
+        mib = 16 if self.quick else 64
+        print(f"case: virtio-scsi disk seen by the guest (mode=vscsibench: {mib} MiB sequential read and write in "
+              f"256 KiB requests, {mib * 256} random 4 KiB reads, 4 in flight), QEMU (virtio-scsi-pci + scsi-hd) "
+              f"and the host reading and writing the same image file", flush=True)
+        image = self.env.tmp / "scsi-bench.img"
+        with open(image, "wb") as f:
+            f.write(os.urandom(mib << 20))
+        phases = ("seqread", "seqwrite", "randread")
+        marks = {p: (f"bench: {p} start\n".encode(), f"bench: {p} end\n".encode()) for p in phases}
+        clean = b"bench: errors=0\n"
+        all_marks = [m for pair in marks.values() for m in pair] + [clean, DONE_MARKER]
+        cmd = f"mode=vscsibench count={mib}"
+
+        def host_side():
+            # The same requests from a host process on the same file (page cache warm, as the guests' is).
+            fd = os.open(image, os.O_RDWR)
+            try:
+                chunk, small = bytearray(256 << 10), bytearray(4096)
+                t0 = time.perf_counter()
+                for off in range(0, mib << 20, len(chunk)):
+                    os.preadv(fd, [chunk], off)
+                t1 = time.perf_counter()
+                for off in range(0, mib << 20, len(chunk)):
+                    os.pwritev(fd, [chunk], off)
+                t2 = time.perf_counter()
+                rng = random.Random(12345)
+                blocks = (mib << 20) // 4096
+                for _ in range(mib * 256):
+                    os.preadv(fd, [small], rng.randrange(blocks) * 4096)
+                t3 = time.perf_counter()
+            finally:
+                os.close(fd)
+            return {"seqread": mib / (t1 - t0), "seqwrite": mib / (t2 - t1), "randread": mib * 256 / (t3 - t2)}
+
+        def one(side, i):
+            if side == "host":
+                values = host_side()
+            else:
+                if side == "hv":
+                    argv = self.hv_argv(cmd) + ["--disk", str(image)]
+                    cap = run_capture(argv, timeout_s=180, markers=all_marks, env=self.hv_env)
+                else:
+                    argv = self.qemu_argv(cmd) + [
+                        "-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0",
+                        "-drive", f"file={image},if=none,id=d0,format=raw,cache=writeback",
+                        "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
+                    cap = run_capture(argv, timeout_s=180, markers=all_marks, stop_on=DONE_MARKER)
+                if clean not in cap.scanner.found:
+                    self.problem(side, "vscsibench did not finish without errors", cap)
+                values = {}
+                for p in phases:
+                    t0, t1 = (cap.scanner.time_of(m) for m in marks[p])
+                    ok = t0 is not None and t1 is not None and t1 > t0 and clean in cap.scanner.found
+                    amount = mib * 256 if p == "randread" else mib
+                    values[p] = amount / ((t1 - t0) / 1e9) if ok else None
+            for p in phases:
+                self.record(f"scsi_{p}", side, values[p])
+            print(f"  run {i + 1} {side}: " + ", ".join(
+                f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' MiB/s'}" for p, v in values.items()), flush=True)
+
+        self.interleaved(one, sides=("hv", "qemu", "host"))
+        rows = []
+        names = {"seqread": ("sequential read, 256 KiB × 4 in flight", "MiB/s"),
+                 "seqwrite": ("sequential write, 256 KiB × 4 in flight", "MiB/s"),
+                 "randread": ("random 4 KiB read, 4 in flight", "IOPS")}
+        for p in phases:
+            hv, q, host = (self.get(f"scsi_{p}", side) for side in ("hv", "qemu", "host"))
+            share = None if hv is None or host is None else hv.median / host.median
+            target = "hv ≥ 80% of the host" + (f" ({host.median:.0f} {names[p][1]})" if host else "")
+            rows.append(Row(f"virtio-scsi {names[p][0]}", hv, q, unit=names[p][1], target=target,
+                            met=None if share is None else share >= 0.8,
+                            note="" if share is None else f"{share * 100:.0f}% of the host"))
+        return rows
+
     # -- not yet --
 
     @staticmethod
@@ -1046,7 +1124,6 @@ class Bench:
     @classmethod
     def cases_not_yet(cls) -> list[Row]:
         return [
-            cls.not_yet("SCSI throughput vs raw host reads", "near raw reads", "no SCSI device yet"),
             cls.not_yet("network", "≥ QEMU", "no NIC yet"),
         ]
 
@@ -1128,6 +1205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += bench.case_vm_rate()
         rows += bench.case_vms_at_once()
         rows += bench.case_grub()
+        rows += bench.case_scsi()
         rows += bench.cases_not_yet()
 
     elapsed = time.monotonic() - t_start

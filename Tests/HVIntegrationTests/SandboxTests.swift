@@ -75,6 +75,16 @@ final class SandboxTests: XCTestCase {
         }
     }
 
+    /// ADD_DOORBELL and SET_MSI_ROUTE from a hostile device: only its own registers, only with `msi`.
+    func testHostileDeviceGetsNoDoorbellOrInterruptRouteItDoesNotOwn() throws {
+        let r = try runRogue("doorbell")
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("rogue: attack doorbell refused: foreign false, past end false, any-width port false, msi false; its own register true"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("doorbell refused: offset 0x2 (+1) is past the end of resource 0"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("doorbell refused: a port doorbell needs a width"), r.stderr)
+        XCTAssertTrue(r.stdout.hasSuffix("hv-testguest: done\n"), r.stdout)
+    }
+
     func testHostileDeviceCannotWriteOutsideGuestMemory() throws {
         let r = try runRogue("guest-memory", extra: ",memory")
         XCTAssertEqual(r.status, 0, r.stderr)

@@ -71,6 +71,15 @@ final class Rogue: DeviceModel {
             } catch {
                 outcome(false, "\(error)")
             }
+        case "doorbell":
+            // Doorbells on registers it does not own, and an interrupt route it was not granted.
+            let foreign = runtime.addDoorbell(resource: 9, offset: 0, length: 1)
+            let pastEnd = runtime.addDoorbell(resource: 0, offset: 2, length: 1)
+            let anyWidthPort = runtime.addDoorbell(resource: 0, offset: 0, length: 0)
+            let msi = runtime.routeMSI(vector: 0, address: 0xFEE0_0000, data: 0x30)
+            let own = runtime.addDoorbell(resource: 0, offset: 1, length: 1)
+            outcome(foreign != nil || pastEnd != nil || anyWidthPort != nil || msi != nil,
+                    "foreign \(foreign != nil), past end \(pastEnd != nil), any-width port \(anyWidthPort != nil), msi \(msi != nil); its own register \(own != nil)")
         default:
             outcome(false, "unknown attack")
         }
