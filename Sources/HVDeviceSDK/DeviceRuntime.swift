@@ -279,11 +279,7 @@ public final class DeviceRuntime: @unchecked Sendable {
         let start = ring?.committedRequestIndex() ?? 0
         let loop = LoopState(cursor: start, spinStart: monotonicNanoseconds(), committed: start)
         finalCommit = { [unowned self] in commit(model, loop, now: monotonicNanoseconds()) }
-        catchUp = { [unowned self] in
-            guard let ring else { return }
-            let published = ring.publishedRequestIndex()
-            if published != loop.cursor { loop.cursor = serve(ring: ring, model: model, from: loop.cursor, to: published) }
-        }
+        catchUp = { [unowned self] in _ = serveRing(model, loop) }
         while true { iterate(model, loop) }
     }
 
@@ -325,14 +321,7 @@ public final class DeviceRuntime: @unchecked Sendable {
     // finishes on the whole loop inlined into `run` (release builds hang).
     @inline(never)
     private func iterate(_ model: some DeviceModel, _ loop: LoopState) {
-        var served = false
-        if let ring {
-            let published = ring.publishedRequestIndex()
-            if published != loop.cursor {
-                loop.cursor = serve(ring: ring, model: model, from: loop.cursor, to: published)
-                served = true
-            }
-        }
+        let served = serveRing(model, loop)
         var now = monotonicNanoseconds()
         if served || !loop.deadlineKnown {
             loop.deadline = model.nextDeadline()
@@ -378,6 +367,15 @@ public final class DeviceRuntime: @unchecked Sendable {
         kick?.drain()
         loop.spinStart = monotonicNanoseconds()
         loop.lastOthersPoll = loop.spinStart
+    }
+
+    /// Serves the ring up to its published index; whether there was anything.
+    private func serveRing(_ model: some DeviceModel, _ loop: LoopState) -> Bool {
+        guard let ring else { return false }
+        let published = ring.publishedRequestIndex()
+        guard published != loop.cursor else { return false }
+        loop.cursor = serve(ring: ring, model: model, from: loop.cursor, to: published)
+        return true
     }
 
     private func serve(ring: RegisterRing, model: some DeviceModel, from start: UInt32, to end: UInt32) -> UInt32 {

@@ -145,24 +145,15 @@ final class VirtioSCSI: VirtioDevice {
             if cdb[0] == 0x12 {
                 dataIn = [0x7F] + [UInt8](repeating: 0, count: 35)
             } else {
-                response[10] = SCSIStatus.checkCondition.rawValue
-                let sense = SCSISense(key: 0x05, asc: 0x25, ascq: 0).bytes
-                response.replaceSubrange(12..<(12 + min(sense.count, Int(senseSize))), with: sense.prefix(Int(senseSize)))
-                response[0] = UInt8(min(sense.count, Int(senseSize)))
+                response = self.response(status: .checkCondition, sense: SCSISense(key: 0x05, asc: 0x25, ascq: 0), residual: 0)
             }
         } else {
             let result = self.unit.execute(cdb, dataOut: dataOut, dataInCapacity: dataInCapacity)
             if let problem = self.unit.takeHostError() { runtime.log(.error, problem) }
-            response[10] = result.status.rawValue
-            if result.status == .checkCondition {
-                let sense = result.sense.bytes.prefix(Int(senseSize))
-                response.replaceSubrange(12..<(12 + sense.count), with: sense)
-                response[0] = UInt8(sense.count)  // sense_len (le32)
-            }
             dataIn = Array(result.dataIn.prefix(dataInCapacity))
+            response = self.response(status: result.status, sense: result.sense, residual: 0)
         }
-        let residual = UInt32(dataInCapacity - dataIn.count)
-        for i in 0..<4 { response[4 + i] = UInt8(truncatingIfNeeded: residual >> (8 * UInt32(i))) }
+        setResidual(&response, UInt32(dataInCapacity - dataIn.count))
         var written = chain.write(response, memory)
         if !dataIn.isEmpty { written += chain.write(dataIn, at: UInt64(responseSize), memory) }
         return UInt32(written)
@@ -173,18 +164,27 @@ final class VirtioSCSI: VirtioDevice {
     private func finishTransfer(_ job: IOJob, errno: Int32?, _ memory: GuestMemory) -> UInt32 {
         let result = unit.transferCompleted(job.transfer, errno: errno)
         if let problem = unit.takeHostError() { runtime.log(.error, problem) }
-        let responseSize = 12 + Int(senseSize)
-        var response = [UInt8](repeating: 0, count: responseSize)
-        response[10] = result.status.rawValue
-        if result.status == .checkCondition {
-            let sense = result.sense.bytes.prefix(Int(senseSize))
-            response.replaceSubrange(12..<(12 + sense.count), with: sense)
-            response[0] = UInt8(sense.count)
-        }
         let dataIn = !job.transfer.isWrite && result.status == .good ? job.transfer.byteCount : 0
-        let residual = UInt32(job.dataInCapacity - dataIn)
+        let reply = response(status: result.status, sense: result.sense, residual: UInt32(job.dataInCapacity - dataIn))
+        return UInt32(job.chain.write(reply, memory) + dataIn)
+    }
+
+    /// struct virtio_scsi_cmd_resp with response VIRTIO_SCSI_S_OK: the SCSI status, the sense
+    /// (for CHECK CONDITION, cut to the driver's sense_size) and the data-in residual.
+    private func response(status: SCSIStatus, sense: SCSISense, residual: UInt32) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: 12 + Int(senseSize))
+        bytes[10] = status.rawValue
+        if status == .checkCondition {
+            let sense = sense.bytes.prefix(Int(senseSize))
+            bytes.replaceSubrange(12..<(12 + sense.count), with: sense)
+            bytes[0] = UInt8(sense.count)  // sense_len (le32)
+        }
+        setResidual(&bytes, residual)
+        return bytes
+    }
+
+    private func setResidual(_ response: inout [UInt8], _ residual: UInt32) {
         for i in 0..<4 { response[4 + i] = UInt8(truncatingIfNeeded: residual >> (8 * UInt32(i))) }
-        return UInt32(job.chain.write(response, memory) + dataIn)
     }
 }
 

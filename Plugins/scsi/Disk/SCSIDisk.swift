@@ -28,24 +28,22 @@ public protocol BlockBackend: AnyObject {
 extension BlockBackend {
     /// Vector by vector through `read(into:at:)`, for backends without vectored I/O.
     public func read(into vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
-        var at = offset, left = count
-        for v in vectors where left > 0 {
-            let n = min(v.iov_len, left)
-            guard let base = v.iov_base else { return EFAULT }
-            if let e = read(into: UnsafeMutableRawBufferPointer(start: base, count: n), at: at) { return e }
-            at += UInt64(n)
-            left -= n
-        }
-        return left == 0 ? nil : EFAULT
+        eachVector(vectors, count: count, at: offset) { read(into: UnsafeMutableRawBufferPointer(start: $0, count: $1), at: $2) }
     }
 
     /// Vector by vector through `write(_:at:)`.
     public func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
+        eachVector(vectors, count: count, at: offset) { write(UnsafeRawBufferPointer(start: $0, count: $1), at: $2) }
+    }
+
+    /// Calls `io(base, length, offset)` for each vector's share of `count` bytes from `offset`.
+    private func eachVector(_ vectors: [iovec], count: Int, at offset: UInt64,
+                            _ io: (UnsafeMutableRawPointer, Int, UInt64) -> Int32?) -> Int32? {
         var at = offset, left = count
         for v in vectors where left > 0 {
             let n = min(v.iov_len, left)
             guard let base = v.iov_base else { return EFAULT }
-            if let e = write(UnsafeRawBufferPointer(start: base, count: n), at: at) { return e }
+            if let e = io(base, n, at) { return e }
             at += UInt64(n)
             left -= n
         }
