@@ -11,6 +11,8 @@ let package = Package(
         .executable(name: "hv-serial", targets: ["hv-serial"]),
         .executable(name: "hv-bios", targets: ["hv-bios"]),
         .executable(name: "hv-scsi", targets: ["hv-scsi"]),
+        .executable(name: "hv-net", targets: ["hv-net"]),
+        .executable(name: "hv-switch", targets: ["hv-switch"]),
         .executable(name: "hv-jail", targets: ["hv-jail"]),
         .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
     ],
@@ -56,6 +58,12 @@ let package = Package(
         .executableTarget(name: "hv-scsi", dependencies: ["HVDeviceSDK", "HVSCSIDisk"], path: "Plugins/scsi/Device",
                           swiftSettings: strict),
 
+        // virtio-net NIC and the private segments' learning switch (its forwarding table pure, unit-tested).
+        .executableTarget(name: "hv-net", dependencies: ["HVDeviceSDK"], path: "Plugins/net/Device", swiftSettings: strict),
+        .target(name: "HVNetSwitch", path: "Plugins/net/Switch", swiftSettings: strict),
+        .executableTarget(name: "hv-switch", dependencies: ["HVIPC", "HVSys", "CHVShim", "HVNetSwitch"], path: "Plugins/net/SwitchProcess",
+                          swiftSettings: strict),
+
         // Test-only hostile device, run as a third-party plugin under its own profile.
         .executableTarget(name: "hv-rogue-device", dependencies: ["HVDeviceSDK"], path: "Tests/RogueDevice",
                           exclude: ["rogue.json"], swiftSettings: strict),
@@ -71,6 +79,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "HVBootLoaderTests", dependencies: ["HVBootLoader"], path: "Tests/HVBootLoaderTests",
                     swiftSettings: strict),
+        .testTarget(name: "HVNetSwitchTests", dependencies: ["HVNetSwitch"], path: "Tests/HVNetSwitchTests", swiftSettings: strict),
         .testTarget(name: "HVSandboxTests", dependencies: ["HVSandbox"], path: "Tests/HVSandboxTests", swiftSettings: strict),
         .testTarget(name: "HVIntegrationTests", dependencies: ["HVSys"], path: "Tests/HVIntegrationTests",
                     exclude: [], swiftSettings: strict),

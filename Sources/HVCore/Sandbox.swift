@@ -70,8 +70,10 @@ public struct SandboxPlan: Sendable {
     }
 
     /// Starts `executable` under the jail with `inherit` (child fd → parent fd) and returns it.
-    func spawn(executable: String, arguments: [String], memoryBytes: UInt64,
-               inherit: [(child: Int32, parent: Int32)]) throws(SystemError) -> ChildProcess {
+    /// A `detached` process outlives its parent (in a session of its own) instead of dying with
+    /// it; `stderr` is the parent descriptor it writes its messages to.
+    public func spawn(executable: String, arguments: [String], memoryBytes: UInt64,
+                      inherit: [(child: Int32, parent: Int32)], detached: Bool = false, stderr: Int32 = 2) throws(SystemError) -> ChildProcess {
         var sync: [Int32] = [-1, -1]
         try check("pipe", pipe(&sync))
         let syncRead = FileDescriptor(owning: sync[0])
@@ -88,12 +90,13 @@ public struct SandboxPlan: Sendable {
 
         var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
         for p in exposedPaths { argv += ["--expose", p] }
+        if detached { argv.append("--outlive-parent") }
         argv += ["--", executable] + arguments
         let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         let cEnv: [UnsafeMutablePointer<CChar>?] = [nil]
         defer { cArgs.forEach { free($0) } }
         // The device's stdin and stdout are /dev/null; stderr stays the operator's.
-        let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), Int32(2)),
+        let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), stderr),
                        (Self.jailDeviceFD, deviceBinary.rawValue), (Self.jailProfileFD, profileFile.rawValue)] + inherit
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)

@@ -113,4 +113,15 @@ public final class StatePage: @unchecked Sendable {
         precondition(MemoryLayout<T>.size <= count, "state larger than the state page")
         mapping.base.storeBytes(of: value, as: T.self)
     }
+
+    /// Stores `bytes` from offset 0 (at most `count`).
+    public func storeBytes(_ bytes: [UInt8]) {
+        precondition(bytes.count <= count, "state larger than the state page")
+        bytes.withUnsafeBytes { mapping.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+
+    /// The first `count` bytes (validate before use: a dead process may have left anything).
+    public func loadBytes(count n: Int) -> [UInt8] {
+        Array(UnsafeRawBufferPointer(start: mapping.base, count: min(n, count)))
+    }
 }

@@ -19,6 +19,15 @@ public protocol VirtioDevice: AnyObject {
     func queueNotified(_ index: Int, transport: VirtioPCITransport)
     /// The driver reset the device: forget every request in flight.
     func reset()
+    /// Whether the device completes each queue's chains in the order it takes them. Such a device
+    /// can be restarted after a crash without the driver noticing: the transport keeps its
+    /// configuration in the state page (grant `statePage`) and resumes each queue at the used
+    /// index, taking again every chain that was taken but not completed. Default: false.
+    var completesInOrder: Bool { get }
+}
+
+extension VirtioDevice {
+    public var completesInOrder: Bool { false }
 }
 
 /// The virtio-pci modern transport (virtio 1.2 §4.1) for a device process: serves its PCI config
@@ -94,6 +103,10 @@ public final class VirtioPCITransport: DeviceModel {
     private var msixEventFDs: [EventFD?]
     private var msixStale: [Bool]
     private var msixRefusalLogged: [Bool]
+    /// The feature bits the driver accepted (meaningful once it set FEATURES_OK).
+    public var negotiatedFeatures: UInt64 { driverFeatures }
+    /// Whether the driver has set DRIVER_OK and not reset the device since.
+    public var isDriverReady: Bool { status & 4 != 0 }
     /// Interrupts delivered through MSI-X and through INTx so far (for tests and statistics).
     public private(set) var msixDelivered: UInt64 = 0
 
@@ -130,6 +143,12 @@ public final class VirtioPCITransport: DeviceModel {
                 runtime.watchDoorbell(doorbell) { [unowned self] in notified(q) }
             }
         }
+        if restoreState() {
+            runtime.log(.info, "resumed after a restart: configuration restored, queues resumed at their used indices")
+            for q in queues.indices { notified(q) }
+            // Anything the dead process completed but did not signal is signalled now.
+            for q in queues.indices where status & 4 != 0 { signalUsedBuffers(queue: q) }
+        }
     }
 
     private func notified(_ index: Int) {
@@ -147,6 +166,67 @@ public final class VirtioPCITransport: DeviceModel {
     public func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
         if resource == configResource { configWrite(Int(offset), size, value) }
         if resource == barResource { barWrite(Int(offset), size, value) }
+        if resource == configResource || (resource == barResource && Int(offset) < Self.notifyOffset) { saveState() }
+    }
+
+    // MARK: Surviving a restart
+
+    /// "HVVT" + layout version 1.
+    private static let stateMagic: UInt32 = 0x5456_5648, stateVersion: UInt32 = 1
+
+    /// The driver-visible configuration, as bytes in the state page (in-order devices only).
+    private func saveState() {
+        guard device.completesInOrder, let page = runtime.statePage else { return }
+        var b: [UInt8] = []
+        func put(_ v: UInt64, _ n: Int) { for i in 0..<n { b.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) } }
+        put(UInt64(Self.stateMagic), 4); put(UInt64(Self.stateVersion), 4)
+        put(UInt64(setups.count), 2); put(UInt64(msixVectors), 2)
+        put(UInt64(status), 1); put(driverFeatures, 8); put(UInt64(configVector), 2)
+        put(UInt64(deviceFeatureSelect), 4); put(UInt64(driverFeatureSelect), 4); put(UInt64(queueSelect), 2)
+        put(msixEnabled ? 1 : 0, 1); put(msixFunctionMask ? 1 : 0, 1)
+        put(UInt64(interruptLine), 1); put(UInt64(windowBAR), 1); put(UInt64(windowOffset), 4); put(UInt64(windowLength), 4)
+        for q in setups {
+            put(UInt64(q.size), 2); put(q.enabled ? 1 : 0, 1); put(UInt64(q.vector), 2)
+            put(q.descriptors, 8); put(q.driver, 8); put(q.device, 8)
+        }
+        b += msixTable
+        b += msixPending.map { $0 ? 1 : 0 }
+        guard b.count <= page.count else { return }
+        page.storeBytes(b)
+    }
+
+    /// After a crash: takes back the configuration the dead process saved, resumes every live
+    /// queue at its used index, and notifies the device of each so it takes again what was
+    /// pending. False when there is nothing valid to restore.
+    private func restoreState() -> Bool {
+        guard device.completesInOrder, runtime.restartGeneration > 0, let page = runtime.statePage, let memory else { return false }
+        let b = page.loadBytes(count: page.count)
+        var at = 0
+        func get(_ n: Int) -> UInt64 {
+            defer { at += n }
+            return (0..<n).reduce(0) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
+        }
+        guard get(4) == UInt64(Self.stateMagic), get(4) == UInt64(Self.stateVersion),
+              get(2) == UInt64(setups.count), get(2) == UInt64(msixVectors) else { return false }
+        status = UInt8(get(1)); driverFeatures = get(8); configVector = UInt16(get(2))
+        deviceFeatureSelect = UInt32(get(4)); driverFeatureSelect = UInt32(get(4)); queueSelect = UInt16(get(2))
+        msixEnabled = get(1) != 0; msixFunctionMask = get(1) != 0
+        interruptLine = UInt8(get(1)); windowBAR = UInt8(get(1)); windowOffset = UInt32(get(4)); windowLength = UInt32(get(4))
+        for q in setups.indices {
+            setups[q].size = UInt16(get(2)); let enabled = get(1) != 0; setups[q].vector = UInt16(get(2))
+            setups[q].descriptors = get(8); setups[q].driver = get(8); setups[q].device = get(8)
+            if enabled { enableQueue(q) }
+        }
+        msixTable = Array(b[at..<(at + msixTable.count)]); at += msixTable.count
+        msixPending = b[at..<(at + msixPending.count)].map { $0 != 0 }
+        // The device wrote the used index itself; the driver never changes it. Everything the
+        // driver made available after it was taken (or not) before the crash: take it again.
+        for q in queues.indices where queues[q] != nil {
+            guard let p = memory.translate(queues[q]!.usedRing + 2, count: 2) else { continue }
+            let used = UInt16(littleEndian: p.loadUnaligned(as: UInt16.self))
+            queues[q]!.restore(nextAvailable: used, usedIndex: used)
+        }
+        return true
     }
 
     /// Marks used buffers for the driver (ISR bit 0) and raises INTx, if the driver asked for

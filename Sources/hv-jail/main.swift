@@ -42,18 +42,21 @@ var profilePath: String?
 var memoryBytes: UInt64 = 0
 var exposed: [String] = []
 var device: [String] = []
+/// A segment's switch serves several VMs: it must not die with the VM that happened to start it.
+var outliveParent = false
 var args = CommandLine.arguments.dropFirst()
 while let a = args.popFirst() {
     switch a {
     case "--profile": profilePath = args.popFirst()
     case "--memory": memoryBytes = args.popFirst().flatMap { UInt64($0) } ?? 0
     case "--expose": if let p = args.popFirst() { exposed.append(p) }
+    case "--outlive-parent": outliveParent = true
     case "--": device = Array(args); args = []
     default: die("unknown argument '\(a)'")
     }
 }
 guard let profilePath, let devicePath = device.first, devicePath.hasPrefix("/") else {
-    die("usage: hv-jail --profile FILE --memory BYTES [--expose PATH]... -- /path/to/device [ARG]...")
+    die("usage: hv-jail --profile FILE --memory BYTES [--expose PATH]... [--outlive-parent] -- /path/to/device [ARG]...")
 }
 
 // The profile is read before the root disappears; the core already validated it once.
@@ -161,7 +164,12 @@ cap_free(UnsafeMutableRawPointer(empty))
 _ = hv_prctl(PR_CAP_AMBIENT, UInt(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
 require(hv_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "no_new_privs")
 // After the credential change: the kernel clears the parent-death signal on setuid.
-require(hv_prctl(PR_SET_PDEATHSIG, UInt(SIGKILL), 0, 0, 0) == 0, "pdeathsig")
+if outliveParent {
+    // Its own session: the starting VM's terminal signals (Ctrl-C, hang-up) do not reach it.
+    _ = setsid()
+} else {
+    require(hv_prctl(PR_SET_PDEATHSIG, UInt(SIGKILL), 0, 0, 0) == 0, "pdeathsig")
+}
 
 // MARK: Resource limits
 

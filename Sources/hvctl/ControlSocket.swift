@@ -25,7 +25,7 @@ enum RunDirectory {
 }
 
 /// A Unix socket address for `path`, or nil when the path does not fit `sun_path`.
-private func unixAddress(_ path: String) -> sockaddr_un? {
+func unixAddress(_ path: String) -> sockaddr_un? {
     var address = sockaddr_un()
     address.sun_family = sa_family_t(AF_UNIX)
     let bytes = Array(path.utf8)
@@ -37,7 +37,7 @@ private func unixAddress(_ path: String) -> sockaddr_un? {
     return address
 }
 
-private func connectTo(_ path: String) -> Int32? {
+func connectTo(_ path: String) -> Int32? {
     guard var address = unixAddress(path) else { return nil }
     let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { return nil }
@@ -167,12 +167,12 @@ private func names() -> [String] {
     return found.sorted()
 }
 
-private func number(_ o: JSONObject, _ key: String) -> UInt64 {
+func number(_ o: JSONObject, _ key: String) -> UInt64 {
     if case .number(let n)? = o[key] { return n.uint64Value ?? 0 }
     return 0
 }
 
-private func text(_ o: JSONObject, _ key: String) -> String {
+func text(_ o: JSONObject, _ key: String) -> String {
     if case .string(let s)? = o[key] { return s }
     return "?"
 }
@@ -182,7 +182,7 @@ private func devices(_ o: JSONObject) -> [JSONObject] {
     return list.compactMap { if case .object(let d) = $0 { return d } else { return nil } }
 }
 
-private func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
 
 /// `hvctl cdrom NAME eject` and `hvctl cdrom NAME insert ISO`: the running VM's core opens the
 /// ISO (it is the trusted side) and hands it to the CD-ROM drive's process.
@@ -274,7 +274,7 @@ func vmCommand(_ verb: String, _ arguments: ArraySlice<String>) throws(UsageErro
     }
 }
 
-private func render(_ v: JSONValue) -> String {
+func render(_ v: JSONValue) -> String {
     switch v {
     case .string(let s): return jsonString(s)
     case .number(let n): return n.literal

@@ -9,7 +9,7 @@ import HVSys
 /// a sandbox plan.
 enum DeviceCatalog {
     /// The devices hv ships, by the name `hvctl sandbox show` takes.
-    static let builtIn: [(name: String, executable: String)] = [("serial", "hv-serial"), ("bios", "hv-bios"), ("scsi", "hv-scsi")]
+    static let builtIn: [(name: String, executable: String)] = [("serial", "hv-serial"), ("bios", "hv-bios"), ("scsi", "hv-scsi"), ("net", "hv-net"), ("switch", "hv-switch")]
 
     /// `sandbox-profiles/`: $HV_PROFILE_DIR, else beside hvctl, else the source tree hvctl was built in.
     static func profileDirectory() -> String? {

@@ -43,6 +43,7 @@ struct RunOptions {
     var disks: [String] = []
     var cdrom: String?
     var plugins: [String] = []
+    var nics: [NICOption] = []
 
     static let help = """
     usage: hvctl run [options]
@@ -59,6 +60,10 @@ struct RunOptions {
       --cmdline STR      command line passed to the kernel (--multiboot, --kernel)
       --disk PATH[,readonly]  a raw disk image on a virtio-scsi adapter (its own sandboxed process); repeatable
       --cdrom ISO        an ISO image in a virtio-scsi CD-ROM drive (its own sandboxed process); firmware boots it first
+      --nic tap=IFNAME[,mac=MAC]  a virtio-net NIC on host tap IFNAME (created, and brought up, if missing)
+      --nic net=SEGMENT[,mac=MAC] a virtio-net NIC on private segment SEGMENT, shared with the other VMs on
+                         this host that join it; up to 4 --nic, each its own sandboxed process. Without
+                         mac=, the MAC is 52:54:00 and a hash of the VM's --name and the NIC's index
       --no-reboot        end the VM (exit 0) when the guest asks for a reset, instead of rebooting it
       --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
       --cpus N           number of vCPUs (default 1)
@@ -133,6 +138,9 @@ struct RunOptions {
                 }
                 options.tenant = name
             case "--device": options.plugins.append(try value(flag))
+            case "--nic":
+                guard options.nics.count < NICOption.maximumPerVM else { throw UsageError(message: "at most \(NICOption.maximumPerVM) --nic per VM") }
+                options.nics.append(try NICOption.parse(try value(flag)))
             case "--cdrom":
                 guard options.cdrom == nil else { throw UsageError(message: "one --cdrom per VM") }
                 options.cdrom = try value(flag)

@@ -33,6 +33,7 @@ commands:
   status    'status NAME [--json]': one running VM and its device processes
   stop      'stop NAME': stop a running VM
   cdrom     'cdrom NAME eject' or 'cdrom NAME insert ISO': change a running VM's CD
+  net       'net ls [--json]': private network segments, their member NICs and traffic counters
   version   print hv's version and IPC protocol version
   help      show this help
 
@@ -210,13 +211,16 @@ func run(_ options: RunOptions) -> Int32 {
     let boot = openBootFiles(options)
     let disks = openDisks(options)
     let cdrom = openCDROM(options)
+    sandboxSegments = options.sandbox
+    let nics = attachNICs(options, vmName: options.name ?? "vm-\(getpid())", verbose: options.verbose)
 
     var serialFiles: [FileDescriptor] = []
     var console: Console?
     do {
         switch options.serial {
         case "stdio":
-            serialFiles.append(try FileDescriptor(owning: 1).duplicate())
+            // A duplicate: wrapping fd 1 itself would close hvctl's stdout when the wrapper goes.
+            serialFiles.append(FileDescriptor(owning: try check("dup stdout", fcntl(1, F_DUPFD_CLOEXEC, 3))))
             let c = try Console()
             serialFiles.append(c.deviceInput)
             console = c
@@ -296,7 +300,7 @@ func run(_ options: RunOptions) -> Int32 {
         do {
             if let size = boot.firmwareSize { firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: size) }
             devices = try platformDevices(options, boot: boot, firmwareROM: firmwareROM, serialFiles: serialFiles,
-                                          debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom)
+                                          debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom, nics: nics)
         } catch let error as UsageError {
             fail(error.message, status: 2)
         } catch {
@@ -338,7 +342,8 @@ func run(_ options: RunOptions) -> Int32 {
 /// The serial port, the BIOS/platform device and any --device plugins, each planned into its
 /// tenant's sandbox.
 func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDescriptor?, serialFiles: [FileDescriptor],
-                     debugOutput: FileDescriptor, tenant: String?, disks: [DiskImage], cdrom: FileDescriptor?) throws -> [DeviceSpec] {
+                     debugOutput: FileDescriptor, tenant: String?, disks: [DiskImage], cdrom: FileDescriptor?,
+                     nics: [AttachedNIC]) throws -> [DeviceSpec] {
     // The CD-ROM drive is PCI 00:0d.0; with one, the firmware boots it first.
     let cdromBDF: UInt64 = 0x0D << 3
     let bootOrder = cdrom == nil ? "" : "/pci@i0cf8/*@d/*@0/*@0,0"
@@ -374,6 +379,16 @@ func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDe
                                               Resource(kind: .pciMMIOBar, base: cdromBDF << 8, length: 0x4000)],
                                   hostFiles: [cdrom], config: "kind=cdrom", capabilities: [.interruptLevel, .msi], mapsGuestMemory: true))
         profiles["cdrom0"] = "scsi"
+    }
+    // Each NIC is its own virtio-net process at PCI 00:10.0, 00:11.0, …
+    for (i, nic) in nics.enumerated() {
+        let bdf = UInt64((0x10 + i) << 3)
+        devices.append(DeviceSpec(name: "net\(i)", executable: deviceExecutable("hv-net"),
+                                  resources: [Resource(kind: .pciConfig, base: bdf, length: 256),
+                                              Resource(kind: .pciMMIOBar, base: bdf << 8, length: 0x4000)],
+                                  hostFiles: nic.files, config: "backend=\(nic.backend)\nmac=\(formatMAC(nic.mac))",
+                                  capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
+        profiles["net\(i)"] = "net"
     }
     do {
         if let tenant {
@@ -427,6 +442,8 @@ case "ls"?, "status"?, "stop"?:
     do { exit(try vmCommand(CommandLine.arguments[1], arguments)) } catch { fail(error.message, status: 2) }
 case "disk"?:
     do { exit(try diskCommand(arguments)) } catch { fail(error.message, status: 2) }
+case "net"?:
+    do { exit(try netCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "version"?, "--version"?:
     print("hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))")
 case "help"?, "-h"?, "--help"?:

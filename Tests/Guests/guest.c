@@ -61,6 +61,8 @@ struct config {
     char mode[16];
     uint32_t port;
     uint32_t cpus, lines, count, bytes, delay;
+    uint32_t count_given;
+    uint32_t ip, peer, size;            /* net modes: addresses in host order, UDP payload bytes */
 };
 
 extern const char tramp_start[], tramp_end[];
@@ -256,6 +258,25 @@ static uint32_t parse_u32(const char *s, const char *end)
     return v;
 }
 
+/* "a.b.c.d" in host byte order (a is the top byte); 0 if malformed. */
+static uint32_t parse_ip(const char *s, const char *end)
+{
+    uint32_t ip = 0;
+    for (int part = 0; part < 4; part++) {
+        if (s >= end || *s < '0' || *s > '9') return 0;
+        uint32_t v = 0;
+        for (; s < end && *s >= '0' && *s <= '9'; s++)
+            v = v * 10 + (uint32_t)(*s - '0');
+        if (v > 255) return 0;
+        ip = ip << 8 | v;
+        if (part < 3) {
+            if (s >= end || *s != '.') return 0;
+            s++;
+        }
+    }
+    return ip;
+}
+
 static void parse_cmdline(const char *s, struct config *cfg)
 {
     while (*s) {
@@ -278,12 +299,19 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->lines = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "count="))) {
             cfg->count = parse_u32(v, s);
+            cfg->count_given = 1;
         } else if ((v = token_value(tok, s, "bytes="))) {
             cfg->bytes = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "delay="))) {
             cfg->delay = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "port="))) {
             cfg->port = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "ip="))) {
+            cfg->ip = parse_ip(v, s);
+        } else if ((v = token_value(tok, s, "peer="))) {
+            cfg->peer = parse_ip(v, s);
+        } else if ((v = token_value(tok, s, "size="))) {
+            cfg->size = parse_u32(v, s);
         }
     }
 }
@@ -586,6 +614,99 @@ static uint16_t vs_qsize = VQ_SIZE;
 
 static void mb(void) { __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory"); }
 
+/* ---- the modern virtio-pci transport, shared by the vscsi and net drivers ---- */
+
+struct vpci {
+    uint32_t bdf;
+    volatile uint8_t *common, *isr, *device, *notify;  /* notify: queue_notify_off 0's address */
+    uint32_t notify_mult;
+};
+
+#define VPCI_STATUS     0x14
+#define VPCI_Q_SELECT   0x16
+#define VPCI_Q_SIZE     0x18
+#define VPCI_Q_VECTOR   0x1A
+#define VPCI_Q_ENABLE   0x1C
+#define VPCI_Q_NOTIFY   0x1E
+
+static inline volatile uint16_t *vpci16(const struct vpci *v, uint32_t off) { return (volatile uint16_t *)(v->common + off); }
+static inline volatile uint32_t *vpci32(const struct vpci *v, uint32_t off) { return (volatile uint32_t *)(v->common + off); }
+
+/*
+ * Places the BAR the capabilities name (hv: BAR 0; QEMU: BAR 4, 64-bit) at `base`, or, with
+ * `keep_assigned`, leaves it where firmware put it if it is assigned and below 4 GiB; turns on
+ * memory decode and bus mastering; finds the common, notify, ISR and device-config structures.
+ * All four are assumed to live in that one BAR.
+ */
+static void vpci_map(struct vpci *v, uint32_t bdf, uint32_t base, int keep_assigned)
+{
+    uint32_t bar = 0;
+    v->bdf = bdf;
+    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF)
+        if ((pci_read(bdf, cap) & 0xFF) == 0x09 && ((pci_read(bdf, cap) >> 24) & 0xFF) == 1) bar = pci_read(bdf, cap + 4) & 0xFF;
+    uint32_t reg = 0x10 + 4 * bar, cur = keep_assigned ? pci_read(bdf, reg) : 0;
+    if ((cur & ~0xFu) && !((cur & 0x6) == 0x4 && pci_read(bdf, reg + 4))) {
+        base = cur & ~0xFu;
+    } else {
+        pci_write(bdf, reg, base);
+        if ((pci_read(bdf, reg) & 0x6) == 0x4) pci_write(bdf, reg + 4, 0);
+    }
+    pci_write(bdf, 0x04, 0x6);  /* memory decode, bus master */
+    uint32_t common_off = 0, notify_off = 0, isr_off = 0, device_off = 0;
+    v->notify_mult = 0;
+    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF) {
+        uint32_t head = pci_read(bdf, cap), type = (head >> 24) & 0xFF;
+        if ((head & 0xFF) != 0x09) continue;
+        if (type == 1) common_off = pci_read(bdf, cap + 8);
+        if (type == 3) isr_off = pci_read(bdf, cap + 8);
+        if (type == 2) { notify_off = pci_read(bdf, cap + 8); v->notify_mult = pci_read(bdf, cap + 16); }
+        if (type == 4) device_off = pci_read(bdf, cap + 8);
+    }
+    v->common = (volatile uint8_t *)(base + common_off);
+    v->isr = (volatile uint8_t *)(base + isr_off);
+    v->notify = (volatile uint8_t *)(base + notify_off);
+    v->device = (volatile uint8_t *)(base + device_off);
+}
+
+/* Reset, then ACKNOWLEDGE | DRIVER: the device's features may be read now. */
+static void vpci_reset_ack(const struct vpci *v)
+{
+    v->common[VPCI_STATUS] = 0;
+    v->common[VPCI_STATUS] = 1 | 2;
+}
+
+static uint32_t vpci_offered(const struct vpci *v, uint32_t half)
+{
+    *vpci32(v, 0x00) = half;                               /* device_feature_select */
+    return *vpci32(v, 0x04);
+}
+
+/* Writes the driver's features and sets FEATURES_OK; returns whether the device kept it. */
+static int vpci_set_features(const struct vpci *v, uint32_t lo, uint32_t hi)
+{
+    *vpci32(v, 0x08) = 0;                                  /* driver_feature_select: bits 0-31 */
+    *vpci32(v, 0x0C) = lo;
+    *vpci32(v, 0x08) = 1;                                  /* bits 32-63 */
+    *vpci32(v, 0x0C) = hi;
+    v->common[VPCI_STATUS] = 1 | 2 | 8;                    /* FEATURES_OK */
+    return (v->common[VPCI_STATUS] & 8) != 0;
+}
+
+/* Selects queue `q` and gives it `size` entries and its three rings (enable it afterwards). */
+static void vpci_queue(const struct vpci *v, uint16_t q, uint16_t size, const void *desc, const void *avail, const void *used)
+{
+    *vpci16(v, VPCI_Q_SELECT) = q;
+    *vpci16(v, VPCI_Q_SIZE) = size;
+    *vpci32(v, 0x20) = (uint32_t)desc;  *vpci32(v, 0x24) = 0;
+    *vpci32(v, 0x28) = (uint32_t)avail; *vpci32(v, 0x2C) = 0;
+    *vpci32(v, 0x30) = (uint32_t)used;  *vpci32(v, 0x34) = 0;
+}
+
+static void vpci_queue_enable(const struct vpci *v) { *vpci16(v, VPCI_Q_ENABLE) = 1; }
+static void vpci_driver_ok(const struct vpci *v) { v->common[VPCI_STATUS] = 1 | 2 | 8 | 4; }
+
+static struct vpci vs_dev;
+
 static int vscsi_setup(int *readonly_out)
 {
     (void)readonly_out;
@@ -594,46 +715,24 @@ static int vscsi_setup(int *readonly_out)
         if (pci_read(dev << 3, 0) == 0x10481AF4u) { bdf = dev << 3; break; }
     if (bdf == 0xFFFF) { kprintf("vscsi: no virtio-scsi function\n"); return 0; }
     vs_bdf = bdf;
-    /* The BAR the capabilities name (hv: BAR 0; QEMU: BAR 4, 64-bit) goes at 0xE0000000. */
-    uint32_t bar = 0;
-    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF)
-        if ((pci_read(bdf, cap) & 0xFF) == 0x09 && ((pci_read(bdf, cap) >> 24) & 0xFF) == 1) bar = pci_read(bdf, cap + 4) & 0xFF;
-    pci_write(bdf, 0x10 + 4 * bar, 0xE0000000u);
-    if ((pci_read(bdf, 0x10 + 4 * bar) & 0x6) == 0x4) pci_write(bdf, 0x14 + 4 * bar, 0);
-    pci_write(bdf, 0x04, 0x6);  /* memory decode, bus master */
-    uint32_t notify_mult = 0, common_off = 0, notify_off = 0;
-    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF; cap; cap = (pci_read(bdf, cap) >> 8) & 0xFF) {
-        uint32_t head = pci_read(bdf, cap), type = (head >> 24) & 0xFF;
-        if ((head & 0xFF) != 0x09) continue;
-        if (type == 1) common_off = pci_read(bdf, cap + 8);
-        if (type == 3) vs_isr = (volatile uint8_t *)(0xE0000000u + pci_read(bdf, cap + 8));
-        if (type == 2) { notify_off = pci_read(bdf, cap + 8); notify_mult = pci_read(bdf, cap + 16); }
+    vpci_map(&vs_dev, bdf, 0xE0000000u, 0);               /* always at 0xE0000000 (vscsimsix relies on it) */
+    vs_common = vs_dev.common;
+    vs_isr = vs_dev.isr;
+    vpci_reset_ack(&vs_dev);
+    if (!vpci_set_features(&vs_dev, vs_features_lo, 1)) {  /* bit 32: VIRTIO_F_VERSION_1 */
+        kprintf("vscsi: features refused\n");
+        return 0;
     }
-    vs_common = (volatile uint8_t *)(0xE0000000u + common_off);
-    vs_notify = (volatile uint8_t *)(0xE0000000u + notify_off);
-    vs_common[0x14] = 0;                                   /* reset */
-    vs_common[0x14] = 1 | 2;                               /* ACKNOWLEDGE | DRIVER */
-    *(volatile uint32_t *)(vs_common + 0x08) = 0;
-    *(volatile uint32_t *)(vs_common + 0x0C) = vs_features_lo;
-    *(volatile uint32_t *)(vs_common + 0x08) = 1;          /* driver_feature_select: bits 32-63 */
-    *(volatile uint32_t *)(vs_common + 0x0C) = 1;          /* VIRTIO_F_VERSION_1 */
-    vs_common[0x14] = 1 | 2 | 8;                           /* FEATURES_OK */
-    if (!(vs_common[0x14] & 8)) { kprintf("vscsi: features refused\n"); return 0; }
-    *(volatile uint16_t *)(vs_common + 0x16) = 2;          /* the request queue */
-    *(volatile uint16_t *)(vs_common + 0x18) = vs_qsize;
-    *(volatile uint32_t *)(vs_common + 0x20) = (uint32_t)vs_qdesc;  *(volatile uint32_t *)(vs_common + 0x24) = 0;
-    *(volatile uint32_t *)(vs_common + 0x28) = (uint32_t)vs_qavail; *(volatile uint32_t *)(vs_common + 0x2C) = 0;
-    *(volatile uint32_t *)(vs_common + 0x30) = (uint32_t)vs_qused;  *(volatile uint32_t *)(vs_common + 0x34) = 0;
+    vpci_queue(&vs_dev, 2, vs_qsize, vs_qdesc, vs_qavail, vs_qused);  /* the request queue */
     if (vs_queue_vector != 0xFFFF) {
-        *(volatile uint16_t *)(vs_common + 0x1A) = 60;     /* past the table: reads back NO_VECTOR */
-        vs_queue_vector_read = *(volatile uint16_t *)(vs_common + 0x1A);
-        *(volatile uint16_t *)(vs_common + 0x1A) = vs_queue_vector;
+        *vpci16(&vs_dev, VPCI_Q_VECTOR) = 60;              /* past the table: reads back NO_VECTOR */
+        vs_queue_vector_read = *vpci16(&vs_dev, VPCI_Q_VECTOR);
+        *vpci16(&vs_dev, VPCI_Q_VECTOR) = vs_queue_vector;
     }
-    *(volatile uint16_t *)(vs_common + 0x1C) = 1;          /* queue_enable */
-    vs_common[0x14] = 1 | 2 | 8 | 4;                       /* DRIVER_OK */
-    (void)notify_mult;  /* queue 2's notify_off is 2: offset 2 * multiplier */
-    vs_notify += 2 * notify_mult;
-    kprintf("vscsi: ready status=%x\n", vs_common[0x14]);
+    vpci_queue_enable(&vs_dev);
+    vpci_driver_ok(&vs_dev);
+    vs_notify = vs_dev.notify + 2 * vs_dev.notify_mult;  /* queue 2's notify_off is 2 */
+    kprintf("vscsi: ready status=%x\n", vs_common[VPCI_STATUS]);
     return 1;
 }
 
@@ -1056,6 +1155,726 @@ static void mode_vscsibench(uint32_t mib)
     kprintf("bench: errors=%u\n", e1 + e2 + e3);
 }
 
+/* ---- net: a polled virtio-net driver and a tiny IPv4 stack (ARP, ICMP echo, UDP, DHCP) ----
+ *
+ * Up to two NICs (1AF4:1041 on bus 0, numbered in slot order). Queue 0 receives into 32 buffers
+ * of 2 KiB, each one device-writable descriptor; queue 1 transmits from one descriptor per frame
+ * (the 12-byte virtio_net_hdr_v1, zeroed, then the frame), up to a whole ring in flight. No
+ * interrupts: the driver polls the used rings and kicks after every batch it makes available.
+ */
+
+#define NET_NICS        2
+#define NQ_MAX          64              /* ring entries per queue, at most */
+#define NRX_BUFS        32
+#define NBUF_SIZE       2048
+#define VNET_HDR        12              /* virtio_net_hdr_v1 */
+#define ETH_MAX         1514
+#define VNET_F_MAC      (1u << 5)
+#define VNET_F_MRG_RXBUF (1u << 15)
+#define VNET_F_STATUS   (1u << 16)
+
+struct nq {
+    struct vq_desc desc[NQ_MAX] __attribute__((aligned(16)));
+    struct { uint16_t flags, idx, ring[NQ_MAX], used_event; } avail __attribute__((aligned(4)));
+    struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ_MAX]; uint16_t avail_event; } used __attribute__((aligned(4)));
+    volatile uint16_t *notify;
+    uint16_t index, size, used_seen, nfree, free[NQ_MAX];
+};
+
+struct nic {
+    struct vpci v;
+    uint32_t features;                  /* bits 0-31 negotiated */
+    uint32_t num, pending_kick, rx_skip;
+    uint8_t mac[6];
+    struct nq rx, tx;
+};
+
+static struct nic nics[NET_NICS];
+static uint32_t nic_count;
+static uint8_t net_rxbuf[NET_NICS][NRX_BUFS][NBUF_SIZE] __attribute__((aligned(4096)));
+static uint8_t net_txbuf[NET_NICS][NQ_MAX][NBUF_SIZE] __attribute__((aligned(4096)));
+static uint32_t tsc_per_ms = 2000000;   /* calibrated against the PIT in net_start */
+
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+/* Dwords first, then the odd bytes: a rep iteration is not cheap under emulation. */
+static void copy_bytes(void *d, const void *s, uint32_t n)
+{
+    uint32_t dwords = n >> 2, rest = n & 3;
+    __asm__ volatile("rep movsl" : "+D"(d), "+S"(s), "+c"(dwords) : : "memory");
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(rest) : : "memory");
+}
+
+static void zero_bytes(void *d, uint32_t n)
+{
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(0) : "memory");
+}
+
+static int same_bytes(const void *a, const void *b, uint32_t n)
+{
+    const uint8_t *x = a, *y = b;
+    while (n--)
+        if (*x++ != *y++) return 0;
+    return 1;
+}
+
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
+static void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+
+static uint64_t ms_to_tsc(uint32_t ms) { return (uint64_t)tsc_per_ms * ms; }
+
+/* 50 ms of PIT channel 2 (gated through port 0x61, mode 0) against the TSC. */
+static void tsc_calibrate(void)
+{
+    uint8_t p61 = inb(0x61);
+    outb(0x61, (uint8_t)((p61 & ~0x02) | 0x01));
+    outb(0x43, 0xB0);
+    outb(0x42, 59659 & 0xFF);
+    outb(0x42, 59659 >> 8);
+    uint64_t t0 = rdtsc(), t;
+    while (!(inb(0x61) & 0x20) && rdtsc() - t0 < (1ull << 31))
+        ;
+    t = rdtsc() - t0;
+    outb(0x61, p61);
+    divmod64(&t, 50);                                      /* t becomes cycles per ms */
+    uint32_t per_ms = t > 0xFFFFFFFFull ? 0 : (uint32_t)t;
+    if (per_ms >= 100000 && per_ms <= 10000000)            /* 0.1 to 10 GHz: believable */
+        tsc_per_ms = per_ms;
+}
+
+static void nq_kick(struct nq *q)
+{
+    mb();
+    *q->notify = q->index;
+}
+
+static int nq_setup(struct nic *n, struct nq *q, uint16_t index)
+{
+    *vpci16(&n->v, VPCI_Q_SELECT) = index;
+    uint16_t max = *vpci16(&n->v, VPCI_Q_SIZE), size = NQ_MAX;
+    while (size > max)
+        size >>= 1;
+    if (!size) return 0;
+    q->index = index;
+    q->size = size;
+    q->avail.flags = 1;                 /* VIRTQ_AVAIL_F_NO_INTERRUPT: polled */
+    vpci_queue(&n->v, index, size, q->desc, &q->avail, &q->used);
+    q->notify = (volatile uint16_t *)(n->v.notify + *vpci16(&n->v, VPCI_Q_NOTIFY) * n->v.notify_mult);
+    vpci_queue_enable(&n->v);
+    return 1;
+}
+
+static void nq_offer(struct nq *q, uint16_t id)
+{
+    q->avail.ring[q->avail.idx % q->size] = id;
+    mb();
+    q->avail.idx++;
+}
+
+static uint32_t nrx_bufs(const struct nic *n) { return n->rx.size < NRX_BUFS ? n->rx.size : NRX_BUFS; }
+
+/* Finds and starts the NICs, printing one line for each; returns how many. */
+static uint32_t net_start(void)
+{
+    tsc_calibrate();
+    nic_count = 0;
+    for (uint32_t dev = 0; dev < 32 && nic_count < NET_NICS; dev++) {
+        if (pci_read(dev << 3, 0) != 0x10411AF4u) continue;
+        struct nic *n = &nics[nic_count];
+        n->num = nic_count;
+        vpci_map(&n->v, dev << 3, 0xE1000000u + (dev << 20), 1);  /* if unassigned: 1 MiB per slot */
+        vpci_reset_ack(&n->v);
+        uint32_t lo = vpci_offered(&n->v, 0), hi = vpci_offered(&n->v, 1);
+        n->features = lo & (VNET_F_MAC | VNET_F_STATUS | VNET_F_MRG_RXBUF);
+        if (!(hi & 1) || !vpci_set_features(&n->v, n->features, 1)) {
+            kprintf("net: nic%u features refused\n", nic_count);
+            continue;
+        }
+        if (!nq_setup(n, &n->rx, 0) || !nq_setup(n, &n->tx, 1)) {
+            kprintf("net: nic%u has no queues\n", nic_count);
+            continue;
+        }
+        for (uint32_t i = 0; i < nrx_bufs(n); i++) {
+            n->rx.desc[i] = (struct vq_desc){ (uint32_t)net_rxbuf[n->num][i], NBUF_SIZE, 2, 0 };  /* WRITE */
+            nq_offer(&n->rx, (uint16_t)i);
+        }
+        for (uint32_t i = 0; i < n->tx.size; i++) {
+            n->tx.desc[i] = (struct vq_desc){ (uint32_t)net_txbuf[n->num][i], 0, 0, 0 };
+            n->tx.free[i] = (uint16_t)(n->tx.size - 1 - i);
+        }
+        n->tx.nfree = n->tx.size;
+        vpci_driver_ok(&n->v);
+        nq_kick(&n->rx);
+        for (int i = 0; i < 6; i++)
+            n->mac[i] = (n->features & VNET_F_MAC) ? n->v.device[i] : (uint8_t)(i == 0 ? 0x02 : i == 5 ? nic_count : 0);
+        int up = (n->features & VNET_F_STATUS) ? (*(volatile uint16_t *)(n->v.device + 6) & 1) : 1;
+        kprintf("net: nic%u mac %02x:%02x:%02x:%02x:%02x:%02x link %s\n", nic_count,
+                n->mac[0], n->mac[1], n->mac[2], n->mac[3], n->mac[4], n->mac[5], up ? "up" : "down");
+        nic_count++;
+    }
+    if (!nic_count)
+        kprintf("net: no virtio-net device\n");
+    return nic_count;
+}
+
+static void tx_reclaim(struct nic *n)
+{
+    struct nq *q = &n->tx;
+    uint16_t used = *(volatile uint16_t *)&q->used.idx;
+    barrier();
+    while (q->used_seen != used) {
+        uint32_t id = q->used.ring[q->used_seen % q->size].id;
+        if (id < q->size && q->nfree < q->size)
+            q->free[q->nfree++] = (uint16_t)id;
+        q->used_seen++;
+    }
+}
+
+/* A free transmit slot, waiting up to `wait_ms` for one; -1 if none. */
+static int tx_alloc(struct nic *n, uint32_t wait_ms)
+{
+    tx_reclaim(n);
+    if (!n->tx.nfree && wait_ms) {
+        uint64_t t0 = rdtsc(), limit = ms_to_tsc(wait_ms);
+        while (!n->tx.nfree && rdtsc() - t0 < limit) {
+            cpu_pause();
+            tx_reclaim(n);
+        }
+    }
+    return n->tx.nfree ? n->tx.free[--n->tx.nfree] : -1;
+}
+
+/* Where slot `id`'s frame goes (after its virtio-net header). */
+static uint8_t *tx_frame(struct nic *n, int id) { return net_txbuf[n->num][id] + VNET_HDR; }
+
+/* Makes slot `id` (a frame of `len` bytes, padded here to 60) available, kicking unless `batch`. */
+static void tx_submit(struct nic *n, int id, uint32_t len, int batch)
+{
+    uint8_t *b = net_txbuf[n->num][id];
+    zero_bytes(b, VNET_HDR);
+    if (len < 60) {
+        zero_bytes(b + VNET_HDR + len, 60 - len);
+        len = 60;
+    }
+    n->tx.desc[id].len = VNET_HDR + len;
+    nq_offer(&n->tx, (uint16_t)id);
+    if (batch)
+        n->pending_kick = 1;
+    else
+        nq_kick(&n->tx);
+}
+
+static void tx_flush(struct nic *n)
+{
+    if (n->pending_kick) {
+        n->pending_kick = 0;
+        nq_kick(&n->tx);
+    }
+}
+
+typedef void (*frame_fn)(struct nic *n, uint8_t *frame, uint32_t len);
+
+/* Hands every received frame to `fn`, gives the buffers back and kicks; returns how many. */
+static uint32_t nic_poll(struct nic *n, frame_fn fn)
+{
+    struct nq *q = &n->rx;
+    uint32_t handled = 0;
+    uint16_t used = *(volatile uint16_t *)&q->used.idx;
+    barrier();
+    while (q->used_seen != used) {
+        uint32_t id = q->used.ring[q->used_seen % q->size].id, len = q->used.ring[q->used_seen % q->size].len;
+        q->used_seen++;
+        if (id >= nrx_bufs(n)) continue;              /* not ours: nothing to give back */
+        uint8_t *b = net_rxbuf[n->num][id];
+        uint16_t nbufs = (n->features & VNET_F_MRG_RXBUF) ? (uint16_t)(b[10] | b[11] << 8) : 1;
+        if (n->rx_skip) {
+            n->rx_skip--;                             /* the tail of a frame spread over buffers */
+        } else if (nbufs > 1) {
+            n->rx_skip = nbufs - 1u;                  /* cannot happen for frames ≤ 1514: dropped */
+        } else if (len >= VNET_HDR + 14 && len <= NBUF_SIZE) {
+            fn(n, b + VNET_HDR, len - VNET_HDR);
+        }
+        nq_offer(q, (uint16_t)id);
+        handled++;
+    }
+    if (handled)
+        nq_kick(q);
+    return handled;
+}
+
+/* ---- the IPv4 stack, on nic0 ---- */
+
+#define IP4(a) (uint32_t)((a) >> 24), (uint32_t)(((a) >> 16) & 0xFF), (uint32_t)(((a) >> 8) & 0xFF), (uint32_t)((a) & 0xFF)
+#define PING_ID         0x4856
+
+static const uint8_t eth_bcast[6] = { 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF };
+static uint32_t my_ip;                  /* host order; 0 while there is none */
+static uint32_t arp_want, arp_got;      /* resolving: the address, and whether it answered */
+static uint8_t arp_mac[6];
+static uint32_t ping_peer, ping_want, ping_got;
+static uint32_t echo_printed;
+static uint32_t sink_port, sink_open, sink_count;
+static uint64_t sink_bytes;
+
+static uint32_t dhcp_xid, dhcp_active, dhcp_got, dhcp_yiaddr, dhcp_server, dhcp_mask;
+
+static uint16_t csum(uint32_t sum, const uint8_t *p, uint32_t len)
+{
+    for (; len > 1; p += 2, len -= 2)
+        sum += (uint32_t)p[0] << 8 | p[1];
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    while (sum >> 16)
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+static uint8_t *eth_header(uint8_t *f, const uint8_t *dst, const uint8_t *src, uint16_t type)
+{
+    copy_bytes(f, dst, 6);
+    copy_bytes(f + 6, src, 6);
+    put16(f + 12, type);
+    return f + 14;
+}
+
+/* A 20-byte IPv4 header (DF, TTL 64) with its checksum; returns where the payload goes. */
+static uint8_t *ip_header(uint8_t *ip, uint32_t payload_len, uint8_t proto, uint32_t src, uint32_t dst, uint16_t id)
+{
+    ip[0] = 0x45; ip[1] = 0;
+    put16(ip + 2, 20 + payload_len);
+    put16(ip + 4, id);
+    put16(ip + 6, 0x4000);
+    ip[8] = 64; ip[9] = proto;
+    put16(ip + 10, 0);
+    put_be32(ip + 12, src);
+    put_be32(ip + 16, dst);
+    put16(ip + 10, csum(0, ip, 20));
+    return ip + 20;
+}
+
+static uint8_t *udp_header(uint8_t *u, uint16_t sport, uint16_t dport, uint32_t payload_len)
+{
+    put16(u, sport);
+    put16(u + 2, dport);
+    put16(u + 4, 8 + payload_len);
+    put16(u + 6, 0);                    /* no checksum */
+    return u + 8;
+}
+
+static void arp_send(struct nic *n, uint16_t op, const uint8_t *eth_dst, const uint8_t *tha, uint32_t tpa)
+{
+    int id = tx_alloc(n, 100);
+    if (id < 0) return;
+    uint8_t *f = tx_frame(n, id), *a = eth_header(f, eth_dst, n->mac, 0x0806);
+    put16(a, 1); put16(a + 2, 0x0800); a[4] = 6; a[5] = 4; put16(a + 6, op);
+    copy_bytes(a + 8, n->mac, 6);
+    put_be32(a + 14, my_ip);
+    copy_bytes(a + 18, tha, 6);
+    put_be32(a + 24, tpa);
+    tx_submit(n, id, 42, 0);
+}
+
+static void arp_input(struct nic *n, const uint8_t *f, const uint8_t *a)
+{
+    (void)f;
+    if (get16(a) != 1 || get16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4) return;
+    uint16_t op = get16(a + 6);
+    uint32_t spa = get32(a + 14), tpa = get32(a + 24);
+    if (op == 1 && my_ip && tpa == my_ip)
+        arp_send(n, 2, a + 8, a + 8, spa);  /* unicast to the asker */
+    else if (op == 2 && arp_want && spa == arp_want && !arp_got) {
+        copy_bytes(arp_mac, a + 8, 6);
+        arp_got = 1;
+    }
+}
+
+static void icmp_input(struct nic *n, const uint8_t *f, uint32_t src, const uint8_t *icmp, uint32_t len)
+{
+    if (len < 8) return;
+    if (icmp[0] == 8 && icmp[1] == 0) {             /* echo request */
+        if (14 + 20 + len > ETH_MAX) return;
+        int id = tx_alloc(n, 100);
+        if (id < 0) return;
+        uint8_t *o = tx_frame(n, id);
+        uint8_t *ip = eth_header(o, f + 6, n->mac, 0x0800);
+        uint8_t *r = ip_header(ip, len, 1, my_ip, src, 0);
+        copy_bytes(r, icmp, len);
+        r[0] = 0; r[1] = 0;
+        put16(r + 2, 0);
+        put16(r + 2, csum(0, r, len));
+        tx_submit(n, id, 14 + 20 + len, 0);
+        if (echo_printed < 50) {
+            echo_printed++;
+            kprintf("net: echo seq %u from %u.%u.%u.%u\n", get16(icmp + 6), IP4(src));
+        }
+    } else if (icmp[0] == 0 && ping_want && src == ping_peer && get16(icmp + 4) == PING_ID &&
+               get16(icmp + 6) == ping_want) {
+        ping_got = 1;
+    }
+}
+
+static void dhcp_input(const struct nic *n, const uint8_t *b, uint32_t len)
+{
+    if (len < 240 || b[0] != 2 || get32(b + 4) != dhcp_xid || !same_bytes(b + 28, n->mac, 6) ||
+        get32(b + 236) != 0x63825363u)
+        return;
+    uint32_t type = 0, server = 0, mask = 0;
+    for (uint32_t i = 240; i < len && b[i] != 255;) {
+        if (b[i] == 0) { i++; continue; }
+        if (i + 2 > len || i + 2 + b[i + 1] > len) break;
+        uint8_t code = b[i], olen = b[i + 1];
+        const uint8_t *v = b + i + 2;
+        if (code == 53 && olen >= 1) type = v[0];
+        if (code == 54 && olen >= 4) server = get32(v);
+        if (code == 1 && olen >= 4) mask = get32(v);
+        i += 2u + olen;
+    }
+    if (type == dhcp_active || (type == 6 && dhcp_active == 5)) {  /* what the client waits for, or a NAK */
+        dhcp_got = type;
+        dhcp_yiaddr = get32(b + 16);
+        if (server) dhcp_server = server;
+        if (mask) dhcp_mask = mask;
+    }
+}
+
+static void udp_input(struct nic *n, uint32_t dst, const uint8_t *u, uint32_t len)
+{
+    if (len < 8 || get16(u + 4) < 8 || get16(u + 4) > len) return;
+    len = get16(u + 4);
+    uint16_t dport = get16(u + 2);
+    const uint8_t *p = u + 8;
+    uint32_t plen = len - 8;
+    if (dport == 68 && dhcp_active) {
+        dhcp_input(n, p, plen);
+    } else if (my_ip && dst == my_ip && sink_port && dport == sink_port) {
+        if (plen >= 4 && same_bytes(p, "END!", 4)) {
+            if (sink_open) {
+                kprintf("bench: net rx end received=%u bytes=%llu\n", sink_count, sink_bytes);
+                sink_open = 0;
+            }
+        } else {
+            if (!sink_open) {
+                kprintf("bench: net rx start\n");
+                sink_open = 1;
+                sink_count = 0;
+                sink_bytes = 0;
+            }
+            sink_count++;
+            sink_bytes += plen;
+        }
+    }
+}
+
+/* The stack's receive path: answers ARP and echo requests for my_ip, notes what the modes wait for. */
+static void net_input(struct nic *n, uint8_t *f, uint32_t len)
+{
+    uint16_t type = get16(f + 12);
+    if (type == 0x0806 && len >= 42) {
+        arp_input(n, f, f + 14);
+        return;
+    }
+    if (type != 0x0800 || len < 34) return;
+    const uint8_t *ip = f + 14;
+    uint32_t ihl = (ip[0] & 0xF) * 4u, total = get16(ip + 2);
+    if ((ip[0] >> 4) != 4 || ihl < 20 || total < ihl || total > len - 14 || (get16(ip + 6) & 0x3FFF))
+        return;                             /* not IPv4, malformed, or a fragment */
+    uint32_t src = get32(ip + 12), dst = get32(ip + 16);
+    if (ip[9] == 1 && my_ip && dst == my_ip)
+        icmp_input(n, f, src, ip + ihl, total - ihl);
+    else if (ip[9] == 17)
+        udp_input(n, dst, ip + ihl, total - ihl);
+}
+
+/* Polls nic0 for `ms` milliseconds or until *flag is set; returns *flag. */
+static uint32_t net_wait(volatile uint32_t *flag, uint32_t ms)
+{
+    uint64_t t0 = rdtsc(), limit = ms_to_tsc(ms);
+    while (!*flag && rdtsc() - t0 < limit)
+        if (!nic_poll(&nics[0], net_input))
+            cpu_pause();
+    return *flag;
+}
+
+static void net_responder(void)
+{
+    for (;;)
+        if (!nic_poll(&nics[0], net_input))
+            cpu_pause();
+}
+
+/* ARP-resolves `peer` into arp_mac: a request every second, ten times at most. */
+static int arp_resolve(uint32_t peer)
+{
+    arp_want = peer;
+    arp_got = 0;
+    for (int tries = 0; tries < 10 && !arp_got; tries++) {
+        arp_send(&nics[0], 1, eth_bcast, (const uint8_t *)"\0\0\0\0\0\0", peer);
+        net_wait(&arp_got, 1000);
+    }
+    if (arp_got)
+        kprintf("net: peer %u.%u.%u.%u is at %02x:%02x:%02x:%02x:%02x:%02x\n", IP4(peer),
+                arp_mac[0], arp_mac[1], arp_mac[2], arp_mac[3], arp_mac[4], arp_mac[5]);
+    else
+        kprintf("net: peer %u.%u.%u.%u did not answer ARP\n", IP4(peer));
+    return arp_got;
+}
+
+static void dhcp_send(struct nic *n, uint8_t type)
+{
+    int id = tx_alloc(n, 100);
+    if (id < 0) return;
+    uint8_t *f = tx_frame(n, id);
+    const uint32_t blen = 300;              /* BOOTP's minimum message */
+    zero_bytes(f, 14 + 20 + 8 + blen);
+    uint8_t *ip = eth_header(f, eth_bcast, n->mac, 0x0800);
+    uint8_t *u = ip_header(ip, 8 + blen, 17, 0, 0xFFFFFFFFu, 0);
+    uint8_t *b = udp_header(u, 68, 67, blen);
+    b[0] = 1; b[1] = 1; b[2] = 6;           /* BOOTREQUEST, Ethernet */
+    put_be32(b + 4, dhcp_xid);
+    put16(b + 10, 0x8000);                  /* broadcast replies, please */
+    copy_bytes(b + 28, n->mac, 6);
+    put_be32(b + 236, 0x63825363u);
+    uint8_t *o = b + 240;
+    *o++ = 53; *o++ = 1; *o++ = type;
+    *o++ = 61; *o++ = 7; *o++ = 1; copy_bytes(o, n->mac, 6); o += 6;
+    *o++ = 12; *o++ = 12; copy_bytes(o, "hv-testguest", 12); o += 12;
+    *o++ = 55; *o++ = 3; *o++ = 1; *o++ = 3; *o++ = 6;
+    if (type == 3) {
+        *o++ = 50; *o++ = 4; put_be32(o, dhcp_yiaddr); o += 4;
+        *o++ = 54; *o++ = 4; put_be32(o, dhcp_server); o += 4;
+    }
+    *o = 255;
+    tx_submit(n, id, 14 + 20 + 8 + blen, 0);
+}
+
+/* DISCOVER → OFFER → REQUEST → ACK, each step sent up to 10 times, 2 s apart. */
+static int dhcp_run(void)
+{
+    struct nic *n = &nics[0];
+    dhcp_xid = (uint32_t)rdtsc() ^ ((uint32_t)n->mac[2] << 24 | n->mac[3] << 16 | n->mac[4] << 8 | n->mac[5]);
+    for (int round = 0; round < 3; round++) {
+        dhcp_server = dhcp_mask = dhcp_yiaddr = 0;
+        dhcp_active = 2;                    /* waiting for an OFFER */
+        dhcp_got = 0;
+        for (int tries = 0; tries < 10 && dhcp_got != 2; tries++) {
+            dhcp_send(n, 1);
+            net_wait(&dhcp_got, 2000);
+        }
+        if (dhcp_got != 2) break;
+        dhcp_active = 5;                    /* waiting for an ACK */
+        dhcp_got = 0;
+        for (int tries = 0; tries < 10 && !dhcp_got; tries++) {
+            dhcp_send(n, 3);
+            net_wait(&dhcp_got, 2000);
+        }
+        if (dhcp_got == 5) {
+            dhcp_active = 0;
+            return 1;
+        }
+        if (dhcp_got != 6) break;
+        kprintf("net: dhcp nak, starting over\n");
+        dhcp_xid++;
+    }
+    dhcp_active = 0;
+    kprintf("net: dhcp failed\n");
+    return 0;
+}
+
+static void mode_netdhcp(void)
+{
+    if (!net_start() || !dhcp_run()) return;
+    my_ip = dhcp_yiaddr;
+    kprintf("net: lease %u.%u.%u.%u server %u.%u.%u.%u mask %u.%u.%u.%u\n",
+            IP4(dhcp_yiaddr), IP4(dhcp_server), IP4(dhcp_mask));
+    /* Announce the address (RFC 5227 §2.3): the server may have probed it while we had none,
+     * leaving a failed neighbour entry that would make the first echo to us unreachable. */
+    {
+        static const uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, zero[6] = {0};
+        arp_send(&nics[0], 1, bcast, zero, my_ip);
+    }
+    net_responder();
+}
+
+static void mode_netpeer(const struct config *cfg)
+{
+    if (!net_start()) return;
+    my_ip = cfg->ip;
+    sink_port = cfg->port;
+    net_responder();
+}
+
+static void mode_netping(const struct config *cfg)
+{
+    if (!net_start()) return;
+    my_ip = cfg->ip;
+    if (arp_resolve(cfg->peer)) {
+        uint32_t count = cfg->count_given ? cfg->count : 3, received = 0;
+        ping_peer = cfg->peer;
+        for (uint32_t seq = 1; seq <= count; seq++) {
+            struct nic *n = &nics[0];
+            ping_want = seq & 0xFFFF;
+            ping_got = 0;
+            int id = tx_alloc(n, 100);
+            if (id >= 0) {
+                uint8_t *f = tx_frame(n, id), *ip = eth_header(f, arp_mac, n->mac, 0x0800);
+                uint8_t *icmp = ip_header(ip, 8 + 32, 1, my_ip, ping_peer, (uint16_t)seq);
+                icmp[0] = 8; icmp[1] = 0;
+                put16(icmp + 2, 0);
+                put16(icmp + 4, PING_ID);
+                put16(icmp + 6, seq);
+                for (int i = 0; i < 32; i++)
+                    icmp[8 + i] = (uint8_t)('a' + i % 23);
+                put16(icmp + 2, csum(0, icmp, 8 + 32));
+                tx_submit(n, id, 14 + 20 + 8 + 32, 0);
+            }
+            if (net_wait(&ping_got, 2000)) {
+                received++;
+                kprintf("net: reply seq %u from %u.%u.%u.%u\n", seq, IP4(ping_peer));
+            }
+        }
+        ping_want = 0;
+        kprintf("net: ping done sent=%u received=%u\n", count, received);
+    }
+    net_responder();
+}
+
+static void sniff_frame(struct nic *n, uint8_t *f, uint32_t len)
+{
+    static uint32_t frames;
+    (void)n;
+    if (frames++ < 100)
+        kprintf("net: frame dst=%02x:%02x:%02x:%02x:%02x:%02x src=%02x:%02x:%02x:%02x:%02x:%02x type=%04x len=%u\n",
+                f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], get16(f + 12), len);
+}
+
+static void mode_netsniff(void)
+{
+    if (!net_start()) return;
+    for (;;)
+        if (!nic_poll(&nics[0], sniff_frame))
+            cpu_pause();
+}
+
+/* Copies the frame out of the other NIC unchanged; drops it if that NIC's transmit ring is full. */
+static void bridge_frame(struct nic *n, uint8_t *f, uint32_t len)
+{
+    struct nic *out = &nics[n->num ^ 1];
+    if (len > ETH_MAX) return;
+    int id = tx_alloc(out, 0);
+    if (id < 0) return;
+    copy_bytes(tx_frame(out, id), f, len);
+    tx_submit(out, id, len, 1);
+}
+
+static void mode_netbridge(void)
+{
+    if (!net_start()) return;
+    if (nic_count < 2) {
+        kprintf("net: netbridge needs two NICs\n");
+        return;
+    }
+    kprintf("net: bridging nic0 and nic1\n");
+    for (;;) {
+        uint32_t got = nic_poll(&nics[0], bridge_frame);
+        tx_flush(&nics[1]);
+        got += nic_poll(&nics[1], bridge_frame);
+        tx_flush(&nics[0]);
+        if (!got)
+            cpu_pause();
+    }
+}
+
+/* Fills transmit slot `id` with a whole netblast datagram (payload bytes 0, 1, 2, ...). */
+static void blast_build(struct nic *n, int id, uint32_t peer, uint32_t port, uint32_t size)
+{
+    uint8_t *f = tx_frame(n, id), *ip = eth_header(f, arp_mac, n->mac, 0x0800);
+    uint8_t *p = udp_header(ip_header(ip, 8 + size, 17, my_ip, peer, 0), (uint16_t)port, (uint16_t)port, size);
+    for (uint32_t i = 0; i < size; i++)
+        p[i] = (uint8_t)i;
+}
+
+/* Stamps a built datagram with its first payload bytes and IP id, and redoes the IP checksum. */
+static void blast_stamp(struct nic *n, int id, const uint8_t first[4], uint32_t ip_id)
+{
+    uint8_t *ip = tx_frame(n, id) + 14;
+    copy_bytes(ip + 28, first, 4);
+    put16(ip + 4, ip_id);
+    put16(ip + 10, 0);
+    put16(ip + 10, csum(0, ip, 20));
+}
+
+/*
+ * netblast: `count` UDP datagrams of `size` bytes (a big-endian sequence number first) to the peer
+ * as fast as the transmit ring drains, then 5 that start "END!", 100 ms apart so that a receiver
+ * still working through a backlog (its queues dropping what does not fit) sees at least one. Every
+ * transmit slot is built once up front; each datagram then only needs its stamp. Nothing is
+ * received during the burst, so nothing else writes into the slots.
+ */
+static void mode_netblast(const struct config *cfg)
+{
+    if (!net_start()) return;
+    struct nic *n = &nics[0];
+    my_ip = cfg->ip;
+    uint32_t port = cfg->port ? cfg->port : 5001, size = cfg->size ? cfg->size : 1472;
+    if (size < 4) size = 4;
+    if (size > 1472) size = 1472;
+    if (!arp_resolve(cfg->peer)) {
+        net_responder();
+        return;
+    }
+    kprintf("bench: net tx start\n");
+    uint32_t flen = 14 + 20 + 8 + size, sent = 0;
+    for (uint32_t id = 0; id < n->tx.size; id++)
+        blast_build(n, (int)id, cfg->peer, port, size);
+    uint64_t progress = rdtsc();
+    while (sent < cfg->count) {
+        tx_reclaim(n);
+        if (!n->tx.nfree) {
+            if (rdtsc() - progress > ms_to_tsc(5000)) {
+                kprintf("bench: net tx stalled\n");
+                break;
+            }
+            cpu_pause();
+            continue;
+        }
+        progress = rdtsc();
+        while (n->tx.nfree && sent < cfg->count) {
+            int id = n->tx.free[--n->tx.nfree];
+            uint8_t seq[4];
+            put_be32(seq, sent);
+            blast_stamp(n, id, seq, sent);
+            tx_submit(n, id, flen, 1);
+            sent++;
+        }
+        tx_flush(n);
+    }
+    uint64_t t0 = rdtsc();
+    while (n->tx.nfree < n->tx.size && rdtsc() - t0 < ms_to_tsc(2000))
+        tx_reclaim(n);
+    for (uint32_t i = 0; i < 5; i++) {
+        int id = tx_alloc(n, 100);
+        if (id >= 0) {
+            blast_build(n, id, cfg->peer, port, size);     /* the responder may have used the slot */
+            blast_stamp(n, id, (const uint8_t *)"END!", sent + i);
+            tx_submit(n, id, flen, 0);
+        }
+        uint32_t never = 0;
+        net_wait(&never, 100);
+    }
+    kprintf("bench: net tx end sent=%u\n", sent);
+    net_responder();
+}
+
+/* netsink: a responder that also counts UDP datagrams to its port (see udp_input). */
+static void mode_netsink(const struct config *cfg)
+{
+    if (!net_start()) return;
+    my_ip = cfg->ip;
+    sink_port = cfg->port ? cfg->port : 5001;
+    net_responder();
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -1103,6 +1922,20 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_pcibar();
     else if (streq(cfg.mode, "probe"))
         mode_probe(cfg.port, cfg.count);
+    else if (streq(cfg.mode, "netdhcp"))
+        mode_netdhcp();
+    else if (streq(cfg.mode, "netpeer"))
+        mode_netpeer(&cfg);
+    else if (streq(cfg.mode, "netping"))
+        mode_netping(&cfg);
+    else if (streq(cfg.mode, "netsniff"))
+        mode_netsniff();
+    else if (streq(cfg.mode, "netbridge"))
+        mode_netbridge();
+    else if (streq(cfg.mode, "netblast"))
+        mode_netblast(&cfg);
+    else if (streq(cfg.mode, "netsink"))
+        mode_netsink(&cfg);
     else
         kprintf("hv-testguest: unknown mode\n");
     kprintf("hv-testguest: done\n");

@@ -1,0 +1,110 @@
+import Glibc
+import HVDeviceSDK
+
+/// Where a NIC's frames go and come from: a host tap device, or a port on a private segment's
+/// switch. Frames are bare Ethernet frames (no virtio header, no FCS).
+protocol FrameBackend: AnyObject {
+    /// Readable when frames may have arrived (or, for a port, when space was freed).
+    var wakeDescriptor: Int32 { get }
+    /// Resets the wake descriptor after it fired.
+    func drainWake()
+    /// Whether a frame can be sent now; when false, the backend arranges a wake-up for when it can.
+    var canSend: Bool { get }
+    /// Sends the frame held in `vectors` (`length` bytes in all); false if it was dropped.
+    func send(_ vectors: [iovec], length: Int) -> Bool
+    /// The next frame's length, if the backend can tell before taking it (a port can, a tap can't).
+    var nextFrameLength: Int? { get }
+    /// Takes the next frame into `vectors`; its length, or nil when none is waiting. A frame
+    /// longer than the vectors is dropped and reported as 0.
+    func receive(into vectors: [iovec], capacity: Int) -> Int?
+    /// Tells the peer about what was sent or taken since the last flush.
+    func flush()
+}
+
+/// A tap device the trusted side opened (IFF_TAP | IFF_NO_PI): one frame per read or write.
+final class TapBackend: FrameBackend {
+    let tap: FileDescriptor
+    /// Frames the host side would not take (the tap's queue full): what a real NIC drops on a
+    /// jammed link.
+    var sendFailures: UInt64 = 0
+
+    init(tap: FileDescriptor) throws(SystemError) {
+        self.tap = tap
+        try tap.setNonBlocking(true)
+    }
+
+    var wakeDescriptor: Int32 { tap.rawValue }
+    func drainWake() {}
+    var canSend: Bool { true }
+    var nextFrameLength: Int? { nil }
+    func flush() {}
+
+    func send(_ vectors: [iovec], length: Int) -> Bool {
+        let fd = tap.rawValue
+        let n = vectors.withUnsafeBufferPointer { buffer in retryOnInterrupt { writev(fd, buffer.baseAddress, Int32(buffer.count)) } }
+        if n != length {
+            sendFailures &+= 1
+            return false
+        }
+        return true
+    }
+
+    func receive(into vectors: [iovec], capacity: Int) -> Int? {
+        let fd = tap.rawValue
+        let n = vectors.withUnsafeBufferPointer { buffer in retryOnInterrupt { readv(fd, buffer.baseAddress, Int32(buffer.count)) } }
+        guard n > 0 else { return nil }  // EAGAIN: nothing waiting
+        return n
+    }
+}
+
+/// A port on a private segment: the frame rings shared with the segment's switch process.
+final class SegmentBackend: FrameBackend {
+    let port: FramePort
+    let doorbell: EventFD
+
+    init(region: FileDescriptor, doorbell: FileDescriptor, switchDoorbell: FileDescriptor) throws(FramePortError) {
+        self.doorbell = EventFD(adopting: doorbell)
+        try? doorbell.setNonBlocking(true)
+        port = try FramePort(fd: region, side: .nic, peer: EventFD(adopting: switchDoorbell))
+        // The NIC sleeps inside the runtime's loop, which this backend does not see: ask the
+        // switch to signal after every batch it delivers, always. One eventfd write per batch.
+        _ = port.prepareToSleep()
+    }
+
+    var wakeDescriptor: Int32 { doorbell.fd.rawValue }
+    func drainWake() { _ = doorbell.drain() }
+    var canSend: Bool { port.outboundSpace > 0 || port.waitForSpace() }
+    var nextFrameLength: Int? { port.nextInboundLength }
+    func flush() { port.flush() }
+
+    func send(_ vectors: [iovec], length: Int) -> Bool {
+        guard length <= FramePortLayout.maximumFrame else { return false }
+        return port.send(length: length) { slot in
+            var at = 0
+            for v in vectors {
+                guard let base = v.iov_base else { continue }
+                (slot.baseAddress! + at).copyMemory(from: base, byteCount: v.iov_len)
+                at += v.iov_len
+            }
+        }
+    }
+
+    func receive(into vectors: [iovec], capacity: Int) -> Int? {
+        var length: Int?
+        let took = port.receive { frame in
+            guard frame.count <= capacity else {
+                length = 0
+                return
+            }
+            var at = 0
+            for v in vectors where at < frame.count {
+                guard let base = v.iov_base else { continue }
+                let n = min(v.iov_len, frame.count - at)
+                base.copyMemory(from: frame.baseAddress! + at, byteCount: n)
+                at += n
+            }
+            length = frame.count
+        }
+        return took ? length ?? 0 : nil
+    }
+}

@@ -1,0 +1,211 @@
+import Glibc
+import HVDeviceSDK
+
+// hv-net: a virtio-net NIC (virtio 1.2 §5.1) on the SDK's virtio-pci transport. Queue 0 receives,
+// queue 1 transmits; no control queue. Its frames go to a host tap (`backend=tap`, host file 0
+// the tap the trusted side opened) or to a port on a private segment's switch (`backend=segment`,
+// host files 0–2: the port region, this NIC's eventfd, the switch's eventfd for this port).
+// Frames move between guest buffers and the backend directly: readv/writev on the tap straight
+// into and out of guest RAM, one copy into or out of a port slot. Nothing passes through the core.
+
+final class VirtioNet: VirtioDevice {
+    static let macFeature: UInt64 = 1 << 5
+    static let mergeableFeature: UInt64 = 1 << 15
+    static let statusFeature: UInt64 = 1 << 16
+    /// struct virtio_net_hdr_v1: what precedes every frame in a buffer.
+    static let headerSize = 12
+    /// An Ethernet frame without FCS, with one VLAN tag; nothing larger is valid without TSO.
+    static let maximumFrame = 1518
+    static let receiveQueue = 0, transmitQueue = 1
+
+    let runtime: DeviceRuntime
+    let mac: [UInt8]
+    let backend: any FrameBackend
+    weak var transport: VirtioPCITransport?
+    /// Receive chains taken from the driver and not yet filled.
+    private var spare: [DescriptorChain] = []
+    private(set) var framesSent: UInt64 = 0, framesReceived: UInt64 = 0
+    private(set) var malformedSent: UInt64 = 0, oversizedReceived: UInt64 = 0
+    private var refused = 0
+
+    init(runtime: DeviceRuntime, mac: [UInt8], backend: any FrameBackend) {
+        self.runtime = runtime
+        self.mac = mac
+        self.backend = backend
+    }
+
+    var deviceType: UInt16 { 1 }
+    var pciClass: UInt32 { 0x02_0000 }  // network, Ethernet
+    var features: UInt64 { Self.macFeature | Self.mergeableFeature | Self.statusFeature }
+    var queueCount: Int { 2 }
+    var maxQueueSize: UInt16 { 256 }
+    /// Receive chains fill in the order taken, transmit chains complete at once: a restarted NIC
+    /// process resumes the queues where the dead one stood.
+    var completesInOrder: Bool { true }
+
+    /// struct virtio_net_config: mac[6], status (LINK_UP), max_virtqueue_pairs (1).
+    func readConfig(offset: Int, size: Int) -> UInt64 {
+        let bytes = mac + [1, 0] + [1, 0]
+        var value: UInt64 = 0
+        for i in 0..<size where offset + i < bytes.count { value |= UInt64(bytes[offset + i]) << (8 * UInt64(i)) }
+        return value
+    }
+
+    /// The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR; writes are ignored.
+    func writeConfig(offset: Int, size: Int, value: UInt64) {}
+
+    func reset() {
+        spare.removeAll()
+    }
+
+    func queueNotified(_ index: Int, transport: VirtioPCITransport) {
+        self.transport = transport
+        if index == Self.receiveQueue { receive() } else if index == Self.transmitQueue { transmit() }
+    }
+
+    /// The backend has frames, or space again.
+    func backendReady() {
+        backend.drainWake()
+        guard transport?.isDriverReady == true else { return }
+        receive()
+        transmit()
+    }
+
+    /// Whether a frame could be placed now (takes the driver's receive buffers as needed); the
+    /// tap is only watched while this holds, so frames wait in the host's queue, not in a spin.
+    func canReceive() -> Bool {
+        guard let transport, transport.isDriverReady else { return false }
+        return fillSpare(needing: Self.headerSize + (backend.nextFrameLength ?? Self.maximumFrame), transport)
+    }
+
+    private var mergeable: Bool { (transport?.negotiatedFeatures ?? 0) & Self.mergeableFeature != 0 }
+
+    /// Takes receive chains until they hold `bytes` (one chain only without MRG_RXBUF).
+    private func fillSpare(needing bytes: Int, _ transport: VirtioPCITransport) -> Bool {
+        while spareCapacity < bytes && (mergeable || spare.isEmpty) {
+            guard let taken = transport.takeNext(queue: Self.receiveQueue) else { break }
+            switch taken {
+            case .success(let chain) where chain.writableLength >= UInt64(Self.headerSize) && chain.readable.isEmpty:
+                spare.append(chain)
+            case .success(let chain):
+                noteRefusal("receive buffer \(chain.head) is not a device-writable buffer of at least \(Self.headerSize) bytes")
+                transport.complete(queue: Self.receiveQueue, head: chain.head, written: 0)
+            case .failure(let error):
+                noteRefusal("\(error)")
+                transport.completeRefused(queue: Self.receiveQueue)
+            }
+        }
+        return !spare.isEmpty && (spareCapacity >= bytes || !mergeable)
+    }
+
+    private var spareCapacity: Int { spare.reduce(0) { $0 + Int(min($1.writableLength, 1 << 20)) } }
+
+    private func noteRefusal(_ what: String) {
+        refused += 1
+        if refused <= 5 { runtime.log(.warning, "\(what)\(refused == 5 ? " (further refusals are not logged)" : "")") }
+    }
+
+    /// Backend → guest, while both have something.
+    private func receive() {
+        guard let transport, let memory = transport.memory else { return }
+        while canReceive() {
+            // Vectors over the spare chains, after the header in the first.
+            var vectors: [iovec] = []
+            var capacities: [Int] = []
+            for (k, chain) in spare.enumerated() {
+                let cap = Int(min(chain.writableLength, 1 << 20))
+                capacities.append(cap)
+                let skip = k == 0 ? Self.headerSize : 0
+                guard cap > skip, let v = chain.ioVectors(writable: true, skipping: UInt64(skip), count: UInt64(cap - skip), memory) else { continue }
+                vectors += v
+            }
+            let room = capacities.reduce(0, +) - Self.headerSize
+            guard let length = backend.receive(into: vectors, capacity: room) else { break }
+            if length == 0 {
+                oversizedReceived &+= 1
+                continue
+            }
+            // Which chains the frame filled, and how much of each.
+            var left = Self.headerSize + length
+            var used = 0
+            var written: [UInt32] = []
+            while left > 0 && used < spare.count {
+                let n = min(left, capacities[used])
+                written.append(UInt32(n))
+                left -= n
+                used += 1
+            }
+            var header = [UInt8](repeating: 0, count: Self.headerSize)
+            header[10] = UInt8(truncatingIfNeeded: used)
+            header[11] = UInt8(truncatingIfNeeded: used >> 8)
+            spare[0].write(header, memory)
+            for k in 0..<used { transport.complete(queue: Self.receiveQueue, head: spare[k].head, written: written[k]) }
+            spare.removeFirst(used)
+            framesReceived &+= 1
+        }
+        backend.flush()
+    }
+
+    /// Guest → backend, while the backend takes frames.
+    private func transmit() {
+        guard let transport, let memory = transport.memory else { return }
+        while backend.canSend, let taken = transport.takeNext(queue: Self.transmitQueue) {
+            switch taken {
+            case .success(let chain):
+                let length = Int(min(chain.readableLength, 1 << 20)) - Self.headerSize
+                if length >= 14 && length <= Self.maximumFrame,
+                   let vectors = chain.ioVectors(writable: false, skipping: UInt64(Self.headerSize), count: UInt64(length), memory) {
+                    if backend.send(vectors, length: length) { framesSent &+= 1 }
+                } else {
+                    malformedSent &+= 1
+                    if malformedSent <= 3 { runtime.log(.warning, "dropped a transmitted frame of \(length) bytes (an Ethernet frame is 14 to \(Self.maximumFrame))") }
+                }
+                transport.complete(queue: Self.transmitQueue, head: chain.head, written: 0)
+            case .failure(let error):
+                noteRefusal("\(error)")
+                transport.completeRefused(queue: Self.transmitQueue)
+            }
+        }
+        backend.flush()
+    }
+}
+
+let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
+guard let macText = runtime.config["mac"], let mac = parseMAC(macText) else {
+    runtime.log(.error, "no valid mac= in the device configuration")
+    exit(2)
+}
+let backend: any FrameBackend
+switch runtime.config["backend"] {
+case "tap":
+    guard let tap = runtime.hostFiles[0] else {
+        runtime.log(.error, "backend=tap but no tap descriptor was handed over")
+        exit(2)
+    }
+    do { backend = try TapBackend(tap: tap) } catch {
+        runtime.log(.error, "cannot use the tap: \(error)")
+        exit(2)
+    }
+case "segment":
+    guard let region = runtime.hostFiles[0], let mine = runtime.hostFiles[1], let theirs = runtime.hostFiles[2] else {
+        runtime.log(.error, "backend=segment needs the port region and both eventfds")
+        exit(2)
+    }
+    do { backend = try SegmentBackend(region: region, doorbell: mine, switchDoorbell: theirs) } catch {
+        runtime.log(.error, "cannot attach to the segment's port: \(error)")
+        exit(2)
+    }
+default:
+    runtime.log(.error, "backend= must be tap or segment")
+    exit(2)
+}
+let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend)
+runtime.watch(fd: backend.wakeDescriptor, enabled: { backend is SegmentBackend || nic.canReceive() }) { nic.backendReady() }
+runtime.run(VirtioPCITransport(runtime: runtime, device: nic))
+
+func parseMAC(_ text: String) -> [UInt8]? {
+    let parts = text.split(separator: ":")
+    guard parts.count == 6 else { return nil }
+    let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+    return bytes.count == 6 ? bytes : nil
+}

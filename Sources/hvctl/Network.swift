@@ -1,0 +1,338 @@
+import CHVShim
+import Glibc
+import HVCore
+import HVIPC
+import HVSandbox
+import HVSys
+
+/// One `--nic` as given: where it attaches and its MAC, if given.
+struct NICOption: Equatable {
+    enum Attachment: Equatable {
+        /// A host tap interface (created if missing).
+        case tap(String)
+        /// A private in-memory segment shared with other VMs on this host.
+        case segment(String)
+    }
+    var attachment: Attachment
+    var mac: [UInt8]?
+
+    static let maximumPerVM = 4
+
+    /// Parses `tap=NAME[,mac=MAC]` or `net=NAME[,mac=MAC]`.
+    static func parse(_ spec: String) throws(UsageError) -> NICOption {
+        let hint = "use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"
+        var parts = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let first = parts.first, let eq = first.firstIndex(of: "=") else { throw UsageError(message: "invalid --nic '\(spec)': \(hint)") }
+        parts.removeFirst()
+        let kind = first[..<eq], name = String(first[first.index(after: eq)...])
+        var option: NICOption
+        switch kind {
+        case "tap":
+            // IFNAMSIZ is 16 with the NUL; '/' and whitespace are not allowed in interface names.
+            guard (1...15).contains(name.utf8.count), name != ".", name != "..",
+                  name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }) else {
+                throw UsageError(message: "invalid --nic tap name '\(name)': a host interface name is 1 to 15 printable characters without '/', ':' or spaces")
+            }
+            option = NICOption(attachment: .tap(name))
+        case "net":
+            try RunDirectory.validate(name, flag: "--nic net=")
+            option = NICOption(attachment: .segment(name))
+        default:
+            throw UsageError(message: "invalid --nic '\(spec)': \(hint)")
+        }
+        for part in parts {
+            guard part.hasPrefix("mac="), option.mac == nil else { throw UsageError(message: "invalid --nic '\(spec)': \(hint)") }
+            let text = String(part.dropFirst(4))
+            guard let mac = parseMAC(text) else {
+                throw UsageError(message: "invalid --nic mac '\(text)': use six hex octets like 52:54:00:12:34:56")
+            }
+            guard mac[0] & 1 == 0, mac != [0, 0, 0, 0, 0, 0] else {
+                throw UsageError(message: "invalid --nic mac '\(text)': a NIC needs a unicast address (the first octet's low bit clear)")
+            }
+            option.mac = mac
+        }
+        return option
+    }
+
+    /// The MAC used when none is given: QEMU's locally used 52:54:00 prefix, then three bytes of a
+    /// hash of the VM's name and the NIC's index, so a named VM keeps its addresses across runs.
+    static func generatedMAC(vm: String, index: Int) -> [UInt8] {
+        var hash: UInt32 = 0x811C_9DC5
+        for byte in "\(vm)/net\(index)".utf8 {
+            hash ^= UInt32(byte)
+            hash = hash &* 0x0100_0193
+        }
+        return [0x52, 0x54, 0x00, UInt8(truncatingIfNeeded: hash >> 16), UInt8(truncatingIfNeeded: hash >> 8), UInt8(truncatingIfNeeded: hash)]
+    }
+}
+
+func parseMAC(_ text: String) -> [UInt8]? {
+    let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+    guard parts.count == 6 else { return nil }
+    let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+    return bytes.count == 6 ? bytes : nil
+}
+
+func formatMAC(_ mac: [UInt8]) -> String {
+    mac.map { b in
+        let hex = String(b, radix: 16)
+        return hex.count == 1 ? "0" + hex : hex
+    }.joined(separator: ":")
+}
+
+/// A NIC ready to hand to its device process: the descriptors the trusted side opened.
+struct AttachedNIC {
+    var option: NICOption
+    var mac: [UInt8]
+    /// tap: [tap]; segment: [port region, NIC eventfd, switch eventfd].
+    var files: [FileDescriptor]
+    /// The switch connection; closing it leaves the segment.
+    var membership: SeqPacketSocket?
+
+    var backend: String {
+        if case .tap = option.attachment { return "tap" }
+        return "segment"
+    }
+    var describe: String {
+        switch option.attachment {
+        case .tap(let name): return "tap \(name)"
+        case .segment(let name): return "segment \(name)"
+        }
+    }
+}
+
+/// Opens every --nic (taps, segment ports) before the VM starts; any failure ends hvctl with one line.
+func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [AttachedNIC] {
+    // Every MAC is settled before anything is opened or joined.
+    var macs: [[UInt8]] = []
+    for (i, option) in options.nics.enumerated() {
+        let mac = option.mac ?? NICOption.generatedMAC(vm: vmName, index: i)
+        if let other = macs.firstIndex(of: mac) {
+            fail("--nic \(i) and --nic \(other) both have MAC \(formatMAC(mac)); give each NIC its own mac=", status: 2)
+        }
+        macs.append(mac)
+    }
+    var attached: [AttachedNIC] = []
+    for (i, option) in options.nics.enumerated() {
+        let mac = macs[i]
+        switch option.attachment {
+        case .tap(let name):
+            switch openTap(name) {
+            case .success(let tap): attached.append(AttachedNIC(option: option, mac: mac, files: [tap]))
+            case .failure(let error): fail(error.message)
+            }
+        case .segment(let name):
+            switch joinSegment(name, vm: vmName, nic: "net\(i)", mac: mac, verbose: verbose) {
+            case .success(let nic): attached.append(AttachedNIC(option: option, mac: mac, files: nic.files, membership: nic.membership))
+            case .failure(let error): fail(error.message)
+            }
+        }
+    }
+    return attached
+}
+
+// MARK: Taps
+
+private let tunSetInterface: UInt = 0x4004_54CA  // TUNSETIFF = _IOW('T', 202, int)
+private let interfaceTap: Int16 = 0x0002, interfaceNoPacketInfo: Int16 = 0x1000
+
+/// Opens (creating if missing) the tap `name` and brings a tap hv created up.
+func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
+    let existed = if_nametoindex(name) != 0
+    let tun: FileDescriptor
+    do { tun = try FileDescriptor.open("/dev/net/tun", flags: O_RDWR | O_CLOEXEC) } catch {
+        return .failure(UsageError(message: "cannot open /dev/net/tun for tap '\(name)': \(error.errno) (load the tun module, or run where /dev/net/tun exists)"))
+    }
+    // struct ifreq: the name (IFNAMSIZ bytes), then the flags (a short) at offset 16; 40 bytes in all.
+    var request = [UInt8](repeating: 0, count: 40)
+    for (k, b) in name.utf8.enumerated() { request[k] = b }
+    let flags = interfaceTap | interfaceNoPacketInfo
+    request[16] = UInt8(truncatingIfNeeded: flags)
+    request[17] = UInt8(truncatingIfNeeded: flags >> 8)
+    let rc = request.withUnsafeMutableBytes { hv_ioctl_ptr(tun.rawValue, tunSetInterface, $0.baseAddress) }
+    if rc != 0 {
+        let e = Errno.current
+        let why: String
+        switch e.rawValue {
+        case EPERM: why = "creating or attaching a tap needs CAP_NET_ADMIN: run hvctl as root, or create it first with 'ip tuntap add dev \(name) mode tap user USER'"
+        case EBUSY: why = "another process holds it (another VM?)"
+        case EINVAL: why = "'\(name)' exists and is not a tap interface"
+        default: why = "\(e)"
+        }
+        return .failure(UsageError(message: "cannot attach tap '\(name)': \(why)"))
+    }
+    if !existed {
+        // A tap hv created lives as long as this VM; bring it up so the host side can use it.
+        let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if s >= 0 {
+            defer { close(s) }
+            var ifr = [UInt8](repeating: 0, count: 40)
+            for (k, b) in name.utf8.enumerated() { ifr[k] = b }
+            let up = ifr.withUnsafeMutableBytes { raw -> Int32 in
+                guard hv_ioctl_ptr(s, UInt(SIOCGIFFLAGS), raw.baseAddress) == 0 else { return -1 }
+                raw[16] |= UInt8(truncatingIfNeeded: IFF_UP)
+                return hv_ioctl_ptr(s, UInt(SIOCSIFFLAGS), raw.baseAddress)
+            }
+            if up != 0 { warn("created tap '\(name)' but could not bring it up: \(Errno.current)") }
+        }
+    }
+    return .success(tun)
+}
+
+// MARK: Segments
+
+/// Where segments' sockets live: $HV_RUN_DIR/net.
+enum SegmentDirectory {
+    static var path: String { RunDirectory.path + "/net" }
+    static func socket(_ name: String) -> String { path + "/" + name + ".sock" }
+    static func lock(_ name: String) -> String { path + "/" + name + ".lock" }
+}
+
+/// Joins `segment`, starting its switch if none runs: the port's descriptors and the membership.
+func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbose: Bool) -> Result<(files: [FileDescriptor], membership: SeqPacketSocket), UsageError> {
+    for dir in [RunDirectory.path, SegmentDirectory.path] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
+        return .failure(UsageError(message: "cannot create \(dir): \(Errno.current)"))
+    }
+    // One starter at a time per segment: whoever holds the lock and finds no switch starts one.
+    let lock: FileDescriptor
+    do { lock = try FileDescriptor.open(SegmentDirectory.lock(segment), flags: O_RDWR | O_CREAT | O_CLOEXEC, mode: 0o600) } catch {
+        return .failure(UsageError(message: "cannot open \(SegmentDirectory.lock(segment)): \(error.errno)"))
+    }
+    guard retryOnInterrupt({ flock(lock.rawValue, LOCK_EX) }) == 0 else {
+        return .failure(UsageError(message: "cannot lock \(SegmentDirectory.lock(segment)): \(Errno.current)"))
+    }
+    defer { _ = flock(lock.rawValue, LOCK_UN) }
+    var lastError = ""
+    // A switch whose last member just left may exit between our connect and our join: try again.
+    for _ in 0..<3 {
+        let connection: SeqPacketSocket
+        if let fd = connectTo(SegmentDirectory.socket(segment)) {
+            connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
+        } else {
+            if case .failure(let error) = startSwitch(segment, verbose: verbose) { return .failure(error) }
+            guard let fd = connectTo(SegmentDirectory.socket(segment)) else {
+                return .failure(UsageError(message: "started the switch for segment '\(segment)' but cannot connect to it: \(Errno.current)"))
+            }
+            connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
+        }
+        let region: FileDescriptor, nicDoorbell: EventFD, switchDoorbell: EventFD
+        do {
+            region = try FramePort.create(name: "hv-port-\(segment)-\(vm)-\(nic)")
+            nicDoorbell = try EventFD(nonBlocking: true)
+            switchDoorbell = try EventFD(nonBlocking: true)
+        } catch {
+            return .failure(UsageError(message: "cannot create the port for segment '\(segment)': \(error)"))
+        }
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        do {
+            try connection.send(Array("join vm=\(vm) nic=\(nic) mac=\(formatMAC(mac))".utf8),
+                                fds: [region.rawValue, nicDoorbell.fd.rawValue, switchDoorbell.fd.rawValue])
+            guard let reply = try connection.receive() else {
+                lastError = "the switch closed the connection"
+                continue
+            }
+            let text = String(decoding: reply.bytes, as: UTF8.self)
+            if text == "ok" {
+                timeout = timeval(tv_sec: 0, tv_usec: 0)
+                setsockopt(connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                return .success((files: [region, nicDoorbell.fd, switchDoorbell.fd], membership: connection))
+            }
+            return .failure(UsageError(message: "cannot join segment '\(segment)': \(text.hasPrefix("error ") ? String(text.dropFirst(6)) : text)"))
+        } catch {
+            lastError = "\(error)"
+        }
+    }
+    return .failure(UsageError(message: "cannot join segment '\(segment)': \(lastError)"))
+}
+
+/// Binds the segment's socket and starts its switch (sandboxed unless the VM runs --no-sandbox),
+/// detached: it serves every VM on the segment and exits when the last one leaves.
+private func startSwitch(_ segment: String, verbose: Bool) -> Result<Void, UsageError> {
+    let path = SegmentDirectory.socket(segment)
+    unlink(path)
+    guard var address = unixAddress(path) else {
+        return .failure(UsageError(message: "the socket path \(path) is too long; set HV_RUN_DIR to a shorter directory"))
+    }
+    let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return .failure(UsageError(message: "cannot create a socket for segment '\(segment)': \(Errno.current)")) }
+    let listener = FileDescriptor(owning: fd)
+    let old = umask(0o177)
+    let bound = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    umask(old)
+    guard bound == 0, listen(fd, 16) == 0 else {
+        return .failure(UsageError(message: "cannot listen on \(path): \(Errno.current)"))
+    }
+    let executable = deviceExecutable("hv-switch")
+    let stderr: FileDescriptor
+    do { stderr = verbose ? FileDescriptor(owning: try check("dup stderr", fcntl(2, F_DUPFD_CLOEXEC, 3))) : try FileDescriptor.open("/dev/null", flags: O_WRONLY) } catch {
+        return .failure(UsageError(message: "cannot start the switch for segment '\(segment)': \(error)"))
+    }
+    do {
+        if sandboxSegments {
+            let plan = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath("switch"), tenant: "segment-\(segment)")
+            _ = try plan.spawn(executable: executable, arguments: [segment], memoryBytes: 0,
+                               inherit: [(3, listener.rawValue)], detached: true, stderr: stderr.rawValue)
+        } else {
+            _ = try ChildProcess.spawn(path: executable, arguments: [segment], inherit: [(2, stderr.rawValue), (3, listener.rawValue)])
+        }
+    } catch let error as UsageError {
+        return .failure(error)
+    } catch {
+        return .failure(UsageError(message: "cannot start the switch for segment '\(segment)': \(error)"))
+    }
+    return .success(())
+}
+
+/// Whether segment switches run sandboxed (off only under --no-sandbox).
+nonisolated(unsafe) var sandboxSegments = true
+
+// MARK: hvctl net
+
+/// `hvctl net ls [--json]`: every private segment on this host, its members and their counters.
+func netCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
+    var rest = arguments
+    guard rest.popFirst() == "ls" else { throw UsageError(message: "usage: hvctl net ls [--json]") }
+    var json = false
+    while let flag = rest.popFirst() {
+        guard flag == "--json" else { throw UsageError(message: "unknown option '\(flag)' for 'hvctl net ls'") }
+        json = true
+    }
+    var segments: [JSONObject] = []
+    if let dir = opendir(SegmentDirectory.path) {
+        var found: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name.hasSuffix(".sock") { found.append(String(name.dropLast(5))) }
+        }
+        closedir(dir)
+        for name in found.sorted() {
+            guard let fd = connectTo(SegmentDirectory.socket(name)) else { continue }  // a switch that has exited
+            let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
+            var timeout = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
+                  case .object(let object)? = try? JSONValue.parse(reply.bytes) else { continue }
+            segments.append(object)
+        }
+    }
+    if json {
+        print("[" + segments.map { render(.object($0)) }.joined(separator: ", ") + "]")
+        return 0
+    }
+    if segments.isEmpty {
+        print("no private network segments on this host")
+        return 0
+    }
+    print(pad("SEGMENT", 16) + pad("VM", 20) + pad("NIC", 6) + pad("MAC", 19) + pad("FRAMES-IN", 11) + pad("FRAMES-OUT", 11) + "DROPPED")
+    for s in segments {
+        guard case .array(let list)? = s["members"] else { continue }
+        for case .object(let m) in list {
+            print(pad(text(s, "segment"), 16) + pad(text(m, "vm"), 20) + pad(text(m, "nic"), 6) + pad(text(m, "mac"), 19)
+                  + pad(String(number(m, "frames_from_vm")), 11) + pad(String(number(m, "frames_to_vm")), 11) + String(number(m, "dropped_to_vm")))
+        }
+    }
+    return 0
+}
