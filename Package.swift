@@ -43,7 +43,7 @@ let package = Package(
                           path: "Sources/hv-jail", swiftSettings: strict),
         // The trusted VMM core.
         .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys", "HVSandbox", "CSeccomp"], path: "Sources/HVCore", swiftSettings: strict),
-        .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox"], path: "Sources/hvctl", swiftSettings: strict),
+        .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox", "HVNetSwitch"], path: "Sources/hvctl", swiftSettings: strict),
 
         // Devices shipped with hv, built only on the public SDK.
         .target(name: "HVSerialUART", path: "Plugins/serial/UART", swiftSettings: strict),
@@ -59,7 +59,7 @@ let package = Package(
                           swiftSettings: strict),
 
         // virtio-net NIC and the private segments' learning switch (its forwarding table pure, unit-tested).
-        .executableTarget(name: "hv-net", dependencies: ["HVDeviceSDK"], path: "Plugins/net/Device", swiftSettings: strict),
+        .executableTarget(name: "hv-net", dependencies: ["HVDeviceSDK", "HVNetSwitch"], path: "Plugins/net/Device", swiftSettings: strict),
         .target(name: "HVNetSwitch", path: "Plugins/net/Switch", swiftSettings: strict),
         .executableTarget(name: "hv-switch", dependencies: ["HVIPC", "HVSys", "CHVShim", "HVNetSwitch"], path: "Plugins/net/SwitchProcess",
                           swiftSettings: strict),

@@ -29,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +329,53 @@ def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class LiveGuest:
+    """A VM running in the background (hv or QEMU); its output lines timestamped as they arrive."""
+
+    def __init__(self, argv: list[str], env: Optional[dict]):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env)
+        self.lines: list[tuple[int, bytes]] = []
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        pending = b""
+        while True:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            t = now_ns()
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            with self.lock:
+                self.lines += [(t, line) for line in complete]
+
+    def wait_for(self, prefix: bytes, timeout_s: float) -> Optional[tuple[int, bytes]]:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while time.monotonic() < deadline:
+            with self.lock:
+                new = self.lines[seen:]
+                seen = len(self.lines)
+            for t, line in new:
+                if line.startswith(prefix):
+                    return t, line
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                return None
+            time.sleep(0.005)
+        return None
+
+    def text(self) -> str:
+        with self.lock:
+            return b"\n".join(line for _, line in self.lines).decode(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.reader.join(5)
 
 
 def run_capture(argv: list[str], *, timeout_s: float, markers: Iterable[bytes] = (),
@@ -1115,6 +1164,159 @@ class Bench:
                             note="" if share is None else f"{share * 100:.0f}% of the host"))
         return rows
 
+    # -- network --
+
+    def case_net(self) -> list[Row]:
+        """virtio-net: VM→VM (hv: a private segment; QEMU: two taps on a Linux bridge) and VM→host
+        over a tap (hv and QEMU both virtio-net + tap), all in a network namespace made here; and
+        the host's ping round trip to a guest over the tap."""
+        if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("ping"):
+            self.problems.append("network: needs root, ip and ping (iproute2, iputils-ping); not run")
+            return [self.not_yet("network", "≥ QEMU", "needs root, ip and ping")]
+        count = 2000 if self.quick else 20000
+        big, small = 1472, 18  # UDP payloads: 1514-byte and 60-byte Ethernet frames
+        print(f"case: virtio-net, {count} UDP datagrams of {big} and of {small} bytes (mode=netblast → netsink or the "
+              f"host), VM→VM and VM→host, and the host's ping round trip; hv (segment / tap) vs QEMU (bridge / tap)", flush=True)
+        ns = f"hvbench{os.getpid()}"
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        sh(["ip", "netns", "add", ns])
+        run_dir = self.env.tmp / "run"
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir))
+
+        def nsx(*argv, check=True, **kw):
+            return subprocess.run(["ip", "netns", "exec", ns, *argv], check=check, **kw)
+
+        try:
+            nsx("ip", "link", "set", "lo", "up")
+            nsx("ip", "tuntap", "add", "dev", "hvbtap", "mode", "tap")
+            nsx("ip", "addr", "add", "10.78.0.1/24", "dev", "hvbtap")
+            nsx("ip", "link", "set", "hvbtap", "up")
+            nsx("ip", "link", "add", "hvbbr", "type", "bridge")
+            for t in ("hvbq1", "hvbq2"):
+                nsx("ip", "tuntap", "add", "dev", t, "mode", "tap")
+                nsx("ip", "link", "set", t, "master", "hvbbr")
+                nsx("ip", "link", "set", t, "up")
+            nsx("ip", "link", "set", "hvbbr", "up")
+
+            def guest(side: str, cmd: str, nic: str, mac: str, name: str) -> LiveGuest:
+                if side == "hv":
+                    argv = ["ip", "netns", "exec", ns, *self.hv_argv(cmd), "--memory", "32M", "--name", name,
+                            "--nic", f"{nic},mac={mac}"]
+                    return LiveGuest(argv, env)
+                netdev = f"tap,id=n0,ifname={nic},script=no,downscript=no"
+                argv = ["ip", "netns", "exec", ns, *self.qemu_argv(cmd), "-netdev", netdev,
+                        "-device", f"virtio-net-pci,netdev=n0,disable-legacy=on,mac={mac}"]
+                return LiveGuest(argv, None)
+
+            def vm_to_vm(side: str, i: int, size: int) -> Optional[float]:
+                seg = f"net=bench{os.getpid()}"
+                sink = guest(side, "mode=netsink ip=10.9.0.2 port=5001", seg if side == "hv" else "hvbq2",
+                             "52:54:00:00:0b:02", f"sink{i}")
+                blaster = None
+                try:
+                    if sink.wait_for(b"net: nic0 mac", 60) is None:
+                        self.problems.append(f"{side} netsink did not start: {sink.text()[-300:]!r}")
+                        return None
+                    blaster = guest(side, f"mode=netblast ip=10.9.0.1 peer=10.9.0.2 count={count} size={size} port=5001",
+                                    seg if side == "hv" else "hvbq1", "52:54:00:00:0b:01", f"blast{i}")
+                    start = sink.wait_for(b"bench: net rx start", 120)
+                    end = sink.wait_for(b"bench: net rx end", 180)
+                    if start is None or end is None:
+                        self.problems.append(f"{side} VM→VM blast did not finish: sink {sink.text()[-300:]!r} "
+                                             f"blaster {blaster.text()[-300:]!r}")
+                        return None
+                    got = re.search(rb"received=(\d+)", end[1])
+                    return int(got.group(1)) / ((end[0] - start[0]) / 1e9) if got else None
+                finally:
+                    sink.stop()
+                    if blaster:
+                        blaster.stop()
+
+            receiver = textwrap.dedent("""
+                import json, socket, sys, time
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+                s.bind(("10.78.0.1", 5001)); s.settimeout(120)
+                print("ready", flush=True)
+                n = nbytes = 0; first = last = None
+                while True:
+                    try:
+                        data = s.recv(65536)
+                    except socket.timeout:
+                        break
+                    now = time.perf_counter()
+                    if data[:4] == b"END!":
+                        break
+                    first = first or now; last = now; n += 1; nbytes += len(data)
+                    s.settimeout(10)
+                print(json.dumps({"n": n, "bytes": nbytes, "s": (last - first) if n > 1 else None}), flush=True)
+            """)
+
+            def vm_to_host(side: str, i: int, size: int) -> Optional[float]:
+                rx = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", receiver],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                vm = None
+                try:
+                    if rx.stdout.readline().strip() != "ready":
+                        return None
+                    vm = guest(side, f"mode=netblast ip=10.78.0.2 peer=10.78.0.1 count={count} size={size} port=5001",
+                               "tap=hvbtap" if side == "hv" else "hvbtap", "52:54:00:00:0b:03", f"tx{i}")
+                    try:
+                        out, _ = rx.communicate(timeout=240)
+                    except subprocess.TimeoutExpired:
+                        self.problems.append(f"{side} VM→host blast did not finish: {vm.text()[-300:]!r}")
+                        return None
+                    result = json.loads(out.strip().splitlines()[-1])
+                    return result["n"] / result["s"] if result.get("s") else None
+                finally:
+                    if rx.poll() is None:
+                        rx.kill()
+                    if vm:
+                        vm.stop()
+
+            def host_ping(side: str, i: int) -> Optional[float]:
+                vm = guest(side, "mode=netpeer ip=10.78.0.2", "tap=hvbtap" if side == "hv" else "hvbtap",
+                           "52:54:00:00:0b:04", f"ping{i}")
+                try:
+                    if vm.wait_for(b"net: nic0 mac", 60) is None:
+                        return None
+                    nsx("ping", "-c", "3", "-W", "5", "10.78.0.2", check=False, capture_output=True)  # warm ARP
+                    n = 20 if self.quick else 100
+                    r = nsx("ping", "-c", str(n), "-i", "0.01", "-q", "10.78.0.2", check=False, capture_output=True, text=True)
+                    m = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)
+                    return float(m.group(1)) * 1000 if m else None
+                finally:
+                    vm.stop()
+
+            def one(side, i):
+                v = {
+                    "vm_big": vm_to_vm(side, i, big), "vm_small": vm_to_vm(side, i, small),
+                    "host_big": vm_to_host(side, i, big), "host_small": vm_to_host(side, i, small),
+                    "rtt": host_ping(side, i),
+                }
+                for k, x in v.items():
+                    self.record(f"net_{k}", side, x)
+                print(f"  run {i + 1} {side}: " + ", ".join(f"{k} {x:.0f}" if x else f"{k} -" for k, x in v.items()), flush=True)
+
+            self.interleaved(one)
+        finally:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+        rows = []
+        for key, label, unit, scale in [
+            ("vm_big", "net VM→VM, 1514-byte frames (hv: private segment; QEMU: bridge)", "MiB/s", big / (1 << 20)),
+            ("vm_small", "net VM→VM, 60-byte frames (hv: private segment; QEMU: bridge)", "kpps", 1e-3),
+            ("host_big", "net VM→host over a tap, 1514-byte frames", "MiB/s", big / (1 << 20)),
+            ("host_small", "net VM→host over a tap, 60-byte frames", "kpps", 1e-3),
+        ]:
+            hv, q = (self.get(f"net_{key}", side) for side in ("hv", "qemu"))
+            hv, q = (None if x is None else Stats(x.median * scale, x.min * scale, x.max * scale, x.n) for x in (hv, q))
+            rows.append(Row(label, hv, q, unit=unit, target="≥ QEMU", met=None if hv is None or q is None else hv.median >= q.median))
+        hv, q = self.get("net_rtt", "hv"), self.get("net_rtt", "qemu")
+        rows.append(Row("net host→VM ping round trip over a tap", hv, q, unit="µs", target="≤ QEMU",
+                        met=None if hv is None or q is None else hv.median <= q.median))
+        return rows
+
     # -- not yet --
 
     @staticmethod
@@ -1123,9 +1325,7 @@ class Bench:
 
     @classmethod
     def cases_not_yet(cls) -> list[Row]:
-        return [
-            cls.not_yet("network", "≥ QEMU", "no NIC yet"),
-        ]
+        return []
 
 
 def plot_time_to_x(bench: Bench, path: str) -> Optional[str]:
@@ -1206,6 +1406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += bench.case_vms_at_once()
         rows += bench.case_grub()
         rows += bench.case_scsi()
+        rows += bench.case_net()
         rows += bench.cases_not_yet()
 
     elapsed = time.monotonic() - t_start

@@ -1,4 +1,5 @@
 import Glibc
+import HVIPC
 import HVSandbox
 import HVSys
 
@@ -137,21 +138,6 @@ func controlRequest(_ name: String, _ command: String) -> JSONObject? {
     return object
 }
 
-/// JSON text for a string value.
-func jsonString(_ s: String) -> String {
-    var out = "\""
-    for u in s.unicodeScalars {
-        switch u {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case _ where u.value < 0x20: out += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count) + String(u.value, radix: 16)
-        default: out.unicodeScalars.append(u)
-        }
-    }
-    return out + "\""
-}
-
 // MARK: Commands
 
 private func names() -> [String] {
@@ -202,7 +188,7 @@ func cdromCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
         if !path.hasPrefix("/") {
             var buffer = [CChar](repeating: 0, count: 4096)
             guard getcwd(&buffer, buffer.count) != nil else { throw UsageError(message: "cannot resolve '\(path)': no current directory") }
-            absolute = String(cString: buffer) + "/" + path
+            absolute = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + "/" + path
         }
         guard absolute.utf8.count < 4096 else { throw UsageError(message: "the ISO path is too long") }
         command = "cdrom insert " + absolute

@@ -2,6 +2,7 @@ import CHVShim
 import Glibc
 import HVCore
 import HVIPC
+import HVNetSwitch
 import HVSandbox
 import HVSys
 
@@ -66,19 +67,9 @@ struct NICOption: Equatable {
     }
 }
 
-func parseMAC(_ text: String) -> [UInt8]? {
-    let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-    guard parts.count == 6 else { return nil }
-    let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
-    return bytes.count == 6 ? bytes : nil
-}
+func parseMAC(_ text: String) -> [UInt8]? { MACAddress(parsing: text)?.bytes }
 
-func formatMAC(_ mac: [UInt8]) -> String {
-    mac.map { b in
-        let hex = String(b, radix: 16)
-        return hex.count == 1 ? "0" + hex : hex
-    }.joined(separator: ":")
-}
+func formatMAC(_ mac: [UInt8]) -> String { MACAddress(bytes: mac).description }
 
 /// A NIC ready to hand to its device process: the descriptors the trusted side opened.
 struct AttachedNIC {

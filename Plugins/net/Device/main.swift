@@ -1,5 +1,6 @@
 import Glibc
 import HVDeviceSDK
+import HVNetSwitch
 
 // hv-net: a virtio-net NIC (virtio 1.2 §5.1) on the SDK's virtio-pci transport. Queue 0 receives,
 // queue 1 transmits; no control queue. Its frames go to a host tap (`backend=tap`, host file 0
@@ -171,7 +172,7 @@ final class VirtioNet: VirtioDevice {
 }
 
 let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
-guard let macText = runtime.config["mac"], let mac = parseMAC(macText) else {
+guard let macText = runtime.config["mac"], let mac = MACAddress(parsing: macText)?.bytes else {
     runtime.log(.error, "no valid mac= in the device configuration")
     exit(2)
 }
@@ -202,10 +203,3 @@ default:
 let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend)
 runtime.watch(fd: backend.wakeDescriptor, enabled: { backend is SegmentBackend || nic.canReceive() }) { nic.backendReady() }
 runtime.run(VirtioPCITransport(runtime: runtime, device: nic))
-
-func parseMAC(_ text: String) -> [UInt8]? {
-    let parts = text.split(separator: ":")
-    guard parts.count == 6 else { return nil }
-    let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
-    return bytes.count == 6 ? bytes : nil
-}

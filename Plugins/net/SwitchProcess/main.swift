@@ -106,24 +106,6 @@ final class Segment {
     lazy var lastAging = started
     var flooded: UInt64 = 0, filtered: UInt64 = 0
 
-    func jsonString(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            default:
-                if u.value < 0x20 {
-                    let hex = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
-    }
-
     func statusJSON() -> String {
         let ports = members.map { m in
             "{\"vm\": \(jsonString(m.vm)), \"nic\": \(jsonString(m.nic)), \"mac\": \"\(m.mac)\", "
