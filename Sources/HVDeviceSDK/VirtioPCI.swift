@@ -201,6 +201,8 @@ public final class VirtioPCITransport: DeviceModel {
     private func restoreState() -> Bool {
         guard device.completesInOrder, runtime.restartGeneration > 0, let page = runtime.statePage, let memory else { return false }
         let b = page.loadBytes(count: page.count)
+        // The layout saveState writes: a 45-byte header, 29 bytes per queue, then the MSI-X table and pending bits.
+        guard 45 + 29 * setups.count + msixTable.count + msixPending.count <= b.count else { return false }
         var at = 0
         func get(_ n: Int) -> UInt64 {
             defer { at += n }

@@ -77,8 +77,6 @@ struct AttachedNIC {
     var mac: [UInt8]
     /// tap: [tap]; segment: [port region, NIC eventfd, switch eventfd].
     var files: [FileDescriptor]
-    /// The switch connection; closing it leaves the segment.
-    var membership: SeqPacketSocket?
 
     var backend: String {
         if case .tap = option.attachment { return "tap" }
@@ -104,6 +102,7 @@ func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [Attach
         macs.append(mac)
     }
     var attached: [AttachedNIC] = []
+    var memberships: [SegmentKeeper.Member] = []
     for (i, option) in options.nics.enumerated() {
         let mac = macs[i]
         switch option.attachment {
@@ -114,11 +113,15 @@ func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [Attach
             }
         case .segment(let name):
             switch joinSegment(name, vm: vmName, nic: "net\(i)", mac: mac, verbose: verbose) {
-            case .success(let nic): attached.append(AttachedNIC(option: option, mac: mac, files: nic.files, membership: nic.membership))
+            case .success(let nic):
+                attached.append(AttachedNIC(option: option, mac: mac, files: nic.files))
+                memberships.append(.init(segment: name, vm: vmName, nic: "net\(i)", mac: mac, files: nic.files, connection: nic.membership))
             case .failure(let error): fail(error.message)
             }
         }
     }
+    // The keeper's thread holds it (and every membership) for the rest of hvctl's life.
+    do { try SegmentKeeper(memberships, verbose: verbose).start() } catch { fail("cannot watch the segment memberships: \(error)") }
     return attached
 }
 
@@ -180,7 +183,9 @@ enum SegmentDirectory {
 }
 
 /// Joins `segment`, starting its switch if none runs: the port's descriptors and the membership.
-func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbose: Bool) -> Result<(files: [FileDescriptor], membership: SeqPacketSocket), UsageError> {
+/// `port` rejoins with an existing port (after the switch died), so the NIC process keeps its own.
+func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbose: Bool,
+                 port: [FileDescriptor]? = nil) -> Result<(files: [FileDescriptor], membership: SeqPacketSocket), UsageError> {
     for dir in [RunDirectory.path, SegmentDirectory.path] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
         return .failure(UsageError(message: "cannot create \(dir): \(Errno.current)"))
     }
@@ -193,6 +198,17 @@ func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbo
         return .failure(UsageError(message: "cannot lock \(SegmentDirectory.lock(segment)): \(Errno.current)"))
     }
     defer { _ = flock(lock.rawValue, LOCK_UN) }
+    let files: [FileDescriptor]
+    if let port {
+        files = port
+    } else {
+        do {
+            files = [try FramePort.create(name: "hv-port-\(segment)-\(vm)-\(nic)"), try EventFD(nonBlocking: true).fd,
+                     try EventFD(nonBlocking: true).fd]
+        } catch {
+            return .failure(UsageError(message: "cannot create the port for segment '\(segment)': \(error)"))
+        }
+    }
     var lastError = ""
     // A switch whose last member just left may exit between our connect and our join: try again.
     for _ in 0..<3 {
@@ -206,19 +222,11 @@ func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbo
             }
             connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
         }
-        let region: FileDescriptor, nicDoorbell: EventFD, switchDoorbell: EventFD
-        do {
-            region = try FramePort.create(name: "hv-port-\(segment)-\(vm)-\(nic)")
-            nicDoorbell = try EventFD(nonBlocking: true)
-            switchDoorbell = try EventFD(nonBlocking: true)
-        } catch {
-            return .failure(UsageError(message: "cannot create the port for segment '\(segment)': \(error)"))
-        }
         var timeout = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         do {
             try connection.send(Array("join vm=\(vm) nic=\(nic) mac=\(formatMAC(mac))".utf8),
-                                fds: [region.rawValue, nicDoorbell.fd.rawValue, switchDoorbell.fd.rawValue])
+                                fds: files.map(\.rawValue))
             guard let reply = try connection.receive() else {
                 lastError = "the switch closed the connection"
                 continue
@@ -227,7 +235,7 @@ func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbo
             if text == "ok" {
                 timeout = timeval(tv_sec: 0, tv_usec: 0)
                 setsockopt(connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                return .success((files: [region, nicDoorbell.fd, switchDoorbell.fd], membership: connection))
+                return .success((files: files, membership: connection))
             }
             return .failure(UsageError(message: "cannot join segment '\(segment)': \(text.hasPrefix("error ") ? String(text.dropFirst(6)) : text)"))
         } catch {
@@ -275,6 +283,51 @@ private func startSwitch(_ segment: String, verbose: Bool) -> Result<Void, Usage
         return .failure(UsageError(message: "cannot start the switch for segment '\(segment)': \(error)"))
     }
     return .success(())
+}
+
+/// Watches this VM's segment memberships. If a segment's switch dies (a crash, a kill), the
+/// connection hangs up; the keeper joins again with the same port, starting a new switch if no
+/// other member already has, so the NIC processes never notice more than a pause.
+final class SegmentKeeper: @unchecked Sendable {
+    // @unchecked: `members` is touched only by the keeper thread after start().
+    struct Member {
+        var segment: String, vm: String, nic: String, mac: [UInt8], files: [FileDescriptor], connection: SeqPacketSocket
+    }
+    private var members: [Member]
+    private let verbose: Bool
+
+    init(_ members: [Member], verbose: Bool) {
+        self.members = members
+        self.verbose = verbose
+    }
+
+    func start() throws(SystemError) {
+        guard !members.isEmpty else { return }
+        _ = try HostThread.spawn(name: "hv-segments") { [self] in
+            while true {
+                let ready = (try? Poll.wait(members.map { Poll.Interest(fd: $0.connection.fd.rawValue) }, timeoutMilliseconds: -1)) ?? []
+                for (i, revents) in ready.enumerated() where revents != 0 {
+                    let m = members[i]
+                    // Anything the switch sends unasked, or its hang-up, means it is gone.
+                    _ = try? m.connection.receive()
+                    warn("segment '\(m.segment)': its switch went away; \(m.nic) joins again")
+                    var delay: UInt32 = 50_000
+                    while true {
+                        switch joinSegment(m.segment, vm: m.vm, nic: m.nic, mac: m.mac, verbose: verbose, port: m.files) {
+                        case .success(let joined):
+                            members[i].connection = joined.membership
+                        case .failure(let error):
+                            warn("\(error.message); trying again")
+                            usleep(delay)
+                            delay = min(delay * 2, 2_000_000)
+                            continue
+                        }
+                        break
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Whether segment switches run sandboxed (off only under --no-sandbox).

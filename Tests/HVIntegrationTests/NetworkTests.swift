@@ -147,6 +147,11 @@ final class TapNetworkTests: XCTestCase {
         defer { vm.process.terminate() }
         XCTAssertTrue(vm.waitForOutput("net: nic0 mac 52:54:00:12:34:56 link up", timeout: 30), vm.stdout + vm.stderr)
         XCTAssertTrue(vm.waitForOutput("net: lease ", timeout: 60), "no lease: \(vm.stdout) \(vm.stderr) dnsmasq: \(dnsmasq.output)")
+        // The serial port delivers the line a character at a time: wait for all of it.
+        let lineDeadline = Date().addingTimeInterval(10)
+        while Date() < lineDeadline, !(vm.stdout.components(separatedBy: "net: lease ").last ?? "").contains("\n") {
+            Thread.sleep(forTimeInterval: 0.01)
+        }
         let line = try XCTUnwrap(vm.stdout.split(separator: "\n").first { $0.hasPrefix("net: lease ") })
         let address = String(line.split(separator: " ")[2])
         XCTAssertTrue(address.hasPrefix("10.77.0."), String(line))
@@ -324,6 +329,42 @@ final class SegmentNetworkTests: XCTestCase {
         let pinger = try start("pinger", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=2", ["net=\(segment),mac=\(mac(1))"])
         defer { pinger.process.terminate() }
         XCTAssertTrue(pinger.waitForOutput("net: ping done sent=2 received=2", timeout: 60), pinger.stdout + pinger.stderr)
+    }
+
+    /// Host pids whose command line names the segment's switch.
+    private func switchPids(_ segment: String) -> [pid_t] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry in
+            guard let pid = pid_t(entry), let raw = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline") else { return nil }
+            let args = raw.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            return args.first?.hasSuffix("/hv-switch") == true && args.dropFirst().first == segment ? pid : nil
+        }
+    }
+
+    func testASegmentSurvivesItsSwitchBeingKilled() throws {
+        let segment = "t\(getpid())k"
+        let peer = try start("peer", "mode=netpeer ip=10.9.0.2", ["net=\(segment),mac=\(mac(2))"])
+        defer { peer.process.terminate() }
+        let first = try start("first", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=2", ["net=\(segment),mac=\(mac(1))"])
+        defer { first.process.terminate() }
+        XCTAssertTrue(first.waitForOutput("net: ping done sent=2 received=2", timeout: 60), first.stdout + first.stderr)
+
+        let pids = switchPids(segment)
+        XCTAssertEqual(pids.count, 1)
+        kill(pids[0], SIGKILL)
+        // Each member's core joins again with the same port; one of them starts a new switch.
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, switchPids(segment).isEmpty || !((try? segments()) ?? []).contains(where: { ($0["members"] as? [[String: Any]])?.count == 2 }) {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        XCTAssertTrue(peer.stderr.contains("segment '\(segment)': its switch went away; net0 joins again"), peer.stderr)
+        XCTAssertEqual(switchPids(segment).count, 1)
+
+        // The guests never noticed: a newcomer reaches both, and the first one's NIC still answers.
+        let newcomer = try start("newcomer", "mode=netping ip=10.9.0.3 peer=10.9.0.1 count=2", ["net=\(segment),mac=\(mac(3))"])
+        defer { newcomer.process.terminate() }
+        XCTAssertTrue(newcomer.waitForOutput("net: ping done sent=2 received=2", timeout: 60), newcomer.stdout + newcomer.stderr)
+        XCTAssertTrue(first.waitForOutput("net: echo seq 2 from 10.9.0.3"), first.stdout)
+        XCTAssertTrue(peer.process.isRunning && first.process.isRunning)
     }
 
     func testBadNICOptionsAreRefusedWithOneLine() throws {

@@ -93,7 +93,10 @@ final class Member {
 /// The segment: its members, their ports and the forwarding table.
 final class Segment {
     let segmentName: String
-    init(name: String) { segmentName = name }
+    init(name: String) {
+        segmentName = name
+        lastAging = started
+    }
     func say(_ text: String) { hvSay(segmentName, text) }
 
         var members: [Member] = []
@@ -103,7 +106,7 @@ final class Segment {
     var nextID = 0
     var everJoined = false
     let started = monotonicNanoseconds()
-    lazy var lastAging = started
+    var lastAging: UInt64 = 0
     var flooded: UInt64 = 0, filtered: UInt64 = 0
 
     func statusJSON() -> String {
