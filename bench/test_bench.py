@@ -209,14 +209,12 @@ class TableTests(unittest.TestCase):
         r = bench.Bench.not_yet("ISO boot to GRUB prompt", "≪ QEMU", "no CD-ROM yet")
         self.assertEqual(r.cells(), ["ISO boot to GRUB prompt", "not yet", "", "", "≪ QEMU", "no CD-ROM yet"])
 
-    def test_every_not_yet_row_is_present(self):
-        names = [r.case for r in bench.Bench.cases_not_yet()]
-        for want in ("network",):
-            self.assertTrue(any(n.startswith(want) for n in names), want)
-        self.assertFalse(any(n.startswith("ISO boot") for n in names), "ISO → GRUB is measured now (case_grub)")
-        self.assertFalse(any(n.startswith("SCSI") for n in names), "the SCSI path is measured now (case_scsi)")
-        table = bench.format_table(bench.TABLE_HEADERS, [r.cells() for r in bench.Bench.cases_not_yet()])
-        self.assertEqual(table.count("not yet"), 1)
+    def test_every_case_is_measured(self):
+        # The network (case_net), ISO → GRUB (case_grub) and SCSI (case_scsi) rows were "not yet"
+        # once; every case the design brief names is measured now.
+        self.assertEqual(bench.Bench.cases_not_yet(), [])
+        for case in ("case_net", "case_grub", "case_scsi"):
+            self.assertTrue(callable(getattr(bench.Bench, case, None)), case)
 
 
 class PeekTests(unittest.TestCase):

@@ -128,7 +128,9 @@ func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [Attach
 // MARK: Taps
 
 private let tunSetInterface: UInt = 0x4004_54CA  // TUNSETIFF = _IOW('T', 202, int)
-private let interfaceTap: Int16 = 0x0002, interfaceNoPacketInfo: Int16 = 0x1000
+private let tunSetOffload: UInt = 0x4004_54D0    // TUNSETOFFLOAD = _IOW('T', 208, unsigned int)
+private let tunSetHeaderSize: UInt = 0x4004_54D8 // TUNSETVNETHDRSZ = _IOW('T', 216, int)
+private let interfaceTap: Int16 = 0x0002, interfaceNoPacketInfo: Int16 = 0x1000, interfaceVirtioHeader: Int16 = 0x4000
 
 /// Opens (creating if missing) the tap `name` and brings a tap hv created up.
 func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
@@ -140,7 +142,8 @@ func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
     // struct ifreq: the name (IFNAMSIZ bytes), then the flags (a short) at offset 16; 40 bytes in all.
     var request = [UInt8](repeating: 0, count: 40)
     for (k, b) in name.utf8.enumerated() { request[k] = b }
-    let flags = interfaceTap | interfaceNoPacketInfo
+    // With the 12-byte virtio-net header: the guest's checksum requests reach the host kernel as they are.
+    let flags = interfaceTap | interfaceNoPacketInfo | interfaceVirtioHeader
     request[16] = UInt8(truncatingIfNeeded: flags)
     request[17] = UInt8(truncatingIfNeeded: flags >> 8)
     let rc = request.withUnsafeMutableBytes { hv_ioctl_ptr(tun.rawValue, tunSetInterface, $0.baseAddress) }
@@ -154,6 +157,13 @@ func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
         default: why = "\(e)"
         }
         return .failure(UsageError(message: "cannot attach tap '\(name)': \(why)"))
+    }
+    // The header is virtio 1's (12 bytes, with num_buffers). No offload toward the guest: a tap
+    // another VMM left with offloads on would otherwise hand over partial checksums or GSO frames
+    // the guest never agreed to.
+    var headerSize: Int32 = 12
+    guard hv_ioctl_ptr(tun.rawValue, tunSetHeaderSize, &headerSize) == 0, hv_ioctl_val(tun.rawValue, tunSetOffload, 0) == 0 else {
+        return .failure(UsageError(message: "cannot set up tap '\(name)' for virtio-net headers: \(Errno.current)"))
     }
     if !existed {
         // A tap hv created lives as long as this VM; bring it up so the host side can use it.

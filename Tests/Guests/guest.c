@@ -63,6 +63,7 @@ struct config {
     uint32_t cpus, lines, count, bytes, delay;
     uint32_t count_given;
     uint32_t ip, peer, size;            /* net modes: addresses in host order, UDP payload bytes */
+    uint32_t csum;                      /* netblast: leave UDP checksums to the device (VIRTIO_NET_F_CSUM) */
 };
 
 extern const char tramp_start[], tramp_end[];
@@ -312,6 +313,8 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->peer = parse_ip(v, s);
         } else if ((v = token_value(tok, s, "size="))) {
             cfg->size = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "csum="))) {
+            cfg->csum = parse_u32(v, s);
         }
     }
 }
@@ -1169,6 +1172,7 @@ static void mode_vscsibench(uint32_t mib)
 #define NBUF_SIZE       2048
 #define VNET_HDR        12              /* virtio_net_hdr_v1 */
 #define ETH_MAX         1514
+#define VNET_F_CSUM     (1u << 0)
 #define VNET_F_MAC      (1u << 5)
 #define VNET_F_MRG_RXBUF (1u << 15)
 #define VNET_F_STATUS   (1u << 16)
@@ -1275,6 +1279,11 @@ static void nq_offer(struct nq *q, uint16_t id)
 static uint32_t nrx_bufs(const struct nic *n) { return n->rx.size < NRX_BUFS ? n->rx.size : NRX_BUFS; }
 
 /* Finds and starts the NICs, printing one line for each; returns how many. */
+/* Set before net_start: negotiate VIRTIO_NET_F_CSUM (the device completes checksums). */
+static uint32_t net_want_csum;
+/* Set while netblast sends: its datagrams carry a partial UDP checksum for the device to finish. */
+static uint32_t net_tx_partial_udp;
+
 static uint32_t net_start(void)
 {
     tsc_calibrate();
@@ -1286,7 +1295,7 @@ static uint32_t net_start(void)
         vpci_map(&n->v, dev << 3, 0xE1000000u + (dev << 20), 1);  /* if unassigned: 1 MiB per slot */
         vpci_reset_ack(&n->v);
         uint32_t lo = vpci_offered(&n->v, 0), hi = vpci_offered(&n->v, 1);
-        n->features = lo & (VNET_F_MAC | VNET_F_STATUS | VNET_F_MRG_RXBUF);
+        n->features = lo & (VNET_F_MAC | VNET_F_STATUS | VNET_F_MRG_RXBUF | (net_want_csum ? VNET_F_CSUM : 0));
         if (!(hi & 1) || !vpci_set_features(&n->v, n->features, 1)) {
             kprintf("net: nic%u features refused\n", nic_count);
             continue;
@@ -1353,6 +1362,12 @@ static void tx_submit(struct nic *n, int id, uint32_t len, int batch)
 {
     uint8_t *b = net_txbuf[n->num][id];
     zero_bytes(b, VNET_HDR);
+    if (net_tx_partial_udp && (n->features & VNET_F_CSUM)) {
+        /* virtio_net_hdr: NEEDS_CSUM, csum_start = the UDP header, csum_offset = its checksum field. */
+        b[0] = 1;
+        b[6] = 14 + 20; b[7] = 0;
+        b[8] = 6; b[9] = 0;
+    }
     if (len < 60) {
         zero_bytes(b + VNET_HDR + len, 60 - len);
         len = 60;
@@ -1414,7 +1429,7 @@ static uint32_t arp_want, arp_got;      /* resolving: the address, and whether i
 static uint8_t arp_mac[6];
 static uint32_t ping_peer, ping_want, ping_got;
 static uint32_t echo_printed;
-static uint32_t sink_port, sink_open, sink_count;
+static uint32_t sink_port, sink_open, sink_count, sink_summed, sink_bad;
 static uint64_t sink_bytes;
 
 static uint32_t dhcp_xid, dhcp_active, dhcp_got, dhcp_yiaddr, dhcp_server, dhcp_mask;
@@ -1538,7 +1553,7 @@ static void dhcp_input(const struct nic *n, const uint8_t *b, uint32_t len)
     }
 }
 
-static void udp_input(struct nic *n, uint32_t dst, const uint8_t *u, uint32_t len)
+static void udp_input(struct nic *n, uint32_t src, uint32_t dst, const uint8_t *u, uint32_t len)
 {
     if (len < 8 || get16(u + 4) < 8 || get16(u + 4) > len) return;
     len = get16(u + 4);
@@ -1550,7 +1565,8 @@ static void udp_input(struct nic *n, uint32_t dst, const uint8_t *u, uint32_t le
     } else if (my_ip && dst == my_ip && sink_port && dport == sink_port) {
         if (plen >= 4 && same_bytes(p, "END!", 4)) {
             if (sink_open) {
-                kprintf("bench: net rx end received=%u bytes=%llu\n", sink_count, sink_bytes);
+                kprintf("bench: net rx end received=%u bytes=%llu checksummed=%u bad=%u\n", sink_count, sink_bytes,
+                        sink_summed, sink_bad);
                 sink_open = 0;
             }
         } else {
@@ -1559,9 +1575,18 @@ static void udp_input(struct nic *n, uint32_t dst, const uint8_t *u, uint32_t le
                 sink_open = 1;
                 sink_count = 0;
                 sink_bytes = 0;
+                sink_summed = 0;
+                sink_bad = 0;
             }
             sink_count++;
             sink_bytes += plen;
+            if (get16(u + 6)) {
+                /* A UDP checksum is there: the pseudo-header, header and payload must sum to all ones. */
+                uint32_t pseudo = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + len;
+                sink_summed++;
+                if (csum(pseudo, u, len) != 0)
+                    sink_bad++;
+            }
         }
     }
 }
@@ -1583,7 +1608,7 @@ static void net_input(struct nic *n, uint8_t *f, uint32_t len)
     if (ip[9] == 1 && my_ip && dst == my_ip)
         icmp_input(n, f, src, ip + ihl, total - ihl);
     else if (ip[9] == 17)
-        udp_input(n, dst, ip + ihl, total - ihl);
+        udp_input(n, src, dst, ip + ihl, total - ihl);
 }
 
 /* Polls nic0 for `ms` milliseconds or until *flag is set; returns *flag. */
@@ -1792,6 +1817,13 @@ static void blast_build(struct nic *n, int id, uint32_t peer, uint32_t port, uin
     uint8_t *p = udp_header(ip_header(ip, 8 + size, 17, my_ip, peer, 0), (uint16_t)port, (uint16_t)port, size);
     for (uint32_t i = 0; i < size; i++)
         p[i] = (uint8_t)i;
+    if (net_tx_partial_udp && (n->features & VNET_F_CSUM)) {
+        /* The partial checksum a device expects: the folded pseudo-header sum, not complemented. */
+        uint32_t sum = (my_ip >> 16) + (my_ip & 0xFFFF) + (peer >> 16) + (peer & 0xFFFF) + 17 + 8 + size;
+        while (sum >> 16)
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        put16(p - 2, (uint16_t)sum);
+    }
 }
 
 /* Stamps a built datagram with its first payload bytes and IP id, and redoes the IP checksum. */
@@ -1813,9 +1845,12 @@ static void blast_stamp(struct nic *n, int id, const uint8_t first[4], uint32_t 
  */
 static void mode_netblast(const struct config *cfg)
 {
+    net_want_csum = cfg->csum;
     if (!net_start()) return;
     struct nic *n = &nics[0];
     my_ip = cfg->ip;
+    if (cfg->csum)
+        kprintf("net: checksum offload %s\n", (n->features & VNET_F_CSUM) ? "on" : "not offered");
     uint32_t port = cfg->port ? cfg->port : 5001, size = cfg->size ? cfg->size : 1472;
     if (size < 4) size = 4;
     if (size > 1472) size = 1472;
@@ -1823,6 +1858,7 @@ static void mode_netblast(const struct config *cfg)
         net_responder();
         return;
     }
+    net_tx_partial_udp = cfg->csum;     /* only the datagrams below: ARP is done */
     kprintf("bench: net tx start\n");
     uint32_t flen = 14 + 20 + 8 + size, sent = 0;
     for (uint32_t id = 0; id < n->tx.size; id++)
@@ -1863,6 +1899,7 @@ static void mode_netblast(const struct config *cfg)
         net_wait(&never, 100);
     }
     kprintf("bench: net tx end sent=%u\n", sent);
+    net_tx_partial_udp = 0;
     net_responder();
 }
 

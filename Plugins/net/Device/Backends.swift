@@ -1,17 +1,28 @@
 import Glibc
 import HVDeviceSDK
 
+/// A checksum the driver left for the device (VIRTIO_NET_HDR_F_NEEDS_CSUM): the Internet checksum
+/// of the frame from `start` on goes into the 16 bits at `start + offset`.
+struct ChecksumRequest {
+    var start: Int
+    var offset: Int
+}
+
 /// Where a NIC's frames go and come from: a host tap device, or a port on a private segment's
-/// switch. Frames are bare Ethernet frames (no virtio header, no FCS).
+/// switch. Frames are Ethernet frames without FCS; a backend that `carriesVirtioHeader` takes and
+/// gives them behind the 12-byte virtio-net header.
 protocol FrameBackend: AnyObject {
+    /// Whether frames cross with their virtio-net header (the tap, opened with IFF_VNET_HDR).
+    var carriesVirtioHeader: Bool { get }
     /// Readable when frames may have arrived (or, for a port, when space was freed).
     var wakeDescriptor: Int32 { get }
     /// Resets the wake descriptor after it fired.
     func drainWake()
     /// Whether a frame can be sent now; when false, the backend arranges a wake-up for when it can.
     var canSend: Bool { get }
-    /// Sends the frame held in `vectors` (`length` bytes in all); false if it was dropped.
-    func send(_ vectors: [iovec], length: Int) -> Bool
+    /// Sends the frame held in `vectors` (`length` bytes in all, the header first if the backend
+    /// carries it), completing `checksum` first unless the backend hands that on; false if dropped.
+    func send(_ vectors: [iovec], length: Int, checksum: ChecksumRequest?) -> Bool
     /// The next frame's length, if the backend can tell before taking it (a port can, a tap can't).
     var nextFrameLength: Int? { get }
     /// Takes the next frame into `vectors`; its length, or nil when none is waiting. A frame
@@ -21,7 +32,9 @@ protocol FrameBackend: AnyObject {
     func flush()
 }
 
-/// A tap device the trusted side opened (IFF_TAP | IFF_NO_PI): one frame per read or write.
+/// A tap device the trusted side opened (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, a 12-byte header,
+/// offloads to the guest off): one frame per read or write, the guest's header passed to the host
+/// kernel as it is, so a checksum the guest left undone is finished there.
 final class TapBackend: FrameBackend {
     let tap: FileDescriptor
     /// Frames the host side would not take (the tap's queue full): what a real NIC drops on a
@@ -33,13 +46,14 @@ final class TapBackend: FrameBackend {
         try tap.setNonBlocking(true)
     }
 
+    var carriesVirtioHeader: Bool { true }
     var wakeDescriptor: Int32 { tap.rawValue }
     func drainWake() {}
     var canSend: Bool { true }
     var nextFrameLength: Int? { nil }
     func flush() {}
 
-    func send(_ vectors: [iovec], length: Int) -> Bool {
+    func send(_ vectors: [iovec], length: Int, checksum: ChecksumRequest?) -> Bool {
         let fd = tap.rawValue
         let n = vectors.withUnsafeBufferPointer { buffer in retryOnInterrupt { writev(fd, buffer.baseAddress, Int32(buffer.count)) } }
         if n != length {
@@ -71,13 +85,14 @@ final class SegmentBackend: FrameBackend {
         _ = port.prepareToSleep()
     }
 
+    var carriesVirtioHeader: Bool { false }
     var wakeDescriptor: Int32 { doorbell.fd.rawValue }
     func drainWake() { _ = doorbell.drain() }
     var canSend: Bool { port.outboundSpace > 0 || port.waitForSpace() }
     var nextFrameLength: Int? { port.nextInboundLength }
     func flush() { port.flush() }
 
-    func send(_ vectors: [iovec], length: Int) -> Bool {
+    func send(_ vectors: [iovec], length: Int, checksum: ChecksumRequest?) -> Bool {
         guard length <= FramePortLayout.maximumFrame else { return false }
         return port.send(length: length) { slot in
             var at = 0
@@ -86,6 +101,8 @@ final class SegmentBackend: FrameBackend {
                 (slot.baseAddress! + at).copyMemory(from: base, byteCount: v.iov_len)
                 at += v.iov_len
             }
+            // The other members may not take partial checksums: finish it here, in the copy.
+            if let checksum { finishChecksum(UnsafeMutableRawBufferPointer(slot), checksum) }
         }
     }
 
@@ -107,4 +124,21 @@ final class SegmentBackend: FrameBackend {
         }
         return took ? length ?? 0 : nil
     }
+}
+
+/// Stores the Internet checksum (RFC 1071) of `frame[request.start...]` at `request.start +
+/// request.offset`, big-endian; the field's current content (the pseudo-header sum the driver put
+/// there) is part of the sum, as virtio's NEEDS_CSUM requires. The caller checked the bounds.
+func finishChecksum(_ frame: UnsafeMutableRawBufferPointer, _ request: ChecksumRequest) {
+    var sum: UInt32 = 0
+    var i = request.start
+    while i + 1 < frame.count {
+        sum &+= UInt32(frame[i]) << 8 | UInt32(frame[i + 1])
+        i += 2
+    }
+    if i < frame.count { sum &+= UInt32(frame[i]) << 8 }
+    while sum >> 16 != 0 { sum = (sum & 0xFFFF) + (sum >> 16) }
+    let result = ~UInt16(truncatingIfNeeded: sum)
+    frame[request.start + request.offset] = UInt8(result >> 8)
+    frame[request.start + request.offset + 1] = UInt8(truncatingIfNeeded: result)
 }

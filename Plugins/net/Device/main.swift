@@ -10,6 +10,7 @@ import HVNetSwitch
 // into and out of guest RAM, one copy into or out of a port slot. Nothing passes through the core.
 
 final class VirtioNet: VirtioDevice {
+    static let checksumFeature: UInt64 = 1 << 0
     static let macFeature: UInt64 = 1 << 5
     static let mergeableFeature: UInt64 = 1 << 15
     static let statusFeature: UInt64 = 1 << 16
@@ -37,7 +38,7 @@ final class VirtioNet: VirtioDevice {
 
     var deviceType: UInt16 { 1 }
     var pciClass: UInt32 { 0x02_0000 }  // network, Ethernet
-    var features: UInt64 { Self.macFeature | Self.mergeableFeature | Self.statusFeature }
+    var features: UInt64 { Self.checksumFeature | Self.macFeature | Self.mergeableFeature | Self.statusFeature }
     var queueCount: Int { 2 }
     var maxQueueSize: UInt16 { 256 }
     /// Receive chains fill in the order taken, transmit chains complete at once: a restarted NIC
@@ -116,13 +117,15 @@ final class VirtioNet: VirtioDevice {
             for (k, chain) in spare.enumerated() {
                 let cap = Int(min(chain.writableLength, 1 << 20))
                 capacities.append(cap)
-                let skip = k == 0 ? Self.headerSize : 0
+                let skip = k == 0 && !backend.carriesVirtioHeader ? Self.headerSize : 0
                 guard cap > skip, let v = chain.ioVectors(writable: true, skipping: UInt64(skip), count: UInt64(cap - skip), memory) else { continue }
                 vectors += v
             }
-            let room = capacities.reduce(0, +) - Self.headerSize
-            guard let length = backend.receive(into: vectors, capacity: room) else { break }
-            if length == 0 {
+            let room = capacities.reduce(0, +) - (backend.carriesVirtioHeader ? 0 : Self.headerSize)
+            guard let received = backend.receive(into: vectors, capacity: room) else { break }
+            // A tap's own header is replaced below: no GUEST_* offload is offered, so flags and GSO stay 0.
+            let length = backend.carriesVirtioHeader ? received - Self.headerSize : received
+            if length <= 0 {
                 oversizedReceived &+= 1
                 continue
             }
@@ -147,6 +150,17 @@ final class VirtioNet: VirtioDevice {
         backend.flush()
     }
 
+    /// The checksum request of a frame the driver sent (nil inside: none), or nil outside when the
+    /// frame is malformed: a wrong length, GSO (not offered), or a checksum request outside the
+    /// frame or without VIRTIO_NET_F_CSUM negotiated.
+    private func validTransmit(_ header: [UInt8], length: Int) -> ChecksumRequest?? {
+        guard header.count == Self.headerSize, length >= 14, length <= Self.maximumFrame, header[1] == 0 else { return nil }
+        guard header[0] & 1 != 0 else { return .some(nil) }
+        let start = Int(header[6]) | Int(header[7]) << 8, offset = Int(header[8]) | Int(header[9]) << 8
+        guard (transport?.negotiatedFeatures ?? 0) & Self.checksumFeature != 0, start + offset + 2 <= length else { return nil }
+        return .some(ChecksumRequest(start: start, offset: offset))
+    }
+
     /// Guest → backend, while the backend takes frames.
     private func transmit() {
         guard let transport, let memory = transport.memory else { return }
@@ -154,12 +168,16 @@ final class VirtioNet: VirtioDevice {
             switch taken {
             case .success(let chain):
                 let length = Int(min(chain.readableLength, 1 << 20)) - Self.headerSize
-                if length >= 14 && length <= Self.maximumFrame,
-                   let vectors = chain.ioVectors(writable: false, skipping: UInt64(Self.headerSize), count: UInt64(length), memory) {
-                    if backend.send(vectors, length: length) { framesSent &+= 1 }
+                let header = chain.readAll(memory, limit: Self.headerSize)
+                let skip = backend.carriesVirtioHeader ? 0 : Self.headerSize
+                if let checksum = validTransmit(header, length: length),
+                   let vectors = chain.ioVectors(writable: false, skipping: UInt64(skip), count: UInt64(length + Self.headerSize - skip), memory) {
+                    if backend.send(vectors, length: length + Self.headerSize - skip, checksum: checksum) { framesSent &+= 1 }
                 } else {
                     malformedSent &+= 1
-                    if malformedSent <= 3 { runtime.log(.warning, "dropped a transmitted frame of \(length) bytes (an Ethernet frame is 14 to \(Self.maximumFrame))") }
+                    if malformedSent <= 3 {
+                        runtime.log(.warning, "dropped a transmitted frame of \(length) bytes: an Ethernet frame is 14 to \(Self.maximumFrame) bytes behind a virtio-net header without GSO, whose checksum request (if any) lies inside it")
+                    }
                 }
                 transport.complete(queue: Self.transmitQueue, head: chain.head, written: 0)
             case .failure(let error):
