@@ -1741,6 +1741,7 @@ static void mode_netping(const struct config *cfg)
             ping_want = seq & 0xFFFF;
             ping_got = 0;
             int id = tx_alloc(n, 100);
+            uint64_t sent_at = rdtsc();
             if (id >= 0) {
                 uint8_t *f = tx_frame(n, id), *ip = eth_header(f, arp_mac, n->mac, 0x0800);
                 uint8_t *icmp = ip_header(ip, 8 + 32, 1, my_ip, ping_peer, (uint16_t)seq);
@@ -1754,8 +1755,11 @@ static void mode_netping(const struct config *cfg)
                 tx_submit(n, id, 14 + 20 + 8 + 32, 0);
             }
             if (net_wait(&ping_got, 2000)) {
+                /* The round trip as the guest sees it: from building the request to seeing the reply. */
+                uint64_t us = (rdtsc() - sent_at) * 1000;
+                divmod64(&us, tsc_per_ms ? tsc_per_ms : 1);
                 received++;
-                kprintf("net: reply seq %u from %u.%u.%u.%u\n", seq, IP4(ping_peer));
+                kprintf("net: reply seq %u from %u.%u.%u.%u time=%llu us\n", seq, IP4(ping_peer), us);
             }
         }
         ping_want = 0;
