@@ -1173,6 +1173,7 @@ static void mode_vscsibench(uint32_t mib)
 #define VNET_HDR        12              /* virtio_net_hdr_v1 */
 #define ETH_MAX         1514
 #define VNET_F_CSUM     (1u << 0)
+#define VNET_F_GUEST_CSUM (1u << 1)
 #define VNET_F_MAC      (1u << 5)
 #define VNET_F_MRG_RXBUF (1u << 15)
 #define VNET_F_STATUS   (1u << 16)
@@ -1281,6 +1282,8 @@ static uint32_t nrx_bufs(const struct nic *n) { return n->rx.size < NRX_BUFS ? n
 /* Finds and starts the NICs, printing one line for each; returns how many. */
 /* Set before net_start: negotiate VIRTIO_NET_F_CSUM (the device completes checksums). */
 static uint32_t net_want_csum;
+/* The virtio-net header flags of the frame being handled (NEEDS_CSUM 1, DATA_VALID 2). */
+static uint8_t rx_hdr_flags;
 /* Set while netblast sends: its datagrams carry a partial UDP checksum for the device to finish. */
 static uint32_t net_tx_partial_udp;
 
@@ -1295,7 +1298,7 @@ static uint32_t net_start(void)
         vpci_map(&n->v, dev << 3, 0xE1000000u + (dev << 20), 1);  /* if unassigned: 1 MiB per slot */
         vpci_reset_ack(&n->v);
         uint32_t lo = vpci_offered(&n->v, 0), hi = vpci_offered(&n->v, 1);
-        n->features = lo & (VNET_F_MAC | VNET_F_STATUS | VNET_F_MRG_RXBUF | (net_want_csum ? VNET_F_CSUM : 0));
+        n->features = lo & (VNET_F_MAC | VNET_F_STATUS | VNET_F_MRG_RXBUF | (net_want_csum ? VNET_F_CSUM | VNET_F_GUEST_CSUM : 0));
         if (!(hi & 1) || !vpci_set_features(&n->v, n->features, 1)) {
             kprintf("net: nic%u features refused\n", nic_count);
             continue;
@@ -1408,6 +1411,7 @@ static uint32_t nic_poll(struct nic *n, frame_fn fn)
         } else if (nbufs > 1) {
             n->rx_skip = nbufs - 1u;                  /* cannot happen for frames ≤ 1514: dropped */
         } else if (len >= VNET_HDR + 14 && len <= NBUF_SIZE) {
+            rx_hdr_flags = (n->features & VNET_F_GUEST_CSUM) ? b[0] : 0;
             fn(n, b + VNET_HDR, len - VNET_HDR);
         }
         nq_offer(q, (uint16_t)id);
@@ -1429,7 +1433,7 @@ static uint32_t arp_want, arp_got;      /* resolving: the address, and whether i
 static uint8_t arp_mac[6];
 static uint32_t ping_peer, ping_want, ping_got;
 static uint32_t echo_printed;
-static uint32_t sink_port, sink_open, sink_count, sink_summed, sink_bad;
+static uint32_t sink_port, sink_open, sink_count, sink_summed, sink_bad, sink_offloaded;
 static uint64_t sink_bytes;
 
 static uint32_t dhcp_xid, dhcp_active, dhcp_got, dhcp_yiaddr, dhcp_server, dhcp_mask;
@@ -1565,8 +1569,8 @@ static void udp_input(struct nic *n, uint32_t src, uint32_t dst, const uint8_t *
     } else if (my_ip && dst == my_ip && sink_port && dport == sink_port) {
         if (plen >= 4 && same_bytes(p, "END!", 4)) {
             if (sink_open) {
-                kprintf("bench: net rx end received=%u bytes=%llu checksummed=%u bad=%u\n", sink_count, sink_bytes,
-                        sink_summed, sink_bad);
+                kprintf("bench: net rx end received=%u bytes=%llu checksummed=%u bad=%u offloaded=%u\n", sink_count, sink_bytes,
+                        sink_summed, sink_bad, sink_offloaded);
                 sink_open = 0;
             }
         } else {
@@ -1577,10 +1581,15 @@ static void udp_input(struct nic *n, uint32_t src, uint32_t dst, const uint8_t *
                 sink_bytes = 0;
                 sink_summed = 0;
                 sink_bad = 0;
+                sink_offloaded = 0;
             }
             sink_count++;
             sink_bytes += plen;
-            if (get16(u + 6)) {
+            if (rx_hdr_flags & 3) {
+                /* VIRTIO_NET_F_GUEST_CSUM: the device says the checksum was left partial by a sender
+                 * on this host (NEEDS_CSUM; the frame never crossed a wire) or was already checked. */
+                sink_offloaded++;
+            } else if (get16(u + 6)) {
                 /* A UDP checksum is there: the pseudo-header, header and payload must sum to all ones. */
                 uint32_t pseudo = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + len;
                 sink_summed++;
@@ -1910,7 +1919,10 @@ static void mode_netblast(const struct config *cfg)
 /* netsink: a responder that also counts UDP datagrams to its port (see udp_input). */
 static void mode_netsink(const struct config *cfg)
 {
+    net_want_csum = cfg->csum;
     if (!net_start()) return;
+    if (cfg->csum)
+        kprintf("net: receive checksum offload %s\n", (nics[0].features & VNET_F_GUEST_CSUM) ? "on" : "not offered");
     my_ip = cfg->ip;
     sink_port = cfg->port ? cfg->port : 5001;
     net_responder();

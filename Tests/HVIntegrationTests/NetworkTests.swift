@@ -199,6 +199,27 @@ final class TapNetworkTests: XCTestCase {
         sender.process.terminate()
         sender.waitForExit(timeout: 20)
 
+        // VIRTIO_NET_F_GUEST_CSUM: with it negotiated, the NIC turns the tap's checksum offload on
+        // and the host's datagrams reach the guest with their checksums partial (NEEDS_CSUM), as a
+        // host stack leaves them for a device; without it, they arrive whole and the guest checks them.
+        for (offload, expected) in [(1, "checksummed=0 bad=0 offloaded=20"), (0, "checksummed=20 bad=0 offloaded=0")] {
+            let sink = try ns.startVM(["run", "--multiboot", guest, "--cmdline", "mode=netsink ip=10.77.0.9 port=7001 csum=\(offload)",
+                                       "--memory", "32M", "--nic", "tap=hvtap0,mac=52:54:00:12:34:58"])
+            defer { sink.process.terminate() }
+            XCTAssertTrue(sink.waitForOutput("net: nic0 mac", timeout: 30), sink.stdout + sink.stderr)
+            if offload == 1 { XCTAssertTrue(sink.stdout.contains("net: receive checksum offload on"), sink.stdout) }
+            let send = try ns.run(["python3", "-c", """
+                import socket, time
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                for i in range(20): s.sendto(bytes(100), ("10.77.0.9", 7001)); time.sleep(0.005)
+                for i in range(3): s.sendto(b"END!" + bytes(96), ("10.77.0.9", 7001)); time.sleep(0.05)
+                """])
+            XCTAssertEqual(send.status, 0, send.output)
+            XCTAssertTrue(sink.waitForOutput("received=20 bytes=2000 \(expected)\n", timeout: 30), sink.stdout + sink.stderr)
+            sink.process.terminate()
+            sink.waitForExit(timeout: 20)
+        }
+
         // The tap hv created went away with the VM; the one it was given stays.
         XCTAssertNotEqual(try ns.run(["ip", "link", "show", "hvnew0"]).status, 0)
         XCTAssertEqual(try ns.run(["ip", "link", "show", "hvtap0"]).status, 0)
@@ -396,7 +417,7 @@ final class SegmentNetworkTests: XCTestCase {
         let sink = try start("sink", "mode=netsink ip=10.9.0.2 port=7000", ["net=\(segment),mac=\(mac(2))"])
         defer { sink.process.terminate() }
         XCTAssertTrue(sink.waitForOutput("net: nic0 mac"), sink.stdout + sink.stderr)
-        for (offload, expected) in [(1, "checksummed=20 bad=0"), (0, "checksummed=0 bad=0")] {
+        for (offload, expected) in [(1, "checksummed=20 bad=0 offloaded=0"), (0, "checksummed=0 bad=0 offloaded=0")] {
             let sender = try start("sender\(offload)", "mode=netblast ip=10.9.0.1 peer=10.9.0.2 count=20 size=100 port=7000 csum=\(offload)",
                                    ["net=\(segment),mac=\(mac(1))"])
             defer { sender.process.terminate() }

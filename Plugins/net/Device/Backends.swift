@@ -1,3 +1,4 @@
+import CHVShim
 import Glibc
 import HVDeviceSDK
 
@@ -14,6 +15,10 @@ struct ChecksumRequest {
 protocol FrameBackend: AnyObject {
     /// Whether frames cross with their virtio-net header (the tap, opened with IFF_VNET_HDR).
     var carriesVirtioHeader: Bool { get }
+    /// Whether it can hand the guest frames whose checksum is left partial (VIRTIO_NET_F_GUEST_CSUM).
+    var offersGuestChecksum: Bool { get }
+    /// Turns that on or off, as the driver negotiated.
+    func setGuestChecksum(_ on: Bool)
     /// Readable when frames may have arrived (or, for a port, when space was freed).
     var wakeDescriptor: Int32 { get }
     /// Resets the wake descriptor after it fired.
@@ -47,6 +52,16 @@ final class TapBackend: FrameBackend {
     }
 
     var carriesVirtioHeader: Bool { true }
+    var offersGuestChecksum: Bool { true }
+    /// Whether the tap now hands over partial checksums (TUN_F_CSUM); hvctl opened it with none.
+    private var guestChecksum = false
+
+    func setGuestChecksum(_ on: Bool) {
+        guard on != guestChecksum else { return }
+        // TUNSETOFFLOAD with TUN_F_CSUM (1) or nothing: the sandbox allows this one ioctl request.
+        if hv_ioctl_val(tap.rawValue, 0x4004_54D0, on ? 1 : 0) == 0 { guestChecksum = on }
+    }
+
     var wakeDescriptor: Int32 { tap.rawValue }
     func drainWake() {}
     var canSend: Bool { true }
@@ -86,6 +101,9 @@ final class SegmentBackend: FrameBackend {
     }
 
     var carriesVirtioHeader: Bool { false }
+    /// Frames on a segment always carry whole checksums.
+    var offersGuestChecksum: Bool { false }
+    func setGuestChecksum(_ on: Bool) {}
     var wakeDescriptor: Int32 { doorbell.fd.rawValue }
     func drainWake() { _ = doorbell.drain() }
     var canSend: Bool { port.outboundSpace > 0 || port.waitForSpace() }

@@ -11,6 +11,7 @@ import HVNetSwitch
 
 final class VirtioNet: VirtioDevice {
     static let checksumFeature: UInt64 = 1 << 0
+    static let guestChecksumFeature: UInt64 = 1 << 1
     static let macFeature: UInt64 = 1 << 5
     static let mergeableFeature: UInt64 = 1 << 15
     static let statusFeature: UInt64 = 1 << 16
@@ -38,7 +39,10 @@ final class VirtioNet: VirtioDevice {
 
     var deviceType: UInt16 { 1 }
     var pciClass: UInt32 { 0x02_0000 }  // network, Ethernet
-    var features: UInt64 { Self.checksumFeature | Self.macFeature | Self.mergeableFeature | Self.statusFeature }
+    var features: UInt64 {
+        Self.checksumFeature | (backend.offersGuestChecksum ? Self.guestChecksumFeature : 0)
+            | Self.macFeature | Self.mergeableFeature | Self.statusFeature
+    }
     var queueCount: Int { 2 }
     var maxQueueSize: UInt16 { 256 }
     /// Receive chains fill in the order taken, transmit chains complete at once: a restarted NIC
@@ -110,6 +114,8 @@ final class VirtioNet: VirtioDevice {
     /// Backend → guest, while both have something.
     private func receive() {
         guard let transport, let memory = transport.memory else { return }
+        let guestChecksum = transport.negotiatedFeatures & Self.guestChecksumFeature != 0
+        backend.setGuestChecksum(guestChecksum)
         while canReceive() {
             // Vectors over the spare chains, after the header in the first.
             var vectors: [iovec] = []
@@ -123,7 +129,8 @@ final class VirtioNet: VirtioDevice {
             }
             let room = capacities.reduce(0, +) - (backend.carriesVirtioHeader ? 0 : Self.headerSize)
             guard let received = backend.receive(into: vectors, capacity: room) else { break }
-            // A tap's own header is replaced below: no GUEST_* offload is offered, so flags and GSO stay 0.
+            // A tap's own header stays only with GUEST_CSUM (its flags: NEEDS_CSUM or DATA_VALID; no
+            // GSO is offered, so the tap sends none); otherwise it is replaced by zeros below.
             let length = backend.carriesVirtioHeader ? received - Self.headerSize : received
             if length <= 0 {
                 oversizedReceived &+= 1
@@ -139,10 +146,12 @@ final class VirtioNet: VirtioDevice {
                 left -= n
                 used += 1
             }
-            var header = [UInt8](repeating: 0, count: Self.headerSize)
-            header[10] = UInt8(truncatingIfNeeded: used)
-            header[11] = UInt8(truncatingIfNeeded: used >> 8)
-            spare[0].write(header, memory)
+            let count = [UInt8(truncatingIfNeeded: used), UInt8(truncatingIfNeeded: used >> 8)]
+            if backend.carriesVirtioHeader && guestChecksum {
+                spare[0].write(count, at: 10, memory)
+            } else {
+                spare[0].write([UInt8](repeating: 0, count: 10) + count, memory)
+            }
             for k in 0..<used { transport.complete(queue: Self.receiveQueue, head: spare[k].head, written: written[k]) }
             spare.removeFirst(used)
             framesReceived &+= 1
