@@ -85,12 +85,16 @@ func sandboxCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32
         throw UsageError(message: "unknown device '\(device)': use one of \(DeviceCatalog.builtIn.map(\.name).joined(separator: ", ")), or a profile path")
     }
     let plan = try DeviceCatalog.plan(profilePath: path, tenant: tenant)
+    // The segment switch is not a VM's device: its tenant is its segment's, and it gets a socket, not HELLO.
+    let isSwitch = device == "switch"
     print(plan.profile.render(header: [
         "profile file: \(path)",
-        "runs as: uid 0 / gid 0 inside its own user namespace = uid \(plan.outsideUID) / gid \(plan.outsideGID) on the host (tenant '\(tenant)'); no other id is mapped",
+        "runs as: uid 0 / gid 0 inside its own user namespace = uid \(plan.outsideUID) / gid \(plan.outsideGID) on the host (tenant '\(tenant)'); no other id is mapped"
+            + (isSwitch ? "; a segment NAME's switch runs as tenant 'segment:NAME', which no VM's --tenant can name (see its uid with --tenant segment:NAME)" : ""),
         "capabilities: none (bounding, inheritable, permitted, effective and ambient sets emptied; SECBIT_NOROOT locked); no_new_privs; non-dumpable",
-        "root: empty read-only tmpfs with only these read-only binds: \(plan.exposedPaths.joined(separator: ", ")) (the device runs from a descriptor the core opened)",
-        "descriptors: only those the core hands over (control, events, and what HELLO carries)",
+        "root: empty read-only tmpfs with only these read-only binds: \(plan.exposedPaths.joined(separator: ", ")) (the \(isSwitch ? "switch" : "device") runs from a descriptor the core opened)",
+        isSwitch ? "descriptors: only the segment's listening socket (fd 3), bound by the VM that started it, and what each joining VM sends (its port)"
+            : "descriptors: only those the core hands over (control, events, and what HELLO carries)",
     ]))
     return 0
 }

@@ -281,7 +281,7 @@ private func startSwitch(_ segment: String, verbose: Bool) -> Result<Void, Usage
     }
     do {
         if sandboxSegments {
-            let plan = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath("switch"), tenant: "segment-\(segment)")
+            let plan = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath("switch"), tenant: "segment:\(segment)")  // ":" is not allowed in --tenant: no VM can share its uid
             _ = try plan.spawn(executable: executable, arguments: [segment], memoryBytes: 0,
                                inherit: [(3, listener.rawValue)], detached: true, stderr: stderr.rawValue)
         } else {
