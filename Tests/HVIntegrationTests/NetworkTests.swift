@@ -203,16 +203,18 @@ final class TapNetworkTests: XCTestCase {
         // and the host's datagrams reach the guest with their checksums partial (NEEDS_CSUM), as a
         // host stack leaves them for a device; without it, they arrive whole and the guest checks them.
         for (offload, expected) in [(1, "checksummed=0 bad=0 offloaded=20"), (0, "checksummed=20 bad=0 offloaded=0")] {
-            let sink = try ns.startVM(["run", "--multiboot", guest, "--cmdline", "mode=netsink ip=10.77.0.9 port=7001 csum=\(offload)",
-                                       "--memory", "32M", "--nic", "tap=hvtap0,mac=52:54:00:12:34:58"])
+            // A fresh address and MAC for each guest, so the host's neighbour cache holds nothing stale.
+            let sinkAddress = "10.77.0.\(10 + offload)"
+            let sink = try ns.startVM(["run", "--multiboot", guest, "--cmdline", "mode=netsink ip=\(sinkAddress) port=7001 csum=\(offload)",
+                                       "--memory", "32M", "--nic", "tap=hvtap0,mac=52:54:00:12:34:5\(8 + offload)"])
             defer { sink.process.terminate() }
             XCTAssertTrue(sink.waitForOutput("net: nic0 mac", timeout: 30), sink.stdout + sink.stderr)
-            if offload == 1 { XCTAssertTrue(sink.stdout.contains("net: receive checksum offload on"), sink.stdout) }
+            if offload == 1 { XCTAssertTrue(sink.waitForOutput("net: receive checksum offload on\n", timeout: 10), sink.stdout) }
             let send = try ns.run(["python3", "-c", """
                 import socket, time
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                for i in range(20): s.sendto(bytes(100), ("10.77.0.9", 7001)); time.sleep(0.005)
-                for i in range(3): s.sendto(b"END!" + bytes(96), ("10.77.0.9", 7001)); time.sleep(0.05)
+                for i in range(20): s.sendto(bytes(100), ("\(sinkAddress)", 7001)); time.sleep(0.005)
+                for i in range(3): s.sendto(b"END!" + bytes(96), ("\(sinkAddress)", 7001)); time.sleep(0.05)
                 """])
             XCTAssertEqual(send.status, 0, send.output)
             XCTAssertTrue(sink.waitForOutput("received=20 bytes=2000 \(expected)\n", timeout: 30), sink.stdout + sink.stderr)
