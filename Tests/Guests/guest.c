@@ -64,6 +64,8 @@ struct config {
     uint32_t count_given;
     uint32_t ip, peer, size;            /* net modes: addresses in host order, UDP payload bytes */
     uint32_t csum;                      /* netblast: leave UDP checksums to the device (VIRTIO_NET_F_CSUM) */
+    uint8_t peer_mac[6];                /* netping: the peer's MAC, given instead of asked by ARP */
+    uint32_t peer_mac_given;
 };
 
 extern const char tramp_start[], tramp_end[];
@@ -260,6 +262,28 @@ static uint32_t parse_u32(const char *s, const char *end)
 }
 
 /* "a.b.c.d" in host byte order (a is the top byte); 0 if malformed. */
+/* "52:54:00:12:34:56" into mac[6]; returns 0 if malformed. */
+static int parse_mac(const char *s, const char *end, uint8_t mac[6])
+{
+    for (int i = 0; i < 6; i++) {
+        uint32_t v = 0;
+        for (int d = 0; d < 2; d++, s++) {
+            if (s >= end) return 0;
+            char c = *s;
+            uint32_t x = c >= '0' && c <= '9' ? (uint32_t)(c - '0') : c >= 'a' && c <= 'f' ? (uint32_t)(c - 'a' + 10)
+                       : c >= 'A' && c <= 'F' ? (uint32_t)(c - 'A' + 10) : 16u;
+            if (x > 15) return 0;
+            v = v << 4 | x;
+        }
+        mac[i] = (uint8_t)v;
+        if (i < 5) {
+            if (s >= end || *s != ':') return 0;
+            s++;
+        }
+    }
+    return 1;
+}
+
 static uint32_t parse_ip(const char *s, const char *end)
 {
     uint32_t ip = 0;
@@ -315,6 +339,8 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->size = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "csum="))) {
             cfg->csum = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "peermac="))) {
+            cfg->peer_mac_given = (uint32_t)parse_mac(v, s, cfg->peer_mac);
         }
     }
 }
@@ -1742,7 +1768,17 @@ static void mode_netping(const struct config *cfg)
 {
     if (!net_start()) return;
     my_ip = cfg->ip;
-    if (arp_resolve(cfg->peer)) {
+    int resolved;
+    if (cfg->peer_mac_given) {
+        /* A MAC given on the command line: no ARP (the switch tests send to a station it never saw). */
+        copy_bytes(arp_mac, cfg->peer_mac, 6);
+        kprintf("net: peer %u.%u.%u.%u is at %02x:%02x:%02x:%02x:%02x:%02x (given)\n", IP4(cfg->peer),
+                arp_mac[0], arp_mac[1], arp_mac[2], arp_mac[3], arp_mac[4], arp_mac[5]);
+        resolved = 1;
+    } else {
+        resolved = arp_resolve(cfg->peer);
+    }
+    if (resolved) {
         uint32_t count = cfg->count_given ? cfg->count : 3, received = 0;
         ping_peer = cfg->peer;
         for (uint32_t seq = 1; seq <= count; seq++) {

@@ -259,7 +259,8 @@ final class SegmentNetworkTests: XCTestCase {
 
     func testTwoVMsTalkASwitchLearnsSegmentsAreIsolatedABridgeForwardsAndANICCrashDisturbsNoOne() throws {
         let a = "t\(getpid())a", b = "t\(getpid())b", c = "t\(getpid())c"
-        // Segment A: a responder, a promiscuous watcher, and one leg of a bridging VM; segment B: the
+        // Segment A: a responder, a promiscuous watcher, and one leg of a bridging VM (and, later, a
+        // pinger and a stranger sending to an unknown MAC); segment B: the
         // other leg and a second responder; segment C: a watcher alone.
         var vms: [VMProcess] = []
         defer { vms.forEach { $0.process.terminate() } }
@@ -288,6 +289,12 @@ final class SegmentNetworkTests: XCTestCase {
         XCTAssertTrue(watcher.waitForOutput("net: frame dst=ff:ff:ff:ff:ff:ff src=\(mac(1)) type=0806"), watcher.stdout)
         XCTAssertFalse(watcher.stdout.contains("type=0800"), watcher.stdout)
 
+        // Unknown unicast floods: an echo request to a MAC the switch never saw reaches the watcher too.
+        let stranger = try start("stranger", "mode=netping ip=10.9.0.7 peer=10.9.0.8 peermac=52:54:00:00:00:77 count=1",
+                                 ["net=\(a),mac=\(mac(7))"])
+        vms.append(stranger)
+        XCTAssertTrue(watcher.waitForOutput("net: frame dst=52:54:00:00:00:77 src=\(mac(7)) type=0800"), watcher.stdout + stranger.stdout)
+
         // Kill the watcher's NIC process mid-run: the core restarts it, and the others go on.
         let nicPids = watcher.children(named: "hv-net")
         XCTAssertEqual(nicPids.count, 1)
@@ -311,7 +318,7 @@ final class SegmentNetworkTests: XCTestCase {
         let byName = Dictionary(uniqueKeysWithValues: list.map { ($0["segment"] as? String ?? "?", $0) })
         XCTAssertEqual(Set(byName.keys), [a, b, c])
         let membersA = try XCTUnwrap(byName[a]?["members"] as? [[String: Any]])
-        XCTAssertEqual(Set(membersA.compactMap { $0["vm"] as? String }), ["peer", "watcher", "bridge", "pinger"])
+        XCTAssertEqual(Set(membersA.compactMap { $0["vm"] as? String }), ["peer", "watcher", "bridge", "pinger", "stranger"])
         let peerRow = try XCTUnwrap(membersA.first { $0["vm"] as? String == "peer" })
         XCTAssertGreaterThanOrEqual(peerRow["frames_to_vm"] as? Int ?? 0, 8, "\(peerRow)")  // 2 ARP + 6 echoes at least
         XCTAssertGreaterThanOrEqual(peerRow["frames_from_vm"] as? Int ?? 0, 8, "\(peerRow)")
@@ -332,7 +339,7 @@ final class SegmentNetworkTests: XCTestCase {
             if !names.contains("pinger") { break }
             Thread.sleep(forTimeInterval: 0.1)
         } while Date() < deadline
-        XCTAssertEqual(names, ["peer", "watcher", "bridge"])
+        XCTAssertEqual(names, ["peer", "watcher", "bridge", "stranger"])
         for vm in vms where vm !== pinger { XCTAssertTrue(vm.process.isRunning, vm.stderr) }
     }
 
