@@ -315,7 +315,11 @@ final class SegmentKeeper: @unchecked Sendable {
         guard !members.isEmpty else { return }
         _ = try HostThread.spawn(name: "hv-segments") { [self] in
             while true {
-                let ready = (try? Poll.wait(members.map { Poll.Interest(fd: $0.connection.fd.rawValue) }, timeoutMilliseconds: -1)) ?? []
+                let ready: [Int16]
+                do { ready = try Poll.wait(members.map { Poll.Interest(fd: $0.connection.fd.rawValue) }, timeoutMilliseconds: -1) } catch {
+                    usleep(100_000)  // poll itself failing (it should not): never spin
+                    continue
+                }
                 for (i, revents) in ready.enumerated() where revents != 0 {
                     let m = members[i]
                     // Anything the switch sends unasked, or its hang-up, means it is gone.
