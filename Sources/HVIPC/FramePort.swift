@@ -2,7 +2,7 @@ import Atomics
 import Glibc
 import HVSys
 
-/// Byte layout of a frame port region (normative: ipc-schema/README.md §7, "Frame ports").
+/// Byte layout of a frame port region (normative: ipc-schema/README.md §17, "Frame ports").
 ///
 /// A frame port joins one NIC process to its network segment's switch: two single-producer/
 /// single-consumer rings of Ethernet frames in one shared memfd. `uplink` carries frames the

@@ -14,7 +14,7 @@ import HVSys
 // descriptors: the port region (FramePort), the NIC's eventfd and this port's eventfd. The
 // connection stays open while the member is on the segment; its hang-up is the leave. A
 // connection that sends `status` gets the segment as JSON (`hvctl net ls`). See
-// ipc-schema/README.md §7.
+// ipc-schema/README.md §17.
 //
 // One thread moves every frame: from each port's uplink into the downlinks the forwarding table
 // picks. A downlink that is full drops the frame for that port only (a switch's full egress
