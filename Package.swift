@@ -61,7 +61,7 @@ let package = Package(
         // virtio-net NIC and the private segments' learning switch (its forwarding table pure, unit-tested).
         .executableTarget(name: "hv-net", dependencies: ["HVDeviceSDK", "HVNetSwitch"], path: "Plugins/net/Device", swiftSettings: strict),
         .target(name: "HVNetSwitch", path: "Plugins/net/Switch", swiftSettings: strict),
-        .executableTarget(name: "hv-switch", dependencies: ["HVIPC", "HVSys", "CHVShim", "HVNetSwitch"], path: "Plugins/net/SwitchProcess",
+        .executableTarget(name: "hv-switch", dependencies: ["HVIPC", "HVSys", "HVNetSwitch"], path: "Plugins/net/SwitchProcess",
                           swiftSettings: strict),
 
         // Test-only hostile device, run as a third-party plugin under its own profile.

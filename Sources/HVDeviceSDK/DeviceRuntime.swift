@@ -171,26 +171,16 @@ public final class DeviceRuntime: @unchecked Sendable {
     }
 
     /// Descriptor on which a sandboxed device finds its lock-down seccomp filter (classic BPF).
-    public static let lockDownFilterDescriptor: Int32 = 5
+    public static let lockDownFilterDescriptor: Int32 = LockDown.filterDescriptor
 
     /// Under hv's sandbox, installs the stricter second-stage seccomp filter that hv-jail
     /// compiled from the device's profile (no execve, no open), and makes the process
     /// non-dumpable. Runs before the first message is read: no untrusted input has been seen yet.
+    /// A denied syscall traps: the core hears which one, then the device exits.
     static func lockDown(_ name: String) {
-        let raw = lockDownFilterDescriptor
-        guard fcntl(raw, F_GETFD) >= 0 else {
-            if getenv("HV_SANDBOXED") != nil { fail(name, "started by hv-jail without its lock-down filter on fd \(raw)") }
-            return  // not sandboxed (hvctl run --no-sandbox)
+        do throws(LockDown.Failure) { try LockDown.apply(reportingDeniedSyscallsTo: InheritedDescriptor.events) } catch {
+            fail(name, error.description)
         }
-        let fd = FileDescriptor(owning: raw)
-        let program: [UInt8]
-        do { program = try fd.readAll() } catch { fail(name, "cannot read the lock-down filter: \(error)") }
-        fd.close()
-        _ = hv_prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-        // A denied syscall traps: report which one to the core, then exit.
-        if hv_install_sigsys_reporter(InheritedDescriptor.events) != 0 { fail(name, "cannot install the SIGSYS reporter: \(Errno.current)") }
-        let rc = program.withUnsafeBytes { hv_install_seccomp_filter($0.baseAddress, $0.count) }
-        if rc != 0 { fail(name, "cannot install the lock-down filter: \(Errno.current)") }
     }
 
     // MARK: Device → core

@@ -1,4 +1,3 @@
-import CHVShim
 import Glibc
 import HVIPC
 import HVNetSwitch
@@ -46,24 +45,6 @@ func segmentNameFromListener() -> String? {
 guard let segmentName = segmentNameFromListener() ?? CommandLine.arguments.dropFirst().first else {
     _ = "usage: hv-switch SEGMENT, with a listening socket at .../SEGMENT.sock on fd 3 (started by hvctl run --nic net=SEGMENT)\n".withCString { write(2, $0, strlen($0)) }
     exit(2)
-}
-
-/// Under hv-jail, installs the profile's second-stage filter from fd 5 (no exec, no open).
-func lockDown() {
-    let raw = Int32(5)
-    guard fcntl(raw, F_GETFD) >= 0 else {
-        if getenv("HV_SANDBOXED") != nil { hvSay("-", "started by hv-jail without its lock-down filter on fd 5"); exit(2) }
-        return
-    }
-    let fd = FileDescriptor(owning: raw)
-    guard let program = try? fd.readAll() else { hvSay("-", "cannot read the lock-down filter"); exit(2) }
-    fd.close()
-    _ = hv_prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    _ = hv_install_sigsys_reporter(-1)
-    guard program.withUnsafeBytes({ hv_install_seccomp_filter($0.baseAddress, $0.count) }) == 0 else {
-        hvSay("-", "cannot install the lock-down filter: \(Errno.current)")
-        exit(2)
-    }
 }
 
 /// One member NIC.
@@ -285,5 +266,9 @@ final class Segment {
 }
 
 signal(SIGPIPE, SIG_IGN)
-lockDown()
+// The profile's second stage (no exec, no open); the switch has no core to report a denial to.
+do throws(LockDown.Failure) { try LockDown.apply(reportingDeniedSyscallsTo: -1) } catch {
+    hvSay(segmentName, error.description)
+    exit(2)
+}
 Segment(name: segmentName).run()
