@@ -159,15 +159,21 @@ final class VirtioNet: VirtioDevice {
         backend.flush()
     }
 
-    /// The checksum request of a frame the driver sent (nil inside: none), or nil outside when the
-    /// frame is malformed: a wrong length, GSO (not offered), or a checksum request outside the
-    /// frame or without VIRTIO_NET_F_CSUM negotiated.
-    private func validTransmit(_ header: [UInt8], length: Int) -> ChecksumRequest?? {
-        guard header.count == Self.headerSize, length >= 14, length <= Self.maximumFrame, header[1] == 0 else { return nil }
-        guard header[0] & 1 != 0 else { return .some(nil) }
+    /// What a transmitted frame's virtio-net header asks for.
+    private enum TransmitHeader {
+        /// Send it, finishing its checksum first if the driver left one (VIRTIO_NET_HDR_F_NEEDS_CSUM).
+        case send(checksum: ChecksumRequest?)
+        /// A wrong length, GSO (not offered), or a checksum request outside the frame or without
+        /// VIRTIO_NET_F_CSUM negotiated: dropped.
+        case malformed
+    }
+
+    private func transmitHeader(_ header: [UInt8], length: Int) -> TransmitHeader {
+        guard header.count == Self.headerSize, length >= 14, length <= Self.maximumFrame, header[1] == 0 else { return .malformed }
+        guard header[0] & 1 != 0 else { return .send(checksum: nil) }
         let start = Int(header[6]) | Int(header[7]) << 8, offset = Int(header[8]) | Int(header[9]) << 8
-        guard (transport?.negotiatedFeatures ?? 0) & Self.checksumFeature != 0, start + offset + 2 <= length else { return nil }
-        return .some(ChecksumRequest(start: start, offset: offset))
+        guard (transport?.negotiatedFeatures ?? 0) & Self.checksumFeature != 0, start + offset + 2 <= length else { return .malformed }
+        return .send(checksum: ChecksumRequest(start: start, offset: offset))
     }
 
     /// Guest → backend, while the backend takes frames.
@@ -179,7 +185,7 @@ final class VirtioNet: VirtioDevice {
                 let length = Int(min(chain.readableLength, 1 << 20)) - Self.headerSize
                 let header = chain.readAll(memory, limit: Self.headerSize)
                 let skip = backend.carriesVirtioHeader ? 0 : Self.headerSize
-                if let checksum = validTransmit(header, length: length),
+                if case .send(let checksum) = transmitHeader(header, length: length),
                    let vectors = chain.ioVectors(writable: false, skipping: UInt64(skip), count: UInt64(length + Self.headerSize - skip), memory) {
                     if backend.send(vectors, length: length + Self.headerSize - skip, checksum: checksum) { framesSent &+= 1 }
                 } else {
