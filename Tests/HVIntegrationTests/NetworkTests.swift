@@ -104,13 +104,18 @@ final class NetworkNamespace {
     deinit { _ = try? host(["ip", "netns", "del", name]) }
 }
 
-/// The tools the network tests drive as real peers (test.sh installs them).
+/// The tools the network tests drive as real peers. test.sh installs them and CI runs as root, so
+/// a missing one is a broken setup: the test fails and says what to install, it is not skipped.
+private struct MissingNetworkSetup: Error, CustomStringConvertible {
+    let description: String
+}
+
 private func requireNetworkTools() throws {
     try Harness.requireKVM()
     for tool in ["/usr/sbin/ip", "/usr/sbin/dnsmasq", "/usr/bin/tcpdump", "/usr/bin/ping"] where access(tool, X_OK) != 0 {
-        throw XCTSkip("\(tool) is missing: test.sh installs iproute2, dnsmasq-base, tcpdump and iputils-ping")
+        throw MissingNetworkSetup(description: "\(tool) is missing: run test.sh, which installs iproute2, dnsmasq-base, tcpdump and iputils-ping")
     }
-    guard getuid() == 0 else { throw XCTSkip("network namespaces and taps need root") }
+    guard getuid() == 0 else { throw MissingNetworkSetup(description: "the network tests make namespaces and taps: run them as root (test.sh in CI is)") }
 }
 
 /// `--nic tap=…`: hv's test guest behind a host tap, against dnsmasq, ping and tcpdump in a
