@@ -73,7 +73,7 @@ let package = Package(
         .testTarget(name: "HVDeviceSDKTests", dependencies: ["HVDeviceSDK", "HVSys"], path: "Tests/HVDeviceSDKTests",
                     swiftSettings: strict),
         .testTarget(name: "HVSCSIDiskTests", dependencies: ["HVSCSIDisk"], path: "Tests/HVSCSIDiskTests", swiftSettings: strict),
-        .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys"], path: "Tests/HVIPCTests",
+        .testTarget(name: "HVIPCTests", dependencies: ["HVIPC", "HVSys", "CHVShim"], path: "Tests/HVIPCTests",
                     resources: [], swiftSettings: strict),
         .testTarget(name: "HVSerialUARTTests", dependencies: ["HVSerialUART"], path: "Tests/HVSerialUARTTests",
                     swiftSettings: strict),

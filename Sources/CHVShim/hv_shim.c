@@ -43,7 +43,8 @@ int hv_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags)
 const int hv_MFD_CLOEXEC = MFD_CLOEXEC, hv_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING;
 const int hv_EFD_CLOEXEC = EFD_CLOEXEC, hv_EFD_NONBLOCK = EFD_NONBLOCK;
 const int hv_F_ADD_SEALS = F_ADD_SEALS, hv_F_SEAL_SHRINK = F_SEAL_SHRINK, hv_F_SEAL_GROW = F_SEAL_GROW,
-          hv_F_SEAL_SEAL = F_SEAL_SEAL;
+          hv_F_SEAL_SEAL = F_SEAL_SEAL, hv_F_GET_SEALS = F_GET_SEALS;
+const int hv_F_OFD_SETLK = F_OFD_SETLK, hv_F_OFD_GETLK = F_OFD_GETLK;
 
 ssize_t hv_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
     if (nfds < 0 || nfds > HV_MAX_PASSED_FDS) { errno = EINVAL; return -1; }
@@ -99,7 +100,7 @@ const unsigned long hv_KVM_GET_API_VERSION = KVM_GET_API_VERSION, hv_KVM_CREATE_
 
 int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
-                           unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out) {
+                           unsigned long long namespace_flags, int new_process_group, int sync_read_fd, int *pidfd_out) {
     if (nfds < 0 || nfds > 32) { errno = EINVAL; return -1; }
     int pidfd = -1;
     struct clone_args args;
@@ -117,6 +118,10 @@ int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
     char byte;
     while (read(sync_read_fd, &byte, 1) < 0 && errno == EINTR) {}
     if (byte != 'g') _exit(127);   // the parent could not set us up: give up quietly
+    // Its own process group, as for every device: a terminal's Ctrl-C reaches hvctl only, which
+    // stops the devices in order. (A detached process makes its own session in hv-jail instead,
+    // which a group leader could not.)
+    if (new_process_group && setpgid(0, 0) != 0) _exit(127);
     if (namespace_flags & CLONE_NEWUSER) {
         // Still kuid 0, which the new namespace does not map: become its uid/gid 0 (the tenant's
         // ids outside). Raw syscalls: glibc's wrappers would try to sync threads this child lacks.

@@ -69,6 +69,11 @@ final class ManagedDevice: @unchecked Sendable {
     var crashTimes: [UInt64] = []
     var restartAt: UInt64?
     var lastError: String?
+    /// The read end of the live process's stderr (and its jail's): the core prefixes each line
+    /// with the device's name, so no device can print lines that pass for hvctl's own.
+    var stderrPipe: FileDescriptor?
+    var stderrPartial: [UInt8] = []
+    var stderrLimiter = LineRateLimiter()
     /// Published for other threads (the control socket): the live process's pid (0 while none)
     /// and how many times the device was restarted.
     let publishedPid = Atomic<Int32>(0)
@@ -81,6 +86,28 @@ final class ManagedDevice: @unchecked Sendable {
             statePage = try MemFD.create(name: "hv-state-\(spec.name)", size: 4096)
             interrupts = try spec.interruptGSIs.map { _ throws(SystemError) in try EventFD() }
         } catch { throw .system(error) }
+    }
+}
+
+/// A token bucket for a device's stderr lines: a burst of 20, then 5 a second; what is dropped is
+/// counted and reported once lines flow again, so a device cannot flood the operator's terminal.
+struct LineRateLimiter {
+    static let burst = 20.0
+    static let perSecond = 5.0
+    var tokens = LineRateLimiter.burst
+    var last: UInt64 = 0
+    var suppressed = 0
+
+    /// Whether a line may be printed now; counts it as suppressed if not.
+    mutating func admit(now: UInt64) -> Bool {
+        if last != 0 { tokens = min(Self.burst, tokens + Double(now &- last) / 1e9 * Self.perSecond) }
+        last = now
+        guard tokens >= 1 else {
+            suppressed += 1
+            return false
+        }
+        tokens -= 1
+        return true
     }
 }
 
@@ -191,22 +218,33 @@ final class DeviceSupervisor: @unchecked Sendable {
         let (coreControl, deviceControl): (SeqPacketSocket, SeqPacketSocket)
         let (coreEvents, deviceEvents): (SeqPacketSocket, SeqPacketSocket)
         let child: ChildProcess
+        let stderrRead: FileDescriptor, stderrWrite: FileDescriptor
         do {
             (coreControl, deviceControl) = try SeqPacketSocket.pair()
             (coreEvents, deviceEvents) = try SeqPacketSocket.pair()
+            var ends: [Int32] = [-1, -1]
+            try check("pipe for \(spec.name)'s stderr", pipe(&ends))
+            (stderrRead, stderrWrite) = (FileDescriptor(owning: ends[0]), FileDescriptor(owning: ends[1]))
+            _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
+            _ = fcntl(ends[1], F_SETFD, FD_CLOEXEC)
+            try stderrRead.setNonBlocking(true)
             let inherit = [(InheritedDescriptor.control, deviceControl.fd.rawValue),
                            (InheritedDescriptor.events, deviceEvents.fd.rawValue)]
             if let sandbox = spec.sandbox {
                 child = try sandbox.spawn(executable: spec.executable, arguments: [spec.name],
-                                          memoryBytes: memory.size, inherit: inherit)
+                                          memoryBytes: memory.size, inherit: inherit, stderr: stderrWrite.rawValue)
             } else {
-                child = try ChildProcess.spawn(path: spec.executable, arguments: [spec.name], inherit: inherit)
+                child = try ChildProcess.spawn(path: spec.executable, arguments: [spec.name],
+                                               inherit: inherit + [(2, stderrWrite.rawValue)])
             }
         } catch {
             throw .device(name: spec.name, reason: "cannot start \(spec.executable): \(error)")
         }
         deviceControl.fd.close()
         deviceEvents.fd.close()
+        stderrWrite.close()
+        d.stderrPipe = stderrRead
+        d.stderrPartial = []
         return Spawned(child: child, control: coreControl, events: coreEvents)
     }
 
@@ -237,9 +275,14 @@ final class DeviceSupervisor: @unchecked Sendable {
         let hello = Hello(capabilities: offered, restartGeneration: d.generation,
                           memoryRegions: spec.mapsGuestMemory ? memory.regions : [],
                           resources: spec.resources, fds: roles, config: spec.config)
+        let helloPayload: [UInt8]
+        do { helloPayload = try hello.encode() } catch {
+            child.killAndReap()
+            throw .device(name: spec.name, reason: "its settings do not fit in a HELLO message (\(error))")
+        }
         let control = ControlChannel(socket: coreControl)
         do {
-            let (frame, unexpected) = try control.request(.hello, payload: hello.encode(), fds: fds, timeoutMilliseconds: 10_000)
+            let (frame, unexpected) = try control.request(.hello, payload: helloPayload, fds: fds, timeoutMilliseconds: 10_000)
             guard unexpected.isEmpty else { throw ChannelError.malformed(.invalidField("device sent descriptors with its HELLO reply")) }
             let reply = try HelloReply.decode(frame.payload)
             guard reply.major == ProtocolVersion.major else {
@@ -255,6 +298,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         } catch {
             let ended = child.reapIfExited()
             child.killAndReap()
+            drainStderr(d, final: true)
             let why: String
             if case ChannelError.closed = error {
                 why = "\(ended?.description ?? "exited") during the handshake" + (d.lastError.map { ": \($0)" } ?? "")
@@ -288,6 +332,10 @@ final class DeviceSupervisor: @unchecked Sendable {
                     interests.append(.init(fd: e.socket.fd.rawValue))
                     owners.append((d, false))
                 }
+                if let pipe = d.stderrPipe {
+                    interests.append(.init(fd: pipe.rawValue))
+                    owners.append((d, false))
+                }
             }
             let now = monotonicNanoseconds()
             let nextRestart = devices.compactMap(\.restartAt).min()
@@ -296,7 +344,13 @@ final class DeviceSupervisor: @unchecked Sendable {
             if revents[0] != 0 { wake.drain() }
             if stopping.load(ordering: .acquiring) { break }
             for (i, (d, isPidfd)) in owners.enumerated() where revents[i + 1] != 0 {
-                if isPidfd { handleDeath(d) } else { serveEvents(d) }
+                if isPidfd {
+                    handleDeath(d)
+                } else if interests[i + 1].fd == d.stderrPipe?.rawValue {
+                    drainStderr(d, final: false)
+                } else {
+                    serveEvents(d)
+                }
             }
             let after = monotonicNanoseconds()
             for d in devices {
@@ -310,6 +364,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         guard let p = d.process else { return }
         // Serve what the device said before dying (its last log line explains it).
         if d.events != nil { serveEvents(d, drainOnly: true) }
+        drainStderr(d, final: true)
         let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
         let how = describe(ended, of: d)
         d.process = nil
@@ -374,6 +429,54 @@ final class DeviceSupervisor: @unchecked Sendable {
         d.endpoint.kick.signal()
         for line in d.interrupts { line.signal() }
         Diagnostics.line("device \(d.spec.name) restarted (pid \(d.process?.pid ?? 0), restart \(d.generation)); output resumes")
+    }
+
+    /// Reads what the device wrote to stderr and reports each whole line as `hv: device NAME: …`
+    /// (control characters replaced, 300 characters at most, rate-limited). Before the guest
+    /// starts, lines are kept as the device's last error instead, so a device that cannot start
+    /// still fails hvctl with one line. `final`: the process is gone; report a partial last line
+    /// and close the pipe.
+    private func drainStderr(_ d: ManagedDevice, final: Bool) {
+        guard let pipe = d.stderrPipe else { return }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var ended = false
+        while true {
+            let n = buffer.withUnsafeMutableBytes { raw in retryOnInterrupt { Glibc.read(pipe.rawValue, raw.baseAddress, raw.count) } }
+            if n > 0 {
+                d.stderrPartial += buffer.prefix(n)
+                // A line longer than anything sensible is cut, not buffered without bound.
+                if d.stderrPartial.count > 4096 && !d.stderrPartial.contains(0x0A) { d.stderrPartial.append(0x0A) }
+                continue
+            }
+            ended = n == 0
+            break
+        }
+        var lines = d.stderrPartial.split(separator: 0x0A, omittingEmptySubsequences: false).map(Array.init)
+        d.stderrPartial = lines.removeLast()
+        if final || ended, !d.stderrPartial.isEmpty {
+            lines.append(d.stderrPartial)
+            d.stderrPartial = []
+        }
+        let started = guestStarted.load(ordering: .acquiring)
+        for raw in lines where !raw.isEmpty {
+            let text = String(decoding: raw.prefix(300).map { $0 < 0x20 || $0 == 0x7F ? UInt8(ascii: "?") : $0 }, as: UTF8.self)
+            if !started {
+                if d.lastError == nil { d.lastError = text }
+                if verbose { Diagnostics.line("device \(d.spec.name): \(text)") }
+                continue
+            }
+            let now = monotonicNanoseconds()
+            let dropped = d.stderrLimiter.suppressed
+            guard d.stderrLimiter.admit(now: now) else { continue }
+            if dropped > 0 {
+                d.stderrLimiter.suppressed = 0
+                Diagnostics.line("device \(d.spec.name): (\(dropped) lines of its output suppressed)")
+            }
+            Diagnostics.line("device \(d.spec.name): \(text)")
+        }
+        if final || ended {
+            d.stderrPipe = nil
+        }
     }
 
     private func serveEvents(_ d: ManagedDevice, drainOnly: Bool = false) {

@@ -84,9 +84,16 @@ public struct SandboxPlan: Sendable {
 
         // Opened here, by the trusted side: the jailed child runs as the tenant's uid and may not be
         // able to traverse the directories hv is installed in (a 0700 build tree, say).
-        let jail = try FileDescriptor.open(jailExecutable, flags: O_RDONLY)
-        let deviceBinary = try FileDescriptor.open(executable, flags: O_RDONLY)
-        let profileFile = try FileDescriptor.open(profilePath, flags: O_RDONLY)
+        // Regular files only, opened without blocking: a path swapped for a FIFO since it was
+        // checked must fail here, not hang the core.
+        func openRegular(_ path: String) throws(SystemError) -> FileDescriptor {
+            do { return try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular) } catch {
+                throw SystemError("open \(path): \(error)", error.errno ?? Errno(rawValue: EINVAL))
+            }
+        }
+        let jail = try openRegular(jailExecutable)
+        let deviceBinary = try openRegular(executable)
+        let profileFile = try openRegular(profilePath)
 
         var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
         for p in exposedPaths { argv += ["--expose", p] }
@@ -95,14 +102,15 @@ public struct SandboxPlan: Sendable {
         let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         let cEnv: [UnsafeMutablePointer<CChar>?] = [nil]
         defer { cArgs.forEach { free($0) } }
-        // The device's stdin and stdout are /dev/null; stderr stays the operator's.
+        // The device's stdin and stdout are /dev/null; stderr is what the caller gives (for a VM's
+        // device, a pipe the core reads and prefixes, so a device cannot pose as hvctl).
         let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), stderr),
                        (Self.jailDeviceFD, deviceBinary.rawValue), (Self.jailProfileFD, profileFile.rawValue)] + inherit
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)
         var pidfd: Int32 = -1
         let pid = hv_spawn_in_namespaces(jail.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
-                                         cloneFlags, syncRead.rawValue, &pidfd)
+                                         cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
         try check("clone3 into new namespaces for \(executable)", pid)
         let child = ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))
         do {

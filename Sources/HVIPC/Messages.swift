@@ -220,7 +220,17 @@ public struct Hello: Equatable, Sendable {
     public static let maximumConfigBytes = 4096
     public static let maximumTableEntries = 64
 
-    public func encode() -> [UInt8] {
+    /// Encodes the payload; a table or a config larger than the protocol carries (the limits
+    /// `decode` enforces) is refused here rather than truncated or trapped on.
+    public func encode() throws(WireError) -> [UInt8] {
+        let config = Array(self.config.utf8)
+        guard config.count <= Self.maximumConfigBytes else {
+            throw .invalidField("hello: config is \(config.count) bytes, longer than \(Self.maximumConfigBytes)")
+        }
+        guard memoryRegions.count <= Self.maximumTableEntries, resources.count <= Self.maximumTableEntries,
+              fds.count <= Self.maximumTableEntries else {
+            throw .invalidField("hello: table larger than \(Self.maximumTableEntries) entries")
+        }
         var w = WireWriter()
         w.u32(major)
         w.u32(minor)
@@ -229,7 +239,6 @@ public struct Hello: Equatable, Sendable {
         w.u16(UInt16(memoryRegions.count))
         w.u16(UInt16(resources.count))
         w.u16(UInt16(fds.count))
-        let config = Array(self.config.utf8)
         w.u16(UInt16(config.count))
         w.u32(0)
         for m in memoryRegions {

@@ -266,6 +266,8 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
         case unknownNamespace(String)
         /// A namespace listed twice.
         case duplicateNamespace(String)
+        /// A namespace the jail cannot work without is missing.
+        case requiredNamespaceMissing(String)
         /// A syscall name that is not `[a-z0-9_]+` of at most 64 characters.
         case invalidSyscallName(String)
         /// A syscall name the resolver does not know; `list` is `syscalls` or `startup_syscalls`.
@@ -329,6 +331,8 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
             return "unknown namespace \(quotedForMessage(name)); known namespaces are "
                 + Namespace.allCases.map(\.rawValue).joined(separator: ", ")
         case let .duplicateNamespace(name): return "namespace \(quotedForMessage(name)) is listed twice"
+        case let .requiredNamespaceMissing(name):
+            return "namespaces must include \(quotedForMessage(name)): the jail maps the tenant's uid in a user namespace and builds the empty root in a mount namespace"
         case let .invalidSyscallName(name):
             return "\(quotedForMessage(name)) is not a syscall name (1 to 64 characters of a-z, 0-9 and '_')"
         case let .unknownSyscall(name, list): return "unknown syscall \(quotedForMessage(name)) in \(list)"
@@ -443,6 +447,12 @@ extension SandboxProfile {
             }
         }
 
+        // hv-jail needs both: the tenant's uid is mapped in a new user namespace (without one the
+        // core's uid_map write fails with a bare EPERM), and pivot_root needs a mount namespace.
+        // Checked last, so every other mistake in the file is reported first.
+        for required in [Namespace.user, .mount] where !namespaces.contains(required) {
+            throw reader.fail(.requiredNamespaceMissing(required.rawValue), at: "namespaces")
+        }
         return SandboxProfile(name: name, version: formatVersion, description: description, namespaces: namespaces,
                               limits: limits, startupSyscalls: startup, syscalls: syscalls, enosysSyscalls: enosys)
     }

@@ -2,6 +2,7 @@ import Glibc
 import HVIPC
 import HVSandbox
 import HVSys
+import Synchronization
 
 // The control socket of a running VM: `hvctl run` (the VM's core) listens on
 // RUN_DIR/NAME.sock, and `hvctl ls`, `hvctl status NAME` and `hvctl stop NAME` talk to it.
@@ -15,6 +16,8 @@ enum RunDirectory {
         return "/run/hv"
     }
     static func socket(_ name: String) -> String { path + "/" + name + ".sock" }
+    /// The lock a running VM holds (see `ControlServer`).
+    static func lock(_ name: String) -> String { path + "/" + name + ".lock" }
 
     /// VM names are file names in the run directory: the same rule as tenant names.
     static func validate(_ name: String, flag: String) throws(UsageError) {
@@ -53,76 +56,175 @@ func connectTo(_ path: String) -> Int32? {
 }
 
 /// The listening side, owned by `hvctl run`.
+///
+/// Liveness is a lock, not a guess: the VM holds an exclusive `flock` on RUN_DIR/NAME.lock (which
+/// also records its pid) for its whole life and binds NAME.sock only while holding it. A socket
+/// whose lock nobody holds belongs to a VM that died without cleaning up and may be removed; one
+/// whose lock is held is never removed, however slowly it answers.
 final class ControlServer: @unchecked Sendable {
-    // @unchecked: `fd` and `path` are immutable; the handler closures are Sendable.
+    // @unchecked: `fd`, `path` and `lock` are immutable; `closed` is atomic; the handler closures are Sendable.
     let path: String
+    let lockPath: String
     private let fd: Int32
+    private let lock: FileDescriptor
+    private let closed = Atomic<Bool>(false)
 
-    /// Binds RUN_DIR/NAME.sock. A live VM of that name is an error; a stale socket (its VM
-    /// died without cleaning up) is replaced.
+    /// Most connections served at once; past that the one idle longest is dropped.
+    static let maximumClients = 16
+    /// How long a connection may stay silent before it is dropped.
+    static let clientTimeoutNanoseconds: UInt64 = 2_000_000_000
+
+    /// Locks RUN_DIR/NAME.lock and binds RUN_DIR/NAME.sock. A live VM of that name is an error; a
+    /// stale socket (its VM died without cleaning up) is replaced.
     init(name: String) throws(UsageError) {
         let dir = RunDirectory.path
         if mkdir(dir, 0o700) != 0 && errno != EEXIST {
             throw UsageError(message: "cannot create the run directory \(dir): \(String(cString: strerror(errno)))")
         }
         path = RunDirectory.socket(name)
-        if let live = connectTo(path) {
-            Glibc.close(live)
+        lockPath = RunDirectory.lock(name)
+        var held: FileDescriptor?
+        // A sweeper (hvctl ls) may hold the lock for an instant while it checks a stale socket.
+        for attempt in 0..<20 {
+            do { held = try PathLock.acquire(lockPath, blocking: false) } catch {
+                throw UsageError(message: "cannot lock \(lockPath): \(error.errno)")
+            }
+            if held != nil || attempt == 19 { break }
+            usleep(10_000)
+        }
+        guard let held else {
             throw UsageError(message: "a VM named '\(name)' is already running (\(path)); pick another --name or 'hvctl stop \(name)'")
         }
+        lock = held
+        _ = ftruncate(held.rawValue, 0)
+        try? held.writeAll(Array("\(getpid())\n".utf8))
         unlink(path)
-        guard var address = unixAddress(path) else { throw UsageError(message: "the socket path \(path) is too long; set HV_RUN_DIR to a shorter directory") }
+        guard var address = unixAddress(path) else {
+            unlink(lockPath)
+            throw UsageError(message: "the socket path \(path) is too long; set HV_RUN_DIR to a shorter directory")
+        }
         fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw UsageError(message: "cannot create the control socket: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            unlink(lockPath)
+            throw UsageError(message: "cannot create the control socket: \(String(cString: strerror(errno)))")
+        }
         let old = umask(0o177)
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         umask(old)
-        guard bound == 0, listen(fd, 8) == 0 else {
+        guard bound == 0, listen(fd, 64) == 0 else {
             let e = errno
             Glibc.close(fd)
+            unlink(lockPath)
             throw UsageError(message: "cannot listen on \(path): \(String(cString: strerror(e)))")
         }
     }
 
-    /// Serves commands on a thread of its own until `close()`.
+    /// Serves commands on a thread of its own until `close()`. Every connection is polled, so
+    /// clients that connect and say nothing cost a slot each for at most 2 s and never hold up
+    /// the others; a command is one message, its answer one message.
     func start(status: @escaping @Sendable () -> String, stop: @escaping @Sendable () -> Void,
                other: @escaping @Sendable (String) -> String?) throws(SystemError) {
         let listener = fd
-        try HostThread.spawn(name: "hv-control") {
-            while true {
-                let client = accept(listener, nil, nil)
-                if client >= 0 { _ = fcntl(client, F_SETFD, FD_CLOEXEC) }  // accept4 is not in the Glibc module
-                if client < 0 {
-                    if errno == EINTR || errno == ECONNABORTED { continue }
-                    return  // shut down
+        try HostThread.spawn(name: "hv-control") { [self] in
+            var clients: [(fd: Int32, since: UInt64)] = []
+            defer { for c in clients { Glibc.close(c.fd) } }
+            while !closed.load(ordering: .acquiring) {
+                var interests = [Poll.Interest(fd: listener)]
+                for c in clients { interests.append(Poll.Interest(fd: c.fd)) }
+                guard let revents = try? Poll.wait(interests, timeoutMilliseconds: clients.isEmpty ? -1 : 250) else {
+                    usleep(10_000)
+                    continue
                 }
-                // A client that never sends must not wedge the socket: 2 s to say something.
-                var timeout = timeval(tv_sec: 2, tv_usec: 0)
-                setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                var buffer = [UInt8](repeating: 0, count: 4352)
-                let n = buffer.withUnsafeMutableBytes { recv(client, $0.baseAddress, $0.count, 0) }
-                let command = n > 0 ? String(decoding: buffer.prefix(n), as: UTF8.self) : ""
-                let answer: String
-                switch command {
-                case "status": answer = status()
-                case "stop":
-                    answer = #"{"stopping":true}"#
-                    stop()
-                default: answer = other(command) ?? #"{"error":"unknown command; use status, stop or cdrom"}"#
+                if closed.load(ordering: .acquiring) || revents[0] & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 { return }
+                let now = monotonicNanoseconds()
+                var keep: [(fd: Int32, since: UInt64)] = []
+                for (i, c) in clients.enumerated() {
+                    let r = revents[i + 1]
+                    if r & Int16(POLLIN) != 0 {
+                        var buffer = [UInt8](repeating: 0, count: 4352)
+                        let n = buffer.withUnsafeMutableBytes { recv(c.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+                        if n > 0 {
+                            let command = String(decoding: buffer.prefix(n), as: UTF8.self)
+                            let answer: String
+                            switch command {
+                            case "status": answer = status()
+                            case "stop":
+                                answer = #"{"stopping":true}"#
+                                stop()
+                            default: answer = other(command) ?? #"{"error":"unknown command; use status, stop or cdrom"}"#
+                            }
+                            _ = Array(answer.utf8).withUnsafeBytes { send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                        }
+                        Glibc.close(c.fd)
+                    } else if r != 0 || now &- c.since > Self.clientTimeoutNanoseconds {
+                        Glibc.close(c.fd)  // hung up, or silent too long
+                    } else {
+                        keep.append(c)
+                    }
                 }
-                _ = Array(answer.utf8).withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                Glibc.close(client)
+                clients = keep
+                if revents[0] & Int16(POLLIN) != 0 {
+                    let client = accept(listener, nil, nil)
+                    if client >= 0 {
+                        _ = fcntl(client, F_SETFD, FD_CLOEXEC)  // accept4 is not in the Glibc module
+                        if clients.count >= Self.maximumClients {
+                            Glibc.close(clients.removeFirst().fd)  // the one silent longest makes room
+                        }
+                        clients.append((client, now))
+                    }
+                }
             }
         }
     }
 
-    /// Stops listening and removes the socket.
+    /// Stops listening and removes the socket and then the lock file (still holding the lock, so
+    /// a VM of the same name starting now either waits for it or locks a fresh file).
     func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         unlink(path)
-        shutdown(fd, Int32(SHUT_RDWR))  // wakes the accept loop, which then ends
+        unlink(lockPath)
+        shutdown(fd, Int32(SHUT_RDWR))  // wakes the serving thread, which then ends
+        lock.close()
     }
+}
+
+/// What is known of a VM whose socket is in the run directory.
+enum VMPresence {
+    /// Its lock is held: the VM runs (it may still be slow to answer).
+    case live(pid: Int32?)
+    /// Nobody holds its lock: the VM is gone; its files were removed.
+    case gone
+}
+
+/// Whether the VM `name` is alive; a dead one's socket and lock file are removed on the way.
+func vmPresence(_ name: String) -> VMPresence {
+    let lockPath = RunDirectory.lock(name)
+    if PathLock.isHeld(lockPath) {
+        var pid: Int32?
+        if let fd = try? FileDescriptor.open(lockPath, flags: O_RDONLY), let bytes = try? fd.readAll() {
+            pid = Int32(String(decoding: bytes.filter { (0x30...0x39).contains($0) }, as: UTF8.self))
+        }
+        return .live(pid: pid)
+    }
+    // Take the lock ourselves, so a VM of this name starting right now is not robbed of its socket.
+    let held: FileDescriptor
+    do {
+        guard let lock = try PathLock.acquire(lockPath, blocking: false) else { return .live(pid: nil) }
+        held = lock
+    } catch {
+        return .gone  // no run directory, or one we cannot write: no VM of that name here
+    }
+    unlink(RunDirectory.socket(name))
+    unlink(lockPath)
+    held.close()
+    return .gone
+}
+
+/// Removes the sockets of VMs that died without cleaning up (SIGKILL, a crash); live ones stay.
+func sweepStaleVMs() {
+    for name in names() { _ = vmPresence(name) }
 }
 
 /// Sends `command` to the VM called `name` and returns its answer, or nil when no such VM runs.
@@ -140,7 +242,7 @@ func controlRequest(_ name: String, _ command: String) -> JSONObject? {
 
 // MARK: Commands
 
-private func names() -> [String] {
+func names() -> [String] {
     guard let dir = opendir(RunDirectory.path) else { return [] }
     defer { closedir(dir) }
     var found: [String] = []
@@ -148,7 +250,11 @@ private func names() -> [String] {
         let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
             String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
         }
-        if name.hasSuffix(".sock") { found.append(String(name.dropLast(5))) }
+        // A lock file alone is a VM that died between taking its lock and binding its socket.
+        for suffix in [".sock", ".lock"] where name.hasSuffix(suffix) {
+            let vm = String(name.dropLast(5))
+            if !found.contains(vm) { found.append(vm) }
+        }
     }
     return found.sorted()
 }
@@ -169,6 +275,15 @@ private func devices(_ o: JSONObject) -> [JSONObject] {
 }
 
 func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+
+/// Ends a command whose VM did not answer: either there is no such VM, or it runs and is not answering.
+func failNoAnswer(_ name: String) -> Never {
+    switch vmPresence(name) {
+    case .gone: fail("no VM named '\(name)' is running (see 'hvctl ls')")
+    case .live(let pid):
+        fail("VM '\(name)'\(pid.map { " (pid \($0))" } ?? "") is running but did not answer on \(RunDirectory.socket(name)) within 5 s; try again, or 'kill \(pid.map { "\($0)" } ?? "PID")' to stop it")
+    }
+}
 
 /// `hvctl cdrom NAME eject` and `hvctl cdrom NAME insert ISO`: the running VM's core opens the
 /// ISO (it is the trusted side) and hands it to the CD-ROM drive's process.
@@ -195,7 +310,7 @@ func cdromCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
     default:
         throw UsageError(message: "unknown cdrom action '\(verb)'; \(usage)")
     }
-    guard let answer = controlRequest(name, command) else { fail("no VM named '\(name)' is running (see 'hvctl ls')") }
+    guard let answer = controlRequest(name, command) else { failNoAnswer(name) }
     if case .string(let error)? = answer["error"] { fail(error) }
     print(verb == "eject" ? "ejected the CD of \(name)" : "inserted \(command.dropFirst(13)) into \(name)")
     return 0
@@ -209,9 +324,10 @@ func vmCommand(_ verb: String, _ arguments: ArraySlice<String>) throws(UsageErro
         guard rest.isEmpty else { throw UsageError(message: "'hvctl ls' takes no arguments") }
         print(pad("NAME", 20) + pad("PID", 9) + pad("UPTIME", 9) + pad("MEMORY", 9) + pad("CPUS", 6) + "DEVICES")
         for name in names() {
+            guard case .live(let pid) = vmPresence(name) else { continue }  // gone: its files were just removed
             guard let o = controlRequest(name, "status") else {
-                // A socket whose VM is gone (killed without cleaning up): remove it.
-                unlink(RunDirectory.socket(name))
+                // Alive (it holds its lock) but not answering within the timeout: say so, touch nothing.
+                print(pad(name, 20) + pad(pid.map { "\($0)" } ?? "?", 9) + "(not answering on its control socket)")
                 continue
             }
             let devs = devices(o).map { "\(text($0, "name"))(\(text($0, "state")), \(number($0, "restarts")) restarts)" }
@@ -225,13 +341,11 @@ func vmCommand(_ verb: String, _ arguments: ArraySlice<String>) throws(UsageErro
         if json { rest.removeFirst() }
         guard rest.isEmpty, verb == "status" || !json else { throw UsageError(message: "unexpected arguments after '\(name)'") }
         try RunDirectory.validate(name, flag: "name")
-        guard let o = controlRequest(name, verb) else {
-            fail("no VM named '\(name)' is running (see 'hvctl ls')")
-        }
+        guard let o = controlRequest(name, verb) else { failNoAnswer(name) }
         if verb == "stop" {
-            // Wait for the VM to go: its socket disappears when hvctl run exits.
+            // Wait for the VM to go: it lets go of its lock once its devices are reaped.
             for _ in 0..<200 {
-                if access(RunDirectory.socket(name), F_OK) != 0 { break }
+                if !PathLock.isHeld(RunDirectory.lock(name)) { break }
                 usleep(50_000)
             }
             print("stopped \(name)")

@@ -24,6 +24,9 @@ enum DeviceCatalog {
         return nil
     }
 
+    /// The largest sandbox profile hv reads.
+    static let maximumProfileBytes: Int64 = 1 << 20
+
     static func resolveSyscall(_ name: String) -> Int32? {
         let n = seccomp_syscall_resolve_name(name)
         return n == __NR_SCMP_ERROR ? nil : n
@@ -32,8 +35,12 @@ enum DeviceCatalog {
     /// Loads and validates a profile file; a bad one is a one-line error naming the file.
     static func loadProfile(_ path: String) throws(UsageError) -> SandboxProfile {
         let bytes: [UInt8]
-        do { bytes = try FileDescriptor.open(path, flags: O_RDONLY).readAll() } catch {
-            throw UsageError(message: "cannot read sandbox profile '\(path)': \(error.errno)")
+        do {
+            // A profile is a small JSON file: never a FIFO to block on or /dev/zero to read forever.
+            let file = try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: maximumProfileBytes)
+            do { bytes = try file.readAll() } catch { throw HostFileError.system(error.errno) }
+        } catch {
+            throw UsageError(message: "cannot read sandbox profile '\(path)': \(error)")
         }
         do {
             return try SandboxProfile.load(json: bytes, source: path, resolveSyscall: resolveSyscall)

@@ -38,14 +38,15 @@ func diskCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
     let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
     if fd < 0 {
         let e = errno
-        if e == EEXIST { throw UsageError(message: "'\(path)' already exists: hvctl never overwrites a disk image; remove it or pick another path") }
-        throw UsageError(message: "cannot create '\(path)': \(String(cString: strerror(e)))")
+        // Run-time failures (exit 1), not usage errors: the command was well formed.
+        if e == EEXIST { fail("'\(path)' already exists: hvctl never overwrites a disk image; remove it or pick another path") }
+        fail("cannot create '\(path)': \(String(cString: strerror(e)))")
     }
     defer { close(fd) }
     if ftruncate(fd, off_t(size)) != 0 {
         let e = errno
         unlink(path)
-        throw UsageError(message: "cannot size '\(path)' to \(size) bytes: \(String(cString: strerror(e)))")
+        fail("cannot size '\(path)' to \(size) bytes: \(String(cString: strerror(e)))")
     }
     print("created \(path): \(size) bytes (\(size >> 20) MiB), sparse raw image")
     return 0

@@ -5,6 +5,7 @@ import HVIPC
 import HVNetSwitch
 import HVSandbox
 import HVSys
+import Synchronization
 
 /// One `--nic` as given: where it attaches and its MAC, if given.
 struct NICOption: Equatable {
@@ -103,25 +104,38 @@ func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [Attach
     }
     var attached: [AttachedNIC] = []
     var memberships: [SegmentKeeper.Member] = []
+    // A NIC that cannot attach ends hvctl; the segments joined so far are left properly first.
+    func abandon(_ error: UsageError) -> Never {
+        (try? SegmentKeeper(memberships, verbose: verbose))?.leaveAll()
+        fail(error.message)
+    }
     for (i, option) in options.nics.enumerated() {
         let mac = macs[i]
         switch option.attachment {
         case .tap(let name):
             switch openTap(name) {
             case .success(let tap): attached.append(AttachedNIC(option: option, mac: mac, files: [tap]))
-            case .failure(let error): fail(error.message)
+            case .failure(let error): abandon(error)
             }
         case .segment(let name):
             switch joinSegment(name, vm: vmName, nic: "net\(i)", mac: mac, verbose: verbose) {
             case .success(let nic):
                 attached.append(AttachedNIC(option: option, mac: mac, files: nic.files))
-                memberships.append(.init(segment: name, vm: vmName, nic: "net\(i)", mac: mac, files: nic.files, connection: nic.membership))
-            case .failure(let error): fail(error.message)
+                memberships.append(.init(segment: name, vm: vmName, nic: "net\(i)", mac: mac, files: nic.files,
+                                         connection: nic.membership, socket: nic.socket))
+            case .failure(let error): abandon(error)
             }
         }
     }
-    // The keeper's thread holds it (and every membership) for the rest of hvctl's life.
-    do { try SegmentKeeper(memberships, verbose: verbose).start() } catch { fail("cannot watch the segment memberships: \(error)") }
+    // The keeper's thread holds it (and every membership) for the rest of hvctl's life; at exit
+    // it leaves each segment, and the last member out cleans the segment up.
+    do {
+        let keeper = try SegmentKeeper(memberships, verbose: verbose)
+        try keeper.start()
+        if !memberships.isEmpty { ExitCleanup.add { keeper.leaveAll() } }
+    } catch {
+        fail("cannot watch the segment memberships: \(error)")
+    }
     return attached
 }
 
@@ -195,19 +209,22 @@ enum SegmentDirectory {
 /// Joins `segment`, starting its switch if none runs: the port's descriptors and the membership.
 /// `port` rejoins with an existing port (after the switch died), so the NIC process keeps its own.
 func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbose: Bool,
-                 port: [FileDescriptor]? = nil) -> Result<(files: [FileDescriptor], membership: SeqPacketSocket), UsageError> {
+                 port: [FileDescriptor]? = nil) -> Result<(files: [FileDescriptor], membership: SeqPacketSocket, socket: FileIdentity?), UsageError> {
     for dir in [RunDirectory.path, SegmentDirectory.path] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
         return .failure(UsageError(message: "cannot create \(dir): \(Errno.current)"))
     }
     // One starter at a time per segment: whoever holds the lock and finds no switch starts one.
+    // The last member to leave removes the lock file under the lock (see `SegmentKeeper.leaveAll`).
     let lock: FileDescriptor
-    do { lock = try FileDescriptor.open(SegmentDirectory.lock(segment), flags: O_RDWR | O_CREAT | O_CLOEXEC, mode: 0o600) } catch {
-        return .failure(UsageError(message: "cannot open \(SegmentDirectory.lock(segment)): \(error.errno)"))
+    do {
+        guard let held = try PathLock.acquire(SegmentDirectory.lock(segment), blocking: true) else {
+            return .failure(UsageError(message: "cannot lock \(SegmentDirectory.lock(segment))"))
+        }
+        lock = held
+    } catch {
+        return .failure(UsageError(message: "cannot lock \(SegmentDirectory.lock(segment)): \(error.errno)"))
     }
-    guard retryOnInterrupt({ flock(lock.rawValue, LOCK_EX) }) == 0 else {
-        return .failure(UsageError(message: "cannot lock \(SegmentDirectory.lock(segment)): \(Errno.current)"))
-    }
-    defer { _ = flock(lock.rawValue, LOCK_UN) }
+    defer { lock.close() }
     let files: [FileDescriptor]
     if let port {
         files = port
@@ -245,7 +262,9 @@ func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbo
             if text == "ok" {
                 timeout = timeval(tv_sec: 0, tv_usec: 0)
                 setsockopt(connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                return .success((files: files, membership: connection))
+                // Which socket file this switch listens on (we hold the lock: it is this switch's),
+                // so leaving removes that file and never a newer switch's at the same path.
+                return .success((files: files, membership: connection, socket: FileIdentity(path: SegmentDirectory.socket(segment))))
             }
             return .failure(UsageError(message: "cannot join segment '\(segment)': \(text.hasPrefix("error ") ? String(text.dropFirst(6)) : text)"))
         } catch {
@@ -297,39 +316,54 @@ private func startSwitch(_ segment: String, verbose: Bool) -> Result<Void, Usage
 
 /// Watches this VM's segment memberships. If a segment's switch dies (a crash, a kill), the
 /// connection hangs up; the keeper joins again with the same port, starting a new switch if no
-/// other member already has, so the NIC processes never notice more than a pause.
+/// other member already has, so the NIC processes never notice more than a pause. When hvctl
+/// exits, `leaveAll` leaves each segment explicitly, and the last member removes the segment's
+/// socket and lock file, so a segment leaves nothing behind.
 final class SegmentKeeper: @unchecked Sendable {
-    // @unchecked: `members` is touched only by the keeper thread after start().
+    // @unchecked: `members` is touched only by the keeper thread after start(), and by leaveAll()
+    // only once that thread has stopped (`stopped`), or never started.
     struct Member {
         var segment: String, vm: String, nic: String, mac: [UInt8], files: [FileDescriptor], connection: SeqPacketSocket
+        /// The switch's socket file as it was when this member joined.
+        var socket: FileIdentity?
     }
     private var members: [Member]
     private let verbose: Bool
+    private let leaving = Atomic<Bool>(false)
+    private let stopped = Atomic<Bool>(true)
+    private let wake: EventFD
 
-    init(_ members: [Member], verbose: Bool) {
+    init(_ members: [Member], verbose: Bool) throws(SystemError) {
         self.members = members
         self.verbose = verbose
+        wake = try EventFD(nonBlocking: true)
     }
 
     func start() throws(SystemError) {
         guard !members.isEmpty else { return }
+        stopped.store(false, ordering: .releasing)
         _ = try HostThread.spawn(name: "hv-segments") { [self] in
-            while true {
+            defer { stopped.store(true, ordering: .releasing) }
+            while !leaving.load(ordering: .acquiring) {
                 let ready: [Int16]
-                do { ready = try Poll.wait(members.map { Poll.Interest(fd: $0.connection.fd.rawValue) }, timeoutMilliseconds: -1) } catch {
+                var interests = [Poll.Interest(fd: wake.fd.rawValue)]
+                interests += members.map { Poll.Interest(fd: $0.connection.fd.rawValue) }
+                do { ready = try Poll.wait(interests, timeoutMilliseconds: -1) } catch {
                     usleep(100_000)  // poll itself failing (it should not): never spin
                     continue
                 }
-                for (i, revents) in ready.enumerated() where revents != 0 {
+                if leaving.load(ordering: .acquiring) { return }
+                for (i, revents) in ready.dropFirst().enumerated() where revents != 0 {
                     let m = members[i]
                     // Anything the switch sends unasked, or its hang-up, means it is gone.
                     _ = try? m.connection.receive()
                     warn("segment '\(m.segment)': its switch went away; \(m.nic) joins again")
                     var delay: UInt32 = 50_000
-                    while true {
+                    while !leaving.load(ordering: .acquiring) {
                         switch joinSegment(m.segment, vm: m.vm, nic: m.nic, mac: m.mac, verbose: verbose, port: m.files) {
                         case .success(let joined):
                             members[i].connection = joined.membership
+                            members[i].socket = joined.socket
                         case .failure(let error):
                             warn("\(error.message); trying again")
                             usleep(delay)
@@ -341,6 +375,64 @@ final class SegmentKeeper: @unchecked Sendable {
                 }
             }
         }
+    }
+
+    /// Leaves every segment (at exit). Under each segment's lock, so no VM joins in between: say
+    /// `leave`; the switch answers `left N` with the members that remain, and when none does it
+    /// exits, and this member removes the segment's socket and lock file.
+    func leaveAll() {
+        leaving.store(true, ordering: .releasing)
+        wake.signal()
+        for _ in 0..<100 where !stopped.load(ordering: .acquiring) { usleep(10_000) }
+        guard stopped.load(ordering: .acquiring) else { return }  // stuck rejoining: leave by hanging up
+        for m in members {
+            guard let lock = try? PathLock.acquire(SegmentDirectory.lock(m.segment), blocking: true) else { continue }
+            var timeout = timeval(tv_sec: 2, tv_usec: 0)
+            setsockopt(m.connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            if (try? m.connection.send(Array("leave".utf8))) != nil, let reply = try? m.connection.receive(),
+               String(decoding: reply.bytes, as: UTF8.self) == "left 0",
+               let joined = m.socket, FileIdentity(path: SegmentDirectory.socket(m.segment)) == joined {
+                unlink(SegmentDirectory.socket(m.segment))
+                unlink(SegmentDirectory.lock(m.segment))
+            }
+            m.connection.fd.close()
+            lock.close()
+        }
+    }
+}
+
+/// A file's identity (device and inode), to tell a file from a newer one at the same path.
+struct FileIdentity: Equatable {
+    var device: UInt64
+    var inode: UInt64
+    init?(path: String) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        device = UInt64(st.st_dev)
+        inode = UInt64(st.st_ino)
+    }
+}
+
+/// Removes what segments whose switch is gone left behind (a switch killed with its last member,
+/// a VM killed with SIGKILL): a socket nobody listens on, a lock file with no socket. A segment
+/// being joined right now (its lock held) is left alone.
+func sweepStaleSegments() {
+    guard let dir = opendir(SegmentDirectory.path) else { return }
+    var found: Set<String> = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        for suffix in [".sock", ".lock"] where name.hasSuffix(suffix) { found.insert(String(name.dropLast(5))) }
+    }
+    closedir(dir)
+    for segment in found {
+        guard let lock = try? PathLock.acquire(SegmentDirectory.lock(segment), blocking: false) else { continue }
+        if let fd = connectTo(SegmentDirectory.socket(segment)) {
+            close(fd)  // a live switch: the connection it sees is dropped after its 2 s grace
+        } else {
+            unlink(SegmentDirectory.socket(segment))
+            unlink(SegmentDirectory.lock(segment))
+        }
+        lock.close()
     }
 }
 
@@ -358,6 +450,7 @@ func netCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
         guard flag == "--json" else { throw UsageError(message: "unknown option '\(flag)' for 'hvctl net ls'") }
         json = true
     }
+    sweepStaleSegments()
     var segments: [JSONObject] = []
     if let dir = opendir(SegmentDirectory.path) {
         var found: [String] = []

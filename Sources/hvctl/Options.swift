@@ -1,4 +1,5 @@
 import Glibc
+import HVCore
 
 /// A command-line mistake, reported as one line plus a hint, exit status 2.
 struct UsageError: Error {
@@ -45,6 +46,11 @@ struct RunOptions {
     var plugins: [String] = []
     var nics: [NICOption] = []
 
+    /// The longest --cmdline: it travels in the BIOS device's settings, which the protocol caps at
+    /// 4096 bytes (Hello.maximumConfigBytes) with room kept for the other settings. Linux on x86
+    /// takes 2048 bytes unless built with a larger COMMAND_LINE_SIZE.
+    static let maximumCommandLineBytes = 3072
+
     static let help = """
     usage: hvctl run [options]
 
@@ -65,8 +71,8 @@ struct RunOptions {
                          this host that join it; up to 4 --nic, each its own sandboxed process. Without
                          mac=, the MAC is 52:54:00 and a hash of the VM's --name and the NIC's index
       --no-reboot        end the VM (exit 0) when the guest asks for a reset, instead of rebooting it
-      --memory SIZE      guest RAM, e.g. 256M or 2G (default 256M)
-      --cpus N           number of vCPUs (default 1)
+      --memory SIZE      guest RAM, e.g. 256M or 2G; a bare number is MiB (default 256M)
+      --cpus N           number of vCPUs, 1 to 254 (default 1)
       --serial MODE      where the serial port goes: stdio (default), file:PATH, or none
       --name NAME        the VM's name for 'hvctl ls/status/stop/cdrom' (default: vm-PID)
       --tenant NAME      run this VM's devices as tenant NAME's uid/gid (default: one per VM)
@@ -117,10 +123,25 @@ struct RunOptions {
                 guard !options.commandLine.contains("\n"), !options.commandLine.contains("\0") else {
                     throw UsageError(message: "--cmdline must not contain newlines or NUL bytes")
                 }
-            case "--memory": options.memory = try parseSize(try value(flag), flag: flag)
+                guard options.commandLine.utf8.count <= Self.maximumCommandLineBytes else {
+                    throw UsageError(message: "--cmdline is \(options.commandLine.utf8.count) bytes: at most \(Self.maximumCommandLineBytes) are passed to the guest")
+                }
+            case "--memory":
+                let text = try value(flag)
+                // A bare number is MiB, as in QEMU's -m.
+                let bytes = try parseSize(text.allSatisfy(\.isNumber) ? text + "M" : text, flag: flag)
+                guard bytes % 4096 == 0 else {
+                    throw UsageError(message: "invalid --memory '\(text)': guest RAM is whole 4 KiB pages; use a multiple of 4K, such as 256M")
+                }
+                guard bytes >= 4 << 20 else {
+                    throw UsageError(message: "--memory \(text) is too small: a guest needs at least 4M")
+                }
+                options.memory = bytes
             case "--cpus":
                 let text = try value(flag)
-                guard let n = Int(text), n >= 1 else { throw UsageError(message: "invalid --cpus '\(text)': use a whole number from 1 up") }
+                guard let n = Int(text), (1...Machine.maximumCPUs).contains(n) else {
+                    throw UsageError(message: "invalid --cpus '\(text)': use a whole number from 1 to \(Machine.maximumCPUs)")
+                }
                 options.cpus = n
             case "--serial":
                 let mode = try value(flag)

@@ -12,7 +12,10 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
     guard let path = fields.first, path.hasPrefix("/") else {
         throw UsageError(message: "invalid --device '\(text)': start with the device executable's absolute path")
     }
-    guard access(path, X_OK) == 0 else { throw UsageError(message: "--device: '\(path)' is not an executable file") }
+    var st = stat()
+    guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, access(path, X_OK) == 0 else {
+        throw UsageError(message: "--device: '\(path)' is not an executable file")
+    }
     var spec = DeviceSpec(name: "device\(index)", executable: path, capabilities: [.statePage])
     var profile: String?
     var pciFunction: UInt16?

@@ -12,14 +12,59 @@ func warn(_ message: String) {
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
 }
 
-/// The running VM's control socket, removed on every way out (fail() exits directly).
-nonisolated(unsafe) var activeControlServer: ControlServer?
+/// What a running `hvctl run` must undo on every way out: its control socket and lock, its
+/// segment memberships. Run by `exit` (atexit), so fail(), a signal during start-up and a normal
+/// return all clean up the same way.
+enum ExitCleanup {
+    private static let actions = Mutex<[@Sendable () -> Void]>([])
+    private static let installed = Atomic<Bool>(false)
+
+    /// Adds `action`; actions run once, last added first.
+    static func add(_ action: @escaping @Sendable () -> Void) {
+        if !installed.exchange(true, ordering: .acquiringAndReleasing) { atexit { ExitCleanup.runAll() } }
+        actions.withLock { $0.append(action) }
+    }
+
+    static func runAll() {
+        let pending = actions.withLock { list -> [@Sendable () -> Void] in
+            defer { list.removeAll() }
+            return list
+        }
+        for action in pending.reversed() { action() }
+    }
+}
 
 func fail(_ message: String, status: Int32 = 1) -> Never {
-    activeControlServer?.close()
     let line = "hvctl: \(message)\n"
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
     exit(status)
+}
+
+/// Takes SIGINT/SIGTERM/SIGHUP for the whole life of `hvctl run` (they are blocked in every
+/// thread). Before a VM exists — while files are opened, segments joined, devices spawned — a
+/// signal ends hvctl at once, cleaning up on the way; once a VM runs it stops that VM, exactly
+/// as Machine.run does when it takes the signal itself.
+func startSignalWatcher(_ current: CurrentMachine) {
+    var set = sigset_t()
+    sigemptyset(&set)
+    for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+    let signals = set
+    do {
+        try HostThread.spawn(name: "hv-signals") {
+            var waitSet = signals
+            while true {
+                var sig: Int32 = 0
+                guard sigwait(&waitSet, &sig) == 0 else { continue }
+                if current.machine == nil {
+                    current.stop(.signal(sig))
+                    exit(128 + sig)
+                }
+                current.stop(.signal(sig))
+            }
+        }
+    } catch {
+        fail("cannot start the signal thread: \(error)")
+    }
 }
 
 let topLevelHelp = """
@@ -93,38 +138,43 @@ struct BootFiles {
     var mode: String
 }
 
-func openBootFiles(_ options: RunOptions) -> BootFiles {
-    var what = "guest image '\(options.multiboot ?? "demo")'"
-    do {
-        if let path = options.firmware {
-            what = "firmware image '\(path)'"
-            let image = try FileDescriptor.open(path, flags: O_RDONLY)
-            let size = (try? image.size()) ?? 0
-            guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
-                fail("firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
-            }
-            return BootFiles(image: image, firmwareSize: Int(size), mode: "firmware")
-        } else if let path = options.kernel {
-            what = "kernel '\(path)'"
-            let image = try FileDescriptor.open(path, flags: O_RDONLY)
-            if (try? image.size()) == 0 { fail("kernel '\(path)' is empty: give a bzImage") }
-            var initrd: FileDescriptor?
-            if let initrdPath = options.initrd {
-                what = "initrd '\(initrdPath)'"
-                initrd = try FileDescriptor.open(initrdPath, flags: O_RDONLY)
-            }
-            return BootFiles(image: image, initrd: initrd, mode: "linux")
-        } else if let path = options.multiboot {
-            let image = try FileDescriptor.open(path, flags: O_RDONLY)
-            if (try? image.size()) == 0 { fail("guest image '\(path)' is empty") }
-            return BootFiles(image: image, mode: "multiboot")
-        } else {
+/// Opens an input file the operator named, for reading: never blocks (a FIFO is refused, not
+/// waited on), must be a regular file, and at most `maximumSize` when given. One line on failure.
+func openInput(_ path: String, what: String, maximumSize: Int64? = nil) throws(UsageError) -> FileDescriptor {
+    do { return try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: maximumSize) } catch {
+        throw UsageError(message: "cannot open \(what) '\(path)': \(error)")
+    }
+}
+
+/// The largest guest image, kernel or initrd hv loads (the BIOS device's own limit).
+let maximumImageBytes: Int64 = 1 << 30
+
+func openBootFiles(_ options: RunOptions) throws(UsageError) -> BootFiles {
+    if let path = options.firmware {
+        let image = try openInput(path, what: "firmware image")
+        let size = (try? image.size()) ?? 0
+        guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
+            throw UsageError(message: "firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
+        }
+        return BootFiles(image: image, firmwareSize: Int(size), mode: "firmware")
+    } else if let path = options.kernel {
+        let image = try openInput(path, what: "kernel", maximumSize: maximumImageBytes)
+        if (try? image.size()) == 0 { throw UsageError(message: "kernel '\(path)' is empty: give a bzImage") }
+        var initrd: FileDescriptor?
+        if let initrdPath = options.initrd { initrd = try openInput(initrdPath, what: "initrd", maximumSize: maximumImageBytes) }
+        return BootFiles(image: image, initrd: initrd, mode: "linux")
+    } else if let path = options.multiboot {
+        let image = try openInput(path, what: "guest image", maximumSize: maximumImageBytes)
+        if (try? image.size()) == 0 { throw UsageError(message: "guest image '\(path)' is empty") }
+        return BootFiles(image: image, mode: "multiboot")
+    } else {
+        do {
             let image = try MemFD.create(name: "hv-demo-guest", size: DemoGuest.image().count)
             try image.writeAll(DemoGuest.image())
             return BootFiles(image: image, mode: "multiboot")
+        } catch {
+            throw UsageError(message: "cannot prepare the demo guest: \(error)")
         }
-    } catch {
-        fail("cannot open \(what): \(error.errno)")
     }
 }
 
@@ -136,83 +186,149 @@ struct DiskImage {
 }
 
 /// Opens an ISO read-only with a shared lock (several VMs may share an ISO; nobody may write it),
-/// for --cdrom and for `hvctl cdrom insert`; the error is one line naming the image.
+/// for --cdrom and for `hvctl cdrom insert`; the error is one line naming the image. The file must
+/// be a regular file holding an ISO 9660 or UDF volume (checked from its content), and the open
+/// never blocks: the control socket's thread runs this for `cdrom insert`.
 func openISO(_ path: String, what: String) -> Result<FileDescriptor, UsageError> {
     let file: FileDescriptor
-    do { file = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
-        return .failure(UsageError(message: "cannot open \(what) '\(path)': \(error.errno)"))
+    do { file = try openInput(path, what: what) } catch { return .failure(error) }
+    if let problem = ISOImage.problem(file) {
+        return .failure(UsageError(message: "\(what) '\(path)' is not a CD image: \(problem)"))
     }
-    var st = stat()
-    guard fstat(file.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 2048 else {
-        return .failure(UsageError(message: "\(what) '\(path)' is not an ISO image (a regular file of at least one 2048-byte sector)"))
-    }
-    guard flock(file.rawValue, LOCK_SH | LOCK_NB) == 0 else {
+    guard flock(file.rawValue, LOCK_SH | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: false) else {
         return .failure(UsageError(message: "\(what) '\(path)' is locked for writing by another process"))
     }
     return .success(file)
 }
 
-func openCDROM(_ options: RunOptions) -> FileDescriptor? {
-    guard let path = options.cdrom else { return nil }
-    switch openISO(path, what: "the --cdrom image") {
-    case .success(let file): return file
-    case .failure(let error): fail(error.message)
+/// Recognises a CD image by content: an ISO 9660 volume descriptor ("CD001") or UDF's volume
+/// recognition sequence ("BEA01", "NSR02", "NSR03") in the 2048-byte sectors from 16 on (ECMA-119
+/// §8, ECMA-167 2/8.3).
+enum ISOImage {
+    static let sectorSize: Int64 = 2048
+    static let firstDescriptorSector: Int64 = 16
+
+    /// Why `file` is not a CD image, or nil when it is one.
+    static func problem(_ file: FileDescriptor) -> String? {
+        let size = (try? file.size()) ?? 0
+        guard size >= (firstDescriptorSector + 1) * sectorSize else {
+            return "it is \(size) bytes, too small to hold an ISO 9660 or UDF volume (at least \((firstDescriptorSector + 1) * sectorSize))"
+        }
+        let identifiers: [[UInt8]] = ["CD001", "BEA01", "NSR02", "NSR03"].map { Array($0.utf8) }
+        var header = [UInt8](repeating: 0, count: 6)
+        for sector in firstDescriptorSector..<min(firstDescriptorSector + 16, size / sectorSize) {
+            let n = header.withUnsafeMutableBytes { (try? file.read(into: $0, at: sector * sectorSize)) ?? 0 }
+            guard n == header.count else { break }
+            if identifiers.contains(Array(header[1...5])) { return nil }
+        }
+        return "no ISO 9660 or UDF volume descriptor at sector 16 (make one with xorriso or genisoimage)"
     }
+}
+
+func openCDROM(_ options: RunOptions) throws(UsageError) -> FileDescriptor? {
+    guard let path = options.cdrom else { return nil }
+    return try openISO(path, what: "the --cdrom image").get()
 }
 
 /// Opens every --disk: a missing, unreadable, locked or empty image, one that is not whole
 /// sectors, or the same file given twice is a one-line error before the VM starts.
-func openDisks(_ options: RunOptions) -> [DiskImage] {
+func openDisks(_ options: RunOptions) throws(UsageError) -> [DiskImage] {
     var disks: [DiskImage] = []
     var seen: [(dev: UInt64, ino: UInt64, path: String)] = []
     for spec in options.disks {
         let parts = spec.split(separator: ",").map(String.init)
         let path = parts[0], readOnly = parts.count > 1
         let file: FileDescriptor
-        do { file = try FileDescriptor.open(path, flags: readOnly ? O_RDONLY : O_RDWR) } catch {
-            let hint = !readOnly && (error.errno == .permissionDenied || error.errno.rawValue == EROFS) ? " (add ,readonly for a read-only disk)" : ""
-            fail("cannot open disk image '\(path)'\(readOnly ? "" : " for writing"): \(error.errno)\(hint)")
+        do { file = try FileDescriptor.openHostFile(path, flags: readOnly ? O_RDONLY : O_RDWR, kinds: .regular) } catch {
+            let denied = error.errno == .permissionDenied || error.errno?.rawValue == EROFS
+            let hint = !readOnly && denied ? " (add ,readonly for a read-only disk)" : ""
+            throw UsageError(message: "cannot open disk image '\(path)'\(readOnly ? "" : " for writing"): \(error)\(hint)")
         }
         var st = stat()
-        guard fstat(file.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-            fail("disk image '\(path)' is not a regular file")
-        }
+        guard fstat(file.rawValue, &st) == 0 else { throw UsageError(message: "cannot stat disk image '\(path)': \(Errno.current)") }
         if let other = seen.first(where: { $0.dev == UInt64(st.st_dev) && $0.ino == UInt64(st.st_ino) }) {
-            fail("disk image '\(path)' is given twice (also as '\(other.path)'): one process per image")
+            throw UsageError(message: "disk image '\(path)' is given twice (also as '\(other.path)'): one process per image")
         }
         seen.append((UInt64(st.st_dev), UInt64(st.st_ino), path))
         guard st.st_size > 0, st.st_size % 512 == 0 else {
-            fail("disk image '\(path)' is \(st.st_size) bytes: a disk is a non-zero whole number of 512-byte sectors (make one with 'hvctl disk create')")
+            throw UsageError(message: "disk image '\(path)' is \(st.st_size) bytes: a disk is a non-zero whole number of 512-byte sectors (make one with 'hvctl disk create')")
         }
         // Another VM (or tool) writing the same image would corrupt it: take a lock, shared for
-        // read-only use, exclusive for writing.
-        if flock(file.rawValue, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0 {
-            fail("disk image '\(path)' is locked by another process (another VM using it?); stop that first")
+        // read-only use, exclusive for writing; both the flock hv always took and an OFD byte-range
+        // lock over the whole file, which QEMU's image locking also sees.
+        guard flock(file.rawValue, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: !readOnly) else {
+            throw UsageError(message: "disk image '\(path)' is locked by another process (another VM using it?); stop that first")
         }
         disks.append(DiskImage(path: path, file: file, readOnly: readOnly))
     }
     return disks
 }
 
-func run(_ options: RunOptions) -> Int32 {
-    // Stop signals are taken synchronously by Machine.run on the main thread; block them before
-    // any thread (the console's, the supervisor's, vCPUs) exists, so none of those inherits an
-    // unblocked mask and lets a SIGTERM kill hvctl without a clean stop.
-    Machine.blockStopSignals()
-    guard options.memory >= 4 << 20 else {
-        fail("--memory \(options.memory >> 20)M is too small: a guest needs at least 4M", status: 2)
+/// An output file the operator named (--serial file:, --debugcon file:): opened for writing
+/// without truncating, so a refused start (a name already taken, a file in use) destroys
+/// nothing; locked so that two VMs never write one file; truncated only by `truncate()`, once
+/// every check of the start-up has passed.
+struct OutputFile {
+    var path: String
+    var file: FileDescriptor
+    var isRegular: Bool
+
+    static func open(_ path: String, what: String) throws(UsageError) -> OutputFile {
+        let file: FileDescriptor
+        do {
+            file = try FileDescriptor.openHostFile(path, flags: O_WRONLY | O_CREAT | O_APPEND, kinds: [.regular, .characterDevice])
+        } catch {
+            throw UsageError(message: "cannot open \(what) '\(path)': \(error)")
+        }
+        var st = stat()
+        let isRegular = fstat(file.rawValue, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG
+        if isRegular && !file.tryLockWholeFile(exclusive: true) {
+            throw UsageError(message: "\(what) '\(path)' is in use (another VM writes its console there, or this VM names it twice); give another file")
+        }
+        return OutputFile(path: path, file: file, isRegular: isRegular)
     }
+
+    /// Empties the file; a console starts afresh for every run.
+    func truncate() {
+        if isRegular { _ = ftruncate(file.rawValue, 0) }
+    }
+}
+
+func run(_ options: RunOptions) -> Int32 {
+    // Stop signals are taken synchronously (by the signal thread, and by Machine.run on the main
+    // thread); block them before any thread (the console's, the supervisor's, vCPUs) exists, so
+    // none of those inherits an unblocked mask and lets a SIGTERM kill hvctl without a clean stop.
+    _ = Machine.blockStopSignals()
+    let current = CurrentMachine()
+    startSignalWatcher(current)
     let hostMemory = hostMemoryBytes()
     guard options.memory <= hostMemory else {
         fail("--memory \(options.memory >> 20)M does not fit: this host has \(hostMemory >> 20)M of RAM", status: 2)
     }
 
-    // The trusted side opens every host file; devices only receive descriptors.
-    let boot = openBootFiles(options)
-    let disks = openDisks(options)
-    let cdrom = openCDROM(options)
+    // The name first: a VM that is refused because its name is taken must not touch anything.
+    let name = options.name ?? "vm-\(getpid())"
+    sweepStaleVMs()
+    let server: ControlServer
+    do { server = try ControlServer(name: name) } catch { fail(error.message, status: 2) }
+    ExitCleanup.add { server.close() }
+
+    // The trusted side opens every host file; devices only receive descriptors. Nothing is
+    // truncated until every check below has passed.
+    let boot: BootFiles, disks: [DiskImage], cdrom: FileDescriptor?
+    var outputs: [OutputFile] = []
+    do {
+        boot = try openBootFiles(options)
+        disks = try openDisks(options)
+        cdrom = try openCDROM(options)
+        if options.serial.hasPrefix("file:") { outputs.append(try OutputFile.open(String(options.serial.dropFirst(5)), what: "the --serial file")) }
+        if let path = options.debugcon { outputs.append(try OutputFile.open(path, what: "the --debugcon file")) }
+    } catch {
+        fail(error.message)
+    }
     sandboxSegments = options.sandbox
-    let nics = attachNICs(options, vmName: options.name ?? "vm-\(getpid())", verbose: options.verbose)
+    sweepStaleSegments()
+    let nics = attachNICs(options, vmName: name, verbose: options.verbose)
 
     var serialFiles: [FileDescriptor] = []
     var console: Console?
@@ -227,22 +343,19 @@ func run(_ options: RunOptions) -> Int32 {
         case "none":
             serialFiles.append(try FileDescriptor.open("/dev/null", flags: O_WRONLY))
         default:
-            let path = String(options.serial.dropFirst(5))
-            serialFiles.append(try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC))
+            serialFiles.append(outputs[0].file)
         }
     } catch {
         fail("cannot set up the serial port (\(options.serial)): \(error)")
     }
 
     let debugOutput: FileDescriptor
-    do {
-        if let path = options.debugcon {
-            debugOutput = try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC)
-        } else {
-            debugOutput = try FileDescriptor.open("/dev/null", flags: O_WRONLY)
+    if options.debugcon != nil {
+        debugOutput = outputs[outputs.count - 1].file
+    } else {
+        do { debugOutput = try FileDescriptor.open("/dev/null", flags: O_WRONLY) } catch {
+            fail("cannot open /dev/null for the debug console: \(error.errno)")
         }
-    } catch {
-        fail("cannot open the --debugcon file '\(options.debugcon ?? "/dev/null")': \(error.errno)")
     }
     // Every device is jailed under the VM's tenant unless --no-sandbox.
     let tenant = options.sandbox ? options.tenant ?? "vm-\(getpid())" : nil
@@ -250,12 +363,6 @@ func run(_ options: RunOptions) -> Int32 {
         warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
     }
 
-    let current = CurrentMachine()
-    let name = options.name ?? "vm-\(getpid())"
-    let server: ControlServer
-    do { server = try ControlServer(name: name) } catch { fail(error.message, status: 2) }
-    activeControlServer = server
-    defer { server.close() }
     let started = monotonicNanoseconds()
     do {
         try server.start(status: {
@@ -294,18 +401,23 @@ func run(_ options: RunOptions) -> Int32 {
     defer { console?.restore() }
     // A reset builds the VM afresh (new RAM, devices and firmware), like a power cycle; only the
     // console, the image files and the tenant carry over.
-    while true {
-        let devices: [DeviceSpec]
-        var firmwareROM: FileDescriptor?
+    func prepareDevices() -> (devices: [DeviceSpec], firmwareROM: FileDescriptor?) {
         do {
-            if let size = boot.firmwareSize { firmwareROM = try MemFD.create(name: "hv-firmware-rom", size: size) }
-            devices = try platformDevices(options, boot: boot, firmwareROM: firmwareROM, serialFiles: serialFiles,
-                                          debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom, nics: nics)
+            let rom = try boot.firmwareSize.map { size throws(SystemError) in try MemFD.create(name: "hv-firmware-rom", size: size) }
+            let devices = try platformDevices(options, boot: boot, firmwareROM: rom, serialFiles: serialFiles,
+                                              debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom, nics: nics)
+            return (devices, rom)
         } catch let error as UsageError {
             fail(error.message, status: 2)
         } catch {
             fail("cannot prepare the firmware ROM: \(error)")
         }
+    }
+    var prepared = prepareDevices()
+    // Every check has passed: only now are the console files emptied for this run.
+    for output in outputs { output.truncate() }
+    while true {
+        let devices = prepared.devices, firmwareROM = prepared.firmwareROM
         let machine: Machine
         do {
             machine = try Machine(.init(memoryBytes: options.memory, cpus: options.cpus, devices: devices, verbose: options.verbose,
@@ -323,6 +435,7 @@ func run(_ options: RunOptions) -> Int32 {
                 return 0
             }
             if options.verbose { warn("the guest asked for a reset; rebooting") }
+            prepared = prepareDevices()
         case .stopRequested:
             warn("stopped by 'hvctl stop \(name)'")
             return 0

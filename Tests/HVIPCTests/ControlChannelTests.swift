@@ -237,7 +237,7 @@ final class ControlChannelTests: XCTestCase {
     /// decoders get past their first checks. Passing means: no trap, and anything accepted
     /// re-encodes to the same bytes (or, for text truncated on encode, decodes again).
     func testDecodersNeverTrapOnRandomInput() throws {
-        let seeds: [(String, [UInt8])] = [
+        let seeds: [(String, [UInt8])] = try [
             ("frame", Frame(type: 0x101, flags: .noReply, id: 9, payload: LogRecord(level: .info, text: "hi").encode()).encode()),
             ("hello", Hello(capabilities: [.registerRing], restartGeneration: 1,
                             memoryRegions: [MemoryRegion(guestPhysicalAddress: 0, size: 0x1000, memfdOffset: 0)],

@@ -1,3 +1,4 @@
+import CHVShim
 import Glibc
 import HVIPC
 import HVSys
@@ -112,5 +113,28 @@ final class FramePortTests: XCTestCase {
         }
         let small = try MemFD.create(name: "small", size: 4096)
         XCTAssertThrowsError(try FramePort(fd: small, side: .nic, peer: f.switchDoorbell))
+    }
+
+    /// A region that is not sealed against shrinking and growing is refused before it is mapped:
+    /// a peer could truncate it under the mapping and make every access a SIGBUS. So is a sealed
+    /// region smaller than the port it claims to be.
+    func testUnsealedOrShortRegionsAreRefused() throws {
+        let good = try FramePort.create(name: "good")
+        let size = FramePortLayout.size(slotCount: FramePortLayout.defaultSlotCount)
+        for sealing in [false, true] {
+            let raw = hv_memfd_create("hostile", UInt32(hv_MFD_CLOEXEC | (sealing ? hv_MFD_ALLOW_SEALING : 0)))
+            XCTAssertGreaterThanOrEqual(raw, 0)
+            let region = FileDescriptor(owning: raw)
+            // A valid header, copied from a real port; sealed, it is one page short.
+            XCTAssertEqual(ftruncate(raw, off_t(sealing ? size - 4096 : size)), 0)
+            var header = [UInt8](repeating: 0, count: 4096)
+            _ = try header.withUnsafeMutableBytes { try good.read(into: $0, at: 0) }
+            try region.writeAll(header)
+            if sealing { XCTAssertEqual(fcntl(raw, hv_F_ADD_SEALS, hv_F_SEAL_SHRINK | hv_F_SEAL_GROW), 0) }
+            XCTAssertThrowsError(try FramePort(fd: region, side: .segment, peer: try EventFD())) { error in
+                XCTAssertTrue("\(error)".contains(sealing ? "smaller than" : "not a memfd sealed against shrinking and growing"), "\(error)")
+            }
+        }
+        XCTAssertNoThrow(try FramePort(fd: good, side: .segment, peer: try EventFD()))
     }
 }

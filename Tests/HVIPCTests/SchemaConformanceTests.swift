@@ -300,7 +300,7 @@ final class SchemaConformanceTests: XCTestCase {
             return []
         case "hello":
             let value = try makeHello(fields, schema)
-            XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
+            XCTAssertEqual(hexString(try value.encode()), hexString(expected), name)
             XCTAssertEqual(try Hello.decode(expected), value, name)
             // Counts and lengths as the schema computed them.
             XCTAssertEqual(try fields["config_length"].int("config_length"), value.config.utf8.count, name)

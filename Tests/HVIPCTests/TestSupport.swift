@@ -229,7 +229,8 @@ final class RingFixture {
 /// A sealed memfd of `size` bytes holding `contents` at offset 0.
 func memfd(size: Int, contents: [UInt8]) throws -> FileDescriptor {
     let fd = try MemFD.create(name: "hv-test", size: size)
-    let mapping = try SharedMapping(fd: fd, count: max(size, 1))
+    guard size > 0 else { return fd }
+    let mapping = try SharedMapping(fd: fd, count: size)
     let n = min(size, contents.count)
     if n > 0 { contents.withUnsafeBytes { mapping.base.copyMemory(from: $0.baseAddress!, byteCount: n) } }
     return fd

@@ -68,7 +68,7 @@ final class BadInputTests: XCTestCase {
     }
 
     func testTooManyCPUs() throws {
-        try assertOneLineError(["run", "--cpus", "999"], status: 1, mentions: "--cpus 999 is out of range")
+        try assertOneLineError(["run", "--cpus", "999"], status: 2, mentions: "invalid --cpus '999': use a whole number from 1 to 254")
     }
 
     func testMissingFlagValue() throws {

@@ -21,7 +21,7 @@ final class DiskTests: XCTestCase {
         // An existing image is never overwritten, even with the same size.
         try Data("data".utf8).write(to: URL(fileURLWithPath: image))
         r = try runHvctl(["disk", "create", image, "--size", "1G"])
-        XCTAssertEqual(r.status, 2)
+        XCTAssertEqual(r.status, 1, "a well-formed command that fails at run time exits 1")
         XCTAssertTrue(r.stderr.contains("already exists"), r.stderr)
         XCTAssertEqual(try String(contentsOfFile: image, encoding: .utf8), "data")
 
@@ -31,7 +31,8 @@ final class DiskTests: XCTestCase {
                                 (["disk", "create", "/nonexistent-dir/x.img", "--size", "1M"], "cannot create '/nonexistent-dir/x.img'"),
                                 (["disk", "resize", image], "unknown disk subcommand")] {
             r = try runHvctl(args)
-            XCTAssertEqual(r.status, 2, "\(args)")
+            // Usage errors exit 2; a path that cannot be created is a run-time failure, 1.
+            XCTAssertEqual(r.status, message.hasPrefix("cannot create") ? 1 : 2, "\(args)")
             XCTAssertTrue(r.stderr.contains(message), "\(args): \(r.stderr)")
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1)
         }
@@ -193,8 +194,13 @@ final class CDROMMediaChangeTests: XCTestCase {
         }
         setenv("HV_RUN_DIR", dir.appendingPathComponent("run").path, 1)
         let first = dir.appendingPathComponent("first.iso").path, second = dir.appendingPathComponent("second.iso").path
-        try Data(repeating: 0, count: 2048 * 50).write(to: URL(fileURLWithPath: first))
-        try Data(repeating: 0, count: 2048 * 70).write(to: URL(fileURLWithPath: second))
+        // Blank volumes whose sector 16 carries an ISO 9660 descriptor's identifier ("\u{1}CD001"),
+        // which is what hv checks before it takes a file as a CD.
+        for (path, sectors) in [(first, 50), (second, 70)] {
+            var volume = Data(repeating: 0, count: 2048 * sectors)
+            volume.replaceSubrange(2048 * 16..<(2048 * 16 + 6), with: [1] + Array("CD001".utf8))
+            try volume.write(to: URL(fileURLWithPath: path))
+        }
 
         let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsicd", "--cdrom", first, "--name", "cdvm"])
         XCTAssertTrue(vm.waitForOutput("vscsicd: waiting", timeout: 60), vm.stdout + vm.stderr)

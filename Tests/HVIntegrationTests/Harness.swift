@@ -124,8 +124,11 @@ final class VMProcess: @unchecked Sendable {
         return process.terminationStatus
     }
 
+    /// Types `text` into hvctl's stdin; a VM that has already exited is the test's failure to
+    /// report, never a SIGPIPE that kills the whole test run.
     func write(_ text: String) {
-        stdinPipe.fileHandleForWriting.write(Data(text.utf8))
+        signal(SIGPIPE, SIG_IGN)
+        try? stdinPipe.fileHandleForWriting.write(contentsOf: Data(text.utf8))
     }
 
     /// Child pids of hvctl whose command line contains `name`.

@@ -16,6 +16,30 @@ final class SandboxTests: XCTestCase {
         return fields
     }
 
+    /// Field 5 of /proc/PID/stat (after the parenthesised command name).
+    private static func processGroup(_ pid: pid_t) -> pid_t? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        return fields.count > 2 ? pid_t(fields[2]) : nil
+    }
+
+    /// A device's stderr reaches the operator only through the core: prefixed with its name, with
+    /// control characters replaced, and throttled; it cannot forge a line of hvctl's.
+    func testADevicesStderrIsPrefixedCleanedAndThrottled() throws {
+        let r = try runRogue("stderr")
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = r.stderr.split(separator: "\n")
+        XCTAssertFalse(lines.contains { $0.hasPrefix("hvctl: stopped") }, "a forged hvctl line got through: \(r.stderr)")
+        XCTAssertTrue(lines.contains("hv: device device0: hvctl: stopped by 'hvctl stop vm' (forged)"), r.stderr)
+        XCTAssertFalse(r.stderr.contains("\u{1B}"), "an escape sequence reached the terminal")
+        XCTAssertTrue(lines.contains("hv: device device0: ?[2Jrogue: screen cleared"), r.stderr)
+        let flood = lines.filter { $0.hasPrefix("hv: device device0: rogue: flood line") }.count
+        XCTAssertGreaterThan(flood, 0, r.stderr)
+        XCTAssertLessThanOrEqual(flood, 20, "throttled to a burst of 20 lines: \(flood) flood lines")
+        XCTAssertTrue(r.stderr.contains("rogue: attack stderr refused: wrote"), r.stderr)
+    }
+
     private static func namespace(_ pid: pid_t, _ kind: String) -> String {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/\(kind)")) ?? "?"
     }
@@ -46,6 +70,14 @@ final class SandboxTests: XCTestCase {
             XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(pid)/root/home"))
             let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
             XCTAssertLessThanOrEqual(fds.count, 12, "only handed-over descriptors: \(fds)")
+            // Its own process group (a terminal's Ctrl-C reaches hvctl only), and a stderr that is
+            // a pipe to the core, never hvctl's own stderr.
+            XCTAssertEqual(Self.processGroup(pid), pid, "device \(pid) leads a process group of its own")
+            XCTAssertNotEqual(Self.processGroup(pid), Self.processGroup(vm.process.processIdentifier))
+            let stderrTarget = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/2")) ?? "?"
+            let hvctlStderr = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(vm.process.processIdentifier)/fd/2")) ?? "?"
+            XCTAssertTrue(stderrTarget.hasPrefix("pipe:"), stderrTarget)
+            XCTAssertNotEqual(stderrTarget, hvctlStderr, "a device must not hold hvctl's stderr")
         }
         vm.write(".")
         XCTAssertEqual(vm.waitForExit(), 0, vm.stderr)

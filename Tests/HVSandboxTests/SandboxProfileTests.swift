@@ -338,9 +338,9 @@ final class SandboxProfileTests: XCTestCase {
     }
 
     func testOptionalKeysTakeTheirDefaults() throws {
-        let profile = try load(#"{"profile": "min-1", "version": 1, "namespaces": [], "syscalls": []}"#)
+        let profile = try load(#"{"profile": "min-1", "version": 1, "namespaces": ["user", "mount"], "syscalls": []}"#)
         XCTAssertEqual(profile.description, "")
-        XCTAssertEqual(profile.namespaces, [])
+        XCTAssertEqual(profile.namespaces, [.user, .mount])
         XCTAssertEqual(profile.limits, ResourceLimits.defaults)
         XCTAssertEqual(profile.limits, ResourceLimits(openFiles: 64, processes: 0, coreBytes: 0, fileSizeBytes: nil, addressSpaceExtraMiB: nil))
         XCTAssertEqual(profile.startupSyscalls, [])
@@ -349,14 +349,24 @@ final class SandboxProfileTests: XCTestCase {
         XCTAssertEqual(profile.startupSyscallCount, 0)
         XCTAssertNil(profile.limits.addressSpaceLimit(guestRAMBytes: 1 << 30))
 
-        let partial = try load(#"{"profile": "p", "version": 1, "namespaces": ["cgroup"], "rlimits": {"fsize": 4096, "nofile": "unlimited"}, "syscalls": []}"#)
+        let partial = try load(#"{"profile": "p", "version": 1, "namespaces": ["user", "mount", "cgroup"], "rlimits": {"fsize": 4096, "nofile": "unlimited"}, "syscalls": []}"#)
         XCTAssertEqual(partial.limits, ResourceLimits(openFiles: nil, processes: 0, coreBytes: 0, fileSizeBytes: 4096, addressSpaceExtraMiB: nil))
-        XCTAssertEqual(partial.namespaces, [.cgroup])
+        XCTAssertEqual(partial.namespaces, [.user, .mount, .cgroup])
+    }
+
+    /// The jail cannot run without a user and a mount namespace: a profile without them is
+    /// refused with one line, not left to fail later with a bare EPERM.
+    func testUserAndMountNamespacesAreRequired() throws {
+        for (namespaces, missing) in [("[]", "user"), (#"["user"]"#, "mount"), (#"["mount", "pid"]"#, "user")] {
+            let error = try XCTUnwrap(loadError(#"{"profile": "p", "version": 1, "namespaces": \#(namespaces), "syscalls": []}"#))
+            XCTAssertEqual(error.problem, .requiredNamespaceMissing(missing), namespaces)
+            XCTAssertTrue("\(error)".contains("namespaces must include \"\(missing)\""), "\(error)")
+        }
     }
 
     func testSeveralEntriesForOneSyscallAreOredAndStartupRulesMerge() throws {
         let profile = try load(#"""
-        {"profile": "p", "version": 1, "namespaces": ["user"],
+        {"profile": "p", "version": 1, "namespaces": ["user", "mount"],
          "startup_syscalls": ["ioctl", {"name": "fcntl", "allow_if": [{"arg": 1, "op": "eq", "value": 3}]}, "mprotect"],
          "syscalls": [
            {"name": "ioctl", "allow_if": [{"arg": 1, "op": "eq", "value": "0x5421"}]},
@@ -412,13 +422,13 @@ final class SandboxProfileTests: XCTestCase {
 
     func testRenderListsAlternativeConditionsUnderOneName() throws {
         let profile = try load(#"""
-        {"profile": "p", "version": 1, "namespaces": [], "rlimits": {"as_extra_mib": "unlimited", "fsize": 1},
+        {"profile": "p", "version": 1, "namespaces": ["user", "mount"], "rlimits": {"as_extra_mib": "unlimited", "fsize": 1},
          "syscalls": [{"name": "ioctl", "allow_if": [{"arg": 1, "op": "eq", "value": "0x5421"}]}, "write",
                       {"name": "ioctl", "allow_if": [{"arg": 1, "op": "eq", "value": 21523}, {"arg": 2, "op": "masked_eq", "mask": "0xff00", "value": "0x1200"}]}]}
         """#)
         let text = profile.render()
         XCTAssertTrue(text.contains("\n  ioctl  if arg1 == 0x5421\n         or if arg1 == 0x5413 and (arg2 & 0xff00) == 0x1200\n  write\n"), text)
-        XCTAssertTrue(text.contains("namespaces: none"), text)
+        XCTAssertTrue(text.contains("namespaces: user, mount"), text)
         XCTAssertTrue(text.contains("fsize 1 bytes, address space unlimited"), text)
         XCTAssertTrue(text.contains("syscalls during start-up only (until lock-down):\n  (none)\n"), text)
         XCTAssertTrue(text.hasSuffix("\n2 syscalls allowed after lock-down, 2 during start-up"), text)
@@ -454,7 +464,7 @@ final class SandboxProfileTests: XCTestCase {
 
     /// `enosys`: bare names the allowlists do not name, failing with ENOSYS in both stages.
     func testENOSYSList() throws {
-        let base = #"{"profile": "scsi", "version": 1, "namespaces": [], "syscalls": ["read", "write"]"#
+        let base = #"{"profile": "scsi", "version": 1, "namespaces": ["user", "mount"], "syscalls": ["read", "write"]"#
         let profile = try load(base + #", "enosys": ["clone3"]}"#)
         XCTAssertEqual(profile.enosysSyscalls, [SyscallRule(name: "clone3", number: 435)])
         XCTAssertTrue(profile.render().contains("failing with ENOSYS: clone3"))
@@ -579,9 +589,9 @@ final class SandboxProfileTests: XCTestCase {
 
         XCTAssertEqual(loadError("[1]")?.problem, .wrongType(expected: "an object", found: "an array"))
         XCTAssertEqual(loadError("[1]")?.description, "sandbox-profiles/serial.json: expected an object, found an array (top level)")
-        XCTAssertEqual(loadError(#"{"version": 1, "profile": "p", "namespaces": [], "startup_syscalls": null, "syscalls": []}"#)?.problem,
+        XCTAssertEqual(loadError(#"{"version": 1, "profile": "p", "namespaces": ["user", "mount"], "startup_syscalls": null, "syscalls": []}"#)?.problem,
                        .wrongType(expected: "an array", found: "null"))
-        XCTAssertEqual(loadError(#"{"version": 1, "profile": "p", "namespaces": []}"#)?.problem, .missingKey("syscalls"))
+        XCTAssertEqual(loadError(#"{"version": 1, "profile": "p", "namespaces": ["user", "mount"]}"#)?.problem, .missingKey("syscalls"))
         XCTAssertEqual(loadError(#"{"version": 1, "profile": "p", "syscalls": []}"#)?.problem, .missingKey("namespaces"))
     }
 
@@ -595,7 +605,7 @@ final class SandboxProfileTests: XCTestCase {
     }
 
     func testErrorDescriptionsStayOnOneLine() throws {
-        let error = try XCTUnwrap(loadError(#"{"version": 1, "profile": "p\u2028\n", "namespaces": [], "syscalls": []}"#, source: "evil\nname.json"))
+        let error = try XCTUnwrap(loadError(#"{"version": 1, "profile": "p\u2028\n", "namespaces": ["user", "mount"], "syscalls": []}"#, source: "evil\nname.json"))
         XCTAssertEqual(error.description, #"evil\u{a}name.json: profile name "p\u{2028}\n" must be 1 to 64 characters of a-z, 0-9 and '-' (profile)"#)
         let long = String(repeating: "x", count: 500)
         let longError = try XCTUnwrap(loadError(#"{"version": 1, "profile": "p", "namespaces": ["\#(long)"], "syscalls": []}"#))

@@ -80,6 +80,13 @@ final class Rogue: DeviceModel {
             let own = runtime.addDoorbell(resource: 0, offset: 1, length: 1)
             outcome(foreign != nil || pastEnd != nil || anyWidthPort != nil || msi != nil,
                     "foreign \(foreign != nil), past end \(pastEnd != nil), any-width port \(anyWidthPort != nil), msi \(msi != nil); its own register \(own != nil)")
+        case "stderr":
+            // Pose as hvctl on the operator's terminal: a forged line, an escape sequence that
+            // would clear the screen, then a flood. The core must prefix, clean and throttle it.
+            var text = "hvctl: stopped by 'hvctl stop vm' (forged)\n\u{1B}[2Jrogue: screen cleared\n"
+            for i in 0..<200 { text += "rogue: flood line \(i)\n" }
+            let n = text.withCString { Glibc.write(2, $0, strlen($0)) }
+            outcome(false, "wrote \(n) bytes to stderr")
         default:
             outcome(false, "unknown attack")
         }

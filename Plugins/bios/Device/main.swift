@@ -127,6 +127,13 @@ func loadFirmware(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFa
     guard Int64(bytes.count) == romSize, romSize % 65536 == 0 else {
         throw LoadFailure("the firmware image is \(bytes.count) bytes but the ROM is \(romSize): a BIOS image is a multiple of 64 KiB")
     }
+    // The vCPU's first instruction is the image's 16 bytes below 4 GiB, the reset vector. Blank
+    // there (erased flash reads 0xFF, a zero-filled file 0x00) is no firmware at all: the vCPU
+    // would run through the blank and the VM would end without a word.
+    let resetVector = bytes.suffix(16)
+    if resetVector.allSatisfy({ $0 == 0 }) || resetVector.allSatisfy({ $0 == 0xFF }) {
+        throw LoadFailure("the firmware image has no code at its reset vector (its last 16 bytes are all 0x\(resetVector.first == 0 ? "00" : "FF")): it is not a BIOS image")
+    }
     do {
         let rom = try SharedMapping(fd: romFD, count: Int(romSize))
         bytes.withUnsafeBytes { rom.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }

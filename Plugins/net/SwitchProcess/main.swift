@@ -81,8 +81,12 @@ final class Segment {
     func say(_ text: String) { hvSay(segmentName, text) }
 
         var members: [Member] = []
-    /// Connections that have not joined (yet): a status query, or a join on its way.
-    var pending: [SeqPacketSocket] = []
+    /// Connections that have not joined (yet): a status query, or a join on its way, with when
+    /// each was accepted. Each gets `pendingGrace` to say something; when all `maximumPending`
+    /// slots are taken, the oldest makes room, so idle connections can never lock joiners out.
+    var pending: [(connection: SeqPacketSocket, since: UInt64)] = []
+    static let maximumPending = 16
+    static let pendingGrace: UInt64 = 2_000_000_000
     var forwarding = LearningSwitch()
     var nextID = 0
     var everJoined = false
@@ -181,17 +185,29 @@ final class Segment {
         while index >= 0 {
             let r = revents[1 + index * 2]
             if r & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 || (r & Int16(POLLIN) != 0) {
-                if r & Int16(POLLIN) != 0, let message = try? members[index].connection.receive(), message.bytes == Array("status".utf8) {
+                let message = r & Int16(POLLIN) != 0 ? try? members[index].connection.receive() : nil
+                if let message, message.bytes == Array("status".utf8) {
                     try? members[index].connection.send(Array(statusJSON().utf8))
+                } else if let message, message.bytes == Array("leave".utf8) {
+                    // An orderly leave: the member learns how many remain, so the last one out
+                    // removes the segment's socket (it holds the segment's lock meanwhile).
+                    let connection = members[index].connection
+                    leave(index)
+                    try? connection.send(Array("left \(members.count)".utf8))
                 } else {
                     leave(index)
                 }
             }
             index -= 1
         }
-        for (k, connection) in pending.enumerated().reversed() {
+        let now = monotonicNanoseconds()
+        for (k, entry) in pending.enumerated().reversed() {
             let r = revents[pendingBase + k]
-            guard r != 0 else { continue }
+            guard r != 0 else {
+                if now &- entry.since > Self.pendingGrace { pending.remove(at: k) }  // silent too long
+                continue
+            }
+            let connection = entry.connection
             pending.remove(at: k)
             guard r & Int16(POLLIN) != 0, let message = try? connection.receive(), !message.bytes.isEmpty else { continue }
             if message.bytes == Array("status".utf8) {
@@ -209,11 +225,8 @@ final class Segment {
             let fd = accept(listenerFD, nil, nil)
             if fd >= 0 {
                 _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-                if pending.count < 16 {
-                    pending.append(SeqPacketSocket(adopting: FileDescriptor(owning: fd)))
-                } else {
-                    close(fd)  // a flood of idle connections: refuse rather than grow
-                }
+                if pending.count >= Self.maximumPending { pending.removeFirst() }  // the oldest, silent longest, makes room
+                pending.append((SeqPacketSocket(adopting: FileDescriptor(owning: fd)), now))
             }
         }
     }
@@ -239,9 +252,10 @@ final class Segment {
                 interests.append(Poll.Interest(fd: m.doorbell.fd.rawValue))
             }
             let pendingBase = interests.count
-            for c in pending { interests.append(Poll.Interest(fd: c.fd.rawValue)) }
+            for c in pending { interests.append(Poll.Interest(fd: c.connection.fd.rawValue)) }
             let revents: [Int16]
-            do { revents = try Poll.wait(interests, timeoutMilliseconds: idle ? 1000 : 0) } catch {
+            // With connections pending, wake in time to drop the silent ones.
+            do { revents = try Poll.wait(interests, timeoutMilliseconds: idle ? (pending.isEmpty ? 1000 : 250) : 0) } catch {
                 say("\(error)")
                 exit(1)
             }

@@ -27,7 +27,9 @@ pid_t hv_gettid(void);
 int hv_memfd_create(const char *name, unsigned int flags);
 int hv_eventfd(unsigned int initval, int flags);
 extern const int hv_MFD_CLOEXEC, hv_MFD_ALLOW_SEALING, hv_EFD_CLOEXEC, hv_EFD_NONBLOCK;
-extern const int hv_F_ADD_SEALS, hv_F_SEAL_SHRINK, hv_F_SEAL_GROW, hv_F_SEAL_SEAL;
+extern const int hv_F_ADD_SEALS, hv_F_SEAL_SHRINK, hv_F_SEAL_GROW, hv_F_SEAL_SEAL, hv_F_GET_SEALS;
+// Open-file-description locks (F_OFD_*): _GNU_SOURCE-only, and the kind QEMU takes on images.
+extern const int hv_F_OFD_SETLK, hv_F_OFD_GETLK;
 
 // SCM_RIGHTS fd passing needs CMSG_* macros. At most HV_MAX_PASSED_FDS descriptors per message.
 #define HV_MAX_PASSED_FDS 16
@@ -50,7 +52,7 @@ int hv_set_thread_name(const char *name);
 // cannot exec.
 int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
-                           unsigned long long namespace_flags, int sync_read_fd, int *pidfd_out);
+                           unsigned long long namespace_flags, int new_process_group, int sync_read_fd, int *pidfd_out);
 
 // execveat(fd, "", argv, envp, AT_EMPTY_PATH): runs an executable from a descriptor (no wrapper
 // in older glibc). Returns only on failure (-1, errno set).
