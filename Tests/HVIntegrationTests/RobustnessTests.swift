@@ -97,7 +97,19 @@ final class RobustnessTests: XCTestCase {
             (["--multiboot", guest, "--device", "\(rogue),profile=\(noNamespaces),pio=0x520:2"], 2, "namespaces must include \"user\""),
             (["--firmware", zeroROM], 1, "no code at its reset vector"),
             (["--multiboot", guest, "--cdrom", smallISO], 1, "is not a CD image: it is 2049 bytes"),
+            (["--multiboot", guest, "--disk", "/dev/zero"], 1, "cannot open disk image '/dev/zero' for writing: it is a character device"),
+            (["--multiboot", guest, "--disk", work.path + ",readonly"], 1, "it is a directory"),
+            (["--multiboot", guest, "--cdrom", work.path], 1, "cannot open the --cdrom image '\(work.path)': it is a directory"),
+            (["--firmware", "/dev/zero"], 1, "cannot open firmware image '/dev/zero': it is a character device"),
+            (["--kernel", "/dev/zero"], 1, "cannot open kernel '/dev/zero': it is a character device"),
+            (["--kernel", guest, "--initrd", work.path], 1, "cannot open initrd '\(work.path)': it is a directory"),
+            (["--multiboot", guest, "--serial", "file:\(work.path)"], 1, "cannot open the --serial file '\(work.path)'"),
+            (["--multiboot", guest, "--serial", "none", "--debugcon", "file:\(work.path)"], 1, "cannot open the --debugcon file '\(work.path)'"),
+            (["--multiboot", guest, "--device", "\(rogue),profile=\(work.path),pio=0x520:2"], 2, "cannot read sandbox profile '\(work.path)': it is a directory"),
+            (["--multiboot", guest, "--device", "\(work.path),profile=\(serial),pio=0x520:2"], 2, "is not an executable file"),
+            (["--multiboot", guest, "--device", "\(rogue),profile=\(serial),pio=0x520:2,k=\(String(repeating: "v", count: 5000))"], 1, "its settings do not fit in a HELLO message"),
             (["--memory", "4097K"], 2, "guest RAM is whole 4 KiB pages"),
+            (["--memory", "3"], 2, "--memory 3 is too small"),
             (["--cpus", "1024"], 2, "invalid --cpus '1024': use a whole number from 1 to 254"),
         ]
         for c in cases {
@@ -139,6 +151,34 @@ final class RobustnessTests: XCTestCase {
             XCTAssertFalse(FileManager.default.fileExists(atPath: runDirectory.appendingPathComponent("blocked.sock").path))
             XCTAssertFalse(FileManager.default.fileExists(atPath: runDirectory.appendingPathComponent("blocked.lock").path))
         }
+    }
+
+    /// SIGTERM at moments spread over a firmware boot (spawning devices, their handshakes, loading
+    /// SeaBIOS, running it): hvctl ends with 143 at once and leaves no socket, lock or process.
+    func testSIGTERMAtEveryStageOfAStartLeavesNothing() throws {
+        // Device processes on this host (tests run one at a time, so any extra one is a leftover).
+        func devices() -> Int {
+            let all = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+            return all.filter { pid in
+                let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
+                return comm.hasPrefix("hv-serial") || comm.hasPrefix("hv-bios")
+            }.count
+        }
+        let before = devices()
+        for delay in [0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4] {
+            let vm = try VMProcess(["run", "--firmware", "seabios", "--serial", "none", "--name", "sigvm"])
+            Thread.sleep(forTimeInterval: delay)
+            let sent = Date()
+            kill(vm.process.processIdentifier, SIGTERM)
+            let status = vm.waitForExit(timeout: 10)
+            // Before hvctl's first instruction blocks the signal, SIGTERM's default action ends it.
+            let killedEarly = vm.process.terminationReason == .uncaughtSignal && status == SIGTERM
+            XCTAssertTrue(status == 128 + SIGTERM || killedEarly, "after \(delay) s: status \(status) \(vm.stderr)")
+            XCTAssertLessThan(Date().timeIntervalSince(sent), 1.5, "SIGTERM after \(delay) s took too long")
+            XCTAssertEqual(leftovers(), [], "after \(delay) s")
+        }
+        Thread.sleep(forTimeInterval: 0.2)
+        XCTAssertEqual(devices(), before, "device processes outlived their VM")
     }
 
     // MARK: Defect 3: a running VM's console file
