@@ -261,6 +261,17 @@ public final class FramePort: @unchecked Sendable {
         return true
     }
 
+    /// Asks the peer to signal every frame it publishes from now on, for a consumer that never
+    /// sleeps in `prepareToSleep` (it polls our eventfd among other things). Unlike
+    /// `prepareToSleep`, the request stands even when frames are already waiting — then it
+    /// returns true, and the caller must take them without waiting for a signal (which, for those
+    /// frames, already went or never comes).
+    public func requestSignalsForEveryFrame() -> Bool {
+        inbound.consumerSleeping.store(1, ordering: .sequentiallyConsistent)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        return inbound.producer.load(ordering: .acquiring) != consumed
+    }
+
     /// After waking: stop asking for signals while we are busy.
     public func awake() {
         inbound.consumerSleeping.store(0, ordering: .relaxed)

@@ -137,4 +137,26 @@ final class FramePortTests: XCTestCase {
         }
         XCTAssertNoThrow(try FramePort(fd: good, side: .segment, peer: try EventFD()))
     }
+
+    /// A restarted NIC finds frames already waiting in its downlink: its standing request for a
+    /// signal per frame must hold anyway, or the switch never signals it again (the NIC stopped
+    /// receiving for good after a kill). The frames waiting are reported so it takes them at once.
+    func testARestartedConsumerKeepsAskingForSignalsWhenFramesAreWaiting() throws {
+        let f = try Fixture(slots: 8)
+        XCTAssertFalse(f.nic.requestSignalsForEveryFrame(), "nothing waiting yet")
+        for i in 0..<3 { XCTAssertTrue(frame(UInt8(i)).withUnsafeBytes { f.segment.send($0) }) }
+        f.segment.flush()
+        XCTAssertEqual(f.nicDoorbell.drain(), 1)
+        // The NIC process dies here; its successor maps the same region.
+        let successor = try FramePort(fd: f.region, side: .nic, peer: f.switchDoorbell)
+        XCTAssertTrue(successor.requestSignalsForEveryFrame(), "three frames wait for the successor")
+        for i in 0..<3 { XCTAssertEqual(take(successor), frame(UInt8(i))) }
+        // Every later frame still signals it.
+        for round in 0..<3 {
+            XCTAssertTrue(frame(UInt8(10 + round)).withUnsafeBytes { f.segment.send($0) })
+            f.segment.flush()
+            XCTAssertEqual(f.nicDoorbell.drain(), 1, "round \(round): the switch signalled the restarted NIC")
+            XCTAssertEqual(take(successor), frame(UInt8(10 + round)))
+        }
+    }
 }

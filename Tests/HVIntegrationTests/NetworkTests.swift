@@ -396,6 +396,34 @@ final class SegmentNetworkTests: XCTestCase {
         }
     }
 
+    /// Issue 13: the receiving side's NIC process is killed ten times while its peer pings it
+    /// without pause; after every restart the pings are answered again. (A restarted NIC that
+    /// found frames waiting used to withdraw its request for signals and never receive again.)
+    func testPingsResumeAfterEveryKillOfTheReceivingNIC() throws {
+        let segment = "t\(getpid())r"
+        let responder = try start("responder", "mode=netpeer ip=10.9.0.2", ["net=\(segment),mac=\(mac(2))"])
+        defer { responder.process.terminate() }
+        let pinger = try start("pinger", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=100000", ["net=\(segment),mac=\(mac(1))"])
+        defer { pinger.process.terminate() }
+        let replies = { pinger.stdout.components(separatedBy: "net: reply seq").count - 1 }
+        XCTAssertTrue(pinger.waitForOutput("net: reply seq 3 "), pinger.stdout + pinger.stderr)
+        for kill in 1...10 {
+            let nic = responder.children(named: "hv-net")
+            XCTAssertEqual(nic.count, 1, "kill \(kill)")
+            guard let pid = nic.first else { break }
+            Glibc.kill(pid, SIGKILL)
+            var deadline = Date().addingTimeInterval(10)
+            while responder.stderr.components(separatedBy: "device net0 restarted").count - 1 < kill && Date() < deadline {
+                Thread.sleep(forTimeInterval: 0.02)
+            }
+            let before = replies()
+            deadline = Date().addingTimeInterval(15)
+            while replies() < before + 3 && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+            XCTAssertGreaterThanOrEqual(replies(), before + 3, "kill \(kill): pings did not resume; \(responder.stderr)")
+        }
+        XCTAssertTrue(responder.process.isRunning && pinger.process.isRunning)
+    }
+
     func testASegmentSurvivesItsSwitchBeingKilled() throws {
         let segment = "t\(getpid())k"
         let peer = try start("peer", "mode=netpeer ip=10.9.0.2", ["net=\(segment),mac=\(mac(2))"])

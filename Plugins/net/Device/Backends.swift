@@ -97,7 +97,10 @@ final class SegmentBackend: FrameBackend {
         port = try FramePort(fd: region, side: .nic, peer: EventFD(adopting: switchDoorbell))
         // The NIC sleeps inside the runtime's loop, which this backend does not see: ask the
         // switch to signal after every batch it delivers, always. One eventfd write per batch.
-        _ = port.prepareToSleep()
+        // Frames that arrived while no process served the port (a restart) were signalled to
+        // the dead one: wake ourselves for them. (prepareToSleep withdrew the request when
+        // frames were waiting, and a restarted NIC then never heard from the switch again.)
+        if port.requestSignalsForEveryFrame() { self.doorbell.signal() }
     }
 
     var carriesVirtioHeader: Bool { false }
