@@ -67,6 +67,8 @@ final class ManagedDevice: @unchecked Sendable {
     var granted: Capabilities = []
     var generation: UInt32 = 0
     var crashTimes: [UInt64] = []
+    /// When the live process completed its handshake.
+    var startedAt: UInt64?
     var restartAt: UInt64?
     var lastError: String?
     /// The read end of the live process's stderr (and its jail's): the core prefixes each line
@@ -141,10 +143,14 @@ final class DeviceSupervisor: @unchecked Sendable {
     /// Give up on a device that crashed this many times within `crashWindow`.
     static let maximumCrashes = 10
 
-    /// Records a crash (or failed restart) at `now`; returns the delay before the next restart, or
-    /// nil when the device crashed too often and is given up. 10 ms, 20 ms, 40 ms … capped at 2 s:
-    /// quick recovery from a one-off crash, no busy loop from a broken one.
-    private func recordCrash(_ d: ManagedDevice, now: UInt64) -> UInt64? {
+    /// Records a crash (or failed restart) at `now` of a process that had been up for `uptime`;
+    /// returns the delay before the next restart, or nil when the device crashed too often and is
+    /// given up. 10 ms, 20 ms, 40 ms … capped at 2 s: quick recovery from a one-off crash, no busy
+    /// loop from a broken one. A process that served for `healthyUptime` before it died was not
+    /// crash-looping (an operator's kill, an OOM kill, a rare bug): its history starts afresh, so
+    /// it comes back in 10 ms however often that happens.
+    private func recordCrash(_ d: ManagedDevice, now: UInt64, uptime: UInt64) -> UInt64? {
+        if uptime >= Self.healthyUptime { d.crashTimes = [] }
         d.crashTimes = d.crashTimes.filter { now - $0 < Self.crashWindow } + [now]
         guard d.crashTimes.count <= Self.maximumCrashes else {
             d.endpoint.state = .failed
@@ -153,6 +159,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         return min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
     }
     static let crashWindow: UInt64 = 60_000_000_000
+    static let healthyUptime: UInt64 = 100_000_000
 
     init(specs: [DeviceSpec], memory: GuestRAM, vm: VirtualMachine, verbose: Bool) throws(CoreError) {
         var devices: [ManagedDevice] = []
@@ -310,6 +317,7 @@ final class DeviceSupervisor: @unchecked Sendable {
             throw .device(name: spec.name, reason: why)
         }
         d.process = child
+        d.startedAt = monotonicNanoseconds()
         d.publishedPid.store(child.pid, ordering: .releasing)
         if d.generation > 0 { d.restarts.wrappingAdd(1, ordering: .relaxed) }
         d.control = control
@@ -367,6 +375,8 @@ final class DeviceSupervisor: @unchecked Sendable {
         drainStderr(d, final: true)
         let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
         let how = describe(ended, of: d)
+        let uptime = d.startedAt.map { monotonicNanoseconds() &- $0 } ?? 0
+        d.startedAt = nil
         d.process = nil
         d.publishedPid.store(0, ordering: .releasing)
         d.control = nil
@@ -378,7 +388,7 @@ final class DeviceSupervisor: @unchecked Sendable {
             return
         }
         let now = monotonicNanoseconds()
-        guard let delay = recordCrash(d, now: now) else {
+        guard let delay = recordCrash(d, now: now, uptime: uptime) else {
             Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how); it crashed \(d.crashTimes.count) times in \(Self.crashWindow / 1_000_000_000) s, giving up: its registers now read as all-ones")
             return
         }
@@ -416,7 +426,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         } catch {
             Diagnostics.line("\(error)")
             let now = monotonicNanoseconds()
-            if let delay = recordCrash(d, now: now) {
+            if let delay = recordCrash(d, now: now, uptime: 0) {
                 d.restartAt = now + delay
             } else {
                 Diagnostics.line("device \(d.spec.name) could not be restarted; giving up: its registers now read as all-ones")

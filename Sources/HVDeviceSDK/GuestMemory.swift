@@ -124,4 +124,42 @@ public final class StatePage: @unchecked Sendable {
     public func loadBytes(count n: Int) -> [UInt8] {
         Array(UnsafeRawBufferPointer(start: mapping.base, count: min(n, count)))
     }
+
+    /// `n` bytes from `offset` (clipped to the page; validate before use).
+    public func loadBytes(at offset: Int, count n: Int) -> [UInt8] {
+        guard offset >= 0, offset < count else { return [] }
+        return Array(UnsafeRawBufferPointer(start: mapping.base + offset, count: min(n, count - offset)))
+    }
+
+    /// Stores `bytes` at `offset`; bytes past the page's end are not stored.
+    public func storeBytes(_ bytes: [UInt8], at offset: Int) {
+        guard offset >= 0, offset < count else { return }
+        let n = min(bytes.count, count - offset)
+        bytes.withUnsafeBytes { (mapping.base + offset).copyMemory(from: $0.baseAddress!, byteCount: n) }
+    }
+
+    /// The little-endian u16 at `offset` (0 outside the page).
+    public func loadUInt16(at offset: Int) -> UInt16 {
+        guard offset >= 0, offset + 2 <= count else { return 0 }
+        return UInt16(littleEndian: mapping.base.loadUnaligned(fromByteOffset: offset, as: UInt16.self))
+    }
+
+    /// Stores a little-endian u16 at `offset` (ignored outside the page). A single aligned store:
+    /// a process killed around it leaves the old value or the new one, never a mix.
+    public func storeUInt16(_ value: UInt16, at offset: Int) {
+        guard offset >= 0, offset + 2 <= count else { return }
+        mapping.base.storeBytes(of: value.littleEndian, toByteOffset: offset, as: UInt16.self)
+    }
+
+    /// The byte at `offset` (0 outside the page).
+    public func loadByte(at offset: Int) -> UInt8 {
+        guard offset >= 0, offset < count else { return 0 }
+        return mapping.base.load(fromByteOffset: offset, as: UInt8.self)
+    }
+
+    /// Stores one byte at `offset` (ignored outside the page).
+    public func storeByte(_ value: UInt8, at offset: Int) {
+        guard offset >= 0, offset < count else { return }
+        mapping.base.storeBytes(of: value, toByteOffset: offset, as: UInt8.self)
+    }
 }

@@ -1,3 +1,5 @@
+import Atomics
+
 /// What a virtio device plugin implements; `VirtioPCITransport` does the rest (PCI config space,
 /// capabilities, feature negotiation, queue setup, notifications).
 public protocol VirtioDevice: AnyObject {
@@ -19,10 +21,14 @@ public protocol VirtioDevice: AnyObject {
     func queueNotified(_ index: Int, transport: VirtioPCITransport)
     /// The driver reset the device: forget every request in flight.
     func reset()
-    /// Whether the device completes each queue's chains in the order it takes them. Such a device
-    /// can be restarted after a crash without the driver noticing: the transport keeps its
-    /// configuration in the state page (grant `statePage`) and resumes each queue at the used
-    /// index, taking again every chain that was taken but not completed. Default: false.
+    /// Whether the device completes each queue's chains in the order it takes them. Either way a
+    /// device granted `statePage` is restarted after a crash without the driver noticing: the
+    /// transport keeps its configuration in the state page and resumes every queue. An in-order
+    /// device resumes at the used index, taking again every chain after it; any other device
+    /// gets an in-flight record in the state page (which chains were taken and not completed) and
+    /// is handed each of those chains again by `takeNext` before anything new. Either way a chain
+    /// may be served twice (once by the dead process, once again), so serving it must be
+    /// idempotent: reading or writing the same blocks, sending the same frame. Default: false.
     var completesInOrder: Bool { get }
 }
 
@@ -56,6 +62,8 @@ public final class VirtioPCITransport: DeviceModel {
     public let device: any VirtioDevice
     /// The live queues (nil until the driver enables them).
     public private(set) var queues: [SplitVirtqueue?]
+    /// Per queue, chains a dead predecessor had taken and not completed, to hand out again first.
+    private var resubmit: [[UInt16]]
     /// Guest RAM (the device must be declared with `memory`).
     public let memory: GuestMemory?
 
@@ -124,6 +132,7 @@ public final class VirtioPCITransport: DeviceModel {
         configResource = runtime.resources.firstIndex { $0.kind == .pciConfig }
         barResource = runtime.resources.firstIndex { $0.kind == .pciMMIOBar && $0.base & 0xFF == 0 && $0.length >= Self.barSize }
         queues = Array(repeating: nil, count: device.queueCount)
+        resubmit = Array(repeating: [], count: device.queueCount)
         setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
         msixVectors = runtime.capabilities.contains(.msi) ? min(device.queueCount + 1, 64) : 0
         msixTable = (0..<msixVectors).flatMap { _ in [UInt8](repeating: 0, count: 12) + [1, 0, 0, 0] }  // masked at reset
@@ -144,10 +153,12 @@ public final class VirtioPCITransport: DeviceModel {
             }
         }
         if restoreState() {
-            runtime.log(.info, "resumed after a restart: configuration restored, queues resumed at their used indices")
+            runtime.log(.info, "resumed after a restart: configuration restored, queues resumed")
             for q in queues.indices { notified(q) }
             // Anything the dead process completed but did not signal is signalled now.
             for q in queues.indices where status & 4 != 0 { signalUsedBuffers(queue: q) }
+        } else {
+            clearInflight()
         }
     }
 
@@ -176,7 +187,7 @@ public final class VirtioPCITransport: DeviceModel {
 
     /// The driver-visible configuration, as bytes in the state page (in-order devices only).
     private func saveState() {
-        guard device.completesInOrder, let page = runtime.statePage else { return }
+        guard resumable, let page = runtime.statePage else { return }
         var b: [UInt8] = []
         func put(_ v: UInt64, _ n: Int) { for i in 0..<n { b.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) } }
         put(UInt64(Self.stateMagic), 4); put(UInt64(Self.stateVersion), 4)
@@ -191,15 +202,109 @@ public final class VirtioPCITransport: DeviceModel {
         }
         b += msixTable
         b += msixPending.map { $0 ? 1 : 0 }
-        guard b.count <= page.count else { return }
+        guard b.count <= Self.inflightOffset else { return }
         page.storeBytes(b)
+    }
+
+    /// Whether this transport survives a restart of its process: its configuration (and, for a
+    /// device that completes out of order, its in-flight record) is kept in the state page.
+    private var resumable: Bool {
+        guard runtime.statePage != nil else { return false }
+        return device.completesInOrder || tracksInflight
+    }
+
+    // MARK: In-flight record (devices that complete out of order)
+    //
+    // In the state page from offset 2048 (ipc-schema/README.md §11.2): a header ("HVIF", version
+    // u16, queue count u16), then per queue 136 bytes: `taken` u16 (available-ring entries taken),
+    // `used` u16 (the used index after the last recorded completion), `completing` u16 (the head
+    // being completed, 0xFFFF when none), u16 reserved, and a 1024-bit map of heads taken and not
+    // completed. The write order makes every crash point recoverable:
+    //   take:     set the head's bit, then advance `taken`;
+    //   complete: note `completing`, write the used element and index, clear the bit, store
+    //             `used`, clear `completing`.
+    // A successor resubmits every set bit; a bit whose completion reached the used ring (the
+    // guest's used index is one past `used`) is dropped; a head at the available ring's `taken`
+    // slot whose bit is already set was marked but not counted, and is counted.
+
+    static let inflightOffset = 2048
+    private static let inflightMagic: UInt32 = 0x4649_5648  // "HVIF"
+    private static let inflightVersion: UInt16 = 1
+    private static let inflightQueueBytes = 136
+    private static let inflightMapBytes = 128
+    private static let noHead: UInt16 = 0xFFFF
+
+    /// Out-of-order devices with a state page big enough for their queues, up to 1024 entries each.
+    private var tracksInflight: Bool {
+        guard !device.completesInOrder, let page = runtime.statePage, device.maxQueueSize <= 1024 else { return false }
+        return Self.inflightOffset + 8 + device.queueCount * Self.inflightQueueBytes <= page.count
+    }
+
+    private func inflightRecord(_ q: Int) -> Int { Self.inflightOffset + 8 + q * Self.inflightQueueBytes }
+
+    /// A fresh record: no queue has taken anything (at setup, and on a driver's reset).
+    private func clearInflight() {
+        guard tracksInflight, let page = runtime.statePage else { return }
+        var header = [UInt8](repeating: 0, count: 8 + device.queueCount * Self.inflightQueueBytes)
+        for i in 0..<4 { header[i] = UInt8(truncatingIfNeeded: Self.inflightMagic >> (8 * UInt32(i))) }
+        header[4] = UInt8(Self.inflightVersion)
+        header[6] = UInt8(truncatingIfNeeded: device.queueCount)
+        for q in 0..<device.queueCount { header[8 + q * Self.inflightQueueBytes + 4] = 0xFF; header[8 + q * Self.inflightQueueBytes + 5] = 0xFF }
+        page.storeBytes(header, at: Self.inflightOffset)
+    }
+
+    private func setInflight(_ q: Int, head: UInt16, _ on: Bool) {
+        guard let page = runtime.statePage, head < 1024 else { return }
+        let at = inflightRecord(q) + 8 + Int(head) / 8
+        let bit = UInt8(1) << UInt8(head % 8)
+        let byte = page.loadByte(at: at)
+        page.storeByte(on ? byte | bit : byte & ~bit, at: at)
+    }
+
+    /// A successor's view of queue `q`'s record: the heads to take again and where to resume.
+    /// Every value is checked against the queue (the dead process may have left anything).
+    private func recoverInflight(_ q: Int, queue: SplitVirtqueue, memory: GuestMemory) -> (heads: [UInt16], taken: UInt16, used: UInt16)? {
+        guard let page = runtime.statePage else { return nil }
+        let header = page.loadBytes(at: Self.inflightOffset, count: 8)
+        let magic = header.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+        guard header.count == 8, magic == Self.inflightMagic, UInt16(header[4]) | UInt16(header[5]) << 8 == Self.inflightVersion,
+              Int(UInt16(header[6]) | UInt16(header[7]) << 8) == device.queueCount,
+              let guestUsed = queue.publishedUsedIndex(memory) else { return nil }
+        let record = inflightRecord(q)
+        var taken = page.loadUInt16(at: record)
+        let used = page.loadUInt16(at: record + 2)
+        let completing = page.loadUInt16(at: record + 4)
+        let map = page.loadBytes(at: record + 8, count: Self.inflightMapBytes)
+        var inFlight = Set((0..<queue.size).filter { map[Int($0) / 8] & (1 << ($0 % 8)) != 0 })
+        // The completion being made when the process died reached the used ring: it is done.
+        if completing != Self.noHead && guestUsed == used &+ 1 { inFlight.remove(completing) }
+        // A head marked taken whose count had not yet been advanced.
+        if let head = queue.availableHead(at: taken, memory), inFlight.contains(head) { taken &+= 1 }
+        // No more chains can be in flight than were taken and not used; a record claiming more
+        // is corrupt: resubmit none rather than serve chains the driver never offered.
+        guard inFlight.count <= Int(taken &- guestUsed) else {
+            runtime.log(.warning, "queue \(q): the in-flight record names \(inFlight.count) chains but \(taken &- guestUsed) were outstanding; resubmitting none")
+            return ([], taken, guestUsed)
+        }
+        return (inFlight.sorted(), taken, guestUsed)
+    }
+
+    /// Writes back a recovered record, so a crash of the successor finds it consistent too.
+    private func storeInflight(_ q: Int, heads: [UInt16], taken: UInt16, used: UInt16) {
+        guard let page = runtime.statePage else { return }
+        var map = [UInt8](repeating: 0, count: Self.inflightMapBytes)
+        for h in heads where h < 1024 { map[Int(h) / 8] |= 1 << (h % 8) }
+        page.storeBytes(map, at: inflightRecord(q) + 8)
+        page.storeUInt16(taken, at: inflightRecord(q))
+        page.storeUInt16(used, at: inflightRecord(q) + 2)
+        page.storeUInt16(Self.noHead, at: inflightRecord(q) + 4)
     }
 
     /// After a crash: takes back the configuration the dead process saved, resumes every live
     /// queue at its used index, and notifies the device of each so it takes again what was
     /// pending. False when there is nothing valid to restore.
     private func restoreState() -> Bool {
-        guard device.completesInOrder, runtime.restartGeneration > 0, let page = runtime.statePage, let memory else { return false }
+        guard resumable, runtime.restartGeneration > 0, let page = runtime.statePage, let memory else { return false }
         let b = page.loadBytes(count: page.count)
         // The layout saveState writes: a 45-byte header, 29 bytes per queue, then the MSI-X table and pending bits.
         guard 45 + 29 * setups.count + msixTable.count + msixPending.count <= b.count else { return false }
@@ -217,16 +322,30 @@ public final class VirtioPCITransport: DeviceModel {
         for q in setups.indices {
             setups[q].size = UInt16(get(2)); let enabled = get(1) != 0; setups[q].vector = UInt16(get(2))
             setups[q].descriptors = get(8); setups[q].driver = get(8); setups[q].device = get(8)
-            if enabled { enableQueue(q) }
+            if enabled { enableQueue(q, restoring: true) }
         }
         msixTable = Array(b[at..<(at + msixTable.count)]); at += msixTable.count
         msixPending = b[at..<(at + msixPending.count)].map { $0 != 0 }
-        // The device wrote the used index itself; the driver never changes it. Everything the
-        // driver made available after it was taken (or not) before the crash: take it again.
         for q in queues.indices where queues[q] != nil {
-            guard let p = memory.translate(queues[q]!.usedRing + 2, count: 2) else { continue }
-            let used = UInt16(littleEndian: p.loadUnaligned(as: UInt16.self))
-            queues[q]!.restore(nextAvailable: used, usedIndex: used)
+            if device.completesInOrder {
+                // The device wrote the used index itself; the driver never changes it. Everything
+                // the driver made available after it was taken (or not) before the crash: take it again.
+                guard let used = queues[q]!.publishedUsedIndex(memory) else { continue }
+                queues[q]!.restore(nextAvailable: used, usedIndex: used)
+            } else {
+                // Out of order: the in-flight record says which chains the dead process held.
+                guard let recovered = recoverInflight(q, queue: queues[q]!, memory: memory) else {
+                    runtime.log(.warning, "queue \(q): no valid in-flight record; starting unconfigured (the driver must reset the device)")
+                    writeStatus(0)
+                    return false
+                }
+                queues[q]!.restore(nextAvailable: recovered.taken, usedIndex: recovered.used)
+                resubmit[q] = recovered.heads
+                storeInflight(q, heads: recovered.heads, taken: recovered.taken, used: recovered.used)
+                if !recovered.heads.isEmpty {
+                    runtime.log(.info, "queue \(q): resubmitting \(recovered.heads.count) requests the previous process had in flight")
+                }
+            }
         }
         return true
     }
@@ -327,7 +446,19 @@ public final class VirtioPCITransport: DeviceModel {
     /// nil when there is none, or the queue is not live.
     public func takeNext(queue index: Int) -> Result<DescriptorChain, DescriptorChainError>? {
         guard let memory, index < queues.count, queues[index] != nil else { return nil }
-        return queues[index]!.next(memory)
+        if !resubmit[index].isEmpty {
+            // What the previous process had taken and not completed comes first, as it was.
+            return queues[index]!.retake(head: resubmit[index].removeFirst(), memory)
+        }
+        let before = queues[index]!.nextAvailable
+        let taken = queues[index]!.next(memory)
+        if tracksInflight, queues[index]!.nextAvailable != before, let page = runtime.statePage {
+            // The head's bit first, then the count: see "In-flight record".
+            if let head = queues[index]!.lastHead { setInflight(index, head: head, true) }
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            page.storeUInt16(queues[index]!.nextAvailable, at: inflightRecord(index))
+        }
+        return taken
     }
 
     /// Completes, with nothing written, the chain `takeNext` last refused (when its head was a
@@ -340,7 +471,21 @@ public final class VirtioPCITransport: DeviceModel {
     /// Completes `head` on queue `index` with `written` bytes.
     public func complete(queue index: Int, head: UInt16, written: UInt32) {
         guard let memory, index < queues.count, queues[index] != nil else { return }
+        guard tracksInflight, let page = runtime.statePage else {
+            queues[index]!.complete(head: head, written: written, memory)
+            signalUsedBuffers(queue: index)
+            return
+        }
+        // Note the completion, make it, then forget the chain: see "In-flight record".
+        let record = inflightRecord(index)
+        page.storeUInt16(head, at: record + 4)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
         queues[index]!.complete(head: head, written: written, memory)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        setInflight(index, head: head, false)
+        page.storeUInt16(queues[index]!.usedIndex, at: record + 2)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        page.storeUInt16(Self.noHead, at: record + 4)
         signalUsedBuffers(queue: index)
     }
 
@@ -565,7 +710,7 @@ public final class VirtioPCITransport: DeviceModel {
         if hit(0x1C, 2), field(0x1C, 2) == 1, !setups[q].enabled { enableQueue(q) }
     }
 
-    private func enableQueue(_ q: Int) {
+    private func enableQueue(_ q: Int, restoring: Bool = false) {
         let s = setups[q]
         guard let memory,
               let queue = SplitVirtqueue(size: s.size, descriptorTable: s.descriptors, availableRing: s.driver,
@@ -577,6 +722,10 @@ public final class VirtioPCITransport: DeviceModel {
         setups[q].enabled = true
         queues[q] = queue
         queues[q]!.eventIndex = driverFeatures & Self.eventIndexFeature != 0
+        if !restoring && tracksInflight {
+            // A newly enabled queue has taken and completed nothing.
+            storeInflight(q, heads: [], taken: 0, used: 0)
+        }
     }
 
     private func writeStatus(_ value: UInt8) {
@@ -591,6 +740,8 @@ public final class VirtioPCITransport: DeviceModel {
             queueSelect = 0
             setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
             queues = Array(repeating: nil, count: device.queueCount)
+            resubmit = Array(repeating: [], count: device.queueCount)
+            clearInflight()
             return
         }
         var next = value

@@ -125,6 +125,25 @@ public struct SplitVirtqueue: Sendable {
         return walk(head, memory).map { $0 }
     }
 
+    /// Takes chain `head` again, without touching the available ring: a restarted device
+    /// resubmitting what its predecessor had taken and not completed (the in-flight record).
+    public mutating func retake(head: UInt16, _ memory: GuestMemory) -> Result<DescriptorChain, DescriptorChainError> {
+        lastHead = head < size ? head : nil
+        guard head < size else { return .failure(.headOutOfRange(head)) }
+        return walk(head, memory)
+    }
+
+    /// The head the driver published at available-ring position `position`, if it has published
+    /// that far (nil otherwise or when unreadable).
+    public func availableHead(at position: UInt16, _ memory: GuestMemory) -> UInt16? {
+        guard let published = load16(memory, availableRing + 2), published != position else { return nil }
+        return load16(memory, availableRing + 4 + 2 * UInt64(position % size))
+    }
+
+    /// The used index as it stands in guest memory (the device's own, unless a hostile driver
+    /// wrote over it).
+    public func publishedUsedIndex(_ memory: GuestMemory) -> UInt16? { load16(memory, usedRing + 2) }
+
     private func walk(_ head: UInt16, _ memory: GuestMemory) -> Result<DescriptorChain, DescriptorChainError> {
         var readable: [VirtqueueBuffer] = [], writable: [VirtqueueBuffer] = []
         var index = head

@@ -483,14 +483,14 @@ func platformDevices(_ options: RunOptions, boot: BootFiles, firmwareROM: FileDe
                                               Resource(kind: .pciMMIOBar, base: bdf << 8, length: 0x4000)],
                                   hostFiles: [disk.file],
                                   config: "readonly=\(disk.readOnly ? 1 : 0)\nserial=hv-disk\(i)",
-                                  capabilities: [.interruptLevel, .msi], mapsGuestMemory: true))
+                                  capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
         profiles["disk\(i)"] = "scsi"
     }
     if let cdrom {
         devices.append(DeviceSpec(name: "cdrom0", executable: deviceExecutable("hv-scsi"),
                                   resources: [Resource(kind: .pciConfig, base: cdromBDF, length: 256),
                                               Resource(kind: .pciMMIOBar, base: cdromBDF << 8, length: 0x4000)],
-                                  hostFiles: [cdrom], config: "kind=cdrom", capabilities: [.interruptLevel, .msi], mapsGuestMemory: true))
+                                  hostFiles: [cdrom], config: "kind=cdrom", capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
         profiles["cdrom0"] = "scsi"
     }
     // Each NIC is its own virtio-net process at PCI 00:10.0, 00:11.0, …

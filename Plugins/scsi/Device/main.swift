@@ -188,7 +188,9 @@ final class VirtioSCSI: VirtioDevice {
     }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi])
+// The state page carries the transport's configuration and in-flight record: a killed adapter
+// is restarted with every request it had taken resubmitted, and the guest never notices.
+let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
 guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 else {
     runtime.log(.error, "no disk image was handed over")
     exit(2)
