@@ -81,14 +81,37 @@ final class ManagedDevice: @unchecked Sendable {
     let publishedPid = Atomic<Int32>(0)
     let restarts = Atomic<UInt32>(0)
 
+    /// The binary the device runs now: the spec's, until an operator upgrades it. Written only by
+    /// the supervisor thread; `publishedExecutable` is the copy other threads read.
+    var executable: String {
+        didSet { publishedExecutable.withLock { $0 = executable } }
+    }
+    let publishedExecutable: Mutex<String>
+
     init(spec: DeviceSpec) throws(CoreError) {
         self.spec = spec
+        executable = spec.executable
+        publishedExecutable = Mutex(spec.executable)
         endpoint = try DeviceEndpoint(name: spec.name)
         do {
             statePage = try MemFD.create(name: "hv-state-\(spec.name)", size: 4096)
             interrupts = try spec.interruptGSIs.map { _ throws(SystemError) in try EventFD() }
         } catch { throw .system(error) }
     }
+}
+
+/// What an operator asks of one device (`hvctl device VM restart|upgrade DEV`).
+public enum DeviceAction: Sendable {
+    /// Stop the process cleanly and start it again; revives a device given up after crashes.
+    case restart
+    /// Stop the process cleanly and start `binary` in its place, with the same resources and
+    /// state; if it does not start, or dies within 300 ms, start the old one again.
+    case upgrade(binary: String)
+}
+
+/// Why an operator's device action failed, in one line.
+public struct DeviceActionError: Error, Sendable, CustomStringConvertible {
+    public let description: String
 }
 
 /// A token bucket for a device's stderr lines: a burst of 20, then 5 a second; what is dropped is
@@ -238,14 +261,14 @@ final class DeviceSupervisor: @unchecked Sendable {
             let inherit = [(InheritedDescriptor.control, deviceControl.fd.rawValue),
                            (InheritedDescriptor.events, deviceEvents.fd.rawValue)]
             if let sandbox = spec.sandbox {
-                child = try sandbox.spawn(executable: spec.executable, arguments: [spec.name],
+                child = try sandbox.spawn(executable: d.executable, arguments: [spec.name],
                                           memoryBytes: memory.size, inherit: inherit, stderr: stderrWrite.rawValue)
             } else {
-                child = try ChildProcess.spawn(path: spec.executable, arguments: [spec.name],
+                child = try ChildProcess.spawn(path: d.executable, arguments: [spec.name],
                                                inherit: inherit + [(2, stderrWrite.rawValue)])
             }
         } catch {
-            throw .device(name: spec.name, reason: "cannot start \(spec.executable): \(error)")
+            throw .device(name: spec.name, reason: "cannot start \(d.executable): \(error)")
         }
         deviceControl.fd.close()
         deviceEvents.fd.close()
@@ -351,6 +374,8 @@ final class DeviceSupervisor: @unchecked Sendable {
             guard let revents = try? Poll.wait(interests, timeoutMilliseconds: timeout) else { continue }
             if revents[0] != 0 { wake.drain() }
             if stopping.load(ordering: .acquiring) { break }
+            // An action replaces processes: what this poll saw of the old ones is stale.
+            if serveActions() { continue }
             for (i, (d, isPidfd)) in owners.enumerated() where revents[i + 1] != 0 {
                 if isPidfd {
                     handleDeath(d)
@@ -365,6 +390,7 @@ final class DeviceSupervisor: @unchecked Sendable {
                 if let at = d.restartAt, at <= after { restart(d) }
             }
         }
+        _ = serveActions(refusing: true)
         finished.signal()
     }
 
@@ -417,12 +443,8 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     private func restart(_ d: ManagedDevice) {
         d.restartAt = nil
-        d.generation &+= 1
-        // A ring the dead process left inconsistent would wedge the new one; the fault path
-        // already reported it.
-        d.endpoint.faulted.store(false, ordering: .releasing)
         do {
-            try launch(d)
+            try relaunch(d)
         } catch {
             Diagnostics.line("\(error)")
             let now = monotonicNanoseconds()
@@ -433,12 +455,174 @@ final class DeviceSupervisor: @unchecked Sendable {
             }
             return
         }
+        Diagnostics.line("device \(d.spec.name) restarted (pid \(d.process?.pid ?? 0), restart \(d.generation)); output resumes")
+    }
+
+    /// Starts the device's next generation on the same ring, state page and eventfds; on success
+    /// it is running, its ring re-kicked and every interrupt line signalled once.
+    private func relaunch(_ d: ManagedDevice) throws(CoreError) {
+        d.generation &+= 1
+        // A ring the dead process left inconsistent would wedge the new one; the fault path
+        // already reported it.
+        d.endpoint.faulted.store(false, ordering: .releasing)
+        try launch(d)
         d.endpoint.state = .running
         // Re-kick: the new process drains whatever the old one left uncommitted; and signal every
         // interrupt line once, so no edge the dead process owed the guest is lost.
         d.endpoint.kick.signal()
         for line in d.interrupts { line.signal() }
-        Diagnostics.line("device \(d.spec.name) restarted (pid \(d.process?.pid ?? 0), restart \(d.generation)); output resumes")
+    }
+
+    // MARK: Operator actions (hvctl device NAME restart|upgrade)
+
+    /// A request waiting for the supervisor thread, and the answer it gets.
+    private final class PendingAction: @unchecked Sendable {
+        // @unchecked: `result` is written by the supervisor thread before `done` is signalled and
+        // read by the requester only after.
+        let device: String
+        let action: DeviceAction
+        let done: EventFD
+        var result: Result<String, DeviceActionError> = .failure(DeviceActionError(description: "not served"))
+        init(device: String, action: DeviceAction) throws(SystemError) {
+            self.device = device
+            self.action = action
+            done = try EventFD()
+        }
+    }
+    private let pendingActions = Mutex<[PendingAction]>([])
+
+    /// How long an upgraded binary must stay up after its handshake to be kept.
+    static let upgradeGrace: UInt64 = 300_000_000
+
+    /// Runs `action` on device `name` on the supervisor thread and waits for it (at most 30 s).
+    /// Safe from any thread but the supervisor's.
+    func perform(_ action: DeviceAction, on name: String) throws(DeviceActionError) -> String {
+        guard threadRunning.load(ordering: .acquiring), !stopping.load(ordering: .acquiring) else {
+            throw DeviceActionError(description: "the VM is not running")
+        }
+        guard devices.contains(where: { $0.spec.name == name }) else {
+            throw DeviceActionError(description: "this VM has no device '\(name)' (see 'hvctl device VM ls')")
+        }
+        let pending: PendingAction
+        do { pending = try PendingAction(device: name, action: action) } catch {
+            throw DeviceActionError(description: "\(error)")
+        }
+        pendingActions.withLock { $0.append(pending) }
+        wake.signal()
+        guard let ready = try? Poll.wait([Poll.Interest(fd: pending.done.fd.rawValue)], timeoutMilliseconds: 30_000), ready[0] != 0 else {
+            throw DeviceActionError(description: "the core did not finish within 30 s; see 'hvctl device VM ls'")
+        }
+        return try pending.result.get()
+    }
+
+    /// Serves every pending action; true if there was any.
+    private func serveActions(refusing: Bool = false) -> Bool {
+        let actions = pendingActions.withLock { list -> [PendingAction] in
+            defer { list.removeAll() }
+            return list
+        }
+        for pending in actions {
+            if refusing {
+                pending.result = .failure(DeviceActionError(description: "the VM is stopping"))
+            } else if let d = devices.first(where: { $0.spec.name == pending.device }) {
+                pending.result = act(pending.action, on: d)
+            }
+            pending.done.signal()
+        }
+        return !actions.isEmpty
+    }
+
+    private func act(_ action: DeviceAction, on d: ManagedDevice) -> Result<String, DeviceActionError> {
+        let name = d.spec.name
+        switch action {
+        case .restart:
+            quiesce(d)
+            d.crashTimes = []
+            d.restartAt = nil
+            do { try relaunch(d) } catch {
+                scheduleRestartAfterFailure(d)
+                return .failure(DeviceActionError(description: "\(error)"))
+            }
+            Diagnostics.line("device \(name) restarted by the operator (pid \(d.process?.pid ?? 0))")
+            return .success("restarted \(name) (pid \(d.process?.pid ?? 0))")
+        case .upgrade(let binary):
+            var st = stat()
+            guard stat(binary, &st) == 0, st.st_mode & S_IFMT == S_IFREG, access(binary, X_OK) == 0 else {
+                return .failure(DeviceActionError(description: "'\(binary)' is not an executable file; \(name) keeps running \(d.executable)"))
+            }
+            let old = d.executable
+            let started = monotonicNanoseconds()
+            quiesce(d)
+            d.executable = binary
+            d.crashTimes = []
+            d.restartAt = nil
+            var why: String?
+            var pause: UInt64 = 0
+            do {
+                try relaunch(d)
+                pause = (monotonicNanoseconds() - started) / 1_000_000
+                why = diedWithinGrace(d)
+            } catch {
+                why = "\(error)"
+            }
+            if let why {
+                // Roll back: the old binary takes the same state again.
+                quiesce(d)
+                d.executable = old
+                do { try relaunch(d) } catch {
+                    scheduleRestartAfterFailure(d)
+                    return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed (\(why)) and the old binary did not restart either (\(error))"))
+                }
+                Diagnostics.line("device \(name): upgrade to \(binary) failed (\(why)); rolled back to \(old) (pid \(d.process?.pid ?? 0))")
+                return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed: \(why); rolled back to \(old)"))
+            }
+            Diagnostics.line("device \(name) upgraded to \(binary) (pid \(d.process?.pid ?? 0))")
+            return .success("upgraded \(name) to \(binary) (pid \(d.process?.pid ?? 0); the device was away for \(pause) ms)")
+        }
+    }
+
+    /// Nil when the freshly started process is still alive `upgradeGrace` later; else how it ended.
+    private func diedWithinGrace(_ d: ManagedDevice) -> String? {
+        guard let p = d.process else { return "it did not start" }
+        let ready = try? Poll.wait([Poll.Interest(fd: p.pidfd.rawValue)], timeoutMilliseconds: Int32(Self.upgradeGrace / 1_000_000))
+        guard let ready, ready[0] != 0 else { return nil }
+        if d.events != nil { serveEvents(d, drainOnly: true) }
+        drainStderr(d, final: true)
+        let ended = p.reapIfExited() ?? .signalled(SIGKILL)
+        let how = describe(ended, of: d) + (d.lastError.map { ": \($0)" } ?? "")
+        d.process = nil
+        d.publishedPid.store(0, ordering: .releasing)
+        d.control = nil
+        d.events = nil
+        d.startedAt = nil
+        d.endpoint.state = .restarting
+        return "it \(how) right after starting"
+    }
+
+    /// Stops the live process, if any, the way a VM's stop does: let it take every request already
+    /// in its ring, ask it to commit and exit (SHUTDOWN), and kill it if it does not within 1 s.
+    /// What it still had in flight is in its state page for the next process.
+    private func quiesce(_ d: ManagedDevice) {
+        guard let p = d.process else { return }
+        d.endpoint.state = .restarting
+        let deadline = monotonicNanoseconds() + 1_000_000_000
+        while d.endpoint.ring.requestsOutstanding() != 0 && monotonicNanoseconds() < deadline { usleep(200) }
+        if let control = d.control { _ = try? control.request(.shutdown, payload: [], timeoutMilliseconds: 1000) }
+        if (try? Poll.wait([Poll.Interest(fd: p.pidfd.rawValue)], timeoutMilliseconds: 1000))?.first == 0 { p.signal(SIGKILL) }
+        if d.events != nil { serveEvents(d, drainOnly: true) }
+        drainStderr(d, final: true)
+        p.killAndReap()
+        d.process = nil
+        d.publishedPid.store(0, ordering: .releasing)
+        d.control = nil
+        d.events = nil
+        d.startedAt = nil
+        d.lastError = nil
+    }
+
+    private func scheduleRestartAfterFailure(_ d: ManagedDevice) {
+        let now = monotonicNanoseconds()
+        if let delay = recordCrash(d, now: now, uptime: 0) { d.restartAt = now + delay } else { d.endpoint.state = .failed }
     }
 
     /// Reads what the device wrote to stderr and reports each whole line as `hv: device NAME: …`

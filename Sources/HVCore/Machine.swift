@@ -175,6 +175,8 @@ public final class Machine: @unchecked Sendable {
         public var restarts: UInt32
         /// "running", "restarting" or "failed".
         public var state: String
+        /// The binary it runs (changed by an upgrade).
+        public var executable: String
     }
 
     /// The device processes now. Safe from any thread.
@@ -187,8 +189,16 @@ public final class Machine: @unchecked Sendable {
             case .restarting: state = "restarting"
             case .failed: state = "failed"
             }
-            return DeviceStatus(name: d.spec.name, pid: pid == 0 ? nil : pid, restarts: d.restarts.load(ordering: .relaxed), state: state)
+            return DeviceStatus(name: d.spec.name, pid: pid == 0 ? nil : pid, restarts: d.restarts.load(ordering: .relaxed), state: state,
+                                executable: d.publishedExecutable.withLock { $0 })
         }
+    }
+
+    /// Restarts device `name` cleanly (reviving one given up after crashes) or replaces its
+    /// binary, keeping its rings, queues and state; returns a one-line report. Safe from any
+    /// thread; waits for the supervisor thread to do it.
+    public func perform(_ action: DeviceAction, on name: String) throws(DeviceActionError) -> String {
+        try supervisor.perform(action, on: name)
     }
 
     /// Inserts `file` into (or, with nil, ejects the medium of) device `name`'s removable drive,

@@ -228,10 +228,10 @@ func sweepStaleVMs() {
 }
 
 /// Sends `command` to the VM called `name` and returns its answer, or nil when no such VM runs.
-func controlRequest(_ name: String, _ command: String) -> JSONObject? {
+func controlRequest(_ name: String, _ command: String, timeoutSeconds: Int = 5) -> JSONObject? {
     guard let fd = connectTo(RunDirectory.socket(name)) else { return nil }
     defer { close(fd) }
-    var timeout = timeval(tv_sec: 5, tv_usec: 0)
+    var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     guard Array(command.utf8).withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 else { return nil }
     var buffer = [UInt8](repeating: 0, count: 65536)
@@ -269,7 +269,7 @@ func text(_ o: JSONObject, _ key: String) -> String {
     return "?"
 }
 
-private func devices(_ o: JSONObject) -> [JSONObject] {
+func devices(_ o: JSONObject) -> [JSONObject] {
     guard case .array(let list)? = o["devices"] else { return [] }
     return list.compactMap { if case .object(let d) = $0 { return d } else { return nil } }
 }
@@ -314,6 +314,67 @@ func cdromCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
     if case .string(let error)? = answer["error"] { fail(error) }
     print(verb == "eject" ? "ejected the CD of \(name)" : "inserted \(command.dropFirst(13)) into \(name)")
     return 0
+}
+
+/// The kind of a device, from its instance name (`serial0`, `disk1`, `net0`, `device0`, …).
+func deviceKind(_ name: String) -> String {
+    for (prefix, kind) in [("serial", "serial"), ("bios", "bios"), ("disk", "disk"), ("cdrom", "cdrom"), ("net", "nic"), ("device", "plugin")]
+        where name.hasPrefix(prefix) { return kind }
+    return "?"
+}
+
+/// `hvctl device NAME ls [--json]`, `hvctl device NAME restart DEV`,
+/// `hvctl device NAME upgrade DEV --binary PATH`: a running VM's device processes.
+func deviceCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
+    let usage = "usage: hvctl device NAME ls [--json] | hvctl device NAME restart DEV | hvctl device NAME upgrade DEV --binary PATH"
+    var rest = arguments
+    guard let name = rest.popFirst(), !name.hasPrefix("-"), let verb = rest.popFirst() else { throw UsageError(message: usage) }
+    try RunDirectory.validate(name, flag: "name")
+    switch verb {
+    case "ls":
+        let json = rest.first == "--json"
+        if json { rest.removeFirst() }
+        guard rest.isEmpty else { throw UsageError(message: "unexpected arguments after 'ls'; \(usage)") }
+        guard let o = controlRequest(name, "status") else { failNoAnswer(name) }
+        let list = devices(o)
+        if json {
+            print("[" + list.map { d in
+                render(.object(JSONObject(d.members + [.init(key: "kind", value: .string(deviceKind(text(d, "name"))))])))
+            }.joined(separator: ", ") + "]")
+            return 0
+        }
+        print(pad("DEVICE", 10) + pad("KIND", 8) + pad("PID", 9) + pad("STATE", 12) + pad("RESTARTS", 10) + "BINARY")
+        for d in list {
+            let pid = number(d, "pid")
+            print(pad(text(d, "name"), 10) + pad(deviceKind(text(d, "name")), 8) + pad(pid == 0 ? "-" : "\(pid)", 9)
+                  + pad(text(d, "state"), 12) + pad("\(number(d, "restarts"))", 10) + text(d, "binary"))
+        }
+        return 0
+    case "restart", "upgrade":
+        guard let device = rest.popFirst(), !device.hasPrefix("-") else { throw UsageError(message: "'hvctl device \(name) \(verb)' needs a device name (see 'hvctl device \(name) ls'); \(usage)") }
+        var command = "device \(verb) \(device)"
+        if verb == "upgrade" {
+            guard rest.popFirst() == "--binary", let binary = rest.popFirst() else {
+                throw UsageError(message: "'hvctl device \(name) upgrade' needs --binary PATH; \(usage)")
+            }
+            command += " " + absolutePath(binary)
+        }
+        guard rest.isEmpty else { throw UsageError(message: "unexpected arguments; \(usage)") }
+        guard let answer = controlRequest(name, command, timeoutSeconds: 40) else { failNoAnswer(name) }
+        if case .string(let error)? = answer["error"] { fail(error) }
+        print(text(answer, "ok"))
+        return 0
+    default:
+        throw UsageError(message: "unknown device action '\(verb)'; \(usage)")
+    }
+}
+
+/// `path` made absolute against the current directory (the VM's core may run elsewhere).
+func absolutePath(_ path: String) -> String {
+    guard !path.hasPrefix("/") else { return path }
+    var buffer = [CChar](repeating: 0, count: 4096)
+    guard getcwd(&buffer, buffer.count) != nil else { return path }
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + "/" + path
 }
 
 /// `hvctl ls`, `hvctl status NAME [--json]`, `hvctl stop NAME`.

@@ -78,6 +78,8 @@ commands:
   status    'status NAME [--json]': one running VM and its device processes
   stop      'stop NAME': stop a running VM
   cdrom     'cdrom NAME eject' or 'cdrom NAME insert ISO': change a running VM's CD
+  device    'device NAME ls', 'device NAME restart DEV', 'device NAME upgrade DEV --binary PATH':
+            a running VM's device processes; restart one, or replace its binary under the running guest
   net       'net ls [--json]': private network segments, their member NICs and traffic counters
   version   print hv's version and IPC protocol version
   help      show this help
@@ -368,12 +370,14 @@ func run(_ options: RunOptions) -> Int32 {
         try server.start(status: {
             let devices = current.machine?.deviceStatus() ?? []
             let list = devices.map { d in
-                "{\"name\": \(jsonString(d.name)), \"pid\": \(d.pid ?? 0), \"restarts\": \(d.restarts), \"state\": \(jsonString(d.state))}"
+                "{\"name\": \(jsonString(d.name)), \"pid\": \(d.pid ?? 0), \"restarts\": \(d.restarts), \"state\": \(jsonString(d.state)), "
+                    + "\"binary\": \(jsonString(d.executable))}"
             }
             return "{\"name\": \(jsonString(name)), \"pid\": \(getpid()), \"boot\": \(jsonString(boot.mode)), "
                 + "\"uptime_seconds\": \((monotonicNanoseconds() - started) / 1_000_000_000), \"memory_mib\": \(options.memory >> 20), "
                 + "\"cpus\": \(options.cpus), \"tenant\": \(jsonString(tenant ?? "none (--no-sandbox)")), \"devices\": [\(list.joined(separator: ", "))]}"
         }, stop: { current.stop(.stopRequested) }, other: { command in
+            if command.hasPrefix("device ") { return deviceAction(command, machine: current.machine) }
             guard command.hasPrefix("cdrom ") else { return nil }
             guard cdrom != nil, let machine = current.machine else {
                 return #"{"error": "this VM has no CD-ROM drive (start it with --cdrom)"}"#
@@ -449,6 +453,23 @@ func run(_ options: RunOptions) -> Int32 {
             console?.restore()
             fail(why)
         }
+    }
+}
+
+/// Serves `device restart DEV` and `device upgrade DEV PATH` on the control socket.
+func deviceAction(_ command: String, machine: Machine?) -> String {
+    let words = command.split(separator: " ", maxSplits: 3).map(String.init)
+    guard let machine else { return #"{"error": "the VM is between boots; try again"}"# }
+    let action: DeviceAction
+    switch (words.count, words.count > 1 ? words[1] : "") {
+    case (3, "restart"): action = .restart
+    case (4, "upgrade"): action = .upgrade(binary: words[3])
+    default: return #"{"error": "unknown device command; use device restart DEV or device upgrade DEV PATH"}"#
+    }
+    do throws(DeviceActionError) {
+        return "{\"ok\": \(jsonString(try machine.perform(action, on: words[2])))}"
+    } catch {
+        return "{\"error\": \(jsonString(error.description))}"
     }
 }
 
@@ -551,6 +572,8 @@ case "sandbox"?:
     do { exit(try sandboxCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "cdrom"?:
     do { exit(try cdromCommand(arguments)) } catch { fail(error.message, status: 2) }
+case "device"?:
+    do { exit(try deviceCommand(arguments)) } catch { fail(error.message, status: 2) }
 case "ls"?, "status"?, "stop"?:
     do { exit(try vmCommand(CommandLine.arguments[1], arguments)) } catch { fail(error.message, status: 2) }
 case "disk"?:

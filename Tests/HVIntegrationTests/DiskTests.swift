@@ -361,3 +361,99 @@ final class DiskRestartTests: XCTestCase {
         XCTAssertEqual(wrong, 0, "words on the image differ from what the guest wrote")
     }
 }
+
+/// `hvctl device NAME ls|restart|upgrade`: an operator replaces a device's binary under a running
+/// guest (the guest's I/O goes on), a binary that cannot take over is rolled back, and a device
+/// given up after a crash loop is revived.
+final class DeviceUpgradeTests: XCTestCase {
+    private var dir: URL!
+
+    override func setUpWithError() throws {
+        try Harness.requireKVM()
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-upgrade-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        setenv("HV_RUN_DIR", dir.appendingPathComponent("run").path, 1)
+    }
+
+    override func tearDown() {
+        unsetenv("HV_RUN_DIR")
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    private func deviceList(_ vm: String) throws -> [[String: Any]] {
+        let r = try runHvctl(["device", vm, "ls", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]], r.stdout)
+    }
+
+    func testUpgradeDuringDiskIOAndRollbackOfABinaryThatCannotStart() throws {
+        let guest = try Harness.testGuest()
+        let image = dir.appendingPathComponent("disk.img").path
+        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "16M"]).status, 0)
+        // "A second build of the same binary": a copy elsewhere, so the binary path really changes.
+        let second = dir.appendingPathComponent("hv-scsi-2").path
+        try FileManager.default.copyItem(atPath: Harness.productsDirectory.appendingPathComponent("hv-scsi").path, toPath: second)
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsistress count=150", "--disk", image, "--name", "upg"])
+        XCTAssertTrue(vm.waitForOutput("vscsi: ready"), vm.stdout + vm.stderr)
+        var devices = try deviceList("upg")
+        XCTAssertEqual(devices.map { $0["name"] as? String }, ["serial0", "bios", "disk0"])
+        XCTAssertEqual(devices.map { $0["kind"] as? String }, ["serial", "bios", "disk"])
+        let table = try runHvctl(["device", "upg", "ls"])
+        XCTAssertTrue(table.stdout.hasPrefix("DEVICE    KIND    PID"), table.stdout)
+
+        Thread.sleep(forTimeInterval: 0.5)
+        let up = try runHvctl(["device", "upg", "upgrade", "disk0", "--binary", second])
+        XCTAssertEqual(up.status, 0, up.stderr)
+        XCTAssertTrue(up.stdout.hasPrefix("upgraded disk0 to \(second)"), up.stdout)
+        devices = try deviceList("upg")
+        XCTAssertEqual(devices[2]["binary"] as? String, second)
+        XCTAssertEqual(devices[2]["state"] as? String, "running")
+
+        // A binary that exits at once: rolled back to the one that ran, with a one-line reason.
+        let bad = try runHvctl(["device", "upg", "upgrade", "disk0", "--binary", "/bin/false"])
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertEqual(bad.stderr.split(separator: "\n").count, 1, bad.stderr)
+        XCTAssertTrue(bad.stderr.contains("upgrade of disk0 to /bin/false failed") && bad.stderr.contains("rolled back to \(second)"), bad.stderr)
+        XCTAssertEqual(try deviceList("upg")[2]["binary"] as? String, second)
+        // Not an executable file: refused before anything stops.
+        let missing = try runHvctl(["device", "upg", "upgrade", "disk0", "--binary", "/nonexistent/hv-scsi"])
+        XCTAssertEqual(missing.status, 1)
+        XCTAssertTrue(missing.stderr.contains("is not an executable file; disk0 keeps running \(second)"), missing.stderr)
+        let unknown = try runHvctl(["device", "upg", "restart", "disk7"])
+        XCTAssertEqual(unknown.status, 1)
+        XCTAssertTrue(unknown.stderr.contains("this VM has no device 'disk7'"), unknown.stderr)
+
+        // Through all of it the guest's I/O went on: every request exactly once, every word intact.
+        XCTAssertTrue(vm.waitForOutput("vscsistress: done", timeout: 120), vm.stdout.suffix(500) + vm.stderr)
+        XCTAssertTrue(vm.stdout.contains("vscsistress: done rounds=150 requests=1200 errors=0 mismatches=0 duplicates=0"), String(vm.stdout.suffix(800)))
+        XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
+    }
+
+    func testRestartRevivesADeviceGivenUpAfterACrashLoop() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo", "--name", "loop"])
+        XCTAssertTrue(vm.waitForOutput("echo: ready"), vm.stdout + vm.stderr)
+        // Kill serial0 the moment each successor appears, until the core gives up on it.
+        let deadline = Date().addingTimeInterval(60)
+        var last: pid_t = 0
+        while !vm.stderr.contains("giving up") && Date() < deadline {
+            if let pid = vm.children(named: "hv-serial").first, pid != last {
+                kill(pid, SIGKILL)
+                last = pid
+            }
+            Thread.sleep(forTimeInterval: 0.002)
+        }
+        XCTAssertTrue(vm.stderr.contains("device serial0") && vm.stderr.contains("giving up"), vm.stderr)
+        Thread.sleep(forTimeInterval: 0.2)
+        XCTAssertEqual(try deviceList("loop")[0]["state"] as? String, "failed")
+        let r = try runHvctl(["device", "loop", "restart", "serial0"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.hasPrefix("restarted serial0 (pid "), r.stdout)
+        XCTAssertEqual(try deviceList("loop")[0]["state"] as? String, "running")
+        // The console works again: the guest echoes what is typed.
+        vm.write("zq")
+        XCTAssertTrue(vm.waitForOutput("ZQ"), vm.stdout)
+        XCTAssertEqual(try runHvctl(["stop", "loop"]).status, 0)
+        XCTAssertEqual(vm.waitForExit(), 0, vm.stderr)
+    }
+}
