@@ -49,6 +49,10 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// 0 on the first start; n after the nth restart. A restarted device restores its state
     /// from `statePage` instead of resetting it.
     public var restartGeneration: UInt32 { hello.restartGeneration }
+    /// The register ring's committed request index: every request before it has been served and
+    /// its effects flushed. While a batch is being served this is where it began; in a restarted
+    /// device, where the replay of what its predecessor left uncommitted begins. Nil without a ring.
+    public var committedRequestIndex: UInt32? { ring?.committedRequestIndex() }
     /// The capabilities both sides agreed on.
     public let capabilities: Capabilities
     /// Device configuration from `hvctl`, parsed from `key=value` lines.

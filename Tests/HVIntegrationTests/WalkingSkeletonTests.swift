@@ -116,4 +116,33 @@ final class WalkingSkeletonTests: XCTestCase {
         XCTAssertEqual(got, expected, "every line exactly once, in order")
         XCTAssertTrue(text.hasSuffix("hv-testguest: done\n"))
     }
+
+    /// Issue 13: thirty kills of the serial device during a flood, each landing wherever it lands
+    /// (between a write and its commit, too): every line exactly once, no byte duplicated.
+    func testAKillStormOfTheSerialDeviceDuplicatesAndLosesNothing() throws {
+        let guest = try Harness.testGuest()
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("hv-storm-\(getpid()).txt")
+        defer { try? FileManager.default.removeItem(at: output) }
+        let count = 30000
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=flood lines=\(count)", "--serial", "file:\(output.path)"])
+        var kills = 0
+        var lastKilled: pid_t = 0
+        let deadline = Date().addingTimeInterval(120)
+        while kills < 30 && vm.process.isRunning && Date() < deadline {
+            Thread.sleep(forTimeInterval: Double.random(in: 0.11...0.2))
+            if let pid = vm.children(named: "hv-serial").first, pid != lastKilled {
+                kill(pid, SIGKILL)
+                lastKilled = pid
+                kills += 1
+            }
+        }
+        XCTAssertEqual(vm.waitForExit(timeout: 120), 0, vm.stderr)
+        XCTAssertGreaterThanOrEqual(kills, 20, "the guest finished too soon; raise lines")
+        XCTAssertFalse(vm.stderr.contains("giving up"), vm.stderr)
+        let text = try String(contentsOf: output, encoding: .utf8)
+        let expected = (0..<count).map { String(format: "line %05d", $0) }
+        let got = text.split(separator: "\n").map(String.init).filter { !$0.hasPrefix("hv-testguest") }
+        XCTAssertEqual(got.count, expected.count, "lines lost or repeated after \(kills) kills")
+        XCTAssertEqual(got, expected, "every line exactly once, in order, after \(kills) kills")
+    }
 }

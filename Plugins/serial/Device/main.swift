@@ -9,7 +9,9 @@ import HVSerialUART
 /// Crash safety: the UART's registers live in the core-owned state page and are saved, with
 /// buffered output written out first, in `flush()` — the point where the runtime commits
 /// requests. A crash before that replays the uncommitted requests against the saved registers,
-/// so the guest sees each access take effect once.
+/// so the guest sees each access take effect once; a `ConsoleJournal` in the state page (offset
+/// 2048) says how much of the replayed batch's output the dead process had already written, and
+/// that much is dropped, so no byte reaches the console twice.
 final class SerialDevice: DeviceModel {
     private var uart: UART16550
     private let runtime: DeviceRuntime
@@ -22,6 +24,12 @@ final class SerialDevice: DeviceModel {
     private var inputOpen = true
     /// Set once the host output fails for good: the rest is discarded, reported once.
     private var outputBroken = false
+    /// Where this batch's output stands (in the state page from `journalOffset`), and how many
+    /// bytes of the replayed batch the predecessor already wrote, to be dropped.
+    private var journal: ConsoleJournal?
+    private var skipOutput: UInt64 = 0
+    private let outputIsRegular: Bool
+    private static let journalOffset = 2048
 
     typealias FileDescriptorNumber = Int32
 
@@ -37,6 +45,14 @@ final class SerialDevice: DeviceModel {
             uart = restored
         } else {
             uart = UART16550()
+        }
+        var st = stat()
+        outputIsRegular = output.map { fstat($0, &st) == 0 && st.st_mode & S_IFMT == S_IFREG } ?? false
+        if runtime.restartGeneration > 0, let page = runtime.statePage, let committed = runtime.committedRequestIndex,
+           let saved = ConsoleJournal(bytes: page.loadBytes(at: Self.journalOffset, count: ConsoleJournal.byteCount)) {
+            // The replay regenerates the uncommitted batch's bytes; drop those already out.
+            skipOutput = saved.alreadyWritten(committed: committed, outputSize: outputSize())
+            journal = saved
         }
         pendingOutput.reserveCapacity(4096)
         if let input {
@@ -56,6 +72,11 @@ final class SerialDevice: DeviceModel {
 
     func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
         if let byte = uart.write(offset: UInt8(truncatingIfNeeded: offset), value: UInt8(truncatingIfNeeded: value)) {
+            if skipOutput > 0 {
+                skipOutput -= 1  // written by the process that died before committing it
+                afterAccess()
+                return
+            }
             pendingOutput.append(byte)
             if pendingOutput.count >= 4096 { writeOutput() }
         }
@@ -67,8 +88,29 @@ final class SerialDevice: DeviceModel {
         persist()
     }
 
+    /// The output's size, when it is a regular file.
+    private func outputSize() -> UInt64? {
+        guard outputIsRegular, let output else { return nil }
+        var st = stat()
+        return fstat(output, &st) == 0 ? UInt64(st.st_size) : nil
+    }
+
+    /// Records, before the first write of a batch, which batch and where its output starts. The
+    /// tag is cleared first and set last, so a kill in between leaves no journal rather than a torn one.
+    private func journalBatch() {
+        guard let page = runtime.statePage, let committed = runtime.committedRequestIndex else { return }
+        let next = ConsoleJournal.forWriting(journal, committed: committed, outputSize: outputSize())
+        guard next != journal else { return }
+        let bytes = next.bytes
+        page.storeBytes([0, 0, 0, 0], at: Self.journalOffset)
+        page.storeBytes(Array(bytes[4...]), at: Self.journalOffset + 4)
+        page.storeBytes(Array(bytes[..<4]), at: Self.journalOffset)
+        journal = next
+    }
+
     private func writeOutput() {
         guard !pendingOutput.isEmpty else { return }
+        if output != nil && !outputBroken { journalBatch() }
         if let output, !outputBroken {
             var offset = 0
             while offset < pendingOutput.count {
@@ -86,6 +128,12 @@ final class SerialDevice: DeviceModel {
                     break
                 }
                 offset += n
+                if var j = journal, j.base == nil, let page = runtime.statePage {
+                    // A pipe or terminal keeps no size: count what reached it.
+                    j.written += UInt64(n)
+                    journal = j
+                    page.storeBytes(Array(j.bytes[16...]), at: Self.journalOffset + 16)
+                }
             }
         }
         pendingOutput.removeAll(keepingCapacity: true)
