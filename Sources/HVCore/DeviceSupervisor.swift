@@ -67,6 +67,9 @@ final class ManagedDevice: @unchecked Sendable {
     var granted: Capabilities = []
     var generation: UInt32 = 0
     var crashTimes: [UInt64] = []
+    /// The guest access the device died serving the last times, and how many deaths in a row.
+    var poisonSuspect: UInt32?
+    var poisonStrikes = 0
     /// When the live process completed its handshake.
     var startedAt: UInt64?
     var restartAt: UInt64?
@@ -403,6 +406,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         let how = describe(ended, of: d)
         let uptime = d.startedAt.map { monotonicNanoseconds() &- $0 } ?? 0
         d.startedAt = nil
+        notePoison(d)
         d.process = nil
         d.publishedPid.store(0, ordering: .releasing)
         d.control = nil
@@ -458,6 +462,31 @@ final class DeviceSupervisor: @unchecked Sendable {
         Diagnostics.line("device \(d.spec.name) restarted (pid \(d.process?.pid ?? 0), restart \(d.generation)); output resumes")
     }
 
+    /// Deaths in a row while serving the same guest access before that access is skipped.
+    static let poisonStrikesToSkip = 3
+
+    /// After a death: if the device died acting on the same guest register access three times in
+    /// a row (each replay kills it again), its successor answers that access without serving it
+    /// (a read gets all ones, a write is dropped) and carries on with the next.
+    private func notePoison(_ d: ManagedDevice) {
+        let ring = d.endpoint.ring
+        guard let index = ring.requestBeingServed() else {
+            d.poisonSuspect = nil
+            d.poisonStrikes = 0
+            return
+        }
+        d.poisonStrikes = d.poisonSuspect == index ? d.poisonStrikes + 1 : 1
+        d.poisonSuspect = index
+        guard d.poisonStrikes >= Self.poisonStrikesToSkip else { return }
+        ring.poison(index)
+        let what = ring.request(at: index).map { r in
+            "\(r.operation.isRead ? "a read" : "a write of 0x\(String(r.data, radix: 16))") at offset 0x\(String(r.offset, radix: 16)) of resource \(r.resource)"
+        } ?? "a guest access"
+        Diagnostics.line("device \(d.spec.name) crashed \(d.poisonStrikes) times in a row serving \(what); its successor skips it (\(ring.request(at: index)?.operation.isRead == true ? "the guest reads all ones" : "the write is dropped")) and carries on")
+        d.poisonSuspect = nil
+        d.poisonStrikes = 0
+    }
+
     /// Starts the device's next generation on the same ring, state page and eventfds; on success
     /// it is running, its ring re-kicked and every interrupt line signalled once.
     private func relaunch(_ d: ManagedDevice) throws(CoreError) {
@@ -465,6 +494,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         // A ring the dead process left inconsistent would wedge the new one; the fault path
         // already reported it.
         d.endpoint.faulted.store(false, ordering: .releasing)
+        d.endpoint.ring.clearPoisonIfCommitted()
         try launch(d)
         d.endpoint.state = .running
         // Re-kick: the new process drains whatever the old one left uncommitted; and signal every

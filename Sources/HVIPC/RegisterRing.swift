@@ -23,6 +23,12 @@ public enum RingLayout {
     public static let responseProducerOffset = 256
     public static let responseConsumerOffset = 320
     public static let responseConsumerSleepingOffset = 384
+    /// The request the device is serving, and whether it is at it (device-written).
+    public static let requestServingOffset = 448
+    public static let requestServingActiveOffset = 512
+    /// A request the device must answer without serving (core-written, while no device runs).
+    public static let poisonedRequestOffset = 576
+    public static let poisonedRequestValidOffset = 640
 
     public static let requestEntrySize = 32
     public static let responseEntrySize = 16
@@ -115,6 +121,10 @@ public final class RegisterRing: @unchecked Sendable {
     private let responseProducer: UnsafeAtomic<UInt32>
     private let responseConsumer: UnsafeAtomic<UInt32>
     private let responseConsumerSleeping: UnsafeAtomic<UInt32>
+    private let requestServing: UnsafeAtomic<UInt32>
+    private let requestServingActive: UnsafeAtomic<UInt32>
+    private let poisonedRequest: UnsafeAtomic<UInt32>
+    private let poisonedRequestValid: UnsafeAtomic<UInt32>
     // Core side: the indices the core itself owns, kept privately so a device scribbling on the
     // shared page cannot rewind them. Only the core's (serialised) producer path touches these.
     private var coreRequestHead: UInt32 = 0
@@ -179,6 +189,53 @@ public final class RegisterRing: @unchecked Sendable {
         responseProducer = atomic(RingLayout.responseProducerOffset)
         responseConsumer = atomic(RingLayout.responseConsumerOffset)
         responseConsumerSleeping = atomic(RingLayout.responseConsumerSleepingOffset)
+        requestServing = atomic(RingLayout.requestServingOffset)
+        requestServingActive = atomic(RingLayout.requestServingActiveOffset)
+        poisonedRequest = atomic(RingLayout.poisonedRequestOffset)
+        poisonedRequestValid = atomic(RingLayout.poisonedRequestValidOffset)
+    }
+
+    // MARK: Poison requests (a request that kills the device every time it is replayed)
+
+    /// Device side: about to act on request `index` (before the model sees it).
+    public func beginServing(_ index: UInt32) {
+        requestServing.store(index, ordering: .releasing)
+        requestServingActive.store(1, ordering: .releasing)
+    }
+
+    /// Device side: done with the request `beginServing` named.
+    public func endServing() { requestServingActive.store(0, ordering: .releasing) }
+
+    /// Device side: whether request `index` is one the core declared poisoned (answer it without serving it).
+    public func isPoisoned(_ index: UInt32) -> Bool {
+        poisonedRequestValid.load(ordering: .acquiring) != 0 && poisonedRequest.load(ordering: .acquiring) == index
+    }
+
+    /// Core side, after the device died: the request it was acting on, if it died at it and the
+    /// index lies among the uncommitted requests (anything else is a hostile or stale value).
+    public func requestBeingServed() -> UInt32? {
+        guard requestServingActive.load(ordering: .acquiring) != 0 else { return nil }
+        let index = requestServing.load(ordering: .acquiring)
+        let committed = requestConsumer.load(ordering: .acquiring)
+        return index &- committed < coreRequestHead &- committed ? index : nil
+    }
+
+    /// Core side, while no device process runs: the device must answer request `index` without
+    /// serving it. Clears the device's serving flag, which the dead process left set.
+    public func poison(_ index: UInt32) {
+        requestServingActive.store(0, ordering: .relaxed)
+        poisonedRequest.store(index, ordering: .relaxed)
+        poisonedRequestValid.store(1, ordering: .releasing)
+    }
+
+    /// Core side, while no device process runs: forgets a poisoned request the device has
+    /// committed past.
+    public func clearPoisonIfCommitted() {
+        guard poisonedRequestValid.load(ordering: .acquiring) != 0 else { return }
+        let committed = requestConsumer.load(ordering: .acquiring)
+        if poisonedRequest.load(ordering: .relaxed) &- committed >= coreRequestHead &- committed {
+            poisonedRequestValid.store(0, ordering: .releasing)
+        }
     }
 
     private var requestBase: UnsafeMutableRawPointer { mapping.base + RingLayout.headerSize }

@@ -66,6 +66,7 @@ struct config {
     uint32_t csum;                      /* netblast: leave UDP checksums to the device (VIRTIO_NET_F_CSUM) */
     uint8_t peer_mac[6];                /* netping: the peer's MAC, given instead of asked by ARP */
     uint32_t peer_mac_given;
+    uint32_t poke, poke_given;          /* probe: a byte written to port+1 before the reads */
 };
 
 extern const char tramp_start[], tramp_end[];
@@ -331,6 +332,9 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->delay = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "port="))) {
             cfg->port = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "poke="))) {
+            cfg->poke = parse_u32(v, s);
+            cfg->poke_given = 1;
         } else if ((v = token_value(tok, s, "ip="))) {
             cfg->ip = parse_ip(v, s);
         } else if ((v = token_value(tok, s, "peer="))) {
@@ -450,8 +454,12 @@ static void mode_throughput(uint32_t bytes)
 }
 
 /* Read an I/O port `count` times (decimal `port=`): drives a test device's register path. */
-static void mode_probe(uint32_t port, uint32_t count)
+static void mode_probe(uint32_t port, uint32_t count, int poke_given, uint32_t poke)
 {
+    if (poke_given) {
+        outb((uint16_t)(port + 1), (uint8_t)poke);
+        kprintf("probe: wrote 0x%x to port 0x%x\n", poke, port + 1);
+    }
     for (uint32_t i = 0; i < count; i++)
         kprintf("probe: port=0x%x value=0x%x\n", port, inb((uint16_t)port));
 }
@@ -2084,7 +2092,7 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
     else if (streq(cfg.mode, "pcibar"))
         mode_pcibar();
     else if (streq(cfg.mode, "probe"))
-        mode_probe(cfg.port, cfg.count);
+        mode_probe(cfg.port, cfg.count, (int)cfg.poke_given, cfg.poke);
     else if (streq(cfg.mode, "netdhcp"))
         mode_netdhcp();
     else if (streq(cfg.mode, "netpeer"))

@@ -152,6 +152,8 @@ final class SchemaConformanceTests: XCTestCase {
             "request_consumer_sleeping": RingLayout.requestConsumerSleepingOffset,
             "response_producer": RingLayout.responseProducerOffset, "response_consumer": RingLayout.responseConsumerOffset,
             "response_consumer_sleeping": RingLayout.responseConsumerSleepingOffset,
+            "request_serving": RingLayout.requestServingOffset, "request_serving_active": RingLayout.requestServingActiveOffset,
+            "poisoned_request": RingLayout.poisonedRequestOffset, "poisoned_request_valid": RingLayout.poisonedRequestValidOffset,
         ]
         XCTAssertEqual(try ring["offsets"].object.mapValues { try $0.int("ring offset") }, offsets)
         for (name, offset) in offsets {
@@ -476,6 +478,16 @@ final class SchemaConformanceTests: XCTestCase {
         for _ in 0..<responseConsumer { XCTAssertNotNil(try ring.core.popResponse(), name) }
         if deviceSleeping { ring.device.setRequestConsumerSleeping(true, cursor: requestConsumer) }
         if coreSleeping { ring.core.setResponseConsumerSleeping(true) }
+        // Poison bookkeeping: the device names what it serves; the core marks what kills it.
+        let serving = try fields["request_serving"].fixed(UInt32.self, "request_serving")
+        let servingActive = try fields["request_serving_active"].int("request_serving_active") != 0
+        let poisoned = try fields["poisoned_request"].fixed(UInt32.self, "poisoned_request")
+        let poisonedValid = try fields["poisoned_request_valid"].int("poisoned_request_valid") != 0
+        if serving != 0 || servingActive {
+            ring.device.beginServing(serving)
+            if !servingActive { ring.device.endServing() }
+        }
+        if poisonedValid { ring.core.poison(poisoned) }
         XCTAssertEqual(hexString(ring.bytes(at: 0, count: RingLayout.headerSize)), hexString(expected), name)
 
         // Decode: a region holding exactly these bytes attaches, with these capacities and indices.
@@ -491,5 +503,7 @@ final class SchemaConformanceTests: XCTestCase {
         var pending: UInt32 = 0
         while try attached.popResponse() != nil { pending += 1 }
         XCTAssertEqual(pending, responseProducer &- responseConsumer, name)
+        XCTAssertEqual(attached.isPoisoned(poisoned), poisonedValid, name)
+        if poisonedValid { XCTAssertFalse(attached.isPoisoned(poisoned &+ 1), name) }
     }
 }

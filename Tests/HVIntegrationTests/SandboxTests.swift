@@ -40,6 +40,24 @@ final class SandboxTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("rogue: attack stderr refused: wrote"), r.stderr)
     }
 
+    /// Issue 13: a guest access that crashes its device on every replay (a poison request) does
+    /// not take the device down for good: after three crashes on it, the successor skips that one
+    /// access (a write is dropped), says so in one line, and serves the next ones.
+    func testAPoisonRequestIsSkippedAndTheDeviceCarriesOn() throws {
+        let guest = try Harness.testGuest()
+        let rogue = Harness.productsDirectory.appendingPathComponent("hv-rogue-device").path
+        let profile = Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json").path
+        let r = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=probe port=1312 count=3 poke=173",
+                              "--device", "\(rogue),profile=\(profile),pio=0x520:2,attack=poison"], timeout: 60)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.stderr.components(separatedBy: "killed by signal 11").count - 1, 3, r.stderr)
+        XCTAssertTrue(r.stderr.contains("device device0 crashed 3 times in a row serving a write of 0xad at offset 0x1 of resource 0; its successor skips it (the write is dropped) and carries on"), r.stderr)
+        XCTAssertFalse(r.stderr.contains("giving up"), r.stderr)
+        // The device is still serving: every read after the poisoned write is answered.
+        XCTAssertEqual(r.stdout.components(separatedBy: "probe: port=0x520 value=0x42").count - 1, 3, r.stdout)
+        XCTAssertTrue(r.stdout.hasSuffix("hv-testguest: done\n"), r.stdout)
+    }
+
     private static func namespace(_ pid: pid_t, _ kind: String) -> String {
         (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/\(kind)")) ?? "?"
     }

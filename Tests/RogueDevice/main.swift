@@ -25,7 +25,13 @@ final class Rogue: DeviceModel {
         return 0x42
     }
 
-    func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {}
+    func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
+        // attack=poison: a write of 0xAD to offset 1 crashes this device every time it is served,
+        // replays included, like a bug a guest can trigger at will.
+        if attack == "poison" && offset == 1 && value == 0xAD {
+            UnsafeMutablePointer<UInt64>(bitPattern: 0x10)!.pointee = value
+        }
+    }
 
     private func outcome(_ succeeded: Bool, _ detail: String) {
         runtime.log(.warning, "rogue: attack \(attack) \(succeeded ? "SUCCEEDED" : "refused"): \(detail)")
@@ -80,6 +86,8 @@ final class Rogue: DeviceModel {
             let own = runtime.addDoorbell(resource: 0, offset: 1, length: 1)
             outcome(foreign != nil || pastEnd != nil || anyWidthPort != nil || msi != nil,
                     "foreign \(foreign != nil), past end \(pastEnd != nil), any-width port \(anyWidthPort != nil), msi \(msi != nil); its own register \(own != nil)")
+        case "poison":
+            outcome(false, "armed: a write of 0xad to offset 1 crashes this device every time")
         case "stderr":
             // Pose as hvctl on the operator's terminal: a forged line, an escape sequence that
             // would clear the screen, then a flood. The core must prefix, clean and throttle it.
