@@ -80,6 +80,30 @@ final class VirtioSCSIDiskTests: XCTestCase {
         }
     }
 
+    /// Issue 13: SeaBIOS boots from the disk while hv-bios and hv-scsi are killed, in turn, at
+    /// random moments of the boot: it still boots, reads its sector, and nothing is reset.
+    func testSeaBIOSBootsWhileTheBIOSAndDiskProcessesAreKilled() throws {
+        let disk = try bootDisk("boot-killed.img")
+        let vm = try VMProcess(["run", "--firmware", "seabios", "--disk", disk])
+        var kills = 0
+        let deadline = Date().addingTimeInterval(60)
+        while vm.process.isRunning && kills < 8 && Date() < deadline {
+            Thread.sleep(forTimeInterval: Double.random(in: 0.1...0.3))
+            let name = kills % 2 == 0 ? "hv-bios" : "hv-scsi"
+            if let pid = vm.children(named: name).first {
+                kill(pid, SIGKILL)
+                kills += 1
+            }
+        }
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        XCTAssertGreaterThanOrEqual(kills, 2, "the boot finished before the test could kill anything")
+        let lines = vm.stdout.replacingOccurrences(of: "\r", with: "").split(separator: "\n").map(String.init)
+        XCTAssertTrue(lines.contains("hv-mbr: booted from the disk"), vm.stdout + vm.stderr)
+        XCTAssertTrue(lines.contains("hv-disk: sector 1 came through virtio-scsi"), vm.stdout + vm.stderr)
+        XCTAssertEqual(vm.stdout.components(separatedBy: "SeaBIOS (version").count - 1, 1, "the firmware started over: \(vm.stdout)")
+        XCTAssertEqual(vm.stderr.components(separatedBy: "restarted (pid").count - 1, kills, vm.stderr)
+    }
+
     func testBadDisksAreRefusedBeforeTheVMStarts() throws {
         let good = try bootDisk("good.img")
         let odd = dir.appendingPathComponent("odd.img").path
