@@ -3,8 +3,8 @@ import XCTest
 
 /// Acceptance with software no one here wrote: SeaBIOS boots a GRUB ISO (made by grub-mkrescue at
 /// test time) from hv's virtio-scsi CD-ROM; GRUB, through SeaBIOS's INT 13h, lists the disks,
-/// prints the MD5 of a 2 MiB file on an ext2 disk on hv's virtio-scsi disk, and halts — through
-/// hv's ACPI tables, so the VM ends with status 0.
+/// prints the MD5 of a 2 MiB file on an ext2 disk on hv's virtio-scsi disk — while the disk's and
+/// the CD's processes are killed — and halts through hv's ACPI tables, so the VM ends with status 0.
 final class GRUBTests: XCTestCase {
     override func setUpWithError() throws { try Harness.requireKVM() }
 
@@ -54,7 +54,21 @@ final class GRUBTests: XCTestCase {
         _ = try run("mkfs.ext2", ["-q", "-d", dir.appendingPathComponent("fs").path, "-F", disk, "8M"])
         _ = try run("grub-mkrescue", ["-o", iso, dir.appendingPathComponent("iso").path, "--modules=ext2 hashsum"])
 
-        let r = try runHvctl(["run", "--firmware", "seabios", "--cdrom", iso, "--disk", disk], timeout: 600)
+        // Issue 13: while GRUB reads the disk, its process (and once the CD's) is killed at random
+        // moments; every read it had in flight is resubmitted, and the checksum still matches.
+        let vm = try VMProcess(["run", "--firmware", "seabios", "--cdrom", iso, "--disk", disk])
+        XCTAssertTrue(vm.waitForOutput("hv-grub: started", timeout: 300), vm.stdout.suffix(2000) + vm.stderr)
+        var kills: [String] = []
+        for victim in ["disk0", "disk0", "cdrom0", "disk0", "disk0"] {
+            Thread.sleep(forTimeInterval: Double.random(in: 0.3...1.0))
+            guard vm.process.isRunning, !vm.stdout.contains("(hd0)/big.bin"), let pid = vm.children(named: victim).first else { break }
+            kill(pid, SIGKILL)
+            kills.append(victim)
+        }
+        let status = vm.waitForExit(timeout: 300)
+        let r = (status: status, stdout: vm.stdout, stderr: vm.stderr)
+        XCTAssertGreaterThanOrEqual(kills.count, 2, "GRUB finished before the test could kill its disk: \(r.stdout.suffix(500))")
+        XCTAssertEqual(r.stderr.components(separatedBy: "restarted (pid").count - 1, kills.count, r.stderr)
         XCTAssertEqual(r.status, 0, "GRUB's halt powers off through the ACPI tables: \(r.stderr)")
         let out = r.stdout.replacingOccurrences(of: "\r", with: "")
         XCTAssertTrue(out.contains("Booting from DVD/CD..."), out.suffix(2000).description)
