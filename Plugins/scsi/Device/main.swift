@@ -71,6 +71,31 @@ final class VirtioSCSI: VirtioDevice {
             let written = finishTransfer(job, errno: job.errno, memory)
             transport.complete(queue: job.queue, head: job.chain.head, written: written)
         }
+        saveLUN()
+    }
+
+    /// Where the LUN's own state lives in the state page: after the transport's configuration
+    /// and in-flight record (ipc-schema/README.md §11).
+    static let lunStateOffset = 3584
+
+    /// Saves the LUN's state after commands complete: a command is replayed after a crash only
+    /// if it had not completed, and then against the state from before it, as it should be.
+    func saveLUN() {
+        guard let page = runtime.statePage else { return }
+        let bytes = unit.savedState.bytes
+        if bytes != savedLUN {
+            page.storeBytes(bytes, at: Self.lunStateOffset)
+            savedLUN = bytes
+        }
+    }
+    private var savedLUN: [UInt8] = []
+
+    /// After a restart: the LUN's state as the previous process left it, if it left a valid one.
+    func restoreLUN() {
+        guard runtime.restartGeneration > 0, let page = runtime.statePage,
+              let state = LUNState(bytes: page.loadBytes(at: Self.lunStateOffset, count: LUNState.byteCount)) else { return }
+        unit.restore(state)
+        savedLUN = state.bytes
     }
 
     func queueNotified(_ index: Int, transport: VirtioPCITransport) {
@@ -80,7 +105,10 @@ final class VirtioSCSI: VirtioDevice {
             switch taken {
             case .success(let chain):
                 let written = index == 0 ? control(chain, memory) : request(chain, memory, queue: index)
-                if let written { transport.complete(queue: index, head: chain.head, written: written) }
+                if let written {
+                    transport.complete(queue: index, head: chain.head, written: written)
+                    saveLUN()
+                }
             case .failure(let error):
                 // A hostile guest can send these in a loop: name the first few, then count.
                 refused += 1
@@ -198,6 +226,8 @@ guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 
 let unit: any SCSILogicalUnit
 /// The medium's descriptor, kept open while it is in the drive.
 nonisolated(unsafe) var mediumFile: FileDescriptor? = image
+/// The adapter, once made (the media-change handler saves the LUN's state through it).
+nonisolated(unsafe) var scsi: VirtioSCSI?
 if runtime.config["kind"] == "cdrom" {
     // An empty file stands for an empty tray (the operator ejected the medium before a restart).
     let cd = SCSICDROM(medium: size >= 2048 ? FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSICDROM.blockSize - 1)) : nil)
@@ -206,11 +236,13 @@ if runtime.config["kind"] == "cdrom" {
         guard let file else {
             cd.changeMedium(nil)
             mediumFile = nil
+            scsi?.saveLUN()
             return true
         }
         guard let newSize = try? file.size(), newSize >= 2048 else { return false }
         cd.changeMedium(FileBackend(fd: file.rawValue, byteCount: UInt64(newSize) & ~(SCSICDROM.blockSize - 1)))
         mediumFile = file
+        scsi?.saveLUN()
         return true
     }
     unit = cd
@@ -220,4 +252,8 @@ if runtime.config["kind"] == "cdrom" {
 }
 // Three I/O threads (the sandbox allows this process four tasks); `io_threads=0` runs transfers inline.
 let ioThreads = min(Int(runtime.config["io_threads"] ?? "3") ?? 3, 3)
-runtime.run(VirtioPCITransport(runtime: runtime, device: VirtioSCSI(runtime: runtime, unit: unit, ioThreads: runtime.config["kind"] == "cdrom" ? 0 : ioThreads)))
+let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: runtime.config["kind"] == "cdrom" ? 0 : ioThreads)
+scsi = adapter
+// Before the transport resumes the queues (and resubmits what was in flight): the LUN's state first.
+adapter.restoreLUN()
+runtime.run(VirtioPCITransport(runtime: runtime, device: adapter))

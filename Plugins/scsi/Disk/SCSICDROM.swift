@@ -14,12 +14,12 @@ public final class SCSICDROM {
     public static let blockSize: UInt64 = 2048
     public static let maximumTransferBlocks: UInt64 = 2048
     /// The medium, nil when the tray is empty.
-    public private(set) var medium: BlockBackend?
-    public private(set) var removalPrevented = false
+    public internal(set) var medium: BlockBackend?
+    public internal(set) var removalPrevented = false
     /// A UNIT ATTENTION to report once (after the operator changed the medium).
-    private var unitAttention: SCSISense?
-    private var mediaEvent: UInt8 = 0  // 0 none, 1 eject request, 2 new media, 3 media removal
-    public private(set) var pendingSense = SCSISense.none
+    var unitAttention: SCSISense?
+    var mediaEvent: UInt8 = 0  // 0 none, 1 eject request, 2 new media, 3 media removal
+    public internal(set) var pendingSense = SCSISense.none
     public var lastHostError: String?
 
     public static let notReadyNoMedium = SCSISense(key: 0x02, asc: 0x3A, ascq: 0x00)

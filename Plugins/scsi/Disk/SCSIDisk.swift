@@ -67,6 +67,10 @@ public protocol SCSILogicalUnit: AnyObject {
     func execute(_ cdb: [UInt8], dataOut: [UInt8], dataInCapacity: Int) -> SCSIResult
     /// The last host I/O failure, described for the log.
     var lastHostError: String? { get set }
+    /// What must survive a restart of the device's process (`LUNState`).
+    var savedState: LUNState { get }
+    /// Takes back a state a previous process saved.
+    func restore(_ state: LUNState)
     /// The transfer `cdb` asks for when it is a plain READ or WRITE that passes every check, so the
     /// adapter may do the I/O itself (`transfer`, then `transferCompleted`); nil: use `execute`.
     func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer?
@@ -145,7 +149,7 @@ public final class SCSIDisk {
     public let readOnly: Bool
     public let serial: String
     /// The sense of the last CHECK CONDITION, for REQUEST SENSE (cleared when reported).
-    public private(set) var pendingSense = SCSISense.none
+    public internal(set) var pendingSense = SCSISense.none
     /// The last host I/O error, for the log (`takeHostError`).
     public var lastHostError: String?
 
