@@ -638,6 +638,7 @@ TABLE_HEADERS = ["case", "hv median (min–max)", "QEMU median (min–max)", "hv
 class Bench:
     def __init__(self, env: Env, runs: int, quick: bool):
         self.env = env
+        self.storm_kills = 100
         self.runs = runs
         self.quick = quick
         self.samples: dict[str, dict[str, list]] = {}
@@ -1338,6 +1339,225 @@ class Bench:
             rows.append(Row(label, hv, q, unit="µs", target="≤ QEMU", met=None if hv is None or q is None else hv.median <= q.median))
         return rows
 
+    # -- kill storms: lossless restart (issue 13) --
+
+    def _children_named(self, pid: int, name: str) -> list[int]:
+        """Children of `pid` whose command line contains `name` (a device's instance name)."""
+        found = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for kid in kids:
+                try:
+                    if name in Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                        found.append(int(kid))
+                except OSError:
+                    pass
+        return found
+
+    @staticmethod
+    def _processes_named(name: str) -> list[int]:
+        """Every process whose command line contains `name` (a detached segment switch)."""
+        found = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if name in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                        found.append(int(d.name))
+                except OSError:
+                    pass
+        return found
+
+    def _storm(self, argv: list[str], victims: Sequence[tuple[int, str]], kills: int, gap_s: tuple[float, float],
+               done: Callable[[bytes], bool], timeout_s: float, restarted: str,
+               after_kills_s: Optional[float] = None) -> dict:
+        """Runs hvctl (argv), kills the named device process `kills` times at random gaps, and
+        returns its stdout, the exit status, and the delay from each kill to the core's
+        `device … restarted` line (the guest-visible stall of a device that serves no I/O in between)."""
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=REPO, env=self.hv_env)
+        out, err_lines = bytearray(), []
+
+        def pump(stream, sink, lines):
+            for line in iter(stream.readline, b""):
+                if lines is not None:
+                    lines.append((now_ns(), line.decode(errors="replace")))
+                else:
+                    sink.extend(line)
+        threads = [threading.Thread(target=pump, args=(proc.stdout, out, None), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, None, err_lines), daemon=True)]
+        for t in threads:
+            t.start()
+        rng = random.Random(4242)
+        kill_times: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        while len(kill_times) < kills and proc.poll() is None and time.monotonic() < deadline and not done(bytes(out)):
+            time.sleep(rng.uniform(*gap_s))
+            owner, name = victims[len(kill_times) % len(victims)]
+            pids = self._processes_named(name) if owner < 0 else self._children_named(owner or proc.pid, name)
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                kill_times.append(now_ns())
+        rc = None
+        # A workload that ends by itself is waited for; one that runs forever (a ping loop) gets
+        # `after_kills_s` to show it resumed after the last kill.
+        if after_kills_s is not None:
+            deadline = min(deadline, time.monotonic() + after_kills_s)
+        while time.monotonic() < deadline and not done(bytes(out)) and proc.poll() is None:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        else:
+            rc = proc.returncode
+        for t in threads:
+            t.join(timeout=5)
+        restarts = [t for t, line in err_lines if restarted in line]
+        stalls = []
+        for k in kill_times:
+            after = [t for t in restarts if t > k]
+            if after:
+                stalls.append((after[0] - k) / 1e6)
+        return {"out": bytes(out), "rc": rc, "kills": len(kill_times), "stalls": stalls,
+                "stderr": "".join(line for _, line in err_lines)}
+
+    @staticmethod
+    def _percentile(values: Sequence[float], q: float) -> Optional[float]:
+        if not values:
+            return None
+        v = sorted(values)
+        return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+    def _storm_row(self, name: str, r: dict, verdict: str, ok: bool) -> Row:
+        p50, p99 = self._percentile(r["stalls"], 0.5), self._percentile(r["stalls"], 0.99)
+        stall = "n/a" if p50 is None else f"restart p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        text = f"{r['kills']} kills: {verdict}; {stall}"
+        met = ok and p99 is not None and p99 <= 20
+        return Row(f"kill storm: {name}", text=text, target="0 lost/duplicated/corrupt, no reset; p99 ≤ 20 ms",
+                   note=("met" if met else "not met") + " (no other VMM survives this: no QEMU column)")
+
+    def case_kill_storms(self) -> list[Row]:
+        names = ["hv-scsi", "hv-serial", "hv-bios", "hv-net", "hv-switch", "upgrade pause"]
+        if self.quick:
+            return [self.not_yet(f"kill storm: {n}", "0 lost, p99 ≤ 20 ms", "skipped by --quick (minutes per device)")
+                    for n in names]
+        kills = self.storm_kills
+        print(f"case: kill storms: {kills} × kill -9 of each device kind during guest I/O", flush=True)
+        rows = []
+        run_dir = self.env.tmp / "storm-run"
+        self.hv_env["HV_RUN_DIR"] = str(run_dir)
+        try:
+            # hv-scsi: write/verify with four 4 KiB requests in flight.
+            image = self.env.tmp / "storm.img"
+            subprocess.run([str(self.env.hvctl), "disk", "create", str(image), "--size", "16M"], check=True,
+                           capture_output=True, env=self.hv_env)
+            argv = self.hv_argv(f"mode=vscsistress count={max(100, kills * 6)}") + ["--disk", str(image)]
+            r = self._storm(argv, [(0, "disk0")], kills, (0.12, 0.3), lambda o: b"vscsistress: done" in o, 600,
+                            "device disk0 restarted")
+            m = re.search(rb"vscsistress: done rounds=(\d+) requests=(\d+) errors=(\d+) mismatches=(\d+) duplicates=(\d+)", r["out"])
+            ok = bool(m) and m.group(3) == m.group(4) == m.group(5) == b"0" and r["out"].count(b"mode=vscsistress") == 1
+            verdict = (f"{int(m.group(2))} requests, {int(m.group(3))} errors, {int(m.group(4))} mismatches, "
+                       f"{int(m.group(5))} duplicates, {r['out'].count(MODE_MARKER) - 1} resets") if m else "the guest did not finish"
+            rows.append(self._storm_row("hv-scsi", r, verdict, ok))
+            print(f"  hv-scsi: {rows[-1].text}", flush=True)
+
+            print("  hv-serial: a flood of numbered lines to a file ...", flush=True)
+            # hv-serial: a flood of numbered lines to a file; every line exactly once.
+            console = self.env.tmp / "storm-console.txt"
+            lines = max(20000, kills * 600)
+            argv = [a for a in self.hv_argv(f"mode=flood lines={lines}") if a not in ("--serial", "stdio")]
+            argv += ["--serial", f"file:{console}"]
+            r = self._storm(argv, [(0, "serial0")], kills, (0.12, 0.3), lambda o: False, 600, "device serial0 restarted")
+            got = [l for l in console.read_bytes().split(b"\n") if l.startswith(b"line ")]
+            expected = [b"line %05d" % i for i in range(lines)]
+            lost = len(set(expected) - set(got))
+            dup = len(got) - len(set(got))
+            corrupt = sum(1 for l in got if l not in set(expected))
+            ok = lost == dup == corrupt == 0 and got == expected
+            rows.append(self._storm_row("hv-serial", r, f"{len(got)} lines, {lost} lost, {dup} duplicated, {corrupt} corrupt", ok))
+            print(f"  hv-serial: {rows[-1].text}", flush=True)
+
+            # hv-bios: SeaBIOS boots from a disk, again and again, killed during each boot.
+            boots, booted, stalls, bios_kills, resets = 0, 0, [], 0, 0
+            mbr = self.env.guest.parent / "mbr.bin"
+            disk = self.env.tmp / "storm-boot.img"
+            data = mbr.read_bytes() + b"hv-disk: sector 1 came through virtio-scsi\r\n".ljust(512, b"\0")
+            disk.write_bytes(data.ljust(1 << 20, b"\0"))
+            while bios_kills < kills and boots < 3 * kills:
+                argv = [str(self.env.hvctl), "run", "--firmware", "seabios", "--disk", str(disk), "--serial", "stdio"]
+                r = self._storm(argv, [(0, "bios")], 3, (0.05, 0.6), lambda o: b"sector 1 came through" in o, 60,
+                                "device bios restarted")
+                boots += 1
+                bios_kills += r["kills"]
+                stalls += r["stalls"]
+                booted += b"sector 1 came through" in r["out"]
+                resets += max(0, r["out"].count(b"SeaBIOS (version") - 1)
+            r = {"kills": bios_kills, "stalls": stalls}
+            rows.append(self._storm_row("hv-bios", r, f"{booted}/{boots} SeaBIOS boots reached the disk, {resets} resets",
+                                        booted == boots and resets == 0))
+            print(f"  hv-bios: {rows[-1].text}", flush=True)
+
+            # hv-net and hv-switch: two VMs on a segment, one pinging the other without pause.
+            for victim, label in (("net0", "hv-net"), ("hv-switch", "hv-switch")):
+                seg = f"storm{os.getpid()}{label[-3:]}"
+                responder = subprocess.Popen(self.hv_argv("mode=netpeer ip=10.9.0.2") + ["--nic", f"net={seg},mac=52:54:00:00:00:02",
+                                             "--name", f"resp-{seg}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL, cwd=REPO, env=self.hv_env)
+                time.sleep(1.0)
+                argv = self.hv_argv("mode=netping ip=10.9.0.1 peer=10.9.0.2 count=1000000") + ["--nic", f"net={seg},mac=52:54:00:00:00:01"]
+                # The pinger's own NIC (it receives every reply), or the segment's switch.
+                target = (0, "net0") if victim == "net0" else (-1, f"hv-switch {seg}")
+                r = self._storm(argv, [target], kills, (0.3, 0.6), lambda o: False, 900,
+                                "device net0 restarted" if victim == "net0" else "net0 joined again", after_kills_s=5)
+                responder.send_signal(signal.SIGTERM)
+                try:
+                    responder.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    responder.kill()
+                replies = r["out"].count(b"net: reply seq")
+                last_seq = max([int(x) for x in re.findall(rb"net: reply seq (\d+)", r["out"])] or [0])
+                lost = last_seq - replies
+                resumed = replies > 0 and last_seq > 0
+                # A frame in flight when a NIC or the switch dies is lost, as on a link that flaps;
+                # what counts is that pings resume after every kill.
+                rows.append(self._storm_row(label, r, f"{replies} pings answered, {lost} lost ({lost / max(1, r['kills']):.1f} per kill, "
+                                                      f"dropped like a link flap), pings resumed: {'yes' if resumed else 'NO'}", resumed))
+                print(f"  {label}: {rows[-1].text}", flush=True)
+
+            # Upgrade pause: hv-scsi replaced by a copy of itself 20 times during write/verify.
+            copies = [self.env.tmp / f"hv-scsi-{i}" for i in range(2)]
+            for c in copies:
+                shutil.copy(self.env.hvctl.parent / "hv-scsi", c)
+            image2 = self.env.tmp / "upgrade.img"
+            subprocess.run([str(self.env.hvctl), "disk", "create", str(image2), "--size", "16M"], check=True,
+                           capture_output=True, env=self.hv_env)
+            vm = subprocess.Popen(self.hv_argv("mode=vscsistress count=3000") + ["--disk", str(image2), "--name", "upgrade"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=self.hv_env)
+            time.sleep(1.5)
+            pauses = []
+            for i in range(20):
+                a = subprocess.run([str(self.env.hvctl), "device", "upgrade", "upgrade", "disk0", "--binary", str(copies[i % 2])],
+                                   capture_output=True, text=True, env=self.hv_env, timeout=60)
+                m = re.search(r"away for (\d+) ms", a.stdout)
+                if m:
+                    pauses.append(float(m.group(1)))
+            vm.send_signal(signal.SIGTERM)
+            out, _ = vm.communicate(timeout=30)
+            p50, p99 = self._percentile(pauses, 0.5), self._percentile(pauses, 0.99)
+            rows.append(Row("upgrade pause (hv-scsi replaced under write/verify)",
+                            text=f"{len(pauses)}/20 upgrades; device away p50 {p50} ms, p99 {p99} ms" if pauses else "no upgrade succeeded",
+                            target="a short pause, no I/O error", note="no other VMM can do this"))
+            print(f"  upgrade: {rows[-1].text}", flush=True)
+        finally:
+            self.hv_env.pop("HV_RUN_DIR", None)
+        return rows
+
     # -- not yet --
 
     @staticmethod
@@ -1396,6 +1616,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="skip `swift build -c release` (use the existing release build)")
     ap.add_argument("--bin-dir", metavar="DIR",
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
+    ap.add_argument("--only", metavar="CASE", action="append",
+                    help="run only this case (repeatable): pioread, time_to_x, throughput, memory, seabios, "
+                         "sandbox, vm_rate, vms_at_once, grub, scsi, net, kill_storms")
+    ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
     if runs < 1:
@@ -1415,19 +1639,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         info = machine_info()
         print(f"TSC {hz / 1e6:.3f} MHz ({hz_src})", flush=True)
         bench = Bench(env, runs, args.quick)
+        bench.storm_kills = args.kills
         bench.warm_up()
         rows: list[Row] = []
-        rows += bench.case_pioread()
-        rows += bench.case_time_to_x()
-        rows += bench.case_throughput()
-        rows += bench.case_memory()
-        rows += bench.case_seabios()
-        rows += bench.case_sandbox()
-        rows += bench.case_vm_rate()
-        rows += bench.case_vms_at_once()
-        rows += bench.case_grub()
-        rows += bench.case_scsi()
-        rows += bench.case_net()
+        cases = ["pioread", "time_to_x", "throughput", "memory", "seabios", "sandbox", "vm_rate", "vms_at_once",
+                 "grub", "scsi", "net", "kill_storms"]
+        for name in args.only or cases:
+            if name not in cases:
+                sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases)}")
+            rows += getattr(bench, f"case_{name}")()
         rows += bench.cases_not_yet()
 
     elapsed = time.monotonic() - t_start

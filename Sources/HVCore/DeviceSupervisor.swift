@@ -171,10 +171,10 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     /// Records a crash (or failed restart) at `now` of a process that had been up for `uptime`;
     /// returns the delay before the next restart, or nil when the device crashed too often and is
-    /// given up. 10 ms, 20 ms, 40 ms … capped at 2 s: quick recovery from a one-off crash, no busy
+    /// given up. 1 ms, then 10 ms, 20 ms, 40 ms … capped at 2 s: quick recovery from a one-off crash, no busy
     /// loop from a broken one. A process that served for `healthyUptime` before it died was not
     /// crash-looping (an operator's kill, an OOM kill, a rare bug): its history starts afresh, so
-    /// it comes back in 10 ms however often that happens.
+    /// it comes back in 1 ms however often that happens.
     private func recordCrash(_ d: ManagedDevice, now: UInt64, uptime: UInt64) -> UInt64? {
         if uptime >= Self.healthyUptime { d.crashTimes = [] }
         d.crashTimes = d.crashTimes.filter { now - $0 < Self.crashWindow } + [now]
@@ -182,7 +182,10 @@ final class DeviceSupervisor: @unchecked Sendable {
             d.endpoint.state = .failed
             return nil
         }
-        return min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 1), 2_000_000_000)
+        // The first crash after a healthy run restarts at once (1 ms: the stall the guest sees is
+        // the restart itself); a crash loop backs off from 10 ms.
+        guard d.crashTimes.count > 1 else { return 1_000_000 }
+        return min(UInt64(10_000_000) << UInt64(d.crashTimes.count - 2), 2_000_000_000)
     }
     static let crashWindow: UInt64 = 60_000_000_000
     static let healthyUptime: UInt64 = 100_000_000

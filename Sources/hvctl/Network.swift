@@ -364,6 +364,7 @@ final class SegmentKeeper: @unchecked Sendable {
                         case .success(let joined):
                             members[i].connection = joined.membership
                             members[i].socket = joined.socket
+                            warn("segment '\(m.segment)': \(m.nic) joined again")
                         case .failure(let error):
                             warn("\(error.message); trying again")
                             usleep(delay)
