@@ -25,6 +25,20 @@ enum ExitCleanup {
         actions.withLock { $0.append(action) }
     }
 
+    /// Held while a resource is created and its clean-up registered, so a signal never ends
+    /// hvctl between the two (a lock file created, its removal not yet registered).
+    private static let creating = Mutex<Void>(())
+
+    /// Runs `body` (create something, register its clean-up) as one step against `exitNow`.
+    static func creating<T>(_ body: () throws(UsageError) -> T) throws(UsageError) -> T {
+        try creating.withLock { _ throws(UsageError) in try body() }
+    }
+
+    /// Exits with `status` (running every clean-up), but not in the middle of `creating`.
+    static func exitNow(_ status: Int32) -> Never {
+        creating.withLock { _ in exit(status) }
+    }
+
     static func runAll() {
         let pending = actions.withLock { list -> [@Sendable () -> Void] in
             defer { list.removeAll() }
@@ -57,7 +71,7 @@ func startSignalWatcher(_ current: CurrentMachine) {
                 guard sigwait(&waitSet, &sig) == 0 else { continue }
                 if current.machine == nil {
                     current.stop(.signal(sig))
-                    exit(128 + sig)
+                    ExitCleanup.exitNow(128 + sig)
                 }
                 current.stop(.signal(sig))
             }
@@ -312,8 +326,15 @@ func run(_ options: RunOptions) -> Int32 {
     let name = options.name ?? "vm-\(getpid())"
     sweepStaleVMs()
     let server: ControlServer
-    do { server = try ControlServer(name: name) } catch { fail(error.message, status: 2) }
-    ExitCleanup.add { server.close() }
+    do {
+        server = try ExitCleanup.creating { () throws(UsageError) -> ControlServer in
+            let created = try ControlServer(name: name)
+            ExitCleanup.add { created.close() }
+            return created
+        }
+    } catch {
+        fail(error.message, status: 2)
+    }
 
     // The trusted side opens every host file; devices only receive descriptors. Nothing is
     // truncated until every check below has passed.
