@@ -1476,9 +1476,10 @@ class Bench:
             r = self._storm(argv, [(0, "serial0")], kills, (0.12, 0.3), lambda o: False, 600, "device serial0 restarted")
             got = [l for l in console.read_bytes().split(b"\n") if l.startswith(b"line ")]
             expected = [b"line %05d" % i for i in range(lines)]
-            lost = len(set(expected) - set(got))
-            dup = len(got) - len(set(got))
-            corrupt = sum(1 for l in got if l not in set(expected))
+            expected_set, got_set = set(expected), set(got)
+            lost = len(expected_set - got_set)
+            dup = len(got) - len(got_set)
+            corrupt = sum(1 for l in got if l not in expected_set)
             ok = lost == dup == corrupt == 0 and got == expected
             rows.append(self._storm_row("hv-serial", r, f"{len(got)} lines, {lost} lost, {dup} duplicated, {corrupt} corrupt", ok))
             print(f"  hv-serial: {rows[-1].text}", flush=True)

@@ -1,4 +1,5 @@
 import Atomics
+import Glibc
 
 /// What a virtio device plugin implements; `VirtioPCITransport` does the rest (PCI config space,
 /// capabilities, feature negotiation, queue setup, notifications).
@@ -30,10 +31,16 @@ public protocol VirtioDevice: AnyObject {
     /// may be served twice (once by the dead process, once again), so serving it must be
     /// idempotent: reading or writing the same blocks, sending the same frame. Default: false.
     var completesInOrder: Bool { get }
+    /// Completes, with an error the driver understands, a chain that crashed the device on each of
+    /// its last three replays (out-of-order devices only). Default: completed with nothing written.
+    func completePoisoned(_ chain: DescriptorChain, queue: Int, transport: VirtioPCITransport)
 }
 
 extension VirtioDevice {
     public var completesInOrder: Bool { false }
+    public func completePoisoned(_ chain: DescriptorChain, queue: Int, transport: VirtioPCITransport) {
+        transport.complete(queue: queue, head: chain.head, written: 0)
+    }
 }
 
 /// The virtio-pci modern transport (virtio 1.2 §4.1) for a device process: serves its PCI config
@@ -64,6 +71,8 @@ public final class VirtioPCITransport: DeviceModel {
     public private(set) var queues: [SplitVirtqueue?]
     /// Per queue, chains a dead predecessor had taken and not completed, to hand out again first.
     private var resubmit: [[UInt16]]
+    /// Per queue, chains that crashed the device on every replay, to complete with an error.
+    private var poisoned: [[UInt16]]
     /// Guest RAM (the device must be declared with `memory`).
     public let memory: GuestMemory?
 
@@ -133,6 +142,7 @@ public final class VirtioPCITransport: DeviceModel {
         barResource = runtime.resources.firstIndex { $0.kind == .pciMMIOBar && $0.base & 0xFF == 0 && $0.length >= Self.barSize }
         queues = Array(repeating: nil, count: device.queueCount)
         resubmit = Array(repeating: [], count: device.queueCount)
+        poisoned = Array(repeating: [], count: device.queueCount)
         setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
         msixVectors = runtime.capabilities.contains(.msi) ? min(device.queueCount + 1, 64) : 0
         msixTable = (0..<msixVectors).flatMap { _ in [UInt8](repeating: 0, count: 12) + [1, 0, 0, 0] }  // masked at reset
@@ -154,6 +164,7 @@ public final class VirtioPCITransport: DeviceModel {
         }
         if restoreState() {
             runtime.log(.info, "resumed after a restart: configuration restored, queues resumed")
+            completePoisonedChains()
             for q in queues.indices { notified(q) }
             // Anything the dead process completed but did not signal is signalled now.
             for q in queues.indices where status & 4 != 0 { signalUsedBuffers(queue: q) }
@@ -214,91 +225,18 @@ public final class VirtioPCITransport: DeviceModel {
     }
 
     // MARK: In-flight record (devices that complete out of order)
-    //
-    // In the state page from offset 2048 (ipc-schema/README.md §11.2): a header ("HVIF", version
-    // u16, queue count u16), then per queue 136 bytes: `taken` u16 (available-ring entries taken),
-    // `used` u16 (the used index after the last recorded completion), `completing` u16 (the head
-    // being completed, 0xFFFF when none), u16 reserved, and a 1024-bit map of heads taken and not
-    // completed. The write order makes every crash point recoverable:
-    //   take:     set the head's bit, then advance `taken`;
-    //   complete: note `completing`, write the used element and index, clear the bit, store
-    //             `used`, clear `completing`.
-    // A successor resubmits every set bit; a bit whose completion reached the used ring (the
-    // guest's used index is one past `used`) is dropped; a head at the available ring's `taken`
-    // slot whose bit is already set was marked but not counted, and is counted.
 
     static let inflightOffset = 2048
-    private static let inflightMagic: UInt32 = 0x4649_5648  // "HVIF"
-    private static let inflightVersion: UInt16 = 1
-    private static let inflightQueueBytes = 136
-    private static let inflightMapBytes = 128
-    private static let noHead: UInt16 = 0xFFFF
 
     /// Out-of-order devices with a state page big enough for their queues, up to 1024 entries each.
-    private var tracksInflight: Bool {
-        guard !device.completesInOrder, let page = runtime.statePage, device.maxQueueSize <= 1024 else { return false }
-        return Self.inflightOffset + 8 + device.queueCount * Self.inflightQueueBytes <= page.count
-    }
+    private var tracksInflight: Bool { inflight != nil }
+    private lazy var inflight: InflightRecord? = {
+        guard !device.completesInOrder, let page = runtime.statePage, device.maxQueueSize <= 1024,
+              Self.inflightOffset + InflightRecord.size(queueCount: device.queueCount) <= page.count else { return nil }
+        return InflightRecord(storage: page, offset: Self.inflightOffset, queueCount: device.queueCount)
+    }()
 
-    private func inflightRecord(_ q: Int) -> Int { Self.inflightOffset + 8 + q * Self.inflightQueueBytes }
-
-    /// A fresh record: no queue has taken anything (at setup, and on a driver's reset).
-    private func clearInflight() {
-        guard tracksInflight, let page = runtime.statePage else { return }
-        var header = [UInt8](repeating: 0, count: 8 + device.queueCount * Self.inflightQueueBytes)
-        for i in 0..<4 { header[i] = UInt8(truncatingIfNeeded: Self.inflightMagic >> (8 * UInt32(i))) }
-        header[4] = UInt8(Self.inflightVersion)
-        header[6] = UInt8(truncatingIfNeeded: device.queueCount)
-        for q in 0..<device.queueCount { header[8 + q * Self.inflightQueueBytes + 4] = 0xFF; header[8 + q * Self.inflightQueueBytes + 5] = 0xFF }
-        page.storeBytes(header, at: Self.inflightOffset)
-    }
-
-    private func setInflight(_ q: Int, head: UInt16, _ on: Bool) {
-        guard let page = runtime.statePage, head < 1024 else { return }
-        let at = inflightRecord(q) + 8 + Int(head) / 8
-        let bit = UInt8(1) << UInt8(head % 8)
-        let byte = page.loadByte(at: at)
-        page.storeByte(on ? byte | bit : byte & ~bit, at: at)
-    }
-
-    /// A successor's view of queue `q`'s record: the heads to take again and where to resume.
-    /// Every value is checked against the queue (the dead process may have left anything).
-    private func recoverInflight(_ q: Int, queue: SplitVirtqueue, memory: GuestMemory) -> (heads: [UInt16], taken: UInt16, used: UInt16)? {
-        guard let page = runtime.statePage else { return nil }
-        let header = page.loadBytes(at: Self.inflightOffset, count: 8)
-        let magic = header.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
-        guard header.count == 8, magic == Self.inflightMagic, UInt16(header[4]) | UInt16(header[5]) << 8 == Self.inflightVersion,
-              Int(UInt16(header[6]) | UInt16(header[7]) << 8) == device.queueCount,
-              let guestUsed = queue.publishedUsedIndex(memory) else { return nil }
-        let record = inflightRecord(q)
-        var taken = page.loadUInt16(at: record)
-        let used = page.loadUInt16(at: record + 2)
-        let completing = page.loadUInt16(at: record + 4)
-        let map = page.loadBytes(at: record + 8, count: Self.inflightMapBytes)
-        var inFlight = Set((0..<queue.size).filter { map[Int($0) / 8] & (1 << ($0 % 8)) != 0 })
-        // The completion being made when the process died reached the used ring: it is done.
-        if completing != Self.noHead && guestUsed == used &+ 1 { inFlight.remove(completing) }
-        // A head marked taken whose count had not yet been advanced.
-        if let head = queue.availableHead(at: taken, memory), inFlight.contains(head) { taken &+= 1 }
-        // No more chains can be in flight than were taken and not used; a record claiming more
-        // is corrupt: resubmit none rather than serve chains the driver never offered.
-        guard inFlight.count <= Int(taken &- guestUsed) else {
-            runtime.log(.warning, "queue \(q): the in-flight record names \(inFlight.count) chains but \(taken &- guestUsed) were outstanding; resubmitting none")
-            return ([], taken, guestUsed)
-        }
-        return (inFlight.sorted(), taken, guestUsed)
-    }
-
-    /// Writes back a recovered record, so a crash of the successor finds it consistent too.
-    private func storeInflight(_ q: Int, heads: [UInt16], taken: UInt16, used: UInt16) {
-        guard let page = runtime.statePage else { return }
-        var map = [UInt8](repeating: 0, count: Self.inflightMapBytes)
-        for h in heads where h < 1024 { map[Int(h) / 8] |= 1 << (h % 8) }
-        page.storeBytes(map, at: inflightRecord(q) + 8)
-        page.storeUInt16(taken, at: inflightRecord(q))
-        page.storeUInt16(used, at: inflightRecord(q) + 2)
-        page.storeUInt16(Self.noHead, at: inflightRecord(q) + 4)
-    }
+    private func clearInflight() { inflight?.clear() }
 
     /// After a crash: takes back the configuration the dead process saved, resumes every live
     /// queue at its used index, and notifies the device of each so it takes again what was
@@ -313,8 +251,15 @@ public final class VirtioPCITransport: DeviceModel {
             defer { at += n }
             return (0..<n).reduce(0) { $0 | UInt64(b[at + $1]) << (8 * UInt64($1)) }
         }
-        guard get(4) == UInt64(Self.stateMagic), get(4) == UInt64(Self.stateVersion),
-              get(2) == UInt64(setups.count), get(2) == UInt64(msixVectors) else { return false }
+        guard get(4) == UInt64(Self.stateMagic) else { return false }
+        let version = get(4)
+        guard version == UInt64(Self.stateVersion) else {
+            // A state another version of this transport wrote (an upgrade, or a rollback): this
+            // binary must not guess at it. Exiting makes the core roll an upgrade back.
+            runtime.log(.error, "the state page holds virtio transport state version \(version); this binary reads version \(Self.stateVersion) only")
+            exit(3)
+        }
+        guard get(2) == UInt64(setups.count), get(2) == UInt64(msixVectors) else { return false }
         status = UInt8(get(1)); driverFeatures = get(8); configVector = UInt16(get(2))
         deviceFeatureSelect = UInt32(get(4)); driverFeatureSelect = UInt32(get(4)); queueSelect = UInt16(get(2))
         msixEnabled = get(1) != 0; msixFunctionMask = get(1) != 0
@@ -334,16 +279,19 @@ public final class VirtioPCITransport: DeviceModel {
                 queues[q]!.restore(nextAvailable: used, usedIndex: used)
             } else {
                 // Out of order: the in-flight record says which chains the dead process held.
-                guard let recovered = recoverInflight(q, queue: queues[q]!, memory: memory) else {
+                let queue = queues[q]!
+                guard let record = inflight, record.isValid, let guestUsed = queue.publishedUsedIndex(memory) else {
                     runtime.log(.warning, "queue \(q): no valid in-flight record; starting unconfigured (the driver must reset the device)")
                     writeStatus(0)
                     return false
                 }
+                let recovered = record.recover(q, size: queue.size, guestUsed: guestUsed) { queue.availableHead(at: $0, memory) }
+                if let corrupt = recovered.corrupt { runtime.log(.warning, "queue \(q): \(corrupt); resubmitting none") }
                 queues[q]!.restore(nextAvailable: recovered.taken, usedIndex: recovered.used)
-                resubmit[q] = recovered.heads
-                storeInflight(q, heads: recovered.heads, taken: recovered.taken, used: recovered.used)
-                if !recovered.heads.isEmpty {
-                    runtime.log(.info, "queue \(q): resubmitting \(recovered.heads.count) requests the previous process had in flight")
+                resubmit[q] = recovered.resubmit
+                poisoned[q] = recovered.poisoned
+                if !recovered.resubmit.isEmpty {
+                    runtime.log(.info, "queue \(q): resubmitting \(recovered.resubmit.count) requests the previous process had in flight")
                 }
             }
         }
@@ -446,19 +394,38 @@ public final class VirtioPCITransport: DeviceModel {
     /// nil when there is none, or the queue is not live.
     public func takeNext(queue index: Int) -> Result<DescriptorChain, DescriptorChainError>? {
         guard let memory, index < queues.count, queues[index] != nil else { return nil }
+        // The device is done acting on the chain it took last (if any).
+        inflight?.serving(index, head: nil)
+        let taken: Result<DescriptorChain, DescriptorChainError>?
         if !resubmit[index].isEmpty {
             // What the previous process had taken and not completed comes first, as it was.
-            return queues[index]!.retake(head: resubmit[index].removeFirst(), memory)
+            taken = queues[index]!.retake(head: resubmit[index].removeFirst(), memory)
+        } else {
+            let before = queues[index]!.nextAvailable
+            taken = queues[index]!.next(memory)
+            if let record = inflight, queues[index]!.nextAvailable != before {
+                record.taken(index, head: queues[index]!.lastHead, takenCount: queues[index]!.nextAvailable)
+            }
         }
-        let before = queues[index]!.nextAvailable
-        let taken = queues[index]!.next(memory)
-        if tracksInflight, queues[index]!.nextAvailable != before, let page = runtime.statePage {
-            // The head's bit first, then the count: see "In-flight record".
-            if let head = queues[index]!.lastHead { setInflight(index, head: head, true) }
-            atomicMemoryFence(ordering: .sequentiallyConsistent)
-            page.storeUInt16(queues[index]!.nextAvailable, at: inflightRecord(index))
-        }
+        // A crash from here until the next takeNext is a strike against this chain.
+        if let record = inflight, taken != nil, let head = queues[index]!.lastHead { record.serving(index, head: head) }
         return taken
+    }
+
+    /// Chains that crashed the device on every replay, completed with an error after a restart
+    /// (the device's `completePoisoned`), once the queues are live again.
+    private func completePoisonedChains() {
+        guard let memory else { return }
+        for q in queues.indices where queues[q] != nil {
+            for head in poisoned[q] {
+                runtime.log(.warning, "queue \(q): the request at descriptor \(head) crashed this device \(InflightRecord.strikesToSkip) times in a row; it is completed with an error and the device carries on")
+                switch queues[q]!.retake(head: head, memory) {
+                case .success(let chain): device.completePoisoned(chain, queue: q, transport: self)
+                case .failure: complete(queue: q, head: head, written: 0)
+                }
+            }
+            poisoned[q] = []
+        }
     }
 
     /// Completes, with nothing written, the chain `takeNext` last refused (when its head was a
@@ -471,21 +438,10 @@ public final class VirtioPCITransport: DeviceModel {
     /// Completes `head` on queue `index` with `written` bytes.
     public func complete(queue index: Int, head: UInt16, written: UInt32) {
         guard let memory, index < queues.count, queues[index] != nil else { return }
-        guard tracksInflight, let page = runtime.statePage else {
-            queues[index]!.complete(head: head, written: written, memory)
-            signalUsedBuffers(queue: index)
-            return
-        }
-        // Note the completion, make it, then forget the chain: see "In-flight record".
-        let record = inflightRecord(index)
-        page.storeUInt16(head, at: record + 4)
-        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        // Note the completion, make it, then forget the chain (InflightRecord's write order).
+        inflight?.beginCompletion(index, head: head)
         queues[index]!.complete(head: head, written: written, memory)
-        atomicMemoryFence(ordering: .sequentiallyConsistent)
-        setInflight(index, head: head, false)
-        page.storeUInt16(queues[index]!.usedIndex, at: record + 2)
-        atomicMemoryFence(ordering: .sequentiallyConsistent)
-        page.storeUInt16(Self.noHead, at: record + 4)
+        inflight?.endCompletion(index, head: head, usedIndex: queues[index]!.usedIndex)
         signalUsedBuffers(queue: index)
     }
 
@@ -722,9 +678,9 @@ public final class VirtioPCITransport: DeviceModel {
         setups[q].enabled = true
         queues[q] = queue
         queues[q]!.eventIndex = driverFeatures & Self.eventIndexFeature != 0
-        if !restoring && tracksInflight {
+        if !restoring {
             // A newly enabled queue has taken and completed nothing.
-            storeInflight(q, heads: [], taken: 0, used: 0)
+            inflight?.resetQueue(q)
         }
     }
 
@@ -741,6 +697,7 @@ public final class VirtioPCITransport: DeviceModel {
             setups = Array(repeating: QueueSetup(size: device.maxQueueSize), count: device.queueCount)
             queues = Array(repeating: nil, count: device.queueCount)
             resubmit = Array(repeating: [], count: device.queueCount)
+            poisoned = Array(repeating: [], count: device.queueCount)
             clearInflight()
             return
         }

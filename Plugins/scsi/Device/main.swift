@@ -120,6 +120,19 @@ final class VirtioSCSI: VirtioDevice {
         }
     }
 
+    /// A request that crashed this adapter on each of its last three replays: CHECK CONDITION,
+    /// HARDWARE ERROR / INTERNAL TARGET FAILURE (04/44/00), which drivers report and retry or fail
+    /// like any hardware error, instead of a fourth crash.
+    func completePoisoned(_ chain: DescriptorChain, queue: Int, transport: VirtioPCITransport) {
+        guard let memory = transport.memory, queue == 2, chain.writableLength >= UInt64(12 + senseSize) else {
+            transport.complete(queue: queue, head: chain.head, written: 0)
+            return
+        }
+        let reply = response(status: .checkCondition, sense: SCSISense(key: 0x04, asc: 0x44, ascq: 0),
+                             residual: UInt32(min(chain.writableLength - UInt64(12 + senseSize), UInt64(UInt32.max))))
+        transport.complete(queue: queue, head: chain.head, written: UInt32(chain.write(reply, memory)))
+    }
+
     /// Task management and asynchronous notification requests: nothing is ever outstanding, so
     /// every TMF succeeds and no event is subscribed.
     private func control(_ chain: DescriptorChain, _ memory: GuestMemory) -> UInt32 {
