@@ -1341,34 +1341,20 @@ class Bench:
 
     # -- kill storms: lossless restart (issue 13) --
 
-    def _children_named(self, pid: int, name: str) -> list[int]:
-        """Children of `pid` whose command line contains `name` (a device's instance name)."""
-        found = []
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                kids = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for kid in kids:
-                try:
-                    if name in Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                        found.append(int(kid))
-                except OSError:
-                    pass
-        return found
-
     @staticmethod
-    def _processes_named(name: str) -> list[int]:
+    def _cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _children_named(self, pid: int, name: str) -> list[int]:
+        """Descendants of `pid` whose command line contains `name` (a device's instance name)."""
+        return [p for p in descendants(pid) if name in self._cmdline(p)]
+
+    def _processes_named(self, name: str) -> list[int]:
         """Every process whose command line contains `name` (a detached segment switch)."""
-        found = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if name in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                        found.append(int(d.name))
-                except OSError:
-                    pass
-        return found
+        return [int(d) for d in os.listdir("/proc") if d.isdigit() and name in self._cmdline(int(d))]
 
     def _storm(self, argv: list[str], victims: Sequence[tuple[int, str]], kills: int, gap_s: tuple[float, float],
                done: Callable[[bytes], bool], timeout_s: float, restarted: str,

@@ -408,13 +408,8 @@ final class DeviceSupervisor: @unchecked Sendable {
         let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
         let how = describe(ended, of: d)
         let uptime = d.startedAt.map { monotonicNanoseconds() &- $0 } ?? 0
-        d.startedAt = nil
         notePoison(d)
-        d.process = nil
-        d.publishedPid.store(0, ordering: .releasing)
-        d.control = nil
-        d.events = nil
-        d.endpoint.state = .restarting
+        forgetProcess(d)
         if !guestStarted.load(ordering: .acquiring) {
             d.endpoint.state = .failed
             onEarlyDeath?(d.lastError.map { "device \(d.spec.name): \($0)" } ?? "device \(d.spec.name) \(how) before the guest started")
@@ -623,12 +618,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         drainStderr(d, final: true)
         let ended = p.reapIfExited() ?? .signalled(SIGKILL)
         let how = describe(ended, of: d) + (d.lastError.map { ": \($0)" } ?? "")
-        d.process = nil
-        d.publishedPid.store(0, ordering: .releasing)
-        d.control = nil
-        d.events = nil
-        d.startedAt = nil
-        d.endpoint.state = .restarting
+        forgetProcess(d)
         return "it \(how) right after starting"
     }
 
@@ -645,12 +635,19 @@ final class DeviceSupervisor: @unchecked Sendable {
         if d.events != nil { serveEvents(d, drainOnly: true) }
         drainStderr(d, final: true)
         p.killAndReap()
+        forgetProcess(d)
+        d.lastError = nil
+    }
+
+    /// The device's process is gone (reaped): nothing of it is left to talk to, and until its
+    /// successor's handshake the device is restarting.
+    private func forgetProcess(_ d: ManagedDevice) {
         d.process = nil
         d.publishedPid.store(0, ordering: .releasing)
         d.control = nil
         d.events = nil
         d.startedAt = nil
-        d.lastError = nil
+        d.endpoint.state = .restarting
     }
 
     private func scheduleRestartAfterFailure(_ d: ManagedDevice) {

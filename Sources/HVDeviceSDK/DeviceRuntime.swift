@@ -380,10 +380,7 @@ public final class DeviceRuntime: @unchecked Sendable {
             if let request = ring.request(at: index) {
                 if ring.isPoisoned(index) {
                     // It killed this device on every replay: answer it without serving it.
-                    if request.operation.isRead {
-                        while !ring.pushResponse(RegisterResponse(tag: request.tag, data: ~0)) { sched_yield() }
-                        if ring.responseConsumerNeedsWakeup() { reply?.signal() }
-                    }
+                    if request.operation.isRead { respond(to: request, with: ~0, ring: ring) }
                     log(.warning, "skipped the guest access that crashed this device on every replay (\(request.operation), resource \(request.resource), offset 0x\(String(request.offset, radix: 16)))")
                 } else {
                     // Where a crash happens, for the core: a request that kills us on every replay is skipped.
@@ -397,6 +394,15 @@ public final class DeviceRuntime: @unchecked Sendable {
             index &+= 1
         }
         return index
+    }
+
+    /// Answers a read, waking the core if it sleeps on the response ring.
+    private func respond(to request: RegisterRequest, with value: UInt64, ring: RegisterRing) {
+        while !ring.pushResponse(RegisterResponse(tag: request.tag, data: value)) {
+            // The core consumes responses as it waits for them; a full ring means it is behind.
+            sched_yield()
+        }
+        if ring.responseConsumerNeedsWakeup() { reply?.signal() }
     }
 
     private func handle(_ request: RegisterRequest, at index: UInt32, ring: RegisterRing, model: some DeviceModel) {
@@ -415,11 +421,7 @@ public final class DeviceRuntime: @unchecked Sendable {
             } else {
                 value = ~0
             }
-            while !ring.pushResponse(RegisterResponse(tag: request.tag, data: value)) {
-                // The core consumes responses as it waits for them; a full ring means it is behind.
-                sched_yield()
-            }
-            if ring.responseConsumerNeedsWakeup() { reply?.signal() }
+            respond(to: request, with: value, ring: ring)
         } else if valid {
             model.write(resource: Int(request.resource), offset: request.offset, size: size, value: request.data)
         }

@@ -169,7 +169,7 @@ public final class VirtioPCITransport: DeviceModel {
             // Anything the dead process completed but did not signal is signalled now.
             for q in queues.indices where status & 4 != 0 { signalUsedBuffers(queue: q) }
         } else {
-            clearInflight()
+            inflight?.clear()
         }
     }
 
@@ -221,22 +221,20 @@ public final class VirtioPCITransport: DeviceModel {
     /// device that completes out of order, its in-flight record) is kept in the state page.
     private var resumable: Bool {
         guard runtime.statePage != nil else { return false }
-        return device.completesInOrder || tracksInflight
+        return device.completesInOrder || inflight != nil
     }
 
     // MARK: In-flight record (devices that complete out of order)
 
     static let inflightOffset = 2048
 
-    /// Out-of-order devices with a state page big enough for their queues, up to 1024 entries each.
-    private var tracksInflight: Bool { inflight != nil }
+    /// The record, for out-of-order devices with a state page big enough for their queues, up to
+    /// 1024 entries each; nil otherwise.
     private lazy var inflight: InflightRecord? = {
         guard !device.completesInOrder, let page = runtime.statePage, device.maxQueueSize <= 1024,
               Self.inflightOffset + InflightRecord.size(queueCount: device.queueCount) <= page.count else { return nil }
         return InflightRecord(storage: page, offset: Self.inflightOffset, queueCount: device.queueCount)
     }()
-
-    private func clearInflight() { inflight?.clear() }
 
     /// After a crash: takes back the configuration the dead process saved, resumes every live
     /// queue at its used index, and notifies the device of each so it takes again what was
@@ -698,7 +696,7 @@ public final class VirtioPCITransport: DeviceModel {
             queues = Array(repeating: nil, count: device.queueCount)
             resubmit = Array(repeating: [], count: device.queueCount)
             poisoned = Array(repeating: [], count: device.queueCount)
-            clearInflight()
+            inflight?.clear()
             return
         }
         var next = value

@@ -242,22 +242,22 @@ func controlRequest(_ name: String, _ command: String, timeoutSeconds: Int = 5) 
 
 // MARK: Commands
 
-func names() -> [String] {
-    guard let dir = opendir(RunDirectory.path) else { return [] }
+/// The names in `directory` that end in one of `suffixes` (each 5 bytes: ".sock", ".lock"),
+/// without the suffix, each once, sorted.
+func entryStems(in directory: String, suffixes: [String]) -> [String] {
+    guard let dir = opendir(directory) else { return [] }
     defer { closedir(dir) }
-    var found: [String] = []
+    var found = Set<String>()
     while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-        }
-        // A lock file alone is a VM that died between taking its lock and binding its socket.
-        for suffix in [".sock", ".lock"] where name.hasSuffix(suffix) {
-            let vm = String(name.dropLast(5))
-            if !found.contains(vm) { found.append(vm) }
-        }
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        for suffix in suffixes where name.hasSuffix(suffix) { found.insert(String(name.dropLast(suffix.utf8.count))) }
     }
     return found.sorted()
 }
+
+/// The VMs with a socket or a lock file in the run directory (a lock file alone is a VM that died
+/// between taking its lock and binding its socket).
+func names() -> [String] { entryStems(in: RunDirectory.path, suffixes: [".sock", ".lock"]) }
 
 func number(_ o: JSONObject, _ key: String) -> UInt64 {
     if case .number(let n)? = o[key] { return n.uint64Value ?? 0 }
@@ -299,12 +299,8 @@ func cdromCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
         command = "cdrom eject"
     case "insert":
         guard let path = rest.popFirst(), rest.isEmpty else { throw UsageError(message: usage) }
-        var absolute = path
-        if !path.hasPrefix("/") {
-            var buffer = [CChar](repeating: 0, count: 4096)
-            guard getcwd(&buffer, buffer.count) != nil else { throw UsageError(message: "cannot resolve '\(path)': no current directory") }
-            absolute = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + "/" + path
-        }
+        let absolute = absolutePath(path)
+        guard absolute.hasPrefix("/") else { throw UsageError(message: "cannot resolve '\(path)': no current directory") }
         guard absolute.utf8.count < 4096 else { throw UsageError(message: "the ISO path is too long") }
         command = "cdrom insert " + absolute
     default:
@@ -328,6 +324,10 @@ func deviceKind(_ name: String) -> String {
 func deviceCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
     let usage = "usage: hvctl device NAME ls [--json] | hvctl device NAME restart DEV | hvctl device NAME upgrade DEV --binary PATH"
     var rest = arguments
+    if let first = rest.first, first == "-h" || first == "--help" {
+        print(usage)
+        return 0
+    }
     guard let name = rest.popFirst(), !name.hasPrefix("-"), let verb = rest.popFirst() else { throw UsageError(message: usage) }
     try RunDirectory.validate(name, flag: "name")
     switch verb {

@@ -418,14 +418,7 @@ struct FileIdentity: Equatable {
 /// a VM killed with SIGKILL): a socket nobody listens on, a lock file with no socket. A segment
 /// being joined right now (its lock held) is left alone.
 func sweepStaleSegments() {
-    guard let dir = opendir(SegmentDirectory.path) else { return }
-    var found: Set<String> = []
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        for suffix in [".sock", ".lock"] where name.hasSuffix(suffix) { found.insert(String(name.dropLast(5))) }
-    }
-    closedir(dir)
-    for segment in found {
+    for segment in entryStems(in: SegmentDirectory.path, suffixes: [".sock", ".lock"]) {
         guard let lock = try? PathLock.acquire(SegmentDirectory.lock(segment), blocking: false) else { continue }
         if let fd = connectTo(SegmentDirectory.socket(segment)) {
             close(fd)  // a live switch: the connection it sees is dropped after its 2 s grace
@@ -453,22 +446,14 @@ func netCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
     }
     sweepStaleSegments()
     var segments: [JSONObject] = []
-    if let dir = opendir(SegmentDirectory.path) {
-        var found: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name.hasSuffix(".sock") { found.append(String(name.dropLast(5))) }
-        }
-        closedir(dir)
-        for name in found.sorted() {
-            guard let fd = connectTo(SegmentDirectory.socket(name)) else { continue }  // a switch that has exited
-            let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
-            var timeout = timeval(tv_sec: 5, tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-            guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
-                  case .object(let object)? = try? JSONValue.parse(reply.bytes) else { continue }
-            segments.append(object)
-        }
+    for name in entryStems(in: SegmentDirectory.path, suffixes: [".sock"]) {
+        guard let fd = connectTo(SegmentDirectory.socket(name)) else { continue }  // a switch that has exited
+        let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
+              case .object(let object)? = try? JSONValue.parse(reply.bytes) else { continue }
+        segments.append(object)
     }
     if json {
         print("[" + segments.map { render(.object($0)) }.joined(separator: ", ") + "]")

@@ -124,6 +124,17 @@ final class VMProcess: @unchecked Sendable {
         return process.terminationStatus
     }
 
+    /// Stops hvctl with SIGTERM (its clean stop) and waits for it, at most 10 s, so nothing it
+    /// removes or leaves on its way out races the test's own clean-up. Harmless if it has exited.
+    func terminateAndWait() {
+        guard process.isRunning else { return }
+        process.terminate()
+        let deadline = Date().addingTimeInterval(10)
+        while process.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
     /// Types `text` into hvctl's stdin; a VM that has already exited is the test's failure to
     /// report, never a SIGPIPE that kills the whole test run.
     func write(_ text: String) {

@@ -149,7 +149,7 @@ final class TapNetworkTests: XCTestCase {
         // nic0 on the existing tap; nic1 on a tap hv creates (and brings up) itself.
         let vm = try ns.startVM(["run", "--multiboot", guest, "--cmdline", "mode=netdhcp", "--memory", "32M", "--name", "tapvm",
                                "--nic", "tap=hvtap0,mac=52:54:00:12:34:56", "--nic", "tap=hvnew0"])
-        defer { vm.process.terminate() }
+        defer { vm.terminateAndWait() }
         XCTAssertTrue(vm.waitForOutput("net: nic0 mac 52:54:00:12:34:56 link up", timeout: 30), vm.stdout + vm.stderr)
         XCTAssertTrue(vm.waitForOutput("net: lease ", timeout: 60), "no lease: \(vm.stdout) \(vm.stderr) dnsmasq: \(dnsmasq.output)")
         // The serial port delivers the line a character at a time: wait for all of it.
@@ -198,7 +198,7 @@ final class TapNetworkTests: XCTestCase {
         XCTAssertTrue(receiver.waitForOutput("ready", timeout: 10), receiver.output)
         let sender = try ns.startVM(["run", "--multiboot", guest, "--cmdline", "mode=netblast ip=10.77.0.9 peer=10.77.0.1 count=20 size=100 port=7000 csum=1",
                                      "--memory", "32M", "--nic", "tap=hvtap0,mac=52:54:00:12:34:57"])
-        defer { sender.process.terminate() }
+        defer { sender.terminateAndWait() }
         XCTAssertTrue(sender.waitForOutput("net: checksum offload on", timeout: 30), sender.stdout + sender.stderr)
         XCTAssertTrue(receiver.waitForOutput("got 20", timeout: 30), receiver.output + sender.stdout)
         sender.process.terminate()
@@ -212,7 +212,7 @@ final class TapNetworkTests: XCTestCase {
             let sinkAddress = "10.77.0.\(10 + offload)"
             let sink = try ns.startVM(["run", "--multiboot", guest, "--cmdline", "mode=netsink ip=\(sinkAddress) port=7001 csum=\(offload)",
                                        "--memory", "32M", "--nic", "tap=hvtap0,mac=52:54:00:12:34:5\(8 + offload)"])
-            defer { sink.process.terminate() }
+            defer { sink.terminateAndWait() }
             XCTAssertTrue(sink.waitForOutput("net: nic0 mac", timeout: 30), sink.stdout + sink.stderr)
             if offload == 1 { XCTAssertTrue(sink.waitForOutput("net: receive checksum offload on\n", timeout: 10), sink.stdout) }
             let send = try ns.run(["python3", "-c", """
@@ -268,7 +268,7 @@ final class SegmentNetworkTests: XCTestCase {
         // pinger and a stranger sending to an unknown MAC); segment B: the
         // other leg and a second responder; segment C: a watcher alone.
         var vms: [VMProcess] = []
-        defer { vms.forEach { $0.process.terminate() } }
+        defer { vms.forEach { $0.terminateAndWait() } }
         let peer = try start("peer", "mode=netpeer ip=10.9.0.2", ["net=\(a),mac=\(mac(2))"])
         let watcher = try start("watcher", "mode=netsniff", ["net=\(a),mac=\(mac(9))"])
         let loner = try start("loner", "mode=netsniff", ["net=\(c),mac=\(mac(12))"])
@@ -373,7 +373,7 @@ final class SegmentNetworkTests: XCTestCase {
     func testASegmentSwitchAnswersMalformedRequestsAndKeepsForwarding() throws {
         let segment = "t\(getpid())m"
         let peer = try start("peer", "mode=netpeer ip=10.9.0.2", ["net=\(segment),mac=\(mac(2))"])
-        defer { peer.process.terminate() }
+        defer { peer.terminateAndWait() }
         XCTAssertTrue(peer.waitForOutput("net: nic0 mac"), peer.stdout + peer.stderr)
         XCTAssertEqual(ask(segment, "join vm=x nic=y mac=52:54:00:00:00:33"),
                        "error malformed join request (needs vm=, nic=, mac= and three descriptors)")
@@ -383,7 +383,7 @@ final class SegmentNetworkTests: XCTestCase {
         XCTAssertTrue(ask(segment, "status")?.hasPrefix("{\"segment\": \"\(segment)\"") == true)
         // Still forwarding for its members.
         let pinger = try start("pinger", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=2", ["net=\(segment),mac=\(mac(1))"])
-        defer { pinger.process.terminate() }
+        defer { pinger.terminateAndWait() }
         XCTAssertTrue(pinger.waitForOutput("net: ping done sent=2 received=2", timeout: 60), pinger.stdout + pinger.stderr)
     }
 
@@ -402,9 +402,9 @@ final class SegmentNetworkTests: XCTestCase {
     func testPingsResumeAfterEveryKillOfTheReceivingNIC() throws {
         let segment = "t\(getpid())r"
         let responder = try start("responder", "mode=netpeer ip=10.9.0.2", ["net=\(segment),mac=\(mac(2))"])
-        defer { responder.process.terminate() }
+        defer { responder.terminateAndWait() }
         let pinger = try start("pinger", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=100000", ["net=\(segment),mac=\(mac(1))"])
-        defer { pinger.process.terminate() }
+        defer { pinger.terminateAndWait() }
         let replies = { pinger.stdout.components(separatedBy: "net: reply seq").count - 1 }
         XCTAssertTrue(pinger.waitForOutput("net: reply seq 3 "), pinger.stdout + pinger.stderr)
         for kill in 1...10 {
@@ -427,9 +427,9 @@ final class SegmentNetworkTests: XCTestCase {
     func testASegmentSurvivesItsSwitchBeingKilled() throws {
         let segment = "t\(getpid())k"
         let peer = try start("peer", "mode=netpeer ip=10.9.0.2", ["net=\(segment),mac=\(mac(2))"])
-        defer { peer.process.terminate() }
+        defer { peer.terminateAndWait() }
         let first = try start("first", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=2", ["net=\(segment),mac=\(mac(1))"])
-        defer { first.process.terminate() }
+        defer { first.terminateAndWait() }
         XCTAssertTrue(first.waitForOutput("net: ping done sent=2 received=2", timeout: 60), first.stdout + first.stderr)
 
         let pids = switchPids(segment)
@@ -445,7 +445,7 @@ final class SegmentNetworkTests: XCTestCase {
 
         // The guests never noticed: a newcomer reaches both, and the first one's NIC still answers.
         let newcomer = try start("newcomer", "mode=netping ip=10.9.0.3 peer=10.9.0.1 count=2", ["net=\(segment),mac=\(mac(3))"])
-        defer { newcomer.process.terminate() }
+        defer { newcomer.terminateAndWait() }
         XCTAssertTrue(newcomer.waitForOutput("net: ping done sent=2 received=2", timeout: 60), newcomer.stdout + newcomer.stderr)
         XCTAssertTrue(first.waitForOutput("net: echo seq 2 from 10.9.0.3"), first.stdout)
         XCTAssertTrue(peer.process.isRunning && first.process.isRunning)
@@ -457,12 +457,12 @@ final class SegmentNetworkTests: XCTestCase {
         // the receiving guest verifies every checksum.
         let segment = "t\(getpid())c"
         let sink = try start("sink", "mode=netsink ip=10.9.0.2 port=7000", ["net=\(segment),mac=\(mac(2))"])
-        defer { sink.process.terminate() }
+        defer { sink.terminateAndWait() }
         XCTAssertTrue(sink.waitForOutput("net: nic0 mac"), sink.stdout + sink.stderr)
         for (offload, expected) in [(1, "checksummed=20 bad=0 offloaded=0"), (0, "checksummed=0 bad=0 offloaded=0")] {
             let sender = try start("sender\(offload)", "mode=netblast ip=10.9.0.1 peer=10.9.0.2 count=20 size=100 port=7000 csum=\(offload)",
                                    ["net=\(segment),mac=\(mac(1))"])
-            defer { sender.process.terminate() }
+            defer { sender.terminateAndWait() }
             XCTAssertTrue(sender.waitForOutput("bench: net tx end sent=20", timeout: 60), sender.stdout + sender.stderr)
             if offload == 1 { XCTAssertTrue(sender.stdout.contains("net: checksum offload on"), sender.stdout) }
             XCTAssertTrue(sink.waitForOutput("received=20 bytes=2000 \(expected)\n", timeout: 30), sink.stdout)

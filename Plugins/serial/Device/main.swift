@@ -98,9 +98,9 @@ final class SerialDevice: DeviceModel {
     /// Records, before the first write of a batch, which batch and where its output starts. The
     /// tag is cleared first and set last, so a kill in between leaves no journal rather than a torn one.
     private func journalBatch() {
-        guard let page = runtime.statePage, let committed = runtime.committedRequestIndex else { return }
+        guard let page = runtime.statePage, let committed = runtime.committedRequestIndex,
+              journal?.batch != committed else { return }  // this batch already has its journal
         let next = ConsoleJournal.forWriting(journal, committed: committed, outputSize: outputSize())
-        guard next != journal else { return }
         let bytes = next.bytes
         page.storeBytes([0, 0, 0, 0], at: Self.journalOffset)
         page.storeBytes(Array(bytes[4...]), at: Self.journalOffset + 4)
