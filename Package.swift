@@ -18,6 +18,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
         // Thin C shim: fixed-arity wrappers for variadic/macro-only kernel interfaces.
@@ -43,7 +44,15 @@ let package = Package(
                           path: "Sources/hv-jail", swiftSettings: strict),
         // The trusted VMM core.
         .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys", "HVSandbox", "CSeccomp"], path: "Sources/HVCore", swiftSettings: strict),
-        .executableTarget(name: "hvctl", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox", "HVNetSwitch"], path: "Sources/hvctl", swiftSettings: strict),
+        // The trusted host layer: turns a VMDefinition into a running machine (board layout, host
+        // files, taps and segments, the control server). Uses FoundationEssentials for JSON; the
+        // core's vCPU path and the devices never link it.
+        .target(name: "HVHost", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox", "HVNetSwitch", "CSeccomp", "CHVShim"],
+                path: "Sources/HVHost", swiftSettings: strict),
+        // The operator's command: argument parsing and printing only.
+        .executableTarget(name: "hvctl", dependencies: ["HVHost", "HVSys", "HVIPC", "HVSandbox",
+                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          path: "Sources/hvctl", swiftSettings: strict),
 
         // Devices shipped with hv, built only on the public SDK.
         .target(name: "HVSerialUART", path: "Plugins/serial/UART", swiftSettings: strict),
@@ -81,6 +90,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "HVNetSwitchTests", dependencies: ["HVNetSwitch"], path: "Tests/HVNetSwitchTests", swiftSettings: strict),
         .testTarget(name: "HVSandboxTests", dependencies: ["HVSandbox"], path: "Tests/HVSandboxTests", swiftSettings: strict),
+        .testTarget(name: "HVHostTests", dependencies: ["HVHost"], path: "Tests/HVHostTests", swiftSettings: strict),
         .testTarget(name: "HVIntegrationTests", dependencies: ["HVSys"], path: "Tests/HVIntegrationTests",
                     exclude: [], swiftSettings: strict),
     ]

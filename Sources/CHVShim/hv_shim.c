@@ -96,7 +96,8 @@ const unsigned long hv_KVM_GET_API_VERSION = KVM_GET_API_VERSION, hv_KVM_CREATE_
     hv_KVM_GET_SREGS = KVM_GET_SREGS, hv_KVM_SET_SREGS = KVM_SET_SREGS, hv_KVM_SET_CPUID2 = KVM_SET_CPUID2,
     hv_KVM_GET_MP_STATE = KVM_GET_MP_STATE, hv_KVM_SET_MP_STATE = KVM_SET_MP_STATE,
     hv_KVM_IRQ_LINE = KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING,
-    hv_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU = KVM_SET_FPU;
+    hv_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU = KVM_SET_FPU,
+    hv_KVM_GET_CLOCK = KVM_GET_CLOCK, hv_KVM_SET_CLOCK = KVM_SET_CLOCK;
 
 int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,

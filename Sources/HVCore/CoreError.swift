@@ -23,3 +23,47 @@ public enum CoreError: Error, Sendable, CustomStringConvertible {
 public struct MediaChangeError: Error, CustomStringConvertible, Sendable {
     public let description: String
 }
+
+/// Why `Machine.pause()` or `resume()` did nothing, in one line.
+public enum MachineControlError: Error, Sendable, CustomStringConvertible {
+    /// Already paused (pause) or not paused (resume).
+    case alreadyInState(String)
+    /// The guest is not running yet, is stopping, or its vCPUs did not stop in time.
+    case notRunning(String)
+
+    public var description: String {
+        switch self {
+        case .alreadyInState(let why), .notRunning(let why): return why
+        }
+    }
+}
+
+/// What a vCPU is doing, as `Machine.vcpuStatus` reports it.
+public enum VCPUState: UInt8, Sendable {
+    /// In the guest (or about to enter it).
+    case running
+    /// Halted (HLT), waiting for an interrupt.
+    case halted
+    /// Parked by `Machine.pause()`.
+    case paused
+    /// An application processor the guest has not started (no INIT/SIPI yet).
+    case notStarted
+
+    /// The word `hvctl status` prints.
+    public var name: String {
+        switch self {
+        case .running: "running"
+        case .halted: "halted"
+        case .paused: "paused"
+        case .notStarted: "not-started"
+        }
+    }
+}
+
+/// One vCPU as the control socket reports it.
+public struct VCPUStatus: Sendable {
+    public var id: Int
+    public var state: VCPUState
+    /// The instruction pointer, when asked for.
+    public var rip: UInt64?
+}

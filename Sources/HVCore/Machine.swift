@@ -65,7 +65,19 @@ public final class Machine: @unchecked Sendable {
     private let probeAnswers: [ProbeAnswer]
     private final class ProbeAnswer: Sendable {
         let value = Atomic<UInt64>(0)
+        /// What the vCPU was doing when last seen (VCPUState's raw value) and, when asked for, its RIP.
+        let state = Atomic<UInt8>(VCPUState.notStarted.rawValue)
+        let rip = Atomic<UInt64>(0)
     }
+
+    // Pause: vCPU threads park outside KVM_RUN while `pauseRequested` is set.
+    private let pauseRequested = Atomic<Bool>(false)
+    private let parkedVCPUs = Atomic<Int>(0)
+    private let liveVCPUThreads = Atomic<Int>(0)
+    /// Serialises pause and resume; holds the kvmclock read at the pause.
+    private let pauseState = Mutex<(paused: Bool, clock: UInt64?, since: UInt64)>((false, nil, 0))
+    /// Set while a status request wants every vCPU's RIP; the next probe records it.
+    private let registersWanted = Atomic<Bool>(false)
 
     /// Builds the VM and its platform. Nothing runs yet.
     public init(_ configuration: Configuration) throws(CoreError) {
@@ -164,6 +176,77 @@ public final class Machine: @unchecked Sendable {
                     break
                 }
             }
+        }
+    }
+
+    // MARK: Pause and resume
+
+    /// Whether the vCPUs are paused (`pause()`), and since when (monotonic nanoseconds).
+    public var pausedSince: UInt64? {
+        pauseState.withLock { $0.paused ? $0.since : nil }
+    }
+
+    /// Stops every vCPU outside the guest and lets the devices finish what the guest already
+    /// asked of them; the guest's kvmclock is read so `resume()` can carry it on from here (what
+    /// QEMU's `stop` and `cont` do). Device processes keep running: a paused VM's disks and NICs
+    /// complete their requests and its console drains. Safe from any thread.
+    public func pause() throws(MachineControlError) {
+        try pauseState.withLock { state throws(MachineControlError) in
+            guard !state.paused else { throw .alreadyInState("the VM is already paused") }
+            guard supervisor.guestStarted.load(ordering: .acquiring), !stopping.load(ordering: .acquiring) else {
+                throw .notRunning("the VM is not running guest code yet (or is stopping); try again")
+            }
+            pauseRequested.store(true, ordering: .releasing)
+            kickAll()
+            let deadline = monotonicNanoseconds() + 2_000_000_000
+            while parkedVCPUs.load(ordering: .acquiring) < liveVCPUThreads.load(ordering: .acquiring) {
+                if monotonicNanoseconds() > deadline || stopping.load(ordering: .acquiring) {
+                    pauseRequested.store(false, ordering: .releasing)
+                    throw .notRunning("the vCPUs did not stop within 2 s; the VM keeps running")
+                }
+                kickAll()
+                usleep(200)
+            }
+            state.clock = try? vm.clock()
+            // Devices drain: requests the guest queued before the pause are completed now.
+            let drainDeadline = monotonicNanoseconds() + 1_000_000_000
+            while !supervisor.ringsDrained() && monotonicNanoseconds() < drainDeadline { usleep(200) }
+            state.paused = true
+            state.since = monotonicNanoseconds()
+        }
+    }
+
+    /// Resumes the vCPUs `pause()` stopped; the guest's kvmclock resumes from the value read at
+    /// the pause, so the guest does not see the paused time pass on it. Safe from any thread.
+    public func resume() throws(MachineControlError) {
+        try pauseState.withLock { state throws(MachineControlError) in
+            guard state.paused else { throw .alreadyInState("the VM is not paused") }
+            if let clock = state.clock { try? vm.setClock(clock) }
+            state.paused = false
+            state.clock = nil
+            pauseRequested.store(false, ordering: .releasing)
+        }
+    }
+
+    /// Every vCPU's state and, with `registers`, its RIP (read by the vCPU's own thread at its
+    /// next probe, within about 20 ms). Safe from any thread.
+    public func vcpuStatus(registers: Bool = false) -> [VCPUStatus] {
+        if registers {
+            registersWanted.store(true, ordering: .releasing)
+            if pausedSince == nil {
+                let deadline = monotonicNanoseconds() + 50_000_000
+                while registersWanted.load(ordering: .acquiring) && monotonicNanoseconds() < deadline { usleep(1000) }
+            } else {
+                // Parked vCPUs are outside KVM_RUN: read them here.
+                for (i, vcpu) in vcpus.enumerated() {
+                    if let regs = try? vcpu.registers() { probeAnswers[i].rip.store(regs.rip, ordering: .releasing) }
+                }
+            }
+            registersWanted.store(false, ordering: .releasing)
+        }
+        return probeAnswers.enumerated().map { i, a in
+            VCPUStatus(id: i, state: VCPUState(rawValue: a.state.load(ordering: .acquiring)) ?? .running,
+                       rip: registers ? a.rip.load(ordering: .acquiring) : nil)
         }
     }
 
@@ -278,7 +361,7 @@ public final class Machine: @unchecked Sendable {
                 break
             }
             let now = monotonicNanoseconds()
-            if now - lastProbe >= 10_000_000 {
+            if now - lastProbe >= 10_000_000 && !pauseRequested.load(ordering: .acquiring) {
                 lastProbe = now
                 // A guest that halts right after writing a reset or power-off register must not be
                 // taken for powered off before the device has handled the write: only decide once
@@ -352,15 +435,23 @@ public final class Machine: @unchecked Sendable {
         let slot = probeAnswers[Int(vcpu.id)]
         guard slot.value.load(ordering: .relaxed) >> 1 != generation else { return }
         var halted = false
+        var seen = VCPUState.running
         if let mp = try? vcpu.mpState() {
             switch Int32(mp) {
             case KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED:
                 halted = true  // an AP the guest never started
+                seen = .notStarted
             case KVM_MP_STATE_HALTED:
                 if let regs = try? vcpu.registers() { halted = regs.rflags & (1 << 9) == 0 }
+                seen = .halted
             default:
                 halted = false
             }
+        }
+        slot.state.store(seen.rawValue, ordering: .releasing)
+        if registersWanted.load(ordering: .acquiring), let regs = try? vcpu.registers() {
+            slot.rip.store(regs.rip, ordering: .releasing)
+            if vcpu.id == UInt32(vcpus.count - 1) { registersWanted.store(false, ordering: .releasing) }
         }
         slot.value.store(generation << 1 | (halted ? 1 : 0), ordering: .releasing)
     }
@@ -368,12 +459,25 @@ public final class Machine: @unchecked Sendable {
     // MARK: vCPU threads
 
     private func vcpuLoop(_ vcpu: VCPU) {
+        liveVCPUThreads.add(1, ordering: .acquiringAndReleasing)
+        defer { liveVCPUThreads.subtract(1, ordering: .acquiringAndReleasing) }
         if vcpu.id == 0, let state = bootState.withLock({ $0 }) {
             do { try apply(state, to: vcpu) } catch {
                 return stop(.failure("cannot set the boot vCPU's entry state: \(error)"))
             }
         }
+        let slot = probeAnswers[Int(vcpu.id)]
         while !stopping.load(ordering: .acquiring) {
+            if pauseRequested.load(ordering: .acquiring) {
+                // Parked outside KVM_RUN until resumed or stopped; a millisecond's poll costs
+                // nothing measurable and needs no wake-up protocol.
+                let before = slot.state.exchange(VCPUState.paused.rawValue, ordering: .acquiringAndReleasing)
+                parkedVCPUs.add(1, ordering: .acquiringAndReleasing)
+                while pauseRequested.load(ordering: .acquiring) && !stopping.load(ordering: .acquiring) { usleep(1000) }
+                parkedVCPUs.subtract(1, ordering: .acquiringAndReleasing)
+                slot.state.store(before, ordering: .releasing)
+                continue
+            }
             let exit: VCPUExit
             do { exit = try vcpu.runOnce() } catch {
                 return stop(.failure("\(error)"))

@@ -116,6 +116,21 @@ public final class VirtualMachine: Sendable {
         _ = try kvmIoctl(fd.rawValue, hv_KVM_IRQ_LINE, &line, "IRQ_LINE \(irq)")
     }
 
+    /// The guest's kvmclock (nanoseconds), as KVM_GET_CLOCK reads it.
+    public func clock() throws(KVMError) -> UInt64 {
+        var data = kvm_clock_data()
+        _ = try kvmIoctl(fd.rawValue, hv_KVM_GET_CLOCK, &data, "GET_CLOCK")
+        return data.clock
+    }
+
+    /// Sets the guest's kvmclock to `nanoseconds` (KVM_SET_CLOCK): after a pause, the guest's
+    /// clock carries on from where it stopped, as QEMU's `cont` does.
+    public func setClock(_ nanoseconds: UInt64) throws(KVMError) {
+        var data = kvm_clock_data()
+        data.clock = nanoseconds
+        _ = try kvmIoctl(fd.rawValue, hv_KVM_SET_CLOCK, &data, "SET_CLOCK")
+    }
+
     /// Creates vCPU `id` and maps its kvm_run area.
     public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
         let raw = try kvmIoctl(fd.rawValue, hv_KVM_CREATE_VCPU, value: UInt(id), "CREATE_VCPU \(id)")

@@ -2033,6 +2033,22 @@ static void mode_netblast(const struct config *cfg)
 }
 
 /* netsink: a responder that also counts UDP datagrams to its port (see udp_input). */
+/* ticks: print "tick N" every `delay` ms of TSC time, `count` times. A paused VM prints none:
+ * the pause test watches the gaps between lines. */
+static void mode_ticks(uint32_t count, uint32_t delay)
+{
+    tsc_calibrate();
+    if (delay == 0)
+        delay = 100;
+    kprintf("ticks: ready\n");
+    for (uint32_t i = 1; i <= count; i++) {
+        uint64_t until = rdtsc() + ms_to_tsc(delay);
+        while (rdtsc() < until)
+            cpu_pause();
+        kprintf("tick %u\n", i);
+    }
+}
+
 static void mode_netsink(const struct config *cfg)
 {
     net_want_csum = cfg->csum;
@@ -2107,6 +2123,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_netblast(&cfg);
     else if (streq(cfg.mode, "netsink"))
         mode_netsink(&cfg);
+    else if (streq(cfg.mode, "ticks"))
+        mode_ticks(cfg.count_given ? cfg.count : 50, cfg.delay);
     else
         kprintf("hv-testguest: unknown mode\n");
     kprintf("hv-testguest: done\n");

@@ -72,7 +72,7 @@ final class BadInputTests: XCTestCase {
     }
 
     func testMissingFlagValue() throws {
-        try assertOneLineError(["run", "--multiboot"], status: 2, mentions: "--multiboot needs a value")
+        try assertOneLineError(["run", "--multiboot"], status: 2, mentions: "missing value for '--multiboot <file>'")
     }
 
     func testBadSerialMode() throws {

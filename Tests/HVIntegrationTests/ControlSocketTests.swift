@@ -86,7 +86,7 @@ final class ControlSocketTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("invalid --name 'a/b'"), r.stderr)
         r = try runHvctl(["status"])
         XCTAssertEqual(r.status, 2)
-        XCTAssertTrue(r.stderr.contains("needs a VM name"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("missing expected argument '<name>'"), r.stderr)
     }
 
     func testAStaleSocketIsReplaced() throws {

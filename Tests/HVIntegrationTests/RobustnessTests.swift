@@ -108,7 +108,7 @@ final class RobustnessTests: XCTestCase {
             (["--multiboot", guest, "--device", "\(rogue),profile=\(work.path),pio=0x520:2"], 2, "cannot read sandbox profile '\(work.path)': it is a directory"),
             (["--multiboot", guest, "--device", "\(work.path),profile=\(serial),pio=0x520:2"], 2, "is not an executable file"),
             (["--multiboot", guest, "--device", "\(rogue),profile=\(serial),pio=0x520:2,k=\(String(repeating: "v", count: 5000))"], 1, "its settings do not fit in a HELLO message"),
-            (["--memory", "4097K"], 2, "guest RAM is whole 4 KiB pages"),
+            (["--memory", "4097K"], 2, "guest RAM is a whole number of MiB"),
             (["--memory", "3"], 2, "--memory 3 is too small"),
             (["--cpus", "1024"], 2, "invalid --cpus '1024': use a whole number from 1 to 254"),
         ]
@@ -125,7 +125,7 @@ final class RobustnessTests: XCTestCase {
         let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=idle", "--memory", "48", "--name", "mib"])
         XCTAssertTrue(vm.waitForOutput("idle: ready"), vm.stderr)
         let s = try runHvctl(["status", "mib", "--json"])
-        XCTAssertTrue(s.stdout.contains("\"memory_mib\": 48"), s.stdout)
+        XCTAssertTrue(s.stdout.contains("\"memory_mib\" : 48"), s.stdout)
         XCTAssertEqual(try runHvctl(["stop", "mib"]).status, 0)
         XCTAssertEqual(vm.waitForExit(), 0)
     }

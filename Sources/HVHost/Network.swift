@@ -21,10 +21,10 @@ struct NICOption: Equatable {
     static let maximumPerVM = 4
 
     /// Parses `tap=NAME[,mac=MAC]` or `net=NAME[,mac=MAC]`.
-    static func parse(_ spec: String) throws(UsageError) -> NICOption {
+    static func parse(_ spec: String, what: String = "--nic") throws(UsageError) -> NICOption {
         let hint = "use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"
         var parts = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-        guard let first = parts.first, let eq = first.firstIndex(of: "=") else { throw UsageError(message: "invalid --nic '\(spec)': \(hint)") }
+        guard let first = parts.first, let eq = first.firstIndex(of: "=") else { throw UsageError(message: "invalid \(what) '\(spec)': \(hint)") }
         parts.removeFirst()
         let kind = first[..<eq], name = String(first[first.index(after: eq)...])
         var option: NICOption
@@ -33,23 +33,23 @@ struct NICOption: Equatable {
             // IFNAMSIZ is 16 with the NUL; '/' and whitespace are not allowed in interface names.
             guard (1...15).contains(name.utf8.count), name != ".", name != "..",
                   name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }) else {
-                throw UsageError(message: "invalid --nic tap name '\(name)': a host interface name is 1 to 15 printable characters without '/', ':' or spaces")
+                throw UsageError(message: "invalid \(what) tap name '\(name)': a host interface name is 1 to 15 printable characters without '/', ':' or spaces")
             }
             option = NICOption(attachment: .tap(name))
         case "net":
-            try RunDirectory.validate(name, flag: "--nic net=")
+            try RunDirectory.validate(name, flag: what == "--nic" ? "--nic net=" : what + " segment")
             option = NICOption(attachment: .segment(name))
         default:
-            throw UsageError(message: "invalid --nic '\(spec)': \(hint)")
+            throw UsageError(message: "invalid \(what) '\(spec)': \(hint)")
         }
         for part in parts {
-            guard part.hasPrefix("mac="), option.mac == nil else { throw UsageError(message: "invalid --nic '\(spec)': \(hint)") }
+            guard part.hasPrefix("mac="), option.mac == nil else { throw UsageError(message: "invalid \(what) '\(spec)': \(hint)") }
             let text = String(part.dropFirst(4))
             guard let mac = parseMAC(text) else {
-                throw UsageError(message: "invalid --nic mac '\(text)': use six hex octets like 52:54:00:12:34:56")
+                throw UsageError(message: "invalid \(what) mac '\(text)': use six hex octets like 52:54:00:12:34:56")
             }
             guard mac[0] & 1 == 0, mac != [0, 0, 0, 0, 0, 0] else {
-                throw UsageError(message: "invalid --nic mac '\(text)': a NIC needs a unicast address (the first octet's low bit clear)")
+                throw UsageError(message: "invalid \(what) mac '\(text)': a NIC needs a unicast address (the first octet's low bit clear)")
             }
             option.mac = mac
         }
@@ -92,10 +92,14 @@ struct AttachedNIC {
 }
 
 /// Opens every --nic (taps, segment ports) before the VM starts; any failure ends hvctl with one line.
-func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [AttachedNIC] {
+func attachNICs(_ definition: VMDefinition, vmName: String, verbose: Bool) -> [AttachedNIC] {
+    var options: [NICOption] = []
+    for (i, nic) in definition.nics.enumerated() {
+        do { options.append(try nic.option(where: "--nic \(i)")) } catch { fail(error.message, status: 2) }
+    }
     // Every MAC is settled before anything is opened or joined.
     var macs: [[UInt8]] = []
-    for (i, option) in options.nics.enumerated() {
+    for (i, option) in options.enumerated() {
         let mac = option.mac ?? NICOption.generatedMAC(vm: vmName, index: i)
         if let other = macs.firstIndex(of: mac) {
             fail("--nic \(i) and --nic \(other) both have MAC \(formatMAC(mac)); give each NIC its own mac=", status: 2)
@@ -109,7 +113,7 @@ func attachNICs(_ options: RunOptions, vmName: String, verbose: Bool) -> [Attach
         (try? SegmentKeeper(memberships, verbose: verbose))?.leaveAll()
         fail(error.message)
     }
-    for (i, option) in options.nics.enumerated() {
+    for (i, option) in options.enumerated() {
         let mac = macs[i]
         switch option.attachment {
         case .tap(let name):
@@ -433,17 +437,11 @@ func sweepStaleSegments() {
 /// Whether segment switches run sandboxed (off only under --no-sandbox).
 nonisolated(unsafe) var sandboxSegments = true
 
-// MARK: hvctl net
+// MARK: Segment status
 
-/// `hvctl net ls [--json]`: every private segment on this host, its members and their counters.
-func netCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
-    var rest = arguments
-    guard rest.popFirst() == "ls" else { throw UsageError(message: "usage: hvctl net ls [--json]") }
-    var json = false
-    while let flag = rest.popFirst() {
-        guard flag == "--json" else { throw UsageError(message: "unknown option '\(flag)' for 'hvctl net ls'") }
-        json = true
-    }
+/// The status of every private segment on this host, as each switch reports it (a JSON object
+/// per segment: its name, members and their frame counters).
+public func segmentStatuses() -> [JSONObject] {
     sweepStaleSegments()
     var segments: [JSONObject] = []
     for name in entryStems(in: SegmentDirectory.path, suffixes: [".sock"]) {
@@ -455,21 +453,5 @@ func netCommand(_ arguments: ArraySlice<String>) throws(UsageError) -> Int32 {
               case .object(let object)? = try? JSONValue.parse(reply.bytes) else { continue }
         segments.append(object)
     }
-    if json {
-        print("[" + segments.map { render(.object($0)) }.joined(separator: ", ") + "]")
-        return 0
-    }
-    if segments.isEmpty {
-        print("no private network segments on this host")
-        return 0
-    }
-    print(pad("SEGMENT", 16) + pad("VM", 20) + pad("NIC", 6) + pad("MAC", 19) + pad("FRAMES-IN", 11) + pad("FRAMES-OUT", 11) + "DROPPED")
-    for s in segments {
-        guard case .array(let list)? = s["members"] else { continue }
-        for case .object(let m) in list {
-            print(pad(text(s, "segment"), 16) + pad(text(m, "vm"), 20) + pad(text(m, "nic"), 6) + pad(text(m, "mac"), 19)
-                  + pad(String(number(m, "frames_from_vm")), 11) + pad(String(number(m, "frames_to_vm")), 11) + String(number(m, "dropped_to_vm")))
-        }
-    }
-    return 0
+    return segments
 }

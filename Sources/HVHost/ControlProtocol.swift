@@ -1,0 +1,160 @@
+import FoundationEssentials
+
+// The per-VM control protocol: what `hvctl` (or any tool) sends to a running VM's control socket,
+// RUN_DIR/NAME.sock (AF_UNIX, SOCK_SEQPACKET), and what the VM answers. One request message, one
+// reply message, each a JSON object; ipc-schema/control.md documents every request and field.
+// Both sides compile these types: the protocol is defined once.
+
+/// One request to a running VM.
+public struct ControlRequest: Codable, Equatable, Sendable {
+    public enum Command: String, Codable, Equatable, Sendable, CaseIterable {
+        /// The VM's `VMStatus`.
+        case status
+        /// Stop the VM (its `hvctl run` exits 0).
+        case stop
+        /// Stop every vCPU; devices drain.
+        case pause
+        /// Resume the vCPUs `pause` stopped.
+        case resume
+        /// Eject the CD-ROM drive's medium.
+        case cdromEject = "cdrom-eject"
+        /// Insert the ISO at `path` (absolute) into the CD-ROM drive.
+        case cdromInsert = "cdrom-insert"
+        /// Restart device `device` cleanly.
+        case deviceRestart = "device-restart"
+        /// Replace device `device`'s binary with the one at `path` (absolute).
+        case deviceUpgrade = "device-upgrade"
+    }
+    public var command: Command
+    /// An absolute host path: the ISO (`cdrom-insert`) or the new binary (`device-upgrade`).
+    public var path: String?
+    /// A device's instance name (`disk0`, `net1`): `device-restart`, `device-upgrade`.
+    public var device: String?
+    /// `status`: also read every vCPU's instruction pointer.
+    public var registers: Bool?
+
+    public init(_ command: Command, path: String? = nil, device: String? = nil, registers: Bool? = nil) {
+        self.command = command
+        self.path = path
+        self.device = device
+        self.registers = registers
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case command, path, device, registers }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        command = try c.decode(Command.self, forKey: .command)
+        path = try c.decodeIfPresent(String.self, forKey: .path)
+        device = try c.decodeIfPresent(String.self, forKey: .device)
+        registers = try c.decodeIfPresent(Bool.self, forKey: .registers)
+    }
+}
+
+/// The answer to one `ControlRequest`.
+public struct ControlReply: Codable, Equatable, Sendable {
+    /// Whether the request was carried out.
+    public var ok: Bool
+    /// Why not, in one line (when `ok` is false).
+    public var error: String?
+    /// A one-line report of what was done (device restart, upgrade).
+    public var message: String?
+    /// For `status`.
+    public var status: VMStatus?
+
+    public init(ok: Bool, error: String? = nil, message: String? = nil, status: VMStatus? = nil) {
+        self.ok = ok
+        self.error = error
+        self.message = message
+        self.status = status
+    }
+
+    public static func failure(_ why: String) -> ControlReply { ControlReply(ok: false, error: why) }
+}
+
+/// A running VM as `hvctl status` and `hvctl ls` show it.
+public struct VMStatus: Codable, Equatable, Sendable {
+    public var name: String
+    /// The pid of its `hvctl run` (the VM's core).
+    public var pid: Int32
+    /// "running" or "paused".
+    public var state: String
+    /// "demo", "multiboot", "linux" or "firmware".
+    public var boot: String
+    public var uptimeSeconds: UInt64
+    /// How long it has been paused, when it is.
+    public var pausedSeconds: UInt64?
+    public var memoryMiB: UInt64
+    public var cpus: Int
+    /// The tenant its devices run as; nil under `--no-sandbox`.
+    public var tenant: String?
+    public var vcpus: [VCPU]
+    public var devices: [Device]
+    public var disks: [Disk]
+    public var cdrom: CDROM?
+    public var nics: [NIC]
+
+    public struct VCPU: Codable, Equatable, Sendable {
+        public var id: Int
+        /// "running", "halted", "paused" or "not-started".
+        public var state: String
+        /// The instruction pointer (hex), when asked for.
+        public var rip: String?
+    }
+
+    public struct Device: Codable, Equatable, Sendable {
+        public var name: String
+        /// "serial", "bios", "disk", "cdrom", "nic" or "plugin".
+        public var kind: String
+        public var pid: Int32?
+        /// "running", "restarting" or "failed".
+        public var state: String
+        public var restarts: UInt32
+        public var binary: String
+    }
+
+    public struct Disk: Codable, Equatable, Sendable {
+        public var device: String
+        public var path: String
+        public var format: String
+        public var readonly: Bool
+    }
+
+    public struct CDROM: Codable, Equatable, Sendable {
+        public var device: String
+        /// The ISO in the drive; nil when it is empty.
+        public var medium: String?
+    }
+
+    public struct NIC: Codable, Equatable, Sendable {
+        public var device: String
+        public var mac: String
+        public var tap: String?
+        public var segment: String?
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, pid, state, boot, uptimeSeconds = "uptime_seconds", pausedSeconds = "paused_seconds", memoryMiB = "memory_mib", cpus,
+             tenant, vcpus, devices, disks, cdrom, nics
+    }
+}
+
+/// JSON as the control protocol writes it: compact, keys sorted, so a reply is one stable line.
+public enum ControlJSON {
+    public static func encode<T: Encodable>(_ value: T, pretty: Bool = false) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = pretty ? [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
+        return (try? Array(encoder.encode(value))) ?? Array("{}".utf8)
+    }
+
+    public static func decode<T: Decodable>(_ type: T.Type, _ bytes: [UInt8]) throws(UsageError) -> T {
+        do {
+            return try JSONDecoder().decode(type, from: Data(bytes))
+        } catch let error as DecodingError {
+            throw UsageError(message: VMDefinition.describe(error))
+        } catch {
+            throw UsageError(message: "\(error)")
+        }
+    }
+}

@@ -1,0 +1,73 @@
+import CSeccomp
+import Glibc
+import HVCore
+import HVIPC
+import HVSandbox
+import HVSys
+
+/// Where hv finds its device executables and sandbox profiles, and how it turns a device into
+/// a sandbox plan.
+public enum DeviceCatalog {
+    /// The devices hv ships, by the name `hvctl sandbox show` takes.
+    public static let builtIn: [(name: String, executable: String)] = [("serial", "hv-serial"), ("bios", "hv-bios"), ("scsi", "hv-scsi"), ("net", "hv-net"), ("switch", "hv-switch")]
+
+    /// `sandbox-profiles/`: $HV_PROFILE_DIR, else beside hvctl, else the source tree hvctl was built in.
+    public static func profileDirectory() -> String? {
+        if let env = getenv("HV_PROFILE_DIR") { return String(cString: env) }
+        var dir = executableDirectory()
+        for _ in 0..<5 {
+            let candidate = dir + "/sandbox-profiles"
+            if access(candidate + "/serial.json", R_OK) == 0 { return candidate }
+            guard let slash = dir.lastIndex(of: "/"), slash != dir.startIndex else { break }
+            dir = String(dir[..<slash])
+        }
+        return nil
+    }
+
+    /// The largest sandbox profile hv reads.
+    public static let maximumProfileBytes: Int64 = 1 << 20
+
+    public static func resolveSyscall(_ name: String) -> Int32? {
+        let n = seccomp_syscall_resolve_name(name)
+        return n == __NR_SCMP_ERROR ? nil : n
+    }
+
+    /// Loads and validates a profile file; a bad one is a one-line error naming the file.
+    public static func loadProfile(_ path: String) throws(UsageError) -> SandboxProfile {
+        let bytes: [UInt8]
+        do {
+            // A profile is a small JSON file: never a FIFO to block on or /dev/zero to read forever.
+            let file = try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: maximumProfileBytes)
+            do { bytes = try file.readAll() } catch { throw HostFileError.system(error.errno) }
+        } catch {
+            throw UsageError(message: "cannot read sandbox profile '\(path)': \(error)")
+        }
+        do {
+            return try SandboxProfile.load(json: bytes, source: path, resolveSyscall: resolveSyscall)
+        } catch {
+            throw UsageError(message: "\(error)")
+        }
+    }
+
+    public static func builtInProfilePath(_ device: String) throws(UsageError) -> String {
+        guard let dir = profileDirectory() else {
+            throw UsageError(message: "cannot find sandbox-profiles/ (looked beside hvctl and above it); set HV_PROFILE_DIR")
+        }
+        return "\(dir)/\(device).json"
+    }
+
+    /// Library directories to expose in every jail: the same for every device, so read once.
+    public static let libraryPaths = SandboxPlan.runtimeLibraryPaths()
+
+    /// The jail plan for a device run by `tenant`.
+    public static func plan(profilePath: String, tenant: String) throws(UsageError) -> SandboxPlan {
+        let jail = executableDirectory() + "/hv-jail"
+        guard access(jail, X_OK) == 0 else {
+            throw UsageError(message: "hv-jail not found next to hvctl (\(jail)); rebuild hv with 'swift build'")
+        }
+        let id = SandboxPlan.tenantID(tenant)
+        return SandboxPlan(jailExecutable: jail, profilePath: profilePath, profile: try loadProfile(profilePath),
+                           outsideUID: id, outsideGID: id, exposedPaths: libraryPaths)
+    }
+}
+

@@ -1,0 +1,261 @@
+import Glibc
+import HVCore
+import HVIPC
+import HVSys
+import Synchronization
+
+/// Runs the VM `definition` describes in this process (which becomes its trusted core) until it
+/// ends; returns hvctl's exit status. A definition that cannot run ends the process with one
+/// line and status 1 or 2 (see `fail`), after undoing what was set up.
+public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
+    let options = definition
+    // Stop signals are taken synchronously (by the signal thread, and by Machine.run on the main
+    // thread); block them before any thread (the console's, the supervisor's, vCPUs) exists, so
+    // none of those inherits an unblocked mask and lets a SIGTERM kill hvctl without a clean stop.
+    _ = Machine.blockStopSignals()
+    let current = CurrentMachine()
+    startSignalWatcher(current)
+    let hostMemory = hostMemoryBytes()
+    let memoryBytes = options.memoryMiB << 20
+    guard memoryBytes <= hostMemory else {
+        fail("--memory \(options.memoryMiB)M does not fit: this host has \(hostMemory >> 20)M of RAM", status: 2)
+    }
+
+    // The name first: a VM that is refused because its name is taken must not touch anything.
+    let name = options.name ?? "vm-\(getpid())"
+    sweepStaleVMs()
+    let server: ControlServer
+    do {
+        server = try ExitCleanup.creating { () throws(UsageError) -> ControlServer in
+            let created = try ControlServer(name: name)
+            ExitCleanup.add { created.close() }
+            return created
+        }
+    } catch {
+        fail(error.message, status: 2)
+    }
+
+    // The trusted side opens every host file; devices only receive descriptors. Nothing is
+    // truncated until every check below has passed.
+    let boot: BootFiles, disks: [DiskImage], cdrom: FileDescriptor?
+    var outputs: [OutputFile] = []
+    do {
+        boot = try openBootFiles(options.boot)
+        disks = try openDisks(options)
+        cdrom = try openCDROM(options)
+        if options.serial.output == .file, let path = options.serial.path { outputs.append(try OutputFile.open(path, what: "the --serial file")) }
+        if let path = options.debugcon { outputs.append(try OutputFile.open(path, what: "the --debugcon file")) }
+    } catch {
+        fail(error.message)
+    }
+    sandboxSegments = options.sandbox
+    sweepStaleSegments()
+    let nics = attachNICs(options, vmName: name, verbose: verbose)
+
+    var serialFiles: [FileDescriptor] = []
+    var console: Console?
+    do {
+        switch options.serial.output {
+        case .stdio:
+            // A duplicate: wrapping fd 1 itself would close hvctl's stdout when the wrapper goes.
+            serialFiles.append(FileDescriptor(owning: try check("dup stdout", fcntl(1, F_DUPFD_CLOEXEC, 3))))
+            let c = try Console()
+            serialFiles.append(c.deviceInput)
+            console = c
+        case .none:
+            serialFiles.append(try FileDescriptor.open("/dev/null", flags: O_WRONLY))
+        case .file:
+            serialFiles.append(outputs[0].file)
+        }
+    } catch {
+        fail("cannot set up the serial port (\(options.serial.output.rawValue)): \(error)")
+    }
+
+    let debugOutput: FileDescriptor
+    if options.debugcon != nil {
+        debugOutput = outputs[outputs.count - 1].file
+    } else {
+        do { debugOutput = try FileDescriptor.open("/dev/null", flags: O_WRONLY) } catch {
+            fail("cannot open /dev/null for the debug console: \(error.errno)")
+        }
+    }
+    // Every device is jailed under the VM's tenant unless --no-sandbox.
+    let tenant = options.sandbox ? options.tenant ?? "vm-\(getpid())" : nil
+    if tenant == nil {
+        warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
+    }
+
+    let started = monotonicNanoseconds()
+    let control = VMControl(name: name, definition: options, bootMode: boot.mode, tenant: tenant, started: started,
+                            disks: disks, hasCDROM: cdrom != nil, nics: nics, current: current)
+    do { try server.start(handler: control.handle) } catch {
+        fail("cannot serve the control socket: \(error)")
+    }
+    if let console {
+        do { try console.start { current.stop(.userQuit) } } catch { fail("cannot read the terminal: \(error)") }
+    }
+    defer { console?.restore() }
+    // A reset builds the VM afresh (new RAM, devices and firmware), like a power cycle; only the
+    // console, the image files and the tenant carry over.
+    func prepareDevices() -> (devices: [DeviceSpec], firmwareROM: FileDescriptor?) {
+        do {
+            let rom = try boot.firmwareSize.map { size throws(SystemError) in try MemFD.create(name: "hv-firmware-rom", size: size) }
+            let devices = try platformDevices(options, boot: boot, firmwareROM: rom, serialFiles: serialFiles,
+                                              debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom, nics: nics)
+            return (devices, rom)
+        } catch let error as UsageError {
+            fail(error.message, status: 2)
+        } catch {
+            fail("cannot prepare the firmware ROM: \(error)")
+        }
+    }
+    var prepared = prepareDevices()
+    // Every check has passed: only now are the console files emptied for this run.
+    for output in outputs { output.truncate() }
+    while true {
+        let devices = prepared.devices, firmwareROM = prepared.firmwareROM
+        let machine: Machine
+        do {
+            machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: devices, verbose: verbose,
+                                        firmwareROM: firmwareROM))
+        } catch {
+            fail("\(error)")
+        }
+        current.install(machine)
+        switch machine.run() {
+        case .poweredOff:
+            return 0
+        case .resetRequested:
+            if options.onReset == .stop {
+                warn("the guest asked for a reset; stopping (--no-reboot)")
+                return 0
+            }
+            if verbose { warn("the guest asked for a reset; rebooting") }
+            prepared = prepareDevices()
+        case .stopRequested:
+            warn("stopped by 'hvctl stop \(name)'")
+            return 0
+        case .userQuit:
+            console?.restore()
+            _ = "\r\nhvctl: quit (Ctrl-A x)\n".withCString { Glibc.write(2, $0, strlen($0)) }  // ends the guest's unfinished line
+            return 0
+        case .signal(let sig):
+            return 128 + sig
+        case .failure(let why):
+            console?.restore()
+            fail(why)
+        }
+    }
+}
+
+/// Answers the control socket's requests for one running VM (any number of reboots).
+final class VMControl: Sendable {
+    let name: String
+    let definition: VMDefinition
+    let bootMode: String
+    let tenant: String?
+    let started: UInt64
+    let disks: [VMStatus.Disk]
+    let nics: [VMStatus.NIC]
+    let hasCDROM: Bool
+    let current: CurrentMachine
+    /// The ISO in the CD-ROM drive now (changed by cdrom-insert and cdrom-eject).
+    let medium: Mutex<String?>
+
+    init(name: String, definition: VMDefinition, bootMode: String, tenant: String?, started: UInt64, disks: [DiskImage],
+         hasCDROM: Bool, nics: [AttachedNIC], current: CurrentMachine) {
+        self.name = name
+        self.definition = definition
+        self.bootMode = bootMode
+        self.tenant = tenant
+        self.started = started
+        self.disks = disks.enumerated().map { i, d in
+            VMStatus.Disk(device: "disk\(i)", path: absolutePath(d.path), format: ImageFormat.raw.name, readonly: d.readOnly)
+        }
+        self.nics = nics.enumerated().map { i, n in
+            var nic = VMStatus.NIC(device: "net\(i)", mac: formatMAC(n.mac))
+            switch n.option.attachment {
+            case .tap(let tap): nic.tap = tap
+            case .segment(let segment): nic.segment = segment
+            }
+            return nic
+        }
+        self.hasCDROM = hasCDROM
+        self.current = current
+        medium = Mutex(definition.cdrom.map { absolutePath($0) })
+    }
+
+    @Sendable func handle(_ request: ControlRequest) -> ControlReply {
+        switch request.command {
+        case .status:
+            return ControlReply(ok: true, status: status(registers: request.registers ?? false))
+        case .stop:
+            current.stop(.stopRequested)
+            return ControlReply(ok: true, message: "stopping")
+        case .pause, .resume:
+            guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
+            do throws(MachineControlError) {
+                if request.command == .pause { try machine.pause() } else { try machine.resume() }
+            } catch {
+                return .failure(error.description)
+            }
+            return ControlReply(ok: true, message: request.command == .pause ? "paused" : "resumed")
+        case .cdromEject, .cdromInsert:
+            guard hasCDROM, let machine = current.machine else {
+                return .failure("this VM has no CD-ROM drive (start it with --cdrom)")
+            }
+            var file: FileDescriptor?
+            if request.command == .cdromInsert {
+                guard let path = request.path, path.hasPrefix("/") else { return .failure("cdrom-insert needs an absolute path") }
+                switch openISO(path, what: "the ISO") {
+                case .success(let opened): file = opened
+                case .failure(let error): return .failure(error.message)
+                }
+            }
+            do throws(MediaChangeError) { try machine.changeMedium(device: "cdrom0", file: file) } catch {
+                return .failure(error.description)
+            }
+            medium.withLock { $0 = request.command == .cdromInsert ? request.path : nil }
+            return ControlReply(ok: true)
+        case .deviceRestart, .deviceUpgrade:
+            guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
+            guard let device = request.device else { return .failure("\(request.command.rawValue) needs a device") }
+            let action: DeviceAction
+            if request.command == .deviceUpgrade {
+                guard let path = request.path, path.hasPrefix("/") else { return .failure("device-upgrade needs the new binary's absolute path") }
+                action = .upgrade(binary: path)
+            } else {
+                action = .restart
+            }
+            do throws(DeviceActionError) {
+                return ControlReply(ok: true, message: try machine.perform(action, on: device))
+            } catch {
+                return .failure(error.description)
+            }
+        }
+    }
+
+    func status(registers: Bool) -> VMStatus {
+        let machine = current.machine
+        let now = monotonicNanoseconds()
+        let devices = (machine?.deviceStatus() ?? []).map { d in
+            VMStatus.Device(name: d.name, kind: deviceKind(d.name), pid: d.pid, state: d.state, restarts: d.restarts, binary: d.executable)
+        }
+        let vcpus = (machine?.vcpuStatus(registers: registers) ?? []).map { v in
+            VMStatus.VCPU(id: v.id, state: v.state.name, rip: v.rip.map { "0x" + String($0, radix: 16) })
+        }
+        let pausedSince = machine?.pausedSince
+        return VMStatus(name: name, pid: getpid(), state: pausedSince == nil ? "running" : "paused", boot: bootMode,
+                        uptimeSeconds: (now - started) / 1_000_000_000,
+                        pausedSeconds: pausedSince.map { (now - $0) / 1_000_000_000 },
+                        memoryMiB: definition.memoryMiB, cpus: definition.cpus, tenant: tenant, vcpus: vcpus, devices: devices,
+                        disks: disks, cdrom: hasCDROM ? VMStatus.CDROM(device: "cdrom0", medium: medium.withLock { $0 }) : nil, nics: nics)
+    }
+}
+
+/// The kind of a device, from its instance name (`serial0`, `disk1`, `net0`, `device0`, …).
+public func deviceKind(_ name: String) -> String {
+    for (prefix, kind) in [("serial", "serial"), ("bios", "bios"), ("disk", "disk"), ("cdrom", "cdrom"), ("net", "nic"), ("device", "plugin")]
+        where name.hasPrefix(prefix) { return kind }
+    return "?"
+}

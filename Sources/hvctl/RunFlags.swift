@@ -1,0 +1,148 @@
+import ArgumentParser
+import Glibc
+import HVHost
+
+/// Parses a size such as `256M`, `2G`, `65536K` or a plain byte count.
+func parseSize(_ text: String, flag: String) throws(UsageError) -> UInt64 {
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+    var digits = Substring(text)
+    var scale: UInt64 = 1
+    if let last = text.last?.uppercased().first, let unit = units[last] {
+        scale = unit
+        digits = digits.dropLast()
+    }
+    if digits.hasSuffix("i") || digits.hasSuffix("B") { digits = digits.dropLast() }
+    guard let value = UInt64(digits), value > 0 else {
+        throw UsageError(message: "invalid \(flag) '\(text)': use a size like 256M or 2G")
+    }
+    let (bytes, overflow) = value.multipliedReportingOverflow(by: scale)
+    guard !overflow else { throw UsageError(message: "invalid \(flag) '\(text)': too large") }
+    return bytes
+}
+
+/// The flags of `hvctl run` that describe the VM. They become a `VMDefinition`; `--config` gives
+/// one instead, and the two do not mix.
+struct DefinitionFlags: ParsableArguments {
+    @Option(help: ArgumentHelp("Boot a multiboot (v1) kernel: ELF32 or a.out-kludge image.", valueName: "file"))
+    var multiboot: String?
+    @Option(help: ArgumentHelp("Boot a Linux bzImage by the x86 boot protocol (64-bit entry).", valueName: "file"))
+    var kernel: String?
+    @Option(help: ArgumentHelp("Initial ramdisk for --kernel.", valueName: "file"))
+    var initrd: String?
+    @Option(help: ArgumentHelp("Boot firmware: 'seabios' (Debian's /usr/share/seabios/bios-256k.bin) or a path.", valueName: "fw"))
+    var firmware: String?
+    @Flag(help: "Let the firmware show its boot menu (off by default: no menu delay).")
+    var bootMenu = false
+    @Option(help: ArgumentHelp("Write the 0x402 debug port (SeaBIOS's log) to PATH.", valueName: "file:PATH"))
+    var debugcon: String?
+    @Option(name: .customLong("cmdline"), help: ArgumentHelp("The kernel's command line (--multiboot, --kernel), at most 3072 bytes.", valueName: "str"))
+    var commandLine: String?
+    @Option(help: ArgumentHelp("A raw disk image on a virtio-scsi adapter (its own sandboxed process); up to 8.", valueName: "path[,readonly]"))
+    var disk: [String] = []
+    @Option(help: ArgumentHelp("An ISO image in a virtio-scsi CD-ROM drive; the firmware boots it first.", valueName: "iso"))
+    var cdrom: String?
+    @Option(help: ArgumentHelp("""
+        A virtio-net NIC on host tap IFNAME (created and brought up if missing), or on private \
+        segment SEGMENT shared with the other VMs on this host that join it; up to 4. Without mac=, \
+        the MAC is 52:54:00 and a hash of the VM's name and the NIC's index.
+        """, valueName: "tap=IFNAME|net=SEGMENT[,mac=MAC]"))
+    var nic: [String] = []
+    @Flag(help: "End the VM (exit 0) when the guest asks for a reset, instead of rebooting it.")
+    var noReboot = false
+    @Option(help: ArgumentHelp("Guest RAM, e.g. 256M or 2G; a bare number is MiB (default 256M).", valueName: "size"))
+    var memory: String?
+    @Option(help: ArgumentHelp("Number of vCPUs, 1 to 254 (default 1).", valueName: "n"))
+    var cpus: String?
+    @Option(help: ArgumentHelp("Where the serial port goes: stdio (default), file:PATH, or none.", valueName: "mode"))
+    var serial: String?
+    @Option(help: ArgumentHelp("The VM's name for 'hvctl ls/status/stop/…' (default: vm-PID).", valueName: "name"))
+    var name: String?
+    @Option(help: ArgumentHelp("Run this VM's devices as tenant NAME's uid/gid (default: one per VM).", valueName: "name"))
+    var tenant: String?
+    @Option(name: .customLong("device"), help: ArgumentHelp(
+        "Add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,pci=DD.F[,barN=mmio|pio:SIZE]…][,KEY=VALUE]…",
+        valueName: "spec"))
+    var plugins: [String] = []
+    @Flag(help: "Run devices unconfined (debugging only; prints a warning).")
+    var noSandbox = false
+
+    /// Whether any flag that describes the VM was given (they conflict with --config).
+    var anyGiven: Bool {
+        multiboot != nil || kernel != nil || initrd != nil || firmware != nil || bootMenu || debugcon != nil || commandLine != nil
+            || !disk.isEmpty || cdrom != nil || !nic.isEmpty || noReboot || memory != nil || cpus != nil || serial != nil
+            || tenant != nil || !plugins.isEmpty || noSandbox
+    }
+
+    /// The definition these flags describe; errors name the flag.
+    func definition() throws(UsageError) -> VMDefinition {
+        var d = VMDefinition()
+        d.name = name
+        if let firmware { d.boot.firmware = firmware == "seabios" ? "/usr/share/seabios/bios-256k.bin" : firmware }
+        d.boot.kernel = kernel
+        d.boot.initrd = initrd
+        d.boot.multiboot = multiboot
+        d.boot.menu = bootMenu
+        d.boot.cmdline = commandLine ?? ""
+        d.onReset = noReboot ? .stop : .reboot
+        if let debugcon {
+            guard debugcon.hasPrefix("file:"), debugcon.count > 5 else {
+                throw UsageError(message: "invalid --debugcon '\(debugcon)': use file:PATH")
+            }
+            d.debugcon = String(debugcon.dropFirst(5))
+        }
+        if let memory {
+            // A bare number is MiB, as in QEMU's -m.
+            let bytes = try parseSize(memory.allSatisfy(\.isNumber) ? memory + "M" : memory, flag: "--memory")
+            guard bytes >= VMDefinition.minimumMemoryMiB << 20 else {
+                throw UsageError(message: "--memory \(memory) is too small: a guest needs at least \(VMDefinition.minimumMemoryMiB)M")
+            }
+            guard bytes % (1 << 20) == 0 else {
+                throw UsageError(message: "invalid --memory '\(memory)': guest RAM is a whole number of MiB; use a size such as 256M")
+            }
+            d.memoryMiB = bytes >> 20
+        }
+        if let cpus {
+            guard let n = Int(cpus), n > 0 else {
+                throw UsageError(message: "invalid --cpus '\(cpus)': use a whole number from 1 to 254")
+            }
+            d.cpus = n
+        }
+        if let serial {
+            switch serial {
+            case "stdio": d.serial = .init(output: .stdio)
+            case "none": d.serial = .init(output: .none)
+            case let s where s.hasPrefix("file:") && s.count > 5: d.serial = .init(output: .file, path: String(s.dropFirst(5)))
+            default: throw UsageError(message: "invalid --serial '\(serial)': use stdio, file:PATH or none")
+            }
+        }
+        for spec in disk {
+            let parts = spec.split(separator: ",", omittingEmptySubsequences: false)
+            guard let path = parts.first, !path.isEmpty, parts.dropFirst().allSatisfy({ $0 == "readonly" }) else {
+                throw UsageError(message: "invalid --disk '\(spec)': use PATH or PATH,readonly")
+            }
+            d.disks.append(.init(path: String(path), readonly: parts.count > 1))
+        }
+        d.cdrom = cdrom
+        for spec in nic {
+            guard d.nics.count < VMDefinition.maximumNICs else { throw UsageError(message: "at most \(VMDefinition.maximumNICs) --nic per VM") }
+            var parts = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+            let first = parts.removeFirst()
+            var nic = VMDefinition.NIC()
+            if first.hasPrefix("tap=") { nic.tap = String(first.dropFirst(4)) } else if first.hasPrefix("net=") { nic.segment = String(first.dropFirst(4)) } else {
+                throw UsageError(message: "invalid --nic '\(spec)': use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx")
+            }
+            for part in parts {
+                guard part.hasPrefix("mac="), nic.mac == nil else {
+                    throw UsageError(message: "invalid --nic '\(spec)': use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx")
+                }
+                nic.mac = String(part.dropFirst(4))
+            }
+            d.nics.append(nic)
+        }
+        d.tenant = tenant
+        d.sandbox = !noSandbox
+        d.devices = plugins
+        try d.validate(naming: .flags)
+        return d
+    }
+}
