@@ -952,14 +952,16 @@ class Bench:
     # -- scale (part 2): how many idle VMs run at once --
 
     def case_vms_at_once(self) -> list[Row]:
-        cap = 8 if self.quick else 48
-        print(f"case: VMs running at once (idle guests, 32 MiB each, up to {cap})", flush=True)
+        cap = 8 if self.quick else 50
+        print(f"case: VMs running at once (idle guests, 32 MiB each, up to {cap}), and 'hvctl ls' over them", flush=True)
 
         def one(side, i):
             if side != "hv":
                 return
             procs, outs = [], []
             up = 0
+            # Their own run directory, so 'hvctl ls' sees exactly these VMs.
+            env = dict(self.hv_env, HV_RUN_DIR=str(self.env.tmp / f"run-at-once-{i}"))
             try:
                 for k in range(cap):
                     out = tempfile.TemporaryFile()
@@ -967,7 +969,7 @@ class Bench:
                     argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", "mode=idle",
                             "--memory", "32M", "--serial", "stdio"]
                     procs.append(subprocess.Popen(argv, stdout=out, stderr=err,
-                                                  stdin=subprocess.DEVNULL, env=self.hv_env))
+                                                  stdin=subprocess.DEVNULL, env=env))
                     outs += [out, err]
                     deadline = time.monotonic() + 30
                     while time.monotonic() < deadline:
@@ -984,6 +986,17 @@ class Bench:
                     up += 1
                 alive = sum(p.poll() is None for p in procs)
                 pss = sum(self.hv_pss(p.pid)["total_kb"] for p in procs if p.poll() is None) / 1024
+                # The operator's view of them all: `hvctl ls` asks every VM's control socket.
+                for argv in (["ls"], ["ls", "--json"]):
+                    t0 = now_ns()
+                    listed = subprocess.run([str(self.env.hvctl)] + argv, capture_output=True, env=env, timeout=120)
+                    ms = (now_ns() - t0) / 1e6
+                    rows = listed.stdout.decode(errors="replace").count('"uptime_seconds"') if argv[-1] == "--json" \
+                        else len(listed.stdout.splitlines()) - 1
+                    ok = listed.returncode == 0 and rows == alive
+                    self.record("ls_json_ms" if argv[-1] == "--json" else "ls_ms", "hv", ms if ok else None)
+                    if not ok:
+                        self.problems.append(f"hvctl {' '.join(argv)} listed {rows} of {alive} VMs (exit {listed.returncode})")
             finally:
                 for p in procs:
                     if p.poll() is None:
@@ -1007,6 +1020,10 @@ class Bench:
                 target="all up to the cap", show_ratio=False,
                 met=None if self.get("at_once", "hv") is None else self.get("at_once", "hv").min >= cap),
             Row("  PSS per running VM (all its processes)", self.get("at_once_pss", "hv"), None, unit="MiB",
+                target="report", show_ratio=False),
+            Row(f"  'hvctl ls' with them all running", self.get("ls_ms", "hv"), None, unit="ms",
+                target="report", show_ratio=False),
+            Row(f"  'hvctl ls --json' with them all running", self.get("ls_json_ms", "hv"), None, unit="ms",
                 target="report", show_ratio=False),
         ]
 

@@ -16,8 +16,9 @@ public struct DeviceSpec: Sendable {
     public var resources: [Resource]
     /// GSI of each of its interrupt lines (line i → GSI), wired through irqfd.
     public var interruptGSIs: [UInt32]
-    /// Host files the trusted side opened for it, by hostIO index.
-    public var hostFiles: [FileDescriptor]
+    /// Host files the trusted side opened for it, by hostIO index (the device's contract
+    /// names the indices; a slot may be empty).
+    public var hostFiles: [UInt16: FileDescriptor]
     /// Device-specific `key=value` lines.
     public var config: String
     /// What it is allowed to do.
@@ -28,7 +29,7 @@ public struct DeviceSpec: Sendable {
     public var sandbox: SandboxPlan?
 
     public init(name: String, executable: String, resources: [Resource] = [], interruptGSIs: [UInt32] = [],
-                hostFiles: [FileDescriptor] = [], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false,
+                hostFiles: [UInt16: FileDescriptor] = [:], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false,
                 sandbox: SandboxPlan? = nil) {
         self.sandbox = sandbox
         self.name = name
@@ -62,7 +63,7 @@ final class ManagedDevice: @unchecked Sendable {
     }
     /// Host files the operator replaced while the VM ran (a new CD), by index; a restarted
     /// process gets these instead of the spec's. `nil` value: an empty placeholder (no medium).
-    let hostFileOverrides = Mutex<[Int: FileDescriptor]>([:])
+    let hostFileOverrides = Mutex<[UInt16: FileDescriptor]>([:])
     var events: ControlChannel?
     var granted: Capabilities = []
     var generation: UInt32 = 0
@@ -306,7 +307,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         if spec.capabilities.contains(.statePage) { pass(d.statePage, .statePage) }
         for (i, line) in d.interrupts.enumerated() { pass(line.fd, .interrupt, UInt16(i)) }
         let overrides = d.hostFileOverrides.withLock { $0 }
-        for (i, file) in spec.hostFiles.enumerated() { pass(overrides[i] ?? file, .hostIO, UInt16(i)) }
+        for (i, file) in spec.hostFiles.sorted(by: { $0.key < $1.key }) { pass(overrides[i] ?? file, .hostIO, i) }
 
         let hello = Hello(capabilities: offered, restartGeneration: d.generation,
                           memoryRegions: spec.mapsGuestMemory ? memory.regions : [],
@@ -798,11 +799,11 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     /// Gives `device` a new medium for host file `hostFile` (`file`), or ejects it (`file` nil),
     /// and remembers it for restarts. Safe from any thread; waits for the device's answer.
-    func changeMedium(device name: String, hostFile: Int, file: FileDescriptor?) throws(MediaChangeError) {
+    func changeMedium(device name: String, hostFile: UInt16, file: FileDescriptor?) throws(MediaChangeError) {
         guard let d = devices.first(where: { $0.spec.name == name }) else {
             throw MediaChangeError(description: "this VM has no device '\(name)'")
         }
-        guard hostFile < d.spec.hostFiles.count else { throw MediaChangeError(description: "\(name) has no host file \(hostFile)") }
+        guard d.spec.hostFiles[hostFile] != nil else { throw MediaChangeError(description: "\(name) has no host file \(hostFile)") }
         // An empty memfd stands for "no medium" when a restarted process is handed its files.
         let placeholder: FileDescriptor
         do { placeholder = try file ?? MemFD.create(name: "hv-no-medium", size: 0) } catch {

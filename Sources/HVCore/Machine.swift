@@ -286,9 +286,12 @@ public final class Machine: @unchecked Sendable {
 
     /// Inserts `file` into (or, with nil, ejects the medium of) device `name`'s removable drive,
     /// host file `hostFile`. The guest sees a media change. Safe from any thread.
-    public func changeMedium(device name: String, hostFile: Int = 0, file: FileDescriptor?) throws(MediaChangeError) {
+    public func changeMedium(device name: String, hostFile: UInt16, file: FileDescriptor?) throws(MediaChangeError) {
         try supervisor.changeMedium(device: name, hostFile: hostFile, file: file)
     }
+
+    /// Called once, from `run()`'s thread, when the vCPUs start running the guest.
+    public var onGuestStarted: (@Sendable () -> Void)?
 
     /// Requests a stop with `exit` (the first request wins).
     public func stop(_ exit: MachineExit) {
@@ -350,6 +353,7 @@ public final class Machine: @unchecked Sendable {
                     stop(.failure("cannot start vCPU thread: \(error)"))
                 }
             }
+            onGuestStarted?()
         }
 
         var lastProbe = monotonicNanoseconds()

@@ -41,23 +41,56 @@ public struct SandboxPlan: Sendable {
         return 2_000_000 + hash % 1_000_000
     }
 
-    /// Shared-object directories this process has mapped, plus the loader's own paths: device
-    /// executables are built by the same toolchain as hvctl, so they need a subset of these.
-    public static func runtimeLibraryPaths() -> [String] {
+    /// The library directories to expose in a jail: those this process has mapped, those that
+    /// `executables` (and, in turn, their libraries) need by their DT_NEEDED and RUNPATH entries,
+    /// and the loader's cache.
+    public static func runtimeLibraryPaths(for executables: [String] = []) -> [String] {
         var dirs: [String] = []
+        func add(_ dir: String) {
+            // Canonical paths, as /proc/self/maps shows them (Debian's /lib is a link to /usr/lib).
+            var resolved = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+            let canonical = realpath(dir, &resolved) != nil
+                ? String(decoding: resolved.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : dir
+            if !dirs.contains(canonical) { dirs.append(canonical) }
+        }
         if let fd = try? FileDescriptor.open("/proc/self/maps", flags: O_RDONLY), let bytes = try? fd.readAll() {
             for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
                 guard let slash = line.firstIndex(of: "/") else { continue }
                 let path = String(line[slash...])
                 guard path.contains(".so"), let dirEnd = path.lastIndex(of: "/") else { continue }
-                let dir = String(path[..<dirEnd])
-                if !dirs.contains(dir) { dirs.append(dir) }
+                add(String(path[..<dirEnd]))
+            }
+        }
+        // What the device binaries themselves need, found as the dynamic loader would: their
+        // RUNPATH, then the default directories. (The core may be linked statically, or against
+        // fewer libraries than a device.)
+        let defaults = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib", "/lib"]
+        var pending = executables, seen = Set<String>()
+        while let path = pending.popLast(), seen.count < 256 {
+            guard seen.insert(path).inserted, let info = elfDynamicInfo(path) else { continue }
+            let origin = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+            let search = info.runPaths.map { $0.replacing("$ORIGIN", with: origin) } + defaults
+            for library in info.needed where !library.contains("/") {
+                guard let dir = search.first(where: { access($0 + "/" + library, R_OK) == 0 }) else { continue }
+                add(dir)
+                pending.append(dir + "/" + library)
             }
         }
         for extra in ["/etc/ld.so.cache"] where access(extra, F_OK) == 0 && !dirs.contains(extra) {
             dirs.append(extra)
         }
         return dirs
+    }
+
+    /// The dynamic section of the ELF file at `path`, read with bounded preads.
+    static func elfDynamicInfo(_ path: String) -> ELFDynamicInfo? {
+        guard let file = try? FileDescriptor.open(path, flags: O_RDONLY) else { return nil }
+        return ELFDynamicInfo { offset, count in
+            guard count >= 0, count <= 1 << 20, offset <= UInt64(Int64.max) else { return nil }
+            var bytes = [UInt8](repeating: 0, count: count)
+            let n = bytes.withUnsafeMutableBytes { (try? file.read(into: $0, at: Int64(offset))) ?? -1 }
+            return n < 0 ? nil : Array(bytes.prefix(n))
+        }
     }
 
     /// Descriptors hv-jail receives: the device executable and the profile, opened by the core.

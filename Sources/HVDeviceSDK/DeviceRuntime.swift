@@ -55,7 +55,9 @@ public final class DeviceRuntime: @unchecked Sendable {
     public var committedRequestIndex: UInt32? { ring?.committedRequestIndex() }
     /// The capabilities both sides agreed on.
     public let capabilities: Capabilities
-    /// Device configuration from `hvctl`, parsed from `key=value` lines.
+    /// Device configuration from the trusted side: HELLO's `key=value` lines, decoded by
+    /// `SettingsText` (`--device …,KEY=VALUE` for a plugin; a shipped device decodes its typed
+    /// settings from this through its contract module).
     public let config: [String: String]
     /// Guest RAM, if the core handed it over.
     public let guestMemory: GuestMemory?
@@ -65,6 +67,11 @@ public final class DeviceRuntime: @unchecked Sendable {
     public let interrupts: [UInt16: InterruptLine]
     /// Host files opened by the trusted side for this device, by index.
     public let hostFiles: [UInt16: FileDescriptor]
+
+    /// The host file in `slot` of the device's contract (e.g. `SCSIContract.HostFile.medium`).
+    public func hostFile<Slot: RawRepresentable>(_ slot: Slot) -> FileDescriptor? where Slot.RawValue == UInt16 {
+        hostFiles[slot.rawValue]
+    }
 
     private let control: ControlChannel
     private let events: ControlChannel
@@ -126,15 +133,7 @@ public final class DeviceRuntime: @unchecked Sendable {
         }
         self.hello = hello
         capabilities = wanted.intersection(hello.capabilities)
-        var config: [String: String] = [:]
-        for line in hello.config.split(separator: "\n") {
-            if let eq = line.firstIndex(of: "=") {
-                config[String(line[..<eq])] = String(line[line.index(after: eq)...])
-            } else {
-                config[String(line)] = ""
-            }
-        }
-        self.config = config
+        config = SettingsText.decode(hello.config)
 
         var memory: GuestMemory?
         var ring: RegisterRing?

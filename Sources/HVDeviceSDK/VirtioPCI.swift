@@ -1,5 +1,6 @@
 import Atomics
 import Glibc
+import HVIPC
 
 /// What a virtio device plugin implements; `VirtioPCITransport` does the rest (PCI config space,
 /// capabilities, feature negotiation, queue setup, notifications).
@@ -77,7 +78,7 @@ public final class VirtioPCITransport: DeviceModel {
     public let memory: GuestMemory?
 
     /// Size of BAR 0 this transport expects.
-    public static let barSize: UInt64 = 0x4000
+    public static let barSize: UInt64 = VirtioPCILayout.barSize
     static let versionFeature: UInt64 = 1 << 32
     static let eventIndexFeature: UInt64 = 1 << 29
     static let msixTableOffset = 0x1800, msixPBAOffset = 0x1C00

@@ -94,6 +94,11 @@ public struct VMStatus: Codable, Equatable, Sendable {
     public var disks: [Disk]
     public var cdrom: CDROM?
     public var nics: [NIC]
+    /// The file the serial console is written to (`--serial file:`, or RUN_DIR/NAME.log for a
+    /// detached VM); nil when it goes to a terminal or nowhere.
+    public var consoleLog: String?
+    /// Whether `hvctl console NAME` can attach (the serial port is `console`).
+    public var consoleAttachable: Bool
 
     public struct VCPU: Codable, Equatable, Sendable {
         public var id: Int
@@ -136,7 +141,7 @@ public struct VMStatus: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case name, pid, state, boot, uptimeSeconds = "uptime_seconds", pausedSeconds = "paused_seconds", memoryMiB = "memory_mib", cpus,
-             tenant, vcpus, devices, disks, cdrom, nics
+             tenant, vcpus, devices, disks, cdrom, nics, consoleLog = "console_log", consoleAttachable = "console_attachable"
     }
 }
 

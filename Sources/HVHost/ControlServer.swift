@@ -18,6 +18,12 @@ public enum RunDirectory {
     public static func socket(_ name: String) -> String { path + "/" + name + ".sock" }
     /// The lock a running VM holds (see `ControlServer`).
     public static func lock(_ name: String) -> String { path + "/" + name + ".lock" }
+    /// The attach socket of a VM whose serial port is `console` (see `ConsoleServer`).
+    public static func console(_ name: String) -> String { path + "/" + name + ".console" }
+    /// The serial console log of a VM whose serial port is `console`; kept after the VM ends.
+    public static func consoleLog(_ name: String) -> String { path + "/" + name + ".log" }
+    /// What a detached VM's core (hvctl itself) reports once it runs in the background.
+    public static func coreLog(_ name: String) -> String { path + "/" + name + ".core.log" }
 
     /// A byte allowed in VM, segment and tenant names: letters, digits, '.', '_', '-'.
     static func isNameByte(_ b: UInt8) -> Bool {
@@ -45,9 +51,12 @@ func unixAddress(_ path: String) -> sockaddr_un? {
     return address
 }
 
-func connectTo(_ path: String) -> Int32? {
+/// A connected AF_UNIX socket to `path` (SOCK_SEQPACKET, as control and segment sockets are, or
+/// SOCK_STREAM for a console socket), or nil.
+public func connectTo(_ path: String, stream: Bool = false) -> Int32? {
     guard var address = unixAddress(path) else { return nil }
-    let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    let type = stream ? Int32(SOCK_STREAM.rawValue) : Int32(SOCK_SEQPACKET.rawValue)
+    let fd = socket(AF_UNIX, type | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { return nil }
     let r = withUnsafePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -217,6 +226,7 @@ public func vmPresence(_ name: String) -> VMPresence {
         return .gone  // no run directory, or one we cannot write: no VM of that name here
     }
     unlink(RunDirectory.socket(name))
+    unlink(RunDirectory.console(name))
     unlink(lockPath)
     held.close()
     return .gone

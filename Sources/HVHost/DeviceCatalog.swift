@@ -56,18 +56,22 @@ public enum DeviceCatalog {
         return "\(dir)/\(device).json"
     }
 
-    /// Library directories to expose in every jail: the same for every device, so read once.
-    public static let libraryPaths = SandboxPlan.runtimeLibraryPaths()
+    /// Library directories to expose in the jails of hv's own devices: what their binaries need
+    /// (they are built together, by one toolchain), so read once.
+    public static let libraryPaths = SandboxPlan.runtimeLibraryPaths(
+        for: builtIn.map { executableDirectory() + "/" + $0.executable })
 
-    /// The jail plan for a device run by `tenant`.
-    public static func plan(profilePath: String, tenant: String) throws(UsageError) -> SandboxPlan {
+    /// The jail plan for a device run by `tenant`; `executable` is a third-party device's binary,
+    /// whose own library needs are exposed too.
+    public static func plan(profilePath: String, tenant: String, executable: String? = nil) throws(UsageError) -> SandboxPlan {
         let jail = executableDirectory() + "/hv-jail"
         guard access(jail, X_OK) == 0 else {
             throw UsageError(message: "hv-jail not found next to hvctl (\(jail)); rebuild hv with 'swift build'")
         }
         let id = SandboxPlan.tenantID(tenant)
         return SandboxPlan(jailExecutable: jail, profilePath: profilePath, profile: try loadProfile(profilePath),
-                           outsideUID: id, outsideGID: id, exposedPaths: libraryPaths)
+                           outsideUID: id, outsideGID: id,
+                           exposedPaths: executable.map { SandboxPlan.runtimeLibraryPaths(for: [$0]) } ?? libraryPaths)
     }
 }
 

@@ -1,4 +1,5 @@
 import Glibc
+import HVBIOSContract
 import HVCore
 import HVIPC
 import HVSys
@@ -9,7 +10,7 @@ struct BootFiles {
     var image: FileDescriptor
     var initrd: FileDescriptor?
     var firmwareSize: Int?
-    var mode: String
+    var mode: BIOSContract.BootMode
 }
 
 /// Opens an input file the operator named, for reading: never blocks (a FIFO is refused, not
@@ -30,22 +31,22 @@ func openBootFiles(_ boot: VMDefinition.Boot) throws(UsageError) -> BootFiles {
         guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
             throw UsageError(message: "firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
         }
-        return BootFiles(image: image, firmwareSize: Int(size), mode: "firmware")
+        return BootFiles(image: image, firmwareSize: Int(size), mode: .firmware)
     } else if let path = boot.kernel {
         let image = try openInput(path, what: "kernel", maximumSize: maximumImageBytes)
         if (try? image.size()) == 0 { throw UsageError(message: "kernel '\(path)' is empty: give a bzImage") }
         var initrd: FileDescriptor?
         if let initrdPath = boot.initrd { initrd = try openInput(initrdPath, what: "initrd", maximumSize: maximumImageBytes) }
-        return BootFiles(image: image, initrd: initrd, mode: "linux")
+        return BootFiles(image: image, initrd: initrd, mode: .linux)
     } else if let path = boot.multiboot {
         let image = try openInput(path, what: "guest image", maximumSize: maximumImageBytes)
         if (try? image.size()) == 0 { throw UsageError(message: "guest image '\(path)' is empty") }
-        return BootFiles(image: image, mode: "multiboot")
+        return BootFiles(image: image, mode: .multiboot)
     } else {
         do {
             let image = try MemFD.create(name: "hv-demo-guest", size: DemoGuest.image().count)
             try image.writeAll(DemoGuest.image())
-            return BootFiles(image: image, mode: "multiboot")
+            return BootFiles(image: image, mode: .multiboot)
         } catch {
             throw UsageError(message: "cannot prepare the demo guest: \(error)")
         }

@@ -2,6 +2,7 @@ import CHVShim
 import Glibc
 import HVCore
 import HVIPC
+import HVNetContract
 import HVNetSwitch
 import HVSandbox
 import HVSys
@@ -76,12 +77,17 @@ func formatMAC(_ mac: [UInt8]) -> String { MACAddress(bytes: mac).description }
 struct AttachedNIC {
     var option: NICOption
     var mac: [UInt8]
-    /// tap: [tap]; segment: [port region, NIC eventfd, switch eventfd].
+    /// tap: [tap]; segment: [port region, NIC eventfd, switch eventfd], as `joinSegment` makes them.
     var files: [FileDescriptor]
 
-    var backend: String {
-        if case .tap = option.attachment { return "tap" }
-        return "segment"
+    /// What hv-net is handed.
+    var settings: NetContract.Settings {
+        if case .tap = option.attachment { return NetContract.Settings(backend: .tap, mac: MACAddress(bytes: mac)) }
+        return NetContract.Settings(backend: .segment, mac: MACAddress(bytes: mac))
+    }
+    var hostFiles: [NetContract.HostFile: FileDescriptor] {
+        if case .tap = option.attachment { return [.tap: files[0]] }
+        return [.portRegion: files[0], .portDoorbell: files[1], .switchDoorbell: files[2]]
     }
     var describe: String {
         switch option.attachment {

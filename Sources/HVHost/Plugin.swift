@@ -19,7 +19,7 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
     var spec = DeviceSpec(name: "device\(index)", executable: path, capabilities: [.statePage])
     var profile: String?
     var pciFunction: UInt16?
-    var config: [String] = []
+    var config: [(key: String, value: String)] = []
     func number(_ s: Substring) -> UInt64? {
         s.hasPrefix("0x") ? UInt64(s.dropFirst(2), radix: 16) : UInt64(s)
     }
@@ -62,15 +62,15 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
             spec.name = String(value)
         default:
             guard parts.count == 2 else { throw UsageError(message: "invalid --device field '\(field)': use KEY=VALUE") }
-            config.append(field)
+            config.append((key, String(value)))
         }
     }
-    spec.config = config.joined(separator: "\n")
+    spec.config = SettingsText.encode(config)
     if let tenant {
         guard let profile else {
             throw UsageError(message: "--device \(path) has no profile=FILE: every device runs sandboxed (or pass --no-sandbox to debug)")
         }
-        spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: tenant)
+        spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: tenant, executable: path)
     }
     return spec
 }

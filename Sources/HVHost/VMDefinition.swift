@@ -83,10 +83,12 @@ public struct VMDefinition: Codable, Equatable, Sendable {
 
     public struct Serial: Codable, Equatable, Sendable {
         public enum Output: String, Codable, Equatable, Sendable, CaseIterable {
-            /// hvctl's terminal (keystrokes go to the guest).
+            /// hvctl's terminal (keystrokes go to the guest); the VM cannot be detached.
             case stdio
             /// A file (`path`).
             case file
+            /// RUN_DIR/NAME.log, and attachable with `hvctl console NAME` (what `--detach` uses).
+            case console
             /// Discarded.
             case none
         }
@@ -157,7 +159,7 @@ extension VMDefinition {
         switch serial.output {
         case .file:
             guard serial.path != nil else { throw UsageError(message: "\(field("--serial file:", "serial.path")) is missing: give the console file's path") }
-        case .stdio, .none:
+        case .stdio, .none, .console:
             guard serial.path == nil else { throw UsageError(message: "serial.path is only for serial.output \"file\"") }
         }
         guard disks.count <= Self.maximumDisks else { throw UsageError(message: "at most \(Self.maximumDisks) \(field("--disk", "disks")) images") }

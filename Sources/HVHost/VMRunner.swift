@@ -1,13 +1,16 @@
 import Glibc
 import HVCore
 import HVIPC
+import HVSCSIContract
+import HVSerialContract
 import HVSys
 import Synchronization
 
 /// Runs the VM `definition` describes in this process (which becomes its trusted core) until it
 /// ends; returns hvctl's exit status. A definition that cannot run ends the process with one
-/// line and status 1 or 2 (see `fail`), after undoing what was set up.
-public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
+/// line and status 1 or 2 (see `fail`), after undoing what was set up. `onRunning` is called
+/// once, with the VM's name, when the guest first runs (`hvctl run --detach` returns then).
+public func runVM(_ definition: VMDefinition, verbose: Bool, onRunning: (@Sendable (String) -> Void)? = nil) -> Int32 {
     let options = definition
     // Stop signals are taken synchronously (by the signal thread, and by Machine.run on the main
     // thread); block them before any thread (the console's, the supervisor's, vCPUs) exists, so
@@ -44,6 +47,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
         disks = try openDisks(options)
         cdrom = try openCDROM(options)
         if options.serial.output == .file, let path = options.serial.path { outputs.append(try OutputFile.open(path, what: "the --serial file")) }
+        if options.serial.output == .console { outputs.append(try OutputFile.open(RunDirectory.consoleLog(name), what: "the console log")) }
         if let path = options.debugcon { outputs.append(try OutputFile.open(path, what: "the --debugcon file")) }
     } catch {
         fail(error.message)
@@ -52,21 +56,33 @@ public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
     sweepStaleSegments()
     let nics = attachNICs(options, vmName: name, verbose: verbose)
 
-    var serialFiles: [FileDescriptor] = []
+    var serialFiles: [SerialContract.HostFile: FileDescriptor] = [:]
     var console: Console?
+    var consoleServer: ConsoleServer?
     do {
         switch options.serial.output {
         case .stdio:
             // A duplicate: wrapping fd 1 itself would close hvctl's stdout when the wrapper goes.
-            serialFiles.append(FileDescriptor(owning: try check("dup stdout", fcntl(1, F_DUPFD_CLOEXEC, 3))))
+            serialFiles[.output] = FileDescriptor(owning: try check("dup stdout", fcntl(1, F_DUPFD_CLOEXEC, 3)))
             let c = try Console()
-            serialFiles.append(c.deviceInput)
+            serialFiles[.input] = c.deviceInput
             console = c
         case .none:
-            serialFiles.append(try FileDescriptor.open("/dev/null", flags: O_WRONLY))
+            serialFiles[.output] = try FileDescriptor.open("/dev/null", flags: O_WRONLY)
         case .file:
-            serialFiles.append(outputs[0].file)
+            serialFiles[.output] = outputs[0].file
+        case .console:
+            let server = try ExitCleanup.creating { () throws(UsageError) -> ConsoleServer in
+                let created = try ConsoleServer(name: name, log: outputs[0].file)
+                ExitCleanup.add { created.close() }
+                return created
+            }
+            serialFiles[.output] = outputs[0].file
+            serialFiles[.input] = server.deviceInput
+            consoleServer = server
         }
+    } catch let error as UsageError {
+        fail(error.message)
     } catch {
         fail("cannot set up the serial port (\(options.serial.output.rawValue)): \(error)")
     }
@@ -86,9 +102,12 @@ public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
     }
 
     let started = monotonicNanoseconds()
-    let control = VMControl(name: name, definition: options, bootMode: boot.mode, tenant: tenant, started: started,
+    let control = VMControl(name: name, definition: options, bootMode: boot.mode.rawValue, tenant: tenant, started: started,
                             disks: disks, hasCDROM: cdrom != nil, nics: nics, current: current)
-    do { try server.start(handler: control.handle) } catch {
+    do {
+        try server.start(handler: control.handle)
+        try consoleServer?.start()
+    } catch {
         fail("cannot serve the control socket: \(error)")
     }
     if let console {
@@ -112,6 +131,8 @@ public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
     var prepared = prepareDevices()
     // Every check has passed: only now are the console files emptied for this run.
     for output in outputs { output.truncate() }
+    // `onRunning` is for the first boot only, not for each reboot.
+    let once = Mutex(true)
     while true {
         let devices = prepared.devices, firmwareROM = prepared.firmwareROM
         let machine: Machine
@@ -120,6 +141,9 @@ public func runVM(_ definition: VMDefinition, verbose: Bool) -> Int32 {
                                         firmwareROM: firmwareROM))
         } catch {
             fail("\(error)")
+        }
+        if let onRunning {
+            machine.onGuestStarted = { if once.withLock({ first in defer { first = false }; return first }) { onRunning(name) } }
         }
         current.install(machine)
         switch machine.run() {
@@ -161,6 +185,7 @@ final class VMControl: Sendable {
     let current: CurrentMachine
     /// The ISO in the CD-ROM drive now (changed by cdrom-insert and cdrom-eject).
     let medium: Mutex<String?>
+    let consoleLog: String?
 
     init(name: String, definition: VMDefinition, bootMode: String, tenant: String?, started: UInt64, disks: [DiskImage],
          hasCDROM: Bool, nics: [AttachedNIC], current: CurrentMachine) {
@@ -183,6 +208,11 @@ final class VMControl: Sendable {
         self.hasCDROM = hasCDROM
         self.current = current
         medium = Mutex(definition.cdrom.map { absolutePath($0) })
+        switch definition.serial.output {
+        case .file: consoleLog = definition.serial.path.map { absolutePath($0) }
+        case .console: consoleLog = absolutePath(RunDirectory.consoleLog(name))
+        case .stdio, .none: consoleLog = nil
+        }
     }
 
     @Sendable func handle(_ request: ControlRequest) -> ControlReply {
@@ -212,7 +242,7 @@ final class VMControl: Sendable {
                 case .failure(let error): return .failure(error.message)
                 }
             }
-            do throws(MediaChangeError) { try machine.changeMedium(device: "cdrom0", file: file) } catch {
+            do throws(MediaChangeError) { try machine.changeMedium(device: "cdrom0", hostFile: SCSIContract.HostFile.medium.rawValue, file: file) } catch {
                 return .failure(error.description)
             }
             medium.withLock { $0 = request.command == .cdromInsert ? request.path : nil }
@@ -249,7 +279,8 @@ final class VMControl: Sendable {
                         uptimeSeconds: (now - started) / 1_000_000_000,
                         pausedSeconds: pausedSince.map { (now - $0) / 1_000_000_000 },
                         memoryMiB: definition.memoryMiB, cpus: definition.cpus, tenant: tenant, vcpus: vcpus, devices: devices,
-                        disks: disks, cdrom: hasCDROM ? VMStatus.CDROM(device: "cdrom0", medium: medium.withLock { $0 }) : nil, nics: nics)
+                        disks: disks, cdrom: hasCDROM ? VMStatus.CDROM(device: "cdrom0", medium: medium.withLock { $0 }) : nil, nics: nics,
+                        consoleLog: consoleLog, consoleAttachable: definition.serial.output == .console)
     }
 }
 

@@ -107,3 +107,10 @@ public func dieWithParent() {
     _ = hv_prctl(PR_SET_PDEATHSIG, UInt(SIGKILL), 0, 0, 0)
     if getppid() == 1 { _exit(1) }
 }
+
+/// Closes every descriptor from `first` up, whatever opened it: a process that outlives its
+/// parent (a detached VM) must not keep the parent's pipes and sockets open, or whoever waits
+/// for their end-of-file (a shell's `$(…)`, Foundation's `Process`) waits as long as the VM runs.
+public func closeDescriptors(from first: Int32) {
+    _ = hv_close_range(UInt32(first), UInt32.max)
+}

@@ -53,7 +53,10 @@ struct DefinitionFlags: ParsableArguments {
     var memory: String?
     @Option(help: ArgumentHelp("Number of vCPUs, 1 to 254 (default 1).", valueName: "n"))
     var cpus: String?
-    @Option(help: ArgumentHelp("Where the serial port goes: stdio (default), file:PATH, or none.", valueName: "mode"))
+    @Option(help: ArgumentHelp("""
+        Where the serial port goes: stdio (default), file:PATH, none, or console ($HV_RUN_DIR/NAME.log, \
+        attachable with 'hvctl console NAME'; what --detach uses).
+        """, valueName: "mode"))
     var serial: String?
     @Option(help: ArgumentHelp("The VM's name for 'hvctl ls/status/stop/…' (default: vm-PID).", valueName: "name"))
     var name: String?
@@ -111,8 +114,9 @@ struct DefinitionFlags: ParsableArguments {
             switch serial {
             case "stdio": d.serial = .init(output: .stdio)
             case "none": d.serial = .init(output: .none)
+            case "console": d.serial = .init(output: .console)
             case let s where s.hasPrefix("file:") && s.count > 5: d.serial = .init(output: .file, path: String(s.dropFirst(5)))
-            default: throw UsageError(message: "invalid --serial '\(serial)': use stdio, file:PATH or none")
+            default: throw UsageError(message: "invalid --serial '\(serial)': use stdio, file:PATH, console or none")
             }
         }
         for spec in disk {

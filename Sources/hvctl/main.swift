@@ -20,7 +20,7 @@ struct HVCtl: ParsableCommand {
             sockets in $HV_RUN_DIR (default /run/hv).
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
-        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, CDROM.self, Device.self,
+        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, Console.self, Logs.self, CDROM.self, Device.self,
                       Disk.self, Net.self, Sandbox.self, Version.self])
 }
 
@@ -79,6 +79,11 @@ extension HVCtl {
         var printConfig = false
         @Flag(name: [.long, .short], help: "Report device starts and debug logs on stderr.")
         var verbose = false
+        @Flag(help: ArgumentHelp("""
+            Run the VM in the background and return once the guest runs; its serial console goes to \
+            $HV_RUN_DIR/NAME.log ('hvctl logs NAME') and 'hvctl console NAME' attaches to it.
+            """))
+        var detach = false
 
         func run() throws {
             var definition: VMDefinition
@@ -106,10 +111,18 @@ extension HVCtl {
             } else {
                 definition = try flags.definition()
             }
+            if detach {
+                // A detached VM has no terminal: its console is the log and the attach socket.
+                guard flags.serial != "stdio" else {
+                    throw UsageError(message: "--detach and --serial stdio: a detached VM has no terminal; use --serial console (the default with --detach), file:PATH or none")
+                }
+                if definition.serial.output == .stdio { definition.serial = .init(output: .console) }
+            }
             if printConfig {
                 print(definition.resolvingPaths(against: absolutePath(".")).encoded())
                 return
             }
+            if detach { runDetached(definition, verbose: verbose) }
             Glibc.exit(runVM(definition, verbose: verbose))
         }
     }

@@ -37,7 +37,7 @@ final class ControlPlaneTests: XCTestCase {
     }
 
     func testEverySubcommandHasHelpAndCompletionIsGenerated() throws {
-        let commands: [[String]] = [[], ["run"], ["ls"], ["status"], ["stop"], ["pause"], ["resume"], ["cdrom"], ["device"], ["disk"],
+        let commands: [[String]] = [[], ["run"], ["ls"], ["status"], ["stop"], ["pause"], ["resume"], ["console"], ["logs"], ["cdrom"], ["device"], ["disk"],
                                     ["disk", "create"], ["net"], ["net", "ls"], ["sandbox"], ["sandbox", "show"], ["version"]]
         for command in commands {
             let r = try runHvctl(command + ["--help"])

@@ -728,3 +728,44 @@ private func number(_ literal: String) -> JSONNumber {
 private func assertInvalid(_ text: String, _ expected: JSONError.Reason, file: StaticString = #filePath, line: UInt = #line) {
     XCTAssertEqual(reason(Array(text.utf8)), expected, text, file: file, line: line)
 }
+
+/// The ELF dynamic-section reader behind the jail's library list.
+final class ELFDynamicInfoTests: XCTestCase {
+    private func info(_ bytes: [UInt8]) -> ELFDynamicInfo? {
+        ELFDynamicInfo { offset, count in
+            guard offset < UInt64(bytes.count) else { return [] }
+            return Array(bytes[Int(offset)..<min(bytes.count, Int(offset) + count)])
+        }
+    }
+
+    func testReadsARealBinarysNeedsAndRunPath() throws {
+        // This test bundle's own runner is a Swift binary: it needs libswiftCore.so and has a RUNPATH.
+        let path = CommandLine.arguments[0]
+        let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let parsed = try XCTUnwrap(info(bytes), path)
+        XCTAssertTrue(parsed.needed.contains("libc.so.6"), "\(parsed.needed)")
+        let shell = try XCTUnwrap(info(try [UInt8](Data(contentsOf: URL(fileURLWithPath: "/bin/sh")))))
+        XCTAssertTrue(shell.needed.contains("libc.so.6"), "\(shell.needed)")
+    }
+
+    func testMalformedFilesYieldNothing() throws {
+        XCTAssertNil(info([]))
+        XCTAssertNil(info(Array("#!/bin/sh\necho hi\n".utf8)))
+        var header = [UInt8](repeating: 0, count: 64)
+        header.replaceSubrange(0..<6, with: [0x7F, 0x45, 0x4C, 0x46, 2, 1])
+        XCTAssertNil(info(header), "no program headers")
+        // Program headers pointing past the end, absurd counts: nil, never a trap.
+        header[0x20] = 0xFF; header[0x21] = 0xFF; header[0x36] = 56; header[0x38] = 0xFF
+        XCTAssertNil(info(header))
+        // A truncated real binary.
+        let sh = try [UInt8](Data(contentsOf: URL(fileURLWithPath: "/bin/sh")))
+        for cut in [64, 200, 1000, 4096] { _ = info(Array(sh.prefix(cut))) }
+        // Random bytes behind a valid header.
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            var junk = (0..<2048).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            junk.replaceSubrange(0..<6, with: [0x7F, 0x45, 0x4C, 0x46, 2, 1])
+            _ = info(junk)
+        }
+    }
+}

@@ -1,15 +1,17 @@
 import Glibc
+import HVBIOSContract
 import HVBootLoader
 import HVDeviceSDK
 
 // The BIOS device: the PC platform's firmware-facing pieces, in a sandboxed process.
 //
-// - Boot: in `mode=multiboot` it parses the guest image (host file 0, untrusted) into guest RAM and
-//   names the entry state; in `mode=linux` it loads a bzImage (host file 0) and an initrd (host
-//   file 3) by the 64-bit Linux boot protocol; in `mode=firmware` it copies the firmware image
-//   (host file 0) into the ROM memfd the core maps read-only below 4 GiB (host file 1), puts the
-//   BIOS's last 128 KiB at 0xE0000 as real PCs shadow it, and lets the vCPU start at the reset vector.
-// - Registers: CMOS/RTC (0x70–0x71, IRQ 8), the 0x402 debug console (to host file 2), fw_cfg
+// What it is handed (windows, interrupt lines, host files, settings) is named in BIOSContract.
+// - Boot: in `multiboot` mode it parses the guest image (untrusted) into guest RAM and names the
+//   entry state; in `linux` mode it loads a bzImage and an initrd (when handed one) by the 64-bit
+//   Linux boot protocol; in `firmware` mode it copies the firmware image into the ROM memfd the
+//   core maps read-only below 4 GiB, puts the BIOS's last 128 KiB at 0xE0000 as real PCs shadow
+//   it, and lets the vCPU start at the reset vector.
+// - Registers: CMOS/RTC (0x70–0x71, IRQ 8), the 0x402 debug console (to the debug output), fw_cfg
 //   (0x510–0x511 and DMA at 0x514–0x51B), the config space of the i440FX host bridge, PIIX3 ISA
 //   bridge and PIIX4 PM function (forwarded by the core's PCI host) and reset control at 0xCF9,
 //   system control port A (0x92: fast A20, fast reset), the i8042 keyboard controller (0x60,
@@ -50,7 +52,7 @@ struct LoadFailure: Error {
 let maximumImageBytes: Int64 = 512 << 20
 
 func readImage(_ runtime: DeviceRuntime) throws(LoadFailure) -> [UInt8] {
-    guard let image = runtime.hostFiles[0] else { throw LoadFailure("no guest image was handed over") }
+    guard let image = runtime.hostFile(BIOSContract.HostFile.guestImage) else { throw LoadFailure("no guest image was handed over") }
     let size: Int64
     do { size = try image.size() } catch { throw LoadFailure("cannot stat the image: \(error.errno)") }
     guard size > 0 else { throw LoadFailure("the image is empty") }
@@ -70,17 +72,17 @@ func write(_ bytes: [UInt8], at address: UInt64, into memory: GuestMemory, what:
     if let failure { throw LoadFailure("guest RAM is too small for \(what): \(failure)") }
 }
 
-func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
+func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory, _ settings: BIOSContract.Settings) throws(LoadFailure) {
     let bytes = try readImage(runtime)
     let entry: MultibootEntry
     do {
-        entry = try MultibootLoader(image: bytes).load(into: LowRAM(memory: memory), commandLine: runtime.config["cmdline"] ?? "")
+        entry = try MultibootLoader(image: bytes).load(into: LowRAM(memory: memory), commandLine: settings.commandLine)
     } catch {
         throw LoadFailure(error.description)
     }
     // The ACPI tables, where an OS scans for them (the multiboot loader keeps below 0xA0000 and
     // above 1 MiB).
-    let acpi = ACPITables.placed(cpus: Int(runtime.config["cpus"] ?? "1") ?? 1)
+    let acpi = ACPITables.placed(cpus: settings.cpus)
     try write(acpi.rsdp, at: ACPITables.directRSDPAddress, into: memory, what: "the ACPI tables")
     try write(acpi.tables, at: ACPITables.directTablesAddress, into: memory, what: "the ACPI tables")
     do {
@@ -91,11 +93,10 @@ func loadMultiboot(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadF
     }
 }
 
-func loadLinux(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
+func loadLinux(_ runtime: DeviceRuntime, _ memory: GuestMemory, _ settings: BIOSContract.Settings) throws(LoadFailure) {
     let kernel = try readImage(runtime)
     var initrd: [UInt8] = []
-    if runtime.config["initrd"] == "1" {
-        guard let file = runtime.hostFiles[3] else { throw LoadFailure("no initrd was handed over") }
+    if let file = runtime.hostFile(BIOSContract.HostFile.initrd) {
         let size: Int64
         do { size = try file.size() } catch { throw LoadFailure("cannot stat the initrd: \(error.errno)") }
         guard size <= maximumImageBytes else { throw LoadFailure("the initrd is \(size) bytes, larger than the \(maximumImageBytes >> 20) MiB limit") }
@@ -106,8 +107,8 @@ func loadLinux(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailu
     let entry: LinuxEntry
     do {
         entry = try LinuxLoader(kernel: kernel, initrd: initrd)
-            .load(into: LowRAM(memory: memory), ramAbove4G: total - low, commandLine: runtime.config["cmdline"] ?? "",
-                  cpus: Int(runtime.config["cpus"] ?? "1") ?? 1)
+            .load(into: LowRAM(memory: memory), ramAbove4G: total - low, commandLine: settings.commandLine,
+                  cpus: settings.cpus)
     } catch {
         throw LoadFailure(error.description)
     }
@@ -121,7 +122,7 @@ func loadLinux(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailu
 
 func loadFirmware(_ runtime: DeviceRuntime, _ memory: GuestMemory) throws(LoadFailure) {
     let bytes = try readImage(runtime)
-    guard let romFD = runtime.hostFiles[1] else { throw LoadFailure("no firmware ROM was handed over") }
+    guard let romFD = runtime.hostFile(BIOSContract.HostFile.firmwareROM) else { throw LoadFailure("no firmware ROM was handed over") }
     let romSize: Int64
     do { romSize = try romFD.size() } catch { throw LoadFailure("cannot stat the firmware ROM: \(error.errno)") }
     guard Int64(bytes.count) == romSize, romSize % 65536 == 0 else {
@@ -173,18 +174,17 @@ final class Platform: DeviceModel {
     /// Set once a power-off or reset went to the core: the machine is ending, ignore the rest.
     private var ended = false
 
-    init(runtime: DeviceRuntime) {
+    init(runtime: DeviceRuntime, settings: BIOSContract.Settings) {
         self.runtime = runtime
         let low = runtime.guestMemory?.lowRAMSize ?? 0
         let total = runtime.guestMemory?.regions.reduce(0) { $0 + $1.size } ?? 0
-        let cpus = Int(runtime.config["cpus"] ?? "1") ?? 1
+        let cpus = settings.cpus
         fwcfg = FirmwareConfig.standard(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus,
-                                        bootMenu: runtime.config["boot_menu"] == "1",
+                                        bootMenu: settings.bootMenu,
                                         bootFailWaitMilliseconds: 60_000,
-                                        // hvctl lists boot devices as OpenFirmware paths separated by '|'.
-                                        bootOrder: (runtime.config["boot_order"] ?? "").split(separator: "|").joined(separator: "\n"))
+                                        bootOrder: settings.bootOrder.joined(separator: "\n"))
         memory = runtime.guestMemory.map { LowRAM(memory: $0) }
-        console = runtime.hostFiles[2]
+        console = runtime.hostFile(BIOSContract.HostFile.debugOutput)
         let fresh = PlatformState(magic: PlatformState.magicValue,
                                   cmos: CMOS(ramBelow4G: low, ramAbove4G: total - low, cpus: cpus),
                                   pci: PCIHostBridge(), keyboard: I8042(), power: ACPIPowerManagement(),
@@ -206,27 +206,38 @@ final class Platform: DeviceModel {
         return (Int64(ts.tv_sec), Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec))
     }
 
+    /// The host bridge function whose configuration space `window` is.
+    private static func pciFunction(_ window: BIOSContract.Window) -> PCIHostBridge.Function? {
+        switch window {
+        case .hostBridgeConfig: .host
+        case .isaBridgeConfig: .isa
+        case .powerManagementConfig: .pm
+        default: nil
+        }
+    }
+
     func read(resource: Int, offset: UInt64, size: Int) -> UInt64 {
         defer { afterAccess() }
-        switch resource {
-        case 0:  // CMOS/RTC
+        guard let window = BIOSContract.Window(rawValue: resource) else { return ~0 }
+        switch window {
+        case .cmosRTC:
             let t = Self.now()
             state.cmos.tick(nowNanoseconds: t.nanoseconds)
             return offset == 0 ? UInt64(state.cmos.readIndex()) : UInt64(state.cmos.readData(now: t.seconds))
-        case 1: return 0xE9  // Bochs/QEMU debug-console presence byte
-        case 2: return offset == 1 ? UInt64(fwcfg.readData()) : 0
-        case 3: return fwcfg.readDMARegister(offset: Int(offset) + 4, size: size)
-        case 4: return UInt64(state.pci.resetControl)
-        case 9, 10, 11:
-            return UInt64(state.pci.readConfig(PCIHostBridge.Function.allCases[resource - 9], register: Int(offset), size: size))
-        case 5: return 0x02  // port A: A20 enabled (KVM never masks A20)
-        case 6:
+        case .debugConsole: return 0xE9  // Bochs/QEMU debug-console presence byte
+        case .firmwareConfig: return offset == 1 ? UInt64(fwcfg.readData()) : 0
+        case .firmwareConfigDMA: return fwcfg.readDMARegister(offset: Int(offset) + 4, size: size)
+        case .resetControl: return UInt64(state.pci.resetControl)
+        case .hostBridgeConfig, .isaBridgeConfig, .powerManagementConfig:
+            guard let function = Self.pciFunction(window) else { return ~0 }
+            return UInt64(state.pci.readConfig(function, register: Int(offset), size: size))
+        case .portA: return 0x02  // A20 enabled (KVM never masks A20)
+        case .keyboardData:
             let byte = state.keyboard.readData()
             keyboardIRQHigh = false  // reading the buffer drops IRQ 1; the next byte raises it again
             return UInt64(byte)
-        case 7: return UInt64(state.keyboard.readStatus())
-        case 8: return UInt64(state.power.read(offset: Int(offset), size: size, nowNanoseconds: monotonicNanoseconds()))
-        default: return ~0
+        case .keyboardCommand: return UInt64(state.keyboard.readStatus())
+        case .powerManagement: return UInt64(state.power.read(offset: Int(offset), size: size, nowNanoseconds: monotonicNanoseconds()))
         }
     }
 
@@ -241,42 +252,42 @@ final class Platform: DeviceModel {
 
     func write(resource: Int, offset: UInt64, size: Int, value: UInt64) {
         defer { afterAccess() }
-        switch resource {
-        case 0:
+        guard let window = BIOSContract.Window(rawValue: resource) else { return }
+        switch window {
+        case .cmosRTC:
             let t = Self.now()
             state.cmos.tick(nowNanoseconds: t.nanoseconds)
             if offset == 0 { state.cmos.writeIndex(UInt8(truncatingIfNeeded: value)) } else {
                 state.cmos.writeData(UInt8(truncatingIfNeeded: value), now: t.seconds)
             }
-        case 1:
+        case .debugConsole:
             pendingConsole.append(UInt8(truncatingIfNeeded: value))
             if pendingConsole.count >= 4096 { flush() }
-        case 2: if offset == 0 { fwcfg.writeSelector(UInt16(truncatingIfNeeded: value)) }
-        case 3:
+        case .firmwareConfig: if offset == 0 { fwcfg.writeSelector(UInt16(truncatingIfNeeded: value)) }
+        case .firmwareConfigDMA:
             if let memory { fwcfg.writeDMARegister(offset: Int(offset) + 4, size: size, value: value, memory: memory) }
-        case 4:
+        case .resetControl:
             if state.pci.writeResetControl(UInt8(truncatingIfNeeded: value)) { end(.reset, "the guest asked for a reset (port 0xCF9)") }
-        case 9, 10, 11:
-            state.pci.writeConfig(PCIHostBridge.Function.allCases[resource - 9], register: Int(offset), size: size,
-                                  value: UInt32(truncatingIfNeeded: value))
-        case 5:
+        case .hostBridgeConfig, .isaBridgeConfig, .powerManagementConfig:
+            guard let function = Self.pciFunction(window) else { return }
+            state.pci.writeConfig(function, register: Int(offset), size: size, value: UInt32(truncatingIfNeeded: value))
+        case .portA:
             if value & 1 != 0 { end(.reset, "the guest asked for a reset (port 0x92 fast reset)") }
-        case 6:
+        case .keyboardData:
             if state.keyboard.writeData(UInt8(truncatingIfNeeded: value)) == .reset {
                 end(.reset, "the guest asked for a reset (i8042 output port)")
             }
-        case 7:
+        case .keyboardCommand:
             if state.keyboard.writeCommand(UInt8(truncatingIfNeeded: value)) == .reset {
                 end(.reset, "the guest asked for a reset (i8042 command 0x\(String(value & 0xFF, radix: 16)))")
             }
-        case 8:
+        case .powerManagement:
             switch state.power.write(offset: Int(offset), size: size, value: UInt32(truncatingIfNeeded: value)) {
             case .none: break
             case .powerOff: end(.powerOff, "the guest powered off (ACPI S5)")
             case .unsupportedSleep(let type):
                 runtime.log(.warning, "the guest asked for ACPI sleep type \(type); hv supports only S5 (power-off), the request is ignored")
             }
-        default: break
         }
     }
 
@@ -298,11 +309,11 @@ final class Platform: DeviceModel {
         state.fwOffset = cursor.offset
         // ISA IRQ 8 is edge-triggered at the PIC: deliver the rising edge.
         let high = state.cmos.interruptLine
-        if high && !irqHigh { runtime.interrupts[0]?.pulse() }
+        if high && !irqHigh { runtime.interrupts[BIOSContract.Interrupt.rtc.rawValue]?.pulse() }
         irqHigh = high
         // IRQ 1 is edge-triggered too: one edge per byte the keyboard controller loads.
         let keyboardHigh = state.keyboard.interruptLine
-        if keyboardHigh && !keyboardIRQHigh { runtime.interrupts[1]?.pulse() }
+        if keyboardHigh && !keyboardIRQHigh { runtime.interrupts[BIOSContract.Interrupt.keyboard.rawValue]?.pulse() }
         keyboardIRQHigh = keyboardHigh
     }
 
@@ -316,18 +327,23 @@ final class Platform: DeviceModel {
 }
 
 let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRing, .statePage, .bootControl])
+let settings: BIOSContract.Settings
+do { settings = try BIOSContract.Settings(decoding: runtime.config) } catch {
+    runtime.log(.error, "\(error)")
+    exit(2)
+}
 // A restarted BIOS must not load the guest again: it is already running.
 if runtime.restartGeneration == 0 {
     do throws(LoadFailure) {
         guard let memory = runtime.guestMemory else { throw LoadFailure("no guest memory was handed over") }
-        switch runtime.config["mode"] {
-        case "firmware": try loadFirmware(runtime, memory)
-        case "linux": try loadLinux(runtime, memory)
-        default: try loadMultiboot(runtime, memory)
+        switch settings.mode {
+        case .firmware: try loadFirmware(runtime, memory)
+        case .linux: try loadLinux(runtime, memory, settings)
+        case .multiboot: try loadMultiboot(runtime, memory, settings)
         }
     } catch {
         runtime.log(.error, error.reason)
         exit(2)
     }
 }
-runtime.run(Platform(runtime: runtime))
+runtime.run(Platform(runtime: runtime, settings: settings))

@@ -1,5 +1,6 @@
 import Glibc
 import HVDeviceSDK
+import HVNetContract
 import HVNetSwitch
 
 // hv-net: a virtio-net NIC (virtio 1.2 §5.1) on the SDK's virtio-pci transport. Queue 0 receives,
@@ -205,14 +206,16 @@ final class VirtioNet: VirtioDevice {
 }
 
 let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
-guard let macText = runtime.config["mac"], let mac = MACAddress(parsing: macText)?.bytes else {
-    runtime.log(.error, "no valid mac= in the device configuration")
+let settings: NetContract.Settings
+do { settings = try NetContract.Settings(decoding: runtime.config) } catch {
+    runtime.log(.error, "\(error)")
     exit(2)
 }
+let mac = settings.mac.bytes
 let backend: any FrameBackend
-switch runtime.config["backend"] {
-case "tap":
-    guard let tap = runtime.hostFiles[0] else {
+switch settings.backend {
+case .tap:
+    guard let tap = runtime.hostFile(NetContract.HostFile.tap) else {
         runtime.log(.error, "backend=tap but no tap descriptor was handed over")
         exit(2)
     }
@@ -220,8 +223,9 @@ case "tap":
         runtime.log(.error, "cannot use the tap: \(error)")
         exit(2)
     }
-case "segment":
-    guard let region = runtime.hostFiles[0], let mine = runtime.hostFiles[1], let theirs = runtime.hostFiles[2] else {
+case .segment:
+    guard let region = runtime.hostFile(NetContract.HostFile.portRegion), let mine = runtime.hostFile(NetContract.HostFile.portDoorbell),
+          let theirs = runtime.hostFile(NetContract.HostFile.switchDoorbell) else {
         runtime.log(.error, "backend=segment needs the port region and both eventfds")
         exit(2)
     }
@@ -229,9 +233,6 @@ case "segment":
         runtime.log(.error, "cannot attach to the segment's port: \(error)")
         exit(2)
     }
-default:
-    runtime.log(.error, "backend= must be tap or segment")
-    exit(2)
 }
 let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend)
 runtime.watch(fd: backend.wakeDescriptor, enabled: { backend is SegmentBackend || nic.canReceive() }) { nic.backendReady() }

@@ -1,5 +1,6 @@
 import Glibc
 import HVDeviceSDK
+import HVSCSIContract
 import HVSCSIDisk
 
 // hv-scsi: a virtio-scsi host adapter (virtio 1.2 §5.6) with one logical unit, target 0 LUN 0:
@@ -232,7 +233,12 @@ final class VirtioSCSI: VirtioDevice {
 // The state page carries the transport's configuration and in-flight record: a killed adapter
 // is restarted with every request it had taken resubmitted, and the guest never notices.
 let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
-guard let image = runtime.hostFiles[0], let size = try? image.size(), size >= 0 else {
+let settings: SCSIContract.Settings
+do { settings = try SCSIContract.Settings(decoding: runtime.config) } catch {
+    runtime.log(.error, "\(error)")
+    exit(2)
+}
+guard let image = runtime.hostFile(SCSIContract.HostFile.medium), let size = try? image.size(), size >= 0 else {
     runtime.log(.error, "no disk image was handed over")
     exit(2)
 }
@@ -241,11 +247,11 @@ let unit: any SCSILogicalUnit
 nonisolated(unsafe) var mediumFile: FileDescriptor? = image
 /// The adapter, once made (the media-change handler saves the LUN's state through it).
 nonisolated(unsafe) var scsi: VirtioSCSI?
-if runtime.config["kind"] == "cdrom" {
+if settings.kind == .cdrom {
     // An empty file stands for an empty tray (the operator ejected the medium before a restart).
     let cd = SCSICDROM(medium: size >= 2048 ? FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSICDROM.blockSize - 1)) : nil)
     runtime.onMediaChange = { hostFile, file in
-        guard hostFile == 0 else { return false }
+        guard hostFile == UInt32(SCSIContract.HostFile.medium.rawValue) else { return false }
         guard let file else {
             cd.changeMedium(nil)
             mediumFile = nil
@@ -261,11 +267,10 @@ if runtime.config["kind"] == "cdrom" {
     unit = cd
 } else {
     unit = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
-                    readOnly: runtime.config["readonly"] == "1", serial: runtime.config["serial"] ?? "hv-disk")
+                    readOnly: settings.readOnly, serial: settings.serial)
 }
-// Three I/O threads (the sandbox allows this process four tasks); `io_threads=0` runs transfers inline.
-let ioThreads = min(Int(runtime.config["io_threads"] ?? "3") ?? 3, 3)
-let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: runtime.config["kind"] == "cdrom" ? 0 : ioThreads)
+// A CD-ROM serves its transfers inline, on the device's loop, where media changes are handled too.
+let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: settings.kind == .cdrom ? 0 : settings.ioThreads)
 scsi = adapter
 // Before the transport resumes the queues (and resubmits what was in flight): the LUN's state first.
 adapter.restoreLUN()

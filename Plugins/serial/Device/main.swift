@@ -1,10 +1,11 @@
 import Glibc
 import HVDeviceSDK
+import HVSerialContract
 import HVSerialUART
 
 /// The 16550A serial port as a device process: guest register accesses arrive on the ring,
-/// transmitted bytes go to the host output handed over as host file 0, and host input (host
-/// file 1, optional) feeds the receive FIFO.
+/// transmitted bytes go to the host output (`SerialContract.HostFile.output`), and host input
+/// (`.input`, optional) feeds the receive FIFO.
 ///
 /// Crash safety: the UART's registers live in the core-owned state page and are saved, with
 /// buffered output written out first, in `flush()` — the point where the runtime commits
@@ -35,8 +36,8 @@ final class SerialDevice: DeviceModel {
 
     init(runtime: DeviceRuntime) {
         self.runtime = runtime
-        output = runtime.hostFiles[0]?.rawValue
-        input = runtime.hostFiles[1]?.rawValue
+        output = runtime.hostFile(SerialContract.HostFile.output)?.rawValue
+        input = runtime.hostFile(SerialContract.HostFile.input)?.rawValue
         irq = runtime.interrupts[0]
         if runtime.restartGeneration > 0, let page = runtime.statePage {
             // The page survived the old process; it may have died mid-write, so sanitize.
