@@ -48,7 +48,7 @@ let package = Package(
         // files, taps and segments, the control server). Uses FoundationEssentials for JSON; the
         // core's vCPU path and the devices never link it.
         .target(name: "HVHost", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox", "HVNetSwitch", "CSeccomp", "CHVShim",
-                                              "HVSerialContract", "HVBIOSContract", "HVSCSIContract", "HVNetContract"],
+                                              "HVSerialContract", "HVBIOSContract", "HVSCSIContract", "HVNetContract", "HVSCSIDisk"],
                 path: "Sources/HVHost", swiftSettings: strict),
         // The operator's command: argument parsing and printing only.
         .executableTarget(name: "hvctl", dependencies: ["HVHost", "HVSys", "HVIPC", "HVSandbox",

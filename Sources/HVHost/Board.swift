@@ -33,10 +33,14 @@ func platformDevices(_ options: VMDefinition, boot: BootFiles, firmwareROM: File
     var profiles = ["serial0": "serial", "bios": "bios"]
     // Each disk is its own virtio-scsi adapter in its own process.
     for (i, disk) in disks.enumerated() {
-        let settings = SCSIContract.Settings(kind: .disk, readOnly: disk.readOnly, serial: "hv-disk\(i)")
+        let settings = SCSIContract.Settings(kind: .disk, readOnly: disk.readOnly, serial: "hv-disk\(i)",
+                                             format: disk.format == .qcow2 ? .qcow2 : .raw,
+                                             backingFormats: disk.backing.map { $0.format == .qcow2 ? .qcow2 : .raw })
+        var files = hostFileTable([SCSIContract.HostFile.medium: disk.file])
+        for (depth, image) in disk.backing.enumerated() { files[SCSIContract.backingSlot(depth)] = image.file }
         devices.append(DeviceSpec(name: "disk\(i)", executable: deviceExecutable("hv-scsi"),
                                   resources: VirtioPCILayout.resources(device: PCISlots.disk(i)),
-                                  hostFiles: hostFileTable([SCSIContract.HostFile.medium: disk.file]), config: settings.encoded,
+                                  hostFiles: files, config: settings.encoded,
                                   capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
         profiles["disk\(i)"] = "scsi"
     }

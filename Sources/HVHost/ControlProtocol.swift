@@ -122,8 +122,11 @@ public struct VMStatus: Codable, Equatable, Sendable {
     public struct Disk: Codable, Equatable, Sendable {
         public var device: String
         public var path: String
+        /// "raw" or "qcow2".
         public var format: String
         public var readonly: Bool
+        /// A qcow2 disk's backing chain, nearest first (absent when it has none).
+        public var backing: [String]?
     }
 
     public struct CDROM: Codable, Equatable, Sendable {

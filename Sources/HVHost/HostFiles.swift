@@ -2,6 +2,8 @@ import Glibc
 import HVBIOSContract
 import HVCore
 import HVIPC
+import HVSCSIContract
+import HVSCSIDisk
 import HVSys
 import Synchronization
 
@@ -58,6 +60,16 @@ struct DiskImage {
     var path: String
     var file: FileDescriptor
     var readOnly: Bool
+    var format: VMDefinition.DiskFormat = .raw
+    /// A qcow2 image's backing chain, nearest first, each opened read-only and share-locked.
+    var backing: [BackingImage] = []
+}
+
+/// An image below a qcow2 disk in its backing chain.
+struct BackingImage {
+    var path: String
+    var file: FileDescriptor
+    var format: VMDefinition.DiskFormat
 }
 
 /// Opens an ISO read-only with a shared lock (several VMs may share an ISO; nobody may write it),
@@ -127,12 +139,20 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
             throw UsageError(message: "disk image '\(path)' is given twice (also as '\(other.path)'): one process per image")
         }
         seen.append((UInt64(st.st_dev), UInt64(st.st_ino), path))
-        // A qcow2 (or VMDK, VHD, …) image used as raw would be corrupted by the guest's writes.
-        if let format = ImageFormat.detect(file), format != .raw {
-            throw UsageError(message: "disk image '\(path)' is a \(format.name) image; hv reads raw images only (convert it: qemu-img convert -O raw '\(path)' disk.img)")
+        // A VMDK (or VHD, …) image used as raw would be corrupted by the guest's writes.
+        let detected = ImageFormat.detect(file) ?? .raw
+        let format: VMDefinition.DiskFormat
+        switch (disk.format, detected) {
+        case (.raw?, _), (nil, .raw): format = .raw
+        case (.qcow2?, .qcow2), (nil, .qcow2): format = .qcow2
+        case (.qcow2?, _): throw UsageError(message: "disk image '\(path)' is not a qcow2 image (it looks like \(detected.name))")
+        case (nil, _):
+            throw UsageError(message: "disk image '\(path)' is a \(detected.name) image; hv reads raw and qcow2 images (convert it: qemu-img convert -O qcow2 '\(path)' disk.qcow2)")
         }
-        guard st.st_size > 0, st.st_size % 512 == 0 else {
-            throw UsageError(message: "disk image '\(path)' is \(st.st_size) bytes: a disk is a non-zero whole number of 512-byte sectors (make one with 'hvctl disk create')")
+        if format == .raw {
+            guard st.st_size > 0, st.st_size % 512 == 0 else {
+                throw UsageError(message: "disk image '\(path)' is \(st.st_size) bytes: a disk is a non-zero whole number of 512-byte sectors (make one with 'hvctl disk create')")
+            }
         }
         // Another VM (or tool) writing the same image would corrupt it: take a lock, shared for
         // read-only use, exclusive for writing; both the flock hv always took and an OFD byte-range
@@ -140,9 +160,68 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
         guard flock(file.rawValue, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: !readOnly) else {
             throw UsageError(message: "disk image '\(path)' is locked by another process (another VM using it?); stop that first")
         }
-        disks.append(DiskImage(path: path, file: file, readOnly: readOnly))
+        var image = DiskImage(path: path, file: file, readOnly: readOnly, format: format)
+        if format == .qcow2 {
+            let info: QCOW2ImageInfo
+            do { info = try QCOW2ImageInfo.read(file.rawValue, readOnly: readOnly) } catch {
+                throw UsageError(message: "disk image '\(path)': \(error)")
+            }
+            image.backing = try openBackingChain(of: path, info, seen: seen.map { ($0.dev, $0.ino) })
+        }
+        disks.append(image)
     }
     return disks
+}
+
+/// Where a backing file named `name` in the image at `image` is: an absolute name as it is, a
+/// relative one from the image's directory (as qemu-img resolves it).
+func backingPath(_ name: String, of image: String) -> String {
+    guard !name.hasPrefix("/"), let slash = image.lastIndex(of: "/") else { return name }
+    return String(image[...slash]) + name
+}
+
+/// Opens the images below a qcow2 image, nearest first: read-only, share-locked (several overlays
+/// may share a base; nobody may write it meanwhile), each name resolved the way qemu-img does
+/// (relative to the directory of the image that names it). Refuses cycles, chains deeper than
+/// `SCSIContract.maximumBackingDepth` and formats hv does not read, each in one line. `lock`
+/// false only inspects (`hvctl disk info`): nothing is locked.
+func openBackingChain(of path: String, _ top: QCOW2ImageInfo, seen: [(UInt64, UInt64)], lock: Bool = true) throws(UsageError) -> [BackingImage] {
+    var chain: [BackingImage] = []
+    var seen = seen
+    var current = (path: path, info: top)
+    while let name = current.info.backingName {
+        guard chain.count < SCSIContract.maximumBackingDepth else {
+            throw UsageError(message: "disk image '\(path)' has a backing chain deeper than \(SCSIContract.maximumBackingDepth) images")
+        }
+        let backingPath = backingPath(name, of: current.path)
+        let what = "backing file '\(backingPath)' of '\(current.path)'"
+        let file: FileDescriptor
+        do { file = try FileDescriptor.openHostFile(backingPath, flags: O_RDONLY, kinds: .regular) } catch {
+            throw UsageError(message: "cannot open \(what): \(error)")
+        }
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0 else { throw UsageError(message: "cannot stat \(what): \(Errno.current)") }
+        guard !seen.contains(where: { $0.0 == UInt64(st.st_dev) && $0.1 == UInt64(st.st_ino) }) else {
+            throw UsageError(message: "\(what) is already in its own chain: the backing chain of '\(path)' loops")
+        }
+        seen.append((UInt64(st.st_dev), UInt64(st.st_ino)))
+        guard !lock || (flock(file.rawValue, LOCK_SH | LOCK_NB) == 0 && file.tryLockWholeFile(exclusive: false)) else {
+            throw UsageError(message: "\(what) is locked by a process writing it; stop that first")
+        }
+        let detected = ImageFormat.detect(file) ?? .raw
+        let format: VMDefinition.DiskFormat
+        switch current.info.backingFormat ?? detected.name {
+        case "raw": format = .raw
+        case "qcow2": format = .qcow2
+        case let other: throw UsageError(message: "\(what) is a \(other) image; hv reads raw and qcow2 images")
+        }
+        chain.append(BackingImage(path: backingPath, file: file, format: format))
+        guard format == .qcow2 else { break }
+        do { current = (backingPath, try QCOW2ImageInfo.read(file.rawValue, readOnly: true)) } catch {
+            throw UsageError(message: "\(what): \(error)")
+        }
+    }
+    return chain
 }
 
 /// An output file the operator named (--serial file:, --debugcon file:): opened for writing

@@ -148,16 +148,23 @@ extension UsageError: CustomStringConvertible {
 }
 
 /// Raw disk images.
+/// Creates the file for a new disk image at `path`, mode 0600; an existing file is never touched
+/// (O_EXCL). The error is one line.
+func createNewImage(_ path: String) throws(UsageError) -> Int32 {
+    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+    if fd < 0 {
+        let e = errno
+        if e == EEXIST { throw UsageError(message: "'\(path)' already exists: hvctl never overwrites a disk image; remove it or pick another path") }
+        throw UsageError(message: "cannot create '\(path)': \(String(cString: strerror(e)))")
+    }
+    return fd
+}
+
 public enum RawDisk {
     /// Creates a sparse raw image of `bytes` at `path`: full size, no blocks allocated. An
     /// existing file is never touched (O_EXCL); a failure is one line.
     public static func create(_ path: String, bytes: UInt64) throws(UsageError) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        if fd < 0 {
-            let e = errno
-            if e == EEXIST { throw UsageError(message: "'\(path)' already exists: hvctl never overwrites a disk image; remove it or pick another path") }
-            throw UsageError(message: "cannot create '\(path)': \(String(cString: strerror(e)))")
-        }
+        let fd = try createNewImage(path)
         defer { close(fd) }
         if ftruncate(fd, off_t(bytes)) != 0 {
             let e = errno

@@ -62,10 +62,18 @@ public struct VMDefinition: Codable, Equatable, Sendable {
     public struct Disk: Codable, Equatable, Sendable {
         public var path: String
         public var readonly: Bool = false
-        public init(path: String, readonly: Bool = false) {
+        /// The image's format; nil: detected from its content.
+        public var format: DiskFormat?
+        public init(path: String, readonly: Bool = false, format: DiskFormat? = nil) {
             self.path = path
             self.readonly = readonly
+            self.format = format
         }
+    }
+
+    /// The disk image formats hv reads and writes.
+    public enum DiskFormat: String, Codable, Equatable, Sendable, CaseIterable {
+        case raw, qcow2
     }
 
     /// A virtio-net NIC on a host tap or a private segment (exactly one of the two).
@@ -164,7 +172,7 @@ extension VMDefinition {
         }
         guard disks.count <= Self.maximumDisks else { throw UsageError(message: "at most \(Self.maximumDisks) \(field("--disk", "disks")) images") }
         for (i, disk) in disks.enumerated() where disk.path.isEmpty || disk.path.hasPrefix(",") {
-            throw UsageError(message: "invalid \(field("--disk", "disks[\(i)].path")) '\(disk.path)': use PATH or PATH,readonly")
+            throw UsageError(message: "invalid \(field("--disk", "disks[\(i)].path")) '\(disk.path)': use PATH[,readonly][,format=raw|qcow2]")
         }
         guard nics.count <= Self.maximumNICs else { throw UsageError(message: "at most \(Self.maximumNICs) \(field("--nic", "nics")) per VM") }
         for (i, nic) in nics.enumerated() { _ = try nic.option(where: field("--nic", "nics[\(i)]")) }
@@ -309,12 +317,13 @@ extension VMDefinition.Boot {
 }
 
 extension VMDefinition.Disk {
-    enum CodingKeys: String, CodingKey, CaseIterable { case path, readonly }
+    enum CodingKeys: String, CodingKey, CaseIterable { case path, readonly, format }
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
         path = try c.decode(String.self, forKey: .path)
         readonly = try c.decodeIfPresent(Bool.self, forKey: .readonly) ?? false
+        format = try c.decodeIfPresent(VMDefinition.DiskFormat.self, forKey: .format)
     }
 }
 

@@ -195,7 +195,8 @@ final class VMControl: Sendable {
         self.tenant = tenant
         self.started = started
         self.disks = disks.enumerated().map { i, d in
-            VMStatus.Disk(device: "disk\(i)", path: absolutePath(d.path), format: ImageFormat.raw.name, readonly: d.readOnly)
+            VMStatus.Disk(device: "disk\(i)", path: absolutePath(d.path), format: d.format.rawValue, readonly: d.readOnly,
+                          backing: d.backing.isEmpty ? nil : d.backing.map { absolutePath($0.path) })
         }
         self.nics = nics.enumerated().map { i, n in
             var nic = VMStatus.NIC(device: "net\(i)", mac: formatMAC(n.mac))

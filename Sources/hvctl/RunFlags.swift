@@ -37,7 +37,7 @@ struct DefinitionFlags: ParsableArguments {
     var debugcon: String?
     @Option(name: .customLong("cmdline"), help: ArgumentHelp("The kernel's command line (--multiboot, --kernel), at most 3072 bytes.", valueName: "str"))
     var commandLine: String?
-    @Option(help: ArgumentHelp("A raw disk image on a virtio-scsi adapter (its own sandboxed process); up to 8.", valueName: "path[,readonly]"))
+    @Option(help: ArgumentHelp("A disk image (raw or qcow2, detected; format= to insist) on a virtio-scsi adapter (its own sandboxed process); up to 8.", valueName: "path[,readonly][,format=raw|qcow2]"))
     var disk: [String] = []
     @Option(help: ArgumentHelp("An ISO image in a virtio-scsi CD-ROM drive; the firmware boots it first.", valueName: "iso"))
     var cdrom: String?
@@ -121,10 +121,20 @@ struct DefinitionFlags: ParsableArguments {
         }
         for spec in disk {
             let parts = spec.split(separator: ",", omittingEmptySubsequences: false)
-            guard let path = parts.first, !path.isEmpty, parts.dropFirst().allSatisfy({ $0 == "readonly" }) else {
-                throw UsageError(message: "invalid --disk '\(spec)': use PATH or PATH,readonly")
+            guard let path = parts.first, !path.isEmpty else {
+                throw UsageError(message: "invalid --disk '\(spec)': use PATH[,readonly][,format=raw|qcow2]")
             }
-            d.disks.append(.init(path: String(path), readonly: parts.count > 1))
+            var disk = VMDefinition.Disk(path: String(path))
+            for option in parts.dropFirst() {
+                if option == "readonly" {
+                    disk.readonly = true
+                } else if option.hasPrefix("format="), let format = VMDefinition.DiskFormat(rawValue: String(option.dropFirst(7))) {
+                    disk.format = format
+                } else {
+                    throw UsageError(message: "invalid --disk '\(spec)': use PATH[,readonly][,format=raw|qcow2]")
+                }
+            }
+            d.disks.append(disk)
         }
         d.cdrom = cdrom
         for spec in nic {

@@ -186,7 +186,10 @@ extension HVCtl {
             print("cpus:    \(s.cpus)")
             print("tenant:  \(s.tenant ?? "none (--no-sandbox)")")
             for v in s.vcpus { print("vcpu:    \(pad("\(v.id)", 4))\(v.state)\(v.rip.map { "  rip \($0)" } ?? "")") }
-            for d in s.disks { print("disk:    \(pad(d.device, 8))\(d.path)  \(d.format)\(d.readonly ? "  readonly" : "")") }
+            for d in s.disks {
+                let backing = (d.backing ?? []).map { "  on \($0)" }.joined()
+                print("disk:    \(pad(d.device, 8))\(d.path)  \(d.format)\(d.readonly ? "  readonly" : "")\(backing)")
+            }
             if let cd = s.cdrom { print("cdrom:   \(pad(cd.device, 8))\(cd.medium ?? "(empty)")") }
             for n in s.nics {
                 print("nic:     \(pad(n.device, 8))\(n.mac)  \(n.tap.map { "tap \($0)" } ?? n.segment.map { "segment \($0)" } ?? "")")
@@ -321,22 +324,72 @@ extension HVCtl {
 
 extension HVCtl {
     struct Disk: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self])
+        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self])
 
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
-                abstract: "Create a sparse raw disk image: full size, no blocks allocated until written.",
-                discussion: "An existing file is never overwritten.")
+                abstract: "Create a disk image: a sparse raw image, or a thin qcow2 image (optionally an overlay on a backing image).",
+                discussion: """
+                    A raw image has its full size with no blocks allocated until written. A qcow2 image holds \
+                    only what was written; with --backing it is a copy-on-write overlay (a linked clone) whose \
+                    unwritten parts read from the backing image, which it never changes. A relative --backing \
+                    path is stored as given and resolved from the new image's directory, as qemu-img does. An \
+                    existing file is never overwritten.
+                    """)
             @Argument(help: ArgumentHelp("The new image.", valueName: "path")) var path: String
-            @Option(help: ArgumentHelp("Its size, e.g. 20G; whole 512-byte sectors.", valueName: "size")) var size: String
+            @Option(help: ArgumentHelp("Its size, e.g. 20G; whole 512-byte sectors. With --backing, defaults to the backing image's.", valueName: "size"))
+            var size: String?
+            @Option(help: ArgumentHelp("raw (default) or qcow2.", valueName: "format")) var format: String = "raw"
+            @Option(help: ArgumentHelp("A backing image (raw or qcow2) for a qcow2 overlay.", valueName: "image")) var backing: String?
 
             func run() throws {
-                let bytes = try parseSize(size, flag: "--size")
-                // SCSI addresses 512-byte blocks; a size that is not a whole number of them would hide a tail.
-                guard bytes % 512 == 0 else { throw UsageError(message: "--size \(bytes) is not a multiple of 512 bytes (a disk is whole sectors)") }
-                guard bytes <= UInt64(Int64.max) else { throw UsageError(message: "--size is too large") }
-                do throws(UsageError) { try RawDisk.create(path, bytes: bytes) } catch { fail(error.message) }
-                print("created \(path): \(bytes) bytes (\(bytes >> 20) MiB), sparse raw image")
+                guard let kind = VMDefinition.DiskFormat(rawValue: format) else {
+                    throw UsageError(message: "invalid --format '\(format)': use raw or qcow2")
+                }
+                var bytes: UInt64?
+                if let size {
+                    let parsed = try parseSize(size, flag: "--size")
+                    // SCSI addresses 512-byte blocks; a size that is not a whole number of them would hide a tail.
+                    guard parsed % 512 == 0 else { throw UsageError(message: "--size \(parsed) is not a multiple of 512 bytes (a disk is whole sectors)") }
+                    guard parsed > 0, parsed <= UInt64(Int64.max) else { throw UsageError(message: "--size must be more than 0 and less than 8 EiB") }
+                    bytes = parsed
+                }
+                switch kind {
+                case .raw:
+                    guard backing == nil else { throw UsageError(message: "--backing needs --format qcow2 (a raw image has no backing file)") }
+                    guard let bytes else { throw UsageError(message: "--size is needed for a raw image") }
+                    do throws(UsageError) { try RawDisk.create(path, bytes: bytes) } catch { fail(error.message) }
+                    print("created \(path): \(bytes) bytes (\(bytes >> 20) MiB), sparse raw image")
+                case .qcow2:
+                    guard bytes != nil || backing != nil else { throw UsageError(message: "--size is needed without --backing") }
+                    let made: UInt64
+                    do throws(UsageError) { made = try QCOW2Disk.create(path, size: bytes, backing: backing) } catch { fail(error.message) }
+                    print("created \(path): \(made) bytes (\(made >> 20) MiB), qcow2 image\(backing.map { " on \($0)" } ?? "")")
+                }
+            }
+        }
+
+        struct Info: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Show a disk image's format, virtual and allocated size, and backing chain.",
+                discussion: "The image is only read, never locked: an image a running VM writes can be inspected.")
+            @Argument(help: ArgumentHelp("The image.", valueName: "path")) var path: String
+            @Flag(help: "Print JSON.") var json = false
+
+            func run() throws {
+                let info: DiskInfo
+                do throws(UsageError) { info = try DiskInfo.inspect(path) } catch { fail(error.message) }
+                if json {
+                    printJSON(info)
+                    return
+                }
+                print("image:        \(info.path)")
+                print("format:       \(info.format)")
+                print("virtual size: \(info.virtualSize) bytes (\(info.virtualSize >> 20) MiB)")
+                print("file size:    \(info.fileSize) bytes")
+                print("allocated:    \(info.allocated) bytes")
+                if let cluster = info.clusterSize { print("cluster size: \(cluster)") }
+                for b in info.backing { print("backing:      \(b.path) (\(b.format))") }
             }
         }
     }

@@ -43,6 +43,8 @@ final class VMDefinitionTests: XCTestCase {
         XCTAssertEqual(decodeError(#"{"disks": [{"readonly": true}]}"#), "'disks[0].path' is missing")
         XCTAssertEqual(decodeError(#"{"disks": {"path": "a"}}"#), "'disks' must be an array")
         XCTAssertTrue(decodeError(#"{"on_reset": "explode"}"#).hasPrefix("'on_reset':"))
+        XCTAssertTrue(decodeError(#"{"disks": [{"path": "a", "format": "vmdk"}]}"#).hasPrefix("'disks[0].format':"))
+        XCTAssertEqual(try decode(#"{"disks": [{"path": "a.qcow2", "format": "qcow2"}]}"#).disks.first?.format, .qcow2)
         XCTAssertTrue(decodeError(#"{"cpus": 1"#).hasPrefix("not valid JSON"))
         XCTAssertTrue(decodeError("[1, 2]").hasPrefix("the document must be an object"))
     }

@@ -23,22 +23,9 @@ final class ControlPlaneTests: XCTestCase {
         return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any], r.stdout)
     }
 
-    private func tool(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = arguments
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
-    }
-
     func testEverySubcommandHasHelpAndCompletionIsGenerated() throws {
         let commands: [[String]] = [[], ["run"], ["ls"], ["status"], ["stop"], ["pause"], ["resume"], ["console"], ["logs"], ["cdrom"], ["device"], ["disk"],
-                                    ["disk", "create"], ["net"], ["net", "ls"], ["sandbox"], ["sandbox", "show"], ["version"]]
+                                    ["disk", "create"], ["disk", "info"], ["net"], ["net", "ls"], ["sandbox"], ["sandbox", "show"], ["version"]]
         for command in commands {
             let r = try runHvctl(command + ["--help"])
             XCTAssertEqual(r.status, 0, "\(command): \(r.stderr)")
@@ -169,16 +156,17 @@ final class ControlPlaneTests: XCTestCase {
         XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
     }
 
-    /// qcow2, VMDK and VHD images are refused by name, never used as raw; a disk image is not a CD.
+    /// VMDK, VHD and qcow (version 1) images are refused by name, never used as raw; a disk image
+    /// is not a CD.
     func testForeignImageFormatsAreRefusedByName() throws {
         let guest = try Harness.testGuest()
-        for (format, name) in [("qcow2", "qcow2"), ("vmdk", "VMDK"), ("vpc", "VHD (vpc)")] {
+        for (format, name) in [("vmdk", "VMDK"), ("vpc", "VHD (vpc)"), ("qcow", "qcow (version 1)")] {
             let image = dir.appendingPathComponent("disk.\(format)").path
             let made = try tool("/usr/bin/qemu-img", ["create", "-q", "-f", format, image, "16M"])
             XCTAssertEqual(made.status, 0, made.output)
             let r = try runHvctl(["run", "--multiboot", guest, "--disk", image, "--serial", "none"])
             XCTAssertEqual(r.status, 1, r.stderr)
-            XCTAssertTrue(r.stderr.contains("disk image '\(image)' is a \(name) image; hv reads raw images only"), r.stderr)
+            XCTAssertTrue(r.stderr.contains("disk image '\(image)' is a \(name) image; hv reads raw and qcow2 images"), r.stderr)
             let cd = try runHvctl(["run", "--multiboot", guest, "--cdrom", image, "--serial", "none"])
             XCTAssertEqual(cd.status, 1, cd.stderr)
             XCTAssertTrue(cd.stderr.contains("is not a CD image"), cd.stderr)

@@ -167,3 +167,18 @@ func runHvctl(_ arguments: [String], stdin: String? = nil, timeout: TimeInterval
     let status = vm.waitForExit(timeout: timeout, file: file, line: line)
     return (status, vm.stdout, vm.stderr)
 }
+
+/// Runs a third-party tool (qemu-img, qemu-io, …) to its end: its exit status and its stdout and
+/// stderr together.
+func tool(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: path)
+    p.arguments = arguments
+    let pipe = Pipe()
+    p.standardOutput = pipe
+    p.standardError = pipe
+    try p.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+}

@@ -30,7 +30,8 @@ struct IOJob: @unchecked Sendable {
 /// falls back to it, and caps the process at `nproc` tasks.
 final class IOPool: @unchecked Sendable {
     // @unchecked: the queues are under mutexes; `unit` is used off the runtime thread only for
-    // `transfer`, which reads nothing the runtime thread changes (a disk's backend is immutable).
+    // `transfer`, which reads nothing the runtime thread changes (a raw backend is immutable; a
+    // qcow2 backend keeps its tables under its own lock).
     private let pendingJobs = Mutex<[IOJob]>([])
     private let finishedJobs = Mutex<[IOJob]>([])
     /// One count per pending job; each worker takes one at a time.

@@ -230,6 +230,28 @@ final class VirtioSCSI: VirtioDevice {
     }
 }
 
+/// The qcow2 medium over its backing chain, built from the bottom up: each image the trusted
+/// side opened read-only, in the format it named. The images' tables are parsed here, never by
+/// the trusted side beyond their headers.
+func qcow2Chain(top: FileDescriptor, settings: SCSIContract.Settings) throws(QCOW2Error) -> any BlockBackend {
+    var below: (any BlockBackend)?
+    for (depth, format) in settings.backingFormats.enumerated().reversed() {
+        guard let file = runtime.hostFiles[SCSIContract.backingSlot(depth)] else {
+            throw QCOW2Error("backing image \(depth + 1) of the chain was not handed over")
+        }
+        switch format {
+        case .raw:
+            guard let size = try? file.size() else { throw QCOW2Error("cannot stat backing image \(depth + 1)") }
+            below = FileBackend(fd: file.rawValue, byteCount: UInt64(size))
+        case .qcow2:
+            do { below = try QCOW2Backend(fd: file.rawValue, readOnly: true, backing: below) } catch {
+                throw QCOW2Error("backing image \(depth + 1): \(error)")
+            }
+        }
+    }
+    return try QCOW2Backend(fd: top.rawValue, readOnly: settings.readOnly, backing: below)
+}
+
 // The state page carries the transport's configuration and in-flight record: a killed adapter
 // is restarted with every request it had taken resubmitted, and the guest never notices.
 let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
@@ -266,8 +288,17 @@ if settings.kind == .cdrom {
     }
     unit = cd
 } else {
-    unit = SCSIDisk(backend: FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1)),
-                    readOnly: settings.readOnly, serial: settings.serial)
+    let backend: any BlockBackend
+    switch settings.format {
+    case .raw:
+        backend = FileBackend(fd: image.rawValue, byteCount: UInt64(size) & ~(SCSIDisk.blockSize - 1))
+    case .qcow2:
+        do { backend = try qcow2Chain(top: image, settings: settings) } catch {
+            runtime.log(.error, "\(error)")
+            exit(2)
+        }
+    }
+    unit = SCSIDisk(backend: backend, readOnly: settings.readOnly, serial: settings.serial)
 }
 // A CD-ROM serves its transfers inline, on the device's loop, where media changes are handled too.
 let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: settings.kind == .cdrom ? 0 : settings.ioThreads)

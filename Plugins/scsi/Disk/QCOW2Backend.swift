@@ -1,0 +1,435 @@
+import CHVShim
+import Glibc
+import Synchronization
+
+/// A qcow2 image (version 2 or 3, 16-bit refcounts) as a block backend: guest offsets go
+/// through the L1 and L2 tables to data clusters; a write to an unallocated cluster appends a
+/// cluster to the file, counts it, and only then points the L2 entry at it (refcount before L2
+/// before L1), so a process killed between two steps leaks a cluster at worst, never points at
+/// garbage. Unallocated clusters read from the backing image, or as zeros.
+///
+/// The image is hostile input: every table offset is checked against the file before it is
+/// followed, and an entry pointing outside the image or over its header fails that request
+/// (EIO, a MEDIUM ERROR to the guest) instead of being read or written.
+///
+/// Thread safety: the metadata (L1 table, refcount table, L2 cache, file end) is under one mutex;
+/// data reads and overwrites of allocated clusters run outside it.
+public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
+    // @unchecked: `metadata` is a Mutex; `fd`, `header` and `backing` are immutable. A backing
+    // backend is only read (FileBackend and QCOW2Backend reads are safe from any thread).
+    public let header: QCOW2Header
+    public let byteCount: UInt64
+    public let fd: Int32
+    public let readOnly: Bool
+    private let backing: (any BlockBackend)?
+    private let metadata: Mutex<Metadata>
+
+    /// L2 entry and L1 entry bits (the specification's names in comments).
+    static let copiedFlag: UInt64 = 1 << 63       // QCOW_OFLAG_COPIED: refcount is exactly 1
+    static let compressedFlag: UInt64 = 1 << 62   // QCOW_OFLAG_COMPRESSED
+    static let zeroFlag: UInt64 = 1               // QCOW_OFLAG_ZERO (version 3)
+    static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
+
+    struct Metadata {
+        var l1: [UInt64]
+        var refcountTable: [UInt64]
+        /// Where the refcount table is (it moves when it grows).
+        var refcountTableOffset: UInt64
+        /// Where the next cluster goes: the file's end, cluster-aligned.
+        var fileEnd: UInt64
+        /// L2 tables by offset; a handful (each one cluster).
+        var l2Cache: [UInt64: [UInt64]] = [:]
+        var l2Order: [UInt64] = []
+    }
+
+    /// Where a guest cluster's bytes are.
+    enum Mapping: Equatable {
+        case data(UInt64, copied: Bool)
+        case zero
+        case unallocated
+        case compressed
+        case invalid
+    }
+
+    /// Opens `fd` (the image the trusted side opened and locked). `backing` serves unallocated
+    /// clusters; nil reads them as zeros. Refuses, with the reason, an image hv cannot use.
+    public init(fd: Int32, readOnly: Bool, backing: (any BlockBackend)? = nil) throws(QCOW2Error) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw QCOW2Error("cannot stat the image: errno \(errno)") }
+        let fileSize = UInt64(st.st_size)
+        var first = [UInt8](repeating: 0, count: 104)
+        let n = first.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        guard n >= 72 else { throw QCOW2Error("the image is too short for a qcow2 header") }
+        let header = try QCOW2Header.parse(Array(first.prefix(n)))
+        try header.validate(fileSize: fileSize, readOnly: readOnly)
+        let cluster = header.clusterSize
+        func table(at offset: UInt64, entries: UInt64, _ what: String) throws(QCOW2Error) -> [UInt64] {
+            var bytes = [UInt8](repeating: 0, count: Int(entries * 8))
+            guard Self.readFully(fd, &bytes, at: offset) else { throw QCOW2Error("cannot read the qcow2 \(what)") }
+            var out = [UInt64](repeating: 0, count: Int(entries))
+            for i in 0..<Int(entries) { out[i] = bytes[i * 8..<i * 8 + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+            return out
+        }
+        let l1 = try table(at: header.l1TableOffset, entries: UInt64(header.l1Size), "L1 table")
+        for (i, e) in l1.enumerated() where e & Self.offsetMask != 0 {
+            let o = e & Self.offsetMask
+            guard o % cluster == 0, o >= cluster, o <= fileSize - min(fileSize, cluster) else {
+                throw QCOW2Error("qcow2 L1 entry \(i) points outside the image or over its header (offset \(o))")
+            }
+        }
+        let refcounts = try table(at: header.refcountTableOffset, entries: UInt64(header.refcountTableClusters) * cluster / 8,
+                                  "refcount table")
+        for (i, o) in refcounts.enumerated() where o != 0 {
+            guard o % cluster == 0, o >= cluster, o <= fileSize - min(fileSize, cluster) else {
+                throw QCOW2Error("qcow2 refcount table entry \(i) points outside the image or over its header (offset \(o))")
+            }
+        }
+        self.header = header
+        self.fd = fd
+        self.readOnly = readOnly
+        self.backing = backing
+        byteCount = header.size
+        metadata = Mutex(Metadata(l1: l1, refcountTable: refcounts, refcountTableOffset: header.refcountTableOffset,
+                                  fileEnd: (fileSize + cluster - 1) / cluster * cluster))
+        // Autoclear bits name extensions (bitmaps) hv does not keep up to date: a writer clears them.
+        if !readOnly && header.autoclearFeatures != 0 {
+            guard Self.writeFully(fd, [UInt8](repeating: 0, count: 8), at: QCOW2Header.autoclearFeaturesOffset) else {
+                throw QCOW2Error("cannot clear the qcow2 autoclear features")
+            }
+        }
+    }
+
+    // MARK: Reads
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Int32? {
+        let cluster = header.clusterSize
+        var done = 0
+        while done < buffer.count {
+            let at = offset + UInt64(done)
+            let inCluster = at & (cluster - 1)
+            let n = min(Int(cluster - inCluster), buffer.count - done)
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n])
+            let mapping = metadata.withLock { lookup(at, &$0) }
+            switch mapping {
+            case .data(let host, _):
+                guard Self.readFully(fd, piece, at: host + inCluster) else { return EIO }
+            case .zero:
+                piece.initializeMemory(as: UInt8.self, repeating: 0)
+            case .unallocated:
+                if let e = readBelow(into: piece, at: at) { return e }
+            case .compressed, .invalid:
+                return EIO
+            }
+            done += n
+        }
+        return nil
+    }
+
+    /// What lies under this image at `at`: the backing image's bytes (zeros past its end), or zeros.
+    private func readBelow(into piece: UnsafeMutableRawBufferPointer, at: UInt64) -> Int32? {
+        guard let backing, at < backing.byteCount else {
+            piece.initializeMemory(as: UInt8.self, repeating: 0)
+            return nil
+        }
+        let available = Int(min(UInt64(piece.count), backing.byteCount - at))
+        if let e = backing.read(into: UnsafeMutableRawBufferPointer(rebasing: piece[0..<available]), at: at) { return e }
+        if available < piece.count {
+            UnsafeMutableRawBufferPointer(rebasing: piece[available...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        return nil
+    }
+
+    // MARK: Writes
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Int32? {
+        guard !readOnly else { return EROFS }
+        let cluster = header.clusterSize
+        var done = 0
+        while done < buffer.count {
+            let at = offset + UInt64(done)
+            let inCluster = at & (cluster - 1)
+            let n = min(Int(cluster - inCluster), buffer.count - done)
+            let piece = UnsafeRawBufferPointer(rebasing: buffer[done..<done + n])
+            // An overwrite of a cluster this image owns goes straight to it; anything else
+            // allocates, under the lock, so two writers never allocate one cluster twice.
+            let mapping = metadata.withLock { lookup(at, &$0) }
+            if case .data(let host, copied: true) = mapping {
+                guard Self.writeFully(fd, piece, at: host + inCluster) else { return errno == 0 ? EIO : errno }
+            } else {
+                let failure: Int32? = metadata.withLock { m in allocateAndWrite(piece, at: at, &m) }
+                if let failure { return failure }
+            }
+            done += n
+        }
+        return nil
+    }
+
+    /// Writes `piece` (within one cluster) into a new cluster holding what the guest saw there
+    /// before, then counts it and points the L2 entry at it.
+    private func allocateAndWrite(_ piece: UnsafeRawBufferPointer, at: UInt64, _ m: inout Metadata) -> Int32? {
+        let cluster = header.clusterSize
+        let start = at & ~(cluster - 1)
+        let inCluster = Int(at - start)
+        let old = lookup(at, &m)  // again: another writer may have allocated it meanwhile
+        var content: [UInt8]
+        switch old {
+        case .data(let host, copied: true):
+            return Self.writeFully(fd, piece, at: host + UInt64(inCluster)) ? nil : EIO
+        case .data(let host, copied: false):
+            // Shared with something else (hv refuses writable images with snapshots, so only a
+            // damaged image gets here): copy it before writing.
+            content = [UInt8](repeating: 0, count: Int(cluster))
+            guard Self.readFully(fd, &content, at: host) else { return EIO }
+        case .zero:
+            content = [UInt8](repeating: 0, count: Int(cluster))
+        case .unallocated:
+            content = [UInt8](repeating: 0, count: Int(cluster))
+            if piece.count < Int(cluster),
+               let e = content.withUnsafeMutableBytes({ readBelow(into: $0, at: start) }) { return e }
+        case .compressed, .invalid:
+            return EIO
+        }
+        content.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: inCluster).copyMemory(from: piece.baseAddress!, byteCount: piece.count) }
+        let host = m.fileEnd
+        guard Self.writeFully(fd, content, at: host) else { return EIO }
+        m.fileEnd += cluster
+        if let e = setRefcount(host, 1, &m) { return e }
+        if let e = setL2(at, host | Self.copiedFlag, &m) { return e }
+        if case .data(let previous, _) = old { _ = release(previous, &m) }
+        return nil
+    }
+
+    public func flush() -> Int32? { fdatasync(fd) == 0 ? nil : errno }
+
+    /// Whole clusters in the range stop being allocated (version 3 marks them zero, so a backing
+    /// image does not show through; version 2 without one forgets them) and give their space back
+    /// to the host; the rest of the range is written with zeros.
+    public func discard(at offset: UInt64, count: UInt64) -> Int32? {
+        guard !readOnly else { return EROFS }
+        let cluster = header.clusterSize
+        var at = offset
+        let end = offset + count
+        while at < end {
+            let n = min(cluster - (at & (cluster - 1)), end - at)
+            if n == cluster && (header.version == 3 || backing == nil) {
+                let failure: Int32? = metadata.withLock { m in
+                    let old = lookup(at, &m)
+                    if old == .unallocated && backing == nil { return nil }
+                    if old == .zero { return nil }
+                    if let e = setL2(at, header.version == 3 ? Self.zeroFlag : 0, &m) { return e }
+                    if case .data(let host, _) = old { return release(host, &m) }
+                    return nil
+                }
+                if let failure { return failure }
+            } else {
+                let zeros = [UInt8](repeating: 0, count: Int(n))
+                if let e = zeros.withUnsafeBytes({ write($0, at: at) }) { return e }
+            }
+            at += n
+        }
+        return nil
+    }
+
+    // MARK: Metadata (under the lock)
+
+    /// The mapping of guest offset `at`.
+    private func lookup(_ at: UInt64, _ m: inout Metadata) -> Mapping {
+        let cluster = header.clusterSize
+        let l1Index = Int(at / header.bytesPerL1Entry)
+        guard l1Index < m.l1.count else { return .unallocated }
+        let l2Offset = m.l1[l1Index] & Self.offsetMask
+        guard l2Offset != 0 else { return .unallocated }
+        guard let table = l2Table(l2Offset, &m) else { return .invalid }
+        let entry = table[Int((at / cluster) % header.l2Entries)]
+        if entry & Self.compressedFlag != 0 { return .compressed }
+        if header.version == 3 && entry & Self.zeroFlag != 0 { return .zero }
+        let host = entry & Self.offsetMask
+        guard host != 0 else { return .unallocated }
+        guard host % cluster == 0, host >= cluster, host <= m.fileEnd - min(m.fileEnd, cluster) else { return .invalid }
+        return .data(host, copied: entry & Self.copiedFlag != 0)
+    }
+
+    /// The L2 table at `offset`, read (and checked) once and cached.
+    private func l2Table(_ offset: UInt64, _ m: inout Metadata) -> [UInt64]? {
+        if let table = m.l2Cache[offset] { return table }
+        let cluster = header.clusterSize
+        guard offset % cluster == 0, offset >= cluster, offset <= m.fileEnd - min(m.fileEnd, cluster) else { return nil }
+        var bytes = [UInt8](repeating: 0, count: Int(cluster))
+        guard Self.readFully(fd, &bytes, at: offset) else { return nil }
+        var table = [UInt64](repeating: 0, count: Int(header.l2Entries))
+        for i in table.indices { table[i] = bytes[i * 8..<i * 8 + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+        cache(offset, table, &m)
+        return table
+    }
+
+    private func cache(_ offset: UInt64, _ table: [UInt64], _ m: inout Metadata) {
+        if m.l2Cache[offset] == nil {
+            m.l2Order.append(offset)
+            if m.l2Order.count > 32 { m.l2Cache[m.l2Order.removeFirst()] = nil }
+        }
+        m.l2Cache[offset] = table
+    }
+
+    /// Points guest offset `at`'s L2 entry at `value`, making the L2 table first if there is none.
+    private func setL2(_ at: UInt64, _ value: UInt64, _ m: inout Metadata) -> Int32? {
+        let cluster = header.clusterSize
+        let l1Index = Int(at / header.bytesPerL1Entry)
+        guard l1Index < m.l1.count else { return EIO }
+        var l2Offset = m.l1[l1Index] & Self.offsetMask
+        if l2Offset == 0 {
+            // A new, empty table: written and counted before the L1 entry names it.
+            l2Offset = m.fileEnd
+            guard Self.writeFully(fd, [UInt8](repeating: 0, count: Int(cluster)), at: l2Offset) else { return EIO }
+            m.fileEnd += cluster
+            if let e = setRefcount(l2Offset, 1, &m) { return e }
+            let entry = l2Offset | Self.copiedFlag
+            guard Self.writeFully(fd, Self.bigEndian(entry), at: header.l1TableOffset + UInt64(l1Index) * 8) else { return EIO }
+            m.l1[l1Index] = entry
+            cache(l2Offset, [UInt64](repeating: 0, count: Int(header.l2Entries)), &m)
+        }
+        guard var table = l2Table(l2Offset, &m) else { return EIO }
+        let index = Int((at / cluster) % header.l2Entries)
+        guard Self.writeFully(fd, Self.bigEndian(value), at: l2Offset + UInt64(index) * 8) else { return EIO }
+        table[index] = value
+        cache(l2Offset, table, &m)
+        return nil
+    }
+
+    /// Drops one reference to the cluster at `host`; at zero its space goes back to the host.
+    private func release(_ host: UInt64, _ m: inout Metadata) -> Int32? {
+        guard let count = refcount(host, &m), count > 0 else { return nil }
+        if let e = setRefcount(host, count - 1, &m) { return e }
+        if count == 1 { _ = hv_fallocate(fd, 0x02 | 0x01, Int64(host), Int64(header.clusterSize)) }  // PUNCH_HOLE | KEEP_SIZE
+        return nil
+    }
+
+    /// The refcount of the cluster at `host`; nil when its block cannot be read.
+    func refcount(_ host: UInt64, _ m: inout Metadata) -> UInt16? {
+        let index = host / header.clusterSize
+        let blockIndex = Int(index / header.refcountsPerBlock)
+        guard blockIndex < m.refcountTable.count else { return 0 }
+        let block = m.refcountTable[blockIndex]
+        guard block != 0 else { return 0 }
+        var bytes: [UInt8] = [0, 0]
+        guard Self.readFully(fd, &bytes, at: block + (index % header.refcountsPerBlock) * 2) else { return nil }
+        return UInt16(bytes[0]) << 8 | UInt16(bytes[1])
+    }
+
+    /// Sets the refcount of the cluster at `host`, making refcount blocks (and a larger refcount
+    /// table) as needed.
+    private func setRefcount(_ host: UInt64, _ value: UInt16, _ m: inout Metadata) -> Int32? {
+        let index = host / header.clusterSize
+        let blockIndex = Int(index / header.refcountsPerBlock)
+        if blockIndex >= m.refcountTable.count, let e = growRefcountTable(toCover: blockIndex, &m) { return e }
+        if m.refcountTable[blockIndex] == 0, let e = addRefcountBlock(blockIndex, &m) { return e }
+        let at = m.refcountTable[blockIndex] + (index % header.refcountsPerBlock) * 2
+        return Self.writeFully(fd, [UInt8(value >> 8), UInt8(value & 0xFF)], at: at) ? nil : EIO
+    }
+
+    /// A new refcount block for table entry `blockIndex`, at the file's end, counting itself.
+    private func addRefcountBlock(_ blockIndex: Int, _ m: inout Metadata) -> Int32? {
+        let cluster = header.clusterSize
+        let block = m.fileEnd
+        guard Self.writeFully(fd, [UInt8](repeating: 0, count: Int(cluster)), at: block) else { return EIO }
+        m.fileEnd += cluster
+        guard Self.writeFully(fd, Self.bigEndian(block), at: m.refcountTableOffset + UInt64(blockIndex) * 8) else { return EIO }
+        m.refcountTable[blockIndex] = block
+        // The block's own count: in itself when it covers its own cluster, else in another block.
+        return setRefcount(block, 1, &m)
+    }
+
+    /// Moves the refcount table to the file's end with room for entry `blockIndex` and the blocks
+    /// that count the new table itself; the header switches to it in one write; the old table's
+    /// clusters are released.
+    private func growRefcountTable(toCover blockIndex: Int, _ m: inout Metadata) -> Int32? {
+        let cluster = header.clusterSize
+        let perBlock = header.refcountsPerBlock
+        var entries = max(UInt64(blockIndex + 1), UInt64(m.refcountTable.count) * 2)
+        var newTable: [UInt64] = []
+        var tableOffset: UInt64 = 0
+        var tableClusters: UInt64 = 0
+        var newBlocks: [UInt64] = []
+        // The new table and any new blocks lie past the current end; size it until it covers them.
+        while true {
+            tableClusters = (entries * 8 + cluster - 1) / cluster
+            guard tableClusters * cluster <= QCOW2Header.maximumRefcountTableBytes else { return EFBIG }
+            newTable = m.refcountTable + [UInt64](repeating: 0, count: Int(entries) - m.refcountTable.count)
+            tableOffset = m.fileEnd
+            var end = tableOffset + tableClusters * cluster
+            newBlocks = []
+            var pending = Array(stride(from: tableOffset, to: end, by: Int(cluster)))
+            var fits = true
+            while let c = pending.popLast() {
+                let b = Int(c / cluster / perBlock)
+                guard b < newTable.count else { fits = false; break }
+                if newTable[b] == 0 {
+                    newTable[b] = end
+                    newBlocks.append(end)
+                    pending.append(end)
+                    end += cluster
+                }
+            }
+            if fits { break }
+            entries *= 2
+        }
+        // Blocks (zeroed), then every new cluster's count, then the table, then the header.
+        for block in newBlocks {
+            guard Self.writeFully(fd, [UInt8](repeating: 0, count: Int(cluster)), at: block) else { return EIO }
+        }
+        let newEnd = tableOffset + tableClusters * cluster + UInt64(newBlocks.count) * cluster
+        var bytes = [UInt8](repeating: 0, count: Int(tableClusters * cluster))
+        for (i, e) in newTable.enumerated() { bytes.replaceSubrange(i * 8..<i * 8 + 8, with: Self.bigEndian(e)) }
+        guard Self.writeFully(fd, bytes, at: tableOffset) else { return EIO }
+        let oldOffset = m.refcountTableOffset
+        let oldClusters = UInt64(m.refcountTable.count) * 8 / cluster
+        m.fileEnd = newEnd
+        m.refcountTable = newTable
+        for c in stride(from: tableOffset, to: newEnd, by: Int(cluster)) {
+            let index = c / cluster
+            let at = newTable[Int(index / perBlock)] + (index % perBlock) * 2
+            guard Self.writeFully(fd, [0, 1], at: at) else { return EIO }
+        }
+        guard fdatasync(fd) == 0 else { return errno }
+        var fields = Self.bigEndian(tableOffset)
+        fields += (0..<4).map { UInt8(truncatingIfNeeded: UInt32(tableClusters) >> UInt32(24 - 8 * $0)) }
+        guard Self.writeFully(fd, fields, at: QCOW2Header.refcountTableFieldsOffset) else { return EIO }
+        guard fdatasync(fd) == 0 else { return errno }
+        m.refcountTableOffset = tableOffset
+        for c in stride(from: oldOffset, to: oldOffset + oldClusters * cluster, by: Int(cluster)) { _ = release(c, &m) }
+        return nil
+    }
+
+    // MARK: I/O helpers
+
+    static func bigEndian(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> UInt64(56 - 8 * $0)) } }
+
+    static func readFully(_ fd: Int32, _ bytes: inout [UInt8], at offset: UInt64) -> Bool {
+        bytes.withUnsafeMutableBytes { readFully(fd, $0, at: offset) }
+    }
+
+    static func readFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+
+    static func writeFully(_ fd: Int32, _ bytes: [UInt8], at offset: UInt64) -> Bool {
+        bytes.withUnsafeBytes { writeFully(fd, $0, at: offset) }
+    }
+
+    static func writeFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+}

@@ -1,0 +1,90 @@
+import Glibc
+import HVSCSIDisk
+import HVSys
+
+/// What `hvctl disk info` shows of an image: its format, sizes and backing chain.
+public struct DiskInfo: Codable, Equatable, Sendable {
+    public struct Backing: Codable, Equatable, Sendable {
+        public var path: String
+        public var format: String
+    }
+
+    public var path: String
+    /// "raw" or "qcow2".
+    public var format: String
+    /// The size the guest sees.
+    public var virtualSize: UInt64
+    /// The file's length.
+    public var fileSize: UInt64
+    /// Bytes of host storage the file occupies (a sparse or thin image: less than its size).
+    public var allocated: UInt64
+    /// qcow2: its cluster size.
+    public var clusterSize: UInt64?
+    /// qcow2: its backing chain, nearest first.
+    public var backing: [Backing]
+
+    enum CodingKeys: String, CodingKey {
+        case path, format, backing
+        case virtualSize = "virtual_size", fileSize = "file_size", allocated, clusterSize = "cluster_size"
+    }
+
+    /// Reads `path` without writing or locking it (an image a VM is writing can be inspected).
+    public static func inspect(_ path: String) throws(UsageError) -> DiskInfo {
+        let file: FileDescriptor
+        do { file = try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular) } catch {
+            throw UsageError(message: "cannot open disk image '\(path)': \(error)")
+        }
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0 else { throw UsageError(message: "cannot stat disk image '\(path)': \(Errno.current)") }
+        var info = DiskInfo(path: absolutePath(path), format: "raw", virtualSize: UInt64(st.st_size), fileSize: UInt64(st.st_size),
+                            allocated: UInt64(st.st_blocks) * 512, clusterSize: nil, backing: [])
+        let detected = ImageFormat.detect(file) ?? .raw
+        switch detected {
+        case .raw: return info
+        case .qcow2: break
+        default: throw UsageError(message: "disk image '\(path)' is a \(detected.name) image; hv reads raw and qcow2 images")
+        }
+        let qcow: QCOW2ImageInfo
+        do { qcow = try QCOW2ImageInfo.read(file.rawValue, readOnly: true) } catch {
+            throw UsageError(message: "disk image '\(path)': \(error)")
+        }
+        info.format = "qcow2"
+        info.virtualSize = qcow.header.size
+        info.clusterSize = qcow.header.clusterSize
+        let chain = try openBackingChain(of: path, qcow, seen: [(UInt64(st.st_dev), UInt64(st.st_ino))], lock: false)
+        info.backing = chain.map { Backing(path: absolutePath($0.path), format: $0.format.rawValue) }
+        return info
+    }
+}
+
+/// Making qcow2 images (`hvctl disk create --format qcow2`).
+public enum QCOW2Disk {
+    /// Creates a thin qcow2 image of `size` bytes at `path` (nil: the backing image's size), on
+    /// `backing` if given: its name is stored as given (relative to the new image's directory,
+    /// as qemu-img resolves it) with its format. An existing file is never touched (O_EXCL).
+    /// Returns the virtual size.
+    @discardableResult
+    public static func create(_ path: String, size: UInt64?, backing: String?) throws(UsageError) -> UInt64 {
+        var virtualSize = size
+        var backingFormat: String?
+        if let backing {
+            let below = try DiskInfo.inspect(backingPath(backing, of: path))
+            backingFormat = below.format
+            virtualSize = virtualSize ?? below.virtualSize
+        }
+        guard let virtualSize else { throw UsageError(message: "--size is needed without --backing") }
+        let bytes: [UInt8]
+        do { bytes = try QCOW2Header.newImage(size: virtualSize, backingName: backing, backingFormat: backingFormat) } catch {
+            throw UsageError(message: "cannot make '\(path)': \(error)")
+        }
+        let fd = try createNewImage(path)
+        defer { close(fd) }
+        let written = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        guard written == bytes.count, fsync(fd) == 0 else {
+            let e = errno
+            unlink(path)
+            throw UsageError(message: "cannot write '\(path)': \(String(cString: strerror(e)))")
+        }
+        return virtualSize
+    }
+}

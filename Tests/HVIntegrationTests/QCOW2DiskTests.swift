@@ -1,0 +1,109 @@
+import Foundation
+import XCTest
+
+/// qcow2 disks end to end, with QEMU's tools as the judge: a guest's I/O on a linked clone (an
+/// overlay hv made on an image QEMU made and wrote), through kills of the disk process; the base
+/// never changes and QEMU cannot write it meanwhile; damaged images and chains are refused in
+/// one line.
+final class QCOW2DiskTests: XCTestCase {
+    private var dir: URL!
+
+    override func setUpWithError() throws {
+        try Harness.requireKVM()
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-qcow2vm-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        setenv("HV_RUN_DIR", dir.appendingPathComponent("run").path, 1)
+    }
+
+    override func tearDown() {
+        unsetenv("HV_RUN_DIR")
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    private func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    func testGuestIOOnALinkedCloneThroughDiskProcessKills() throws {
+        let guest = try Harness.testGuest()
+        // The template: made and written by QEMU.
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", path("base.qcow2"), "16M"]).status, 0)
+        XCTAssertEqual(try tool("/usr/bin/qemu-io", ["-c", "write -P 0x5a 0 1M", path("base.qcow2")]).status, 0)
+        let clone = try runHvctl(["disk", "create", path("clone.qcow2"), "--format", "qcow2", "--backing", "base.qcow2"])
+        XCTAssertEqual(clone.status, 0, clone.stderr)
+        let info = try runHvctl(["disk", "info", path("clone.qcow2"), "--json"])
+        XCTAssertTrue(info.stdout.contains(#""format" : "qcow2""#) && info.stdout.contains(#""virtual_size" : 16777216"#)
+                      && info.stdout.contains(path("base.qcow2")), info.stdout)
+
+        let rounds = 200
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsistress count=\(rounds)", "--disk", path("clone.qcow2"), "--name", "clone"])
+        XCTAssertTrue(vm.waitForOutput("vscsi: ready"), vm.stdout + vm.stderr)
+        let status = try runHvctl(["status", "clone"])
+        XCTAssertTrue(status.stdout.contains("qcow2  on \(path("base.qcow2"))"), status.stdout)
+        // QEMU may not write the template while a clone reads it.
+        let write = try tool("/usr/bin/qemu-io", ["-c", "write -P 0x77 0 4k", path("base.qcow2")])
+        XCTAssertNotEqual(write.status, 0, write.output)
+        // Kill the disk process in the middle of allocating writes; each time it comes back.
+        var kills = 0
+        while kills < 5 && !vm.stdout.contains("vscsistress: done") {
+            Thread.sleep(forTimeInterval: 0.2)
+            guard let pid = vm.children(named: "hv-scsi").first else { continue }
+            kill(pid, SIGKILL)
+            kills += 1
+            let deadline = Date().addingTimeInterval(10)
+            while vm.stderr.components(separatedBy: "device disk0 restarted").count - 1 < kills && Date() < deadline {
+                Thread.sleep(forTimeInterval: 0.01)
+            }
+        }
+        XCTAssertEqual(kills, 5, "the guest finished before five kills: \(vm.stdout.suffix(300))")
+        XCTAssertTrue(vm.waitForOutput("vscsistress: done", timeout: 120), vm.stdout.suffix(500) + vm.stderr)
+        XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
+        XCTAssertTrue(vm.stdout.contains("vscsistress: done rounds=\(rounds) requests=\(rounds * 8) errors=0 mismatches=0 duplicates=0"),
+                      vm.stdout.suffix(800) + vm.stderr)
+
+        // qemu-img's verdict: consistent (a kill between counting a cluster and using it may leak
+        // one, exit status 3, never more).
+        let check = try tool("/usr/bin/qemu-img", ["check", path("clone.qcow2")])
+        XCTAssertTrue(check.status == 0 || check.status == 3, check.output)
+        XCTAssertFalse(check.output.contains("ERROR"), check.output)
+        // What the guest did not write still reads from the template, through QEMU too; the
+        // template itself is untouched.
+        let through = try tool("/usr/bin/qemu-io", ["-r", "-c", "read -P 0x5a 512k 512k", path("clone.qcow2")])
+        XCTAssertTrue(through.output.contains("read 524288/524288 bytes"), through.output)
+        let base = try tool("/usr/bin/qemu-io", ["-r", "-c", "read -P 0x5a 0 1M", path("base.qcow2")])
+        XCTAssertTrue(base.output.contains("read 1048576/1048576 bytes"), base.output)
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("base.qcow2")]).status, 0)
+    }
+
+    func testDamagedImagesAndChainsAreRefusedInOneLine() throws {
+        let guest = try Harness.testGuest()
+        func refused(_ disk: String, _ expected: String, file: StaticString = #filePath, line: UInt = #line) throws {
+            let r = try runHvctl(["run", "--multiboot", guest, "--disk", disk, "--serial", "none"])
+            XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr, file: file, line: line)
+            XCTAssertTrue(r.stderr.contains(expected), r.stderr, file: file, line: line)
+        }
+        // Marked dirty (incompatible feature bit 0 at byte 79).
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", path("dirty.qcow2"), "8M"]).status, 0)
+        let handle = try FileHandle(forUpdating: dir.appendingPathComponent("dirty.qcow2"))
+        try handle.seek(toOffset: 79)
+        handle.write(Data([1]))
+        try handle.close()
+        try refused(path("dirty.qcow2"), "is marked dirty")
+        // Two overlays naming each other.
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", path("a.qcow2"), "8M"]).status, 0)
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", path("b.qcow2")]).status, 0)
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", path("a.qcow2")]).status, 0)
+        try refused(path("b.qcow2"), "loops")
+        // A backing file that is gone.
+        XCTAssertEqual(try runHvctl(["disk", "create", path("base.img"), "--size", "8M"]).status, 0)
+        XCTAssertEqual(try runHvctl(["disk", "create", path("orphan.qcow2"), "--format", "qcow2", "--backing", "base.img"]).status, 0)
+        try FileManager.default.removeItem(atPath: path("base.img"))
+        try refused(path("orphan.qcow2"), "cannot open backing file '\(path("base.img"))'")
+        // format=qcow2 on a raw image.
+        XCTAssertEqual(try runHvctl(["disk", "create", path("plain.img"), "--size", "8M"]).status, 0)
+        try refused(path("plain.img") + ",format=qcow2", "is not a qcow2 image")
+        // Usage errors for disk create.
+        XCTAssertEqual(try runHvctl(["disk", "create", path("x.qcow2"), "--format", "vmdk", "--size", "8M"]).status, 2)
+        XCTAssertEqual(try runHvctl(["disk", "create", path("y.img"), "--backing", path("plain.img")]).status, 2)
+        XCTAssertEqual(try runHvctl(["disk", "create", path("z.qcow2"), "--format", "qcow2"]).status, 2)
+    }
+}

@@ -1,0 +1,240 @@
+import Foundation
+import HVSCSIDisk
+import XCTest
+
+/// The qcow2 backend against QEMU's own tools: images hv makes and writes pass `qemu-img check`
+/// and compare equal to a raw mirror of every write; images QEMU makes and writes read back; a
+/// hostile header or table is refused by name, a bad entry fails only its request.
+final class QCOW2Tests: XCTestCase {
+    private var dir: URL!
+
+    override func setUpWithError() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img") else {
+            throw XCTSkip("qemu-img is not installed (test.sh installs qemu-utils)")
+        }
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-qcow2-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(at: dir) }
+
+    private func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    /// Runs a QEMU tool; its exit status and output.
+    @discardableResult
+    private func qemu(_ tool: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/\(tool)")
+        p.arguments = arguments
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    private func open(_ name: String, readOnly: Bool = false) -> Int32 {
+        Glibc.open(path(name), readOnly ? O_RDONLY : O_RDWR)
+    }
+
+    /// Writes `bytes` at `offset` through `backend` and into the raw mirror.
+    private func write(_ backend: QCOW2Backend, mirror: Int32, _ bytes: [UInt8], at offset: UInt64,
+                       file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertNil(bytes.withUnsafeBytes { backend.write($0, at: offset) }, file: file, line: line)
+        XCTAssertEqual(bytes.withUnsafeBytes { pwrite(mirror, $0.baseAddress, $0.count, off_t(offset)) }, bytes.count, file: file, line: line)
+    }
+
+    private func read(_ backend: any BlockBackend, _ count: Int, at offset: UInt64) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0xEE, count: count)
+        let e = bytes.withUnsafeMutableBytes { backend.read(into: $0, at: offset) }
+        return e == nil ? bytes : nil
+    }
+
+    private func pattern(_ count: Int, seed: UInt8) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
+
+    /// Every kind of write on one image: whole clusters, partial ones, across a boundary, far out
+    /// (a second L2 table), then read back through a fresh open and judged by qemu-img.
+    private func exercise(_ name: String, size: UInt64, file: StaticString = #filePath, line: UInt = #line) throws {
+        let fd = open(name)
+        defer { close(fd) }
+        let mirror = Glibc.open(path(name + ".raw"), O_RDWR | O_CREAT | O_TRUNC, 0o600)
+        defer { close(mirror) }
+        XCTAssertEqual(ftruncate(mirror, off_t(size)), 0)
+        let backend = try QCOW2Backend(fd: fd, readOnly: false)
+        let cluster = backend.header.clusterSize
+        write(backend, mirror: mirror, pattern(Int(cluster), seed: 1), at: 0, file: file, line: line)
+        write(backend, mirror: mirror, pattern(3000, seed: 2), at: cluster * 3 + 1000, file: file, line: line)
+        write(backend, mirror: mirror, pattern(Int(cluster), seed: 3), at: cluster * 5 + cluster / 2, file: file, line: line)
+        write(backend, mirror: mirror, pattern(512, seed: 4), at: size - 512, file: file, line: line)
+        write(backend, mirror: mirror, pattern(4096, seed: 5), at: size / 2 + 4096, file: file, line: line)
+        // Overwrites of clusters already allocated.
+        write(backend, mirror: mirror, pattern(700, seed: 6), at: 100, file: file, line: line)
+        XCTAssertNil(backend.flush())
+        XCTAssertEqual(read(backend, Int(cluster) * 2, at: cluster * 5), try readRaw(mirror, Int(cluster) * 2, at: cluster * 5), file: file, line: line)
+
+        let again = try QCOW2Backend(fd: fd, readOnly: true)
+        for (offset, count) in [(0, Int(cluster)), (cluster * 3, Int(cluster)), (size - 4096, 4096), (size / 2, 16384), (cluster * 9, 4096)] {
+            XCTAssertEqual(read(again, count, at: offset), try readRaw(mirror, count, at: offset), "at \(offset)", file: file, line: line)
+        }
+        let check = try qemu("qemu-img", ["check", path(name)])
+        XCTAssertEqual(check.status, 0, check.output, file: file, line: line)
+        let compare = try qemu("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", path(name + ".raw"), path(name)])
+        XCTAssertEqual(compare.status, 0, compare.output, file: file, line: line)
+    }
+
+    private func readRaw(_ fd: Int32, _ count: Int, at offset: UInt64) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        XCTAssertEqual(bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }, count)
+        return bytes
+    }
+
+    func testImagesHvMakesAreValidAndWritesAreWhatQemuReads() throws {
+        let image = try QCOW2Header.newImage(size: 64 << 20)
+        FileManager.default.createFile(atPath: path("new.qcow2"), contents: Data(image))
+        let info = try qemu("qemu-img", ["info", "--output=json", path("new.qcow2")])
+        XCTAssertTrue(info.output.contains(#""format": "qcow2""#) && info.output.contains(#""virtual-size": 67108864"#), info.output)
+        XCTAssertEqual(try qemu("qemu-img", ["check", path("new.qcow2")]).status, 0)
+        try exercise("new.qcow2", size: 64 << 20)
+    }
+
+    func testQemuMadeImagesWithSmallClustersGrowTheirRefcountTable() throws {
+        // 512-byte clusters: one refcount block counts 256 clusters and qemu-img's one-cluster
+        // table only 64 blocks, so writing a few MiB makes blocks and then moves the table.
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path("small.qcow2"), "16M"]).status, 0)
+        try exercise("small.qcow2", size: 16 << 20)
+        let fd = open("small.qcow2")
+        defer { close(fd) }
+        let backend = try QCOW2Backend(fd: fd, readOnly: false)
+        let mirror = Glibc.open(path("small.qcow2.raw"), O_RDWR)
+        defer { close(mirror) }
+        // 12 MiB of data in 512-byte clusters: past the 8 MiB of file the first table can count.
+        for i in 0..<48 { write(backend, mirror: mirror, pattern(256 << 10, seed: UInt8(i)), at: UInt64(i) * (256 << 10)) }
+        XCTAssertEqual(read(backend, 4096, at: 47 * (256 << 10)), Array(pattern(256 << 10, seed: 47).prefix(4096)))
+        let moved = try QCOW2Header.parse(try readRaw(fd, 104, at: 0))
+        XCTAssertGreaterThan(moved.refcountTableClusters, 1, "the refcount table grew")
+        let check = try qemu("qemu-img", ["check", path("small.qcow2")])
+        XCTAssertEqual(check.status, 0, check.output)
+        XCTAssertEqual(try qemu("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", path("small.qcow2.raw"), path("small.qcow2")]).status, 0)
+    }
+
+    func testReadsWhatQemuWroteAndTheBackingImageBelow() throws {
+        // A raw base with a pattern, an overlay QEMU made on it, QEMU's own write into the overlay.
+        FileManager.default.createFile(atPath: path("base.raw"), contents: Data(pattern(4 << 20, seed: 9)))
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-b", path("base.raw"), "-F", "raw", path("top.qcow2"), "8M"]).status, 0)
+        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -P 0x5a 1M 128k", path("top.qcow2")]).status, 0)
+        let baseFD = open("base.raw", readOnly: true)
+        defer { close(baseFD) }
+        let base = FileBackend(fd: baseFD, byteCount: 4 << 20)
+        let fd = open("top.qcow2")
+        defer { close(fd) }
+        let top = try QCOW2Backend(fd: fd, readOnly: false, backing: base)
+        XCTAssertEqual(top.byteCount, 8 << 20)
+        XCTAssertEqual(read(top, 4096, at: 4096), Array(pattern(4 << 20, seed: 9)[4096..<8192]))
+        XCTAssertEqual(read(top, 4096, at: (1 << 20) + 8192), [UInt8](repeating: 0x5A, count: 4096))
+        XCTAssertEqual(read(top, 4096, at: 6 << 20), [UInt8](repeating: 0, count: 4096), "past the base's end: zeros")
+        // A partial write copies the rest of its cluster up from the base.
+        XCTAssertNil([UInt8](repeating: 0xC3, count: 100).withUnsafeBytes { top.write($0, at: 300_000) })
+        var expected = Array(pattern(4 << 20, seed: 9)[(300_000 - 1000)..<(300_000 + 1100)])
+        expected.replaceSubrange(1000..<1100, with: [UInt8](repeating: 0xC3, count: 100))
+        XCTAssertEqual(read(top, 2100, at: 300_000 - 1000), expected)
+        let check = try qemu("qemu-img", ["check", path("top.qcow2")])
+        XCTAssertEqual(check.status, 0, check.output)
+        let io = try qemu("qemu-io", ["-r", "-c", "read -P 0xc3 300000 100", path("top.qcow2")])
+        XCTAssertTrue(io.output.contains("read 100/100 bytes"), io.output)
+    }
+
+    func testDiscardFreesClustersAndReadsZeros() throws {
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", path("d.qcow2"), "8M"]).status, 0)
+        let fd = open("d.qcow2")
+        defer { close(fd) }
+        let backend = try QCOW2Backend(fd: fd, readOnly: false)
+        XCTAssertNil(pattern(256 << 10, seed: 7).withUnsafeBytes { backend.write($0, at: 0) })
+        XCTAssertNil(backend.discard(at: 64 << 10, count: 128 << 10))
+        XCTAssertNil(backend.discard(at: 1000, count: 24))  // a partial cluster: written with zeros
+        XCTAssertEqual(read(backend, 128 << 10, at: 64 << 10), [UInt8](repeating: 0, count: 128 << 10))
+        XCTAssertEqual(read(backend, 24, at: 1000), [UInt8](repeating: 0, count: 24))
+        XCTAssertEqual(read(backend, 64 << 10, at: 192 << 10), Array(pattern(256 << 10, seed: 7)[(192 << 10)...]))
+        let check = try qemu("qemu-img", ["check", path("d.qcow2")])
+        XCTAssertEqual(check.status, 0, check.output)
+        let map = try qemu("qemu-img", ["map", "--output=json", path("d.qcow2")])
+        XCTAssertTrue(map.output.contains(#""start": 65536, "length": 131072, "depth": 0, "present": true, "zero": true, "data": false"#), map.output)
+    }
+
+    func testCompressedClustersFailTheirRequestOnly() throws {
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", path("c.qcow2"), "4M"]).status, 0)
+        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -c -P 0x11 0 64k", path("c.qcow2")]).status, 0)
+        let fd = open("c.qcow2")
+        defer { close(fd) }
+        let backend = try QCOW2Backend(fd: fd, readOnly: false)
+        XCTAssertNil(read(backend, 512, at: 0))
+        XCTAssertEqual(read(backend, 512, at: 1 << 20), [UInt8](repeating: 0, count: 512))
+    }
+
+    // MARK: Hostile images
+
+    private func refusal(_ mutate: (inout [UInt8]) -> Void, readOnly: Bool = false) throws -> String {
+        var image = try QCOW2Header.newImage(size: 16 << 20)
+        mutate(&image)
+        FileManager.default.createFile(atPath: path("bad.qcow2"), contents: Data(image))
+        let fd = open("bad.qcow2")
+        defer { close(fd) }
+        do {
+            _ = try QCOW2Backend(fd: fd, readOnly: readOnly)
+            return "accepted"
+        } catch {
+            return error.description
+        }
+    }
+
+    private func put32(_ image: inout [UInt8], _ offset: Int, _ v: UInt32) {
+        for i in 0..<4 { image[offset + i] = UInt8(truncatingIfNeeded: v >> UInt32(24 - 8 * i)) }
+    }
+
+    private func put64(_ image: inout [UInt8], _ offset: Int, _ v: UInt64) {
+        for i in 0..<8 { image[offset + i] = UInt8(truncatingIfNeeded: v >> UInt64(56 - 8 * i)) }
+    }
+
+    func testHostileHeadersAreRefusedByName() throws {
+        XCTAssertEqual(try refusal { _ in }, "accepted")
+        XCTAssertTrue(try refusal { self.put32(&$0, 4, 4) }.contains("version 4 is not supported"))
+        XCTAssertTrue(try refusal { self.put32(&$0, 20, 30) }.contains("cluster size 2^30"))
+        XCTAssertTrue(try refusal { self.put32(&$0, 32, 1) }.contains("encrypted"))
+        XCTAssertTrue(try refusal { self.put64(&$0, 72, 1) }.contains("dirty"))
+        XCTAssertTrue(try refusal { self.put64(&$0, 72, 2) }.contains("corrupt"))
+        XCTAssertTrue(try refusal { self.put64(&$0, 72, 4) }.contains("external data file"))
+        XCTAssertTrue(try refusal { self.put64(&$0, 72, 1 << 40) }.contains("unknown incompatible feature bit 40"))
+        XCTAssertTrue(try refusal { self.put32(&$0, 96, 6) }.contains("refcounts of 64 bits"))
+        XCTAssertTrue(try refusal { self.put64(&$0, 40, 0) }.contains("L1 table at offset 0"), "an L1 table over the header")
+        XCTAssertTrue(try refusal { self.put64(&$0, 40, 1 << 40) }.contains("lies outside the image"))
+        XCTAssertTrue(try refusal { self.put64(&$0, 48, 3 << 16) }.contains("overlap"))
+        XCTAssertTrue(try refusal { self.put32(&$0, 36, 0) }.contains("does not fit"), "an L1 table too small for the disk")
+        XCTAssertTrue(try refusal { self.put64(&$0, 24, UInt64.max) }.contains("larger than hv supports"))
+        XCTAssertTrue(try refusal { self.put32(&$0, 60, 2) }.contains("2 internal snapshot(s)"))
+        XCTAssertEqual(try refusal({ self.put32(&$0, 60, 2) }, readOnly: true), "accepted")
+        XCTAssertTrue(try refusal { self.put64(&$0, 8, 60_000); self.put32(&$0, 16, 9000) }.contains("backing file name"))
+        // Tables pointing outside the file.
+        XCTAssertTrue(try refusal { self.put64(&$0, 3 << 16, 1 << 50) }.contains("L1 entry 0 points outside"))
+        XCTAssertTrue(try refusal { self.put64(&$0, (1 << 16) + 8, 5) }.contains("refcount table entry 1"))
+        XCTAssertTrue(try refusal { $0 = Array($0.prefix(50)) }.contains("too short"))
+    }
+
+    func testAnL2EntryPointingOutsideFailsOnlyItsRequest() throws {
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", path("l2.qcow2"), "4M"]).status, 0)
+        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -P 0x22 0 128k", path("l2.qcow2")]).status, 0)
+        let fd = open("l2.qcow2")
+        defer { close(fd) }
+        // Find the L2 table through the L1 table and point its second entry far past the end.
+        let header = try QCOW2Header.parse(try readRaw(fd, 104, at: 0))
+        let l1 = try readRaw(fd, 8, at: header.l1TableOffset).reduce(UInt64(0)) { $0 << 8 | UInt64($1) } & 0x00FF_FFFF_FFFF_FE00
+        var entry = [UInt8](repeating: 0, count: 8)
+        put64(&entry, 0, (1 << 50) | (1 << 63))
+        XCTAssertEqual(entry.withUnsafeBytes { pwrite(fd, $0.baseAddress, 8, off_t(l1 + 8)) }, 8)
+        let backend = try QCOW2Backend(fd: fd, readOnly: false)
+        XCTAssertEqual(read(backend, 512, at: 0), [UInt8](repeating: 0x22, count: 512))
+        XCTAssertNil(read(backend, 512, at: 64 << 10), "a read of the bad cluster fails")
+        XCTAssertNotNil([UInt8](repeating: 1, count: 512).withUnsafeBytes { backend.write($0, at: 64 << 10) }, "and so does a write")
+        XCTAssertEqual(read(backend, 512, at: 2 << 20), [UInt8](repeating: 0, count: 512), "the rest of the disk is unaffected")
+    }
+}
