@@ -23,6 +23,8 @@ let package = Package(
     targets: [
         // Thin C shim: fixed-arity wrappers for variadic/macro-only kernel interfaces.
         .target(name: "CHVShim", path: "Sources/CHVShim"),
+        // zlib's raw inflate for qcow2's compressed clusters (a C macro Swift cannot call); only hv-scsi links it.
+        .target(name: "CInflate", path: "Sources/CInflate", linkerSettings: [.linkedLibrary("z")]),
         // Typed syscall layer: Errno, owned file descriptors, memfd, eventfd, sockets with fd passing.
         .target(name: "HVSys", dependencies: ["CHVShim"], path: "Sources/HVSys", swiftSettings: strict),
         // /dev/kvm: system, VM, vCPU, guest memory.
@@ -76,7 +78,7 @@ let package = Package(
                           path: "Plugins/bios/Device", swiftSettings: strict),
 
         // virtio-scsi disk: the SCSI command interpreter (pure, unit-tested) and the device process.
-        .target(name: "HVSCSIDisk", dependencies: ["CHVShim"], path: "Plugins/scsi/Disk", swiftSettings: strict),
+        .target(name: "HVSCSIDisk", dependencies: ["CHVShim", "CInflate"], path: "Plugins/scsi/Disk", swiftSettings: strict),
         .executableTarget(name: "hv-scsi", dependencies: ["HVDeviceSDK", "HVSCSIDisk", "HVSCSIContract"], path: "Plugins/scsi/Device",
                           swiftSettings: strict),
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 log=$(mktemp)
 trap 'rm -f "$log" "$log.py"' EXIT
 
-packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev python3 seabios
+packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev zlib1g-dev python3 seabios
           grub-pc-bin grub-common xorriso mtools e2fsprogs iproute2 dnsmasq-base tcpdump iputils-ping qemu-utils)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -27,7 +27,7 @@ final class DiskTests: XCTestCase {
 
         for (args, message) in [(["disk", "create", dir.appendingPathComponent("b.img").path, "--size", "1000"], "not a multiple of 512"),
                                 (["disk", "create", "--size", "1G"], "missing expected argument '<path>'"),
-                                (["disk", "create", dir.appendingPathComponent("c.img").path], "missing expected argument '--size <size>'"),
+                                (["disk", "create", dir.appendingPathComponent("c.img").path], "--size is needed for a raw image"),
                                 (["disk", "create", "/nonexistent-dir/x.img", "--size", "1M"], "cannot create '/nonexistent-dir/x.img'"),
                                 (["disk", "resize", image], "unexpected arguments: 'resize'")] {
             r = try runHvctl(args)

@@ -1,4 +1,5 @@
 import CHVShim
+import CInflate
 import Glibc
 import Synchronization
 
@@ -6,7 +7,9 @@ import Synchronization
 /// through the L1 and L2 tables to data clusters; a write to an unallocated cluster appends a
 /// cluster to the file, counts it, and only then points the L2 entry at it (refcount before L2
 /// before L1), so a process killed between two steps leaks a cluster at worst, never points at
-/// garbage. Unallocated clusters read from the backing image, or as zeros.
+/// garbage. Unallocated clusters read from the backing image, or as zeros; compressed clusters
+/// (zlib, as `qemu-img convert -c` and cloud images write them) are inflated on read and
+/// rewritten uncompressed when the guest writes them.
 ///
 /// The image is hostile input: every table offset is checked against the file before it is
 /// followed, and an entry pointing outside the image or over its header fails that request
@@ -47,7 +50,8 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         case data(UInt64, copied: Bool)
         case zero
         case unallocated
-        case compressed
+        /// A compressed cluster: its L2 entry (host offset and sector count).
+        case compressed(UInt64)
         case invalid
     }
 
@@ -117,12 +121,50 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
                 piece.initializeMemory(as: UInt8.self, repeating: 0)
             case .unallocated:
                 if let e = readBelow(into: piece, at: at) { return e }
-            case .compressed, .invalid:
+            case .compressed(let entry):
+                guard let content = inflate(entry, fileEnd: metadata.withLock { $0.fileEnd }) else { return EIO }
+                content.withUnsafeBytes { piece.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(inCluster)..<Int(inCluster) + n])) }
+            case .invalid:
                 return EIO
             }
             done += n
         }
         return nil
+    }
+
+    /// Where a compressed cluster's deflate stream lies in the file: its offset and length
+    /// (the specification: `62 - (cluster_bits - 8)` bits of offset, then the count of 512-byte
+    /// sectors it runs on beyond the first).
+    private func compressedExtent(_ entry: UInt64) -> (offset: UInt64, length: UInt64) {
+        let offsetBits = UInt64(62 - (header.clusterBits - 8))
+        let offset = entry & ((1 << offsetBits) - 1)
+        let sectors = (entry & ~Self.compressedFlag & ~Self.copiedFlag) >> offsetBits
+        return (offset, (sectors + 1) * 512 - (offset & 511))
+    }
+
+    /// A compressed cluster, inflated; nil when its stream lies outside the file or is corrupt.
+    private func inflate(_ entry: UInt64, fileEnd: UInt64) -> [UInt8]? {
+        let cluster = header.clusterSize
+        let (offset, length) = compressedExtent(entry)
+        // A stream longer than two clusters is no compressed cluster QEMU writes: refuse it
+        // before reading anything.
+        guard offset >= cluster, offset < fileEnd, length <= 2 * cluster else { return nil }
+        var stream = [UInt8](repeating: 0, count: Int(min(length, fileEnd - offset)))
+        let got = stream.withUnsafeMutableBytes { buffer -> Int in
+            var done = 0
+            while done < buffer.count {
+                let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }  // the last stream may end with the file
+                done += n
+            }
+            return done
+        }
+        var content = [UInt8](repeating: 0, count: Int(cluster))
+        let status = stream.withUnsafeBytes { input in
+            content.withUnsafeMutableBytes { hv_inflate_raw(input.baseAddress, got, $0.baseAddress, $0.count) }
+        }
+        return status == 0 ? content : nil
     }
 
     /// What lies under this image at `at`: the backing image's bytes (zeros past its end), or zeros.
@@ -186,7 +228,10 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
             content = [UInt8](repeating: 0, count: Int(cluster))
             if piece.count < Int(cluster),
                let e = content.withUnsafeMutableBytes({ readBelow(into: $0, at: start) }) { return e }
-        case .compressed, .invalid:
+        case .compressed(let entry):
+            guard let inflated = inflate(entry, fileEnd: m.fileEnd) else { return EIO }
+            content = inflated
+        case .invalid:
             return EIO
         }
         content.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: inCluster).copyMemory(from: piece.baseAddress!, byteCount: piece.count) }
@@ -195,8 +240,22 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         m.fileEnd += cluster
         if let e = setRefcount(host, 1, &m) { return e }
         if let e = setL2(at, host | Self.copiedFlag, &m) { return e }
-        if case .data(let previous, _) = old { _ = release(previous, &m) }
+        switch old {
+        case .data(let previous, _): _ = release(previous, &m)
+        case .compressed(let entry): releaseCompressed(entry, &m)
+        default: break
+        }
         return nil
+    }
+
+    /// Drops the references a compressed cluster's stream holds on the host clusters it spans.
+    private func releaseCompressed(_ entry: UInt64, _ m: inout Metadata) {
+        let cluster = header.clusterSize
+        let (offset, length) = compressedExtent(entry)
+        guard offset >= cluster, length <= 2 * cluster else { return }
+        for host in stride(from: offset & ~(cluster - 1), through: (offset + length - 1) & ~(cluster - 1), by: Int(cluster)) {
+            _ = release(host, &m)
+        }
     }
 
     public func flush() -> Int32? { fdatasync(fd) == 0 ? nil : errno }
@@ -218,6 +277,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
                     if old == .zero { return nil }
                     if let e = setL2(at, header.version == 3 ? Self.zeroFlag : 0, &m) { return e }
                     if case .data(let host, _) = old { return release(host, &m) }
+                    if case .compressed(let entry) = old { releaseCompressed(entry, &m) }
                     return nil
                 }
                 if let failure { return failure }
@@ -241,7 +301,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         guard l2Offset != 0 else { return .unallocated }
         guard let table = l2Table(l2Offset, &m) else { return .invalid }
         let entry = table[Int((at / cluster) % header.l2Entries)]
-        if entry & Self.compressedFlag != 0 { return .compressed }
+        if entry & Self.compressedFlag != 0 { return .compressed(entry) }
         if header.version == 3 && entry & Self.zeroFlag != 0 { return .zero }
         let host = entry & Self.offsetMask
         guard host != 0 else { return .unallocated }
