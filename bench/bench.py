@@ -1182,6 +1182,60 @@ class Bench:
                             note="" if share is None else f"{share * 100:.0f}% of the host"))
         return rows
 
+    def case_qcow2(self) -> list[Row]:
+        """The same guest disk workload as case_scsi on a qcow2 image (fully allocated, converted
+        from the same random data): hv's qcow2 path against its raw path and against QEMU's qcow2."""
+        mib = 16 if self.quick else 64
+        print(f"case: qcow2 disk (mode=vscsibench count={mib}) — hv raw, hv qcow2 and QEMU qcow2 on copies of one image", flush=True)
+        raw = self.env.tmp / "qcow2-bench.img"
+        with open(raw, "wb") as f:
+            f.write(os.urandom(mib << 20))
+        images = {}
+        for side in ("hv-qcow2", "qemu"):
+            images[side] = self.env.tmp / f"qcow2-bench-{side}.qcow2"
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(images[side])], check=True)
+        phases = ("seqread", "seqwrite", "randread")
+        marks = {p: (f"bench: {p} start\n".encode(), f"bench: {p} end\n".encode()) for p in phases}
+        clean = b"bench: errors=0\n"
+        all_marks = [m for pair in marks.values() for m in pair] + [clean, DONE_MARKER]
+        cmd = f"mode=vscsibench count={mib}"
+
+        def one(side, i):
+            if side == "qemu":
+                argv = self.qemu_argv(cmd) + [
+                    "-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0",
+                    "-drive", f"file={images[side]},if=none,id=d0,format=qcow2,cache=writeback",
+                    "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
+                cap = run_capture(argv, timeout_s=180, markers=all_marks, stop_on=DONE_MARKER)
+            else:
+                image = raw if side == "hv-raw" else images[side]
+                cap = run_capture(self.hv_argv(cmd) + ["--disk", str(image)], timeout_s=180, markers=all_marks, env=self.hv_env)
+            if clean not in cap.scanner.found:
+                self.problem(side, "vscsibench did not finish without errors", cap)
+            values = {}
+            for p in phases:
+                t0, t1 = (cap.scanner.time_of(m) for m in marks[p])
+                ok = t0 is not None and t1 is not None and t1 > t0 and clean in cap.scanner.found
+                amount = mib * 256 if p == "randread" else mib
+                values[p] = amount / ((t1 - t0) / 1e9) if ok else None
+                self.record(f"qcow2_{p}", side, values[p])
+            print(f"  run {i + 1} {side}: " + ", ".join(
+                f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' MiB/s'}" for p, v in values.items()), flush=True)
+
+        self.interleaved(one, sides=("hv-raw", "hv-qcow2", "qemu"))
+        rows = []
+        names = {"seqread": ("sequential read, 256 KiB × 4 in flight", "MiB/s"),
+                 "seqwrite": ("sequential write, 256 KiB × 4 in flight", "MiB/s"),
+                 "randread": ("random 4 KiB read, 4 in flight", "IOPS")}
+        for p in phases:
+            hv, q, hv_raw = (self.get(f"qcow2_{p}", side) for side in ("hv-qcow2", "qemu", "hv-raw"))
+            share = None if hv is None or hv_raw is None else hv.median / hv_raw.median
+            beats = None if hv is None or q is None else hv.median >= q.median
+            rows.append(Row(f"qcow2 {names[p][0]}", hv, q, unit=names[p][1], target="≥ QEMU qcow2 and ≥ 0.9× hv raw",
+                            met=None if share is None or beats is None else (beats and share >= 0.9),
+                            note="" if share is None else f"{share:.2f}× hv raw"))
+        return rows
+
     # -- network --
 
     def case_net(self) -> list[Row]:
@@ -1622,7 +1676,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, seabios, "
-                         "sandbox, vm_rate, vms_at_once, grub, scsi, net, kill_storms")
+                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, net, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
@@ -1647,7 +1701,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench.warm_up()
         rows: list[Row] = []
         cases = ["pioread", "time_to_x", "throughput", "memory", "seabios", "sandbox", "vm_rate", "vms_at_once",
-                 "grub", "scsi", "net", "kill_storms"]
+                 "grub", "scsi", "qcow2", "net", "kill_storms"]
         for name in args.only or cases:
             if name not in cases:
                 sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases)}")

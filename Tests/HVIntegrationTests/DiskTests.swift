@@ -147,12 +147,21 @@ final class VirtioSCSIGuestTests: XCTestCase {
     }
 
     func testGuestDriverWritesReadsSurvivesHostileChainsAndDiscards() throws {
+        try guestDriver(format: "raw")
+    }
+
+    /// The same on a qcow2 image: the guest's discards free its clusters in the file (issue 16).
+    func testGuestDriverOnAQCOW2Disk() throws {
+        try guestDriver(format: "qcow2")
+    }
+
+    private func guestDriver(format: String) throws {
         let guest = try Harness.testGuest()
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-guest-\(getpid())")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-vscsi-guest-\(getpid())-\(format)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        let image = dir.appendingPathComponent("d.img").path
-        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "8M"]).status, 0)
+        let image = dir.appendingPathComponent("d.\(format)").path
+        XCTAssertEqual(try runHvctl(["disk", "create", image, "--size", "8M", "--format", format]).status, 0)
         let empty = allocated(image)
 
         let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsi", "--disk", image])
@@ -182,6 +191,10 @@ final class VirtioSCSIGuestTests: XCTestCase {
         XCTAssertTrue(vm.stderr.contains("a buffer [0xf0000000, +51) is not guest RAM"), vm.stderr)
         XCTAssertTrue(vm.stderr.contains("loops"), vm.stderr)
         XCTAssertFalse(vm.stderr.contains("restarting"), vm.stderr)
+        if format == "qcow2" {
+            let check = try tool("/usr/bin/qemu-img", ["check", image])
+            XCTAssertEqual(check.status, 0, check.output)
+        }
     }
 
     func testReadOnlyDiskRefusesWritesWithDataProtect() throws {

@@ -50,9 +50,14 @@ final class GRUBTests: XCTestCase {
         let big = dir.appendingPathComponent("fs/big.bin")
         try Data(bytes).write(to: big)
         let md5 = String(try run("md5sum", [big.path]).prefix(32))
-        let disk = dir.appendingPathComponent("disk.img").path, iso = dir.appendingPathComponent("grub.iso").path
-        _ = try run("mkfs.ext2", ["-q", "-d", dir.appendingPathComponent("fs").path, "-F", disk, "8M"])
+        let raw = dir.appendingPathComponent("disk.img").path, iso = dir.appendingPathComponent("grub.iso").path
+        _ = try run("mkfs.ext2", ["-q", "-d", dir.appendingPathComponent("fs").path, "-F", raw, "8M"])
         _ = try run("grub-mkrescue", ["-o", iso, dir.appendingPathComponent("iso").path, "--modules=ext2 hashsum"])
+        // Issue 16: the disk is a three-level chain: an hv overlay on a QEMU overlay on the raw
+        // file system; GRUB's reads fall through both to the raw image.
+        let middle = dir.appendingPathComponent("middle.qcow2").path, disk = dir.appendingPathComponent("top.qcow2").path
+        _ = try run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", raw, "-F", "raw", middle])
+        XCTAssertEqual(try runHvctl(["disk", "create", disk, "--format", "qcow2", "--backing", middle]).status, 0)
 
         // Issue 13: while GRUB reads the disk, its process (and once the CD's) is killed at random
         // moments; every read it had in flight is resubmitted, and the checksum still matches.
@@ -77,5 +82,31 @@ final class GRUBTests: XCTestCase {
         XCTAssertTrue(out.contains("\(md5)  (hd0)/big.bin"), "GRUB's MD5 must equal the host's \(md5): \(out.suffix(2000))")
         XCTAssertTrue(out.contains("hv-grub: done"), out.suffix(2000).description)
         XCTAssertFalse(r.stderr.contains("refused"), r.stderr)
+        XCTAssertEqual(try run("qemu-img", ["check", disk]).contains("No errors"), true)
+    }
+
+    /// SeaBIOS boots GRUB from a qcow2 disk (a hybrid GRUB ISO converted with compression, as
+    /// cloud images are shipped).
+    func testSeaBIOSBootsGRUBFromACompressedQCOW2Disk() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-grubq-\(getpid())")
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("iso/boot/grub"), withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try """
+            serial --unit=0 --speed=115200
+            terminal_input serial
+            terminal_output serial
+            set timeout=0
+            echo "hv-grub: booted from the disk"
+            halt
+
+            """.write(to: dir.appendingPathComponent("iso/boot/grub/grub.cfg"), atomically: true, encoding: .utf8)
+        let iso = dir.appendingPathComponent("grub.iso").path, disk = dir.appendingPathComponent("grub.qcow2").path
+        _ = try run("grub-mkrescue", ["-o", iso, dir.appendingPathComponent("iso").path])
+        _ = try run("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", iso, disk])
+        let vm = try VMProcess(["run", "--firmware", "seabios", "--disk", disk])
+        XCTAssertEqual(vm.waitForExit(timeout: 300), 0, vm.stderr)
+        let out = vm.stdout.replacingOccurrences(of: "\r", with: "")
+        XCTAssertTrue(out.contains("Booting from Hard Disk..."), out.suffix(2000).description)
+        XCTAssertTrue(out.contains("hv-grub: booted from the disk"), out.suffix(2000).description)
     }
 }

@@ -69,9 +69,9 @@ final class QCOW2DiskTests: XCTestCase {
         // What the guest did not write still reads from the template, through QEMU too; the
         // template itself is untouched.
         let through = try tool("/usr/bin/qemu-io", ["-r", "-c", "read -P 0x5a 512k 512k", path("clone.qcow2")])
-        XCTAssertTrue(through.output.contains("read 524288/524288 bytes"), through.output)
+        XCTAssertTrue(through.output.contains("read 524288/524288 bytes") && !through.output.contains("verification failed"), through.output)
         let base = try tool("/usr/bin/qemu-io", ["-r", "-c", "read -P 0x5a 0 1M", path("base.qcow2")])
-        XCTAssertTrue(base.output.contains("read 1048576/1048576 bytes"), base.output)
+        XCTAssertTrue(base.output.contains("read 1048576/1048576 bytes") && !base.output.contains("verification failed"), base.output)
         XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("base.qcow2")]).status, 0)
     }
 
