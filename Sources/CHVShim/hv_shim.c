@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -154,6 +155,7 @@ int hv_execveat_fd(int fd, char *const argv[], char *const envp[]) {
 int hv_pivot_root(const char *new_root, const char *put_old) { return (int)syscall(SYS_pivot_root, new_root, put_old); }
 
 int hv_close_range(unsigned int first, unsigned int last) { return (int)syscall(SYS_close_range, first, last, 0); }
+int hv_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
 
 int hv_fallocate(int fd, int mode, long long offset, long long length) { return fallocate(fd, mode, (off_t)offset, (off_t)length); }
 

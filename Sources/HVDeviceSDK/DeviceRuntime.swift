@@ -181,6 +181,11 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// non-dumpable. Runs before the first message is read: no untrusted input has been seen yet.
     /// A denied syscall traps: the core hears which one, then the device exits.
     static func lockDown(_ name: String) {
+        // One malloc arena for every thread: glibc gives each new thread's allocations an mmap'd
+        // heap of its own, and shrinking such a heap reads /proc/sys/vm/overcommit_memory
+        // (openat), which the sandbox refuses: a device whose I/O threads free large buffers
+        // (hv-scsi on qcow2) was killed now and then. The main arena trims with brk instead.
+        _ = hv_malloc_arena_max(1)
         do throws(LockDown.Failure) { try LockDown.apply(reportingDeniedSyscallsTo: InheritedDescriptor.events) } catch {
             fail(name, error.description)
         }

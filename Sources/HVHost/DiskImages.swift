@@ -57,6 +57,40 @@ public struct DiskInfo: Codable, Equatable, Sendable {
     }
 }
 
+/// Growing an image no VM holds (`hvctl disk resize`).
+public enum DiskResize {
+    /// Grows the raw or qcow2 image at `path` to `size` bytes (whole 512-byte sectors); the
+    /// guest sees the new space as zeros. Refuses an image in use (locked) and any shrink.
+    public static func grow(_ path: String, to size: UInt64) throws(UsageError) -> DiskInfo {
+        let file: FileDescriptor
+        do { file = try FileDescriptor.openHostFile(path, flags: O_RDWR, kinds: .regular) } catch {
+            throw UsageError(message: "cannot open disk image '\(path)' for writing: \(error)")
+        }
+        guard flock(file.rawValue, LOCK_EX | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: true) else {
+            throw UsageError(message: "disk image '\(path)' is in use (a running VM, or QEMU); stop it first")
+        }
+        guard size % 512 == 0 else { throw UsageError(message: "\(size) is not a multiple of 512 bytes (a disk is whole sectors)") }
+        let format = ImageFormat.detect(file) ?? .raw
+        switch format {
+        case .raw:
+            let current = (try? file.size()) ?? 0
+            guard Int64(clamping: size) > current else {
+                throw UsageError(message: "disk image '\(path)' is already \(current) bytes; hv only grows images")
+            }
+            guard ftruncate(file.rawValue, off_t(clamping: size)) == 0 else {
+                throw UsageError(message: "cannot grow '\(path)': \(Errno.current)")
+            }
+        case .qcow2:
+            do { try QCOW2Backend.grow(fd: file.rawValue, to: size) } catch {
+                throw UsageError(message: "disk image '\(path)': \(error)")
+            }
+        default:
+            throw UsageError(message: "disk image '\(path)' is a \(format.name) image; hv reads raw and qcow2 images")
+        }
+        return try DiskInfo.inspect(path)
+    }
+}
+
 /// Making qcow2 images (`hvctl disk create --format qcow2`).
 public enum QCOW2Disk {
     /// Creates a thin qcow2 image of `size` bytes at `path` (nil: the backing image's size), on

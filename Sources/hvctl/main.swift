@@ -324,7 +324,7 @@ extension HVCtl {
 
 extension HVCtl {
     struct Disk: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self])
+        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self])
 
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
@@ -366,6 +366,21 @@ extension HVCtl {
                     do throws(UsageError) { made = try QCOW2Disk.create(path, size: bytes, backing: backing) } catch { fail(error.message) }
                     print("created \(path): \(made) bytes (\(made >> 20) MiB), qcow2 image\(backing.map { " on \($0)" } ?? "")")
                 }
+            }
+        }
+
+        struct Resize: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Grow a raw or qcow2 image that no VM holds.",
+                discussion: "The new space reads as zeros; the guest's partitions and file systems are its own to grow. Images never shrink.")
+            @Argument(help: ArgumentHelp("The image.", valueName: "path")) var path: String
+            @Argument(help: ArgumentHelp("Its new size, e.g. 40G; whole 512-byte sectors.", valueName: "size")) var size: String
+
+            func run() throws {
+                let bytes = try parseSize(size, flag: "size")
+                let info: DiskInfo
+                do throws(UsageError) { info = try DiskResize.grow(path, to: bytes) } catch { fail(error.message) }
+                print("resized \(path) to \(info.virtualSize) bytes (\(info.virtualSize >> 20) MiB), \(info.format)")
             }
         }
 

@@ -29,7 +29,7 @@ final class DiskTests: XCTestCase {
                                 (["disk", "create", "--size", "1G"], "missing expected argument '<path>'"),
                                 (["disk", "create", dir.appendingPathComponent("c.img").path], "--size is needed for a raw image"),
                                 (["disk", "create", "/nonexistent-dir/x.img", "--size", "1M"], "cannot create '/nonexistent-dir/x.img'"),
-                                (["disk", "resize", image], "unexpected arguments: 'resize'")] {
+                                (["disk", "resize", image], "missing expected argument '<size>'")] {
             r = try runHvctl(args)
             // Usage errors exit 2; a path that cannot be created is a run-time failure, 1.
             XCTAssertEqual(r.status, message.hasPrefix("cannot create") ? 1 : 2, "\(args)")

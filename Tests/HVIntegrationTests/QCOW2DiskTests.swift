@@ -75,6 +75,38 @@ final class QCOW2DiskTests: XCTestCase {
         XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("base.qcow2")]).status, 0)
     }
 
+    func testResizeGrowsImagesNoVMHolds() throws {
+        let guest = try Harness.testGuest()
+        XCTAssertEqual(try runHvctl(["disk", "create", path("r.qcow2"), "--size", "8M", "--format", "qcow2"]).status, 0)
+        XCTAssertEqual(try runHvctl(["disk", "create", path("r.img"), "--size", "8M"]).status, 0)
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=idle", "--disk", path("r.qcow2"), "--name", "holder"])
+        defer { vm.terminateAndWait() }
+        XCTAssertTrue(vm.waitForOutput("idle: ready"), vm.stderr)
+        let busy = try runHvctl(["disk", "resize", path("r.qcow2"), "16M"])
+        XCTAssertEqual(busy.status, 1)
+        XCTAssertTrue(busy.stderr.contains("is in use"), busy.stderr)
+        XCTAssertEqual(try runHvctl(["stop", "holder"]).status, 0)
+        XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
+
+        for image in ["r.qcow2", "r.img"] {
+            let grown = try runHvctl(["disk", "resize", path(image), "1G"])
+            XCTAssertEqual(grown.status, 0, grown.stderr)
+            XCTAssertTrue(grown.stdout.contains("to 1073741824 bytes"), grown.stdout)
+            let info = try tool("/usr/bin/qemu-img", ["info", "--output=json", path(image)])
+            XCTAssertTrue(info.output.contains(#""virtual-size": 1073741824"#), info.output)
+            let shrink = try runHvctl(["disk", "resize", path(image), "8M"])
+            XCTAssertEqual(shrink.status, 1)
+            XCTAssertTrue(shrink.stderr.contains("only grows"), shrink.stderr)
+        }
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("r.qcow2")]).status, 0)
+        // The guest sees the new size.
+        let seen = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=vscsi", "--disk", path("r.qcow2")])
+        XCTAssertTrue(seen.waitForOutput("vscsi: wrote 1MiB=", timeout: 60), seen.stdout + seen.stderr)
+        seen.write("x")
+        XCTAssertEqual(seen.waitForExit(timeout: 60), 0, seen.stderr)
+        XCTAssertTrue(seen.stdout.contains("vscsi: capacity status=0 blocks=2097152"), seen.stdout)
+    }
+
     func testDamagedImagesAndChainsAreRefusedInOneLine() throws {
         let guest = try Harness.testGuest()
         func refused(_ disk: String, _ expected: String, file: StaticString = #filePath, line: UInt = #line) throws {

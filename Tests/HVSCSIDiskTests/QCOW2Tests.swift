@@ -171,6 +171,25 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertTrue(io.output.contains("read 100/100 bytes") && !io.output.contains("verification failed"), io.output)
     }
 
+    func testGrowingMovesTheL1TableAndKeepsTheData() throws {
+        // 512-byte clusters: one L1 cluster addresses 2 MiB, so growing 1 MiB → 64 MiB needs a new L1 table.
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path("g.qcow2"), "1M"]).status, 0)
+        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -P 0x3c 4k 8k", path("g.qcow2")]).status, 0)
+        let fd = open("g.qcow2")
+        defer { close(fd) }
+        XCTAssertThrowsError(try QCOW2Backend.grow(fd: fd, to: 512 << 10)) { XCTAssertTrue("\($0)".contains("only grows")) }
+        try QCOW2Backend.grow(fd: fd, to: 64 << 20)
+        let grown = try QCOW2Backend(fd: fd, readOnly: false)
+        XCTAssertEqual(grown.byteCount, 64 << 20)
+        XCTAssertEqual(read(grown, 8192, at: 4096), [UInt8](repeating: 0x3C, count: 8192))
+        XCTAssertNil(pattern(4096, seed: 1).withUnsafeBytes { grown.write($0, at: (64 << 20) - 4096) })
+        XCTAssertEqual(read(grown, 4096, at: (64 << 20) - 4096), pattern(4096, seed: 1))
+        let check = try qemu("qemu-img", ["check", path("g.qcow2")])
+        XCTAssertEqual(check.status, 0, check.output)
+        let info = try qemu("qemu-img", ["info", "--output=json", path("g.qcow2")])
+        XCTAssertTrue(info.output.contains(#""virtual-size": 67108864"#), info.output)
+    }
+
     func testDiscardFreesClustersAndReadsZeros() throws {
         XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", path("d.qcow2"), "8M"]).status, 0)
         let fd = open("d.qcow2")

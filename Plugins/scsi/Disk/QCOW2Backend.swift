@@ -290,6 +290,47 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         return nil
     }
 
+    // MARK: Resizing (no VM holds the image)
+
+    /// Grows the image in `fd` to `size` bytes: a larger L1 table first when the current one
+    /// cannot address the new size (written and counted at the file's end, switched to by one
+    /// header write, the old one released), then the size field. The image must not be in use.
+    public static func grow(fd: Int32, to size: UInt64) throws(QCOW2Error) {
+        let image = try QCOW2Backend(fd: fd, readOnly: false)
+        let header = image.header
+        guard size > header.size else { throw QCOW2Error("the image is already \(header.size) bytes; hv only grows images") }
+        guard size <= QCOW2Header.maximumVirtualSize else { throw QCOW2Error("\(size) bytes is larger than hv supports") }
+        let needed = (size + header.bytesPerL1Entry - 1) / header.bytesPerL1Entry
+        guard needed <= QCOW2Header.maximumL1Entries else { throw QCOW2Error("\(size) bytes needs a larger cluster size than this image's") }
+        let failure: Int32? = image.metadata.withLock { m in
+            guard needed > UInt64(m.l1.count) else { return nil }
+            let cluster = header.clusterSize
+            let clusters = (needed * 8 + cluster - 1) / cluster
+            let table = m.fileEnd
+            var bytes = [UInt8](repeating: 0, count: Int(clusters * cluster))
+            for (i, e) in m.l1.enumerated() { bytes.replaceSubrange(i * 8..<i * 8 + 8, with: bigEndian(e)) }
+            guard writeFully(fd, bytes, at: table) else { return EIO }
+            m.fileEnd += clusters * cluster
+            for c in stride(from: table, to: table + clusters * cluster, by: Int(cluster)) {
+                if let e = image.setRefcount(c, 1, &m) { return e }
+            }
+            guard fdatasync(fd) == 0 else { return errno }
+            // l1_size (4 bytes at 36) and l1_table_offset (8 at 40), in one write.
+            let fields = (0..<4).map { UInt8(truncatingIfNeeded: UInt32(needed) >> UInt32(24 - 8 * $0)) } + bigEndian(table)
+            guard writeFully(fd, fields, at: 36), fdatasync(fd) == 0 else { return EIO }
+            let oldClusters = (UInt64(m.l1.count) * 8 + cluster - 1) / cluster
+            for c in stride(from: header.l1TableOffset, to: header.l1TableOffset + oldClusters * cluster, by: Int(cluster)) {
+                _ = image.release(c, &m)
+            }
+            m.l1 += [UInt64](repeating: 0, count: Int(needed) - m.l1.count)
+            return nil
+        }
+        if let failure { throw QCOW2Error("cannot grow the L1 table: \(String(cString: strerror(failure)))") }
+        guard writeFully(fd, bigEndian(size), at: 24), fdatasync(fd) == 0 else {
+            throw QCOW2Error("cannot write the new size: \(String(cString: strerror(errno)))")
+        }
+    }
+
     // MARK: Vectored I/O (guest buffers)
 
     /// Reads `count` bytes at `offset` into `vectors`: one `preadv` per allocated cluster piece,

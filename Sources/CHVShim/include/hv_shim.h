@@ -63,6 +63,9 @@ int hv_pivot_root(const char *new_root, const char *put_old);
 // close_range(2) may lack a wrapper in the Glibc module.
 int hv_close_range(unsigned int first, unsigned int last);
 
+// mallopt(M_ARENA_MAX, n): malloc.h is not in the Glibc module.
+int hv_malloc_arena_max(int arenas);
+
 /// fallocate(2) (a GNU extension Swift's Glibc module does not export): the SCSI disk punches
 /// holes (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) to give discarded blocks back to the host.
 int hv_fallocate(int fd, int mode, long long offset, long long length);
