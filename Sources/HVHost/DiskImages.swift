@@ -91,6 +91,92 @@ public enum DiskResize {
     }
 }
 
+/// Copying an image, its backing chain flattened, into a new raw or qcow2 image
+/// (`hvctl disk convert`). Zero ranges are skipped, so the copy is sparse (raw) or thin (qcow2).
+public enum DiskConvert {
+    /// Bytes copied per step (and per progress report).
+    static let chunk = 1 << 20
+
+    /// Converts `source` (raw or qcow2, with its chain) to a new `format` image at `destination`;
+    /// `progress(done, total)` is called after each step. The source and its chain are share-locked
+    /// (nobody may write them meanwhile); the destination never overwrites a file and is removed
+    /// if the conversion fails.
+    public static func convert(_ source: String, to destination: String, format: VMDefinition.DiskFormat,
+                               progress: (UInt64, UInt64) -> Void) throws(UsageError) {
+        let file: FileDescriptor
+        do { file = try FileDescriptor.openHostFile(source, flags: O_RDONLY, kinds: .regular) } catch {
+            throw UsageError(message: "cannot open disk image '\(source)': \(error)")
+        }
+        guard flock(file.rawValue, LOCK_SH | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: false) else {
+            throw UsageError(message: "disk image '\(source)' is being written (a running VM, or QEMU); stop it first")
+        }
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0 else { throw UsageError(message: "cannot stat disk image '\(source)': \(Errno.current)") }
+        let input: any BlockBackend
+        var chain: [BackingImage] = []
+        switch ImageFormat.detect(file) ?? .raw {
+        case .raw:
+            input = FileBackend(fd: file.rawValue, byteCount: UInt64(st.st_size))
+        case .qcow2:
+            do {
+                let info = try QCOW2ImageInfo.read(file.rawValue, readOnly: true)
+                chain = try openBackingChain(of: source, info, seen: [(UInt64(st.st_dev), UInt64(st.st_ino))])
+                input = try QCOW2Backend.chain(top: file.rawValue, readOnly: true,
+                                               backing: chain.map { ($0.file.rawValue, $0.format == .qcow2) })
+            } catch let error as UsageError {
+                throw error
+            } catch {
+                throw UsageError(message: "disk image '\(source)': \(error)")
+            }
+        case let other:
+            throw UsageError(message: "disk image '\(source)' is a \(other.name) image; hv reads raw and qcow2 images")
+        }
+        let size = input.byteCount
+        let output: any BlockBackend
+        let fd = try createNewImage(destination)
+        var finished = false
+        defer {
+            close(fd)
+            if !finished { unlink(destination) }
+        }
+        switch format {
+        case .raw:
+            guard ftruncate(fd, off_t(clamping: size)) == 0 else { throw UsageError(message: "cannot size '\(destination)': \(Errno.current)") }
+            output = FileBackend(fd: fd, byteCount: size)
+        case .qcow2:
+            do {
+                let bytes = try QCOW2Header.newImage(size: size)
+                guard bytes.withUnsafeBytes({ pwrite(fd, $0.baseAddress, $0.count, 0) }) == bytes.count else {
+                    throw UsageError(message: "cannot write '\(destination)': \(Errno.current)")
+                }
+                output = try QCOW2Backend(fd: fd, readOnly: false)
+            } catch let error as UsageError {
+                throw error
+            } catch {
+                throw UsageError(message: "cannot make '\(destination)': \(error)")
+            }
+        }
+        var buffer = [UInt8](repeating: 0, count: chunk)
+        var done: UInt64 = 0
+        while done < size {
+            let n = Int(min(UInt64(chunk), size - done))
+            let read = buffer.withUnsafeMutableBytes { input.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: done) }
+            if let read { throw UsageError(message: "cannot read '\(source)' at byte \(done): \(Errno(rawValue: read))") }
+            // All zeros stay a hole (raw) or unallocated (qcow2).
+            if buffer[0..<n].contains(where: { $0 != 0 }) {
+                if let e = buffer.withUnsafeBytes({ output.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: done) }) {
+                    throw UsageError(message: "cannot write '\(destination)' at byte \(done): \(Errno(rawValue: e))")
+                }
+            }
+            done += UInt64(n)
+            progress(done, size)
+        }
+        if let e = output.flush() { throw UsageError(message: "cannot flush '\(destination)': \(Errno(rawValue: e))") }
+        withExtendedLifetime(chain) {}
+        finished = true
+    }
+}
+
 /// Making qcow2 images (`hvctl disk create --format qcow2`).
 public enum QCOW2Disk {
     /// Creates a thin qcow2 image of `size` bytes at `path` (nil: the backing image's size), on

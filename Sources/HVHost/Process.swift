@@ -151,7 +151,7 @@ extension UsageError: CustomStringConvertible {
 /// Creates the file for a new disk image at `path`, mode 0600; an existing file is never touched
 /// (O_EXCL). The error is one line.
 func createNewImage(_ path: String) throws(UsageError) -> Int32 {
-    let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+    let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
     if fd < 0 {
         let e = errno
         if e == EEXIST { throw UsageError(message: "'\(path)' already exists: hvctl never overwrites a disk image; remove it or pick another path") }

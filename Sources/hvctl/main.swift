@@ -324,7 +324,7 @@ extension HVCtl {
 
 extension HVCtl {
     struct Disk: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self])
+        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self, Convert.self])
 
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
@@ -381,6 +381,41 @@ extension HVCtl {
                 let info: DiskInfo
                 do throws(UsageError) { info = try DiskResize.grow(path, to: bytes) } catch { fail(error.message) }
                 print("resized \(path) to \(info.virtualSize) bytes (\(info.virtualSize >> 20) MiB), \(info.format)")
+            }
+        }
+
+        struct Convert: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Copy an image, its backing chain flattened, into a new raw or qcow2 image.",
+                discussion: """
+                    Zero ranges are skipped: a raw copy is sparse, a qcow2 copy thin. The source and its chain \
+                    may not be written meanwhile (they are share-locked); the destination must not exist, and \
+                    is removed if the copy fails. Progress goes to stderr on a terminal.
+                    """)
+            @Argument(help: ArgumentHelp("The image to copy (raw or qcow2).", valueName: "source")) var source: String
+            @Argument(help: ArgumentHelp("The new image.", valueName: "destination")) var destination: String
+            @Option(help: ArgumentHelp("raw or qcow2.", valueName: "format")) var format: String
+
+            func run() throws {
+                guard let kind = VMDefinition.DiskFormat(rawValue: format) else {
+                    throw UsageError(message: "invalid --format '\(format)': use raw or qcow2")
+                }
+                let terminal = isatty(2) == 1
+                var shown = -1
+                do throws(UsageError) {
+                    try DiskConvert.convert(source, to: destination, format: kind) { done, total in
+                        let percent = total == 0 ? 100 : Int(done * 100 / total)
+                        guard terminal, percent != shown else { return }
+                        shown = percent
+                        let line = "\rconverting \(source): \(percent)%"
+                        _ = line.withCString { write(2, $0, strlen($0)) }
+                    }
+                } catch {
+                    if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                    fail(error.message)
+                }
+                if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                print("converted \(source) to \(destination) (\(kind.rawValue))")
             }
         }
 

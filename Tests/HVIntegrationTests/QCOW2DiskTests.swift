@@ -73,6 +73,18 @@ final class QCOW2DiskTests: XCTestCase {
         let base = try tool("/usr/bin/qemu-io", ["-r", "-c", "read -P 0x5a 0 1M", path("base.qcow2")])
         XCTAssertTrue(base.output.contains("read 1048576/1048576 bytes") && !base.output.contains("verification failed"), base.output)
         XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("base.qcow2")]).status, 0)
+
+        // The clone, its chain flattened, as a raw and as a qcow2 image: identical for QEMU.
+        for (name, format) in [("flat.img", "raw"), ("flat.qcow2", "qcow2")] {
+            let converted = try runHvctl(["disk", "convert", path("clone.qcow2"), path(name), "--format", format])
+            XCTAssertEqual(converted.status, 0, converted.stderr)
+            let compare = try tool("/usr/bin/qemu-img", ["compare", path("clone.qcow2"), path(name)])
+            XCTAssertEqual(compare.status, 0, compare.output)
+        }
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("flat.qcow2")]).status, 0)
+        let again = try runHvctl(["disk", "convert", path("clone.qcow2"), path("flat.img"), "--format", "raw"])
+        XCTAssertEqual(again.status, 1)
+        XCTAssertTrue(again.stderr.contains("already exists"), again.stderr)
     }
 
     func testResizeGrowsImagesNoVMHolds() throws {
@@ -85,6 +97,10 @@ final class QCOW2DiskTests: XCTestCase {
         let busy = try runHvctl(["disk", "resize", path("r.qcow2"), "16M"])
         XCTAssertEqual(busy.status, 1)
         XCTAssertTrue(busy.stderr.contains("is in use"), busy.stderr)
+        let copy = try runHvctl(["disk", "convert", path("r.qcow2"), path("copy.img"), "--format", "raw"])
+        XCTAssertEqual(copy.status, 1)
+        XCTAssertTrue(copy.stderr.contains("is being written"), copy.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path("copy.img")))
         XCTAssertEqual(try runHvctl(["stop", "holder"]).status, 0)
         XCTAssertEqual(vm.waitForExit(timeout: 30), 0, vm.stderr)
 

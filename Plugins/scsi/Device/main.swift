@@ -230,26 +230,18 @@ final class VirtioSCSI: VirtioDevice {
     }
 }
 
-/// The qcow2 medium over its backing chain, built from the bottom up: each image the trusted
-/// side opened read-only, in the format it named. The images' tables are parsed here, never by
-/// the trusted side beyond their headers.
+/// The qcow2 medium over its backing chain: each image the trusted side opened read-only, in
+/// the format it named. The images' tables are parsed here, never by the trusted side beyond
+/// their headers.
 func qcow2Chain(top: FileDescriptor, settings: SCSIContract.Settings) throws(QCOW2Error) -> any BlockBackend {
-    var below: (any BlockBackend)?
-    for (depth, format) in settings.backingFormats.enumerated().reversed() {
+    var backing: [(fd: Int32, qcow2: Bool)] = []
+    for (depth, format) in settings.backingFormats.enumerated() {
         guard let file = runtime.hostFiles[SCSIContract.backingSlot(depth)] else {
             throw QCOW2Error("backing image \(depth + 1) of the chain was not handed over")
         }
-        switch format {
-        case .raw:
-            guard let size = try? file.size() else { throw QCOW2Error("cannot stat backing image \(depth + 1)") }
-            below = FileBackend(fd: file.rawValue, byteCount: UInt64(size))
-        case .qcow2:
-            do { below = try QCOW2Backend(fd: file.rawValue, readOnly: true, backing: below) } catch {
-                throw QCOW2Error("backing image \(depth + 1): \(error)")
-            }
-        }
+        backing.append((file.rawValue, format == .qcow2))
     }
-    return try QCOW2Backend(fd: top.rawValue, readOnly: settings.readOnly, backing: below)
+    return try QCOW2Backend.chain(top: top.rawValue, readOnly: settings.readOnly, backing: backing)
 }
 
 // The state page carries the transport's configuration and in-flight record: a killed adapter

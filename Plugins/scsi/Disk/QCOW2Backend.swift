@@ -103,6 +103,24 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         }
     }
 
+    /// A qcow2 image over its backing chain (`backing`: nearest first, each read-only; raw
+    /// layers are used at their file size), built from the bottom up.
+    public static func chain(top: Int32, readOnly: Bool, backing: [(fd: Int32, qcow2: Bool)]) throws(QCOW2Error) -> QCOW2Backend {
+        var below: (any BlockBackend)?
+        for (depth, layer) in backing.enumerated().reversed() {
+            if layer.qcow2 {
+                do { below = try QCOW2Backend(fd: layer.fd, readOnly: true, backing: below) } catch {
+                    throw QCOW2Error("backing image \(depth + 1): \(error)")
+                }
+            } else {
+                var st = stat()
+                guard fstat(layer.fd, &st) == 0 else { throw QCOW2Error("cannot stat backing image \(depth + 1)") }
+                below = FileBackend(fd: layer.fd, byteCount: UInt64(st.st_size))
+            }
+        }
+        return try QCOW2Backend(fd: top, readOnly: readOnly, backing: below)
+    }
+
     // MARK: Reads
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Int32? {
