@@ -62,12 +62,21 @@ public enum DiskResize {
     /// Grows the raw or qcow2 image at `path` to `size` bytes (whole 512-byte sectors); the
     /// guest sees the new space as zeros. Refuses an image in use (locked) and any shrink.
     public static func grow(_ path: String, to size: UInt64) throws(UsageError) -> DiskInfo {
+        try grow(path, to: size, locked: nil)
+    }
+
+    /// `locked`: the image, already open read-write and locked by the caller.
+    static func grow(_ path: String, to size: UInt64, locked: FileDescriptor?) throws(UsageError) -> DiskInfo {
         let file: FileDescriptor
-        do { file = try FileDescriptor.openHostFile(path, flags: O_RDWR, kinds: .regular) } catch {
-            throw UsageError(message: "cannot open disk image '\(path)' for writing: \(error)")
-        }
-        guard flock(file.rawValue, LOCK_EX | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: true) else {
-            throw UsageError(message: "disk image '\(path)' is in use (a running VM, or QEMU); stop it first")
+        if let locked {
+            file = locked
+        } else {
+            do { file = try FileDescriptor.openHostFile(path, flags: O_RDWR, kinds: .regular) } catch {
+                throw UsageError(message: "cannot open disk image '\(path)' for writing: \(error)")
+            }
+            guard flock(file.rawValue, LOCK_EX | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: true) else {
+                throw UsageError(message: "disk image '\(path)' is in use (a running VM, or QEMU); stop it first")
+            }
         }
         guard size % 512 == 0 else { throw UsageError(message: "\(size) is not a multiple of 512 bytes (a disk is whole sectors)") }
         let format = ImageFormat.detect(file) ?? .raw
@@ -177,6 +186,82 @@ public enum DiskConvert {
     }
 }
 
+/// Folding a qcow2 overlay into its backing image (`hvctl disk commit`).
+public enum DiskCommit {
+    /// Writes every cluster `overlay` holds into its backing image (grown first if smaller),
+    /// flushes it, then empties the overlay (a fresh image on the same backing file, renamed over
+    /// it) so it reads exactly what it did. Both images are locked exclusively: no VM may hold either.
+    /// Returns the backing image's path.
+    @discardableResult
+    public static func commit(_ overlay: String, progress: (UInt64, UInt64) -> Void) throws(UsageError) -> String {
+        let top: FileDescriptor
+        do { top = try FileDescriptor.openHostFile(overlay, flags: O_RDWR, kinds: .regular) } catch {
+            throw UsageError(message: "cannot open disk image '\(overlay)' for writing: \(error)")
+        }
+        guard flock(top.rawValue, LOCK_EX | LOCK_NB) == 0, top.tryLockWholeFile(exclusive: true) else {
+            throw UsageError(message: "disk image '\(overlay)' is in use (a running VM, or QEMU); stop it first")
+        }
+        guard ImageFormat.detect(top) == .qcow2 else { throw UsageError(message: "disk image '\(overlay)' is not a qcow2 overlay") }
+        let info: QCOW2ImageInfo
+        do { info = try QCOW2ImageInfo.read(top.rawValue, readOnly: true) } catch {
+            throw UsageError(message: "disk image '\(overlay)': \(error)")
+        }
+        guard let name = info.backingName else { throw UsageError(message: "disk image '\(overlay)' has no backing file to commit into") }
+        let basePath = backingPath(name, of: overlay)
+        let baseFile: FileDescriptor
+        do { baseFile = try FileDescriptor.openHostFile(basePath, flags: O_RDWR, kinds: .regular) } catch {
+            throw UsageError(message: "cannot open backing file '\(basePath)' for writing: \(error)")
+        }
+        guard flock(baseFile.rawValue, LOCK_EX | LOCK_NB) == 0, baseFile.tryLockWholeFile(exclusive: true) else {
+            throw UsageError(message: "backing file '\(basePath)' is in use (another overlay's VM, or QEMU); stop it first")
+        }
+        let baseFormat = ImageFormat.detect(baseFile) ?? .raw
+        guard baseFormat == .raw || baseFormat == .qcow2 else {
+            throw UsageError(message: "backing file '\(basePath)' is a \(baseFormat.name) image; hv writes raw and qcow2 images")
+        }
+        // The base grows to the overlay's size first, as qemu-img commit does.
+        let baseSize = (try? DiskInfo.inspect(basePath).virtualSize) ?? 0
+        if baseSize < info.header.size { _ = try DiskResize.grow(basePath, to: info.header.size, locked: baseFile) }
+        do {
+            let base: any BlockBackend = baseFormat == .raw
+                ? FileBackend(fd: baseFile.rawValue, byteCount: info.header.size)
+                : try QCOW2Backend(fd: baseFile.rawValue, readOnly: false)
+            let image = try QCOW2Backend(fd: top.rawValue, readOnly: true, backing: base)
+            let cluster = info.header.clusterSize
+            var buffer = [UInt8](repeating: 0, count: Int(cluster))
+            var at: UInt64 = 0
+            while at < info.header.size {
+                let n = Int(min(cluster, info.header.size - at))
+                if image.holdsCluster(at: at) {
+                    if let e = buffer.withUnsafeMutableBytes({ image.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: at) }) {
+                        throw UsageError(message: "cannot read '\(overlay)' at byte \(at): \(Errno(rawValue: e))")
+                    }
+                    if let e = buffer.withUnsafeBytes({ base.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: at) }) {
+                        throw UsageError(message: "cannot write '\(basePath)' at byte \(at): \(Errno(rawValue: e))")
+                    }
+                }
+                at += UInt64(n)
+                progress(at, info.header.size)
+            }
+            if let e = base.flush() { throw UsageError(message: "cannot flush '\(basePath)': \(Errno(rawValue: e))") }
+        } catch let error as UsageError {
+            throw error
+        } catch {
+            throw UsageError(message: "cannot commit '\(overlay)': \(error)")
+        }
+        // The overlay, emptied: a fresh image on the same backing file, put in place in one rename.
+        let fresh = overlay + ".hv-commit"
+        unlink(fresh)
+        _ = try QCOW2Disk.create(fresh, size: info.header.size, backing: name, backingFormat: baseFormat.name)
+        guard rename(fresh, overlay) == 0 else {
+            let e = Errno.current
+            unlink(fresh)
+            throw UsageError(message: "committed into '\(basePath)', but cannot empty '\(overlay)': \(e)")
+        }
+        return basePath
+    }
+}
+
 /// Making qcow2 images (`hvctl disk create --format qcow2`).
 public enum QCOW2Disk {
     /// Creates a thin qcow2 image of `size` bytes at `path` (nil: the backing image's size), on
@@ -184,10 +269,10 @@ public enum QCOW2Disk {
     /// as qemu-img resolves it) with its format. An existing file is never touched (O_EXCL).
     /// Returns the virtual size.
     @discardableResult
-    public static func create(_ path: String, size: UInt64?, backing: String?) throws(UsageError) -> UInt64 {
+    public static func create(_ path: String, size: UInt64?, backing: String?, backingFormat known: String? = nil) throws(UsageError) -> UInt64 {
         var virtualSize = size
-        var backingFormat: String?
-        if let backing {
+        var backingFormat = known
+        if let backing, known == nil || size == nil {
             let below = try DiskInfo.inspect(backingPath(backing, of: path))
             backingFormat = below.format
             virtualSize = virtualSize ?? below.virtualSize

@@ -324,7 +324,7 @@ extension HVCtl {
 
 extension HVCtl {
     struct Disk: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self, Convert.self])
+        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self, Convert.self, Commit.self])
 
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
@@ -416,6 +416,38 @@ extension HVCtl {
                 }
                 if terminal { _ = "\n".withCString { write(2, $0, 1) } }
                 print("converted \(source) to \(destination) (\(kind.rawValue))")
+            }
+        }
+
+        struct Commit: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Fold a qcow2 overlay's writes into its backing image, then empty the overlay.",
+                discussion: """
+                    Every cluster the overlay holds is written into its backing image (raw or qcow2, grown \
+                    first if smaller); the overlay is then replaced by an empty one on the same backing file, \
+                    so both read as the overlay did. Neither image may be in use. Other overlays on the same \
+                    backing image see the change too: commit only into a base no other clone shares.
+                    """)
+            @Argument(help: ArgumentHelp("The overlay.", valueName: "overlay")) var overlay: String
+
+            func run() throws {
+                let terminal = isatty(2) == 1
+                var shown = -1
+                let base: String
+                do throws(UsageError) {
+                    base = try DiskCommit.commit(overlay) { done, total in
+                        let percent = total == 0 ? 100 : Int(done * 100 / total)
+                        guard terminal, percent != shown else { return }
+                        shown = percent
+                        let line = "\rcommitting \(overlay): \(percent)%"
+                        _ = line.withCString { write(2, $0, strlen($0)) }
+                    }
+                } catch {
+                    if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                    fail(error.message)
+                }
+                if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                print("committed \(overlay) into \(base)")
             }
         }
 

@@ -123,6 +123,30 @@ final class QCOW2DiskTests: XCTestCase {
         XCTAssertTrue(seen.stdout.contains("vscsi: capacity status=0 blocks=2097152"), seen.stdout)
     }
 
+    func testCommitFoldsAnOverlayIntoItsBase() throws {
+        for baseFormat in ["raw", "qcow2"] {
+            let base = path("base-\(baseFormat)"), top = path("top-\(baseFormat).qcow2"), expected = path("expected-\(baseFormat).raw")
+            XCTAssertEqual(try tool("/usr/bin/qemu-img", ["create", "-q", "-f", baseFormat, base, "8M"]).status, 0)
+            XCTAssertEqual(try tool("/usr/bin/qemu-io", ["-f", baseFormat, "-c", "write -P 0x11 0 1M", base]).status, 0)
+            XCTAssertEqual(try runHvctl(["disk", "create", top, "--format", "qcow2", "--backing", base]).status, 0)
+            XCTAssertEqual(try tool("/usr/bin/qemu-io", ["-c", "write -P 0x22 512k 1M", "-c", "write -z 3M 64k", top]).status, 0)
+            XCTAssertEqual(try tool("/usr/bin/qemu-img", ["convert", "-O", "raw", top, expected]).status, 0)
+            let committed = try runHvctl(["disk", "commit", top])
+            XCTAssertEqual(committed.status, 0, committed.stderr)
+            XCTAssertTrue(committed.stdout.contains("committed \(top) into \(base)"), committed.stdout)
+            // Base and (emptied) overlay both read what the overlay did.
+            for image in [base, top] {
+                let compare = try tool("/usr/bin/qemu-img", ["compare", "-F", "raw", image, expected])
+                XCTAssertEqual(compare.status, 0, "\(image): \(compare.output)")
+            }
+            XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", top]).status, 0)
+            if baseFormat == "qcow2" { XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", base]).status, 0) }
+        }
+        let plain = try runHvctl(["disk", "commit", path("base-qcow2")])
+        XCTAssertEqual(plain.status, 1)
+        XCTAssertTrue(plain.stderr.contains("has no backing file"), plain.stderr)
+    }
+
     func testDamagedImagesAndChainsAreRefusedInOneLine() throws {
         let guest = try Harness.testGuest()
         func refused(_ disk: String, _ expected: String, file: StaticString = #filePath, line: UInt = #line) throws {

@@ -349,6 +349,15 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         }
     }
 
+    /// Whether this image itself holds the cluster at guest offset `at` (data, compressed data or
+    /// a zero marker), rather than leaving it to its backing image.
+    public func holdsCluster(at: UInt64) -> Bool {
+        switch metadata.withLock({ lookup(at, &$0) }) {
+        case .data, .zero, .compressed: true
+        case .unallocated, .invalid: false
+        }
+    }
+
     // MARK: Vectored I/O (guest buffers)
 
     /// Reads `count` bytes at `offset` into `vectors`: one `preadv` per allocated cluster piece,
