@@ -7,7 +7,7 @@ log=$(mktemp)
 trap 'rm -f "$log" "$log.py"' EXIT
 
 packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev zlib1g-dev python3 seabios
-          grub-pc-bin grub-common xorriso mtools e2fsprogs iproute2 dnsmasq-base tcpdump iputils-ping qemu-utils)
+          grub-pc-bin grub-common xorriso mtools e2fsprogs iproute2 dnsmasq-base tcpdump iputils-ping qemu-utils qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

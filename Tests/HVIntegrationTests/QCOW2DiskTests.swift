@@ -123,6 +123,37 @@ final class QCOW2DiskTests: XCTestCase {
         XCTAssertTrue(seen.stdout.contains("vscsi: capacity status=0 blocks=2097152"), seen.stdout)
     }
 
+    /// The same guest workload under hv and under QEMU, each on a fresh qcow2 image qemu-img
+    /// made: the two images hold the same disk.
+    func testTheSameGuestWritesTheSameDiskUnderHvAndQEMU() throws {
+        let guest = try Harness.testGuest()
+        let qemuBinary = "/usr/bin/qemu-system-x86_64"
+        guard FileManager.default.isExecutableFile(atPath: qemuBinary) else {
+            throw Harness.MissingBuild(description: "\(qemuBinary) is missing (test.sh installs qemu-system-x86)")
+        }
+        for name in ["by-hv.qcow2", "by-qemu.qcow2"] {
+            XCTAssertEqual(try tool("/usr/bin/qemu-img", ["create", "-q", "-f", "qcow2", path(name), "16M"]).status, 0)
+        }
+        let workload = "mode=vscsistress count=40"
+        let hv = try runHvctl(["run", "--multiboot", guest, "--cmdline", workload, "--disk", path("by-hv.qcow2")], timeout: 120)
+        XCTAssertEqual(hv.status, 0, hv.stderr)
+        XCTAssertTrue(hv.stdout.contains("errors=0 mismatches=0 duplicates=0"), hv.stdout)
+
+        // QEMU does not exit when the guest halts: stop it (SIGTERM, a clean exit) once it is done.
+        let qemu = try VMProcess(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc", "-m", "64M", "-nodefaults",
+                                  "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", guest, "-append", workload,
+                                  "-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0",
+                                  "-drive", "file=\(path("by-qemu.qcow2")),if=none,id=d0,format=qcow2",
+                                  "-device", "scsi-hd,drive=d0,bus=scsi0.0"], executable: qemuBinary)
+        XCTAssertTrue(qemu.waitForOutput("hv-testguest: done", timeout: 120), qemu.stdout.suffix(500) + qemu.stderr)
+        qemu.terminateAndWait()
+        XCTAssertTrue(qemu.stdout.contains("errors=0 mismatches=0 duplicates=0"), qemu.stdout)
+
+        let compare = try tool("/usr/bin/qemu-img", ["compare", path("by-hv.qcow2"), path("by-qemu.qcow2")])
+        XCTAssertEqual(compare.status, 0, compare.output)
+        XCTAssertEqual(try tool("/usr/bin/qemu-img", ["check", path("by-hv.qcow2")]).status, 0)
+    }
+
     func testCommitFoldsAnOverlayIntoItsBase() throws {
         for baseFormat in ["raw", "qcow2"] {
             let base = path("base-\(baseFormat)"), top = path("top-\(baseFormat).qcow2"), expected = path("expected-\(baseFormat).raw")
