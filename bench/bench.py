@@ -1107,6 +1107,28 @@ class Bench:
 
     # -- virtio-scsi disk, as the guest sees it --
 
+    # The guest's vscsibench phases (mode=vscsibench), their markers and their row names.
+    VSCSIBENCH_PHASES = ("seqread", "seqwrite", "randread")
+    VSCSIBENCH_NAMES = {"seqread": ("sequential read, 256 KiB × 4 in flight", "MiB/s"),
+                        "seqwrite": ("sequential write, 256 KiB × 4 in flight", "MiB/s"),
+                        "randread": ("random 4 KiB read, 4 in flight", "IOPS")}
+    VSCSIBENCH_CLEAN = b"bench: errors=0\n"
+    VSCSIBENCH_MARKS = {p: (f"bench: {p} start\n".encode(), f"bench: {p} end\n".encode()) for p in VSCSIBENCH_PHASES}
+    VSCSIBENCH_ALL_MARKS = [m for pair in VSCSIBENCH_MARKS.values() for m in pair] + [VSCSIBENCH_CLEAN, DONE_MARKER]
+
+    def vscsibench_values(self, side: str, cap: Capture, mib: int) -> dict:
+        """MiB/s (or IOPS) per phase from one vscsibench run's markers; None where it failed."""
+        clean = self.VSCSIBENCH_CLEAN
+        if clean not in cap.scanner.found:
+            self.problem(side, "vscsibench did not finish without errors", cap)
+        values = {}
+        for p in self.VSCSIBENCH_PHASES:
+            t0, t1 = (cap.scanner.time_of(m) for m in self.VSCSIBENCH_MARKS[p])
+            ok = t0 is not None and t1 is not None and t1 > t0 and clean in cap.scanner.found
+            amount = mib * 256 if p == "randread" else mib
+            values[p] = amount / ((t1 - t0) / 1e9) if ok else None
+        return values
+
     def case_scsi(self) -> list[Row]:
         mib = 16 if self.quick else 64
         print(f"case: virtio-scsi disk seen by the guest (mode=vscsibench: {mib} MiB sequential read and write in "
@@ -1115,10 +1137,7 @@ class Bench:
         image = self.env.tmp / "scsi-bench.img"
         with open(image, "wb") as f:
             f.write(os.urandom(mib << 20))
-        phases = ("seqread", "seqwrite", "randread")
-        marks = {p: (f"bench: {p} start\n".encode(), f"bench: {p} end\n".encode()) for p in phases}
-        clean = b"bench: errors=0\n"
-        all_marks = [m for pair in marks.values() for m in pair] + [clean, DONE_MARKER]
+        phases, all_marks = self.VSCSIBENCH_PHASES, self.VSCSIBENCH_ALL_MARKS
         cmd = f"mode=vscsibench count={mib}"
 
         def host_side():
@@ -1155,14 +1174,7 @@ class Bench:
                         "-drive", f"file={image},if=none,id=d0,format=raw,cache=writeback",
                         "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
                     cap = run_capture(argv, timeout_s=180, markers=all_marks, stop_on=DONE_MARKER)
-                if clean not in cap.scanner.found:
-                    self.problem(side, "vscsibench did not finish without errors", cap)
-                values = {}
-                for p in phases:
-                    t0, t1 = (cap.scanner.time_of(m) for m in marks[p])
-                    ok = t0 is not None and t1 is not None and t1 > t0 and clean in cap.scanner.found
-                    amount = mib * 256 if p == "randread" else mib
-                    values[p] = amount / ((t1 - t0) / 1e9) if ok else None
+                values = self.vscsibench_values(side, cap, mib)
             for p in phases:
                 self.record(f"scsi_{p}", side, values[p])
             print(f"  run {i + 1} {side}: " + ", ".join(
@@ -1170,9 +1182,7 @@ class Bench:
 
         self.interleaved(one, sides=("hv", "qemu", "host"))
         rows = []
-        names = {"seqread": ("sequential read, 256 KiB × 4 in flight", "MiB/s"),
-                 "seqwrite": ("sequential write, 256 KiB × 4 in flight", "MiB/s"),
-                 "randread": ("random 4 KiB read, 4 in flight", "IOPS")}
+        names = self.VSCSIBENCH_NAMES
         for p in phases:
             hv, q, host = (self.get(f"scsi_{p}", side) for side in ("hv", "qemu", "host"))
             share = None if hv is None or host is None else hv.median / host.median
@@ -1194,10 +1204,7 @@ class Bench:
         for side in ("hv-qcow2", "qemu"):
             images[side] = self.env.tmp / f"qcow2-bench-{side}.qcow2"
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(images[side])], check=True)
-        phases = ("seqread", "seqwrite", "randread")
-        marks = {p: (f"bench: {p} start\n".encode(), f"bench: {p} end\n".encode()) for p in phases}
-        clean = b"bench: errors=0\n"
-        all_marks = [m for pair in marks.values() for m in pair] + [clean, DONE_MARKER]
+        phases, all_marks = self.VSCSIBENCH_PHASES, self.VSCSIBENCH_ALL_MARKS
         cmd = f"mode=vscsibench count={mib}"
 
         def one(side, i):
@@ -1210,23 +1217,15 @@ class Bench:
             else:
                 image = raw if side == "hv-raw" else images[side]
                 cap = run_capture(self.hv_argv(cmd) + ["--disk", str(image)], timeout_s=180, markers=all_marks, env=self.hv_env)
-            if clean not in cap.scanner.found:
-                self.problem(side, "vscsibench did not finish without errors", cap)
-            values = {}
+            values = self.vscsibench_values(side, cap, mib)
             for p in phases:
-                t0, t1 = (cap.scanner.time_of(m) for m in marks[p])
-                ok = t0 is not None and t1 is not None and t1 > t0 and clean in cap.scanner.found
-                amount = mib * 256 if p == "randread" else mib
-                values[p] = amount / ((t1 - t0) / 1e9) if ok else None
                 self.record(f"qcow2_{p}", side, values[p])
             print(f"  run {i + 1} {side}: " + ", ".join(
                 f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' MiB/s'}" for p, v in values.items()), flush=True)
 
         self.interleaved(one, sides=("hv-raw", "hv-qcow2", "qemu"))
         rows = []
-        names = {"seqread": ("sequential read, 256 KiB × 4 in flight", "MiB/s"),
-                 "seqwrite": ("sequential write, 256 KiB × 4 in flight", "MiB/s"),
-                 "randread": ("random 4 KiB read, 4 in flight", "IOPS")}
+        names = self.VSCSIBENCH_NAMES
         for p in phases:
             hv, q, hv_raw = (self.get(f"qcow2_{p}", side) for side in ("hv-qcow2", "qemu", "hv-raw"))
             share = None if hv is None or hv_raw is None else hv.median / hv_raw.median

@@ -74,7 +74,7 @@ public enum DiskResize {
             do { file = try FileDescriptor.openHostFile(path, flags: O_RDWR, kinds: .regular) } catch {
                 throw UsageError(message: "cannot open disk image '\(path)' for writing: \(error)")
             }
-            guard flock(file.rawValue, LOCK_EX | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: true) else {
+            guard lockImage(file, exclusive: true) else {
                 throw UsageError(message: "disk image '\(path)' is in use (a running VM, or QEMU); stop it first")
             }
         }
@@ -116,7 +116,7 @@ public enum DiskConvert {
         do { file = try FileDescriptor.openHostFile(source, flags: O_RDONLY, kinds: .regular) } catch {
             throw UsageError(message: "cannot open disk image '\(source)': \(error)")
         }
-        guard flock(file.rawValue, LOCK_SH | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: false) else {
+        guard lockImage(file, exclusive: false) else {
             throw UsageError(message: "disk image '\(source)' is being written (a running VM, or QEMU); stop it first")
         }
         var st = stat()
@@ -198,7 +198,7 @@ public enum DiskCommit {
         do { top = try FileDescriptor.openHostFile(overlay, flags: O_RDWR, kinds: .regular) } catch {
             throw UsageError(message: "cannot open disk image '\(overlay)' for writing: \(error)")
         }
-        guard flock(top.rawValue, LOCK_EX | LOCK_NB) == 0, top.tryLockWholeFile(exclusive: true) else {
+        guard lockImage(top, exclusive: true) else {
             throw UsageError(message: "disk image '\(overlay)' is in use (a running VM, or QEMU); stop it first")
         }
         guard ImageFormat.detect(top) == .qcow2 else { throw UsageError(message: "disk image '\(overlay)' is not a qcow2 overlay") }
@@ -212,7 +212,7 @@ public enum DiskCommit {
         do { baseFile = try FileDescriptor.openHostFile(basePath, flags: O_RDWR, kinds: .regular) } catch {
             throw UsageError(message: "cannot open backing file '\(basePath)' for writing: \(error)")
         }
-        guard flock(baseFile.rawValue, LOCK_EX | LOCK_NB) == 0, baseFile.tryLockWholeFile(exclusive: true) else {
+        guard lockImage(baseFile, exclusive: true) else {
             throw UsageError(message: "backing file '\(basePath)' is in use (another overlay's VM, or QEMU); stop it first")
         }
         let baseFormat = ImageFormat.detect(baseFile) ?? .raw
@@ -220,7 +220,14 @@ public enum DiskCommit {
             throw UsageError(message: "backing file '\(basePath)' is a \(baseFormat.name) image; hv writes raw and qcow2 images")
         }
         // The base grows to the overlay's size first, as qemu-img commit does.
-        let baseSize = (try? DiskInfo.inspect(basePath).virtualSize) ?? 0
+        let baseSize: UInt64
+        if baseFormat == .qcow2 {
+            do { baseSize = try QCOW2ImageInfo.read(baseFile.rawValue, readOnly: false).header.size } catch {
+                throw UsageError(message: "backing file '\(basePath)': \(error)")
+            }
+        } else {
+            baseSize = UInt64((try? baseFile.size()) ?? 0)
+        }
         if baseSize < info.header.size { _ = try DiskResize.grow(basePath, to: info.header.size, locked: baseFile) }
         do {
             let base: any BlockBackend = baseFormat == .raw

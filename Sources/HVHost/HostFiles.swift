@@ -56,6 +56,13 @@ func openBootFiles(_ boot: VMDefinition.Boot) throws(UsageError) -> BootFiles {
 }
 
 /// A disk image the trusted side opened, locked and checked.
+/// Locks an image against other writers (`exclusive`) or against any writer: both the flock hv
+/// has always taken and an OFD byte-range lock over the whole file, which QEMU's image locking
+/// also sees. False when another process holds a conflicting lock.
+func lockImage(_ file: FileDescriptor, exclusive: Bool) -> Bool {
+    flock(file.rawValue, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0 && file.tryLockWholeFile(exclusive: exclusive)
+}
+
 struct DiskImage {
     var path: String
     var file: FileDescriptor
@@ -82,7 +89,7 @@ func openISO(_ path: String, what: String) -> Result<FileDescriptor, UsageError>
     if let problem = ISOImage.problem(file) {
         return .failure(UsageError(message: "\(what) '\(path)' is not a CD image: \(problem)"))
     }
-    guard flock(file.rawValue, LOCK_SH | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: false) else {
+    guard lockImage(file, exclusive: false) else {
         return .failure(UsageError(message: "\(what) '\(path)' is locked for writing by another process"))
     }
     return .success(file)
@@ -157,7 +164,7 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
         // Another VM (or tool) writing the same image would corrupt it: take a lock, shared for
         // read-only use, exclusive for writing; both the flock hv always took and an OFD byte-range
         // lock over the whole file, which QEMU's image locking also sees.
-        guard flock(file.rawValue, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0, file.tryLockWholeFile(exclusive: !readOnly) else {
+        guard lockImage(file, exclusive: !readOnly) else {
             throw UsageError(message: "disk image '\(path)' is locked by another process (another VM using it?); stop that first")
         }
         var image = DiskImage(path: path, file: file, readOnly: readOnly, format: format)
@@ -205,7 +212,7 @@ func openBackingChain(of path: String, _ top: QCOW2ImageInfo, seen: [(UInt64, UI
             throw UsageError(message: "\(what) is already in its own chain: the backing chain of '\(path)' loops")
         }
         seen.append((UInt64(st.st_dev), UInt64(st.st_ino)))
-        guard !lock || (flock(file.rawValue, LOCK_SH | LOCK_NB) == 0 && file.tryLockWholeFile(exclusive: false)) else {
+        guard !lock || lockImage(file, exclusive: false) else {
             throw UsageError(message: "\(what) is locked by a process writing it; stop that first")
         }
         let detected = ImageFormat.detect(file) ?? .raw

@@ -52,6 +52,29 @@ func failNoAnswer(_ name: String) -> Never {
 
 func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
 
+/// A long operation's percentage on one stderr line, redrawn as it changes; nothing when stderr
+/// is not a terminal.
+struct TerminalProgress {
+    let label: String
+    let terminal = isatty(2) == 1
+    private var shown = -1
+
+    init(_ label: String) { self.label = label }
+
+    mutating func show(_ done: UInt64, of total: UInt64) {
+        let percent = total == 0 ? 100 : Int(done * 100 / total)
+        guard terminal, percent != shown else { return }
+        shown = percent
+        let line = "\r\(label): \(percent)%"
+        _ = line.withCString { write(2, $0, strlen($0)) }
+    }
+
+    /// Ends the line, if one was drawn.
+    func end() {
+        if terminal && shown >= 0 { _ = "\n".withCString { write(2, $0, 1) } }
+    }
+}
+
 func printJSON<T: Encodable>(_ value: T) {
     print(String(decoding: ControlJSON.encode(value, pretty: true), as: UTF8.self))
 }
@@ -400,21 +423,14 @@ extension HVCtl {
                 guard let kind = VMDefinition.DiskFormat(rawValue: format) else {
                     throw UsageError(message: "invalid --format '\(format)': use raw or qcow2")
                 }
-                let terminal = isatty(2) == 1
-                var shown = -1
+                var progress = TerminalProgress("converting \(source)")
                 do throws(UsageError) {
-                    try DiskConvert.convert(source, to: destination, format: kind) { done, total in
-                        let percent = total == 0 ? 100 : Int(done * 100 / total)
-                        guard terminal, percent != shown else { return }
-                        shown = percent
-                        let line = "\rconverting \(source): \(percent)%"
-                        _ = line.withCString { write(2, $0, strlen($0)) }
-                    }
+                    try DiskConvert.convert(source, to: destination, format: kind) { progress.show($0, of: $1) }
                 } catch {
-                    if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                    progress.end()
                     fail(error.message)
                 }
-                if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                progress.end()
                 print("converted \(source) to \(destination) (\(kind.rawValue))")
             }
         }
@@ -431,22 +447,15 @@ extension HVCtl {
             @Argument(help: ArgumentHelp("The overlay.", valueName: "overlay")) var overlay: String
 
             func run() throws {
-                let terminal = isatty(2) == 1
-                var shown = -1
+                var progress = TerminalProgress("committing \(overlay)")
                 let base: String
                 do throws(UsageError) {
-                    base = try DiskCommit.commit(overlay) { done, total in
-                        let percent = total == 0 ? 100 : Int(done * 100 / total)
-                        guard terminal, percent != shown else { return }
-                        shown = percent
-                        let line = "\rcommitting \(overlay): \(percent)%"
-                        _ = line.withCString { write(2, $0, strlen($0)) }
-                    }
+                    base = try DiskCommit.commit(overlay) { progress.show($0, of: $1) }
                 } catch {
-                    if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                    progress.end()
                     fail(error.message)
                 }
-                if terminal { _ = "\n".withCString { write(2, $0, 1) } }
+                progress.end()
                 print("committed \(overlay) into \(base)")
             }
         }

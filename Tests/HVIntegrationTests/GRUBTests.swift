@@ -25,16 +25,23 @@ final class GRUBTests: XCTestCase {
         return text
     }
 
-    func testSeaBIOSBootsAGRUBISOFromTheCDROMAndGRUBReadsTheDisk() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-grub-\(getpid())")
+    /// A fresh directory `name` holding iso/boot/grub/grub.cfg: GRUB on the serial console, no
+    /// menu delay, then `commands`.
+    private func grubTree(_ name: String, commands: String) throws -> URL {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("\(name)-\(getpid())")
         try FileManager.default.createDirectory(at: dir.appendingPathComponent("iso/boot/grub"), withIntermediateDirectories: true)
-        try FileManager.default.createDirectory(at: dir.appendingPathComponent("fs"), withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
         try """
             serial --unit=0 --speed=115200
             terminal_input serial
             terminal_output serial
             set timeout=0
+
+            """.appending(commands).write(to: dir.appendingPathComponent("iso/boot/grub/grub.cfg"), atomically: true, encoding: .utf8)
+        return dir
+    }
+
+    func testSeaBIOSBootsAGRUBISOFromTheCDROMAndGRUBReadsTheDisk() throws {
+        let dir = try grubTree("hv-grub", commands: """
             insmod ext2
             insmod hashsum
             echo "hv-grub: started"
@@ -43,7 +50,9 @@ final class GRUBTests: XCTestCase {
             echo "hv-grub: done"
             halt
 
-            """.write(to: dir.appendingPathComponent("iso/boot/grub/grub.cfg"), atomically: true, encoding: .utf8)
+            """)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("fs"), withIntermediateDirectories: true)
         var bytes = [UInt8](repeating: 0, count: 2 << 20)
         var x: UInt32 = 2024
         for i in bytes.indices { x = x &* 1_664_525 &+ 1_013_904_223; bytes[i] = UInt8(truncatingIfNeeded: x >> 24) }
@@ -88,18 +97,12 @@ final class GRUBTests: XCTestCase {
     /// SeaBIOS boots GRUB from a qcow2 disk (a hybrid GRUB ISO converted with compression, as
     /// cloud images are shipped).
     func testSeaBIOSBootsGRUBFromACompressedQCOW2Disk() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-grubq-\(getpid())")
-        try FileManager.default.createDirectory(at: dir.appendingPathComponent("iso/boot/grub"), withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        try """
-            serial --unit=0 --speed=115200
-            terminal_input serial
-            terminal_output serial
-            set timeout=0
+        let dir = try grubTree("hv-grubq", commands: """
             echo "hv-grub: booted from the disk"
             halt
 
-            """.write(to: dir.appendingPathComponent("iso/boot/grub/grub.cfg"), atomically: true, encoding: .utf8)
+            """)
+        defer { try? FileManager.default.removeItem(at: dir) }
         let iso = dir.appendingPathComponent("grub.iso").path, disk = dir.appendingPathComponent("grub.qcow2").path
         _ = try run("grub-mkrescue", ["-o", iso, dir.appendingPathComponent("iso").path])
         _ = try run("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", iso, disk])

@@ -35,7 +35,7 @@ public final class FileBackend: BlockBackend {
     public func flush() -> Int32? { fdatasync(fd) == 0 ? nil : errno }
 
     public func read(into vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
-        switch vectored(vectors, count: count, at: offset, { preadv($0, $1, $2, $3) }) {
+        switch vectoredIO(fd, vectors, count: count, at: offset, { preadv($0, $1, $2, $3) }) {
         case .done: return nil
         case .failed(let e): return e
         case .ended(let rest):
@@ -46,51 +46,53 @@ public final class FileBackend: BlockBackend {
     }
 
     public func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
-        switch vectored(vectors, count: count, at: offset, { pwritev($0, $1, $2, $3) }) {
+        switch vectoredIO(fd, vectors, count: count, at: offset, { pwritev($0, $1, $2, $3) }) {
         case .done: return nil
         case .failed(let e): return e
         case .ended: return EIO
         }
     }
 
-    private enum Outcome {
-        case done
-        case failed(Int32)
-        /// The call moved nothing before `count` bytes: these vectors are left.
-        case ended([iovec])
-    }
-
-    /// Runs `call` until `count` bytes moved, resuming after short transfers.
-    private func vectored(_ vectors: [iovec], count: Int, at offset: UInt64,
-                          _ call: (Int32, UnsafePointer<iovec>, Int32, off_t) -> Int) -> Outcome {
-        var pending = vectors
-        var done = 0
-        while done < count {
-            // At most IOV_MAX (1024) vectors per call; the loop goes on with the rest.
-            let n = pending.withUnsafeBufferPointer { call(fd, $0.baseAddress!, Int32(min($0.count, 1024)), off_t(offset) + off_t(done)) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                return .failed(errno)
-            }
-            if n == 0 { return .ended(pending) }
-            done += n
-            // Drop what moved; trim the first vector left partly done.
-            var skip = n
-            while skip > 0, let first = pending.first {
-                if skip >= first.iov_len {
-                    skip -= first.iov_len
-                    pending.removeFirst()
-                } else {
-                    pending[0] = iovec(iov_base: first.iov_base.map { $0 + skip }, iov_len: first.iov_len - skip)
-                    skip = 0
-                }
-            }
-        }
-        return .done
-    }
     public func discard(at offset: UInt64, count: UInt64) -> Int32? {
         // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the blocks go back to the host.
         hv_fallocate(fd, 0x02 | 0x01, Int64(offset), Int64(count)) == 0 ? nil : errno
     }
 }
 
+/// How a vectored transfer ended.
+enum VectoredOutcome {
+    case done
+    case failed(Int32)
+    /// The call moved nothing before `count` bytes: these vectors are left.
+    case ended([iovec])
+}
+
+/// Runs `call` (preadv or pwritev on `fd`) until `count` bytes of `vectors` moved, resuming after
+/// short transfers; shared by the raw and qcow2 backends.
+func vectoredIO(_ fd: Int32, _ vectors: [iovec], count: Int, at offset: UInt64,
+                _ call: (Int32, UnsafePointer<iovec>, Int32, off_t) -> Int) -> VectoredOutcome {
+    var pending = vectors
+    var done = 0
+    while done < count {
+        // At most IOV_MAX (1024) vectors per call; the loop goes on with the rest.
+        let n = pending.withUnsafeBufferPointer { call(fd, $0.baseAddress!, Int32(min($0.count, 1024)), off_t(offset) + off_t(done)) }
+        if n < 0 {
+            if errno == EINTR { continue }
+            return .failed(errno)
+        }
+        if n == 0 { return .ended(pending) }
+        done += n
+        // Drop what moved; trim the first vector left partly done.
+        var skip = n
+        while skip > 0, let first = pending.first {
+            if skip >= first.iov_len {
+                skip -= first.iov_len
+                pending.removeFirst()
+            } else {
+                pending[0] = iovec(iov_base: first.iov_base.map { $0 + skip }, iov_len: first.iov_len - skip)
+                skip = 0
+            }
+        }
+    }
+    return .done
+}

@@ -366,7 +366,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         forEachClusterPiece(vectors, count: count, at: offset) { at, pieces in
             let mapping = metadata.withLock { lookup(at, &$0) }
             if case .data(let host, _) = mapping {
-                return Self.vectored(fd, pieces, at: host + (at & (header.clusterSize - 1)), { preadv($0, $1, $2, $3) }) ? nil : EIO
+                return transfer(pieces, at: host + (at & (header.clusterSize - 1)), { preadv($0, $1, $2, $3) })
             }
             for (i, v) in pieces.enumerated() {
                 let at = at + UInt64(pieces[..<i].reduce(0) { $0 + $1.iov_len })
@@ -383,7 +383,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         return forEachClusterPiece(vectors, count: count, at: offset) { at, pieces in
             let mapping = metadata.withLock { lookup(at, &$0) }
             if case .data(let host, copied: true) = mapping {
-                return Self.vectored(fd, pieces, at: host + (at & (header.clusterSize - 1)), { pwritev($0, $1, $2, $3) }) ? nil : EIO
+                return transfer(pieces, at: host + (at & (header.clusterSize - 1)), { pwritev($0, $1, $2, $3) })
             }
             for (i, v) in pieces.enumerated() {
                 let at = at + UInt64(pieces[..<i].reduce(0) { $0 + $1.iov_len })
@@ -422,29 +422,14 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         return nil
     }
 
-    /// Runs `call` (preadv or pwritev) until every byte of `vectors` moved; false on an error or
-    /// the end of the file.
-    private static func vectored(_ fd: Int32, _ vectors: [iovec], at offset: UInt64,
-                                 _ call: (Int32, UnsafePointer<iovec>, Int32, off_t) -> Int) -> Bool {
-        var pending = vectors
-        var at = off_t(offset)
-        while !pending.isEmpty {
-            let n = pending.withUnsafeBufferPointer { call(fd, $0.baseAddress!, Int32(min($0.count, 1024)), at) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return false }
-            at += off_t(n)
-            var skip = n
-            while skip > 0, let first = pending.first {
-                if skip >= first.iov_len {
-                    skip -= first.iov_len
-                    pending.removeFirst()
-                } else {
-                    pending[0] = iovec(iov_base: first.iov_base.map { $0 + skip }, iov_len: first.iov_len - skip)
-                    skip = 0
-                }
-            }
+    /// One cluster piece's buffers to or from the file at `host`; a data cluster lies within the
+    /// file, so running out of file is an I/O error.
+    private func transfer(_ pieces: [iovec], at host: UInt64, _ call: (Int32, UnsafePointer<iovec>, Int32, off_t) -> Int) -> Int32? {
+        switch vectoredIO(fd, pieces, count: pieces.reduce(0) { $0 + $1.iov_len }, at: host, call) {
+        case .done: nil
+        case .failed(let e): e
+        case .ended: EIO
         }
-        return true
     }
 
     // MARK: Metadata (under the lock)
