@@ -98,7 +98,51 @@ const unsigned long hv_KVM_GET_API_VERSION = KVM_GET_API_VERSION, hv_KVM_CREATE_
     hv_KVM_GET_MP_STATE = KVM_GET_MP_STATE, hv_KVM_SET_MP_STATE = KVM_SET_MP_STATE,
     hv_KVM_IRQ_LINE = KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING,
     hv_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU = KVM_SET_FPU,
-    hv_KVM_GET_CLOCK = KVM_GET_CLOCK, hv_KVM_SET_CLOCK = KVM_SET_CLOCK;
+    hv_KVM_GET_CLOCK = KVM_GET_CLOCK, hv_KVM_SET_CLOCK = KVM_SET_CLOCK,
+    hv_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS, hv_KVM_GET_XSAVE = KVM_GET_XSAVE, hv_KVM_SET_XSAVE = KVM_SET_XSAVE,
+    hv_KVM_GET_XCRS = KVM_GET_XCRS, hv_KVM_SET_XCRS = KVM_SET_XCRS, hv_KVM_GET_LAPIC = KVM_GET_LAPIC,
+    hv_KVM_SET_LAPIC = KVM_SET_LAPIC, hv_KVM_GET_MSRS = KVM_GET_MSRS, hv_KVM_SET_MSRS = KVM_SET_MSRS,
+    hv_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST, hv_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS,
+    hv_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS, hv_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP, hv_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP,
+    hv_KVM_GET_PIT2 = KVM_GET_PIT2, hv_KVM_SET_PIT2 = KVM_SET_PIT2, hv_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ,
+    hv_KVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
+
+static unsigned int hv_crc32c_table[256];
+
+static void hv_crc32c_init_table(void) {
+    for (unsigned int i = 0; i < 256; i++) {
+        unsigned int c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        hv_crc32c_table[i] = c;
+    }
+}
+
+__attribute__((target("sse4.2")))
+static unsigned int hv_crc32c_hardware(unsigned int crc, const unsigned char *p, unsigned long n) {
+    unsigned long long c = crc;
+    while (n >= 8) {
+        unsigned long long word;
+        memcpy(&word, p, 8);
+        c = __builtin_ia32_crc32di(c, word);
+        p += 8; n -= 8;
+    }
+    unsigned int c32 = (unsigned int)c;
+    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return c32;
+}
+
+unsigned int hv_crc32c(unsigned int crc, const void *data, unsigned long length) {
+    const unsigned char *p = data;
+    crc = ~crc;
+    if (__builtin_cpu_supports("sse4.2")) {
+        crc = hv_crc32c_hardware(crc, p, length);
+    } else {
+        static int ready;  // threads racing here each build the same table; release/acquire orders it
+        if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) { hv_crc32c_init_table(); __atomic_store_n(&ready, 1, __ATOMIC_RELEASE); }
+        while (length--) crc = hv_crc32c_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    }
+    return ~crc;
+}
 
 int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,

@@ -67,6 +67,15 @@ final class ManagedDevice: @unchecked Sendable {
     var events: ControlChannel?
     var granted: Capabilities = []
     var generation: UInt32 = 0
+    /// The generation of the first process: 0, or 1 when restored from a snapshot (its state
+    /// page already holds the device's state, as after a restart).
+    var firstGeneration: UInt32 = 0
+    /// Restored from a snapshot: the state layout version the snapshot recorded, which the
+    /// process must report.
+    var expectedStateVersion: UInt16?
+    /// What the live process reported in its handshake: its model name and state layout version
+    /// (0: it cannot be snapshotted). Written by the thread doing the handshake.
+    let reported = Mutex<(model: String, stateVersion: UInt16)>(("", 0))
     var crashTimes: [UInt64] = []
     /// The guest access the device died serving the last times, and how many deaths in a row.
     var poisonSuspect: UInt32?
@@ -102,6 +111,11 @@ final class ManagedDevice: @unchecked Sendable {
             interrupts = try spec.interruptGSIs.map { _ throws(SystemError) in try EventFD() }
         } catch { throw .system(error) }
     }
+}
+
+/// A restored device's process that cannot take the snapshot's state.
+struct RestoreRefused: Error, CustomStringConvertible {
+    let description: String
 }
 
 /// What an operator asks of one device (`hvctl device VM restart|upgrade DEV`).
@@ -297,7 +311,8 @@ final class DeviceSupervisor: @unchecked Sendable {
             roles.append(FDAssignment(role: role, index: index))
         }
         if spec.mapsGuestMemory { pass(memory.memfd, .guestMemory) }
-        var offered = spec.capabilities
+        // Every device may take part in snapshots; the ones that can say so.
+        var offered = spec.capabilities.union(.snapshot)
         if !spec.resources.isEmpty {
             pass(d.endpoint.ringFD, .registerRing)
             pass(d.endpoint.kick.fd, .ringKick)
@@ -331,7 +346,16 @@ final class DeviceSupervisor: @unchecked Sendable {
             if !spec.resources.isEmpty && !reply.capabilities.contains(.registerRing) {
                 throw ChannelError.malformed(.invalidField("device refused the register ring but owns registers"))
             }
+            if d.generation == d.firstGeneration, let expected = d.expectedStateVersion {
+                let version = reply.capabilities.contains(.snapshot) ? reply.stateVersion : 0
+                guard version == expected else {
+                    throw RestoreRefused(description: version == 0
+                        ? "this build of \(d.executable) cannot restore a snapshot"
+                        : "the snapshot holds its state in layout version \(expected); this build of \(d.executable) reads version \(version)")
+                }
+            }
             d.granted = reply.capabilities
+            d.reported.withLock { $0 = (reply.name, reply.capabilities.contains(.snapshot) ? reply.stateVersion : 0) }
         } catch {
             let ended = child.reapIfExited()
             child.killAndReap()
@@ -339,6 +363,8 @@ final class DeviceSupervisor: @unchecked Sendable {
             let why: String
             if case ChannelError.closed = error {
                 why = "\(ended?.description ?? "exited") during the handshake" + (d.lastError.map { ": \($0)" } ?? "")
+            } else if let e = error as? RestoreRefused {
+                why = e.description
             } else if let e = error as? WireError {
                 why = "malformed HELLO reply: \(e)"
             } else {
@@ -349,7 +375,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         d.process = child
         d.startedAt = monotonicNanoseconds()
         d.publishedPid.store(child.pid, ordering: .releasing)
-        if d.generation > 0 { d.restarts.wrappingAdd(1, ordering: .relaxed) }
+        if d.generation > d.firstGeneration { d.restarts.wrappingAdd(1, ordering: .relaxed) }
         d.control = control
         d.events = ControlChannel(socket: coreEvents)
         if verbose { Diagnostics.line("device \(spec.name) started (pid \(child.pid), generation \(d.generation))") }

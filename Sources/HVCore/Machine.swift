@@ -33,28 +33,35 @@ public final class Machine: @unchecked Sendable {
         /// A memfd the BIOS device fills with the firmware image; the core maps it read-only just
         /// below 4 GiB, where the reset vector lives. Nil for direct (multiboot) boot.
         public var firmwareROM: FileDescriptor?
+        /// A snapshot to bring back instead of booting (`hvctl run --restore`): its memory size,
+        /// vCPUs and devices must be the ones configured here.
+        public var restore: MachineSnapshot?
+        /// With `restore`: leave the vCPUs paused (`resume()` starts them).
+        public var startPaused: Bool
         public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false,
-                    firmwareROM: FileDescriptor? = nil) {
+                    firmwareROM: FileDescriptor? = nil, restore: MachineSnapshot? = nil, startPaused: Bool = false) {
             self.memoryBytes = memoryBytes
             self.cpus = cpus
             self.devices = devices
             self.verbose = verbose
             self.firmwareROM = firmwareROM
+            self.restore = restore
+            self.startPaused = startPaused
         }
     }
 
     /// Largest vCPU count accepted (the in-kernel xAPIC's 8-bit IDs, minus the IOAPIC's).
     public static let maximumCPUs = 254
 
-    private let configuration: Configuration
-    private let kvm: KVM
-    private let vm: VirtualMachine
-    private let ram: GuestRAM
-    private let firmwareMapping: SharedMapping?
-    private let vcpus: [VCPU]
+    let configuration: Configuration
+    let kvm: KVM
+    let vm: VirtualMachine
+    let ram: GuestRAM
+    let firmwareMapping: SharedMapping?
+    let vcpus: [VCPU]
     private let bus = IOBus()
-    private let pci: PCIBus
-    private let supervisor: DeviceSupervisor
+    let pci: PCIBus
+    let supervisor: DeviceSupervisor
     private let bootState = Mutex<BootState?>(nil)
     private let outcome = Mutex<MachineExit?>(nil)
     private let stopping = Atomic<Bool>(false)
@@ -75,7 +82,13 @@ public final class Machine: @unchecked Sendable {
     private let parkedVCPUs = Atomic<Int>(0)
     private let liveVCPUThreads = Atomic<Int>(0)
     /// Serialises pause and resume; holds the kvmclock read at the pause.
-    private let pauseState = Mutex<(paused: Bool, clock: UInt64?, since: UInt64)>((false, nil, 0))
+    let pauseState = Mutex<(paused: Bool, clock: UInt64?, since: UInt64)>((false, nil, 0))
+    /// The MSRs a snapshot saves (KVM's list of saveable ones).
+    let msrIndices: [UInt32]
+    /// The CPUID table the guest sees (before the per-vCPU APIC IDs); a snapshot keeps it.
+    let cpuidTable: [kvm_cpuid_entry2]
+    /// Serialises snapshots (one at a time per VM).
+    let snapshotLock = Mutex(())
     /// Set while a status request wants every vCPU's RIP; the next probe records it.
     private let registersWanted = Atomic<Bool>(false)
 
@@ -99,6 +112,14 @@ public final class Machine: @unchecked Sendable {
             guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
                 throw .configuration("firmware ROM of \(size) bytes: it must be a multiple of 64 KiB, at most 16 MiB")
             }
+            if let saved = configuration.restore {
+                // The firmware as it was when the snapshot was taken (hv-bios does not load it again).
+                guard let bytes = saved.firmwareROM, bytes.count == Int(size) else {
+                    throw .configuration("the snapshot's firmware ROM does not match this VM's (\(saved.firmwareROM?.count ?? 0) bytes, not \(size))")
+                }
+                let n = bytes.withUnsafeBytes { pwrite(rom.rawValue, $0.baseAddress, $0.count, 0) }
+                guard n == bytes.count else { throw .system(SystemError("cannot fill the firmware ROM", .current)) }
+            }
             do {
                 let mapping = try SharedMapping(fd: rom, count: Int(size), readOnly: true)
                 try vm.setMemoryRegion(slot: UInt32(ram.regions.count), guestAddress: (1 << 32) - UInt64(size),
@@ -114,8 +135,26 @@ public final class Machine: @unchecked Sendable {
         } else {
             firmwareMapping = nil
         }
-        do {
-            let cpuid = try kvm.supportedCPUID()
+        let restore = configuration.restore
+        if let restore {
+            guard restore.memoryBytes == configuration.memoryBytes, restore.cpus == configuration.cpus else {
+                throw .configuration("the snapshot is of a VM with \(restore.memoryBytes >> 20) MiB and \(restore.cpus) vCPUs, not \(configuration.memoryBytes >> 20) MiB and \(configuration.cpus)")
+            }
+            guard (restore.firmwareROM == nil) == (configuration.firmwareROM == nil) else {
+                throw .configuration("the snapshot's boot mode (firmware or direct) is not this VM's")
+            }
+        }
+        do throws(KVMError) {
+            let supported = try kvm.supportedCPUID()
+            var cpuid = supported
+            if let restore {
+                // The guest keeps the CPU it saw; a host that cannot offer all of it is refused.
+                let missing = MachineSnapshot.missingFeatures(saved: restore.cpuid, host: supported)
+                guard missing.isEmpty else {
+                    throw KVMError.invalidState("this host's CPU lacks features the guest saw: \(missing.prefix(8).joined(separator: ", "))\(missing.count > 8 ? ", …" : ""); restore it on a host with the same CPU")
+                }
+                cpuid = restore.cpuid
+            }
             var list: [VCPU] = []
             for id in 0..<configuration.cpus {
                 let vcpu = try vm.createVCPU(id: UInt32(id))
@@ -123,7 +162,25 @@ public final class Machine: @unchecked Sendable {
                 list.append(vcpu)
             }
             vcpus = list
+            cpuidTable = cpuid
+            msrIndices = try kvm.saveableMSRs()
+            if let restore {
+                try vm.restorePlatform(restore.platform)
+                for (vcpu, state) in zip(vcpus, restore.vcpus) {
+                    if restore.tscKHz != 0, try vcpu.tscKHz() != restore.tscKHz { try vcpu.setTSCKHz(restore.tscKHz) }
+                    try vcpu.restoreState(state)
+                }
+            }
         } catch { throw .kvm(error) }
+        if let restore {
+            let memoryFile: FileDescriptor
+            do { memoryFile = try FileDescriptor.openHostFile(MachineSnapshot.memoryPath(restore.directory), flags: O_RDONLY, kinds: .regular) } catch {
+                throw .configuration("cannot read snapshot \(restore.directory)'s memory: \(error)")
+            }
+            do throws(SnapshotError) { try ram.load(restore.memoryExtents, from: memoryFile, name: "snapshot \(restore.directory)") } catch {
+                throw .configuration(error.description)
+            }
+        }
         probeAnswers = (0..<configuration.cpus).map { _ in ProbeAnswer() }
         supervisor = try DeviceSupervisor(specs: configuration.devices, memory: ram, vm: vm, verbose: configuration.verbose)
         // Memory BARs may go anywhere that is not RAM, the firmware ROM, the IOAPIC or local APIC
@@ -176,6 +233,10 @@ public final class Machine: @unchecked Sendable {
                     break
                 }
             }
+        }
+        if let restore {
+            try pci.restore(restore.pci)
+            do throws(SnapshotError) { try supervisor.prepareRestore(restore.devices) } catch { throw .configuration(error.description) }
         }
     }
 
@@ -334,9 +395,18 @@ public final class Machine: @unchecked Sendable {
             return .failure("\(error)")
         }
 
+        if let restore = configuration.restore {
+            // The guest carries on from the snapshot: no boot state; its clock from the pause.
+            if configuration.startPaused {
+                pauseRequested.store(true, ordering: .releasing)
+                pauseState.withLock { $0 = (true, restore.clock, monotonicNanoseconds()) }
+            } else {
+                do { try vm.setClock(restore.clock) } catch { stop(.failure("cannot restore the guest's clock: \(error)")) }
+            }
+        }
         // The BIOS device loads the guest and then names the entry state.
         let deadline = monotonicNanoseconds() + 30_000_000_000
-        while bootState.withLock({ $0 }) == nil && !stopping.load(ordering: .acquiring) {
+        while configuration.restore == nil && bootState.withLock({ $0 }) == nil && !stopping.load(ordering: .acquiring) {
             if monotonicNanoseconds() > deadline {
                 stop(.failure("the BIOS device did not hand over a boot state within 30 s"))
                 break
@@ -473,6 +543,11 @@ public final class Machine: @unchecked Sendable {
         let slot = probeAnswers[Int(vcpu.id)]
         while !stopping.load(ordering: .acquiring) {
             if pauseRequested.load(ordering: .acquiring) {
+                // An I/O exit is finished by KVM only on the next KVM_RUN (an IN's value reaches
+                // RAX then): enter once with immediate_exit set, which completes it and runs no
+                // guest instruction, so the registers a snapshot reads are an instruction boundary.
+                vcpu.requestExit()
+                _ = try? vcpu.runOnce()
                 // Parked outside KVM_RUN until resumed or stopped; a millisecond's poll costs
                 // nothing measurable and needs no wake-up protocol.
                 let before = slot.state.exchange(VCPUState.paused.rawValue, ordering: .acquiringAndReleasing)

@@ -307,4 +307,62 @@ final class PCIBus: @unchecked Sendable {
             onBARMoved?(snapshot.endpoint, bar.resource, target)
         }
     }
+
+    // MARK: Snapshot
+
+    /// What the core keeps of the PCI bus, as bytes: the address latch, the PIRQ routes, and per
+    /// function (by bus/device/function) its command register, BAR registers and INTx pin.
+    func savedState() -> [UInt8] {
+        state.withLock { s in
+            var w = WireWriter()
+            w.u32(s.latch)
+            w.raw(s.pirq)
+            w.u16(UInt16(s.functions.count))
+            for (bdf, f) in s.functions.sorted(by: { $0.key < $1.key }) {
+                w.u16(bdf)
+                w.u16(f.command)
+                w.u8(s.intxAsserted.contains(bdf) ? 1 : 0)
+                for bar in f.bars { w.u32(bar?.register ?? 0) }
+            }
+            return w.bytes
+        }
+    }
+
+    /// Puts the bus back as `savedState` described it (before any device or vCPU runs): routes
+    /// every BAR where the guest had placed it and drives the INTx lines that were asserted.
+    /// The functions must be the same as when it was saved.
+    func restore(_ bytes: [UInt8]) throws(CoreError) {
+        var r = WireReader(bytes)
+        var saved: [(bdf: UInt16, command: UInt16, intx: Bool, bars: [UInt32])] = []
+        let latch: UInt32, pirq: [UInt8]
+        do throws(WireError) {
+            latch = try r.u32()
+            pirq = try r.raw(4)
+            let count = Int(try r.u16())
+            for _ in 0..<count {
+                let bdf = try r.u16(), command = try r.u16(), intx = try r.u8() != 0
+                var bars: [UInt32] = []
+                for _ in 0..<Self.barCount { bars.append(try r.u32()) }
+                saved.append((bdf, command, intx, bars))
+            }
+            try r.finish()
+        } catch {
+            throw .configuration("the snapshot's PCI bus state is malformed (\(error))")
+        }
+        let moved = try state.withLock { s throws(CoreError) -> [Function] in
+            guard Set(saved.map(\.bdf)) == Set(s.functions.keys) else {
+                throw .configuration("the snapshot's PCI functions (\(saved.map { Self.describe($0.bdf) }.sorted().joined(separator: ", "))) are not this VM's")
+            }
+            s.latch = latch
+            s.pirq = pirq
+            for f in saved {
+                s.functions[f.bdf]!.command = f.command
+                for i in 0..<Self.barCount where s.functions[f.bdf]!.bars[i] != nil { s.functions[f.bdf]!.bars[i]!.register = f.bars[i] }
+                if f.intx { s.intxAsserted.insert(f.bdf) }
+            }
+            return Array(s.functions.values)
+        }
+        for f in moved { reroute(f) }
+        updateIRQLines()
+    }
 }

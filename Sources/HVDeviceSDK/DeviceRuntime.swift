@@ -20,10 +20,19 @@ public protocol DeviceModel: AnyObject {
     func nextDeadline() -> UInt64?
     /// Called on the runtime thread at or after `nextDeadline()`.
     func deadlineReached(now: UInt64)
+    /// A snapshot is being taken (only for a device started with the `snapshot` capability):
+    /// finish every piece of work taken from guest memory — complete it, so nothing writes guest
+    /// memory after this returns — and store the whole state in the state page. `flush()` has
+    /// already run and the register ring is committed. Return false if the work could not be
+    /// finished: the snapshot is then given up and the device carries on. After this returns
+    /// true the runtime serves nothing but the control socket until the core resumes it.
+    /// Default: true (a device with nothing in flight whose state page is always current).
+    func quiesce() -> Bool
 }
 
 extension DeviceModel {
     public func flush() {}
+    public func quiesce() -> Bool { true }
     public func nextDeadline() -> UInt64? { nil }
     public func deadlineReached(now: UInt64) {}
 }
@@ -97,18 +106,25 @@ public final class DeviceRuntime: @unchecked Sendable {
 
     /// Connects to the core on the inherited descriptors and completes the handshake; on any
     /// failure prints one line to stderr and exits with status 2.
-    public static func startOrExit(name: String, capabilities: Capabilities) -> DeviceRuntime {
+    ///
+    /// A device that can be snapshotted asks for `.snapshot` (with `.statePage`) and names the
+    /// version of its state page layout in `stateVersion` (1 or more; bump it whenever the layout
+    /// changes): a snapshot records it, and a restore with another version is refused.
+    public static func startOrExit(name: String, capabilities: Capabilities, stateVersion: UInt16 = 0) -> DeviceRuntime {
         dieWithParent()
         lockDown(name)
         do {
-            return try DeviceRuntime(name: name, capabilities: capabilities)
+            return try DeviceRuntime(name: name, capabilities: capabilities, stateVersion: stateVersion)
         } catch {
             fail(name, "\(error)")
         }
     }
 
-    /// Connects and handshakes, throwing on failure.
-    public init(name: String, capabilities wanted: Capabilities) throws(DeviceError) {
+    /// Connects and handshakes, throwing on failure. See `startOrExit` for `stateVersion`.
+    public init(name: String, capabilities wanted: Capabilities, stateVersion: UInt16 = 0) throws(DeviceError) {
+        guard !wanted.contains(.snapshot) || (wanted.contains(.statePage) && stateVersion > 0) else {
+            throw .protocolViolation("a device asking for .snapshot needs .statePage and a stateVersion of 1 or more")
+        }
         self.name = name
         control = ControlChannel(socket: SeqPacketSocket(adopting: FileDescriptor(owning: InheritedDescriptor.control)))
         events = ControlChannel(socket: SeqPacketSocket(adopting: FileDescriptor(owning: InheritedDescriptor.events)))
@@ -169,7 +185,9 @@ public final class DeviceRuntime: @unchecked Sendable {
         hostFiles = host
         let minor = min(hello.minor, ProtocolVersion.minor)
         do {
-            try control.send(.reply(to: frame, payload: HelloReply(minor: minor, capabilities: capabilities, name: name).encode()))
+            let version = capabilities.contains(.snapshot) ? stateVersion : 0
+            try control.send(.reply(to: frame, payload: HelloReply(minor: minor, capabilities: capabilities, name: name,
+                                                                   stateVersion: version).encode()))
         } catch { throw .channel(error) }
     }
 
@@ -278,6 +296,12 @@ public final class DeviceRuntime: @unchecked Sendable {
         let loop = LoopState(cursor: start, spinStart: monotonicNanoseconds(), committed: start)
         finalCommit = { [unowned self] in commit(model, loop, now: monotonicNanoseconds()) }
         catchUp = { [unowned self] in _ = serveRing(model, loop) }
+        quiesceModel = { [unowned self] in
+            // Whatever the core queued before the pause is served and committed first.
+            _ = serveRing(model, loop)
+            commit(model, loop, now: monotonicNanoseconds())
+            return model.quiesce()
+        }
         while true { iterate(model, loop) }
     }
 
@@ -314,6 +338,8 @@ public final class DeviceRuntime: @unchecked Sendable {
 
     /// Set while `run` is active: flush and commit before the process exits on SHUTDOWN.
     private var finalCommit: (() -> Void)?
+    /// Set while `run` is active: serve, commit and quiesce the model (QUIESCE).
+    private var quiesceModel: (() -> Bool)?
 
     // One pass of the loop, kept out of line: Swift 6.3's loop-invariant code motion never
     // finishes on the whole loop inlined into `run` (release builds hang).
@@ -464,8 +490,15 @@ public final class DeviceRuntime: @unchecked Sendable {
             finalCommit?()
             try? control.send(.reply(to: frame))
             exit(0)
-        case .ping?:
+        case .ping?, .resume?:
             try? control.send(.reply(to: frame))
+        case .quiesce?:
+            guard capabilities.contains(.snapshot), let quiesceModel else {
+                return (try? control.send(.reply(to: frame, status: .unknownType))) ?? ()
+            }
+            guard quiesceModel() else { return (try? control.send(.reply(to: frame, status: .internalError))) ?? () }
+            try? control.send(.reply(to: frame))
+            stayQuiesced()
         case .mediaChange?:
             guard let handler = onMediaChange else { return (try? control.send(.reply(to: frame, status: .unknownType))) ?? () }
             guard let change = try? MediaChange.decode(frame.payload), fds.count == (change.present ? 1 : 0) else {
@@ -475,6 +508,30 @@ public final class DeviceRuntime: @unchecked Sendable {
             try? control.send(.reply(to: frame, status: accepted ? .ok : .invalidArgument))
         default:
             if !frame.flags.contains(.noReply) { try? control.send(.reply(to: frame, status: .unknownType)) }
+        }
+    }
+
+    /// After QUIESCE: serves nothing but the control socket — no ring, no watcher, no deadline —
+    /// until RESUME (return) or SHUTDOWN (exit). The state is committed, so either is safe.
+    private func stayQuiesced() {
+        while true {
+            let frame: Frame
+            do { (frame, _) = try control.receive(timeoutMilliseconds: 60_000) } catch {
+                if case .timedOut = error { continue }
+                exit(0)  // the core is gone; everything was committed before QUIESCE's reply
+            }
+            guard !frame.flags.contains(.reply) else { continue }
+            switch MessageType(rawValue: frame.type) {
+            case .resume?, .ping?, .quiesce?:
+                try? control.send(.reply(to: frame))
+                if frame.type == MessageType.resume.rawValue { return }
+            case .shutdown?:
+                try? control.send(.reply(to: frame))
+                exit(0)
+            default:
+                // A medium change waits for the resume: the core does not send one meanwhile.
+                if !frame.flags.contains(.noReply) { try? control.send(.reply(to: frame, status: .denied)) }
+            }
         }
     }
 

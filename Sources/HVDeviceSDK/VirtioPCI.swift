@@ -35,10 +35,16 @@ public protocol VirtioDevice: AnyObject {
     /// Completes, with an error the driver understands, a chain that crashed the device on each of
     /// its last three replays (out-of-order devices only). Default: completed with nothing written.
     func completePoisoned(_ chain: DescriptorChain, queue: Int, transport: VirtioPCITransport)
+    /// A snapshot is being taken: complete every chain taken so far (with `transport.complete`),
+    /// wait for work on other threads to finish, and save any state of the device's own in the
+    /// state page. Return false if that cannot be done. Default: true (a device that completes
+    /// each chain before returning from `queueNotified`).
+    func quiesce(transport: VirtioPCITransport) -> Bool
 }
 
 extension VirtioDevice {
     public var completesInOrder: Bool { false }
+    public func quiesce(transport: VirtioPCITransport) -> Bool { true }
     public func completePoisoned(_ chain: DescriptorChain, queue: Int, transport: VirtioPCITransport) {
         transport.complete(queue: queue, head: chain.head, written: 0)
     }
@@ -190,6 +196,13 @@ public final class VirtioPCITransport: DeviceModel {
         if resource == configResource { configWrite(Int(offset), size, value) }
         if resource == barResource { barWrite(Int(offset), size, value) }
         if resource == configResource || (resource == barResource && Int(offset) < Self.notifyOffset) { saveState() }
+    }
+
+    /// DeviceModel: the device completes what it holds; the configuration is saved again.
+    public func quiesce() -> Bool {
+        guard device.quiesce(transport: self) else { return false }
+        saveState()
+        return true
     }
 
     // MARK: Surviving a restart

@@ -24,6 +24,9 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         case deviceRestart = "device-restart"
         /// Replace device `device`'s binary with the one at `path` (absolute).
         case deviceUpgrade = "device-upgrade"
+        /// Save the VM to the directory `path` (absolute, not existing yet); with `stop`, leave
+        /// it paused afterwards.
+        case snapshot
     }
     public var command: Command
     /// An absolute host path: the ISO (`cdrom-insert`) or the new binary (`device-upgrade`).
@@ -32,15 +35,18 @@ public struct ControlRequest: Codable, Equatable, Sendable {
     public var device: String?
     /// `status`: also read every vCPU's instruction pointer.
     public var registers: Bool?
+    /// `snapshot`: leave the VM paused once it is saved.
+    public var stop: Bool?
 
-    public init(_ command: Command, path: String? = nil, device: String? = nil, registers: Bool? = nil) {
+    public init(_ command: Command, path: String? = nil, device: String? = nil, registers: Bool? = nil, stop: Bool? = nil) {
         self.command = command
         self.path = path
         self.device = device
         self.registers = registers
+        self.stop = stop
     }
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case command, path, device, registers }
+    enum CodingKeys: String, CodingKey, CaseIterable { case command, path, device, registers, stop }
 
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
@@ -49,6 +55,7 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         path = try c.decodeIfPresent(String.self, forKey: .path)
         device = try c.decodeIfPresent(String.self, forKey: .device)
         registers = try c.decodeIfPresent(Bool.self, forKey: .registers)
+        stop = try c.decodeIfPresent(Bool.self, forKey: .stop)
     }
 }
 

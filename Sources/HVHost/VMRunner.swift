@@ -10,7 +10,11 @@ import Synchronization
 /// ends; returns hvctl's exit status. A definition that cannot run ends the process with one
 /// line and status 1 or 2 (see `fail`), after undoing what was set up. `onRunning` is called
 /// once, with the VM's name, when the guest first runs (`hvctl run --detach` returns then).
-public func runVM(_ definition: VMDefinition, verbose: Bool, onRunning: (@Sendable (String) -> Void)? = nil) -> Int32 {
+///
+/// With `restore`, the first boot brings back that snapshot (taken of a VM with this
+/// definition) instead of starting the guest afresh; `startPaused` leaves its vCPUs paused.
+public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSnapshot? = nil, startPaused: Bool = false,
+                  onRunning: (@Sendable (String) -> Void)? = nil) -> Int32 {
     let options = definition
     // Stop signals are taken synchronously (by the signal thread, and by Machine.run on the main
     // thread); block them before any thread (the console's, the supervisor's, vCPUs) exists, so
@@ -129,6 +133,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, onRunning: (@Sendab
         }
     }
     var prepared = prepareDevices()
+    var restoring = restore
     // Every check has passed: only now are the console files emptied for this run.
     for output in outputs { output.truncate() }
     // `onRunning` is for the first boot only, not for each reboot.
@@ -138,10 +143,11 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, onRunning: (@Sendab
         let machine: Machine
         do {
             machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: devices, verbose: verbose,
-                                        firmwareROM: firmwareROM))
+                                        firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused))
         } catch {
-            fail("\(error)")
+            fail(restoring == nil ? "\(error)" : "cannot restore snapshot \(restoring!.directory): \(error)")
         }
+        restoring = nil  // a reboot after a restore boots afresh
         if let onRunning {
             machine.onGuestStarted = { if once.withLock({ first in defer { first = false }; return first }) { onRunning(name) } }
         }
@@ -248,6 +254,17 @@ final class VMControl: Sendable {
             }
             medium.withLock { $0 = request.command == .cdromInsert ? request.path : nil }
             return ControlReply(ok: true)
+        case .snapshot:
+            guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
+            guard let path = request.path, path.hasPrefix("/") else { return .failure("snapshot needs the directory's absolute path") }
+            do throws(SnapshotError) {
+                let report = try machine.snapshot(to: path, host: snapshotRecord(), leavePaused: request.stop ?? false)
+                let paused = report.pausedNanoseconds == 0 ? "" : ", guest stopped for \(report.pausedNanoseconds / 1_000_000) ms"
+                let memory = report.memoryBytesWritten >= 1 << 20 ? "\(report.memoryBytesWritten >> 20) MiB" : "\(report.memoryBytesWritten >> 10) KiB"
+                return ControlReply(ok: true, message: "saved \(name) to \(path): \(memory) of memory\(paused)\(request.stop == true ? "; the VM stays paused" : "")")
+            } catch {
+                return .failure(error.description)
+            }
         case .deviceRestart, .deviceUpgrade:
             guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
             guard let device = request.device else { return .failure("\(request.command.rawValue) needs a device") }
@@ -264,6 +281,16 @@ final class VMControl: Sendable {
                 return .failure(error.description)
             }
         }
+    }
+
+    /// What a snapshot keeps of the host side: the VM's definition, its paths absolute and its
+    /// name set, from which `hvctl run --restore` builds the same VM.
+    func snapshotRecord() -> [UInt8] {
+        var saved = definition.resolvingPaths(against: absolutePath("."))
+        saved.name = name
+        // The guest's driver knows its NICs' addresses: a restore keeps them, under any name.
+        for i in saved.nics.indices where i < nics.count { saved.nics[i].mac = nics[i].mac }
+        return Array(saved.encoded().utf8)
     }
 
     func status(registers: Bool) -> VMStatus {

@@ -6,8 +6,9 @@
 public enum ProtocolVersion {
     /// Peers with a different major version refuse each other.
     public static let major: UInt32 = 1
-    /// Peers settle on the lower minor version.
-    public static let minor: UInt32 = 0
+    /// Peers settle on the lower minor version. Minor 1 added QUIESCE, RESUME, the SNAPSHOT
+    /// capability and HELLO_REPLY's state_version.
+    public static let minor: UInt32 = 1
 }
 
 /// Feature bits negotiated in the handshake. A device may accept only bits the core offered.
@@ -25,6 +26,11 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     public static let interruptLevel = Capabilities(rawValue: 1 << 3)
     /// The device may route message-signalled interrupts (MSI-X) with SET_MSI_ROUTE.
     public static let msi = Capabilities(rawValue: 1 << 4)
+    /// The device can be snapshotted: it answers QUIESCE and RESUME, keeps all of its state in
+    /// the state page, and restores from a page it did not write itself (a snapshot's) when
+    /// started with a restart generation above 0. It names its state page layout's version in
+    /// HELLO_REPLY's `stateVersion`.
+    public static let snapshot = Capabilities(rawValue: 1 << 5)
 }
 
 /// Message type numbers.
@@ -34,6 +40,8 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case shutdown = 0x0002
     case ping = 0x0003
     case mediaChange = 0x0004
+    case quiesce = 0x0005
+    case resume = 0x0006
     // device → core, on the event socket
     case log = 0x0101
     case setBootState = 0x0102
@@ -320,13 +328,17 @@ public struct HelloReply: Equatable, Sendable {
     public var capabilities: Capabilities
     /// Short device model name, e.g. "serial-16550a" (at most 64 bytes).
     public var name: String
+    /// The version of the device's state page layout, when it accepts SNAPSHOT (0 otherwise): a
+    /// snapshot records it, and a restore refuses a device whose version differs.
+    public var stateVersion: UInt16
 
     public init(major: UInt32 = ProtocolVersion.major, minor: UInt32 = ProtocolVersion.minor,
-                capabilities: Capabilities, name: String) {
+                capabilities: Capabilities, name: String, stateVersion: UInt16 = 0) {
         self.major = major
         self.minor = minor
         self.capabilities = capabilities
         self.name = name
+        self.stateVersion = stateVersion
     }
 
     public static let maximumNameBytes = 64
@@ -338,7 +350,7 @@ public struct HelloReply: Equatable, Sendable {
         w.u64(capabilities.rawValue)
         let name = Array(self.name.utf8.prefix(Self.maximumNameBytes))
         w.u16(UInt16(name.count))
-        w.u16(0)
+        w.u16(stateVersion)
         w.raw(name)
         return w.bytes
     }
@@ -349,11 +361,12 @@ public struct HelloReply: Equatable, Sendable {
         let minor = try r.u32()
         let caps = Capabilities(rawValue: try r.u64())
         let length = Int(try r.u16())
-        guard try r.u16() == 0 else { throw .invalidField("hello reply: reserved half-word is not zero") }
+        let stateVersion = try r.u16()
         guard length <= maximumNameBytes else { throw .invalidField("hello reply: name longer than \(maximumNameBytes) bytes") }
         let name = try r.raw(length)
         try r.finish()
-        return HelloReply(major: major, minor: minor, capabilities: caps, name: String(decoding: name, as: UTF8.self))
+        return HelloReply(major: major, minor: minor, capabilities: caps, name: String(decoding: name, as: UTF8.self),
+                          stateVersion: stateVersion)
     }
 }
 

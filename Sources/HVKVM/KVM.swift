@@ -8,6 +8,8 @@ public enum KVMError: Error, Sendable, CustomStringConvertible {
     case unsupportedAPI(Int32)
     case missingCapability(String)
     case ioctl(String, Errno)
+    /// A saved state KVM cannot take as it is (a snapshot from another kernel ABI or CPU).
+    case invalidState(String)
 
     public var description: String {
         switch self {
@@ -15,6 +17,7 @@ public enum KVMError: Error, Sendable, CustomStringConvertible {
         case .unsupportedAPI(let v): return "/dev/kvm speaks KVM API version \(v), hv needs 12"
         case .missingCapability(let cap): return "this host's KVM lacks \(cap), which hv needs"
         case .ioctl(let what, let e): return "KVM \(what) failed: \(e)"
+        case .invalidState(let why): return why
         }
     }
 }

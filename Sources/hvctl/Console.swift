@@ -11,7 +11,7 @@ private let readyMarker = "\u{1}hv-ready "
 
 /// Runs `definition` in a child process in a session of its own and returns (exits) once the
 /// guest runs, with the child's one-line error and exit status if it never gets there.
-func runDetached(_ definition: VMDefinition, verbose: Bool) -> Never {
+func runDetached(_ definition: VMDefinition, verbose: Bool, restore: MachineSnapshot? = nil, startPaused: Bool = false) -> Never {
     var fds: [Int32] = [-1, -1]
     guard pipe(&fds) == 0 else { fail("cannot create the start-up pipe: \(Errno.current)") }
     // No thread runs yet (the VM's come later, in the child), so fork is safe here.
@@ -25,7 +25,7 @@ func runDetached(_ definition: VMDefinition, verbose: Bool) -> Never {
         dup2(devNull, 1)
         dup2(fds[1], 2)  // start-up errors reach the waiting parent
         closeDescriptors(from: 3)
-        exit(runVM(definition, verbose: verbose) { name in
+        exit(runVM(definition, verbose: verbose, restore: restore, startPaused: startPaused) { name in
             // The guest runs: tell the parent, then keep the core's messages in a log of its own.
             let log = open(RunDirectory.coreLog(name), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             let line = readyMarker + name + "\n"

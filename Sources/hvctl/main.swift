@@ -20,7 +20,7 @@ struct HVCtl: ParsableCommand {
             sockets in $HV_RUN_DIR (default /run/hv).
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
-        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, Console.self, Logs.self, CDROM.self, Device.self,
+        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Console.self, Logs.self, CDROM.self, Device.self,
                       Disk.self, Net.self, Sandbox.self, Version.self])
 }
 
@@ -107,10 +107,32 @@ extension HVCtl {
             $HV_RUN_DIR/NAME.log ('hvctl logs NAME') and 'hvctl console NAME' attaches to it.
             """))
         var detach = false
+        @Option(help: ArgumentHelp("Bring back the VM saved in this directory by 'hvctl snapshot' (only --name, --detach and --paused may be added).", valueName: "dir"))
+        var restore: String?
+        @Flag(help: "With --restore: leave the restored VM paused ('hvctl resume NAME' starts it).")
+        var paused = false
 
         func run() throws {
             var definition: VMDefinition
-            if let config {
+            var snapshot: MachineSnapshot?
+            if let restore {
+                guard config == nil, !flags.anyGiven, !printConfig else {
+                    throw UsageError(message: "--restore brings back the whole VM as it was saved: only --name, --detach and --paused may be added")
+                }
+                let directory = absolutePath(restore)
+                let saved: MachineSnapshot
+                do throws(SnapshotError) { saved = try MachineSnapshot.read(directory: directory) } catch { fail(error.description) }
+                do throws(UsageError) {
+                    definition = try VMDefinition.decode(saved.host)
+                    if let name = flags.name { definition.name = name }
+                    try definition.validate(naming: .keys)
+                } catch {
+                    fail("snapshot \(directory): its VM definition is invalid (\(error.message))")
+                }
+                snapshot = saved
+            } else if paused {
+                throw UsageError(message: "--paused goes with --restore (a new VM can be paused with 'hvctl pause NAME' once it runs)")
+            } else if let config {
                 guard !flags.anyGiven else {
                     throw UsageError(message: "--config describes the whole VM: give its other settings in the file, not as flags (only --name may be added)")
                 }
@@ -145,8 +167,8 @@ extension HVCtl {
                 print(definition.resolvingPaths(against: absolutePath(".")).encoded())
                 return
             }
-            if detach { runDetached(definition, verbose: verbose) }
-            Glibc.exit(runVM(definition, verbose: verbose))
+            if detach { runDetached(definition, verbose: verbose, restore: snapshot, startPaused: paused) }
+            Glibc.exit(runVM(definition, verbose: verbose, restore: snapshot, startPaused: paused))
         }
     }
 }
@@ -257,6 +279,32 @@ extension HVCtl {
         func run() throws {
             _ = ask(vm.name, ControlRequest(.resume))
             print("resumed \(vm.name)")
+        }
+    }
+}
+
+// MARK: snapshot
+
+extension HVCtl {
+    struct Snapshot: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Save a running VM to a new directory; 'hvctl run --restore DIR' brings it back.",
+            discussion: """
+                The VM pauses while its vCPU, interrupt-controller, clock and device states and its \
+                memory (sparse: pages never written take no space) are written, then resumes, or stays \
+                paused with --stop. Disks are referenced by path, not copied: keep them unchanged to \
+                restore, and stop the VM before restoring it under the same name (its disks are locked). \
+                The directory appears complete or not at all.
+                """)
+        @OptionGroup var vm: VMName
+        @Argument(help: ArgumentHelp("The directory to create.", valueName: "dir")) var directory: String
+        @Flag(help: "Leave the VM paused once it is saved.") var stop = false
+
+        func run() throws {
+            let path = absolutePath(directory)
+            guard path.hasPrefix("/"), path.utf8.count < 4000 else { throw UsageError(message: "cannot resolve the directory '\(directory)'") }
+            let reply = ask(vm.name, ControlRequest(.snapshot, path: path, stop: stop), timeoutSeconds: 600)
+            print(reply.message ?? "saved \(vm.name) to \(path)")
         }
     }
 }

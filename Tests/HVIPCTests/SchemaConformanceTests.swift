@@ -38,7 +38,7 @@ final class SchemaConformanceTests: XCTestCase {
     func testMessageTypes() throws {
         let schema = try SchemaFiles.schema()
         let names: [MessageType: String] = [
-            .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING",
+            .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING", .quiesce: "QUIESCE", .resume: "RESUME",
             .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT", .mediaChange: "MEDIA_CHANGE",
             .addDoorbell: "ADD_DOORBELL", .setMSIRoute: "SET_MSI_ROUTE",
         ]
@@ -67,7 +67,7 @@ final class SchemaConformanceTests: XCTestCase {
         let schema = try SchemaFiles.schema()
         let swift: [String: Capabilities] = [
             "REGISTER_RING": .registerRing, "STATE_PAGE": .statePage,
-            "BOOT_CONTROL": .bootControl, "INTERRUPT_LEVEL": .interruptLevel, "MSI": .msi,
+            "BOOT_CONTROL": .bootControl, "INTERRUPT_LEVEL": .interruptLevel, "MSI": .msi, "SNAPSHOT": .snapshot,
         ]
         let bits = try schema.bits("capabilities")
         XCTAssertEqual(Set(bits.keys), Set(swift.keys))
@@ -310,7 +310,8 @@ final class SchemaConformanceTests: XCTestCase {
             let value = HelloReply(major: try fields["major"].fixed(UInt32.self, "major"),
                                    minor: try fields["minor"].fixed(UInt32.self, "minor"),
                                    capabilities: Capabilities(rawValue: try schema.bitsetValue("capabilities", fields["capabilities"])),
-                                   name: try fields["name"].string("name"))
+                                   name: try fields["name"].string("name"),
+                                   stateVersion: try fields["state_version"].fixed(UInt16.self, "state_version"))
             XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
             XCTAssertEqual(try HelloReply.decode(expected), value, name)
         case "log":

@@ -326,7 +326,8 @@ final class Platform: DeviceModel {
     }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRing, .statePage, .bootControl])
+// State page layout (version 1): PlatformState at 0.
+let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRing, .statePage, .bootControl, .snapshot], stateVersion: 1)
 let settings: BIOSContract.Settings
 do { settings = try BIOSContract.Settings(decoding: runtime.config) } catch {
     runtime.log(.error, "\(error)")

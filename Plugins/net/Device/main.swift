@@ -205,7 +205,9 @@ final class VirtioNet: VirtioDevice {
     }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
+// State page layout (version 1): the virtio transport's configuration at 0.
+let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot],
+                                        stateVersion: 1)
 let settings: NetContract.Settings
 do { settings = try NetContract.Settings(decoding: runtime.config) } catch {
     runtime.log(.error, "\(error)")

@@ -65,6 +65,13 @@ final class VirtioSCSI: VirtioDevice {
         cdbSize = 32
     }
 
+    /// A snapshot: every transfer in flight finishes and is completed, and the LUN is saved.
+    func quiesce(transport: VirtioPCITransport) -> Bool {
+        if let pool { finishJobs(pool.drainAll()) }
+        saveLUN()
+        return true
+    }
+
     /// Completes transfers the I/O threads finished.
     private func finishJobs(_ jobs: [IOJob]) {
         guard let transport, let memory = transport.memory else { return }
@@ -246,7 +253,10 @@ func qcow2Chain(top: FileDescriptor, settings: SCSIContract.Settings) throws(QCO
 
 // The state page carries the transport's configuration and in-flight record: a killed adapter
 // is restarted with every request it had taken resubmitted, and the guest never notices.
-let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage])
+// State page layout (version 1): the virtio transport's configuration at 0, its in-flight record
+// at 2048, the LUN's state at 3584.
+let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot],
+                                        stateVersion: 1)
 let settings: SCSIContract.Settings
 do { settings = try SCSIContract.Settings(decoding: runtime.config) } catch {
     runtime.log(.error, "\(error)")

@@ -142,6 +142,15 @@ final class SerialDevice: DeviceModel {
 
     private func persist() { runtime.statePage?.store(uart) }
 
+    /// A snapshot: everything is committed, so a restored successor replays nothing. Its ring
+    /// starts again from index 0 and must not take an old batch's journal for its own: drop it.
+    func quiesce() -> Bool {
+        runtime.statePage?.storeBytes([0, 0, 0, 0], at: Self.journalOffset)
+        journal = nil
+        persist()
+        return true
+    }
+
     private func afterAccess() {
         if inputIdle { uart.receiveIdle() }
         updateInterrupt()
@@ -178,5 +187,6 @@ final class SerialDevice: DeviceModel {
     }
 }
 
-let runtime = DeviceRuntime.startOrExit(name: "serial-16550a", capabilities: [.registerRing, .statePage])
+// State page layout (version 1): the UART16550 at 0, the console journal at 2048.
+let runtime = DeviceRuntime.startOrExit(name: "serial-16550a", capabilities: [.registerRing, .statePage, .snapshot], stateVersion: 1)
 runtime.run(SerialDevice(runtime: runtime))

@@ -88,6 +88,16 @@ extern const unsigned long hv_KVM_GET_API_VERSION, hv_KVM_CREATE_VM, hv_KVM_CHEC
     hv_KVM_CREATE_IRQCHIP, hv_KVM_CREATE_PIT2, hv_KVM_IRQFD, hv_KVM_IOEVENTFD, hv_KVM_RUN,
     hv_KVM_GET_REGS, hv_KVM_SET_REGS, hv_KVM_GET_SREGS, hv_KVM_SET_SREGS, hv_KVM_SET_CPUID2,
     hv_KVM_GET_MP_STATE, hv_KVM_SET_MP_STATE, hv_KVM_IRQ_LINE, hv_KVM_SET_GSI_ROUTING,
-    hv_KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU, hv_KVM_GET_CLOCK, hv_KVM_SET_CLOCK;
+    hv_KVM_GET_VCPU_EVENTS, hv_KVM_SET_FPU, hv_KVM_GET_CLOCK, hv_KVM_SET_CLOCK,
+    // Snapshot and restore: the rest of a vCPU's and the in-kernel platform's state.
+    hv_KVM_SET_VCPU_EVENTS, hv_KVM_GET_XSAVE, hv_KVM_SET_XSAVE, hv_KVM_GET_XCRS, hv_KVM_SET_XCRS,
+    hv_KVM_GET_LAPIC, hv_KVM_SET_LAPIC, hv_KVM_GET_MSRS, hv_KVM_SET_MSRS, hv_KVM_GET_MSR_INDEX_LIST,
+    hv_KVM_GET_DEBUGREGS, hv_KVM_SET_DEBUGREGS, hv_KVM_GET_IRQCHIP, hv_KVM_SET_IRQCHIP,
+    hv_KVM_GET_PIT2, hv_KVM_SET_PIT2, hv_KVM_GET_TSC_KHZ, hv_KVM_SET_TSC_KHZ;
+
+// CRC-32C (Castagnoli, the iSCSI/ext4 checksum) of `length` bytes, continuing from `crc` (0 to
+// start). C because the SSE4.2 crc32 instruction is what makes checksumming a 1 GiB snapshot
+// cheap; hosts without it get the table-driven version.
+unsigned int hv_crc32c(unsigned int crc, const void *data, unsigned long length);
 
 #endif
