@@ -6,6 +6,9 @@ import HVSerialContract
 import HVSys
 import Synchronization
 
+/// Set once the guest has run in this process (a failure before that leaves no console log).
+private let guestRan = Mutex(false)
+
 /// Runs the VM `definition` describes in this process (which becomes its trusted core) until it
 /// ends; returns hvctl's exit status. A definition that cannot run ends the process with one
 /// line and status 1 or 2 (see `fail`), after undoing what was set up. `onRunning` is called
@@ -51,7 +54,13 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         disks = try openDisks(options)
         cdrom = try openCDROM(options)
         if options.serial.output == .file, let path = options.serial.path { outputs.append(try OutputFile.open(path, what: "the --serial file")) }
-        if options.serial.output == .console { outputs.append(try OutputFile.open(RunDirectory.consoleLog(name), what: "the console log")) }
+        if options.serial.output == .console {
+            let log = RunDirectory.consoleLog(name)
+            let created = access(log, F_OK) != 0
+            outputs.append(try OutputFile.open(log, what: "the console log"))
+            // A VM that never ran leaves no empty log behind.
+            if created { ExitCleanup.add { if !guestRan.withLock({ $0 }) { unlink(log) } } }
+        }
         if let path = options.debugcon { outputs.append(try OutputFile.open(path, what: "the --debugcon file")) }
     } catch {
         fail(error.message)
@@ -148,8 +157,9 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
             fail(restoring == nil ? "\(error)" : "cannot restore snapshot \(restoring!.directory): \(error)")
         }
         restoring = nil  // a reboot after a restore boots afresh
-        if let onRunning {
-            machine.onGuestStarted = { if once.withLock({ first in defer { first = false }; return first }) { onRunning(name) } }
+        machine.onGuestStarted = {
+            guestRan.withLock { $0 = true }
+            if let onRunning, once.withLock({ first in defer { first = false }; return first }) { onRunning(name) }
         }
         current.install(machine)
         switch machine.run() {

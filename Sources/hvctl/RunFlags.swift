@@ -70,6 +70,24 @@ struct DefinitionFlags: ParsableArguments {
     var noSandbox = false
 
     /// Whether any flag that describes the VM was given (they conflict with --config).
+    /// What `--serial TEXT` asks for.
+    static func serialOption(_ serial: String) throws(UsageError) -> VMDefinition.Serial {
+        switch serial {
+        case "stdio": return .init(output: .stdio)
+        case "none": return .init(output: .none)
+        case "console": return .init(output: .console)
+        case let s where s.hasPrefix("file:") && s.count > 5: return .init(output: .file, path: String(s.dropFirst(5)))
+        default: throw UsageError(message: "invalid --serial '\(serial)': use stdio, file:PATH, console or none")
+        }
+    }
+
+    /// Whether a flag other than --name and --serial was given (what --restore refuses).
+    var anyGivenButSerial: Bool {
+        var copy = self
+        copy.serial = nil
+        return copy.anyGiven
+    }
+
     var anyGiven: Bool {
         multiboot != nil || kernel != nil || initrd != nil || firmware != nil || bootMenu || debugcon != nil || commandLine != nil
             || !disk.isEmpty || cdrom != nil || !nic.isEmpty || noReboot || memory != nil || cpus != nil || serial != nil
@@ -110,15 +128,7 @@ struct DefinitionFlags: ParsableArguments {
             }
             d.cpus = n
         }
-        if let serial {
-            switch serial {
-            case "stdio": d.serial = .init(output: .stdio)
-            case "none": d.serial = .init(output: .none)
-            case "console": d.serial = .init(output: .console)
-            case let s where s.hasPrefix("file:") && s.count > 5: d.serial = .init(output: .file, path: String(s.dropFirst(5)))
-            default: throw UsageError(message: "invalid --serial '\(serial)': use stdio, file:PATH, console or none")
-            }
-        }
+        if let serial { d.serial = try Self.serialOption(serial) }
         for spec in disk {
             let parts = spec.split(separator: ",", omittingEmptySubsequences: false)
             guard let path = parts.first, !path.isEmpty else {

@@ -107,18 +107,28 @@ extension HVCtl {
             $HV_RUN_DIR/NAME.log ('hvctl logs NAME') and 'hvctl console NAME' attaches to it.
             """))
         var detach = false
-        @Option(help: ArgumentHelp("Bring back the VM saved in this directory by 'hvctl snapshot' (only --name, --detach and --paused may be added).", valueName: "dir"))
+        @Option(help: ArgumentHelp("Bring back the VM saved in this directory by 'hvctl snapshot' (only --name, --serial, --detach, --paused, --clone and --mac may be added).", valueName: "dir"))
         var restore: String?
         @Flag(help: "With --restore: leave the restored VM paused ('hvctl resume NAME' starts it).")
         var paused = false
+        @Flag(help: ArgumentHelp("""
+            With --restore: start a new VM (--name is required) from the snapshot, as a template: NICs get \
+            MACs of the new name (or --mac), each writable disk a new qcow2 overlay on the template's \
+            image in DIR/clones/NAME/, so the template's disks are never written.
+            """))
+        var clone = false
+        @Option(help: ArgumentHelp("With --clone: the MAC of the clone's next NIC (repeat for each).", valueName: "mac"))
+        var mac: [String] = []
 
         func run() throws {
             var definition: VMDefinition
             var snapshot: MachineSnapshot?
             if let restore {
-                guard config == nil, !flags.anyGiven, !printConfig else {
-                    throw UsageError(message: "--restore brings back the whole VM as it was saved: only --name, --detach and --paused may be added")
+                guard config == nil, !flags.anyGivenButSerial, !printConfig else {
+                    throw UsageError(message: "--restore brings back the whole VM as it was saved: only --name, --serial, --detach, --paused, --clone and --mac may be added")
                 }
+                guard !clone || flags.name != nil else { throw UsageError(message: "--clone needs --name: a clone is a new VM with its own name") }
+                guard clone || mac.isEmpty else { throw UsageError(message: "--mac goes with --clone (a restored VM keeps its MACs)") }
                 let directory = absolutePath(restore)
                 let saved: MachineSnapshot
                 do throws(SnapshotError) { saved = try MachineSnapshot.read(directory: directory) } catch { fail(error.description) }
@@ -129,9 +139,15 @@ extension HVCtl {
                 } catch {
                     fail("snapshot \(directory): its VM definition is invalid (\(error.message))")
                 }
+                if let serial = flags.serial { definition.serial = try DefinitionFlags.serialOption(serial) }
+                if clone {
+                    do throws(UsageError) {
+                        definition = try cloneDefinition(definition, snapshot: directory, name: flags.name ?? "", macs: mac)
+                    } catch { fail(error.message) }
+                }
                 snapshot = saved
-            } else if paused {
-                throw UsageError(message: "--paused goes with --restore (a new VM can be paused with 'hvctl pause NAME' once it runs)")
+            } else if paused || clone || !mac.isEmpty {
+                throw UsageError(message: "--paused, --clone and --mac go with --restore (a new VM can be paused with 'hvctl pause NAME' once it runs)")
             } else if let config {
                 guard !flags.anyGiven else {
                     throw UsageError(message: "--config describes the whole VM: give its other settings in the file, not as flags (only --name may be added)")

@@ -205,7 +205,8 @@ final class VirtioNet: VirtioDevice {
     }
 }
 
-// State page layout (version 1): the virtio transport's configuration at 0.
+// State page layout (version 1): the virtio transport's configuration at 0, this NIC's MAC at
+// 3072 ("MAC1" then its six bytes).
 let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot],
                                         stateVersion: 1)
 let settings: NetContract.Settings
@@ -238,4 +239,17 @@ case .segment:
 }
 let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend)
 runtime.watch(fd: backend.wakeDescriptor, enabled: { backend is SegmentBackend || nic.canReceive() }) { nic.backendReady() }
-runtime.run(VirtioPCITransport(runtime: runtime, device: nic))
+let transport = VirtioPCITransport(runtime: runtime, device: nic)
+// A clone restored from a snapshot gets a MAC of its own while its driver still holds the
+// template's: the configuration space says the new one, and a configuration-change interrupt
+// tells the driver to look (a driver that caches its address keeps the old one until told).
+let macRecord: [UInt8] = Array("MAC1".utf8) + mac
+if let page = runtime.statePage {
+    let saved = page.loadBytes(at: 3072, count: macRecord.count)
+    if runtime.restartGeneration > 0, saved.starts(with: Array("MAC1".utf8)), saved != macRecord {
+        runtime.log(.info, "MAC is now \(settings.mac) (was \(MACAddress(bytes: Array(saved[4...])))); configuration change signalled")
+        transport.signalConfigurationChange()
+    }
+    page.storeBytes(macRecord, at: 3072)
+}
+runtime.run(transport)
