@@ -156,14 +156,17 @@ public struct MachineSnapshot: Sendable {
             throw SnapshotError("\(name) is not an hv snapshot (no snapshot header)")
         }
         var r = WireReader(bytes, offset: 8)
-        let version: UInt32, count: Int, total: UInt64, headerCRC: UInt32
+        let version: UInt32, count: Int, total: UInt64, headerCRC: UInt32, reserved: UInt32
         do throws(WireError) {
             version = try r.u32()
             count = Int(try r.u32())
             total = try r.u64()
             headerCRC = try r.u32()
+            reserved = try r.u32()
         } catch { throw SnapshotError("\(name) is truncated") }
-        guard headerCRC == hv_crc32c(0, Array(bytes[0..<24]), 24) else { throw SnapshotError("\(name) is corrupt (its header fails its checksum)") }
+        guard headerCRC == hv_crc32c(0, Array(bytes[0..<24]), 24), reserved == 0 else {
+            throw SnapshotError("\(name) is corrupt (its header fails its checksum)")
+        }
         guard version == formatVersion else {
             throw SnapshotError("\(name) was written in snapshot format \(version); this hv reads format \(formatVersion) only")
         }
@@ -176,14 +179,15 @@ public struct MachineSnapshot: Sendable {
         var at = 32
         for i in 0..<count {
             var h = WireReader(bytes, offset: at)
-            let rawTag: UInt32, length: UInt64, crc: UInt32
+            let rawTag: UInt32, length: UInt64, crc: UInt32, reserved: (UInt32, UInt32)
             do throws(WireError) {
                 rawTag = try h.u32()
-                _ = try h.u32()
+                reserved.0 = try h.u32()
                 length = try h.u64()
                 crc = try h.u32()
-                _ = try h.u32()
+                reserved.1 = try h.u32()
             } catch { throw SnapshotError("\(name) is truncated (in section \(i + 1) of \(count))") }
+            guard reserved == (0, 0) else { throw SnapshotError("\(name) is corrupt (section \(i + 1) of \(count) has a damaged header)") }
             guard length <= UInt64(bytes.count - at - 24) else { throw SnapshotError("\(name) is truncated (in section \(i + 1) of \(count))") }
             let payload = Array(bytes[(at + 24)..<(at + 24 + Int(length))])
             guard hv_crc32c(0, payload, UInt(payload.count)) == crc else {

@@ -238,6 +238,8 @@ final class SnapshotTests: XCTestCase {
         try refused(try variant("membent", memory: bent), "its memory is corrupt")
         // A guest that saw a CPU feature this host's KVM cannot give.
         try refused(try variant("cpu", state: try withUnsupportedFeature(state)), "this host's CPU lacks features the guest saw:")
+        // A device whose build reads another state layout than the snapshot holds.
+        try refused(try variant("layout", state: try withDeviceStateVersion9(state)), "the snapshot holds its state in layout version 9; this build of")
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: runDir).filter { $0.hasPrefix("bad") }, [])
     }
 
@@ -254,31 +256,53 @@ final class SnapshotTests: XCTestCase {
         XCTAssertEqual(try status("plugged")["state"] as? String, "running")
     }
 
-    /// The state file with one CPU feature bit set that this host's KVM does not offer, in leaf
-    /// 7's EBX, the section's checksum made good again (docs/snapshots.md has the layout).
-    private func withUnsupportedFeature(_ state: Data) throws -> Data {
+    /// The state file with the first section of kind `tag` changed by `change` (in place, same
+    /// length) and its checksum made good again (docs/snapshots.md has the layout).
+    private func rewritingSection(_ state: Data, tag: UInt32, _ change: (inout [UInt8]) throws -> Void) throws -> Data {
         var bytes = [UInt8](state)
         func u32(_ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(bytes[at + $1]) << (8 * UInt32($1)) } }
-        func put(_ v: UInt32, _ at: Int) { for i in 0..<4 { bytes[at + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(i))) } }
         var at = 32
         while at < bytes.count {
-            let tag = u32(at), length = Int(u32(at + 8))
-            let payload = at + 24
-            if tag == 3 {  // cpuid: count, entry size, entries
-                let count = Int(u32(payload)), size = Int(u32(payload + 4))
-                for i in 0..<count {
-                    let e = payload + 8 + i * size
-                    guard u32(e) == 7, u32(e + 4) == 0 else { continue }
-                    let ebx = u32(e + 16)
-                    let bit = try XCTUnwrap((0..<32).first { ebx & (1 << UInt32($0)) == 0 }, "leaf 7 has every EBX bit")
-                    put(ebx | 1 << UInt32(bit), e + 16)
-                    put(crc32c(Array(bytes[payload..<(payload + length)])), at + 16)
-                    return Data(bytes)
-                }
+            let length = Int(u32(at + 8)), payload = at + 24
+            if u32(at) == tag {
+                var section = Array(bytes[payload..<(payload + length)])
+                try change(&section)
+                bytes.replaceSubrange(payload..<(payload + length), with: section)
+                let crc = crc32c(section)
+                for i in 0..<4 { bytes[at + 16 + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i))) }
+                return Data(bytes)
             }
             at = payload + length
         }
-        throw XCTSkip("this host's CPUID has no leaf 7")
+        throw XCTSkip("the snapshot has no section of kind \(tag)")
+    }
+
+    /// One CPU feature bit set in leaf 7's EBX that this host's KVM does not offer.
+    private func withUnsupportedFeature(_ state: Data) throws -> Data {
+        try rewritingSection(state, tag: 3) { p in  // cpuid: count, entry size, entries
+            func u32(_ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(p[at + $1]) << (8 * UInt32($1)) } }
+            let count = Int(u32(0)), size = Int(u32(4))
+            for i in 0..<count {
+                let e = 8 + i * size
+                guard u32(e) == 7, u32(e + 4) == 0 else { continue }
+                let ebx = u32(e + 16)
+                let bit = try XCTUnwrap((0..<32).first { ebx & (1 << UInt32($0)) == 0 }, "leaf 7 has every EBX bit")
+                let value = ebx | 1 << UInt32(bit)
+                for j in 0..<4 { p[e + 16 + j] = UInt8(truncatingIfNeeded: value >> (8 * UInt32(j))) }
+                return
+            }
+            throw XCTSkip("this host's CPUID has no leaf 7")
+        }
+    }
+
+    /// The first device's state recorded in layout version 9.
+    private func withDeviceStateVersion9(_ state: Data) throws -> Data {
+        try rewritingSection(state, tag: 7) { p in  // device: name, model (u16 length each), version
+            let name = Int(p[0]) | Int(p[1]) << 8
+            let model = Int(p[2 + name]) | Int(p[3 + name]) << 8
+            p[4 + name + model] = 9
+            p[5 + name + model] = 0
+        }
     }
 }
 
