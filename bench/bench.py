@@ -1235,6 +1235,194 @@ class Bench:
                             note="" if share is None else f"{share:.2f}× hv raw"))
         return rows
 
+    # -- snapshots (issue #15) --
+
+    def qmp(self, path: str, *commands: dict, timeout_s: float = 30) -> list[dict]:
+        """Runs QMP commands on QEMU's monitor socket; returns each command's answer."""
+        import socket
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
+        s.settimeout(timeout_s)
+        f = s.makefile("rwb")
+
+        def answer() -> dict:
+            while True:
+                msg = json.loads(f.readline())
+                if "return" in msg or "error" in msg or "QMP" in msg:
+                    return msg
+
+        answer()  # greeting
+        out = []
+        for cmd in ({"execute": "qmp_capabilities"}, *commands):
+            f.write(json.dumps(cmd).encode() + b"\n")
+            f.flush()
+            out.append(answer())
+        s.close()
+        return out[1:]
+
+    def case_snapshot(self) -> list[Row]:
+        """Snapshot and restore of one guest that wrote `fill` MiB, hv (`hvctl snapshot` /
+        `run --restore`) against QEMU (migration to a file and `-incoming` from it); and the memory
+        of N clones of one snapshot against N VMs started afresh."""
+        # First touches of guest pages are slow on a nested-KVM host (≈ 2 MiB/s here), so the
+        # guests write a few MiB; the RAM sizes are the issue's.
+        fill = 4 if self.quick else 32
+        sizes = ["256M"] if self.quick else ["256M", "1G"]
+        clones = 4 if self.quick else 20
+        cmd = f"mode=memfill count={fill}"
+        ready = b"memfill: ready"
+        run_dir = self.env.tmp / "snap-run"
+        run_dir.mkdir(exist_ok=True)
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir))
+        hv = str(self.env.hvctl)
+        print(f"case: snapshot and restore ({', '.join(sizes)} guests that wrote {fill} MiB; hv vs QEMU migrate-to-file), "
+              f"and {clones} clones vs {clones} fresh VMs", flush=True)
+
+        def du(path: Path) -> float:
+            out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True).stdout.split()
+            return int(out[0]) / 1024 if out else 0.0
+
+        def wait_log(name: str, text: bytes, timeout_s: float = 300) -> bool:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    if text in (run_dir / f"{name}.log").read_bytes():
+                        return True
+                except OSError:
+                    pass
+                time.sleep(0.02)
+            return False
+
+        def hvctl(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+            return subprocess.run([hv, *args], capture_output=True, text=True, env=env, timeout=timeout_s)
+
+        def one(side: str, i: int) -> None:
+            for size in sizes:
+                key = f"snap_{size}"
+                snap = self.env.tmp / f"snap-{side}-{size}-{i}"
+                if side == "hv":
+                    name = f"s{i}{size}"
+                    r = hvctl("run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", size,
+                              "--name", name, "--detach")
+                    if r.returncode != 0 or not wait_log(name, ready):
+                        self.problems.append(f"hv snapshot {size}: guest did not get ready: {r.stderr.strip()}")
+                        hvctl("stop", name)
+                        continue
+                    t0 = now_ns()
+                    r = hvctl("snapshot", name, str(snap), "--stop")
+                    save_ms = (now_ns() - t0) / 1e6
+                    hvctl("stop", name)
+                    t0 = now_ns()
+                    r2 = hvctl("run", "--restore", str(snap), "--detach", "--name", name + "r")
+                    restore_ms = (now_ns() - t0) / 1e6
+                    hvctl("stop", name + "r")
+                    if r.returncode != 0 or r2.returncode != 0:
+                        self.problems.append(f"hv snapshot {size}: {r.stderr.strip()} {r2.stderr.strip()}")
+                        continue
+                    size_mib = du(snap)
+                    shutil.rmtree(snap, ignore_errors=True)
+                else:
+                    qmp = str(self.env.tmp / f"qmp-{i}-{size}.sock")
+                    base = [self.env.qemu, *[a if a != GUEST_RAM else size for a in QEMU_BASE_ARGS],
+                            "-kernel", str(self.env.guest), "-append", cmd, "-qmp", f"unix:{qmp},server=on,wait=off"]
+                    guest = LiveGuest(base, None)
+                    try:
+                        if guest.wait_for(ready, 300) is None:
+                            self.problems.append(f"QEMU snapshot {size}: guest did not get ready: {guest.text()[-300:]}")
+                            continue
+                        t0 = now_ns()
+                        self.qmp(qmp, {"execute": "migrate", "arguments": {"uri": f"exec:cat > {snap}"}})
+                        while self.qmp(qmp, {"execute": "query-migrate"})[0].get("return", {}).get("status") not in ("completed", "failed"):
+                            time.sleep(0.001)
+                        save_ms = (now_ns() - t0) / 1e6
+                    finally:
+                        guest.stop()
+                    if os.path.exists(qmp):
+                        os.unlink(qmp)
+                    t0 = now_ns()
+                    restored = LiveGuest(base + ["-incoming", f"exec:cat {snap}"], None)
+                    try:
+                        while self.qmp(qmp, {"execute": "query-status"})[0].get("return", {}).get("status") != "running":
+                            if restored.proc.poll() is not None or now_ns() - t0 > 120e9:
+                                break
+                            time.sleep(0.001)
+                        restore_ms = (now_ns() - t0) / 1e6
+                    finally:
+                        restored.stop()
+                    size_mib = snap.stat().st_size / (1 << 20)
+                    snap.unlink()
+                self.record(f"{key}_save", side, save_ms)
+                self.record(f"{key}_restore", side, restore_ms)
+                self.record(f"{key}_size", side, size_mib)
+                print(f"  run {i + 1} {side} {size}: snapshot {save_ms:.0f} ms, restore to running {restore_ms:.0f} ms, "
+                      f"{size_mib:.1f} MiB on disk", flush=True)
+
+        self.interleaved(one, runs=1 if self.quick else min(self.runs, 3))
+
+        # Memory: N clones of one snapshot against N VMs started afresh, all idle after the fill.
+        def pss_of(names: list[str]) -> Optional[float]:
+            total = 0
+            for n in names:
+                r = hvctl("status", n, "--json")
+                if r.returncode != 0:
+                    return None
+                total += self.hv_pss(json.loads(r.stdout)["pid"])["total_kb"]
+            return total / 1024
+
+        fresh = [f"fresh{k}" for k in range(clones)]
+        for n in fresh:
+            hvctl("run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", "64M", "--name", n, "--detach")
+        fresh_ok = all(wait_log(n, ready) for n in fresh)
+        fresh_pss = pss_of(fresh) if fresh_ok else None
+        for n in fresh:
+            hvctl("stop", n)
+        template = self.env.tmp / "snap-template"
+        hvctl("run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", "64M", "--name", "template", "--detach")
+        clone_names = [f"clone{k}" for k in range(clones)]
+        clone_pss = None
+        if wait_log("template", ready) and hvctl("snapshot", "template", str(template), "--stop").returncode == 0:
+            hvctl("stop", "template")
+            started = [hvctl("run", "--restore", str(template), "--clone", "--name", n, "--detach").returncode == 0 for n in clone_names]
+            time.sleep(1.0)
+            clone_pss = pss_of(clone_names) if all(started) else None
+            for n in clone_names:
+                hvctl("stop", n)
+        else:
+            hvctl("stop", "template")
+        if fresh_pss is None or clone_pss is None:
+            self.problems.append("snapshot: the clone/fresh PSS comparison did not run to the end")
+        self.record("clones_pss", "hv", clone_pss)
+        self.record("clones_pss", "hv-fresh", fresh_pss)
+        print(f"  {clones} clones: {clone_pss and round(clone_pss, 1)} MiB PSS; {clones} fresh VMs: "
+              f"{fresh_pss and round(fresh_pss, 1)} MiB", flush=True)
+
+        rows = []
+        for size in sizes:
+            key = f"snap_{size}"
+            rows += [
+                Row(f"snapshot, {size} guest ({fill} MiB written)", self.get(f"{key}_save", "hv"), self.get(f"{key}_save", "qemu"),
+                    unit="ms", target="≤ QEMU migrate-to-file"),
+                Row(f"restore to guest running, {size} guest", self.get(f"{key}_restore", "hv"), self.get(f"{key}_restore", "qemu"),
+                    unit="ms", target="Firecracker: < 8 ms (2 vCPUs, 512 MiB)"),
+                Row(f"snapshot size on disk, {size} guest", self.get(f"{key}_size", "hv"), self.get(f"{key}_size", "qemu"),
+                    unit="MiB", target="sparse (≈ memory written)"),
+            ]
+        rows.append(Row(f"PSS of {clones} idle clones vs {clones} fresh VMs (64 MiB, {fill} MiB written)",
+                        self.get("clones_pss", "hv"), self.get("clones_pss", "hv-fresh"), unit="MiB",
+                        target="clones ≪ fresh VMs", note="QEMU column = fresh hv VMs; see ARCHITECTURE.md, Snapshots"))
+        for r in rows[:-1]:
+            r.met = None if r.hv is None or r.qemu is None else r.hv.median <= r.qemu.median
+        return rows
+
     # -- network --
 
     def case_net(self) -> list[Row]:
@@ -1675,7 +1863,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, seabios, "
-                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, net, kill_storms")
+                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, net, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
@@ -1700,7 +1888,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench.warm_up()
         rows: list[Row] = []
         cases = ["pioread", "time_to_x", "throughput", "memory", "seabios", "sandbox", "vm_rate", "vms_at_once",
-                 "grub", "scsi", "qcow2", "net", "kill_storms"]
+                 "grub", "scsi", "qcow2", "snapshot", "net", "kill_storms"]
         for name in args.only or cases:
             if name not in cases:
                 sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases)}")

@@ -2049,6 +2049,23 @@ static void mode_ticks(uint32_t count, uint32_t delay)
     }
 }
 
+/* memfill: write `count` MiB from 16 MiB up (each MiB its own non-zero pattern), then idle with
+ * every interrupt masked: a guest whose memory a snapshot must carry (bench). */
+static void mode_memfill(uint32_t mib)
+{
+    for (uint32_t m = 0; m < mib; m++) {
+        uint32_t *p = (uint32_t *)(uintptr_t)((16u + m) << 20);
+        uint32_t value = 0x9E3779B9u * (m + 1);
+        for (uint32_t i = 0; i < (1u << 18); i++)
+            p[i] = value ^ i;
+    }
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    kprintf("memfill: ready mib=%u\n", mib);
+    for (;;)
+        __asm__ volatile("sti; hlt");
+}
+
 static void mode_netsink(const struct config *cfg)
 {
     net_want_csum = cfg->csum;
@@ -2123,6 +2140,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_netblast(&cfg);
     else if (streq(cfg.mode, "netsink"))
         mode_netsink(&cfg);
+    else if (streq(cfg.mode, "memfill"))
+        mode_memfill(cfg.count_given ? cfg.count : 16);
     else if (streq(cfg.mode, "ticks"))
         mode_ticks(cfg.count_given ? cfg.count : 50, cfg.delay);
     else
