@@ -28,6 +28,10 @@ extension Machine {
                 throw SnapshotError("cannot snapshot: \(refusing.joined(separator: ", ")) cannot be snapshotted (its device does not support it)")
             }
             guard access(directory, F_OK) != 0 else { throw SnapshotError("\(directory) already exists; name a new directory") }
+            let parent = directory.lastIndex(of: "/").map { String(directory[..<$0]) } ?? "."
+            guard access(parent.isEmpty ? "/" : parent, W_OK) == 0 else {
+                throw SnapshotError("cannot create \(directory): \(parent.isEmpty ? "/" : parent) is not a writable directory (\(Errno.current))")
+            }
             let wasPaused = pausedSince != nil
             let pausedAt = monotonicNanoseconds()
             if !wasPaused {
@@ -69,7 +73,6 @@ extension Machine {
                 throw SnapshotError("cannot flush the snapshot to disk: \(Errno.current)")
             }
             guard rename(temporary, directory) == 0 else { throw SnapshotError("cannot rename \(temporary) to \(directory): \(Errno.current)") }
-            let parent = directory.lastIndex(of: "/").map { String(directory[..<$0]) } ?? "."
             let parentFD = open(parent.isEmpty ? "/" : parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             if parentFD >= 0 {
                 fsync(parentFD)

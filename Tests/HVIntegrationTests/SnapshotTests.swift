@@ -95,6 +95,16 @@ final class SnapshotTests: XCTestCase {
         XCTAssertFalse(text.contains("mode=ticks"), "the restored guest booted again: \(text)")
         // Paced by the TSC as before: a TSC that jumped ahead would print the rest at once.
         XCTAssertGreaterThan(elapsed, Double(30 - first) * 0.05 * 0.5, text)
+
+        // Restored paused: nothing runs until 'hvctl resume', then it carries on the same way.
+        let paused = try runHvctl(["run", "--restore", snapshot, "--paused", "--detach", "--name", "again"])
+        XCTAssertEqual(paused.status, 0, paused.stderr)
+        XCTAssertEqual(try status("again")["state"] as? String, "paused")
+        Thread.sleep(forTimeInterval: 0.3)
+        XCTAssertEqual(log("again"), "")
+        XCTAssertEqual(try runHvctl(["resume", "again"]).status, 0)
+        XCTAssertTrue(waitForLog("again", "tick \(first)\n"), log("again"))
+        XCTAssertEqual(ticks(log("again")).first, first, log("again"))
     }
 
     /// A snapshot taken while the disk has requests in flight loses none: the restored guest
