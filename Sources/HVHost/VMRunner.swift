@@ -267,6 +267,10 @@ final class VMControl: Sendable {
         case .snapshot:
             guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
             guard let path = request.path, path.hasPrefix("/") else { return .failure("snapshot needs the directory's absolute path") }
+            // A definition names a drive by its medium; an empty drive has none to restore with.
+            guard !hasCDROM || medium.withLock({ $0 }) != nil else {
+                return .failure("cannot snapshot \(name) while its CD-ROM drive is empty: insert a medium first ('hvctl cdrom \(name) insert ISO')")
+            }
             do throws(SnapshotError) {
                 let report = try machine.snapshot(to: path, host: snapshotRecord(), leavePaused: request.stop ?? false)
                 let paused = report.pausedNanoseconds == 0 ? "" : ", guest stopped for \(report.pausedNanoseconds / 1_000_000) ms"
@@ -300,6 +304,8 @@ final class VMControl: Sendable {
         saved.name = name
         // The guest's driver knows its NICs' addresses: a restore keeps them, under any name.
         for i in saved.nics.indices where i < nics.count { saved.nics[i].mac = nics[i].mac }
+        // The medium in the drive now, which 'hvctl cdrom insert' may have changed.
+        if hasCDROM, let now = medium.withLock({ $0 }) { saved.cdrom = now }
         return Array(saved.encoded().utf8)
     }
 
