@@ -83,8 +83,6 @@ public final class Machine: @unchecked Sendable {
     private let liveVCPUThreads = Atomic<Int>(0)
     /// Serialises pause and resume; holds the kvmclock read at the pause.
     let pauseState = Mutex<(paused: Bool, clock: UInt64?, since: UInt64)>((false, nil, 0))
-    /// The MSRs a snapshot saves (KVM's list of saveable ones).
-    let msrIndices: [UInt32]
     /// The CPUID table the guest sees (before the per-vCPU APIC IDs); a snapshot keeps it.
     let cpuidTable: [kvm_cpuid_entry2]
     /// Serialises snapshots (one at a time per VM).
@@ -163,7 +161,6 @@ public final class Machine: @unchecked Sendable {
             }
             vcpus = list
             cpuidTable = cpuid
-            msrIndices = try kvm.saveableMSRs()
             if let restore {
                 try vm.restorePlatform(restore.platform)
                 for (vcpu, state) in zip(vcpus, restore.vcpus) {

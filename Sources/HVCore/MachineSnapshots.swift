@@ -87,6 +87,8 @@ extension Machine {
     /// Everything but guest RAM, read while the vCPUs are parked and the devices quiesced.
     private func captureState(host: [UInt8], devices: [DeviceSavedState]) throws(SnapshotError) -> MachineSnapshot {
         do {
+            // Asked here, not at start-up: only a snapshot needs KVM's list of saveable MSRs.
+            let msrIndices = try kvm.saveableMSRs()
             let vcpuStates = try vcpus.map { vcpu throws(KVMError) in try vcpu.saveState(msrIndices: msrIndices) }
             let platform = try vm.savePlatform()
             let clock = try pauseState.withLock { $0.clock } ?? vm.clock()

@@ -298,8 +298,8 @@ public final class DeviceRuntime: @unchecked Sendable {
         catchUp = { [unowned self] in _ = serveRing(model, loop) }
         quiesceModel = { [unowned self] in
             // Whatever the core queued before the pause is served and committed first.
-            _ = serveRing(model, loop)
-            commit(model, loop, now: monotonicNanoseconds())
+            catchUp?()
+            finalCommit?()
             return model.quiesce()
         }
         while true { iterate(model, loop) }
@@ -522,9 +522,11 @@ public final class DeviceRuntime: @unchecked Sendable {
             }
             guard !frame.flags.contains(.reply) else { continue }
             switch MessageType(rawValue: frame.type) {
-            case .resume?, .ping?, .quiesce?:
+            case .resume?:
                 try? control.send(.reply(to: frame))
-                if frame.type == MessageType.resume.rawValue { return }
+                return
+            case .ping?, .quiesce?:
+                try? control.send(.reply(to: frame))
             case .shutdown?:
                 try? control.send(.reply(to: frame))
                 exit(0)
