@@ -250,3 +250,23 @@ int hv_install_sigsys_reporter(int events_fd) {
     sigemptyset(&action.sa_mask);
     return sigaction(SIGSYS, &action, NULL);
 }
+
+int hv_kvm_get_dirty_log(int vm_fd, unsigned int slot, void *bitmap) {
+    struct kvm_dirty_log log;
+    memset(&log, 0, sizeof log);
+    log.slot = slot;
+    log.dirty_bitmap = bitmap;
+    return ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log);
+}
+
+void hv_atomic_or_u64(unsigned long long *word, unsigned long long bits) {
+    __atomic_fetch_or(word, bits, __ATOMIC_SEQ_CST);
+}
+
+unsigned long long hv_atomic_exchange_u64(unsigned long long *word, unsigned long long value) {
+    return __atomic_exchange_n(word, value, __ATOMIC_SEQ_CST);
+}
+
+unsigned long long hv_atomic_load_u64(const unsigned long long *word) {
+    return __atomic_load_n(word, __ATOMIC_RELAXED);
+}

@@ -52,6 +52,9 @@ final class ManagedDevice: @unchecked Sendable {
     let spec: DeviceSpec
     let endpoint: DeviceEndpoint
     let statePage: FileDescriptor
+    /// The bitmap in which the device marks the guest pages it writes (a device that maps guest
+    /// memory only): a live migration copies those pages again. Kept across restarts.
+    let dirtyLog: (file: FileDescriptor, bitmap: DirtyPageBitmap)?
     let interrupts: [EventFD]
     var process: ChildProcess?
     /// The control channel of the live process. Under a lock: the control socket thread sends
@@ -73,9 +76,10 @@ final class ManagedDevice: @unchecked Sendable {
     /// Restored from a snapshot: the state layout version the snapshot recorded, which the
     /// process must report.
     var expectedStateVersion: UInt16?
-    /// What the live process reported in its handshake: its model name and state layout version
-    /// (0: it cannot be snapshotted). Written by the thread doing the handshake.
-    let reported = Mutex<(model: String, stateVersion: UInt16)>(("", 0))
+    /// What the live process reported in its handshake: its model name, its state layout version
+    /// (0: it cannot be snapshotted) and whether it logs its guest-memory writes. Written by the
+    /// thread doing the handshake.
+    let reported = Mutex<(model: String, stateVersion: UInt16, logsDirtyPages: Bool)>(("", 0, false))
     var crashTimes: [UInt64] = []
     /// The guest access the device died serving the last times, and how many deaths in a row.
     var poisonSuspect: UInt32?
@@ -101,13 +105,14 @@ final class ManagedDevice: @unchecked Sendable {
     }
     let publishedExecutable: Mutex<String>
 
-    init(spec: DeviceSpec) throws(CoreError) {
+    init(spec: DeviceSpec, memoryBytes: UInt64) throws(CoreError) {
         self.spec = spec
         executable = spec.executable
         publishedExecutable = Mutex(spec.executable)
         endpoint = try DeviceEndpoint(name: spec.name)
         do {
             statePage = try MemFD.create(name: "hv-state-\(spec.name)", size: 4096)
+            dirtyLog = spec.mapsGuestMemory ? try DirtyPageBitmap.create(name: "hv-dirty-\(spec.name)", memoryBytes: memoryBytes) : nil
             interrupts = try spec.interruptGSIs.map { _ throws(SystemError) in try EventFD() }
         } catch { throw .system(error) }
     }
@@ -207,7 +212,7 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     init(specs: [DeviceSpec], memory: GuestRAM, vm: VirtualMachine, verbose: Bool) throws(CoreError) {
         var devices: [ManagedDevice] = []
-        for spec in specs { devices.append(try ManagedDevice(spec: spec)) }
+        for spec in specs { devices.append(try ManagedDevice(spec: spec, memoryBytes: memory.size)) }
         self.devices = devices
         self.memory = memory
         self.vm = vm
@@ -311,8 +316,10 @@ final class DeviceSupervisor: @unchecked Sendable {
             roles.append(FDAssignment(role: role, index: index))
         }
         if spec.mapsGuestMemory { pass(memory.memfd, .guestMemory) }
-        // Every device may take part in snapshots; the ones that can say so.
+        // Every device may take part in snapshots; the ones that can say so. Those that map guest
+        // memory may log their writes to it (live migration).
         var offered = spec.capabilities.union(.snapshot)
+        if d.dirtyLog != nil { offered.insert(.dirtyLog) }
         if !spec.resources.isEmpty {
             pass(d.endpoint.ringFD, .registerRing)
             pass(d.endpoint.kick.fd, .ringKick)
@@ -354,8 +361,16 @@ final class DeviceSupervisor: @unchecked Sendable {
                         : "the snapshot holds its state in layout version \(expected); this build of \(d.executable) reads version \(version)")
                 }
             }
+            if reply.capabilities.contains(.dirtyLog), let log = d.dirtyLog {
+                let (answer, _) = try control.request(.setDirtyLog, payload: [], fds: [log.file.rawValue], timeoutMilliseconds: 10_000)
+                guard answer.status == Status.ok.rawValue else {
+                    throw ChannelError.malformed(.invalidField("device refused its dirty-page log (status \(answer.status))"))
+                }
+            }
             d.granted = reply.capabilities
-            d.reported.withLock { $0 = (reply.name, reply.capabilities.contains(.snapshot) ? reply.stateVersion : 0) }
+            d.reported.withLock {
+                $0 = (reply.name, reply.capabilities.contains(.snapshot) ? reply.stateVersion : 0, reply.capabilities.contains(.dirtyLog))
+            }
         } catch {
             let ended = child.reapIfExited()
             child.killAndReap()

@@ -20,6 +20,8 @@ public enum MachineExit: Sendable, Equatable {
     case signal(Int32)
     /// Triple fault, KVM error or a fatal core error, with a one-line reason.
     case failure(String)
+    /// The VM now runs on another host (`hvctl migrate`); this copy is done.
+    case migrated
 }
 
 /// A VM: KVM, guest RAM, vCPU threads, the I/O bus and the supervised device processes.
@@ -38,8 +40,13 @@ public final class Machine: @unchecked Sendable {
         public var restore: MachineSnapshot?
         /// With `restore`: leave the vCPUs paused (`resume()` starts them).
         public var startPaused: Bool
+        /// With `restore`: guest RAM already filled by an incoming migration (the snapshot then
+        /// has no memory file to read).
+        public var incoming: IncomingMigration?
         public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false,
-                    firmwareROM: FileDescriptor? = nil, restore: MachineSnapshot? = nil, startPaused: Bool = false) {
+                    firmwareROM: FileDescriptor? = nil, restore: MachineSnapshot? = nil, startPaused: Bool = false,
+                    incoming: IncomingMigration? = nil) {
+            self.incoming = incoming
             self.memoryBytes = memoryBytes
             self.cpus = cpus
             self.devices = devices
@@ -101,7 +108,14 @@ public final class Machine: @unchecked Sendable {
             vm = try kvm.createVM()
             try vm.createPlatform()
         } catch { throw .kvm(error) }
-        ram = try GuestRAM(size: configuration.memoryBytes)
+        if let incoming = configuration.incoming {
+            guard let received = incoming.ram, received.size == configuration.memoryBytes, configuration.restore != nil else {
+                throw .configuration("the incoming migration's memory does not match this VM")
+            }
+            ram = received
+        } else {
+            ram = try GuestRAM(size: configuration.memoryBytes)
+        }
         try ram.register(with: vm)
         if let rom = configuration.firmwareROM {
             // Read-only slot ending at 4 GiB: guest writes to it exit as MMIO and are dropped.
@@ -169,7 +183,7 @@ public final class Machine: @unchecked Sendable {
                 }
             }
         } catch { throw .kvm(error) }
-        if let restore {
+        if let restore, configuration.incoming == nil {
             let memoryFile: FileDescriptor
             do { memoryFile = try FileDescriptor.openHostFile(MachineSnapshot.memoryPath(restore.directory), flags: O_RDONLY, kinds: .regular) } catch {
                 throw .configuration("cannot read snapshot \(restore.directory)'s memory: \(error)")

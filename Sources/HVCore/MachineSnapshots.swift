@@ -85,7 +85,7 @@ extension Machine {
     }
 
     /// Everything but guest RAM, read while the vCPUs are parked and the devices quiesced.
-    private func captureState(host: [UInt8], devices: [DeviceSavedState]) throws(SnapshotError) -> MachineSnapshot {
+    func captureState(host: [UInt8], devices: [DeviceSavedState]) throws(SnapshotError) -> MachineSnapshot {
         do {
             // Asked here, not at start-up: only a snapshot needs KVM's list of saveable MSRs.
             let msrIndices = try kvm.saveableMSRs()

@@ -15,7 +15,7 @@ extension GuestRAM {
     static let pageSize: UInt64 = 4096
 
     /// Whether the page at `offset` is all zeros (reads the mapping).
-    private func pageIsZero(_ offset: UInt64) -> Bool {
+    func pageIsZero(_ offset: UInt64) -> Bool {
         // The mapping is page-aligned and `offset` a multiple of the page size.
         let words = UnsafeRawPointer(mapping.base + Int(offset)).assumingMemoryBound(to: UInt64.self)
         for i in 0..<Int(Self.pageSize / 8) where words[i] != 0 { return false }

@@ -189,6 +189,25 @@ public final class DeviceRuntime: @unchecked Sendable {
             try control.send(.reply(to: frame, payload: HelloReply(minor: minor, capabilities: capabilities, name: name,
                                                                    stateVersion: version).encode()))
         } catch { throw .channel(error) }
+        if capabilities.contains(.dirtyLog), let memory { try Self.receiveDirtyLog(control, memory) }
+    }
+
+    /// SET_DIRTY_LOG, which the core sends right after a HELLO reply that accepted `.dirtyLog`.
+    private static func receiveDirtyLog(_ control: ControlChannel, _ memory: GuestMemory) throws(DeviceError) {
+        let frame: Frame
+        let fds: [FileDescriptor]
+        do { (frame, fds) = try control.receive(timeoutMilliseconds: 10_000) } catch { throw .channel(error) }
+        guard frame.type == MessageType.setDirtyLog.rawValue, !frame.flags.contains(.reply), fds.count == 1 else {
+            try? control.send(.reply(to: frame, status: .malformed))
+            throw .protocolViolation("expected SET_DIRTY_LOG with one descriptor after HELLO, got type 0x\(String(frame.type, radix: 16)) with \(fds.count)")
+        }
+        do {
+            memory.dirtyLog = try DirtyPageBitmap(fd: fds[0], memoryBytes: memory.memfdBytes)
+        } catch {
+            try? control.send(.reply(to: frame, status: .malformed))
+            throw .system(error)
+        }
+        do { try control.send(.reply(to: frame)) } catch { throw .channel(error) }
     }
 
     /// Descriptor on which a sandboxed device finds its lock-down seccomp filter (classic BPF).

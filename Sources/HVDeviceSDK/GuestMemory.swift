@@ -19,11 +19,22 @@ public struct GuestMemoryAccessError: Error, Equatable, Sendable, CustomStringCo
 /// - the guest and other devices write this memory concurrently: never assume a value read twice
 ///   is the same, copy descriptors out once before validating them;
 /// - every access goes through `translate`, which refuses any range not wholly inside one region.
+///
+/// **Live migration.** A device started with the `.dirtyLog` capability must have every write it
+/// makes to guest memory logged, or a migrated guest finds stale bytes there: `write`, `zero`
+/// and virtqueue completions (`VirtioPCITransport.complete`) log theirs; a device that writes
+/// through a pointer from `translate` (or `DescriptorChain.ioVectors`) without completing the
+/// chain through the transport calls `markDirty` after the write.
 public final class GuestMemory: @unchecked Sendable {
-    // @unchecked: immutable after init; concurrent access to guest bytes is inherent (see above).
+    // @unchecked: immutable once the runtime's handshake is over (the dirty log is set during it);
+    // concurrent access to guest bytes is inherent (see above).
     private let mapping: SharedMapping
     /// The RAM regions, as the core described them in HELLO.
     public let regions: [MemoryRegion]
+    /// Where writes are logged, once the core handed a bitmap over (SET_DIRTY_LOG).
+    var dirtyLog: DirtyPageBitmap?
+    /// Bytes of the memfd the regions cover.
+    let memfdBytes: UInt64
 
     init(fd: FileDescriptor, regions: [MemoryRegion]) throws(DeviceError) {
         var end: UInt64 = 0
@@ -39,6 +50,20 @@ public final class GuestMemory: @unchecked Sendable {
         }
         do { mapping = try SharedMapping(fd: fd, count: Int(end)) } catch { throw .system(error) }
         self.regions = regions
+        memfdBytes = end
+    }
+
+    /// Records that the guest-physical range `[address, address + count)` was written (after
+    /// writing it), for live migration; a no-op while no dirty log is set and for addresses
+    /// outside RAM. `write`, `zero` and virtqueue completions call it themselves.
+    public func markDirty(_ address: UInt64, count: UInt64) {
+        guard let dirtyLog, count > 0 else { return }
+        for r in regions where address >= r.guestPhysicalAddress {
+            let offset = address - r.guestPhysicalAddress
+            guard offset < r.size else { continue }
+            dirtyLog.mark(offset: r.memfdOffset + offset, count: min(count, r.size - offset))
+            return
+        }
     }
 
     /// Bytes of RAM starting at guest-physical 0 (the first region, if it starts at 0).
@@ -62,6 +87,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw GuestMemoryAccessError(address: address, count: UInt64(bytes.count))
         }
         if let src = bytes.baseAddress { p.copyMemory(from: src, byteCount: bytes.count) }
+        markDirty(address, count: UInt64(bytes.count))
     }
 
     /// Copies guest RAM at `address` into `buffer`.
@@ -78,6 +104,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw GuestMemoryAccessError(address: address, count: count)
         }
         p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
+        markDirty(address, count: count)
     }
 }
 

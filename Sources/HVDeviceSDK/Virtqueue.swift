@@ -111,6 +111,7 @@ public struct SplitVirtqueue: Sendable {
             // Ask for a notification when the next chain arrives, then look once more: the driver
             // may have added one before it could see the request.
             availEvent.storeBytes(of: nextAvailable.littleEndian, as: UInt16.self)
+            memory.markDirty(usedRing + 4 + 8 * UInt64(size), count: 2)
             atomicMemoryFence(ordering: .sequentiallyConsistent)
             guard let again = load16(memory, availableRing + 2), again != nextAvailable else { return nil }
         }
@@ -177,15 +178,22 @@ public struct SplitVirtqueue: Sendable {
     }
 
     /// Returns chain `head` to the driver, saying `written` bytes of its writable buffers hold
-    /// data. The used element is written before the index is published (release).
+    /// data. The used element is written before the index is published (release). While a dirty
+    /// log is set, the chain's writable buffers and the used ring are logged as written.
     public mutating func complete(head: UInt16, written: UInt32, _ memory: GuestMemory) {
         let slot = usedRing + 4 + 8 * UInt64(usedIndex % size)
         guard let element = memory.translate(slot, count: 8), let index = memory.translate(usedRing + 2, count: 2) else { return }
+        if memory.dirtyLog != nil, head < size, case .success(let chain) = walk(head, memory) {
+            // Whatever the device wrote, it wrote into these (the chain as it stands now: a guest
+            // that rewrote its descriptors meanwhile only spoils its own migration).
+            for b in chain.writable { memory.markDirty(b.address, count: UInt64(b.length)) }
+        }
         element.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
         element.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
         usedIndex &+= 1
         atomicMemoryFence(ordering: .releasing)
         index.storeBytes(of: usedIndex.littleEndian, as: UInt16.self)
+        memory.markDirty(usedRing, count: 4 + 8 * UInt64(size))
     }
 
     /// Whether the driver wants an interrupt for the buffers used since the last call: with event

@@ -27,6 +27,13 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         /// Save the VM to the directory `path` (absolute, not existing yet); with `stop`, leave
         /// it paused afterwards.
         case snapshot
+        /// Migrate the VM live to `path` (`tcp:HOST:PORT`, where `hvctl run --incoming` waits),
+        /// with `max_downtime_ms`, `timeout_seconds`, `bandwidth` and `finish_on_timeout`. The
+        /// connection stays open: progress replies (`progress`), then one final reply (`ok` with
+        /// `migration`, or `error`).
+        case migrate
+        /// Cancel the migration under way; the VM carries on here.
+        case migrateCancel = "migrate-cancel"
     }
     public var command: Command
     /// An absolute host path: the ISO (`cdrom-insert`) or the new binary (`device-upgrade`).
@@ -37,6 +44,14 @@ public struct ControlRequest: Codable, Equatable, Sendable {
     public var registers: Bool?
     /// `snapshot`: leave the VM paused once it is saved.
     public var stop: Bool?
+    /// `migrate`: the longest pause the switch-over may cost, in milliseconds (default 100).
+    public var maxDowntimeMs: UInt64?
+    /// `migrate`: give up when memory has not converged after this many seconds (default 60).
+    public var timeoutSeconds: UInt64?
+    /// `migrate`: the most bytes a second the migration may send (default: no limit).
+    public var bandwidth: UInt64?
+    /// `migrate`: on timeout, switch over with a longer pause instead of cancelling.
+    public var finishOnTimeout: Bool?
 
     public init(_ command: Command, path: String? = nil, device: String? = nil, registers: Bool? = nil, stop: Bool? = nil) {
         self.command = command
@@ -46,7 +61,10 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         self.stop = stop
     }
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case command, path, device, registers, stop }
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case command, path, device, registers, stop, maxDowntimeMs = "max_downtime_ms", timeoutSeconds = "timeout_seconds", bandwidth,
+             finishOnTimeout = "finish_on_timeout"
+    }
 
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
@@ -56,6 +74,10 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         device = try c.decodeIfPresent(String.self, forKey: .device)
         registers = try c.decodeIfPresent(Bool.self, forKey: .registers)
         stop = try c.decodeIfPresent(Bool.self, forKey: .stop)
+        maxDowntimeMs = try c.decodeIfPresent(UInt64.self, forKey: .maxDowntimeMs)
+        timeoutSeconds = try c.decodeIfPresent(UInt64.self, forKey: .timeoutSeconds)
+        bandwidth = try c.decodeIfPresent(UInt64.self, forKey: .bandwidth)
+        finishOnTimeout = try c.decodeIfPresent(Bool.self, forKey: .finishOnTimeout)
     }
 }
 
@@ -69,12 +91,17 @@ public struct ControlReply: Codable, Equatable, Sendable {
     public var message: String?
     /// For `status`.
     public var status: VMStatus?
+    /// `migrate`: where the migration stands (a reply that is not the last).
+    public var progress: MigrationProgressReport?
+    /// `migrate`: what the finished migration cost (the last reply).
+    public var migration: MigrationResultReport?
 
-    public init(ok: Bool, error: String? = nil, message: String? = nil, status: VMStatus? = nil) {
+    public init(ok: Bool, error: String? = nil, message: String? = nil, status: VMStatus? = nil, progress: MigrationProgressReport? = nil) {
         self.ok = ok
         self.error = error
         self.message = message
         self.status = status
+        self.progress = progress
     }
 
     public static func failure(_ why: String) -> ControlReply { ControlReply(ok: false, error: why) }

@@ -136,8 +136,11 @@ final class ControlServer: @unchecked Sendable {
 
     /// Serves commands on a thread of its own until `close()`. Every connection is polled, so
     /// clients that connect and say nothing cost a slot each for at most 2 s and never hold up
-    /// the others; a command is one message, its answer one message.
-    func start(handler: @escaping @Sendable (ControlRequest) -> ControlReply) throws(SystemError) {
+    /// the others; a command is one message, its answer one message — except where `stream`
+    /// takes the connection over (it returns true and then owns the descriptor: `migrate`
+    /// answers with several messages).
+    func start(handler: @escaping @Sendable (ControlRequest) -> ControlReply,
+               stream: (@Sendable (ControlRequest, Int32) -> Bool)? = nil) throws(SystemError) {
         let listener = fd
         try HostThread.spawn(name: "hv-control") { [self] in
             var clients: [(fd: Int32, since: UInt64)] = []
@@ -160,7 +163,10 @@ final class ControlServer: @unchecked Sendable {
                         if n > 0 {
                             let reply: ControlReply
                             do throws(UsageError) {
-                                reply = handler(try ControlJSON.decode(ControlRequest.self, Array(buffer.prefix(n))))
+                                let request = try ControlJSON.decode(ControlRequest.self, Array(buffer.prefix(n)))
+                                // Handed over: the stream handler owns the descriptor now.
+                                if let stream, stream(request, c.fd) { continue }
+                                reply = handler(request)
                             } catch {
                                 reply = .failure("malformed request: \(error.message) (see ipc-schema/control.md)")
                             }

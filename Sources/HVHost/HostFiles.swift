@@ -63,6 +63,12 @@ func lockImage(_ file: FileDescriptor, exclusive: Bool) -> Bool {
     flock(file.rawValue, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0 && file.tryLockWholeFile(exclusive: exclusive)
 }
 
+/// Drops both of `lockImage`'s locks (a migrating VM hands its disks to the destination).
+func unlockImage(_ file: FileDescriptor) {
+    file.unlockWholeFile()
+    flock(file.rawValue, LOCK_UN)
+}
+
 struct DiskImage {
     var path: String
     var file: FileDescriptor

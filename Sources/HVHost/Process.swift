@@ -50,9 +50,24 @@ public enum ExitCleanup {
 /// Ends the process with `hvctl: message` on stderr and `status` (1: a failure at run time; 2: a
 /// usage error), running every `ExitCleanup` action on the way.
 public func fail(_ message: String, status: Int32 = 1) -> Never {
+    FailureReport.report(message)
     let line = "hvctl: \(message)\n"
     _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
     exit(status)
+}
+
+/// Who else must hear why hvctl fails: an incoming migration tells its source, so the VM carries
+/// on there with the destination's reason.
+enum FailureReport {
+    private static let hook = Mutex<(@Sendable (String) -> Void)?>(nil)
+    static func install(_ action: (@Sendable (String) -> Void)?) { hook.withLock { $0 = action } }
+    static func report(_ message: String) {
+        let action = hook.withLock { current -> (@Sendable (String) -> Void)? in
+            defer { current = nil }
+            return current
+        }
+        action?(message)
+    }
 }
 
 /// Takes SIGINT/SIGTERM/SIGHUP for the whole life of `hvctl run` (they are blocked in every

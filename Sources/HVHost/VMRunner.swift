@@ -16,8 +16,13 @@ private let guestRan = Mutex(false)
 ///
 /// With `restore`, the first boot brings back that snapshot (taken of a VM with this
 /// definition) instead of starting the guest afresh; `startPaused` leaves its vCPUs paused.
+///
+/// With `incoming` (`hvctl run --incoming`, its header already received and checked), the VM
+/// arrives over a live migration instead: memory and state are received once the name is
+/// reserved, the VM is built paused once the source has let go of the disks, and it runs on the
+/// source's GO.
 public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSnapshot? = nil, startPaused: Bool = false,
-                  onRunning: (@Sendable (String) -> Void)? = nil) -> Int32 {
+                  incoming: IncomingMigration? = nil, onRunning: (@Sendable (String) -> Void)? = nil) -> Int32 {
     let options = definition
     // Stop signals are taken synchronously (by the signal thread, and by Machine.run on the main
     // thread); block them before any thread (the console's, the supervisor's, vCPUs) exists, so
@@ -43,6 +48,18 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         }
     } catch {
         fail(error.message, status: 2)
+    }
+    var restore = restore
+    if let incoming {
+        // Until GO, whatever ends this process tells the source why, so it carries on there.
+        FailureReport.install { why in incoming.channel.refuse("the destination failed: \(why)") }
+        do throws(MigrationError) {
+            try incoming.accept()
+            warn("receiving \(name) (\(options.memoryMiB) MiB) from the source")
+            restore = try incoming.receiveMemoryAndState()
+        } catch {
+            fail("migration of \(name) failed: \(error)")
+        }
     }
 
     // The trusted side opens every host file; devices only receive descriptors. Nothing is
@@ -118,7 +135,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     let control = VMControl(name: name, definition: options, bootMode: boot.mode.rawValue, tenant: tenant, started: started,
                             disks: disks, hasCDROM: cdrom != nil, nics: nics, current: current)
     do {
-        try server.start(handler: control.handle)
+        try server.start(handler: control.handle, stream: control.stream)
         try consoleServer?.start()
     } catch {
         fail("cannot serve the control socket: \(error)")
@@ -151,13 +168,29 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         let devices = prepared.devices, firmwareROM = prepared.firmwareROM
         let machine: Machine
         do {
+            let arriving = restoring == nil ? nil : incoming
             machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: devices, verbose: verbose,
-                                        firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused))
+                                        firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused || arriving != nil,
+                                        incoming: arriving))
         } catch {
+            if incoming != nil && restoring != nil { fail("cannot build the migrated VM: \(error)") }
             fail(restoring == nil ? "\(error)" : "cannot restore snapshot \(restoring!.directory): \(error)")
         }
+        let arriving = restoring == nil ? nil : incoming
         restoring = nil  // a reboot after a restore boots afresh
-        machine.onGuestStarted = {
+        machine.onGuestStarted = { [unowned machine] in
+            if let arriving {
+                // Built and paused, devices running: the source may let go now.
+                do throws(MigrationError) {
+                    try arriving.readyAndWaitForGo()
+                } catch {
+                    return machine.stop(.failure("migration of \(name) failed: \(error)"))
+                }
+                FailureReport.install(nil)
+                if !arriving.sourcePaused { try? machine.resume() }
+                arriving.confirm()
+                warn("\(name) arrived and runs here")
+            }
             guestRan.withLock { $0 = true }
             if let onRunning, once.withLock({ first in defer { first = false }; return first }) { onRunning(name) }
         }
@@ -184,6 +217,8 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         case .failure(let why):
             console?.restore()
             fail(why)
+        case .migrated:
+            return 0
         }
     }
 }
@@ -201,6 +236,9 @@ final class VMControl: Sendable {
     let current: CurrentMachine
     /// The ISO in the CD-ROM drive now (changed by cdrom-insert and cdrom-eject).
     let medium: Mutex<String?>
+    /// The disks' image locks, which a migration hands over.
+    let diskLocks: DiskLocks
+    let migration = MigrationState()
     let consoleLog: String?
 
     init(name: String, definition: VMDefinition, bootMode: String, tenant: String?, started: UInt64, disks: [DiskImage],
@@ -224,6 +262,7 @@ final class VMControl: Sendable {
         }
         self.hasCDROM = hasCDROM
         self.current = current
+        diskLocks = DiskLocks(disks)
         medium = Mutex(definition.cdrom.map { absolutePath($0) })
         switch definition.serial.output {
         case .file: consoleLog = definition.serial.path.map { absolutePath($0) }
@@ -232,8 +271,21 @@ final class VMControl: Sendable {
         }
     }
 
+    /// Takes over the connection for the requests answered with several messages (`migrate`).
+    @Sendable func stream(_ request: ControlRequest, _ client: Int32) -> Bool {
+        guard request.command == .migrate else { return false }
+        startMigration(request, client: client)
+        return true
+    }
+
     @Sendable func handle(_ request: ControlRequest) -> ControlReply {
         switch request.command {
+        case .migrate:
+            return .failure("migrate is answered on its own connection")  // `stream` takes it
+        case .migrateCancel:
+            guard migration.running.load(ordering: .acquiring) else { return .failure("\(name) is not being migrated") }
+            migration.cancel.store(true, ordering: .releasing)
+            return ControlReply(ok: true, message: "cancelling the migration of \(name); it carries on here")
         case .status:
             return ControlReply(ok: true, status: status(registers: request.registers ?? false))
         case .stop:

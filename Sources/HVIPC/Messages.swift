@@ -7,8 +7,9 @@ public enum ProtocolVersion {
     /// Peers with a different major version refuse each other.
     public static let major: UInt32 = 1
     /// Peers settle on the lower minor version. Minor 1 added QUIESCE, RESUME, the SNAPSHOT
-    /// capability and HELLO_REPLY's state_version.
-    public static let minor: UInt32 = 1
+    /// capability and HELLO_REPLY's state_version; minor 2 the DIRTY_LOG capability and
+    /// SET_DIRTY_LOG (live migration).
+    public static let minor: UInt32 = 2
 }
 
 /// Feature bits negotiated in the handshake. A device may accept only bits the core offered.
@@ -31,6 +32,10 @@ public struct Capabilities: OptionSet, Sendable, Hashable {
     /// started with a restart generation above 0. It names its state page layout's version in
     /// HELLO_REPLY's `stateVersion`.
     public static let snapshot = Capabilities(rawValue: 1 << 5)
+    /// The device logs its guest-memory writes: after SET_DIRTY_LOG hands it a bitmap, it sets
+    /// the bit of every page it writes, once written (ipc-schema/README.md §5.4c). A VM can be
+    /// migrated live only when every device that maps guest memory accepted this.
+    public static let dirtyLog = Capabilities(rawValue: 1 << 6)
 }
 
 /// Message type numbers.
@@ -42,6 +47,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case mediaChange = 0x0004
     case quiesce = 0x0005
     case resume = 0x0006
+    case setDirtyLog = 0x0007
     // device → core, on the event socket
     case log = 0x0101
     case setBootState = 0x0102

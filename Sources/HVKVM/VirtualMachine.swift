@@ -30,11 +30,25 @@ public final class VirtualMachine: Sendable {
     }
 
     /// Maps host memory at `hostAddress` into the guest at `guestAddress`.
-    public func setMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UnsafeMutableRawPointer, readOnly: Bool = false) throws(KVMError) {
-        var region = kvm_userspace_memory_region(slot: slot, flags: readOnly ? UInt32(KVM_MEM_READONLY) : 0,
+    /// With `logDirty`, KVM records every page the vCPUs write (see `takeDirtyLog`); setting a
+    /// slot again with the same addresses switches the log on or off while the guest runs.
+    public func setMemoryRegion(slot: UInt32, guestAddress: UInt64, size: UInt64, hostAddress: UnsafeMutableRawPointer, readOnly: Bool = false,
+                                logDirty: Bool = false) throws(KVMError) {
+        let flags = (readOnly ? UInt32(KVM_MEM_READONLY) : 0) | (logDirty ? UInt32(KVM_MEM_LOG_DIRTY_PAGES) : 0)
+        var region = kvm_userspace_memory_region(slot: slot, flags: flags,
                                                  guest_phys_addr: guestAddress, memory_size: size,
                                                  userspace_addr: UInt64(UInt(bitPattern: hostAddress)))
         _ = try kvmIoctl(fd.rawValue, hv_KVM_SET_USER_MEMORY_REGION, &region, "SET_USER_MEMORY_REGION slot \(slot)")
+    }
+
+    /// The pages of slot `slot` (`pages` of them) the vCPUs wrote since logging began or since
+    /// the last call, one bit per page, in 64-bit words; KVM clears its log and write-protects
+    /// those pages again, so the next call reports only newer writes.
+    public func takeDirtyLog(slot: UInt32, pages: Int) throws(KVMError) -> [UInt64] {
+        var words = [UInt64](repeating: 0, count: (pages + 63) / 64)
+        let rc = words.withUnsafeMutableBytes { hv_kvm_get_dirty_log(fd.rawValue, slot, $0.baseAddress) }
+        if rc < 0 { throw .ioctl("GET_DIRTY_LOG slot \(slot)", .current) }
+        return words
     }
 
     /// Wires an eventfd to a GSI: each signal injects an edge on that interrupt line.

@@ -107,6 +107,14 @@ extension FileDescriptor {
         lock.l_pid = 0
         return fcntl(rawValue, hv_F_OFD_SETLK, &lock) == 0
     }
+
+    /// Drops the lock `tryLockWholeFile` took (on this open file description).
+    public func unlockWholeFile() {
+        var lock = flock()
+        lock.l_type = Int16(F_UNLCK)
+        lock.l_whence = Int16(SEEK_SET)
+        _ = fcntl(rawValue, hv_F_OFD_SETLK, &lock)
+    }
 }
 
 /// A lock file whose exclusive `flock` marks a live owner (a running VM, a segment's starter):

@@ -61,6 +61,26 @@ func runDetached(_ definition: VMDefinition, verbose: Bool, restore: MachineSnap
     exit(exited ? (status >> 8) & 0xFF : 1)
 }
 
+/// `hvctl run --incoming ADDRESS --detach`: returns once the listener is up (its socket is made
+/// before this); a child in a session of its own waits for the VM (`wait`) and runs it, its
+/// messages in `coreLog`.
+func runDetachedIncoming(verbose: Bool, coreLog: String, address: String, wait: () -> (VMDefinition, IncomingMigration)) -> Never {
+    let child = fork()
+    guard child >= 0 else { fail("cannot wait in the background: \(Errno.current)") }
+    if child == 0 {
+        _ = setsid()
+        let devNull = open("/dev/null", O_RDWR)
+        dup2(devNull, 0)
+        dup2(devNull, 1)
+        let log = open(coreLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        dup2(log >= 0 ? log : devNull, 2)
+        let (definition, arriving) = wait()
+        exit(runVM(definition, verbose: verbose, incoming: arriving))
+    }
+    print("waiting for a VM on \(address) in the background (pid \(child)); its messages go to \(coreLog)")
+    exit(0)
+}
+
 extension HVCtl {
     struct Console: ParsableCommand {
         static let configuration = CommandConfiguration(

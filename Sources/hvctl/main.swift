@@ -3,6 +3,7 @@ import Glibc
 import HVHost
 import HVIPC
 import HVSys
+import Synchronization
 
 // hvctl: the operator's command. It parses arguments and prints; the trusted host layer (HVHost)
 // builds and runs VMs, and `hvctl run` is the VM's core process.
@@ -20,7 +21,7 @@ struct HVCtl: ParsableCommand {
             sockets in $HV_RUN_DIR (default /run/hv).
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
-        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Console.self, Logs.self, CDROM.self, Device.self,
+        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Migrate.self, Console.self, Logs.self, CDROM.self, Device.self,
                       Disk.self, Net.self, Sandbox.self, Version.self])
 }
 
@@ -119,10 +120,64 @@ extension HVCtl {
         var clone = false
         @Option(help: ArgumentHelp("With --clone: the MAC of the clone's next NIC (repeat for each).", valueName: "mac"))
         var mac: [String] = []
+        @Option(help: ArgumentHelp("""
+            Wait on tcp:HOST:PORT for a VM that 'hvctl migrate NAME --to tcp:HOST:PORT' sends from another             host, and run it (only --name, --serial, --detach and -v may be added).
+            """, valueName: "address"))
+        var incoming: String?
 
         func run() throws {
             var definition: VMDefinition
             var snapshot: MachineSnapshot?
+            if let incoming {
+                guard restore == nil, config == nil, !flags.anyGivenButSerial, !printConfig, !paused, !clone, mac.isEmpty else {
+                    throw UsageError(message: "--incoming takes the VM as the source describes it: only --name, --serial, --detach and -v may be added")
+                }
+                let address = try MigrationAddress.parse(incoming, flag: "--incoming")
+                if let name = flags.name { try RunDirectory.validate(name, flag: "--name") }
+                let serial = try flags.serial.map { s throws(UsageError) in try DefinitionFlags.serialOption(s) }
+                if detach && flags.serial == "stdio" {
+                    throw UsageError(message: "--detach and --serial stdio: a detached VM has no terminal; use --serial console (the default with --detach), file:PATH or none")
+                }
+                let listener: FileDescriptor
+                do throws(UsageError) { listener = try address.listen() } catch { fail(error.message) }
+                let wait = { () -> (VMDefinition, IncomingMigration) in
+                    warn("waiting for a VM on \(address)")
+                    let socket: FileDescriptor
+                    do throws(UsageError) { socket = try acceptMigration(on: listener, address: address) } catch { fail(error.message) }
+                    listener.close()
+                    let arriving = IncomingMigration(channel: MigrationChannel(socket: socket))
+                    var definition: VMDefinition
+                    do throws(MigrationError) {
+                        let hello = try arriving.receiveHello()
+                        do throws(UsageError) {
+                            definition = try VMDefinition.decode(hello.host)
+                            if let name = flags.name { definition.name = name }
+                            try definition.validate(naming: .keys)
+                        } catch {
+                            throw arriving.refusing("its VM definition is invalid here (\(error.message))")
+                        }
+                        guard definition.memoryMiB << 20 == hello.memoryBytes, definition.cpus == hello.cpus else {
+                            throw arriving.refusing("its definition does not match its memory and vCPUs")
+                        }
+                        try arriving.checkCPU()
+                    } catch {
+                        fail("migration refused: \(error)")
+                    }
+                    if let serial { definition.serial = serial } else if definition.serial.output == .file || definition.serial.output == .stdio {
+                        // The source's console file or terminal is on the other host.
+                        definition.serial = .init(output: detach ? .console : .stdio)
+                    }
+                    if detach && definition.serial.output == .stdio { definition.serial = .init(output: .console) }
+                    return (definition, arriving)
+                }
+                if detach {
+                    _ = mkdir(RunDirectory.path, 0o700)
+                    let log = RunDirectory.coreLog(flags.name ?? "incoming-\(address.port)")
+                    runDetachedIncoming(verbose: verbose, coreLog: log, address: address.description, wait: wait)
+                }
+                let (arrived, arriving) = wait()
+                Glibc.exit(runVM(arrived, verbose: verbose, incoming: arriving))
+            }
             if let restore {
                 guard config == nil, !flags.anyGivenButSerial, !printConfig else {
                     throw UsageError(message: "--restore brings back the whole VM as it was saved: only --name, --serial, --detach, --paused, --clone and --mac may be added")
@@ -323,6 +378,125 @@ extension HVCtl {
             print(reply.message ?? "saved \(vm.name) to \(path)")
         }
     }
+}
+
+// MARK: migrate
+
+extension HVCtl {
+    struct Migrate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Move a running VM live to another host, where 'hvctl run --incoming tcp:HOST:PORT' waits for it.",
+            discussion: """
+                Memory is copied while the guest runs, in rounds, until what is left fits in \
+                --max-downtime; the VM then pauses, its last pages and its vCPU and device states go, \
+                its disks (which both hosts must see at the same paths) are handed over, and it \
+                resumes on the destination. This copy then ends ('hvctl run' exits 0). On any failure \
+                before the hand-over — the network, the destination, a refusal, --cancel, a timeout — \
+                the VM simply carries on here, with one line saying why.
+                """)
+        @OptionGroup var vm: VMName
+        @Option(help: ArgumentHelp("Where the destination waits: tcp:HOST:PORT.", valueName: "address")) var to: String?
+        @Option(help: ArgumentHelp("The longest pause the switch-over may cost, e.g. 100ms (default) or 1s.", valueName: "time"))
+        var maxDowntime: String?
+        @Option(help: ArgumentHelp("Give up when memory has not converged by then, e.g. 60s (default) or 5m.", valueName: "time"))
+        var timeout: String?
+        @Option(help: ArgumentHelp("The most the migration may send a second, e.g. 100M (MiB/s); default: no limit.", valueName: "rate"))
+        var bandwidth: String?
+        @Flag(help: "On timeout, switch over with a longer pause instead of giving up.") var finishOnTimeout = false
+        @Flag(help: "Print progress and the result as JSON lines on stdout.") var json = false
+        @Flag(help: "Cancel the migration of NAME under way; the VM carries on here.") var cancel = false
+
+        func run() throws {
+            if cancel {
+                guard to == nil, maxDowntime == nil, timeout == nil, bandwidth == nil, !finishOnTimeout else {
+                    throw UsageError(message: "--cancel takes no other option")
+                }
+                let reply = ask(vm.name, ControlRequest(.migrateCancel))
+                print(reply.message ?? "cancelling")
+                return
+            }
+            guard let to else { throw UsageError(message: "missing --to tcp:HOST:PORT (where 'hvctl run --incoming' waits)") }
+            _ = try MigrationAddress.parse(to, flag: "--to")
+            var request = ControlRequest(.migrate, path: to)
+            if let maxDowntime { request.maxDowntimeMs = try parseDuration(maxDowntime, flag: "--max-downtime", bareUnit: 1_000_000) / 1_000_000 }
+            if let timeout { request.timeoutSeconds = max(1, try parseDuration(timeout, flag: "--timeout", bareUnit: 1_000_000_000) / 1_000_000_000) }
+            if let bandwidth { request.bandwidth = try parseRate(bandwidth) }
+            request.finishOnTimeout = finishOnTimeout ? true : nil
+            guard let fd = connectTo(RunDirectory.socket(vm.name)) else { failNoAnswer(vm.name) }
+            defer { close(fd) }
+            guard ControlJSON.encode(request).withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 else { failNoAnswer(vm.name) }
+            // Ctrl-C cancels the migration (the VM carries on here) rather than leaving it running unseen.
+            signal(SIGINT) { _ in interrupted.store(true, ordering: .relaxed) }
+            var cancelSent = false
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            let terminal = isatty(2) == 1
+            while true {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                if poll(&p, 1, 200) <= 0 {
+                    if interrupted.load(ordering: .relaxed) && !cancelSent {
+                        cancelSent = true
+                        _ = controlRequest(vm.name, ControlRequest(.migrateCancel))
+                    }
+                    continue
+                }
+                let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                guard n > 0 else { fail("VM '\(vm.name)' ended the migration without a result (did it stop?)") }
+                let reply: ControlReply
+                do throws(UsageError) { reply = try ControlJSON.decode(ControlReply.self, Array(buffer.prefix(n))) } catch {
+                    fail("VM '\(vm.name)' sent a malformed reply: \(error.message)")
+                }
+                if let progress = reply.progress, reply.ok, reply.migration == nil, reply.message == nil {
+                    if json {
+                        print(String(decoding: ControlJSON.encode(progress), as: UTF8.self))
+                        fflush(nil)
+                    } else {
+                        let line = "round \(progress.round) (\(progress.phase)): \(progress.bytesSent >> 20) MiB sent, \(progress.dirtyBytes >> 10) KiB dirty at \(progress.dirtyRateBytesPerSecond >> 20) MiB/s, network \(progress.bandwidthBytesPerSecond >> 20) MiB/s, expected pause \(oneDecimal(progress.expectedDowntimeMilliseconds)) ms"
+                        _ = (terminal ? "\r\u{1B}[K" + line : line + "\n").withCString { write(2, $0, strlen($0)) }
+                    }
+                    continue
+                }
+                if terminal && !json { _ = "\n".withCString { write(2, $0, 1) } }
+                guard reply.ok else { fail(reply.error ?? "the migration failed") }
+                if json, let result = reply.migration {
+                    print(String(decoding: ControlJSON.encode(result), as: UTF8.self))
+                } else {
+                    print(reply.message ?? "migrated \(vm.name)")
+                }
+                return
+            }
+        }
+    }
+}
+
+/// Set by SIGINT while `hvctl migrate` waits.
+let interrupted = Atomic<Bool>(false)
+
+/// `value` with one decimal.
+func oneDecimal(_ value: Double) -> String {
+    let tenths = Int((value * 10).rounded())
+    return "\(tenths / 10).\(tenths % 10)"
+}
+
+/// Nanoseconds in `text` (`250ms`, `2s`, `5m`; a bare number counts `bareUnit` nanoseconds).
+func parseDuration(_ text: String, flag: String, bareUnit: UInt64) throws(UsageError) -> UInt64 {
+    let units: [(String, UInt64)] = [("ms", 1_000_000), ("s", 1_000_000_000), ("m", 60_000_000_000)]
+    for (suffix, unit) in units where text.hasSuffix(suffix) {
+        if let n = UInt64(text.dropLast(suffix.count)), n > 0, n <= 86_400_000 { return n * unit }
+        break
+    }
+    if let n = UInt64(text), n > 0, n <= 86_400_000 { return n * bareUnit }
+    throw UsageError(message: "invalid \(flag) '\(text)': use a whole number with ms, s or m, like 100ms or 60s")
+}
+
+/// Bytes a second in `text` (`100M` is 100 MiB/s; K, M, G; a bare number is bytes).
+func parseRate(_ text: String) throws(UsageError) -> UInt64 {
+    let units: [(String, UInt64)] = [("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)]
+    for (suffix, unit) in units where text.uppercased().hasSuffix(suffix) {
+        if let n = UInt64(text.dropLast()), n > 0, n <= 1 << 20 { return n * unit }
+        break
+    }
+    if let n = UInt64(text), n >= 4096 { return n }
+    throw UsageError(message: "invalid --bandwidth '\(text)': use a number of bytes a second with K, M or G, like 100M (at least 4096)")
 }
 
 // MARK: cdrom, device

@@ -38,7 +38,7 @@ final class SchemaConformanceTests: XCTestCase {
     func testMessageTypes() throws {
         let schema = try SchemaFiles.schema()
         let names: [MessageType: String] = [
-            .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING", .quiesce: "QUIESCE", .resume: "RESUME",
+            .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING", .quiesce: "QUIESCE", .resume: "RESUME", .setDirtyLog: "SET_DIRTY_LOG",
             .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT", .mediaChange: "MEDIA_CHANGE",
             .addDoorbell: "ADD_DOORBELL", .setMSIRoute: "SET_MSI_ROUTE",
         ]
@@ -67,7 +67,7 @@ final class SchemaConformanceTests: XCTestCase {
         let schema = try SchemaFiles.schema()
         let swift: [String: Capabilities] = [
             "REGISTER_RING": .registerRing, "STATE_PAGE": .statePage,
-            "BOOT_CONTROL": .bootControl, "INTERRUPT_LEVEL": .interruptLevel, "MSI": .msi, "SNAPSHOT": .snapshot,
+            "BOOT_CONTROL": .bootControl, "INTERRUPT_LEVEL": .interruptLevel, "MSI": .msi, "SNAPSHOT": .snapshot, "DIRTY_LOG": .dirtyLog,
         ]
         let bits = try schema.bits("capabilities")
         XCTAssertEqual(Set(bits.keys), Set(swift.keys))

@@ -327,7 +327,7 @@ final class Platform: DeviceModel {
 }
 
 // State page layout (version 1): PlatformState at 0.
-let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRing, .statePage, .bootControl, .snapshot], stateVersion: 1)
+let runtime = DeviceRuntime.startOrExit(name: "bios", capabilities: [.registerRing, .statePage, .bootControl, .snapshot, .dirtyLog], stateVersion: 1)
 let settings: BIOSContract.Settings
 do { settings = try BIOSContract.Settings(decoding: runtime.config) } catch {
     runtime.log(.error, "\(error)")

@@ -207,7 +207,7 @@ final class VirtioNet: VirtioDevice {
 
 // State page layout (version 1): the virtio transport's configuration at 0, this NIC's MAC at
 // 3072 ("MAC1" then its six bytes).
-let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot],
+let runtime = DeviceRuntime.startOrExit(name: "net", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot, .dirtyLog],
                                         stateVersion: 1)
 let settings: NetContract.Settings
 do { settings = try NetContract.Settings(decoding: runtime.config) } catch {

@@ -255,7 +255,7 @@ func qcow2Chain(top: FileDescriptor, settings: SCSIContract.Settings) throws(QCO
 // is restarted with every request it had taken resubmitted, and the guest never notices.
 // State page layout (version 1): the virtio transport's configuration at 0, its in-flight record
 // at 2048, the LUN's state at 3584.
-let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot],
+let runtime = DeviceRuntime.startOrExit(name: "scsi", capabilities: [.registerRing, .interruptLevel, .msi, .statePage, .snapshot, .dirtyLog],
                                         stateVersion: 1)
 let settings: SCSIContract.Settings
 do { settings = try SCSIContract.Settings(decoding: runtime.config) } catch {

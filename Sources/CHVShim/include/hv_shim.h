@@ -95,6 +95,17 @@ extern const unsigned long hv_KVM_GET_API_VERSION, hv_KVM_CREATE_VM, hv_KVM_CHEC
     hv_KVM_GET_DEBUGREGS, hv_KVM_SET_DEBUGREGS, hv_KVM_GET_IRQCHIP, hv_KVM_SET_IRQCHIP,
     hv_KVM_GET_PIT2, hv_KVM_SET_PIT2, hv_KVM_GET_TSC_KHZ, hv_KVM_SET_TSC_KHZ;
 
+// Live migration: the pages the vCPUs wrote to slot `slot` since the last call, one bit per page
+// into `bitmap` (KVM_GET_DIRTY_LOG, which also write-protects them again). struct kvm_dirty_log's
+// union does not import into Swift, hence a function.
+int hv_kvm_get_dirty_log(int vm_fd, unsigned int slot, void *bitmap);
+
+// Dirty-page bitmaps shared between processes: each device sets bits in its own with an atomic OR,
+// the core takes them with an atomic exchange, so no bit set concurrently is lost.
+void hv_atomic_or_u64(unsigned long long *word, unsigned long long bits);
+unsigned long long hv_atomic_exchange_u64(unsigned long long *word, unsigned long long value);
+unsigned long long hv_atomic_load_u64(const unsigned long long *word);
+
 // CRC-32C (Castagnoli, the iSCSI/ext4 checksum) of `length` bytes, continuing from `crc` (0 to
 // start). C because the SSE4.2 crc32 instruction is what makes checksumming a 1 GiB snapshot
 // cheap; hosts without it get the table-driven version.

@@ -1,0 +1,197 @@
+import Foundation
+import XCTest
+
+/// Live migration (`hvctl migrate NAME --to`, `hvctl run --incoming`) between two "hosts" on
+/// this machine: two run directories, over loopback TCP. The guest counts on with no tick lost,
+/// disk reads that only the device writes into guest memory survive the switch-over, and every
+/// failure (nobody listening, a wrong protocol version, a cancel) leaves the VM running at the source.
+final class MigrationTests: XCTestCase {
+    private var dir: URL!
+    private var source: String { dir.appendingPathComponent("a").path }
+    private var destination: String { dir.appendingPathComponent("b").path }
+
+    override func setUpWithError() throws {
+        try Harness.requireKVM()
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-mig-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() {
+        for runDir in [source, destination] {
+            setenv("HV_RUN_DIR", runDir, 1)
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: runDir)) ?? [] where name.hasSuffix(".sock") {
+                _ = try? runHvctl(["stop", String(name.dropLast(5))])
+            }
+        }
+        unsetenv("HV_RUN_DIR")
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    private func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    /// A free TCP port on loopback.
+    private func freePort() -> UInt16 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        return UInt16(bigEndian: address.sin_port)
+    }
+
+    private func hvctl(_ runDir: String, _ arguments: [String], timeout: TimeInterval = 60) throws -> (status: Int32, stdout: String, stderr: String) {
+        setenv("HV_RUN_DIR", runDir, 1)
+        return try runHvctl(arguments, timeout: timeout)
+    }
+
+    /// Starts the test guest detached at the source as `name`.
+    private func start(_ name: String, _ cmdline: String, _ extra: [String] = []) throws {
+        let r = try hvctl(source, ["run", "--multiboot", try Harness.testGuest(), "--cmdline", cmdline, "--memory", "32M", "--name", name, "--detach"] + extra)
+        XCTAssertEqual(r.status, 0, r.stderr)
+    }
+
+    /// `hvctl run --incoming` at the destination, its console in `output`.
+    private func incoming(_ port: UInt16, output: String) throws -> VMProcess {
+        setenv("HV_RUN_DIR", destination, 1)
+        let vm = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "file:\(output)"])
+        let deadline = Date().addingTimeInterval(10)
+        while !vm.stderr.contains("waiting for a VM") && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        return vm
+    }
+
+    private func log(_ name: String) -> String {
+        (try? String(contentsOfFile: "\(source)/\(name).log", encoding: .utf8)) ?? ""
+    }
+
+    private func waitFor(_ text: String, timeout: TimeInterval = 60, in read: () -> String) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if read().contains(text) { return true }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return false
+    }
+
+    private func ticks(_ text: String) -> [Int] {
+        text.split(separator: "\n").compactMap { $0.hasPrefix("tick ") ? Int($0.dropFirst(5)) : nil }
+    }
+
+    private func state(_ name: String) throws -> String? {
+        let r = try hvctl(source, ["status", name, "--json"])
+        guard r.status == 0 else { return nil }
+        return (try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])?["state"] as? String
+    }
+
+    /// The TSC-paced counter moves to the destination mid-count: what it printed at the source
+    /// and at the destination is one unbroken count, the source ends (exit 0, no VM left there),
+    /// and the destination runs it to the end.
+    func testMigratedGuestCarriesOnCountingAtTheDestination() throws {
+        try start("counter", "mode=ticks count=40 delay=50")
+        XCTAssertTrue(waitFor("tick 5\n", in: { log("counter") }), log("counter"))
+        let port = freePort()
+        let output = path("dest.out")
+        let destinationVM = try incoming(port, output: output)
+        let moved = try hvctl(source, ["migrate", "counter", "--to", "tcp:127.0.0.1:\(port)", "--json"])
+        XCTAssertEqual(moved.status, 0, moved.stderr)
+        let result = try XCTUnwrap(moved.stdout.split(separator: "\n").last.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }, moved.stdout)
+        XCTAssertEqual(result["destination"] as? String, "tcp:127.0.0.1:\(port)")
+        XCTAssertGreaterThan(result["rounds"] as? Int ?? 0, 1, moved.stdout)
+        XCTAssertLessThan(result["downtime_ms"] as? Double ?? 1e9, 1000, moved.stdout)
+        XCTAssertEqual(destinationVM.waitForExit(timeout: 60), 0, destinationVM.stderr)
+        XCTAssertTrue(destinationVM.stderr.contains("counter arrived and runs here"), destinationVM.stderr)
+        let here = log("counter"), there = try String(contentsOfFile: output, encoding: .utf8)
+        XCTAssertEqual(ticks(here + there), Array(1...40), here + "|" + there)
+        XCTAssertTrue(there.hasSuffix("hv-testguest: done\n"), there)
+        XCTAssertFalse(there.contains("mode=ticks"), "the guest booted again at the destination: \(there)")
+        // The source is gone: no VM, socket or lock left in its run directory.
+        XCTAssertEqual(try hvctl(source, ["ls"]).stdout.contains("counter"), false)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: source).filter { $0.hasSuffix(".sock") || $0.hasSuffix(".lock") }, [])
+    }
+
+    /// Disk reads land in pages only the device writes (the vCPU never touches them, nor the used
+    /// ring): the destination must still see every block the source's device read before the
+    /// switch-over — the device-side dirty log at work — and the disk image changes hands.
+    func testDeviceWritesToGuestMemoryReachTheDestination() throws {
+        let image = path("disk.img")
+        XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
+        XCTAssertEqual(truncate(image, 16 << 20), 0)
+        try start("reader", "mode=vscsireadback count=30", ["--disk", image])
+        XCTAssertTrue(waitFor("vscsireadback: pass 10\n", timeout: 90, in: { log("reader") }), log("reader"))
+        let port = freePort()
+        let output = path("reader.out")
+        let destinationVM = try incoming(port, output: output)
+        let moved = try hvctl(source, ["migrate", "reader", "--to", "tcp:127.0.0.1:\(port)"])
+        XCTAssertEqual(moved.status, 0, moved.stderr)
+        XCTAssertTrue(moved.stdout.hasPrefix("migrated reader to tcp:127.0.0.1:\(port) in "), moved.stdout)
+        XCTAssertEqual(destinationVM.waitForExit(timeout: 120), 0, destinationVM.stderr)
+        let there = try String(contentsOfFile: output, encoding: .utf8)
+        XCTAssertTrue(there.contains("vscsireadback: done reads=1920 errors=0 mismatches=0"), log("reader") + "|" + there)
+    }
+
+    /// Nobody listening, a peer speaking another protocol version, and a cancel: each is one
+    /// line, and the VM runs on at the source as before.
+    func testFailedMigrationsLeaveTheVMRunningAtTheSource() throws {
+        try start("stay", "mode=ticks count=100000 delay=50")
+        XCTAssertTrue(waitFor("tick 2\n", in: { log("stay") }), log("stay"))
+
+        let nobody = try hvctl(source, ["migrate", "stay", "--to", "tcp:127.0.0.1:\(freePort())"])
+        XCTAssertEqual(nobody.status, 1)
+        XCTAssertTrue(nobody.stderr.contains("cannot connect to tcp:127.0.0.1:"), nobody.stderr)
+        XCTAssertEqual(try state("stay"), "running")
+
+        // A peer that answers with protocol version 99.
+        let port = freePort()
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var on: Int32 = 1
+        setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &on, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        XCTAssertEqual(withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }, 0)
+        XCTAssertEqual(listen(listener, 1), 0)
+        let peer = Thread {
+            let fd = accept(listener, nil, nil)
+            guard fd >= 0 else { return }
+            var header = [UInt8](repeating: 0, count: 16)
+            _ = recv(fd, &header, 16, Int32(MSG_WAITALL))
+            let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
+            var payload = [UInt8](repeating: 0, count: length)
+            _ = recv(fd, &payload, length, Int32(MSG_WAITALL))
+            let reply = Array("HVMIGR\r\n".utf8) + [99, 0, 0, 0]
+            var frame: [UInt8] = [2, 0, 0, 0, UInt8(reply.count), 0, 0, 0]
+            let crc = crc32c(reply)
+            frame += (0..<4).map { UInt8(truncatingIfNeeded: crc >> (8 * UInt32($0))) } + [0, 0, 0, 0] + reply
+            _ = send(fd, frame, frame.count, 0)
+            Thread.sleep(forTimeInterval: 1)
+            close(fd)
+        }
+        peer.start()
+        let mismatch = try hvctl(source, ["migrate", "stay", "--to", "tcp:127.0.0.1:\(port)"])
+        close(listener)
+        XCTAssertEqual(mismatch.status, 1)
+        XCTAssertTrue(mismatch.stderr.contains("the destination speaks hv migration protocol 99, this hv speaks 1"), mismatch.stderr)
+        XCTAssertEqual(try state("stay"), "running")
+
+        // Cancelled while memory is copied slowly (4 KiB a second): the destination gives up too.
+        let slowPort = freePort()
+        let destinationVM = try incoming(slowPort, output: path("never.out"))
+        setenv("HV_RUN_DIR", source, 1)
+        let migrating = try VMProcess(["migrate", "stay", "--to", "tcp:127.0.0.1:\(slowPort)", "--bandwidth", "4096"])
+        Thread.sleep(forTimeInterval: 1.5)
+        let cancel = try hvctl(source, ["migrate", "stay", "--cancel"])
+        XCTAssertEqual(cancel.status, 0, cancel.stderr)
+        XCTAssertEqual(migrating.waitForExit(timeout: 30), 1)
+        XCTAssertTrue(migrating.stderr.contains("cancelled; the VM carries on here"), migrating.stderr)
+        XCTAssertNotEqual(destinationVM.waitForExit(timeout: 30), 0)
+        XCTAssertTrue(destinationVM.stderr.contains("migration of stay failed"), destinationVM.stderr)
+        XCTAssertEqual(try state("stay"), "running")
+        let before = ticks(log("stay")).last ?? 0
+        XCTAssertTrue(waitFor("tick \(before + 2)\n", in: { log("stay") }), "the VM does not run on after the cancel")
+        // Nothing was left at the destination.
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: destination).filter { $0.hasSuffix(".sock") || $0.hasSuffix(".lock") }, [])
+    }
+}
