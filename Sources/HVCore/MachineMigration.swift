@@ -197,7 +197,10 @@ extension Machine {
                 }
                 position = hole
             }
-            var bandwidth = max(rate(channel.bytesSent, monotonicNanoseconds() - roundStart), 1 << 20)
+            // A round that sent little says little about the network: assume at least 1 MiB/s,
+            // or the --bandwidth limit when that is lower (else the pause is underestimated).
+            let floor: UInt64 = options.bandwidthBytesPerSecond > 0 ? min(options.bandwidthBytesPerSecond, 1 << 20) : 1 << 20
+            var bandwidth = max(rate(channel.bytesSent, monotonicNanoseconds() - roundStart), floor)
             var previous = (time: roundStart, sent: UInt64(0))
 
             // Later rounds: what was written since, until the rest fits in the allowed pause.
@@ -208,7 +211,7 @@ extension Machine {
                 do throws(KVMError) { dirty = try takeDirtyPages() } catch { throw MigrationError("cannot read the dirty log: \(error)") }
                 let dirtyBytes = UInt64(dirty.reduce(0) { $0 + $1.nonzeroBitCount }) * pageSize
                 let roundTime = max(now - previous.time, 1)
-                bandwidth = max(rate(channel.bytesSent - previous.sent, roundTime), bandwidth / 2, 1 << 20)
+                bandwidth = max(rate(channel.bytesSent - previous.sent, roundTime), bandwidth / 2, floor)
                 let expected = dirtyBytes * 1_000_000_000 / bandwidth
                 hooks.progress(MigrationProgress(phase: "memory", round: round, bytesSent: channel.bytesSent, dirtyBytes: dirtyBytes,
                                                  dirtyRateBytesPerSecond: rate(dirtyBytes, roundTime), bandwidthBytesPerSecond: bandwidth,

@@ -1113,8 +1113,11 @@ static void mode_vscsimsix(void)
 #define BQ_DEPTH 4
 #define BQ_CHUNK (256u * 1024u)
 static struct vq_desc bq_desc[BQ_SIZE] __attribute__((aligned(16)));
-static struct { uint16_t flags, idx, ring[BQ_SIZE], used_event; } bq_avail __attribute__((aligned(2)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[BQ_SIZE]; uint16_t avail_event; } bq_used __attribute__((aligned(4)));
+static struct { uint16_t flags, idx, ring[BQ_SIZE], used_event; } bq_avail __attribute__((aligned(4096)));
+/* The used ring has a page of its own (the avail ring is page-aligned too, so nothing the vCPU
+ * writes shares it): only the device writes it, so a migration that missed the device's writes
+ * would leave the guest on the destination a stale ring (vscsireadback). */
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[BQ_SIZE]; uint16_t avail_event; } bq_used __attribute__((aligned(4096)));
 static uint8_t bq_buf[BQ_DEPTH][BQ_CHUNK] __attribute__((aligned(4096)));
 static uint8_t bq_req[BQ_DEPTH][64], bq_resp[BQ_DEPTH][128];
 
@@ -1267,11 +1270,12 @@ static void mode_vscsistress(uint32_t rounds)
             rounds, requests, errors, mismatches, duplicates);
 }
 
-/* vscsireadback: writes 64 distinct 4 KiB blocks once, then `count` passes of reading them back,
- * BQ_DEPTH at a time, into buffers the vCPU never writes (rb_buf), and checks every word. Only the
- * device writes those pages (and the used ring), so a live migration that misses the device's
- * writes leaves the guest on the destination a stale block (a mismatch) or a stale used ring (the
- * guest waits forever): the check of device-side dirty logging. */
+/* vscsireadback: `count` passes; pass p writes 64 distinct 4 KiB blocks with pattern p, then reads
+ * them back, BQ_DEPTH at a time, into buffers the vCPU never writes (rb_buf), and checks every
+ * word. Only the device writes those pages (and the used ring, on its own page), and what it
+ * writes changes every pass, so a live migration that misses the device's writes leaves the guest
+ * on the destination an older pass's block (a mismatch) or a stale used ring (the guest waits
+ * forever): the check of device-side dirty logging. */
 static uint8_t rb_buf[BQ_DEPTH][4096] __attribute__((aligned(4096)));
 
 static void mode_vscsireadback(uint32_t passes)
@@ -1282,14 +1286,15 @@ static void mode_vscsireadback(uint32_t passes)
     (void)bench_run(0, 1, 4096, 0, 64);  /* takes any power-on UNIT ATTENTION */
     uint32_t errors = 0, mismatches = 0, reads = 0;
     uint16_t seen = bq_used.idx;
-    for (uint32_t pass = 0; pass <= passes; pass++) {
-        int write = pass == 0;
+    for (uint32_t step = 2; step < 2 * passes + 2; step++) {
+        uint32_t pass = step / 2;
+        int write = (step & 1) == 0;
         for (uint32_t group = 0; group < 64 / BQ_DEPTH; group++) {
             for (int slot = 0; slot < BQ_DEPTH; slot++) {
                 uint32_t lba = (group * BQ_DEPTH + (uint32_t)slot) * 8;
                 if (write) {
                     uint32_t *w = (uint32_t *)bq_buf[slot];
-                    for (uint32_t i = 0; i < 1024; i++) w[i] = stress_word(7, lba, i);
+                    for (uint32_t i = 0; i < 1024; i++) w[i] = stress_word(pass, lba, i);
                 }
                 bq_read_into[slot] = rb_buf[slot];
                 bench_submit(slot, write, lba, 4096);
@@ -1307,15 +1312,15 @@ static void mode_vscsireadback(uint32_t passes)
                 reads++;
                 const volatile uint32_t *w = (const volatile uint32_t *)rb_buf[slot];
                 for (uint32_t i = 0; i < 1024; i++) {
-                    if (w[i] != stress_word(7, lba, i)) {
+                    if (w[i] != stress_word(pass, lba, i)) {
                         mismatches++;
-                        if (mismatches <= 3) kprintf("vscsireadback: pass %u lba %u word %u: %x, not %x\n", pass, lba, i, w[i], stress_word(7, lba, i));
+                        if (mismatches <= 3) kprintf("vscsireadback: pass %u lba %u word %u: %x, not %x\n", pass, lba, i, w[i], stress_word(pass, lba, i));
                         break;
                     }
                 }
             }
         }
-        if (pass % 10 == 0 && pass > 0) kprintf("vscsireadback: pass %u\n", pass);
+        if (!write && pass % 10 == 0) kprintf("vscsireadback: pass %u\n", pass);
     }
     kprintf("vscsireadback: done reads=%u errors=%u mismatches=%u\n", reads, errors, mismatches);
 }
