@@ -60,6 +60,8 @@ public final class MigrationChannel: @unchecked Sendable {
     public static let stallSeconds = 10
 
     private let socket: FileDescriptor
+    /// What the other end is, in errors: "destination" or "source".
+    private let peer: String
     /// Bytes handed to the kernel so far, headers included.
     public private(set) var bytesSent: UInt64 = 0
     /// When non-zero, `send` sleeps to keep the average rate at or below this many bytes a second.
@@ -68,13 +70,36 @@ public final class MigrationChannel: @unchecked Sendable {
     private var limitBytes: UInt64 = 0
     private var header = [UInt8](repeating: 0, count: 16)
 
-    /// Takes over `socket` (a connected stream socket): sends time out after `stallSeconds`.
-    public init(socket: FileDescriptor) {
+    /// Takes over `socket` (a connected stream socket): sends time out after `stallSeconds`,
+    /// and so does a connection whose peer stops acknowledging (data or keepalive probes).
+    public init(socket: FileDescriptor, peer: String = "destination") {
         self.socket = socket
+        self.peer = peer
         var timeout = timeval(tv_sec: Self.stallSeconds, tv_usec: 0)
         setsockopt(socket.rawValue, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var on: Int32 = 1
-        setsockopt(socket.rawValue, Int32(IPPROTO_TCP), TCP_NODELAY, &on, socklen_t(MemoryLayout<Int32>.size))
+        func option(_ level: Int32, _ name: Int32, _ value: Int32) {
+            var v = value
+            setsockopt(socket.rawValue, level, name, &v, socklen_t(MemoryLayout<Int32>.size))
+        }
+        let tcp = Int32(IPPROTO_TCP)
+        option(tcp, TCP_NODELAY, 1)
+        // A cut network leaves data in the send buffer unacknowledged, or a side waiting (for
+        // READY, for GO) on a connection with nothing in flight: the user timeout ends the first,
+        // keepalive probes every second turn the second into the first. Either way the error
+        // comes within `stallSeconds`, not after the kernel's 15 minutes of retransmissions.
+        option(tcp, 18 /* TCP_USER_TIMEOUT, ms */, Int32(Self.stallSeconds * 1000))
+        option(SOL_SOCKET, SO_KEEPALIVE, 1)
+        option(tcp, 4 /* TCP_KEEPIDLE */, 1)
+        option(tcp, 5 /* TCP_KEEPINTVL */, 1)
+        option(tcp, 6 /* TCP_KEEPCNT */, Int32(Self.stallSeconds))
+    }
+
+    /// The error for a failed send or receive on the connection to `peer`.
+    private static func failure(_ peer: String) -> MigrationError {
+        if errno == ETIMEDOUT {
+            return MigrationError("the \(peer) stopped answering for \(stallSeconds) s (network down, or its host died)")
+        }
+        return MigrationError("the connection to the \(peer) failed: \(Errno.current)")
     }
 
     /// Closes the connection (the peer sees end of stream).
@@ -87,9 +112,9 @@ public final class MigrationChannel: @unchecked Sendable {
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
                 if errno == EAGAIN || errno == EWOULDBLOCK {
-                    throw MigrationError("the destination took no data for \(Self.stallSeconds) s (network down, or it stopped)")
+                    throw MigrationError("the \(peer) took no data for \(Self.stallSeconds) s (network down, or it stopped)")
                 }
-                throw MigrationError("the connection to the destination failed: \(Errno.current)")
+                throw Self.failure(peer)
             }
             done += n
         }
@@ -139,7 +164,7 @@ public final class MigrationChannel: @unchecked Sendable {
             let n = Glibc.recv(socket.rawValue, base + done, count - done, 0)
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
-                throw MigrationError(n == 0 ? "the \(peer) closed the connection" : "the connection to the \(peer) failed: \(Errno.current)")
+                throw n == 0 ? MigrationError("the \(peer) closed the connection") : Self.failure(peer)
             }
             done += n
         }

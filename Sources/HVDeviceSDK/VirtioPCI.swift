@@ -40,11 +40,18 @@ public protocol VirtioDevice: AnyObject {
     /// state page. Return false if that cannot be done. Default: true (a device that completes
     /// each chain before returning from `queueNotified`).
     func quiesce(transport: VirtioPCITransport) -> Bool
+    /// When, on the monotonic clock (`monotonicNanoseconds()`), the device next needs
+    /// `deadlineReached` even if the driver does nothing (a timer); nil for never. Default: nil.
+    func nextDeadline() -> UInt64?
+    /// Called on the runtime thread at or after `nextDeadline()`.
+    func deadlineReached(now: UInt64, transport: VirtioPCITransport)
 }
 
 extension VirtioDevice {
     public var completesInOrder: Bool { false }
     public func quiesce(transport: VirtioPCITransport) -> Bool { true }
+    public func nextDeadline() -> UInt64? { nil }
+    public func deadlineReached(now: UInt64, transport: VirtioPCITransport) {}
     public func completePoisoned(_ chain: DescriptorChain, queue: Int, transport: VirtioPCITransport) {
         transport.complete(queue: queue, head: chain.head, written: 0)
     }
@@ -197,6 +204,12 @@ public final class VirtioPCITransport: DeviceModel {
         if resource == barResource { barWrite(Int(offset), size, value) }
         if resource == configResource || (resource == barResource && Int(offset) < Self.notifyOffset) { saveState() }
     }
+
+    /// DeviceModel: the device's own timer.
+    public func nextDeadline() -> UInt64? { device.nextDeadline() }
+
+    /// DeviceModel: the device's own timer fired.
+    public func deadlineReached(now: UInt64) { device.deadlineReached(now: now, transport: self) }
 
     /// DeviceModel: the device completes what it holds; the configuration is saved again.
     public func quiesce() -> Bool {

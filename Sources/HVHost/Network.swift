@@ -18,12 +18,21 @@ struct NICOption: Equatable {
     }
     var attachment: Attachment
     var mac: [UInt8]?
+    /// The host bridge a tap joins (`bridge=`).
+    var bridge: String?
 
     static let maximumPerVM = 4
+    static var hint: String { VMDefinition.NIC.flagHint }
 
-    /// Parses `tap=NAME[,mac=MAC]` or `net=NAME[,mac=MAC]`.
+    /// Whether `name` can name a host interface: IFNAMSIZ is 16 with the NUL; '/', ':' and
+    /// whitespace are not allowed.
+    static func isInterfaceName(_ name: String) -> Bool {
+        (1...15).contains(name.utf8.count) && name != "." && name != ".."
+            && name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") })
+    }
+
+    /// Parses `tap=NAME[,bridge=BRIDGE][,mac=MAC]` or `net=NAME[,mac=MAC]`.
     static func parse(_ spec: String, what: String = "--nic") throws(UsageError) -> NICOption {
-        let hint = "use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"
         var parts = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         guard let first = parts.first, let eq = first.firstIndex(of: "=") else { throw UsageError(message: "invalid \(what) '\(spec)': \(hint)") }
         parts.removeFirst()
@@ -31,9 +40,7 @@ struct NICOption: Equatable {
         var option: NICOption
         switch kind {
         case "tap":
-            // IFNAMSIZ is 16 with the NUL; '/' and whitespace are not allowed in interface names.
-            guard (1...15).contains(name.utf8.count), name != ".", name != "..",
-                  name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") }) else {
+            guard isInterfaceName(name) else {
                 throw UsageError(message: "invalid \(what) tap name '\(name)': a host interface name is 1 to 15 printable characters without '/', ':' or spaces")
             }
             option = NICOption(attachment: .tap(name))
@@ -44,6 +51,14 @@ struct NICOption: Equatable {
             throw UsageError(message: "invalid \(what) '\(spec)': \(hint)")
         }
         for part in parts {
+            if part.hasPrefix("bridge="), option.bridge == nil, case .tap = option.attachment {
+                let bridge = String(part.dropFirst(7))
+                guard isInterfaceName(bridge) else {
+                    throw UsageError(message: "invalid \(what) bridge name '\(bridge)': a host interface name is 1 to 15 printable characters without '/', ':' or spaces")
+                }
+                option.bridge = bridge
+                continue
+            }
             guard part.hasPrefix("mac="), option.mac == nil else { throw UsageError(message: "invalid \(what) '\(spec)': \(hint)") }
             let text = String(part.dropFirst(4))
             guard let mac = parseMAC(text) else {
@@ -124,7 +139,9 @@ func attachNICs(_ definition: VMDefinition, vmName: String, verbose: Bool) -> [A
         switch option.attachment {
         case .tap(let name):
             switch openTap(name) {
-            case .success(let tap): attached.append(AttachedNIC(option: option, mac: mac, files: [tap]))
+            case .success(let tap):
+                if let bridge = option.bridge, case .failure(let error) = joinBridge(tap: name, bridge: bridge) { abandon(error) }
+                attached.append(AttachedNIC(option: option, mac: mac, files: [tap]))
             case .failure(let error): abandon(error)
             }
         case .segment(let name):
@@ -205,6 +222,35 @@ func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
         }
     }
     return .success(tun)
+}
+
+/// Makes the tap `tap` a port of the host bridge `bridge` (SIOCBRADDIF), unless it is one
+/// already. A tap hv created leaves the bridge when the VM ends (the tap goes with it).
+func joinBridge(tap: String, bridge: String) -> Result<Void, UsageError> {
+    var link = [CChar](repeating: 0, count: 256)
+    let length = readlink("/sys/class/net/\(tap)/master", &link, link.count - 1)
+    if length > 0, String(decoding: link[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self).hasSuffix("/" + bridge) { return .success(()) }
+    let index = if_nametoindex(tap)
+    guard index != 0 else { return .failure(UsageError(message: "cannot add tap '\(tap)' to bridge '\(bridge)': the tap is gone")) }
+    let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard s >= 0 else { return .failure(UsageError(message: "cannot add tap '\(tap)' to bridge '\(bridge)': \(Errno.current)")) }
+    defer { close(s) }
+    // struct ifreq: the bridge's name, then ifr_ifindex (an int) at offset 16.
+    var request = [UInt8](repeating: 0, count: 40)
+    for (k, b) in bridge.utf8.enumerated() { request[k] = b }
+    withUnsafeBytes(of: Int32(index).littleEndian) { request.replaceSubrange(16..<20, with: $0) }
+    let siocBridgeAddInterface: UInt = 0x89A2
+    guard request.withUnsafeMutableBytes({ hv_ioctl_ptr(s, siocBridgeAddInterface, $0.baseAddress) }) != 0 else { return .success(()) }
+    let e = Errno.current
+    let why: String
+    switch e.rawValue {
+    case ENODEV: why = "there is no bridge '\(bridge)' on this host (create it with 'ip link add \(bridge) type bridge')"
+    case EPERM: why = "joining a bridge needs CAP_NET_ADMIN: run hvctl as root"
+    case EBUSY: why = "the tap is already a port of another bridge"
+    case EOPNOTSUPP, EINVAL: why = "'\(bridge)' is not a bridge"
+    default: why = "\(e)"
+    }
+    return .failure(UsageError(message: "cannot add tap '\(tap)' to bridge '\(bridge)': \(why)"))
 }
 
 // MARK: Segments

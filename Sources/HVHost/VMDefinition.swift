@@ -82,10 +82,13 @@ public struct VMDefinition: Codable, Equatable, Sendable {
         public var segment: String?
         /// `52:54:00:12:34:56`; nil: derived from the VM's name and the NIC's index.
         public var mac: String?
-        public init(tap: String? = nil, segment: String? = nil, mac: String? = nil) {
+        /// The host bridge the tap joins when the VM starts (tap only); nil: none.
+        public var bridge: String?
+        public init(tap: String? = nil, segment: String? = nil, mac: String? = nil, bridge: String? = nil) {
             self.tap = tap
             self.segment = segment
             self.mac = mac
+            self.bridge = bridge
         }
     }
 
@@ -211,6 +214,9 @@ extension VMDefinition {
 }
 
 extension VMDefinition.NIC {
+    /// What `--nic` takes, for error messages.
+    public static let flagHint = "use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"
+
     /// The attachment this NIC names, checked; `what` names it in errors.
     func option(where what: String) throws(UsageError) -> NICOption {
         var spec: String
@@ -220,6 +226,7 @@ extension VMDefinition.NIC {
         default: throw UsageError(message: "\(what) needs exactly one of tap or segment")
         }
         if let mac { spec += ",mac=\(mac)" }
+        if let bridge { spec += ",bridge=\(bridge)" }
         return try NICOption.parse(spec, what: what)
     }
 }
@@ -328,13 +335,14 @@ extension VMDefinition.Disk {
 }
 
 extension VMDefinition.NIC {
-    enum CodingKeys: String, CodingKey, CaseIterable { case tap, segment, mac }
+    enum CodingKeys: String, CodingKey, CaseIterable { case tap, segment, mac, bridge }
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
         tap = try c.decodeIfPresent(String.self, forKey: .tap)
         segment = try c.decodeIfPresent(String.self, forKey: .segment)
         mac = try c.decodeIfPresent(String.self, forKey: .mac)
+        bridge = try c.decodeIfPresent(String.self, forKey: .bridge)
     }
 }
 

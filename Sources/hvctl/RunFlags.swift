@@ -42,10 +42,11 @@ struct DefinitionFlags: ParsableArguments {
     @Option(help: ArgumentHelp("An ISO image in a virtio-scsi CD-ROM drive; the firmware boots it first.", valueName: "iso"))
     var cdrom: String?
     @Option(help: ArgumentHelp("""
-        A virtio-net NIC on host tap IFNAME (created and brought up if missing), or on private \
-        segment SEGMENT shared with the other VMs on this host that join it; up to 4. Without mac=, \
-        the MAC is 52:54:00 and a hash of the VM's name and the NIC's index.
-        """, valueName: "tap=IFNAME|net=SEGMENT[,mac=MAC]"))
+        A virtio-net NIC on host tap IFNAME (created and brought up if missing; with bridge=, made \
+        a port of that host bridge), or on private segment SEGMENT shared with the other VMs on \
+        this host that join it; up to 4. Without mac=, the MAC is 52:54:00 and a hash of the VM's \
+        name and the NIC's index.
+        """, valueName: "tap=IFNAME[,bridge=BR]|net=SEGMENT[,mac=MAC]"))
     var nic: [String] = []
     @Flag(help: "End the VM (exit 0) when the guest asks for a reset, instead of rebooting it.")
     var noReboot = false
@@ -153,12 +154,14 @@ struct DefinitionFlags: ParsableArguments {
             let first = parts.removeFirst()
             var nic = VMDefinition.NIC()
             if first.hasPrefix("tap=") { nic.tap = String(first.dropFirst(4)) } else if first.hasPrefix("net=") { nic.segment = String(first.dropFirst(4)) } else {
-                throw UsageError(message: "invalid --nic '\(spec)': use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx")
+                throw UsageError(message: "invalid --nic '\(spec)': \(VMDefinition.NIC.flagHint)")
             }
             for part in parts {
-                guard part.hasPrefix("mac="), nic.mac == nil else {
-                    throw UsageError(message: "invalid --nic '\(spec)': use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx")
+                if part.hasPrefix("bridge="), nic.bridge == nil, nic.tap != nil {
+                    nic.bridge = String(part.dropFirst(7))
+                    continue
                 }
+                guard part.hasPrefix("mac="), nic.mac == nil else { throw UsageError(message: "invalid --nic '\(spec)': \(VMDefinition.NIC.flagHint)") }
                 nic.mac = String(part.dropFirst(4))
             }
             d.nics.append(nic)

@@ -145,7 +145,7 @@ extension HVCtl {
                     let socket: FileDescriptor
                     do throws(UsageError) { socket = try acceptMigration(on: listener, address: address) } catch { fail(error.message) }
                     listener.close()
-                    let arriving = IncomingMigration(channel: MigrationChannel(socket: socket))
+                    let arriving = IncomingMigration(channel: MigrationChannel(socket: socket, peer: "source"))
                     var definition: VMDefinition
                     do throws(MigrationError) {
                         let hello = try arriving.receiveHello()

@@ -63,6 +63,10 @@ final class VMDefinitionTests: XCTestCase {
         XCTAssertThrowsError(try d.validate(naming: .keys)) { XCTAssertEqual(($0 as? UsageError)?.message, "nics[0] needs exactly one of tap or segment") }
         d.nics = [.init(segment: "lab", mac: "01:00:00:00:00:01")]
         XCTAssertThrowsError(try d.validate(naming: .keys)) { XCTAssertTrue(($0 as? UsageError)?.message.hasPrefix("invalid nics[0] mac '01:00:00:00:00:01'") == true) }
+        d.nics = [.init(segment: "lab", bridge: "br0")]
+        XCTAssertThrowsError(try d.validate(naming: .keys)) { XCTAssertTrue(($0 as? UsageError)?.message.hasPrefix("invalid nics[0] 'net=lab,bridge=br0'") == true, "\($0)") }
+        d.nics = [.init(tap: "tap0", bridge: "a b")]
+        XCTAssertThrowsError(try d.validate(naming: .keys)) { XCTAssertEqual(($0 as? UsageError)?.message, "invalid nics[0] bridge name 'a b': a host interface name is 1 to 15 printable characters without '/', ':' or spaces") }
         d = VMDefinition()
         d.serial = .init(output: .file)
         XCTAssertThrowsError(try d.validate(naming: .keys)) { XCTAssertTrue(($0 as? UsageError)?.message.hasPrefix("serial.path is missing") == true) }
@@ -88,7 +92,7 @@ final class VMDefinitionTests: XCTestCase {
         d.onReset = .stop
         d.disks = [.init(path: "/images/root.img"), .init(path: "/images/data.img", readonly: true)]
         d.cdrom = "/isos/tools.iso"
-        d.nics = [.init(tap: "tap0"), .init(segment: "lab", mac: "52:54:00:12:34:56")]
+        d.nics = [.init(tap: "tap0", bridge: "br0"), .init(segment: "lab", mac: "52:54:00:12:34:56")]
         d.serial = .init(output: .file, path: "/var/log/web1.console")
         d.debugcon = "/tmp/seabios.log"
         d.tenant = "alice"

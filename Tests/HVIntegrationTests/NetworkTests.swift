@@ -106,11 +106,11 @@ final class NetworkNamespace {
 
 /// The tools the network tests drive as real peers. test.sh installs them and CI runs as root, so
 /// a missing one is a broken setup: the test fails and says what to install, it is not skipped.
-private struct MissingNetworkSetup: Error, CustomStringConvertible {
+struct MissingNetworkSetup: Error, CustomStringConvertible {
     let description: String
 }
 
-private func requireNetworkTools() throws {
+func requireNetworkTools() throws {
     try Harness.requireKVM()
     for tool in ["/usr/sbin/ip", "/usr/sbin/dnsmasq", "/usr/bin/tcpdump", "/usr/bin/ping"] where access(tool, X_OK) != 0 {
         throw MissingNetworkSetup(description: "\(tool) is missing: run test.sh, which installs iproute2, dnsmasq-base, tcpdump and iputils-ping")
@@ -477,7 +477,9 @@ final class SegmentNetworkTests: XCTestCase {
     func testBadNICOptionsAreRefusedWithOneLine() throws {
         let guest = try Harness.testGuest()
         for (nics, message) in [
-            (["bogus"], "invalid --nic 'bogus': use tap=IFNAME or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"),
+            (["bogus"], "invalid --nic 'bogus': use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"),
+            (["net=x,bridge=br0"], "invalid --nic 'net=x,bridge=br0': use tap=IFNAME[,bridge=BRIDGE]"),
+            (["tap=t0,bridge=a/b"], "invalid --nic bridge name 'a/b'"),
             (["net=a/b"], "invalid --nic net= 'a/b'"),
             (["tap=averyveryverylongname"], "invalid --nic tap name 'averyveryverylongname'"),
             (["net=x,mac=01:00:5e:00:00:01"], "invalid --nic mac '01:00:5e:00:00:01': a NIC needs a unicast address"),

@@ -65,6 +65,49 @@ final class VirtioNet: VirtioDevice {
         spare.removeAll()
     }
 
+    // MARK: Announcing the MAC
+
+    /// When the next announcement goes out, and how many are left.
+    private var announcementDue: UInt64?
+    private var announcementsLeft = 0
+
+    /// After a live migration, a restore or a restart, the switches between this NIC and its
+    /// peers may still send its frames to the old port: RARP broadcasts from its MAC (as QEMU's
+    /// self-announce does: five of them, 50 to 200 ms apart) teach them where it is now, whatever
+    /// the guest does.
+    func announce() {
+        announcementsLeft = 5
+        announcementDue = monotonicNanoseconds()
+    }
+
+    func nextDeadline() -> UInt64? { announcementDue }
+
+    func deadlineReached(now: UInt64, transport: VirtioPCITransport) {
+        guard let due = announcementDue, now >= due else { return }
+        sendRARP()
+        announcementsLeft -= 1
+        let step = UInt64(5 - announcementsLeft) * 50_000_000
+        announcementDue = announcementsLeft > 0 ? now + step : nil
+    }
+
+    /// One RARP "request reverse" (RFC 903, op 3) from and about this MAC, padded to the
+    /// minimum Ethernet frame, behind a zeroed virtio-net header where the backend takes one.
+    private func sendRARP() {
+        var frame = [UInt8](repeating: 0, count: Self.headerSize + 60)
+        let f = Self.headerSize
+        for i in 0..<6 { frame[f + i] = 0xFF }
+        frame.replaceSubrange(f + 6..<f + 12, with: mac)
+        frame.replaceSubrange(f + 12..<f + 22, with: [0x80, 0x35, 0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x03] as [UInt8])
+        frame.replaceSubrange(f + 22..<f + 28, with: mac)   // sender hardware address
+        frame.replaceSubrange(f + 32..<f + 38, with: mac)   // target hardware address
+        let skip = backend.carriesVirtioHeader ? 0 : Self.headerSize
+        let sent = frame.withUnsafeMutableBytes { b in
+            backend.send([iovec(iov_base: b.baseAddress! + skip, iov_len: b.count - skip)], length: b.count - skip, checksum: nil)
+        }
+        if sent { framesSent &+= 1 }
+        backend.flush()
+    }
+
     func queueNotified(_ index: Int, transport: VirtioPCITransport) {
         self.transport = transport
         if index == Self.receiveQueue { receive() } else if index == Self.transmitQueue { transmit() }
@@ -252,4 +295,7 @@ if let page = runtime.statePage {
     }
     page.storeBytes(macRecord, at: 3072)
 }
+// This process took over a running guest's NIC (a migration, a restore or a restart): tell the
+// network where the MAC is now.
+if runtime.restartGeneration > 0 { nic.announce() }
 runtime.run(transport)
