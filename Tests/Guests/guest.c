@@ -2127,6 +2127,24 @@ static void mode_memfill(uint32_t mib)
         __asm__ volatile("sti; hlt");
 }
 
+/* memdirty: memfill's `count` MiB, then rewrites one word in every page of them, round after
+ * round, for good: a guest that keeps dirtying `count` MiB as fast as its vCPU can (the live
+ * migration benchmark's busy guest). */
+static void mode_memdirty(uint32_t mib)
+{
+    for (uint32_t m = 0; m < mib; m++) {
+        uint32_t *p = (uint32_t *)(uintptr_t)((16u + m) << 20);
+        for (uint32_t i = 0; i < (1u << 18); i++)
+            p[i] = 0x9E3779B9u * (m + 1) ^ i;
+    }
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    kprintf("memdirty: ready mib=%u\n", mib);
+    for (uint32_t round = 1;; round++)
+        for (uint32_t page = 0; page < mib * 256u; page++)
+            *(volatile uint32_t *)(uintptr_t)((16u << 20) + page * 4096u) = round;
+}
+
 static void mode_netsink(const struct config *cfg)
 {
     net_want_csum = cfg->csum;
@@ -2205,6 +2223,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_netsink(&cfg);
     else if (streq(cfg.mode, "memfill"))
         mode_memfill(cfg.count_given ? cfg.count : 16);
+    else if (streq(cfg.mode, "memdirty"))
+        mode_memdirty(cfg.count_given ? cfg.count : 16);
     else if (streq(cfg.mode, "ticks"))
         mode_ticks(cfg.count_given ? cfg.count : 50, cfg.delay);
     else

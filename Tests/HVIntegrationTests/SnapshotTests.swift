@@ -191,7 +191,14 @@ final class SnapshotTests: XCTestCase {
             XCTAssertTrue(waitForLog("clone\(i)", "hv-testguest: done", timeout: 120), log("clone\(i)"))
             XCTAssertTrue(log("clone\(i)").contains("vscsistress: done rounds=40 requests=320 errors=0 mismatches=0 duplicates=0"), log("clone\(i)"))
             XCTAssertTrue(waitForEnd(pids[i - 1]), "clone\(i) did not power off")
-            let check = try tool("/usr/bin/qemu-img", ["check", "\(snapshot)/clones/clone\(i)/disk0.qcow2"])
+            // Once under CI load qemu-img found the image still locked just after the core was
+            // reaped (cause not found yet; see the #18 closing note): allow the lock 5 s to go.
+            var check = try tool("/usr/bin/qemu-img", ["check", "\(snapshot)/clones/clone\(i)/disk0.qcow2"])
+            let lockDeadline = Date().addingTimeInterval(5)
+            while check.status != 0 && check.output.contains("lock") && Date() < lockDeadline {
+                Thread.sleep(forTimeInterval: 0.1)
+                check = try tool("/usr/bin/qemu-img", ["check", "\(snapshot)/clones/clone\(i)/disk0.qcow2"])
+            }
             XCTAssertEqual(check.status, 0, check.output)
         }
         XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: image)), before, "a clone wrote the template's disk")
