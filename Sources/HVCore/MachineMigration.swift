@@ -82,6 +82,14 @@ extension Machine {
         }
     }
 
+    /// Why this VM cannot be migrated (devices that cannot save their state or log their writes
+    /// to guest memory, named), or nil. The host layer asks before it connects anywhere.
+    public func migrationRefusal() -> String? {
+        let refusing = supervisor.devicesWithoutSnapshots() + devicesWithoutDirtyLogs()
+        guard !refusing.isEmpty else { return nil }
+        return "cannot migrate: \(refusing.joined(separator: ", ")) cannot be migrated (its device does not support it)"
+    }
+
     /// Switches KVM's dirty log on or off for every RAM slot.
     private func setDirtyLogging(_ on: Bool) throws(KVMError) {
         for (slot, r) in ram.regions.enumerated() {
@@ -147,10 +155,7 @@ extension Machine {
     public func migrate(over channel: MigrationChannel, host: [UInt8], options: MigrationOptions,
                         hooks: MigrationHooks) throws(MigrationError) -> MigrationReport {
         try snapshotLock.withLock { _ throws(MigrationError) -> MigrationReport in
-            let refusing = supervisor.devicesWithoutSnapshots() + devicesWithoutDirtyLogs()
-            guard refusing.isEmpty else {
-                throw MigrationError("cannot migrate: \(refusing.joined(separator: ", ")) cannot be migrated (its device does not support it)")
-            }
+            if let why = migrationRefusal() { throw MigrationError(why) }
             guard supervisor.guestStarted.load(ordering: .acquiring) else { throw MigrationError("the VM is not running guest code yet; try again") }
             let started = monotonicNanoseconds()
             channel.bandwidthLimit = options.bandwidthBytesPerSecond

@@ -181,6 +181,7 @@ extension VMControl {
         guard let to = request.path else { return finish(.failure("migrate needs the destination (tcp:HOST:PORT)")) }
         let address: MigrationAddress
         do throws(UsageError) { address = try MigrationAddress.parse(to, flag: "destination") } catch { return finish(.failure(error.message)) }
+        if let why = machine.migrationRefusal() { return finish(.failure(why)) }
         guard !hasCDROM || medium.withLock({ $0 }) != nil else {
             return finish(.failure("cannot migrate \(name) while its CD-ROM drive is empty: insert a medium first ('hvctl cdrom \(name) insert ISO')"))
         }

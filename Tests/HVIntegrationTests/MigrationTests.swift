@@ -135,6 +135,46 @@ final class MigrationTests: XCTestCase {
         XCTAssertTrue(there.contains("vscsireadback: done reads=1920 errors=0 mismatches=0"), log("reader") + "|" + there)
     }
 
+    /// A guest that rewrites 2 MiB without pause over a 4 MiB/s link would need a 500 ms pause:
+    /// after --timeout the migration gives up and the VM runs on; with --finish-on-timeout it
+    /// switches over anyway, with the longer pause.
+    func testAMigrationThatDoesNotConvergeGivesUpOrFinishesWhenAsked() throws {
+        try start("busy", "mode=memdirty count=2")
+        XCTAssertTrue(waitFor("memdirty: ready", timeout: 120, in: { log("busy") }), log("busy"))
+        let port = freePort()
+        let destinationVM = try incoming(port, output: path("busy.out"))
+        let given = try hvctl(source, ["migrate", "busy", "--to", "tcp:127.0.0.1:\(port)", "--bandwidth", "4M", "--timeout", "2s"])
+        XCTAssertEqual(given.status, 1, given.stdout)
+        XCTAssertTrue(given.stderr.contains("memory did not converge within 2 s") && given.stderr.contains("cancelled, the VM carries on here"), given.stderr)
+        XCTAssertNotEqual(destinationVM.waitForExit(timeout: 30), 0)
+        XCTAssertEqual(try state("busy"), "running")
+
+        let again = freePort()
+        let secondVM = try incoming(again, output: path("busy2.out"))
+        let finished = try hvctl(source, ["migrate", "busy", "--to", "tcp:127.0.0.1:\(again)", "--bandwidth", "4M", "--timeout", "1s",
+                                          "--finish-on-timeout", "--json"])
+        XCTAssertEqual(finished.status, 0, finished.stderr)
+        let result = try XCTUnwrap(JSONSerialization.jsonObject(with: Data((finished.stdout.split(separator: "\n").last ?? "").utf8)) as? [String: Any])
+        XCTAssertGreaterThan(result["downtime_ms"] as? Double ?? 0, 100, finished.stdout)
+        XCTAssertTrue(secondVM.process.isRunning, secondVM.stderr)
+        XCTAssertTrue(secondVM.stderr.contains("busy arrived and runs here"), secondVM.stderr)
+        XCTAssertEqual(try hvctl(destination, ["stop", "busy"]).status, 0)
+        XCTAssertEqual(secondVM.waitForExit(timeout: 30), 0, secondVM.stderr)
+    }
+
+    /// A third-party device that cannot save its state (no SNAPSHOT) cannot move: the migration
+    /// is refused before anything is sent, naming it.
+    func testAPluginThatCannotMigrateIsNamed() throws {
+        let exe = Harness.productsDirectory.appendingPathComponent("hv-pci-testdevice").path
+        let profile = Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json").path
+        try start("plugged", "mode=ticks count=100000 delay=50", ["--device", "\(exe),profile=\(profile),pci=03.0,bar0=mmio:4096,bar1=pio:16"])
+        XCTAssertTrue(waitFor("tick 1\n", in: { log("plugged") }), log("plugged"))
+        let r = try hvctl(source, ["migrate", "plugged", "--to", "tcp:127.0.0.1:\(freePort())"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("cannot migrate: device0 (pci-testdevice) cannot be migrated"), r.stderr)
+        XCTAssertEqual(try state("plugged"), "running")
+    }
+
     /// Nobody listening, a peer speaking another protocol version, and a cancel: each is one
     /// line, and the VM runs on at the source as before.
     func testFailedMigrationsLeaveTheVMRunningAtTheSource() throws {
