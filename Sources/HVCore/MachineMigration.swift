@@ -121,7 +121,7 @@ extension Machine {
         let pageSize = GuestRAM.pageSize
         var page = first
         let end = first + count
-        let chunkPages = UInt64(MigrationChannel.maximumChunk) / pageSize
+        let chunkPages = UInt64(channel.chunkBytes) / pageSize
         while page < end {
             let zero = ram.pageIsZero(page * pageSize)
             var runEnd = page + 1
@@ -159,6 +159,7 @@ extension Machine {
             guard supervisor.guestStarted.load(ordering: .acquiring) else { throw MigrationError("the VM is not running guest code yet; try again") }
             let started = monotonicNanoseconds()
             channel.bandwidthLimit = options.bandwidthBytesPerSecond
+            channel.cancelled = hooks.cancelled
             try channel.send(.hello, MigrationHello(host: host, memoryBytes: ram.size, cpus: vcpus.count, cpuid: cpuidTable).encode())
             // The destination checks its CPU, the disks and the name before anything is copied.
             var accept = WireReader(try channel.receive(.accept, timeoutSeconds: 60, peer: "destination"))
@@ -190,7 +191,7 @@ extension Machine {
                 let last = (hole + pageSize - 1) / pageSize
                 while page < last {
                     try check()
-                    let n = min(last - page, 1024)
+                    let n = min(last - page, UInt64(channel.chunkBytes) / pageSize)
                     try sendPages(page, n, skipZeroes: true, over: channel, buffer: &buffer)
                     page += n
                     if monotonicNanoseconds() - lastReport > 250_000_000 {
@@ -305,6 +306,7 @@ extension Machine {
                                                  bandwidthBytesPerSecond: 0, expectedDowntimeNanoseconds: 0, elapsedNanoseconds: monotonicNanoseconds() - started))
                 _ = try channel.receive(.ready, timeoutSeconds: 60, peer: "destination")
                 // The point of no return: after GO the guest may run there, so never here again.
+                channel.cancelled = { false }
                 try channel.send(.go)
                 committed = true
                 do {

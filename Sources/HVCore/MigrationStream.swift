@@ -122,6 +122,8 @@ public final class MigrationChannel: @unchecked Sendable {
 
     /// Sends one frame whose payload is `payload`.
     func send(_ type: MigrationMessage, _ payload: UnsafeRawBufferPointer) throws(MigrationError) {
+        // Paced before anything goes out: a cancel heard while waiting leaves no half-sent frame.
+        try throttle(UInt64(Self.headerSize + payload.count))
         let crc = payload.count == 0 ? 0 : hv_crc32c(0, payload.baseAddress, UInt(payload.count))
         for (i, v) in [type.rawValue, UInt32(payload.count), crc, 0].enumerated() {
             for b in 0..<4 { header[4 * i + b] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(b))) }
@@ -133,7 +135,6 @@ public final class MigrationChannel: @unchecked Sendable {
         if let failure { throw failure }
         if payload.count > 0 { try sendAll(payload.baseAddress!, payload.count) }
         bytesSent += UInt64(Self.headerSize + payload.count)
-        throttle(UInt64(Self.headerSize + payload.count))
     }
 
     func send(_ type: MigrationMessage, _ payload: [UInt8] = []) throws(MigrationError) {
@@ -144,13 +145,30 @@ public final class MigrationChannel: @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    private func throttle(_ bytes: UInt64) {
+    /// Asked while `send` waits for the bandwidth limit: true abandons the send (a cancel).
+    var cancelled: () -> Bool = { false }
+
+    /// How much guest memory one frame should carry: at most an eighth of a second's worth under
+    /// a bandwidth limit (whole pages, at least one), so progress, cancels and the limit itself
+    /// work in small steps; otherwise `maximumChunk`.
+    var chunkBytes: Int {
+        guard bandwidthLimit > 0 else { return Self.maximumChunk }
+        return Int(min(max(bandwidthLimit / 8, 4096), UInt64(Self.maximumChunk))) & ~4095
+    }
+
+    /// Waits until the bytes sent so far fit the limit's average rate, in slices of at most
+    /// 50 ms so that a cancel is heard.
+    private func throttle(_ bytes: UInt64) throws(MigrationError) {
         guard bandwidthLimit > 0 else { return }
-        let now = monotonicNanoseconds()
-        if limitStart == 0 { limitStart = now }
+        if limitStart == 0 { limitStart = monotonicNanoseconds() }
         limitBytes += bytes
         let due = limitStart + limitBytes * 1_000_000_000 / bandwidthLimit
-        if due > now { usleep(UInt32(min((due - now) / 1000, 1_000_000))) }
+        while true {
+            let now = monotonicNanoseconds()
+            guard due > now else { return }
+            if cancelled() { throw MigrationError("cancelled; the VM carries on here") }
+            usleep(UInt32(min((due - now) / 1000, 50_000)))
+        }
     }
 
     /// Reads exactly `count` bytes into `base`, waiting at most `timeoutSeconds` for each part.

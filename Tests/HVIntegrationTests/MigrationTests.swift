@@ -227,8 +227,11 @@ final class MigrationTests: XCTestCase {
         let migrating = try VMProcess(["migrate", "stay", "--to", "tcp:127.0.0.1:\(slowPort)", "--bandwidth", "4096"])
         Thread.sleep(forTimeInterval: 1.5)
         let cancel = try hvctl(source, ["migrate", "stay", "--cancel"])
+        let cancelledAt = Date()
         XCTAssertEqual(cancel.status, 0, cancel.stderr)
         XCTAssertEqual(migrating.waitForExit(timeout: 30), 1)
+        // Heard while the stream waits out the bandwidth limit, not after the frame in hand.
+        XCTAssertLessThan(Date().timeIntervalSince(cancelledAt), 3, "the cancel took effect only \(Date().timeIntervalSince(cancelledAt)) s later")
         XCTAssertTrue(migrating.stderr.contains("cancelled; the VM carries on here"), migrating.stderr)
         XCTAssertNotEqual(destinationVM.waitForExit(timeout: 30), 0)
         XCTAssertTrue(destinationVM.stderr.contains("migration of stay failed"), destinationVM.stderr)
