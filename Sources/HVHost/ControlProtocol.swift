@@ -174,6 +174,8 @@ public struct VMStatus: Codable, Equatable, Sendable {
         public var mac: String
         public var tap: String?
         public var segment: String?
+        /// The host bridge the tap joined, if any.
+        public var bridge: String?
     }
 
     enum CodingKeys: String, CodingKey {

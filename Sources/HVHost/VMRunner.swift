@@ -255,7 +255,9 @@ final class VMControl: Sendable {
         self.nics = nics.enumerated().map { i, n in
             var nic = VMStatus.NIC(device: "net\(i)", mac: formatMAC(n.mac))
             switch n.option.attachment {
-            case .tap(let tap): nic.tap = tap
+            case .tap(let tap):
+                nic.tap = tap
+                nic.bridge = n.option.bridge
             case .segment(let segment): nic.segment = segment
             }
             return nic

@@ -308,7 +308,7 @@ extension HVCtl {
             }
             if let cd = s.cdrom { print("cdrom:   \(pad(cd.device, 8))\(cd.medium ?? "(empty)")") }
             for n in s.nics {
-                print("nic:     \(pad(n.device, 8))\(n.mac)  \(n.tap.map { "tap \($0)" } ?? n.segment.map { "segment \($0)" } ?? "")")
+                print("nic:     \(pad(n.device, 8))\(n.mac)  \(n.tap.map { "tap \($0)" } ?? n.segment.map { "segment \($0)" } ?? "")\(n.bridge.map { " in bridge \($0)" } ?? "")")
             }
             for d in s.devices {
                 print("device:  \(pad(d.name, 10))\(pad(d.state, 11))pid \(d.pid.map { "\($0)" } ?? "-")  restarts \(d.restarts)")

@@ -148,7 +148,8 @@ final class MigrationNetworkTests: XCTestCase {
         let tapB = try hostB.run(["ip", "link", "show", "hvm0"])
         XCTAssertTrue(tapB.output.contains("master br0") && tapB.output.contains("UP"), tapB.output)
         XCTAssertFalse(state(hostA).contains("web"))
-        XCTAssertTrue(state(hostB).contains("web"))
+        let status = try hvctl(hostB, ["status", "web"])
+        XCTAssertTrue(status.output.contains("tap hvm0 in bridge br0"), status.output)
 
         // The pings resume: every one of the last 30 is answered, and few were lost in between.
         XCTAssertEqual(pinger.wait(timeout: 40), 0, pinger.output)
