@@ -1278,6 +1278,47 @@ static void mode_vscsistress(uint32_t rounds)
  * forever): the check of device-side dirty logging. */
 static uint8_t rb_buf[BQ_DEPTH][4096] __attribute__((aligned(4096)));
 
+/* One step of the pattern check vscsireadback and migrant run: writes `blocks` 4 KiB blocks with
+ * pattern `pass` (`write`), or reads them back into rb_buf and checks every word, BQ_DEPTH at a
+ * time, calling `idle` while a request is in flight; counts errors and mismatches (the first
+ * three reported under `who`). */
+static void pattern_step(const char *who, uint32_t pass, int write, uint32_t blocks, uint16_t *seen,
+                         uint32_t *errors, uint32_t *mismatches, void (*idle)(void))
+{
+    for (uint32_t group = 0; group < blocks / BQ_DEPTH; group++) {
+        for (int slot = 0; slot < BQ_DEPTH; slot++) {
+            uint32_t lba = (group * BQ_DEPTH + (uint32_t)slot) * 8;
+            if (write) {
+                uint32_t *w = (uint32_t *)bq_buf[slot];
+                for (uint32_t i = 0; i < 1024; i++) w[i] = stress_word(pass, lba, i);
+            }
+            bq_read_into[slot] = rb_buf[slot];
+            bench_submit(slot, write, lba, 4096);
+        }
+        mb();
+        *(volatile uint16_t *)vs_notify = 2;
+        for (int left = BQ_DEPTH; left > 0; left--) {
+            while (*(volatile uint16_t *)&bq_used.idx == *seen) idle();
+            (*seen)++;
+        }
+        for (int slot = 0; slot < BQ_DEPTH; slot++) {
+            uint32_t lba = (group * BQ_DEPTH + (uint32_t)slot) * 8;
+            if (bq_resp[slot][10] != 0 || bq_resp[slot][11] != 0) (*errors)++;
+            if (write) continue;
+            const volatile uint32_t *w = (const volatile uint32_t *)rb_buf[slot];
+            for (uint32_t i = 0; i < 1024; i++) {
+                if (w[i] != stress_word(pass, lba, i)) {
+                    (*mismatches)++;
+                    if (*mismatches <= 3) kprintf("%s: pass %u lba %u word %u: %x, not %x\n", who, pass, lba, i, w[i], stress_word(pass, lba, i));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+static void pause_idle(void) { cpu_pause(); }
+
 static void mode_vscsireadback(uint32_t passes)
 {
     int ro = 0;
@@ -1286,41 +1327,11 @@ static void mode_vscsireadback(uint32_t passes)
     (void)bench_run(0, 1, 4096, 0, 64);  /* takes any power-on UNIT ATTENTION */
     uint32_t errors = 0, mismatches = 0, reads = 0;
     uint16_t seen = bq_used.idx;
-    for (uint32_t step = 2; step < 2 * passes + 2; step++) {
-        uint32_t pass = step / 2;
-        int write = (step & 1) == 0;
-        for (uint32_t group = 0; group < 64 / BQ_DEPTH; group++) {
-            for (int slot = 0; slot < BQ_DEPTH; slot++) {
-                uint32_t lba = (group * BQ_DEPTH + (uint32_t)slot) * 8;
-                if (write) {
-                    uint32_t *w = (uint32_t *)bq_buf[slot];
-                    for (uint32_t i = 0; i < 1024; i++) w[i] = stress_word(pass, lba, i);
-                }
-                bq_read_into[slot] = rb_buf[slot];
-                bench_submit(slot, write, lba, 4096);
-            }
-            mb();
-            *(volatile uint16_t *)vs_notify = 2;
-            for (int left = BQ_DEPTH; left > 0; left--) {
-                while (*(volatile uint16_t *)&bq_used.idx == seen) cpu_pause();
-                seen++;
-            }
-            for (int slot = 0; slot < BQ_DEPTH; slot++) {
-                uint32_t lba = (group * BQ_DEPTH + (uint32_t)slot) * 8;
-                if (bq_resp[slot][10] != 0 || bq_resp[slot][11] != 0) errors++;
-                if (write) continue;
-                reads++;
-                const volatile uint32_t *w = (const volatile uint32_t *)rb_buf[slot];
-                for (uint32_t i = 0; i < 1024; i++) {
-                    if (w[i] != stress_word(pass, lba, i)) {
-                        mismatches++;
-                        if (mismatches <= 3) kprintf("vscsireadback: pass %u lba %u word %u: %x, not %x\n", pass, lba, i, w[i], stress_word(pass, lba, i));
-                        break;
-                    }
-                }
-            }
-        }
-        if (!write && pass % 10 == 0) kprintf("vscsireadback: pass %u\n", pass);
+    for (uint32_t pass = 1; pass <= passes; pass++) {
+        pattern_step("vscsireadback", pass, 1, 64, &seen, &errors, &mismatches, pause_idle);
+        pattern_step("vscsireadback", pass, 0, 64, &seen, &errors, &mismatches, pause_idle);
+        reads += 64;
+        if (pass % 10 == 0) kprintf("vscsireadback: pass %u\n", pass);
     }
     kprintf("vscsireadback: done reads=%u errors=%u mismatches=%u\n", reads, errors, mismatches);
 }
@@ -2145,6 +2156,43 @@ static void mode_memdirty(uint32_t mib)
             *(volatile uint32_t *)(uintptr_t)((16u << 20) + page * 4096u) = round;
 }
 
+/* migrant: the live-migration guest, all at once. It answers ARP and pings at `ip` on nic0,
+ * prints "tick N" every 100 ms of its TSC, and runs `count` passes of a disk check: pass p writes
+ * 16 blocks with pattern p, reads them back into buffers only the device writes, and checks every
+ * word. While a request is in flight it polls the NIC and keeps the ticks going. */
+static uint32_t migrant_tick;
+static uint64_t migrant_next_tick;
+
+static void migrant_background(void)
+{
+    nic_poll(&nics[0], net_input);
+    if (rdtsc() >= migrant_next_tick) {
+        migrant_next_tick += ms_to_tsc(100);
+        kprintf("tick %u\n", ++migrant_tick);
+    }
+}
+
+static void mode_migrant(const struct config *cfg)
+{
+    if (!net_start()) return;           /* calibrates the TSC against the PIT */
+    my_ip = cfg->ip;
+    int ro = 0;
+    vs_qdesc = bq_desc; vs_qavail = &bq_avail; vs_qused = &bq_used; vs_qsize = BQ_SIZE;
+    if (!vscsi_setup(&ro)) return;
+    (void)bench_run(0, 1, 4096, 0, 64);  /* takes any power-on UNIT ATTENTION */
+    uint32_t passes = cfg->count_given ? cfg->count : 50, errors = 0, mismatches = 0;
+    uint16_t seen = bq_used.idx;
+    migrant_next_tick = rdtsc() + ms_to_tsc(100);
+    kprintf("migrant: ready\n");
+    for (uint32_t pass = 1; pass <= passes; pass++) {
+        pattern_step("migrant", pass, 1, 16, &seen, &errors, &mismatches, migrant_background);
+        pattern_step("migrant", pass, 0, 16, &seen, &errors, &mismatches, migrant_background);
+        if (pass % 10 == 0) kprintf("migrant: pass %u\n", pass);
+    }
+    kprintf("migrant: done passes=%u errors=%u mismatches=%u\n", passes, errors, mismatches);
+    for (;;) migrant_background();
+}
+
 static void mode_netsink(const struct config *cfg)
 {
     net_want_csum = cfg->csum;
@@ -2223,6 +2271,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_netsink(&cfg);
     else if (streq(cfg.mode, "memfill"))
         mode_memfill(cfg.count_given ? cfg.count : 16);
+    else if (streq(cfg.mode, "migrant"))
+        mode_migrant(&cfg);
     else if (streq(cfg.mode, "memdirty"))
         mode_memdirty(cfg.count_given ? cfg.count : 16);
     else if (streq(cfg.mode, "ticks"))

@@ -4,7 +4,7 @@ import XCTest
 /// Live migration between two "hosts" that are network namespaces on this machine: A and B,
 /// joined by a veth pair that carries the migration, each with a bridge `br0` the VM's tap joins,
 /// and a third namespace C (the peers' LAN: one bridge with a veth to each host's br0) pinging the
-/// guest. The tap is re-created at the destination (same name, same MAC, same bridge), the NIC's
+/// guest, which counts and checks a disk pattern at the same time (`mode=migrant`). The tap is re-created at the destination (same name, same MAC, same bridge), the NIC's
 /// RARP announcements move C's bridge over to host B, and the pings resume. A destination
 /// killed halfway and a network cut halfway each leave the VM running at the source.
 final class MigrationNetworkTests: XCTestCase {
@@ -89,16 +89,18 @@ final class MigrationNetworkTests: XCTestCase {
                       executable: "/usr/sbin/ip")
     }
 
-    /// The test guest answering ARP and pings at `guestIP`, its NIC on tap hvm0 in br0, at host A.
-    private func startGuestAtA() throws {
-        let r = try hvctl(hostA, ["run", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=netpeer ip=\(guestIP)", "--memory", "32M",
-                                  "--name", "web", "--detach", "--nic", "tap=hvm0,bridge=br0,mac=\(guestMAC)"])
+    /// The test guest answering ARP and pings at `guestIP`, its NIC on tap hvm0 in br0, at host A
+    /// (`mode=netpeer`, or another mode that answers pings, with `extra` flags).
+    private func startGuestAtA(_ cmdline: String = "mode=netpeer", _ extra: [String] = []) throws {
+        let r = try hvctl(hostA, ["run", "--multiboot", try Harness.testGuest(), "--cmdline", "\(cmdline) ip=\(guestIP)", "--memory", "32M",
+                                  "--name", "web", "--detach", "--nic", "tap=hvm0,bridge=br0,mac=\(guestMAC)"] + extra)
         XCTAssertEqual(r.status, 0, r.output)
         let ping = try peers.run(["ping", "-c", "3", "-W", "5", guestIP], timeout: 30)
         XCTAssertEqual(ping.status, 0, "the guest at host A does not answer: \(ping.output)")
     }
 
-    /// `hvctl run --incoming` at host B, waiting on its end of the migration link.
+    /// `hvctl run --incoming` at host B, waiting on its end of the migration link; the console
+    /// goes to b.out.
     private func incomingAtB(_ port: Int) throws -> VMProcess {
         let vm = try startHvctl(hostB, ["run", "--incoming", "tcp:10.99.0.2:\(port)", "--serial", "file:\(dir.appendingPathComponent("b.out").path)"])
         let deadline = Date().addingTimeInterval(10)
@@ -126,7 +128,16 @@ final class MigrationNetworkTests: XCTestCase {
         XCTAssertEqual(missing.output, "hvctl: cannot add tap 'hvm0' to bridge 'nosuch': there is no bridge 'nosuch' on this host (create it with 'ip link add nosuch type bridge')\n")
         XCTAssertNotEqual(try hostA.run(["ip", "link", "show", "hvm0"]).status, 0, "the tap made for the refused bridge was left behind")
 
-        try startGuestAtA()
+        // The guest counts (a tick every 100 ms), writes and verifies a disk pattern, and answers
+        // pings, all at once; the disk is at the same path for both hosts.
+        let image = dir.appendingPathComponent("disk.img").path
+        XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
+        XCTAssertEqual(truncate(image, 16 << 20), 0)
+        try startGuestAtA("mode=migrant count=60", ["--disk", image])
+        let sourceLog = { (try? String(contentsOfFile: "\(self.runA)/web.log", encoding: .utf8)) ?? "" }
+        var deadline = Date().addingTimeInterval(90)
+        while !sourceLog().contains("migrant: pass 10\n") && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        XCTAssertTrue(sourceLog().contains("migrant: pass 10\n"), sourceLog())
         let capture = try peers.start(["tcpdump", "-l", "-n", "-e", "-i", "toB"])
         defer { capture.stop() }
         XCTAssertTrue(capture.waitForOutput("listening on toB", timeout: 10), capture.output)
@@ -142,7 +153,7 @@ final class MigrationNetworkTests: XCTestCase {
         XCTAssertTrue(destination.stderr.contains("web arrived and runs here"), destination.stderr)
 
         // The tap left host A with the VM (once the source has exited) and exists at host B, in its br0.
-        let deadline = Date().addingTimeInterval(10)
+        deadline = Date().addingTimeInterval(10)
         while try hostA.run(["ip", "link", "show", "hvm0"]).status == 0 && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
         XCTAssertNotEqual(try hostA.run(["ip", "link", "show", "hvm0"]).status, 0, "host A kept the tap")
         let tapB = try hostB.run(["ip", "link", "show", "hvm0"])
@@ -163,6 +174,19 @@ final class MigrationNetworkTests: XCTestCase {
         capture.stop(SIGINT)
         XCTAssertTrue(capture.output.contains("\(guestMAC) > ff:ff:ff:ff:ff:ff, ethertype Reverse ARP (0x8035)")
                       && capture.output.contains("Reverse Request who-is \(guestMAC) tell \(guestMAC)"), capture.output)
+
+        // The disk check ran to its end at host B without an error, and the count has no gap.
+        let arrived = dir.appendingPathComponent("b.out").path
+        let destinationLog = { (try? String(contentsOfFile: arrived, encoding: .utf8)) ?? "" }
+        deadline = Date().addingTimeInterval(120)
+        while !destinationLog().contains("migrant: done") && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        XCTAssertTrue(destinationLog().contains("migrant: done passes=60 errors=0 mismatches=0\n"), sourceLog() + "|" + destinationLog())
+        XCTAssertFalse(destinationLog().contains("hv-testguest: mode="), "the guest booted again at host B")
+        let ticks = (sourceLog() + destinationLog()).split(separator: "\n").compactMap { line -> Int? in
+            line.hasPrefix("tick ") ? Int(line.dropFirst(5)) : nil
+        }
+        XCTAssertGreaterThan(ticks.count, 20)
+        XCTAssertEqual(ticks, Array(1...max(ticks.count, 1)), "the guest's count has a gap or repeats across the migration")
 
         XCTAssertEqual(try hvctl(hostB, ["stop", "web"]).status, 0)
         XCTAssertEqual(destination.waitForExit(timeout: 30), 0, destination.stderr)
