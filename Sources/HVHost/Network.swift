@@ -173,6 +173,14 @@ private let tunSetOffload: UInt = 0x4004_54D0    // TUNSETOFFLOAD = _IOW('T', 20
 private let tunSetHeaderSize: UInt = 0x4004_54D8 // TUNSETVNETHDRSZ = _IOW('T', 216, int)
 private let interfaceTap: Int16 = 0x0002, interfaceNoPacketInfo: Int16 = 0x1000, interfaceVirtioHeader: Int16 = 0x4000
 
+/// A zeroed `struct ifreq` (40 bytes) naming interface `name` (at most 15 bytes, checked by
+/// `NICOption.isInterfaceName`); the union after the name, at offset 16, is the caller's.
+private func interfaceRequest(_ name: String) -> [UInt8] {
+    var request = [UInt8](repeating: 0, count: 40)
+    for (k, b) in name.utf8.prefix(15).enumerated() { request[k] = b }
+    return request
+}
+
 /// Opens (creating if missing) the tap `name` and brings a tap hv created up.
 func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
     let existed = if_nametoindex(name) != 0
@@ -181,8 +189,7 @@ func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
         return .failure(UsageError(message: "cannot open /dev/net/tun for tap '\(name)': \(error.errno) (load the tun module, or run where /dev/net/tun exists)"))
     }
     // struct ifreq: the name (IFNAMSIZ bytes), then the flags (a short) at offset 16; 40 bytes in all.
-    var request = [UInt8](repeating: 0, count: 40)
-    for (k, b) in name.utf8.enumerated() { request[k] = b }
+    var request = interfaceRequest(name)
     // With the 12-byte virtio-net header: the guest's checksum requests reach the host kernel as they are.
     let flags = interfaceTap | interfaceNoPacketInfo | interfaceVirtioHeader
     request[16] = UInt8(truncatingIfNeeded: flags)
@@ -211,8 +218,7 @@ func openTap(_ name: String) -> Result<FileDescriptor, UsageError> {
         let s = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         if s >= 0 {
             defer { close(s) }
-            var ifr = [UInt8](repeating: 0, count: 40)
-            for (k, b) in name.utf8.enumerated() { ifr[k] = b }
+            var ifr = interfaceRequest(name)
             let up = ifr.withUnsafeMutableBytes { raw -> Int32 in
                 guard hv_ioctl_ptr(s, UInt(SIOCGIFFLAGS), raw.baseAddress) == 0 else { return -1 }
                 raw[16] |= UInt8(truncatingIfNeeded: IFF_UP)
@@ -236,8 +242,7 @@ func joinBridge(tap: String, bridge: String) -> Result<Void, UsageError> {
     guard s >= 0 else { return .failure(UsageError(message: "cannot add tap '\(tap)' to bridge '\(bridge)': \(Errno.current)")) }
     defer { close(s) }
     // struct ifreq: the bridge's name, then ifr_ifindex (an int) at offset 16.
-    var request = [UInt8](repeating: 0, count: 40)
-    for (k, b) in bridge.utf8.enumerated() { request[k] = b }
+    var request = interfaceRequest(bridge)
     withUnsafeBytes(of: Int32(index).littleEndian) { request.replaceSubrange(16..<20, with: $0) }
     let siocBridgeAddInterface: UInt = 0x89A2
     guard request.withUnsafeMutableBytes({ hv_ioctl_ptr(s, siocBridgeAddInterface, $0.baseAddress) }) != 0 else { return .success(()) }
