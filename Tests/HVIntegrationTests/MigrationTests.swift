@@ -135,6 +135,28 @@ final class MigrationTests: XCTestCase {
         XCTAssertTrue(there.contains("vscsireadback: done reads=1920 errors=0 mismatches=0"), log("reader") + "|" + there)
     }
 
+    /// Bad flags and addresses: one line each, exit 2 (1 for a name that does not resolve),
+    /// nothing contacted.
+    func testBadMigrationFlagsAreRefusedWithOneLine() throws {
+        for (arguments, status, message) in [
+            (["migrate", "x", "--to", "bogus"], Int32(2), "invalid --to 'bogus': use tcp:HOST:PORT"),
+            (["migrate", "x", "--to", "tcp:127.0.0.1:0"], 2, "invalid --to 'tcp:127.0.0.1:0': use tcp:HOST:PORT"),
+            (["migrate", "x", "--to", "tcp:127.0.0.1:1", "--bandwidth", "fast"], 2, "invalid --bandwidth 'fast'"),
+            (["migrate", "x", "--to", "tcp:127.0.0.1:1", "--max-downtime", "0ms"], 2, "invalid --max-downtime '0ms'"),
+            (["migrate", "x", "--to", "tcp:127.0.0.1:1", "--timeout", "5h"], 2, "invalid --timeout '5h'"),
+            (["migrate", "x"], 2, "missing --to tcp:HOST:PORT"),
+            (["migrate", "x", "--cancel", "--to", "tcp:127.0.0.1:1"], 2, "--cancel takes no other option"),
+            (["run", "--incoming", "udp:1:2"], 2, "invalid --incoming 'udp:1:2': use tcp:HOST:PORT"),
+            (["run", "--incoming", "tcp:nohost.invalid:5"], 1, "cannot resolve 'nohost.invalid' in tcp:nohost.invalid:5"),
+            (["run", "--incoming", "tcp:127.0.0.1:1", "--multiboot", "/bin/true"], 2, "--incoming takes the VM as the source describes it"),
+        ] {
+            let r = try hvctl(destination, arguments)
+            XCTAssertEqual(r.status, status, "\(arguments): \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("hvctl: \(message)"), "\(arguments): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+    }
+
     /// A guest that rewrites 2 MiB without pause over a 4 MiB/s link would need a 500 ms pause:
     /// after --timeout the migration gives up and the VM runs on; with --finish-on-timeout it
     /// switches over anyway, with the longer pause.
