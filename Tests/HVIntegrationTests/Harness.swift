@@ -73,6 +73,8 @@ final class VMProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var stdoutData = Data()
     private var stderrData = Data()
+    /// Pipes whose end of file the handlers have seen (0, 1 or 2).
+    private var pipesAtEnd = 0
 
     init(_ arguments: [String], executable: String = Harness.hvctl) throws {
         process.executableURL = URL(fileURLWithPath: executable)
@@ -82,11 +84,19 @@ final class VMProcess: @unchecked Sendable {
         process.standardInput = stdinPipe
         stdoutPipe.fileHandleForReading.readabilityHandler = { [weak self] h in
             let d = h.availableData
-            self?.lock.withLock { self?.stdoutData.append(d) }
+            if d.isEmpty { h.readabilityHandler = nil }
+            self?.lock.withLock {
+                self?.stdoutData.append(d)
+                if d.isEmpty { self?.pipesAtEnd += 1 }
+            }
         }
         stderrPipe.fileHandleForReading.readabilityHandler = { [weak self] h in
             let d = h.availableData
-            self?.lock.withLock { self?.stderrData.append(d) }
+            if d.isEmpty { h.readabilityHandler = nil }
+            self?.lock.withLock {
+                self?.stderrData.append(d)
+                if d.isEmpty { self?.pipesAtEnd += 1 }
+            }
         }
         try process.run()
     }
@@ -119,8 +129,11 @@ final class VMProcess: @unchecked Sendable {
             XCTFail("hvctl did not exit within \(timeout) s; stdout: \(stdout.suffix(500)) stderr: \(stderr)", file: file, line: line)
             process.waitUntilExit()
         }
-        // Let the readability handlers drain the pipes.
-        Thread.sleep(forTimeInterval: 0.05)
+        // Let the readability handlers drain the pipes to their end of file: a fixed 50 ms pause
+        // lost output under CI's load. A VM `--detach` started keeps its stderr (it reports
+        // there), so the wait is bounded: 1 s.
+        let drained = Date().addingTimeInterval(1)
+        while lock.withLock({ pipesAtEnd }) < 2 && Date() < drained { Thread.sleep(forTimeInterval: 0.005) }
         return process.terminationStatus
     }
 
