@@ -14,11 +14,18 @@ let package = Package(
         .executable(name: "hv-net", targets: ["hv-net"]),
         .executable(name: "hv-switch", targets: ["hv-switch"]),
         .executable(name: "hv-jail", targets: ["hv-jail"]),
+        .executable(name: "hvd", targets: ["hvd"]),
         .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        // hvd only: the HTTP server on its Unix sockets, and the Prometheus text format.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // Thin C shim: fixed-arity wrappers for variadic/macro-only kernel interfaces.
@@ -63,6 +70,17 @@ let package = Package(
                           // their ELF headers, not from what hvctl has mapped.
                           linkerSettings: [.unsafeFlags(["-static-stdlib", "-Xlinker", "-l_FoundationCShims",
                                                          "-Xlinker", "-l_FoundationCollections"])]),
+        // The API service: HTTP/JSON on Unix sockets (api/hvd.yaml), definitions kept under a state
+        // directory, each VM started as its own `hvctl run --detach` core and driven over its
+        // control socket, so the HTTP stack never enters a VM's process.
+        .executableTarget(name: "hvd", dependencies: ["HVHost", "HVSys",
+                                                      .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                      .product(name: "Hummingbird", package: "hummingbird"),
+                                                      .product(name: "Prometheus", package: "swift-prometheus"),
+                                                      .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                                                      .product(name: "NIOCore", package: "swift-nio"),
+                                                      .product(name: "Logging", package: "swift-log")],
+                          path: "Sources/hvd", swiftSettings: strict),
 
         // Devices shipped with hv, built only on the public SDK. Each has a contract module, compiled by the
         // device and by the trusted side (HVHost): its windows, interrupt lines, host files and settings by name.

@@ -7,12 +7,20 @@ log=$(mktemp)
 trap 'rm -f "$log" "$log.py"' EXIT
 
 packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev zlib1g-dev python3 seabios
-          grub-pc-bin grub-common xorriso mtools e2fsprogs iproute2 dnsmasq-base tcpdump iputils-ping qemu-utils qemu-system-x86)
+          grub-pc-bin grub-common xorriso mtools e2fsprogs iproute2 dnsmasq-base tcpdump iputils-ping qemu-utils qemu-system-x86
+          curl socat python3-venv)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# schemathesis (PyPI) fuzzes hvd's API against api/hvd.yaml; it lives in a venv under .build.
+if [[ ! -x .build/pyenv/bin/schemathesis ]]; then
+    echo "== installing schemathesis into .build/pyenv"
+    python3 -m venv .build/pyenv
+    .build/pyenv/bin/pip install -q --disable-pip-version-check 'schemathesis>=4,<5'
 fi
 
 echo "== schema vectors are current"

@@ -189,7 +189,7 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
 /// Where a backing file named `name` in the image at `image` is: an absolute name as it is, a
 /// relative one from the image's directory (as qemu-img resolves it).
 func backingPath(_ name: String, of image: String) -> String {
-    guard !name.hasPrefix("/"), let slash = image.lastIndex(of: "/") else { return name }
+    guard name.utf8.first != UInt8(ascii: "/"), let slash = image.lastIndex(of: "/") else { return name }
     return String(image[...slash]) + name
 }
 

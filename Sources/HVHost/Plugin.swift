@@ -9,7 +9,7 @@ import HVIPC
 /// `tenant` is nil with `--no-sandbox`.
 func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError) -> DeviceSpec {
     let fields = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-    guard let path = fields.first, path.hasPrefix("/") else {
+    guard let path = fields.first, path.utf8.first == UInt8(ascii: "/") else {
         throw UsageError(message: "invalid --device '\(text)': start with the device executable's absolute path")
     }
     var st = stat()

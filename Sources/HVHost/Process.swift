@@ -121,7 +121,7 @@ public func hostMemoryBytes() -> UInt64 {
 
 /// `path` made absolute against the current directory (the VM's core may run elsewhere).
 public func absolutePath(_ path: String) -> String {
-    guard !path.hasPrefix("/") else { return path }
+    guard path.utf8.first != UInt8(ascii: "/") else { return path }
     var buffer = [CChar](repeating: 0, count: 4096)
     guard getcwd(&buffer, buffer.count) != nil else { return path }
     return absolutePath(path, against: String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))

@@ -211,6 +211,23 @@ extension VMDefinition {
         }
         return copy
     }
+
+    /// Every host path the definition names, with its key path (`disks[1].path`): what a service
+    /// that takes definitions over an API checks before it keeps one.
+    public var hostPaths: [(key: String, path: String)] {
+        var paths: [(key: String, path: String)] = []
+        for (key, value) in [("boot.firmware", boot.firmware), ("boot.kernel", boot.kernel), ("boot.initrd", boot.initrd),
+                             ("boot.multiboot", boot.multiboot), ("cdrom", cdrom), ("debugcon", debugcon), ("serial.path", serial.path)] {
+            if let value { paths.append((key, value)) }
+        }
+        for (i, disk) in disks.enumerated() { paths.append(("disks[\(i)].path", disk.path)) }
+        for (i, spec) in devices.enumerated() {
+            let parts = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+            if let binary = parts.first { paths.append(("devices[\(i)]", binary)) }
+            for part in parts.dropFirst() where part.hasPrefix("profile=") { paths.append(("devices[\(i)] profile", String(part.dropFirst(8)))) }
+        }
+        return paths
+    }
 }
 
 extension VMDefinition.NIC {
@@ -275,7 +292,7 @@ extension VMDefinition {
         return String(decoding: data, as: UTF8.self)
     }
 
-    static func describe(_ error: DecodingError) -> String {
+    package static func describe(_ error: DecodingError) -> String {
         func path(_ keys: [any CodingKey]) -> String {
             var text = ""
             for key in keys {
@@ -366,17 +383,23 @@ struct AnyCodingKey: CodingKey {
 
 extension Decoder {
     /// Throws for the first key of this object not in `known`, with its full path: a misspelt
-    /// key is an error, not a silently ignored setting.
-    func refuseUnknownKeys(_ known: [String]) throws {
+    /// key is an error, not a silently ignored setting. A null value is refused too: every key is
+    /// optional, so a key is left out, never null (encoders here never write null).
+    package func refuseUnknownKeys(_ known: [String]) throws {
         let c = try container(keyedBy: AnyCodingKey.self)
-        for key in c.allKeys.sorted(by: { $0.stringValue < $1.stringValue }) where !known.contains(key.stringValue) {
-            throw DecodingError.dataCorrupted(.init(codingPath: codingPath + [key],
-                                                    debugDescription: "unknown key (known: \(known.joined(separator: ", ")))"))
+        for key in c.allKeys.sorted(by: { $0.stringValue < $1.stringValue }) {
+            guard known.contains(key.stringValue) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: codingPath + [key],
+                                                        debugDescription: "unknown key (known: \(known.joined(separator: ", ")))"))
+            }
+            if try c.decodeNil(forKey: key) {
+                throw DecodingError.dataCorrupted(.init(codingPath: codingPath + [key], debugDescription: "null is not a value here; leave the key out"))
+            }
         }
     }
 }
 
 /// `path` made absolute against `directory`.
 public func absolutePath(_ path: String, against directory: String) -> String {
-    path.hasPrefix("/") || directory.isEmpty ? path : (directory.hasSuffix("/") ? directory : directory + "/") + path
+    path.utf8.first == UInt8(ascii: "/") || directory.isEmpty ? path : (directory.hasSuffix("/") ? directory : directory + "/") + path
 }

@@ -307,7 +307,7 @@ final class VMControl: Sendable {
             }
             var file: FileDescriptor?
             if request.command == .cdromInsert {
-                guard let path = request.path, path.hasPrefix("/") else { return .failure("cdrom-insert needs an absolute path") }
+                guard let path = request.path, path.utf8.first == UInt8(ascii: "/") else { return .failure("cdrom-insert needs an absolute path") }
                 switch openISO(path, what: "the ISO") {
                 case .success(let opened): file = opened
                 case .failure(let error): return .failure(error.message)
@@ -320,7 +320,7 @@ final class VMControl: Sendable {
             return ControlReply(ok: true)
         case .snapshot:
             guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
-            guard let path = request.path, path.hasPrefix("/") else { return .failure("snapshot needs the directory's absolute path") }
+            guard let path = request.path, path.utf8.first == UInt8(ascii: "/") else { return .failure("snapshot needs the directory's absolute path") }
             // A definition names a drive by its medium; an empty drive has none to restore with.
             guard !hasCDROM || medium.withLock({ $0 }) != nil else {
                 return .failure("cannot snapshot \(name) while its CD-ROM drive is empty: insert a medium first ('hvctl cdrom \(name) insert ISO')")
@@ -338,7 +338,7 @@ final class VMControl: Sendable {
             guard let device = request.device else { return .failure("\(request.command.rawValue) needs a device") }
             let action: DeviceAction
             if request.command == .deviceUpgrade {
-                guard let path = request.path, path.hasPrefix("/") else { return .failure("device-upgrade needs the new binary's absolute path") }
+                guard let path = request.path, path.utf8.first == UInt8(ascii: "/") else { return .failure("device-upgrade needs the new binary's absolute path") }
                 action = .upgrade(binary: path)
             } else {
                 action = .restart

@@ -55,7 +55,7 @@ while let a = args.popFirst() {
     default: die("unknown argument '\(a)'")
     }
 }
-guard let profilePath, let devicePath = device.first, devicePath.hasPrefix("/") else {
+guard let profilePath, let devicePath = device.first, devicePath.utf8.first == UInt8(ascii: "/") else {
     die("usage: hv-jail --profile FILE --memory BYTES [--expose PATH]... [--outlive-parent] -- /path/to/device [ARG]...")
 }
 
@@ -116,7 +116,7 @@ func expose(_ path: String, depth: Int = 0) {
         if let target = isSymlink(prefix) {
             if isSymlink(inside) == nil { _ = symlink(target, inside) }
             if bound.contains(where: { prefix.hasPrefix($0 + "/") }) { return }  // the link lives in a bound tree
-            let resolved = target.hasPrefix("/") ? target : String(prefix[..<prefix.lastIndex(of: "/")!]) + "/" + target
+            let resolved = target.utf8.first == UInt8(ascii: "/") ? target : String(prefix[..<prefix.lastIndex(of: "/")!]) + "/" + target
             let rest = parts[(i + 1)...].joined(separator: "/")
             expose(rest.isEmpty ? resolved : resolved + "/" + rest, depth: depth + 1)
             return

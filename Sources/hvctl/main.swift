@@ -373,7 +373,7 @@ extension HVCtl {
 
         func run() throws {
             let path = absolutePath(directory)
-            guard path.hasPrefix("/"), path.utf8.count < 4000 else { throw UsageError(message: "cannot resolve the directory '\(directory)'") }
+            guard path.utf8.first == UInt8(ascii: "/"), path.utf8.count < 4000 else { throw UsageError(message: "cannot resolve the directory '\(directory)'") }
             let reply = ask(vm.name, ControlRequest(.snapshot, path: path, stop: stop), timeoutSeconds: 600)
             print(reply.message ?? "saved \(vm.name) to \(path)")
         }
@@ -526,7 +526,7 @@ extension HVCtl {
                 print("ejected the CD of \(vm.name)")
             case .insert:
                 let path = absolutePath(iso ?? "")
-                guard path.hasPrefix("/"), path.utf8.count < 4096 else { throw UsageError(message: "cannot resolve the ISO path '\(iso ?? "")'") }
+                guard path.utf8.first == UInt8(ascii: "/"), path.utf8.count < 4096 else { throw UsageError(message: "cannot resolve the ISO path '\(iso ?? "")'") }
                 _ = ask(vm.name, ControlRequest(.cdromInsert, path: path))
                 print("inserted \(path) into \(vm.name)")
             }

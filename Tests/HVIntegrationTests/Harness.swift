@@ -171,10 +171,10 @@ final class VMProcess: @unchecked Sendable {
     }
 }
 
-/// Runs hvctl to completion and returns (status, stdout, stderr).
-func runHvctl(_ arguments: [String], stdin: String? = nil, timeout: TimeInterval = 60,
+/// Runs hvctl (or `executable`) to completion and returns (status, stdout, stderr).
+func runHvctl(_ arguments: [String], stdin: String? = nil, timeout: TimeInterval = 60, executable: String = Harness.hvctl,
               file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, stdout: String, stderr: String) {
-    let vm = try VMProcess(arguments)
+    let vm = try VMProcess(arguments, executable: executable)
     if let stdin { vm.write(stdin) }
     try? vm.stdinPipe.fileHandleForWriting.close()
     let status = vm.waitForExit(timeout: timeout, file: file, line: line)

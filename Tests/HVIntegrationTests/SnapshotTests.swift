@@ -172,12 +172,15 @@ final class SnapshotTests: XCTestCase {
 
         var macs: Set<String> = []
         var pids: [Int32] = []
+        // Restored paused: a clone left running could finish its work and power off before
+        // its status is read (it did once under CI's load).
         for i in 1...3 {
-            let r = try runHvctl(["run", "--restore", snapshot, "--clone", "--name", "clone\(i)", "--detach"])
+            let r = try runHvctl(["run", "--restore", snapshot, "--clone", "--name", "clone\(i)", "--detach", "--paused"])
             XCTAssertEqual(r.status, 0, r.stderr)
         }
         for i in 1...3 {
             let s = try status("clone\(i)")
+            XCTAssertEqual(s["state"] as? String, "paused")
             pids.append(try XCTUnwrap(s["pid"] as? Int32))
             let nic = try XCTUnwrap((s["nics"] as? [[String: Any]])?.first)
             macs.insert(try XCTUnwrap(nic["mac"] as? String))
@@ -187,6 +190,7 @@ final class SnapshotTests: XCTestCase {
         }
         XCTAssertEqual(macs.count, 3, "\(macs)")
         XCTAssertFalse(macs.contains("52:54:00:5b:00:01"))
+        for i in 1...3 { XCTAssertEqual(try runHvctl(["resume", "clone\(i)"]).status, 0) }
         for i in 1...3 {
             XCTAssertTrue(waitForLog("clone\(i)", "hv-testguest: done", timeout: 120), log("clone\(i)"))
             XCTAssertTrue(log("clone\(i)").contains("vscsistress: done rounds=40 requests=320 errors=0 mismatches=0 duplicates=0"), log("clone\(i)"))

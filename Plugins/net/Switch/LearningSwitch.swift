@@ -24,7 +24,9 @@ public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
         guard parts.count == 6 else { return nil }
         var v: UInt64 = 0
         for p in parts {
-            guard p.count == 2, let octet = UInt8(p, radix: 16) else { return nil }
+            // Two hex digits exactly: UInt8(_:radix:) alone would take "+f".
+            guard p.utf8.count == 2, p.utf8.allSatisfy({ $0 < 0x80 && Character(Unicode.Scalar($0)).isHexDigit }),
+                  let octet = UInt8(p, radix: 16) else { return nil }
             v = v << 8 | UInt64(octet)
         }
         value = v

@@ -1,0 +1,129 @@
+import ArgumentParser
+import Foundation
+import HVHost
+import HVSys
+import Hummingbird
+import Logging
+import ServiceLifecycle
+
+/// `hvd`: hv's API service. See api/hvd.yaml for the API and docs/hvd.md for the service.
+@main
+struct HVD: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hvd",
+        abstract: "hv's API service: keeps VM definitions and runs VMs for clients of an HTTP/JSON API on a Unix socket.",
+        discussion: """
+            The API is api/hvd.yaml (OpenAPI 3.1). Each VM runs as its own 'hvctl run' core: VMs keep \
+            running when hvd stops or crashes, and hvd finds them again when it starts. SIGTERM or \
+            SIGINT stops hvd (not the VMs).
+            """,
+        version: API.version)
+
+    @Option(help: ArgumentHelp("The API's Unix socket (default: $HV_RUN_DIR/hvd/api.sock, $HV_RUN_DIR being /run/hv unless set). Only root may connect.", valueName: "path"))
+    var socket: String?
+
+    @Option(help: ArgumentHelp("Where VM definitions and the audit log are kept (default: $HV_STATE_DIR, or /var/lib/hv).", valueName: "dir"))
+    var stateDir: String?
+
+    @Option(help: ArgumentHelp("The hvctl that runs VMs (default: the one beside hvd).", valueName: "path"))
+    var hvctl: String?
+
+    @Option(help: ArgumentHelp("How often hvd looks at each VM for events, in milliseconds.", valueName: "ms"))
+    var pollInterval: Int = 500
+
+    mutating func validate() throws {
+        guard (50...60_000).contains(pollInterval) else { throw ValidationError("--poll-interval must be 50 to 60000 ms") }
+        for (flag, value) in [("--socket", socket), ("--state-dir", stateDir), ("--hvctl", hvctl)] {
+            if let value, value.utf8.first != UInt8(ascii: "/") { throw ValidationError("\(flag) '\(value)' must be an absolute path") }
+        }
+    }
+
+    func run() async throws {
+        // Sockets, definitions and the audit log are hvd's alone.
+        umask(0o077)
+        let socketPath = socket ?? RunDirectory.path + "/hvd/api.sock"
+        let state = stateDir ?? ProcessInfo.processInfo.environment["HV_STATE_DIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/var/lib/hv"
+        let hvctlPath = hvctl ?? Self.besideSelf("hvctl")
+        guard access(hvctlPath, X_OK) == 0 else { fail("cannot run \(hvctlPath): \(String(cString: strerror(errno))); give hvctl's path with --hvctl") }
+
+        let socketDirectory = String(socketPath[..<(socketPath.lastIndex(of: "/") ?? socketPath.startIndex)])
+        try makeDirectories(socketDirectory)
+        // One hvd per socket: a lock held for hvd's whole life (Hummingbird replaces a socket file
+        // it finds, so the lock is what keeps a second hvd from taking a live one's socket).
+        let lock: FileDescriptor
+        do {
+            guard let held = try PathLock.acquire(socketPath + ".lock", blocking: false) else {
+                fail("another hvd already serves \(socketPath); stop it first, or give this one another --socket")
+            }
+            lock = held
+        } catch {
+            fail("cannot lock \(socketPath).lock: \(error)")
+        }
+        defer { lock.close() }
+
+        let store: DefinitionStore
+        let audit: AuditLog
+        do throws(UsageError) {
+            store = try DefinitionStore(stateDirectory: state)
+            audit = try AuditLog(path: state + "/audit.log", socket: socketPath)
+        } catch {
+            fail(error.message)
+        }
+        for skipped in store.skipped { log("skipped the definition \(skipped); fix or remove it") }
+        let events = EventMonitor(names: { store.all.map(\.name) }, status: VMService.status(of:))
+        let service = VMService(store: store, events: events, hvctl: hvctlPath, stateDirectory: state)
+        let adopted = events.start(interval: Double(pollInterval) / 1000)
+        if !adopted.isEmpty { log("found \(adopted.count) VM\(adopted.count == 1 ? "" : "s") running: \(adopted.joined(separator: ", "))") }
+
+        var logger = Logger(label: "hvd")
+        logger.logLevel = .warning
+        let app = Application(
+            router: API.router(service: service, audit: audit),
+            configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "hvd"),
+            onServerRunning: { _ in
+                log("serving \(store.all.count) VM definition\(store.all.count == 1 ? "" : "s") from \(state) on \(socketPath)")
+                await service.autostart()
+            },
+            logger: logger)
+        let group = ServiceGroup(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        do {
+            try await group.run()
+        } catch {
+            unlink(socketPath)
+            fail("cannot serve \(socketPath): \(error)")
+        }
+        unlink(socketPath)
+        log("stopped; the VMs keep running")
+    }
+
+    /// `name` in the directory of hvd's own executable.
+    static func besideSelf(_ name: String) -> String {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard n > 0 else { return name }
+        let me = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return String(me[..<(me.lastIndex(of: "/") ?? me.startIndex)]) + "/" + name
+    }
+
+    private func makeDirectories(_ path: String) throws {
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        } catch {
+            fail("cannot create \(path): \(error.localizedDescription)")
+        }
+    }
+}
+
+/// Ends hvd with one line on stderr.
+func fail(_ message: String) -> Never {
+    log(message)
+    exit(1)
+}
+
+extension VMService {
+    /// The running VM's status, or nil when it is not running.
+    @Sendable static func status(of name: String) -> VMStatus? {
+        guard case .live = vmPresence(name) else { return nil }
+        return controlRequest(name, ControlRequest(.status), timeoutSeconds: 2)?.status
+    }
+}

@@ -1,0 +1,104 @@
+import Foundation
+import HVHost
+import Prometheus
+
+/// `GET /metrics`: every kept VM in Prometheus's text format, read afresh at each scrape from
+/// the VM's control socket (state, restarts) and from /proc (CPU time of each vCPU thread and
+/// device process, resident memory). Nothing is cached, so a scrape never reports a VM that
+/// has gone.
+enum Metrics {
+    static func render(_ service: VMService) async -> [UInt8] {
+        let kept = service.store.all
+        return await blocking {
+            let registry = PrometheusCollectorRegistry()
+            var states = ["running": 0, "paused": 0, "stopped": 0]
+            for vm in kept {
+                let labels = [("vm", vm.name)]
+                let status = service.liveStatus(vm.name)
+                let state = status?.state ?? "stopped"
+                states[state, default: 0] += 1
+                registry.makeGauge(name: "hv_vm_up", labels: labels, help: "1 while the VM's core runs (running or paused), else 0.")
+                    .set(Int64(status == nil ? 0 : 1))
+                registry.makeGauge(name: "hv_vm_paused", labels: labels, help: "1 while the VM is paused.").set(Int64(state == "paused" ? 1 : 0))
+                registry.makeGauge(name: "hv_vm_memory_bytes", labels: labels, help: "Guest RAM the VM is defined with.")
+                    .set(Int64(vm.definition.memoryMiB << 20))
+                registry.makeGauge(name: "hv_vm_vcpus", labels: labels, help: "vCPUs the VM is defined with.").set(Int64(vm.definition.cpus))
+                guard let status else { continue }
+                registry.makeGauge(name: "hv_vm_uptime_seconds", labels: labels, help: "Seconds since the VM's core started.")
+                    .set(Int64(status.uptimeSeconds))
+                if let resident = ProcFS.residentBytes(status.pid) {
+                    registry.makeGauge(name: "hv_vm_core_resident_bytes", labels: labels,
+                                       help: "Resident memory of the VM's core process, guest RAM it has touched included.").set(resident)
+                }
+                for (vcpu, seconds) in ProcFS.vcpuSeconds(status.pid) {
+                    registry.makeCounter(name: "hv_vcpu_seconds_total", labels: labels + [("vcpu", String(vcpu))],
+                                         help: "CPU time of each vCPU thread (guest and host mode).").increment(by: seconds)
+                }
+                for device in status.devices {
+                    let deviceLabels = labels + [("device", device.name), ("kind", device.kind)]
+                    registry.makeGauge(name: "hv_device_up", labels: deviceLabels, help: "1 while the device process runs.")
+                        .set(Int64(device.state == "running" ? 1 : 0))
+                    registry.makeCounter(name: "hv_device_restarts_total", labels: deviceLabels,
+                                         help: "Times the device process was restarted (crashes, restarts and upgrades).")
+                        .increment(by: Int64(device.restarts))
+                    if let pid = device.pid, let seconds = ProcFS.cpuSeconds(pid) {
+                        registry.makeCounter(name: "hv_device_cpu_seconds_total", labels: deviceLabels,
+                                             help: "CPU time of the device's current process.").increment(by: seconds)
+                    }
+                    if let pid = device.pid, let resident = ProcFS.residentBytes(pid) {
+                        registry.makeGauge(name: "hv_device_resident_bytes", labels: deviceLabels,
+                                           help: "Resident memory of the device's process.").set(resident)
+                    }
+                }
+            }
+            for (state, count) in states.sorted(by: { $0.key < $1.key }) {
+                registry.makeGauge(name: "hv_vms", labels: [("state", state)], help: "VMs hvd keeps, by state.").set(Int64(count))
+            }
+            if let resident = ProcFS.residentBytes(getpid()) {
+                registry.makeGauge(name: "hvd_resident_bytes", help: "Resident memory of hvd itself.").set(resident)
+            }
+            var text: [UInt8] = []
+            registry.emit(into: &text)
+            return text
+        }
+    }
+}
+
+/// What /proc tells about a process.
+enum ProcFS {
+    static let clockTicks = Double(sysconf(Int32(_SC_CLK_TCK)))
+    static let pageSize = Int64(sysconf(Int32(_SC_PAGESIZE)))
+
+    /// utime + stime of /proc/PID[/task/TID]/stat, in seconds.
+    static func cpuSeconds(_ pid: Int32, thread: Int32? = nil) -> Double? {
+        let path = "/proc/\(pid)" + (thread.map { "/task/\($0)" } ?? "") + "/stat"
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8), let end = text.lastIndex(of: ")") else { return nil }
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+        let fields = text[text.index(after: end)...].split(separator: " ")
+        guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+        return (user + system) / clockTicks
+    }
+
+    /// The thread's name (`comm`).
+    static func threadName(_ pid: Int32, _ tid: Int32) -> String? {
+        (try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// CPU seconds of each vCPU thread of a VM's core (named `hv-vcpuN`), by vCPU number.
+    static func vcpuSeconds(_ pid: Int32) -> [(Int, Double)] {
+        let tids = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).compactMap { Int32($0) }
+        return tids.compactMap { tid -> (Int, Double)? in
+            guard let name = threadName(pid, tid), name.hasPrefix("hv-vcpu"), let vcpu = Int(name.dropFirst(7)),
+                  let seconds = cpuSeconds(pid, thread: tid) else { return nil }
+            return (vcpu, seconds)
+        }.sorted { $0.0 < $1.0 }
+    }
+
+    /// Resident set size from /proc/PID/statm.
+    static func residentBytes(_ pid: Int32) -> Int64? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/statm", encoding: .utf8) else { return nil }
+        let fields = text.split(separator: " ")
+        guard fields.count > 1, let pages = Int64(fields[1]) else { return nil }
+        return pages * pageSize
+    }
+}

@@ -1,0 +1,277 @@
+import Dispatch
+import Foundation
+import HVHost
+import HVSys
+import Synchronization
+
+/// What hvd does to VMs. Each VM is its own core process, started by `hvctl run --config
+/// DEFINITION --detach` and driven over its control socket afterwards, so it keeps running when
+/// hvd stops or crashes and hvd finds it again through the run directory when it comes back
+/// (there is nothing to re-attach but the socket).
+///
+/// The control socket and the child processes are blocking calls: they run on a dispatch queue,
+/// never on Swift concurrency's few threads.
+final class VMService: Sendable {
+    let store: DefinitionStore
+    let events: EventMonitor
+    /// The `hvctl` that starts VMs (beside hvd's own binary unless `--hvctl` says otherwise).
+    let hvctl: String
+    let stateDirectory: String
+    /// VMs being started or deleted. The two exclude each other (a definition deleted under a
+    /// starting VM would leave it running unkept); a second request is refused, not queued.
+    private let busy = Mutex<Set<String>>([])
+
+    /// Marks `name` busy for the caller's start or delete.
+    private func claim(_ name: String) throws(APIError) {
+        guard busy.withLock({ $0.insert(name).inserted }) else {
+            throw .conflict("VM '\(name)' is being started or deleted by another request; try again when it is done")
+        }
+    }
+
+    private func release(_ name: String) { _ = busy.withLock { $0.remove(name) } }
+
+    /// How long a VM may take to stop before the request reports it still running.
+    static let stopTimeoutSeconds: Double = 30
+
+    init(store: DefinitionStore, events: EventMonitor, hvctl: String, stateDirectory: String) {
+        self.store = store
+        self.events = events
+        self.hvctl = hvctl
+        self.stateDirectory = stateDirectory
+    }
+
+    // MARK: Reading
+
+    func list() async -> [VMInfo] {
+        let kept = store.all
+        return await blocking { kept.map { self.info($0) } }
+    }
+
+    func inspect(_ name: String) async throws(APIError) -> VMInfo {
+        let vm = try kept(name)
+        return await blocking { self.info(vm) }
+    }
+
+    /// The VM's state as its control socket reports it (stopped when nothing answers).
+    private func info(_ vm: StoredVM) -> VMInfo {
+        let status = liveStatus(vm.name)
+        return VMInfo(name: vm.name, state: status?.state ?? "stopped", autostart: vm.autostart, definition: vm.definition, status: status)
+    }
+
+    /// The running VM's status, or nil when it is not running.
+    func liveStatus(_ name: String) -> VMStatus? { Self.status(of: name) }
+
+    private func kept(_ name: String) throws(APIError) -> StoredVM {
+        guard let vm = store.get(name) else { throw APIError.noVM(name) }
+        return vm
+    }
+
+    // MARK: Keeping definitions
+
+    func create(_ request: CreateVMRequest) async throws(APIError) -> VMInfo {
+        do { try RunDirectory.validate(request.name, flag: "name") } catch { throw .badRequest(error.message) }
+        var definition = request.definition
+        if let inner = definition.name, inner != request.name {
+            throw .badRequest("definition.name '\(inner)' differs from name '\(request.name)': give one name, or leave definition.name out")
+        }
+        definition.name = request.name
+        // hvd has no terminal: the serial console goes to RUN_DIR/NAME.log and stays attachable.
+        if definition.serial.output == .stdio { definition.serial.output = .console }
+        do { try definition.validate(naming: .keys) } catch { throw .badRequest("definition: \(error.message)") }
+        for (key, path) in definition.hostPaths {
+            guard path.utf8.first == UInt8(ascii: "/") else { throw .badRequest("definition.\(key) '\(path)' is relative: hvd needs absolute paths") }
+            guard !path.utf8.contains(0) else { throw .badRequest("definition.\(key) contains a NUL byte") }
+        }
+        let vm = StoredVM(definition: definition, autostart: request.autostart)
+        guard try store.add(vm) else { throw .conflict("a VM named '\(request.name)' exists already; pick another name or DELETE /v1/vms/\(request.name)") }
+        events.publish(.init(type: "vm-created", vm: vm.name))
+        return await blocking { self.info(vm) }
+    }
+
+    func update(_ name: String, _ request: UpdateVMRequest) async throws(APIError) -> VMInfo {
+        var vm = try kept(name)
+        if let autostart = request.autostart { vm.autostart = autostart }
+        try store.update(vm)
+        let updated = vm
+        return await blocking { self.info(updated) }
+    }
+
+    func delete(_ name: String) async throws(APIError) {
+        _ = try kept(name)
+        try claim(name)
+        defer { release(name) }
+        if case .live = await blocking({ vmPresence(name) }) {
+            throw .conflict("VM '\(name)' is running; stop it first (POST /v1/vms/\(name)/stop)")
+        }
+        store.remove(name)
+        events.forget(name)
+        events.publish(.init(type: "vm-deleted", vm: name))
+    }
+
+    // MARK: Running
+
+    /// Starts the VM and returns once its guest runs (or with hvctl's own reason why not).
+    func start(_ name: String) async throws(APIError) -> VMInfo {
+        let vm = try kept(name)
+        try claim(name)
+        defer { release(name) }
+        let definitionPath = store.definitionPath(name)
+        let hvctl = self.hvctl
+        let result: Result<Void, APIError> = await blocking {
+            if case .live = vmPresence(name) { return .failure(.conflict("VM '\(name)' is already running")) }
+            let (status, said) = runTool(hvctl, ["run", "--config", definitionPath, "--detach"])
+            switch status {
+            case .exited(0): return .success(())
+            // hvctl's usage errors mean the definition is wrong; anything else, the host refused.
+            case .exited(2): return .failure(.badRequest(said))
+            default: return .failure(.unprocessable(said))
+            }
+        }
+        try result.get()
+        events.observe(name)
+        return await blocking { self.info(vm) }
+    }
+
+    /// Asks the VM to stop and waits until its core has ended.
+    func stop(_ name: String) async throws(APIError) -> VMInfo {
+        let vm = try kept(name)
+        try await ask(name, ControlRequest(.stop))
+        try await waitUntilGone(name)
+        return await blocking { self.info(vm) }
+    }
+
+    /// SIGKILL to the VM's core (its devices die with it).
+    func kill(_ name: String) async throws(APIError) -> VMInfo {
+        let vm = try kept(name)
+        let result: Result<Void, APIError> = await blocking {
+            guard case .live(let pid) = vmPresence(name) else { return .failure(.conflict("VM '\(name)' is not running")) }
+            guard let pid, pid > 1 else { return .failure(.unprocessable("VM '\(name)' runs but its lock file names no pid")) }
+            Glibc.kill(pid, SIGKILL)
+            return .success(())
+        }
+        try result.get()
+        events.expectStop(name, reason: "killed")
+        try await waitUntilGone(name)
+        return await blocking { self.info(vm) }
+    }
+
+    func pause(_ name: String) async throws(APIError) -> VMInfo {
+        let vm = try kept(name)
+        try await ask(name, ControlRequest(.pause))
+        events.observe(name)
+        return await blocking { self.info(vm) }
+    }
+
+    func resume(_ name: String) async throws(APIError) -> VMInfo {
+        let vm = try kept(name)
+        try await ask(name, ControlRequest(.resume))
+        events.observe(name)
+        return await blocking { self.info(vm) }
+    }
+
+    /// A request whose answer is a one-line report: CD-ROM changes, device restarts and upgrades.
+    func act(_ name: String, _ request: ControlRequest) async throws(APIError) -> ActionResult {
+        _ = try kept(name)
+        if let path = request.path {
+            guard path.utf8.first == UInt8(ascii: "/") else { throw .badRequest("path '\(path)' is relative: give an absolute path") }
+            guard !path.utf8.contains(0) else { throw .badRequest("path contains a NUL byte") }
+        }
+        let reply = try await ask(name, request)
+        events.observe(name)
+        return ActionResult(message: reply.message ?? "done")
+    }
+
+    /// Sends `request` to running VM `name`; a refusal is 422 with the VM's own reason.
+    @discardableResult
+    private func ask(_ name: String, _ request: ControlRequest) async throws(APIError) -> ControlReply {
+        if request.command == .stop { events.expectStop(name, reason: "requested") }
+        let result: Result<ControlReply, APIError> = await blocking {
+            guard case .live(let pid) = vmPresence(name) else { return .failure(.conflict("VM '\(name)' is not running")) }
+            guard let reply = controlRequest(name, request, timeoutSeconds: 10) else {
+                return .failure(.unprocessable("VM '\(name)'\(pid.map { " (pid \($0))" } ?? "") did not answer on its control socket within 10 s; try again, or POST /v1/vms/\(name)/kill"))
+            }
+            guard reply.ok else { return .failure(.unprocessable(reply.error ?? "VM '\(name)' refused '\(request.command.rawValue)'")) }
+            return .success(reply)
+        }
+        return try result.get()
+    }
+
+    private func waitUntilGone(_ name: String) async throws(APIError) {
+        let gone = await blocking {
+            let deadline = monotonicNanoseconds() + UInt64(Self.stopTimeoutSeconds * 1e9)
+            while monotonicNanoseconds() < deadline {
+                if case .gone = vmPresence(name) { return true }
+                usleep(10_000)
+            }
+            return false
+        }
+        events.observe(name)
+        guard gone else { throw .conflict("VM '\(name)' has not stopped within \(Int(Self.stopTimeoutSeconds)) s; POST /v1/vms/\(name)/kill ends it") }
+    }
+
+    // MARK: hvd starting
+
+    /// Starts every autostart VM that is not running; reports each one that does not start.
+    func autostart() async {
+        for vm in store.all where vm.autostart {
+            if case .live = await blocking({ vmPresence(vm.name) }) { continue }
+            do throws(APIError) {
+                _ = try await start(vm.name)
+                log("started VM \(vm.name) (autostart)")
+            } catch {
+                log("could not start VM \(vm.name) (autostart): \(error.message)")
+                events.publish(.init(type: "vm-start-failed", vm: vm.name, message: error.message))
+            }
+        }
+    }
+}
+
+/// Runs `body` on a dispatch thread: for blocking system calls (control sockets, child processes).
+func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        DispatchQueue.global().async { continuation.resume(returning: body()) }
+    }
+}
+
+/// Runs `path` with `arguments` and this process's environment; returns how it ended and its
+/// last stderr line without hvctl's "hvctl: " prefix.
+func runTool(_ path: String, _ arguments: [String]) -> (ChildProcess.Termination, String) {
+    var fds: [Int32] = [-1, -1]
+    guard pipe(&fds) == 0 else { return (.exited(1), "cannot create a pipe: \(Errno.current)") }
+    // Other children hvd starts at the same time must not inherit it (their end would hold it open).
+    for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
+    defer { close(devNull) }
+    let environment = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
+    let child: ChildProcess
+    do {
+        child = try ChildProcess.spawn(path: path, arguments: arguments, environment: environment,
+                                       inherit: [(0, devNull), (1, devNull), (2, fds[1])])
+    } catch {
+        close(fds[0])
+        close(fds[1])
+        return (.exited(1), "cannot run \(path): \(error)")
+    }
+    close(fds[1])
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        if bytes.count < 1 << 16 { bytes += buffer.prefix(n) }
+    }
+    close(fds[0])
+    var status: Int32 = 0
+    _ = retryOnInterrupt { waitpid(child.pid, &status, 0) }
+    let termination: ChildProcess.Termination = status & 0x7F == 0 ? .exited((status >> 8) & 0xFF) : .signalled(status & 0x7F)
+    let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+    var said = lines.last.map(String.init) ?? termination.description
+    if said.hasPrefix("hvctl: ") { said.removeFirst(7) }
+    return (termination, said)
+}
+
+/// hvd's own messages go to stderr, one line each (journald adds the time).
+func log(_ line: String) {
+    FileHandle.standardError.write(Data(("hvd: " + line + "\n").utf8))
+}

@@ -1,0 +1,298 @@
+import Foundation
+import XCTest
+
+/// hvd, hv's API service, driven end to end with curl over its Unix socket: the lifecycle of a VM
+/// with the event stream, metrics and audit log watching; VMs outliving hvd (SIGKILL) and coming
+/// back with autostart; bad requests refused with the field named; and schemathesis fuzzing the
+/// API against api/hvd.yaml while a VM runs beside it.
+final class HVDTests: XCTestCase {
+    private var dir: URL!
+    private var runDir: String { dir.appendingPathComponent("run").path }
+    private var stateDir: String { dir.appendingPathComponent("state").path }
+    private var socket: String { runDir + "/hvd/api.sock" }
+    private var hvd: VMProcess?
+    private var background: [VMProcess] = []
+
+    private static var hvdPath: String { Harness.productsDirectory.appendingPathComponent("hvd").path }
+
+    override func setUpWithError() throws {
+        try Harness.requireKVM()
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/curl") else { throw Harness.MissingBuild(description: "curl is missing: test.sh installs it") }
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-hvd-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        setenv("HV_RUN_DIR", runDir, 1)
+        setenv("HV_STATE_DIR", stateDir, 1)
+    }
+
+    override func tearDown() {
+        background.forEach { $0.terminateAndWait() }
+        hvd?.terminateAndWait()
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: runDir)) ?? [] where name.hasSuffix(".sock") {
+            _ = try? runHvctl(["stop", String(name.dropLast(5))])
+        }
+        unsetenv("HV_RUN_DIR")
+        unsetenv("HV_STATE_DIR")
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    // MARK: Helpers
+
+    /// Starts hvd and waits until it answers.
+    @discardableResult
+    private func startHVD(file: StaticString = #filePath, line: UInt = #line) throws -> VMProcess {
+        let process = try VMProcess(["--poll-interval", "100"], executable: Self.hvdPath)
+        hvd = process
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if (try? call("GET", "/v1"))?.status == 200 { return process }
+            XCTAssertTrue(process.process.isRunning, "hvd ended: \(process.stderr)", file: file, line: line)
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        XCTFail("hvd did not answer on \(socket): \(process.stderr)", file: file, line: line)
+        return process
+    }
+
+    /// One request with curl; the status and the body.
+    private func call(_ method: String, _ path: String, _ body: String? = nil, contentType: String = "application/json") throws -> (status: Int, body: String) {
+        var arguments = ["-sS", "--unix-socket", socket, "-X", method, "-o", "-", "-w", "\n%{http_code}", "http://hvd" + path]
+        // The body goes through a file: a large one would not fit in an argument list.
+        let file = dir.appendingPathComponent("body-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: file) }
+        if let body {
+            try Data(body.utf8).write(to: file)
+            arguments += ["-H", "content-type: \(contentType)", "--data-binary", "@" + file.path]
+        }
+        let r = try tool("/usr/bin/curl", arguments)
+        let lines = r.output.split(separator: "\n", omittingEmptySubsequences: false)
+        return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
+    }
+
+    private func object(_ text: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
+        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any], text, file: file, line: line)
+    }
+
+    /// `POST /v1/vms` for the test guest counting ticks.
+    private func create(_ name: String, ticks: Int = 100_000, autostart: Bool = false, extra: String = "") throws -> (status: Int, body: String) {
+        let guest = try Harness.testGuest()
+        return try call("POST", "/v1/vms", """
+            {"name": "\(name)", "autostart": \(autostart), "definition": {"memory_mib": 32, \(extra)
+             "boot": {"multiboot": "\(guest)", "cmdline": "mode=ticks count=\(ticks) delay=50"}}}
+            """)
+    }
+
+    private func consoleLog(_ name: String) -> String {
+        (try? String(contentsOfFile: "\(runDir)/\(name).log", encoding: .utf8)) ?? ""
+    }
+
+    private func waitFor(_ what: String, timeout: TimeInterval = 30, _ condition: () -> Bool, file: StaticString = #filePath, line: UInt = #line) {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if condition() { return }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        XCTFail("timed out waiting for \(what)", file: file, line: line)
+    }
+
+    /// The event lines a `curl -N …/v1/events` has printed so far.
+    private func events(_ stream: VMProcess) -> [[String: Any]] {
+        stream.stdout.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+    }
+
+    private func subscribe() throws -> VMProcess {
+        let stream = try VMProcess(["-sN", "--unix-socket", socket, "http://hvd/v1/events"], executable: "/usr/bin/curl")
+        background.append(stream)
+        waitFor("the event stream's first line") { stream.stdout.contains("\"subscribed\"") }
+        return stream
+    }
+
+    private func pid(_ name: String) throws -> Int32? {
+        let info = try object(try call("GET", "/v1/vms/\(name)").body)
+        return (info["status"] as? [String: Any])?["pid"] as? Int32
+    }
+
+    // MARK: Tests
+
+    func testVMLifecycleWithEventsMetricsAndAuditLog() throws {
+        try startHVD()
+        let stream = try subscribe()
+        let created = try create("web1")
+        XCTAssertEqual(created.status, 201, created.body)
+        let info = try object(created.body)
+        XCTAssertEqual(info["state"] as? String, "stopped")
+        // hvd has no terminal: the console goes to the run directory's log.
+        XCTAssertEqual((info["definition"] as? [String: Any]).flatMap { $0["serial"] as? [String: Any] }?["output"] as? String, "console")
+
+        let started = try call("POST", "/v1/vms/web1/start")
+        XCTAssertEqual(started.status, 200, started.body)
+        XCTAssertEqual(try object(started.body)["state"] as? String, "running")
+        waitFor("the guest's third tick") { consoleLog("web1").contains("tick 3\n") }
+        // hvctl sees the same VM: it is an ordinary hv VM, its own process.
+        let listed = try runHvctl(["status", "web1", "--json"])
+        XCTAssertEqual(listed.status, 0, listed.stderr)
+
+        let metrics = try call("GET", "/metrics")
+        XCTAssertEqual(metrics.status, 200)
+        XCTAssertTrue(metrics.body.contains("hv_vm_up{vm=\"web1\"} 1"), metrics.body)
+        XCTAssertTrue(metrics.body.contains("hv_vm_memory_bytes{vm=\"web1\"} 33554432"), metrics.body)
+        XCTAssertTrue(metrics.body.contains("hv_vcpu_seconds_total{vm=\"web1\",vcpu=\"0\"}"), metrics.body)
+        XCTAssertTrue(metrics.body.contains("hv_device_restarts_total{vm=\"web1\",device=\"serial0\",kind=\"serial\"} 0"), metrics.body)
+
+        XCTAssertEqual(try object(try call("POST", "/v1/vms/web1/pause").body)["state"] as? String, "paused")
+        let restart = try call("POST", "/v1/vms/web1/devices/serial0/restart")
+        XCTAssertEqual(restart.status, 200, restart.body)
+        XCTAssertEqual(try object(try call("POST", "/v1/vms/web1/resume").body)["state"] as? String, "running")
+        let stopped = try call("POST", "/v1/vms/web1/stop")
+        XCTAssertEqual(stopped.status, 200, stopped.body)
+        XCTAssertEqual(try object(stopped.body)["state"] as? String, "stopped")
+        XCTAssertEqual(try runHvctl(["status", "web1"]).status, 1, "the VM's core still runs after stop")
+
+        let kinds = ["vm-created", "vm-started", "vm-paused", "device-restarted", "vm-resumed", "vm-stopped"]
+        waitFor("the events \(kinds)") { events(stream).map { $0["type"] as? String ?? "" }.filter(kinds.contains) == kinds }
+        let stop = events(stream).first { $0["type"] as? String == "vm-stopped" }
+        XCTAssertEqual(stop?["reason"] as? String, "requested", stream.stdout)
+        XCTAssertEqual(events(stream).first { $0["type"] as? String == "device-restarted" }?["device"] as? String, "serial0")
+
+        XCTAssertEqual(try call("GET", "/metrics").body.contains("hv_vm_up{vm=\"web1\"} 0"), true)
+        XCTAssertEqual(try call("DELETE", "/v1/vms/web1").status, 204)
+        XCTAssertEqual(try call("GET", "/v1/vms/web1").status, 404)
+        waitFor("vm-deleted") { events(stream).contains { $0["type"] as? String == "vm-deleted" } }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stateDir + "/vms/web1"))
+
+        // Every request but GET, once, with who sent it (curl: this test's uid) and the result.
+        let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8).split(separator: "\n").map { try object(String($0)) }
+        XCTAssertEqual(audit.map { "\($0["method"] ?? "") \($0["path"] ?? "") \($0["status"] ?? "")" },
+                       ["POST /v1/vms 201", "POST /v1/vms/web1/start 200", "POST /v1/vms/web1/pause 200",
+                        "POST /v1/vms/web1/devices/serial0/restart 200", "POST /v1/vms/web1/resume 200",
+                        "POST /v1/vms/web1/stop 200", "DELETE /v1/vms/web1 204"])
+        for record in audit {
+            let peer = try XCTUnwrap(record["peer"] as? [String: Any], "\(record)")
+            XCTAssertEqual(peer["uid"] as? UInt32, getuid())
+            XCTAssertGreaterThan(peer["pid"] as? Int32 ?? 0, 0)
+        }
+    }
+
+    func testVMsOutliveHVDAndAutostartBringsThemBack() throws {
+        try startHVD()
+        let created = try create("auto", autostart: true); XCTAssertEqual(created.status, 201, created.body)
+        XCTAssertEqual(try create("manual").status, 201)
+        hvd?.terminateAndWait()
+        // Autostart: hvd starts 'auto' (only) when it starts.
+        try startHVD()
+        waitFor("autostart") { consoleLog("auto").contains("tick 2\n") }
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/manual").body)["state"] as? String, "stopped")
+        let first = try XCTUnwrap(try pid("auto"))
+
+        // hvd SIGKILLed: the VM carries on, and the next hvd adopts it as it is (same core, not
+        // started again), and can stop it.
+        kill(try XCTUnwrap(hvd).process.processIdentifier, SIGKILL)
+        hvd?.process.waitUntilExit()
+        let ticks = consoleLog("auto").components(separatedBy: "tick ").count
+        waitFor("ticks while hvd is gone") { consoleLog("auto").components(separatedBy: "tick ").count > ticks + 2 }
+        let again = try startHVD()
+        XCTAssertEqual(try pid("auto"), first, "hvd started the VM again instead of adopting it")
+        XCTAssertTrue(again.stderr.contains("found 1 VM running: auto"), again.stderr)
+        let list = try object(try call("GET", "/v1/vms").body)["vms"] as? [[String: Any]]
+        XCTAssertEqual(list?.map { "\($0["name"] ?? "") \($0["state"] ?? "")" }, ["auto running", "manual stopped"])
+        let stream = try subscribe()
+        XCTAssertEqual(try call("POST", "/v1/vms/auto/stop").status, 200)
+        waitFor("vm-stopped") { events(stream).contains { $0["type"] as? String == "vm-stopped" } }
+
+        // A VM that ends behind hvd's back is told as exited.
+        XCTAssertEqual(try call("POST", "/v1/vms/manual/start").status, 200)
+        XCTAssertEqual(try runHvctl(["stop", "manual"]).status, 0)
+        waitFor("vm-stopped (exited)") { events(stream).contains { $0["type"] as? String == "vm-stopped" && $0["vm"] as? String == "manual" && $0["reason"] as? String == "exited" } }
+
+        // Killed through the API: reason "killed", and nothing is left running.
+        XCTAssertEqual(try call("POST", "/v1/vms/manual/start").status, 200)
+        let killed = try call("POST", "/v1/vms/manual/kill")
+        XCTAssertEqual(killed.status, 200, killed.body)
+        XCTAssertEqual(try object(killed.body)["state"] as? String, "stopped")
+        waitFor("vm-stopped (killed)") { events(stream).contains { $0["vm"] as? String == "manual" && $0["reason"] as? String == "killed" } }
+
+        // With hvd restarted and 'auto' stopped, autostart starts it afresh.
+        hvd?.terminateAndWait()
+        try startHVD()
+        waitFor("autostart after a restart") { (try? self.pid("auto")).flatMap { $0 } != nil }
+        XCTAssertNotEqual(try pid("auto"), first)
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/manual").body)["state"] as? String, "stopped")
+    }
+
+    func testBadRequestsAreRefusedNamingTheField() throws {
+        try startHVD()
+        func refused(_ method: String, _ path: String, _ body: String?, _ status: Int, _ text: String, contentType: String = "application/json",
+                     file: StaticString = #filePath, line: UInt = #line) throws {
+            let r = try call(method, path, body, contentType: contentType)
+            XCTAssertEqual(r.status, status, r.body, file: file, line: line)
+            let message = try object(r.body, file: file, line: line)["error"] as? String ?? ""
+            XCTAssertTrue(message.contains(text), "\(message) does not say \(text)", file: file, line: line)
+            XCTAssertFalse(message.contains("\n"), message, file: file, line: line)
+        }
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", ", 400, "not valid JSON")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", \"definition\": {\"disks\": [{\"path\": \"/x\", \"redonly\": true}]}}", 400,
+                    "'definition.disks[0].redonly': unknown key")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", \"definition\": {\"cpus\": \"two\"}}", 400, "'definition.cpus' must be a whole number")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", \"definition\": {\"cdrom\": null}}", 400, "'definition.cdrom': null is not a value here")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", \"definition\": {\"disks\": [{\"path\": \"disk.img\"}]}}", 400,
+                    "definition.disks[0].path 'disk.img' is relative")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", \"definition\": {\"cpus\": 999}}", 400, "definition: invalid cpus '999'")
+        try refused("POST", "/v1/vms", "{\"name\": \"../etc\"}", 400, "invalid name '../etc'")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\"}", 415, "application/json", contentType: "text/plain")
+        try refused("POST", "/v1/vms", "{\"name\": \"a\", \"x\": \"" + String(repeating: "x", count: 1 << 21) + "\"}", 413, "over 1048576 bytes")
+        try refused("PUT", "/v1/vms", "{}", 405, "PUT is not allowed on /v1/vms: use GET, POST")
+        try refused("GET", "/v2/vms", nil, 404, "no such path: /v2/vms")
+        try refused("POST", "/v1/vms/nobody/start", nil, 404, "no VM named 'nobody'")
+
+        // A name taken; a VM that cannot start (its disk is missing) says why and leaves nothing.
+        XCTAssertEqual(try create("a", extra: "\"disks\": [{\"path\": \"\(dir.path)/missing.img\"}],").status, 201)
+        try refused("POST", "/v1/vms", "{\"name\": \"a\"}", 409, "a VM named 'a' exists already")
+        try refused("POST", "/v1/vms/a/start", nil, 422, "missing.img")
+        XCTAssertEqual(try runHvctl(["ls"]).stdout.split(separator: "\n").count, 1, "a VM was left running")
+        try refused("POST", "/v1/vms/a/stop", nil, 409, "VM 'a' is not running")
+        try refused("PATCH", "/v1/vms/a", "{\"autostart\": \"yes\"}", 400, "'autostart' must be true or false")
+
+        // One hvd per socket.
+        let second = try runHvctl(["--poll-interval", "100"], timeout: 20, executable: Self.hvdPath)
+        XCTAssertEqual(second.status, 1)
+        XCTAssertEqual(second.stderr, "hvd: another hvd already serves \(socket); stop it first, or give this one another --socket\n")
+        XCTAssertEqual(try call("GET", "/v1").status, 200, "hvd stopped serving")
+    }
+
+    /// schemathesis (PyPI) generates requests from api/hvd.yaml, valid and not, and checks every
+    /// answer against the document: no 5xx, the documented statuses, bodies and content types,
+    /// 405 for methods a path does not take. It also reuses names it reads from responses, so the
+    /// VM running beside it gets paused, killed and deleted by valid requests: afterwards hvd's
+    /// account of what runs must match the host's, and hvd must still start and run a VM.
+    /// (Starting VMs is left out: the fuzzer would start hundreds.)
+    func testAPIFuzzedAgainstItsOpenAPIDocument() throws {
+        let schemathesis = Harness.repositoryRoot.appendingPathComponent(".build/pyenv/bin/schemathesis").path
+        guard FileManager.default.isExecutableFile(atPath: schemathesis), FileManager.default.isExecutableFile(atPath: "/usr/bin/socat") else {
+            throw Harness.MissingBuild(description: "schemathesis (in .build/pyenv) or socat is missing: test.sh installs them")
+        }
+        try startHVD()
+        XCTAssertEqual(try create("victim").status, 201)
+        XCTAssertEqual(try call("POST", "/v1/vms/victim/start").status, 200)
+        // schemathesis speaks TCP: socat carries loopback connections to hvd's socket.
+        let port = 20_000 + Int(getpid() % 20_000)
+        let proxy = try VMProcess(["TCP-LISTEN:\(port),bind=127.0.0.1,fork,reuseaddr", "UNIX-CONNECT:\(socket)"], executable: "/usr/bin/socat")
+        background.append(proxy)
+        Thread.sleep(forTimeInterval: 0.3)
+        let run = try tool(schemathesis, ["run", Harness.repositoryRoot.appendingPathComponent("api/hvd.yaml").path,
+                                          "--url", "http://127.0.0.1:\(port)", "--max-examples", "25", "--seed", "1",
+                                          "--exclude-operation-id", "startVM", "--exclude-operation-id", "streamEvents",
+                                          "--generation-database", "none", "--no-color", "--request-timeout", "40"])
+        XCTAssertEqual(run.status, 0, String(run.output.suffix(6000)))
+        XCTAssertTrue(run.output.contains(" passed"), String(run.output.suffix(2000)))
+        XCTAssertTrue(try XCTUnwrap(hvd).process.isRunning, "hvd died")
+        // What hvd says runs is what runs: every VM with a live core has a kept definition that hvd
+        // reports running or paused, and nothing hvd reports running is gone.
+        let kept = try XCTUnwrap(try object(try call("GET", "/v1/vms").body)["vms"] as? [[String: Any]])
+        let live = Set(kept.filter { ($0["state"] as? String) != "stopped" }.compactMap { $0["name"] as? String })
+        let listed = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(try runHvctl(["ls", "--json"]).stdout.utf8)) as? [[String: Any]])
+        XCTAssertEqual(Set(listed.compactMap { $0["name"] as? String }), live, "hvd's view and the host's differ")
+        // And hvd still does its job.
+        XCTAssertEqual(try create("after").status, 201)
+        XCTAssertEqual(try call("POST", "/v1/vms/after/start").status, 200)
+        waitFor("the new VM's ticks") { consoleLog("after").components(separatedBy: "tick ").count > 3 }
+        XCTAssertTrue(try XCTUnwrap(hvd).process.isRunning, "hvd died")
+    }
+}
