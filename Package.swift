@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "hv-switch", targets: ["hv-switch"]),
         .executable(name: "hv-jail", targets: ["hv-jail"]),
         .executable(name: "hvd", targets: ["hvd"]),
+        .executable(name: "hv-firecracker", targets: ["hv-firecracker"]),
         .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
     ],
     dependencies: [
@@ -81,6 +82,13 @@ let package = Package(
                                                       .product(name: "NIOCore", package: "swift-nio"),
                                                       .product(name: "Logging", package: "swift-log")],
                           path: "Sources/hvd", swiftSettings: strict),
+        .executableTarget(name: "hv-firecracker", dependencies: ["HVHost", "HVSys",
+                                                                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                                 .product(name: "Hummingbird", package: "hummingbird"),
+                                                                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                                                                 .product(name: "NIOCore", package: "swift-nio"),
+                                                                 .product(name: "Logging", package: "swift-log")],
+                          path: "Sources/hv-firecracker", swiftSettings: strict),
 
         // Devices shipped with hv, built only on the public SDK. Each has a contract module, compiled by the
         // device and by the trusted side (HVHost): its windows, interrupt lines, host files and settings by name.

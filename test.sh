@@ -16,11 +16,16 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# schemathesis (PyPI) fuzzes hvd's API against api/hvd.yaml; it lives in a venv under .build.
-if [[ ! -x .build/pyenv/bin/schemathesis ]]; then
-    echo "== installing schemathesis into .build/pyenv"
+# Third-party API clients from PyPI, in a venv under .build: schemathesis fuzzes hvd's API
+# against api/hvd.yaml; hysn-firecracker-python's client drives hv-firecracker (installed
+# without its VM manager's dependencies: the tests use its API client, which needs only
+# requests-unixsocket).
+if [[ ! -x .build/pyenv/bin/schemathesis || ! -f .build/pyenv/.hv-clients-1 ]]; then
+    echo "== installing API clients (schemathesis, hysn-firecracker-python) into .build/pyenv"
     python3 -m venv .build/pyenv
-    .build/pyenv/bin/pip install -q --disable-pip-version-check 'schemathesis>=4,<5'
+    .build/pyenv/bin/pip install -q --disable-pip-version-check 'schemathesis>=4,<5' 'requests-unixsocket==0.4.1'
+    .build/pyenv/bin/pip install -q --disable-pip-version-check --no-deps 'hysn-firecracker-python==1.0.7'
+    touch .build/pyenv/.hv-clients-1
 fi
 
 echo "== schema vectors are current"

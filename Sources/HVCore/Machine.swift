@@ -253,6 +253,10 @@ public final class Machine: @unchecked Sendable {
 
     // MARK: Pause and resume
 
+    /// Whether the guest has started running (the boot state is in place and the vCPU threads
+    /// are started); false while the VM is still being built.
+    public var guestStarted: Bool { supervisor.guestStarted.load(ordering: .acquiring) }
+
     /// Whether the vCPUs are paused (`pause()`), and since when (monotonic nanoseconds).
     public var pausedSince: UInt64? {
         pauseState.withLock { $0.paused ? $0.since : nil }

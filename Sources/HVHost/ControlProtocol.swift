@@ -112,7 +112,7 @@ public struct VMStatus: Codable, Equatable, Sendable {
     public var name: String
     /// The pid of its `hvctl run` (the VM's core).
     public var pid: Int32
-    /// "running" or "paused".
+    /// "starting" (the VM is being built or rebooted; the guest does not run yet), "running" or "paused".
     public var state: String
     /// "demo", "multiboot", "linux" or "firmware".
     public var boot: String

@@ -97,8 +97,9 @@ func startSignalWatcher(_ current: CurrentMachine) {
     }
 }
 
-/// Directory holding hvctl and the device executables built beside it.
-func executableDirectory() -> String {
+/// Directory holding the running executable: hvctl and the device executables are built beside
+/// each other (and hvd and hv-firecracker beside hvctl).
+public func executableDirectory() -> String {
     var buffer = [CChar](repeating: 0, count: 4096)
     let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
     guard n > 0 else { return "." }

@@ -384,15 +384,16 @@ struct AnyCodingKey: CodingKey {
 extension Decoder {
     /// Throws for the first key of this object not in `known`, with its full path: a misspelt
     /// key is an error, not a silently ignored setting. A null value is refused too: every key is
-    /// optional, so a key is left out, never null (encoders here never write null).
-    package func refuseUnknownKeys(_ known: [String]) throws {
+    /// optional, so a key is left out, never null (encoders here never write null); except with
+    /// `allowingNull`, for APIs whose clients send null for "not given" (Firecracker's).
+    package func refuseUnknownKeys(_ known: [String], allowingNull: Bool = false) throws {
         let c = try container(keyedBy: AnyCodingKey.self)
         for key in c.allKeys.sorted(by: { $0.stringValue < $1.stringValue }) {
             guard known.contains(key.stringValue) else {
                 throw DecodingError.dataCorrupted(.init(codingPath: codingPath + [key],
                                                         debugDescription: "unknown key (known: \(known.joined(separator: ", ")))"))
             }
-            if try c.decodeNil(forKey: key) {
+            if !allowingNull, try c.decodeNil(forKey: key) {
                 throw DecodingError.dataCorrupted(.init(codingPath: codingPath + [key], debugDescription: "null is not a value here; leave the key out"))
             }
         }

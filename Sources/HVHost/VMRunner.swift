@@ -373,7 +373,7 @@ final class VMControl: Sendable {
             VMStatus.VCPU(id: v.id, state: v.state.name, rip: v.rip.map { "0x" + String($0, radix: 16) })
         }
         let pausedSince = machine?.pausedSince
-        return VMStatus(name: name, pid: getpid(), state: pausedSince == nil ? "running" : "paused", boot: bootMode,
+        return VMStatus(name: name, pid: getpid(), state: machine?.guestStarted != true ? "starting" : pausedSince == nil ? "running" : "paused", boot: bootMode,
                         uptimeSeconds: (now - started) / 1_000_000_000,
                         pausedSeconds: pausedSince.map { (now - $0) / 1_000_000_000 },
                         memoryMiB: definition.memoryMiB, cpus: definition.cpus, tenant: tenant, vcpus: vcpus, devices: devices,

@@ -108,6 +108,14 @@ public func dieWithParent() {
     if getppid() == 1 { _exit(1) }
 }
 
+/// Arranges for `signal` to reach this process when `parent` (the process that started it)
+/// dies; false when `parent` is already gone (this process has been re-parented). Unlike
+/// `dieWithParent`, the signal can be one the process handles, so it can shut down in order.
+public func signalWhenParentDies(_ signal: Int32, parent: pid_t) -> Bool {
+    _ = hv_prctl(PR_SET_PDEATHSIG, UInt(signal), 0, 0, 0)
+    return getppid() == parent
+}
+
 /// Closes every descriptor from `first` up, whatever opened it: a process that outlives its
 /// parent (a detached VM) must not keep the parent's pipes and sockets open, or whoever waits
 /// for their end-of-file (a shell's `$(…)`, Foundation's `Process`) waits as long as the VM runs.

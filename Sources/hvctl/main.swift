@@ -124,8 +124,14 @@ extension HVCtl {
             Wait on tcp:HOST:PORT for a VM that 'hvctl migrate NAME --to tcp:HOST:PORT' sends from another             host, and run it (only --name, --serial, --detach and -v may be added).
             """, valueName: "address"))
         var incoming: String?
+        /// For a program that runs hvctl as its VM (hv-firecracker): SIGTERM when that program
+        /// dies, whatever kills it, so the VM stops in order instead of outliving it.
+        @Option(help: .private) var exitWithParent: Int32?
 
         func run() throws {
+            if let parent = exitWithParent, !signalWhenParentDies(SIGTERM, parent: parent) {
+                fail("--exit-with-parent \(parent): that process is gone")
+            }
             var definition: VMDefinition
             var snapshot: MachineSnapshot?
             if let incoming {

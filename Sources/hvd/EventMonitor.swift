@@ -124,12 +124,16 @@ final class EventMonitor: Sendable {
     /// On `queue` only.
     private func look(at name: String, announce: Bool) {
         let now = status(name)
-        let seen = Seen(state: now?.state ?? "stopped", devices: Dictionary((now?.devices ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a }))
-        let (before, reason) = state.withLock { s in
+        let devices = Dictionary((now?.devices ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let (before, seen, reason) = state.withLock { s in
             let before = s.seen[name]
+            // A VM whose guest has not started yet (or is rebooting) is still in its last state:
+            // "vm-started" means the guest runs.
+            let reported = now?.state ?? "stopped"
+            let seen = Seen(state: reported == "starting" ? before?.state ?? "stopped" : reported, devices: devices)
             s.seen[name] = seen
             let reason = seen.state == "stopped" ? s.expectedStops.removeValue(forKey: name) : nil
-            return (before, reason)
+            return (before, seen, reason)
         }
         guard announce else { return }
         let previous = before?.state ?? "stopped"

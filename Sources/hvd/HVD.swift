@@ -43,7 +43,7 @@ struct HVD: AsyncParsableCommand {
         umask(0o077)
         let socketPath = socket ?? RunDirectory.path + "/hvd/api.sock"
         let state = stateDir ?? ProcessInfo.processInfo.environment["HV_STATE_DIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/var/lib/hv"
-        let hvctlPath = hvctl ?? Self.besideSelf("hvctl")
+        let hvctlPath = hvctl ?? executableDirectory() + "/hvctl"
         guard access(hvctlPath, X_OK) == 0 else { fail("cannot run \(hvctlPath): \(String(cString: strerror(errno))); give hvctl's path with --hvctl") }
 
         let socketDirectory = String(socketPath[..<(socketPath.lastIndex(of: "/") ?? socketPath.startIndex)])
@@ -94,15 +94,6 @@ struct HVD: AsyncParsableCommand {
         }
         unlink(socketPath)
         log("stopped; the VMs keep running")
-    }
-
-    /// `name` in the directory of hvd's own executable.
-    static func besideSelf(_ name: String) -> String {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard n > 0 else { return name }
-        let me = String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return String(me[..<(me.lastIndex(of: "/") ?? me.startIndex)]) + "/" + name
     }
 
     private func makeDirectories(_ path: String) throws {

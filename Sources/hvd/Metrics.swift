@@ -11,13 +11,13 @@ enum Metrics {
         let kept = service.store.all
         return await blocking {
             let registry = PrometheusCollectorRegistry()
-            var states = ["running": 0, "paused": 0, "stopped": 0]
+            var states = ["starting": 0, "running": 0, "paused": 0, "stopped": 0]
             for vm in kept {
                 let labels = [("vm", vm.name)]
                 let status = service.liveStatus(vm.name)
                 let state = status?.state ?? "stopped"
                 states[state, default: 0] += 1
-                registry.makeGauge(name: "hv_vm_up", labels: labels, help: "1 while the VM's core runs (running or paused), else 0.")
+                registry.makeGauge(name: "hv_vm_up", labels: labels, help: "1 while the VM's core runs (starting, running or paused), else 0.")
                     .set(Int64(status == nil ? 0 : 1))
                 registry.makeGauge(name: "hv_vm_paused", labels: labels, help: "1 while the VM is paused.").set(Int64(state == "paused" ? 1 : 0))
                 registry.makeGauge(name: "hv_vm_memory_bytes", labels: labels, help: "Guest RAM the VM is defined with.")
