@@ -131,7 +131,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "HVNetSwitchTests", dependencies: ["HVNetSwitch"], path: "Tests/HVNetSwitchTests", swiftSettings: strict),
         .testTarget(name: "HVSandboxTests", dependencies: ["HVSandbox"], path: "Tests/HVSandboxTests", swiftSettings: strict),
-        .testTarget(name: "HVHostTests", dependencies: ["HVHost", "HVIPC", "HVBIOSContract", "HVSCSIContract", "HVNetContract"], path: "Tests/HVHostTests", swiftSettings: strict),
+        .testTarget(name: "HVHostTests", dependencies: ["HVHost", "HVSys", "HVIPC", "HVBIOSContract", "HVSCSIContract", "HVNetContract"], path: "Tests/HVHostTests", swiftSettings: strict),
         .testTarget(name: "HVCoreTests", dependencies: ["HVCore", "HVKVM", "CHVShim"], path: "Tests/HVCoreTests", swiftSettings: strict),
         .testTarget(name: "HVIntegrationTests", dependencies: ["HVSys"], path: "Tests/HVIntegrationTests",
                     exclude: [], swiftSettings: strict),

@@ -17,6 +17,7 @@ Python 3 standard library only (matplotlib is optional, for --plot).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -297,6 +299,56 @@ def peek(f, limit: int = 1 << 20) -> bytes:
     start of its own output (this garbled "idle: ready" in the density case once in tens of runs).
     pread leaves the offset alone."""
     return os.pread(f.fileno(), limit, 0)
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket: hvd's and hv-firecracker's transport."""
+
+    def __init__(self, path: str, timeout: float = 60):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+def unix_http(path: str, method: str, url: str, body: Optional[dict] = None) -> tuple[int, bytes]:
+    """One request; the status and the body."""
+    conn = UnixHTTPConnection(path)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"content-type": "application/json"} if payload is not None else {}
+        conn.request(method, url, body=payload, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def rss_kib(pid: int) -> Optional[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def wait_path(path: Path, timeout_s: float, nonempty: bool = False) -> Optional[int]:
+    """now_ns() when `path` exists (and has a byte, with `nonempty`), or None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if path.stat().st_size > 0 or not nonempty:
+                return now_ns()
+        except OSError:
+            pass
+        time.sleep(0.0005)
+    return None
+
 
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid (by scanning /proc/*/stat)."""
@@ -1743,6 +1795,157 @@ class Bench:
             rows.append(Row(label, hv, q, unit="µs", target="≤ QEMU", met=None if hv is None or q is None else hv.median <= q.median))
         return rows
 
+    # -- the API services: hvd and hv-firecracker --
+
+    def case_api(self) -> list[Row]:
+        print("case: API services — hvd create+start → first guest byte, VMs per second through hvd, "
+              "hv-firecracker spawn → first guest byte; resident memory", flush=True)
+        bin_dir = self.env.hvctl.parent
+        hvd_bin, fc_bin = bin_dir / "hvd", bin_dir / "hv-firecracker"
+        if not hvd_bin.exists() or not fc_bin.exists():
+            return [Row("API services", text="hvd or hv-firecracker missing from " + str(bin_dir))]
+        base = self.env.tmp / "api"
+        run_dir, state_dir = base / "run", base / "state"
+        for d in (run_dir, state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir), HV_STATE_DIR=str(state_dir))
+        sock = run_dir / "hvd" / "api.sock"
+        hvd_log = open(base / "hvd.log", "w+b")
+        hvd = subprocess.Popen([str(hvd_bin), "--poll-interval", "500"], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=hvd_log)
+        mib = GUEST_RAM_BYTES >> 20
+        rates: list[float] = []
+        hvd_rss: list[float] = []
+        try:
+            if wait_path(sock, 30) is None:
+                self.problems.append(f"hvd did not open its socket within 30 s: {peek(hvd_log)[-400:]!r}")
+                return [Row("API services", text="hvd did not start")]
+            counter = [0]
+
+            def create_start(name: str, cmdline: str) -> Optional[int]:
+                definition = {"memory_mib": mib, "boot": {"multiboot": str(self.env.guest), "cmdline": cmdline}}
+                status, text = unix_http(str(sock), "POST", "/v1/vms", {"name": name, "definition": definition})
+                if status != 201:
+                    self.problems.append(f"hvd create {name}: {status} {text[:200]!r}")
+                    return None
+                status, text = unix_http(str(sock), "POST", f"/v1/vms/{name}/start")
+                if status != 200:
+                    self.problems.append(f"hvd start {name}: {status} {text[:200]!r}")
+                    return None
+                return now_ns()
+
+            def forget(name: str) -> None:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    status, _ = unix_http(str(sock), "DELETE", f"/v1/vms/{name}")
+                    if status == 204:
+                        return
+                    time.sleep(0.05)  # still running: hello ends by itself
+
+            def one(side, i):
+                if side == "qemu":
+                    cap = self.guest_run("qemu", "mode=hello", timeout_s=120, markers=[DONE_MARKER])
+                    self.record("api_first_byte", "qemu", cap.since_spawn_ms(cap.scanner.first_ns))
+                    return
+                # The baseline: the same guest by `hvctl run` itself.
+                cap = self.guest_run("hv", "mode=hello", timeout_s=120, markers=[DONE_MARKER])
+                self.record("api_hvctl_first_byte", "hv", cap.since_spawn_ms(cap.scanner.first_ns))
+                counter[0] += 1
+                name = f"bench{counter[0]}"
+                t0 = now_ns()
+                started = create_start(name, "mode=hello")
+                first = wait_path(run_dir / f"{name}.log", 30, nonempty=True) if started else None
+                self.record("api_first_byte", "hv", (first - t0) / 1e6 if first else None)
+                self.record("api_start_returned", "hv", (started - t0) / 1e6 if started else None)
+                print(f"  run {i + 1} hvd: start returned {started and round((started - t0) / 1e6, 1)} ms, "
+                      f"first byte {first and round((first - t0) / 1e6, 1)} ms", flush=True)
+                forget(name)
+
+            self.interleaved(one)
+
+            # VMs per second through the API: n create+start requests back to back.
+            n = 5 if self.quick else 20
+            names = []
+            t0 = now_ns()
+            for _ in range(n):
+                counter[0] += 1
+                names.append(f"bench{counter[0]}")
+                if create_start(names[-1], "mode=hello") is None:
+                    break
+            else:
+                rates.append(n / ((now_ns() - t0) / 1e9))
+            rss = rss_kib(hvd.pid)
+            if rss:
+                hvd_rss.append(rss / 1024)
+            for name in names:
+                forget(name)
+        finally:
+            hvd.terminate()
+            try:
+                hvd.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                hvd.kill()
+                hvd.wait()
+
+        # hv-firecracker: spawn → API → InstanceStart → first guest byte on its stdout.
+        fc_rss: list[float] = []
+        core_rss: list[float] = []
+        for i in range(self.runs):
+            fc_sock = base / f"fc{i}.sock"
+            t0 = now_ns()
+            fc = subprocess.Popen([str(fc_bin), "--api-sock", str(fc_sock), "--id", f"fcbench{i}"], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            first = None
+            try:
+                if wait_path(fc_sock, 30) is None:
+                    self.problems.append(f"hv-firecracker did not open its socket: {fc.stderr.read(400) if fc.poll() is not None else ''!r}")
+                    continue
+                calls = [("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": mib}),
+                         ("PUT", "/boot-source", {"kernel_image_path": str(self.env.guest), "boot_args": "mode=ticks count=3 delay=200"}),
+                         ("PUT", "/actions", {"action_type": "InstanceStart"})]
+                for method, url, body in calls:
+                    status, text = unix_http(str(fc_sock), method, url, body)
+                    if status != 204:
+                        self.problems.append(f"hv-firecracker {method} {url}: {status} {text[:200]!r}")
+                        break
+                else:
+                    ready, _, _ = select.select([fc.stdout], [], [], 30)
+                    if ready and os.read(fc.stdout.fileno(), 1):
+                        first = now_ns()
+                    rss = rss_kib(fc.pid)
+                    cores = [p for p in descendants(fc.pid)]
+                    if rss:
+                        fc_rss.append(rss / 1024)
+                    if cores and rss_kib(cores[0]):
+                        core_rss.append(rss_kib(cores[0]) / 1024)
+            finally:
+                stop(fc)
+            self.record("fc_first_byte", "hv", (first - t0) / 1e6 if first else None)
+            print(f"  run {i + 1} hv-firecracker: first byte {first and round((first - t0) / 1e6, 1)} ms", flush=True)
+
+        first_hv, first_q = self.get("api_first_byte", "hv"), self.get("api_first_byte", "qemu")
+        direct = self.get("api_hvctl_first_byte", "hv")
+        fc_first = self.get("fc_first_byte", "hv")
+        return [
+            Row("hvd: create+start request → first guest byte", first_hv, first_q, unit="ms",
+                target="≤ hvctl run + 20 ms", met=None if first_hv is None or direct is None else first_hv.median <= direct.median + 20,
+                note="QEMU: launch → first byte"),
+            Row("  the same guest by hvctl run (launch → first byte)", direct, first_q, unit="ms", target="—"),
+            Row("hvd: create+start request → start answered", self.get("api_start_returned", "hv"), None, unit="ms",
+                target="—", show_ratio=False),
+            Row("hvd: VMs created and started per second", summarize(rates), None, unit="VM/s", target="—",
+                show_ratio=False),
+            Row("hvd resident memory (after the runs)", summarize(hvd_rss), None, unit="MiB", target="—", show_ratio=False),
+            Row("hv-firecracker: spawn → API → InstanceStart → first guest byte", fc_first, None, unit="ms",
+                target="Firecracker: ≤ 125 ms to guest init", met=None if fc_first is None else fc_first.median <= 125,
+                show_ratio=False),
+            Row("hv-firecracker process resident memory", summarize(fc_rss), None, unit="MiB",
+                target="Firecracker: ≤ 5 MiB VMM overhead", met=None if not fc_rss else statistics.median(fc_rss) <= 5,
+                note="API process only; the VM's core is the next row", show_ratio=False),
+            Row("hv-firecracker's VM core (hvctl) resident memory", summarize(core_rss), None, unit="MiB", target="—",
+                show_ratio=False),
+        ]
+
     # -- kill storms: lossless restart (issue 13) --
 
     @staticmethod
@@ -2009,7 +2212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, seabios, "
-                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, kill_storms")
+                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
@@ -2034,7 +2237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench.warm_up()
         rows: list[Row] = []
         cases = ["pioread", "time_to_x", "throughput", "memory", "seabios", "sandbox", "vm_rate", "vms_at_once",
-                 "grub", "scsi", "qcow2", "snapshot", "migration", "net", "kill_storms"]
+                 "grub", "scsi", "qcow2", "snapshot", "migration", "net", "api", "kill_storms"]
         for name in args.only or cases:
             if name not in cases:
                 sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases)}")

@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <linux/openat2.h>
 #include "hv_shim.h"
 
 #include <linux/filter.h>
@@ -199,6 +200,14 @@ int hv_execveat_fd(int fd, char *const argv[], char *const envp[]) {
 int hv_pivot_root(const char *new_root, const char *put_old) { return (int)syscall(SYS_pivot_root, new_root, put_old); }
 
 int hv_close_range(unsigned int first, unsigned int last) { return (int)syscall(SYS_close_range, first, last, 0); }
+
+int hv_openat2_beneath(int dirfd, const char *path, int flags, unsigned int mode) {
+    /* openat2 refuses a mode without O_CREAT or O_TMPFILE (EINVAL), where openat ignores it. */
+    struct open_how how = { .flags = (unsigned long long)(unsigned int)flags,
+                            .mode = (flags & (O_CREAT | __O_TMPFILE)) ? mode : 0,
+                            .resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS };
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
 int hv_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
 
 int hv_fallocate(int fd, int mode, long long offset, long long length) { return fallocate(fd, mode, (off_t)offset, (off_t)length); }

@@ -214,28 +214,37 @@ public enum VMPresence: Sendable {
 }
 
 /// Whether the VM `name` is alive; a dead one's socket and lock file are removed on the way.
+///
+/// A held lock with no pid in it is either a VM between taking its lock and writing its pid, or
+/// another process probing as this function does (it holds the lock for a few system calls):
+/// both last an instant, so it looks again for up to 50 ms before calling the VM live. Without
+/// that, two concurrent probes of a VM that is not running (hvd's event poll and a request)
+/// could each take the other for a live VM that does not answer.
 public func vmPresence(_ name: String) -> VMPresence {
     let lockPath = RunDirectory.lock(name)
-    if PathLock.isHeld(lockPath) {
-        var pid: Int32?
-        if let fd = try? FileDescriptor.open(lockPath, flags: O_RDONLY), let bytes = try? fd.readAll() {
-            pid = Int32(String(decoding: bytes.filter { (0x30...0x39).contains($0) }, as: UTF8.self))
+    for _ in 0..<50 {
+        if PathLock.isHeld(lockPath) {
+            if let fd = try? FileDescriptor.open(lockPath, flags: O_RDONLY), let bytes = try? fd.readAll(),
+               let pid = Int32(String(decoding: bytes.filter { (0x30...0x39).contains($0) }, as: UTF8.self)) {
+                return .live(pid: pid)
+            }
+        } else {
+            // Take the lock ourselves, so a VM of this name starting right now is not robbed of its socket.
+            let taken: FileDescriptor?
+            do { taken = try PathLock.acquire(lockPath, blocking: false) } catch {
+                return .gone  // no run directory, or one we cannot write: no VM of that name here
+            }
+            if let held = taken {
+                unlink(RunDirectory.socket(name))
+                unlink(RunDirectory.console(name))
+                unlink(lockPath)
+                held.close()
+                return .gone
+            }
         }
-        return .live(pid: pid)
+        usleep(1000)
     }
-    // Take the lock ourselves, so a VM of this name starting right now is not robbed of its socket.
-    let held: FileDescriptor
-    do {
-        guard let lock = try PathLock.acquire(lockPath, blocking: false) else { return .live(pid: nil) }
-        held = lock
-    } catch {
-        return .gone  // no run directory, or one we cannot write: no VM of that name here
-    }
-    unlink(RunDirectory.socket(name))
-    unlink(RunDirectory.console(name))
-    unlink(lockPath)
-    held.close()
-    return .gone
+    return .live(pid: nil)
 }
 
 /// Removes the sockets of VMs that died without cleaning up (SIGKILL, a crash); live ones stay.

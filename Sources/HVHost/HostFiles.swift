@@ -16,9 +16,10 @@ struct BootFiles {
 }
 
 /// Opens an input file the operator named, for reading: never blocks (a FIFO is refused, not
-/// waited on), must be a regular file, and at most `maximumSize` when given. One line on failure.
-func openInput(_ path: String, what: String, maximumSize: Int64? = nil) throws(UsageError) -> FileDescriptor {
-    do { return try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: maximumSize) } catch {
+/// waited on), must be a regular file, and at most `maximumSize` when given; with `beneath`
+/// (a confined VM's directory) it must resolve inside that directory. One line on failure.
+func openInput(_ path: String, what: String, maximumSize: Int64? = nil, beneath: String? = nil) throws(UsageError) -> FileDescriptor {
+    do { return try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: maximumSize, beneath: beneath) } catch {
         throw UsageError(message: "cannot open \(what) '\(path)': \(error)")
     }
 }
@@ -26,22 +27,23 @@ func openInput(_ path: String, what: String, maximumSize: Int64? = nil) throws(U
 /// The largest guest image, kernel or initrd hv loads (the BIOS device's own limit).
 let maximumImageBytes: Int64 = 1 << 30
 
-func openBootFiles(_ boot: VMDefinition.Boot) throws(UsageError) -> BootFiles {
+func openBootFiles(_ boot: VMDefinition.Boot, beneath: String? = nil) throws(UsageError) -> BootFiles {
     if let path = boot.firmware {
-        let image = try openInput(path, what: "firmware image")
+        // The system's SeaBIOS is not the VM's file: a confined VM may boot it too.
+        let image = try openInput(path, what: "firmware image", beneath: path == VMDefinition.Boot.systemSeaBIOS ? nil : beneath)
         let size = (try? image.size()) ?? 0
         guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
             throw UsageError(message: "firmware image '\(path)' is \(size) bytes: a BIOS image is a multiple of 64 KiB, at most 16 MiB (install Debian's 'seabios' package for --firmware seabios)")
         }
         return BootFiles(image: image, firmwareSize: Int(size), mode: .firmware)
     } else if let path = boot.kernel {
-        let image = try openInput(path, what: "kernel", maximumSize: maximumImageBytes)
+        let image = try openInput(path, what: "kernel", maximumSize: maximumImageBytes, beneath: beneath)
         if (try? image.size()) == 0 { throw UsageError(message: "kernel '\(path)' is empty: give a bzImage") }
         var initrd: FileDescriptor?
-        if let initrdPath = boot.initrd { initrd = try openInput(initrdPath, what: "initrd", maximumSize: maximumImageBytes) }
+        if let initrdPath = boot.initrd { initrd = try openInput(initrdPath, what: "initrd", maximumSize: maximumImageBytes, beneath: beneath) }
         return BootFiles(image: image, initrd: initrd, mode: .linux)
     } else if let path = boot.multiboot {
-        let image = try openInput(path, what: "guest image", maximumSize: maximumImageBytes)
+        let image = try openInput(path, what: "guest image", maximumSize: maximumImageBytes, beneath: beneath)
         if (try? image.size()) == 0 { throw UsageError(message: "guest image '\(path)' is empty") }
         return BootFiles(image: image, mode: .multiboot)
     } else {
@@ -89,9 +91,9 @@ struct BackingImage {
 /// for --cdrom and for `hvctl cdrom insert`; the error is one line naming the image. The file must
 /// be a regular file holding an ISO 9660 or UDF volume (checked from its content), and the open
 /// never blocks: the control socket's thread runs this for `cdrom insert`.
-func openISO(_ path: String, what: String) -> Result<FileDescriptor, UsageError> {
+func openISO(_ path: String, what: String, beneath: String? = nil) -> Result<FileDescriptor, UsageError> {
     let file: FileDescriptor
-    do { file = try openInput(path, what: what) } catch { return .failure(error) }
+    do { file = try openInput(path, what: what, beneath: beneath) } catch { return .failure(error) }
     if let problem = ISOImage.problem(file) {
         return .failure(UsageError(message: "\(what) '\(path)' is not a CD image: \(problem)"))
     }
@@ -130,7 +132,7 @@ enum ISOImage {
 
 func openCDROM(_ definition: VMDefinition) throws(UsageError) -> FileDescriptor? {
     guard let path = definition.cdrom else { return nil }
-    return try openISO(path, what: "the --cdrom image").get()
+    return try openISO(path, what: "the --cdrom image", beneath: definition.confinement).get()
 }
 
 /// Opens every --disk: a missing, unreadable, locked or empty image, one that is not whole
@@ -141,7 +143,7 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
     for disk in definition.disks {
         let path = disk.path, readOnly = disk.readonly
         let file: FileDescriptor
-        do { file = try FileDescriptor.openHostFile(path, flags: readOnly ? O_RDONLY : O_RDWR, kinds: .regular) } catch {
+        do { file = try FileDescriptor.openHostFile(path, flags: readOnly ? O_RDONLY : O_RDWR, kinds: .regular, beneath: definition.confinement) } catch {
             let denied = error.errno == .permissionDenied || error.errno?.rawValue == EROFS
             let hint = !readOnly && denied ? " (add ,readonly for a read-only disk)" : ""
             throw UsageError(message: "cannot open disk image '\(path)'\(readOnly ? "" : " for writing"): \(error)\(hint)")
@@ -179,7 +181,7 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
             do { info = try QCOW2ImageInfo.read(file.rawValue, readOnly: readOnly) } catch {
                 throw UsageError(message: "disk image '\(path)': \(error)")
             }
-            image.backing = try openBackingChain(of: path, info, seen: seen.map { ($0.dev, $0.ino) })
+            image.backing = try openBackingChain(of: path, info, seen: seen.map { ($0.dev, $0.ino) }, beneath: definition.confinement)
         }
         disks.append(image)
     }
@@ -198,7 +200,8 @@ func backingPath(_ name: String, of image: String) -> String {
 /// (relative to the directory of the image that names it). Refuses cycles, chains deeper than
 /// `SCSIContract.maximumBackingDepth` and formats hv does not read, each in one line. `lock`
 /// false only inspects (`hvctl disk info`): nothing is locked.
-func openBackingChain(of path: String, _ top: QCOW2ImageInfo, seen: [(UInt64, UInt64)], lock: Bool = true) throws(UsageError) -> [BackingImage] {
+func openBackingChain(of path: String, _ top: QCOW2ImageInfo, seen: [(UInt64, UInt64)], lock: Bool = true,
+                      beneath: String? = nil) throws(UsageError) -> [BackingImage] {
     var chain: [BackingImage] = []
     var seen = seen
     var current = (path: path, info: top)
@@ -209,7 +212,7 @@ func openBackingChain(of path: String, _ top: QCOW2ImageInfo, seen: [(UInt64, UI
         let backingPath = backingPath(name, of: current.path)
         let what = "backing file '\(backingPath)' of '\(current.path)'"
         let file: FileDescriptor
-        do { file = try FileDescriptor.openHostFile(backingPath, flags: O_RDONLY, kinds: .regular) } catch {
+        do { file = try FileDescriptor.openHostFile(backingPath, flags: O_RDONLY, kinds: .regular, beneath: beneath) } catch {
             throw UsageError(message: "cannot open \(what): \(error)")
         }
         var st = stat()

@@ -30,11 +30,18 @@ public struct VMDefinition: Codable, Equatable, Sendable {
     public var sandbox: Bool = true
     /// Third-party device processes, each `PATH,profile=FILE[,…]` as `--device` takes it.
     public var devices: [String] = []
+    /// A directory every file the guest gets (kernel, initrd, multiboot image, disks and their
+    /// backing files, ISOs) must resolve beneath, symbolic links and ".." included (checked by the
+    /// kernel when each is opened); the system's SeaBIOS is allowed too. hvd sets it for a
+    /// tenant's VMs, so a tenant names only files in its own directory. nil: no confinement.
+    public var confinement: String?
 
     public init() {}
 
     /// How the VM boots. With none of `firmware`, `kernel`, `multiboot`: hv's built-in demo guest.
     public struct Boot: Codable, Equatable, Sendable {
+        /// Debian's SeaBIOS, what `--firmware seabios` means.
+        public static let systemSeaBIOS = "/usr/share/seabios/bios-256k.bin"
         /// A BIOS image at the reset vector (SeaBIOS: `/usr/share/seabios/bios-256k.bin`).
         public var firmware: String?
         /// Let the firmware show its boot menu.
@@ -179,6 +186,18 @@ extension VMDefinition {
         }
         guard nics.count <= Self.maximumNICs else { throw UsageError(message: "at most \(Self.maximumNICs) \(field("--nic", "nics")) per VM") }
         for (i, nic) in nics.enumerated() { _ = try nic.option(where: field("--nic", "nics[\(i)]")) }
+        if let confinement {
+            guard confinement.utf8.first == UInt8(ascii: "/"), !confinement.utf8.contains(0) else {
+                throw UsageError(message: "confine_files_to '\(confinement)' must be an absolute path")
+            }
+            let root = confinement.hasSuffix("/") ? confinement : confinement + "/"
+            var guestFiles = [("boot.kernel", boot.kernel), ("boot.initrd", boot.initrd), ("boot.multiboot", boot.multiboot), ("cdrom", cdrom)]
+            if boot.firmware != Boot.systemSeaBIOS { guestFiles.append(("boot.firmware", boot.firmware)) }
+            guestFiles += disks.enumerated().map { ("disks[\($0.offset)].path", $0.element.path) }
+            for case let (key, path?) in guestFiles where !path.utf8.starts(with: root.utf8) || path.split(separator: "/").contains("..") {
+                throw UsageError(message: "\(key) '\(path)' is not beneath \(confinement): this VM's files must be there")
+            }
+        }
         if let tenant {
             guard (1...64).contains(tenant.utf8.count), tenant.utf8.allSatisfy(RunDirectory.isNameByte) else {
                 throw UsageError(message: "invalid \(field("--tenant", "tenant")) '\(tenant)': use 1 to 64 letters, digits, '.', '_' or '-'")
@@ -253,6 +272,7 @@ extension VMDefinition.NIC {
 extension VMDefinition {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case name, memoryMiB = "memory_mib", cpus, boot, onReset = "on_reset", disks, cdrom, nics, serial, debugcon, tenant, sandbox, devices
+        case confinement = "confine_files_to"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -271,6 +291,7 @@ extension VMDefinition {
         tenant = try c.decodeIfPresent(String.self, forKey: .tenant)
         sandbox = try c.decodeIfPresent(Bool.self, forKey: .sandbox) ?? true
         devices = try c.decodeIfPresent([String].self, forKey: .devices) ?? []
+        confinement = try c.decodeIfPresent(String.self, forKey: .confinement)
     }
 
     /// Reads a definition from JSON; an error is one line naming the key path (`disks[1].readonly`).

@@ -67,7 +67,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     let boot: BootFiles, disks: [DiskImage], cdrom: FileDescriptor?
     var outputs: [OutputFile] = []
     do {
-        boot = try openBootFiles(options.boot)
+        boot = try openBootFiles(options.boot, beneath: options.confinement)
         disks = try openDisks(options)
         cdrom = try openCDROM(options)
         if options.serial.output == .file, let path = options.serial.path { outputs.append(try OutputFile.open(path, what: "the --serial file")) }
@@ -308,7 +308,7 @@ final class VMControl: Sendable {
             var file: FileDescriptor?
             if request.command == .cdromInsert {
                 guard let path = request.path, path.utf8.first == UInt8(ascii: "/") else { return .failure("cdrom-insert needs an absolute path") }
-                switch openISO(path, what: "the ISO") {
+                switch openISO(path, what: "the ISO", beneath: definition.confinement) {
                 case .success(let opened): file = opened
                 case .failure(let error): return .failure(error.message)
                 }

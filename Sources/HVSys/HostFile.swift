@@ -21,6 +21,9 @@ public enum HostFileError: Error, Sendable, CustomStringConvertible {
     case wrongKind(found: String, wanted: HostFileKinds)
     /// It is larger than the caller reads whole.
     case tooLarge(size: Int64, limit: Int64)
+    /// It is not beneath the directory the caller confines paths to, or a symbolic link or ".."
+    /// in it leads out.
+    case outside(root: String)
 
     public var description: String {
         switch self {
@@ -32,6 +35,7 @@ public enum HostFileError: Error, Sendable, CustomStringConvertible {
             if wanted.contains(.characterDevice) { names.append("a character device") }
             return "it is \(found), not \(names.joined(separator: " or "))"
         case let .tooLarge(size, limit): return "it is \(size) bytes, more than the \(limit) hv reads"
+        case let .outside(root): return "it is not beneath \(root) (this VM's files must be; symbolic links and '..' may not lead out)"
         }
     }
 
@@ -49,10 +53,26 @@ extension FileDescriptor {
     /// opened descriptor, so nothing can be swapped in between), and when `maximumSize` is given
     /// the file must not be larger. O_NONBLOCK is cleared again before the descriptor is returned.
     /// `flags` must not contain O_TRUNC: truncate only once every other check has passed.
+    ///
+    /// With `beneath`, the path must name a file inside that directory, and the kernel resolves
+    /// it there (openat2 RESOLVE_BENEATH): a symbolic link or ".." that leads out is refused, so
+    /// whoever may write inside the directory cannot make the caller open a file elsewhere.
     public static func openHostFile(_ path: String, flags: Int32, mode: mode_t = 0o644, kinds: HostFileKinds,
-                                    maximumSize: Int64? = nil) throws(HostFileError) -> FileDescriptor {
+                                    maximumSize: Int64? = nil, beneath root: String? = nil) throws(HostFileError) -> FileDescriptor {
         precondition(flags & O_TRUNC == 0, "openHostFile never truncates; call ftruncate after every check")
-        let raw = retryOnInterrupt { Glibc.open(path, flags | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, mode) }
+        let raw: Int32
+        if let root {
+            let prefix = root.utf8.last == UInt8(ascii: "/") ? root : root + "/"
+            guard path.utf8.starts(with: prefix.utf8), path.utf8.count > prefix.utf8.count else { throw .outside(root: root) }
+            let relative = String(decoding: path.utf8.dropFirst(prefix.utf8.count), as: UTF8.self)
+            let directory = retryOnInterrupt { Glibc.open(root, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+            guard directory >= 0 else { throw .system(.current) }
+            defer { Glibc.close(directory) }
+            raw = retryOnInterrupt { hv_openat2_beneath(directory, relative, flags | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, UInt32(mode)) }
+            if raw < 0 && Errno.current.rawValue == EXDEV { throw .outside(root: root) }
+        } else {
+            raw = retryOnInterrupt { Glibc.open(path, flags | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, mode) }
+        }
         guard raw >= 0 else {
             let failure = Errno.current
             // A FIFO opened for writing without a reader fails with ENXIO: name what it is instead.

@@ -99,7 +99,7 @@ struct DefinitionFlags: ParsableArguments {
     func definition() throws(UsageError) -> VMDefinition {
         var d = VMDefinition()
         d.name = name
-        if let firmware { d.boot.firmware = firmware == "seabios" ? "/usr/share/seabios/bios-256k.bin" : firmware }
+        if let firmware { d.boot.firmware = firmware == "seabios" ? VMDefinition.Boot.systemSeaBIOS : firmware }
         d.boot.kernel = kernel
         d.boot.initrd = initrd
         d.boot.multiboot = multiboot

@@ -25,68 +25,85 @@ enum API {
     static let maximumBodyBytes = 1 << 20
     static let version = "hv 0.1.0 (hvd API v1)"
 
-    static func router(service: VMService, audit: AuditLog) -> Router<HVDContext> {
+    /// The routes for one socket: the admin's (`scope` .admin) or a tenant's.
+    static func router(service: VMService, audit: AuditLog, scope: Scope) -> Router<HVDContext> {
         let router = Router(context: HVDContext.self)
         router.add(middleware: audit)
 
         router.get("/v1") { _, _ in
-            let kept = service.store.all
+            let kept = service.store.all.filter(scope.sees)
             let running = await blocking { kept.filter { if case .live = vmPresence($0.name) { true } else { false } }.count }
             return json(ServiceInfo(version: version, runDirectory: RunDirectory.path, stateDirectory: service.stateDirectory,
                                     vms: kept.count, running: running))
         }
-        router.get("/v1/vms") { _, _ in json(VMList(vms: await service.list())) }
+        router.get("/v1/vms") { _, _ in json(VMList(vms: await service.list(scope))) }
         router.post("/v1/vms") { request, _ in
             await answer(status: 201) { () async throws(APIError) in
-                try await service.create(try await body(CreateVMRequest.self, request))
+                try await service.create(try await body(CreateVMRequest.self, request), scope)
             }
         }
         router.get("/v1/vms/:name") { _, context in
-            await answer { () async throws(APIError) in try await service.inspect(try name(context)) }
+            await answer { () async throws(APIError) in try await service.inspect(try name(context), scope) }
         }
         router.patch("/v1/vms/:name") { request, context in
-            await answer { () async throws(APIError) in try await service.update(try name(context), try await body(UpdateVMRequest.self, request)) }
+            await answer { () async throws(APIError) in try await service.update(try name(context), try await body(UpdateVMRequest.self, request), scope) }
         }
         router.delete("/v1/vms/:name") { _, context in
-            await answerEmpty { () async throws(APIError) in try await service.delete(try name(context)) }
+            await answerEmpty { () async throws(APIError) in try await service.delete(try name(context), scope) }
         }
         router.post("/v1/vms/:name/start") { _, context in
-            await answer { () async throws(APIError) in try await service.start(try name(context)) }
+            await answer { () async throws(APIError) in try await service.start(try name(context), scope) }
         }
         router.post("/v1/vms/:name/stop") { _, context in
-            await answer { () async throws(APIError) in try await service.stop(try name(context)) }
+            await answer { () async throws(APIError) in try await service.stop(try name(context), scope) }
         }
         router.post("/v1/vms/:name/kill") { _, context in
-            await answer { () async throws(APIError) in try await service.kill(try name(context)) }
+            await answer { () async throws(APIError) in try await service.kill(try name(context), scope) }
         }
         router.post("/v1/vms/:name/pause") { _, context in
-            await answer { () async throws(APIError) in try await service.pause(try name(context)) }
+            await answer { () async throws(APIError) in try await service.pause(try name(context), scope) }
         }
         router.post("/v1/vms/:name/resume") { _, context in
-            await answer { () async throws(APIError) in try await service.resume(try name(context)) }
+            await answer { () async throws(APIError) in try await service.resume(try name(context), scope) }
         }
         router.put("/v1/vms/:name/cdrom") { request, context in
             await answer { () async throws(APIError) in
                 let path = try await body(PathRequest.self, request).path
-                return try await service.act(try name(context), ControlRequest(.cdromInsert, path: path))
+                return try await service.act(try name(context), ControlRequest(.cdromInsert, path: path), scope)
             }
         }
         router.delete("/v1/vms/:name/cdrom") { _, context in
-            await answer { () async throws(APIError) in try await service.act(try name(context), ControlRequest(.cdromEject)) }
+            await answer { () async throws(APIError) in try await service.act(try name(context), ControlRequest(.cdromEject), scope) }
         }
         router.post("/v1/vms/:name/devices/:device/restart") { _, context in
             await answer { () async throws(APIError) in
-                try await service.act(try name(context), ControlRequest(.deviceRestart, device: try device(context)))
+                try await service.act(try name(context), ControlRequest(.deviceRestart, device: try device(context)), scope)
             }
         }
         router.post("/v1/vms/:name/devices/:device/upgrade") { request, context in
             await answer { () async throws(APIError) in
                 let path = try await body(PathRequest.self, request).path
-                return try await service.act(try name(context), ControlRequest(.deviceUpgrade, path: path, device: try device(context)))
+                return try await service.act(try name(context), ControlRequest(.deviceUpgrade, path: path, device: try device(context)), scope)
+            }
+        }
+        router.get("/v1/vms/:name/console") { request, context in
+            do throws(APIError) {
+                let vm = try name(context)
+                let bytes = try consoleBytes(request)
+                let tail = try await service.consoleTail(vm, bytes: bytes, scope)
+                var headers = HTTPFields()
+                headers[.contentType] = "text/plain; charset=utf-8"
+                return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: tail)))
+            } catch {
+                return failure(error)
             }
         }
         router.get("/v1/events") { _, _ in
-            let stream = service.events.subscribe()
+            // A tenant hears of its own VMs only (looked up as each event is sent).
+            let stream = service.events.subscribe { event in
+                guard case .tenant = scope else { return true }
+                return service.store.get(event.vm).map(scope.sees) ?? false
+            }
             var headers = HTTPFields()
             headers[.contentType] = "application/x-ndjson"
             headers[.cacheControl] = "no-store"
@@ -102,7 +119,7 @@ enum API {
         router.get("/metrics") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
-            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: await Metrics.render(service))))
+            return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: await Metrics.render(service, scope))))
         }
         return router
     }
@@ -113,8 +130,16 @@ enum API {
         ("/v1/vms/:name/start", ["POST"]), ("/v1/vms/:name/stop", ["POST"]), ("/v1/vms/:name/kill", ["POST"]),
         ("/v1/vms/:name/pause", ["POST"]), ("/v1/vms/:name/resume", ["POST"]), ("/v1/vms/:name/cdrom", ["PUT", "DELETE"]),
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
+        ("/v1/vms/:name/console", ["GET"]),
         ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
     ].map { ($0.0.split(separator: "/"), $0.1) }
+
+    /// `?bytes=N` of `GET …/console`: 1 to 1 MiB, 64 KiB when absent.
+    static func consoleBytes(_ request: Request) throws(APIError) -> Int {
+        guard let text = request.uri.queryParameters.get("bytes") else { return 1 << 16 }
+        guard let n = Int(text), (1...(1 << 20)).contains(n) else { throw .badRequest("bytes '\(text)' must be a whole number from 1 to 1048576") }
+        return n
+    }
 
     /// The methods `path` takes, or nil when no route has that shape.
     static func methods(allowedOn path: String) -> [String]? {

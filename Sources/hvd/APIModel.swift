@@ -88,6 +88,8 @@ struct APIError: Error, Sendable {
 
     static func badRequest(_ message: String) -> APIError { APIError(status: 400, message: message) }
     static func notFound(_ message: String) -> APIError { APIError(status: 404, message: message) }
+    /// A tenant asked for what only the admin may have.
+    static func forbidden(_ message: String) -> APIError { APIError(status: 403, message: message) }
     static func conflict(_ message: String) -> APIError { APIError(status: 409, message: message) }
     static func tooLarge(_ message: String) -> APIError { APIError(status: 413, message: message) }
     /// The request was well formed but the VM could not do it (an image that does not open, a

@@ -8,6 +8,8 @@ struct StoredVM: Codable, Equatable, Sendable {
     var definition: VMDefinition
     /// Started when hvd starts (if it is not running already).
     var autostart: Bool
+    /// The tenant that created it through its socket; nil: the admin's.
+    var owner: String?
 
     var name: String { definition.name ?? "" }
 }
@@ -34,7 +36,7 @@ final class DefinitionStore: Sendable {
                 let definition = try VMDefinition.decode(Self.read(directory + "/" + name + "/definition.json"))
                 let settings = try ControlJSON.decode(Settings.self, Self.read(directory + "/" + name + "/settings.json"))
                 guard definition.name == name else { throw UsageError(message: "its name is '\(definition.name ?? "")'") }
-                loaded[name] = StoredVM(definition: definition, autostart: settings.autostart)
+                loaded[name] = StoredVM(definition: definition, autostart: settings.autostart, owner: settings.owner)
             } catch {
                 skipped.append("\(name) (\(error.message))")
             }
@@ -48,6 +50,7 @@ final class DefinitionStore: Sendable {
 
     struct Settings: Codable {
         var autostart: Bool
+        var owner: String?
     }
 
     var all: [StoredVM] { vms.withLock { $0.values.sorted { $0.name < $1.name } } }
@@ -86,7 +89,7 @@ final class DefinitionStore: Sendable {
 
     private static func write(_ vm: StoredVM, to dir: String) throws(APIError) {
         try replace(dir + "/definition.json", with: Array(vm.definition.encoded().utf8) + [0x0A])
-        try replace(dir + "/settings.json", with: ControlJSON.encode(Settings(autostart: vm.autostart), pretty: true) + [0x0A])
+        try replace(dir + "/settings.json", with: ControlJSON.encode(Settings(autostart: vm.autostart, owner: vm.owner), pretty: true) + [0x0A])
     }
 
     private static func replace(_ path: String, with bytes: [UInt8]) throws(APIError) {

@@ -44,7 +44,7 @@ final class EventMonitor: Sendable {
     private struct State: Sendable {
         var seen: [String: Seen] = [:]
         var expectedStops: [String: String] = [:]
-        var subscribers: [Int: AsyncStream<Event>.Continuation] = [:]
+        var subscribers: [Int: (continuation: AsyncStream<Event>.Continuation, wants: @Sendable (Event) -> Bool)] = [:]
         var nextSubscriber = 0
     }
 
@@ -64,18 +64,18 @@ final class EventMonitor: Sendable {
     /// Sends `event` to every subscriber.
     func publish(_ event: Event) {
         state.withLock { s in
-            for continuation in s.subscribers.values { continuation.yield(event) }
+            for subscriber in s.subscribers.values where subscriber.wants(event) { subscriber.continuation.yield(event) }
         }
     }
 
-    /// Every event from now on, until the stream is dropped. A subscriber that falls 1024 events
-    /// behind loses the oldest.
-    func subscribe() -> AsyncStream<Event> {
+    /// Every event from now on that `wants` takes, until the stream is dropped. A subscriber that
+    /// falls 1024 events behind loses the oldest.
+    func subscribe(wants: @escaping @Sendable (Event) -> Bool = { _ in true }) -> AsyncStream<Event> {
         let (stream, continuation) = AsyncStream<Event>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let id = state.withLock { s in
             let id = s.nextSubscriber
             s.nextSubscriber += 1
-            s.subscribers[id] = continuation
+            s.subscribers[id] = (continuation, wants)
             return id
         }
         continuation.onTermination = { [weak self] _ in

@@ -31,9 +31,21 @@ struct HVD: AsyncParsableCommand {
     @Option(help: ArgumentHelp("How often hvd looks at each VM for events, in milliseconds.", valueName: "ms"))
     var pollInterval: Int = 500
 
+    @Option(name: .customLong("tenant"), help: ArgumentHelp("""
+        Serve tenant NAME on a socket of its own, owned by UID (and GID; default: UID), through which         it sees and controls only its own VMs, confined to its files directory (repeatable).
+        """, valueName: "name:uid[:gid]"))
+    var tenants: [String] = []
+
+    @Option(help: ArgumentHelp("Where tenants' sockets go: DIR/NAME/api.sock (default: /run/hvd-tenants, beside $HV_RUN_DIR).", valueName: "dir"))
+    var tenantSockets: String?
+
+    @Option(help: ArgumentHelp("Where tenants' files go: DIR/NAME, the tenant's own (default: /var/lib/hv-tenants, beside the state directory).", valueName: "dir"))
+    var tenantFiles: String?
+
     mutating func validate() throws {
         guard (50...60_000).contains(pollInterval) else { throw ValidationError("--poll-interval must be 50 to 60000 ms") }
-        for (flag, value) in [("--socket", socket), ("--state-dir", stateDir), ("--hvctl", hvctl)] {
+        for (flag, value) in [("--socket", socket), ("--state-dir", stateDir), ("--hvctl", hvctl), ("--tenant-sockets", tenantSockets),
+                              ("--tenant-files", tenantFiles)] {
             if let value, value.utf8.first != UInt8(ascii: "/") { throw ValidationError("\(flag) '\(value)' must be an absolute path") }
         }
     }
@@ -63,9 +75,18 @@ struct HVD: AsyncParsableCommand {
 
         let store: DefinitionStore
         let audit: AuditLog
+        var tenantAudits: [(Tenant, AuditLog)] = []
         do throws(UsageError) {
             store = try DefinitionStore(stateDirectory: state)
             audit = try AuditLog(path: state + "/audit.log", socket: socketPath)
+            let sockets = tenantSockets ?? Self.beside(RunDirectory.path, "hvd-tenants")
+            let files = tenantFiles ?? Self.beside(state, "hv-tenants")
+            for spec in tenants {
+                let tenant = try Tenant.parse(spec, sockets: sockets, files: files)
+                guard !tenantAudits.contains(where: { $0.0.name == tenant.name }) else { throw UsageError(message: "--tenant \(tenant.name) is given twice") }
+                try tenant.prepare()
+                tenantAudits.append((tenant, try AuditLog(path: state + "/audit.log", socket: tenant.socket)))
+            }
         } catch {
             fail(error.message)
         }
@@ -78,22 +99,41 @@ struct HVD: AsyncParsableCommand {
         var logger = Logger(label: "hvd")
         logger.logLevel = .warning
         let app = Application(
-            router: API.router(service: service, audit: audit),
+            router: API.router(service: service, audit: audit, scope: .admin),
             configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "hvd"),
             onServerRunning: { _ in
                 log("serving \(store.all.count) VM definition\(store.all.count == 1 ? "" : "s") from \(state) on \(socketPath)")
                 await service.autostart()
             },
             logger: logger)
-        let group = ServiceGroup(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        var services: [any Service] = [app]
+        for (tenant, tenantAudit) in tenantAudits {
+            services.append(Application(
+                router: API.router(service: service, audit: tenantAudit, scope: .tenant(tenant)),
+                configuration: .init(address: .unixDomainSocket(path: tenant.socket), serverName: "hvd"),
+                onServerRunning: { _ in
+                    tenant.handOverSocket()
+                    log("serving tenant \(tenant.name) (uid \(tenant.uid)) on \(tenant.socket), its files in \(tenant.files)")
+                },
+                logger: logger))
+        }
+        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let sockets = [socketPath] + tenantAudits.map(\.0.socket)
         do {
             try await group.run()
         } catch {
-            unlink(socketPath)
+            sockets.forEach { unlink($0) }
             fail("cannot serve \(socketPath): \(error)")
         }
-        unlink(socketPath)
+        sockets.forEach { unlink($0) }
         log("stopped; the VMs keep running")
+    }
+
+    /// `name` in the directory that holds `path` (/run/hv → /run/hvd-tenants).
+    static func beside(_ path: String, _ name: String) -> String {
+        let trimmed = path.hasSuffix("/") ? String(path.dropLast()) : path
+        let parent = trimmed[..<(trimmed.lastIndex(of: "/") ?? trimmed.startIndex)]
+        return (parent.isEmpty ? "" : String(parent)) + "/" + name
     }
 
     private func makeDirectories(_ path: String) throws {

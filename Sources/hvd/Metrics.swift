@@ -7,8 +7,9 @@ import Prometheus
 /// device process, resident memory). Nothing is cached, so a scrape never reports a VM that
 /// has gone.
 enum Metrics {
-    static func render(_ service: VMService) async -> [UInt8] {
-        let kept = service.store.all
+    /// The metrics of the VMs `scope` sees.
+    static func render(_ service: VMService, _ scope: Scope) async -> [UInt8] {
+        let kept = service.store.all.filter(scope.sees)
         return await blocking {
             let registry = PrometheusCollectorRegistry()
             var states = ["starting": 0, "running": 0, "paused": 0, "stopped": 0]

@@ -42,13 +42,13 @@ final class VMService: Sendable {
 
     // MARK: Reading
 
-    func list() async -> [VMInfo] {
-        let kept = store.all
+    func list(_ scope: Scope) async -> [VMInfo] {
+        let kept = store.all.filter(scope.sees)
         return await blocking { kept.map { self.info($0) } }
     }
 
-    func inspect(_ name: String) async throws(APIError) -> VMInfo {
-        let vm = try kept(name)
+    func inspect(_ name: String, _ scope: Scope) async throws(APIError) -> VMInfo {
+        let vm = try kept(name, scope)
         return await blocking { self.info(vm) }
     }
 
@@ -61,14 +61,31 @@ final class VMService: Sendable {
     /// The running VM's status, or nil when it is not running.
     func liveStatus(_ name: String) -> VMStatus? { Self.status(of: name) }
 
-    private func kept(_ name: String) throws(APIError) -> StoredVM {
-        guard let vm = store.get(name) else { throw APIError.noVM(name) }
+    /// The kept VM `name`, if `scope` may see it: another tenant's VM is "no VM" to a tenant.
+    private func kept(_ name: String, _ scope: Scope) throws(APIError) -> StoredVM {
+        guard let vm = store.get(name), scope.sees(vm) else { throw APIError.noVM(name) }
         return vm
+    }
+
+    /// The last `bytes` of the VM's console log (empty when it has none yet).
+    func consoleTail(_ name: String, bytes: Int, _ scope: Scope) async throws(APIError) -> [UInt8] {
+        _ = try kept(name, scope)
+        return await blocking {
+            let fd = open(RunDirectory.consoleLog(name), O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+            guard fd >= 0 else { return [] }
+            defer { close(fd) }
+            var st = stat()
+            guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { return [] }
+            let start = max(0, Int(st.st_size) - bytes)
+            var buffer = [UInt8](repeating: 0, count: min(bytes, Int(st.st_size)))
+            let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(start)) }
+            return Array(buffer.prefix(max(0, n)))
+        }
     }
 
     // MARK: Keeping definitions
 
-    func create(_ request: CreateVMRequest) async throws(APIError) -> VMInfo {
+    func create(_ request: CreateVMRequest, _ scope: Scope) async throws(APIError) -> VMInfo {
         do { try RunDirectory.validate(request.name, flag: "name") } catch { throw .badRequest(error.message) }
         var definition = request.definition
         if let inner = definition.name, inner != request.name {
@@ -77,42 +94,44 @@ final class VMService: Sendable {
         definition.name = request.name
         // hvd has no terminal: the serial console goes to RUN_DIR/NAME.log and stays attachable.
         if definition.serial.output == .stdio { definition.serial.output = .console }
+        if case .tenant(let tenant) = scope { definition = try tenant.confine(definition) }
         do { try definition.validate(naming: .keys) } catch { throw .badRequest("definition: \(error.message)") }
         for (key, path) in definition.hostPaths {
             guard path.utf8.first == UInt8(ascii: "/") else { throw .badRequest("definition.\(key) '\(path)' is relative: hvd needs absolute paths") }
             guard !path.utf8.contains(0) else { throw .badRequest("definition.\(key) contains a NUL byte") }
         }
-        let vm = StoredVM(definition: definition, autostart: request.autostart)
+        let vm = StoredVM(definition: definition, autostart: request.autostart, owner: scope.owner)
         guard try store.add(vm) else { throw .conflict("a VM named '\(request.name)' exists already; pick another name or DELETE /v1/vms/\(request.name)") }
         events.publish(.init(type: "vm-created", vm: vm.name))
         return await blocking { self.info(vm) }
     }
 
-    func update(_ name: String, _ request: UpdateVMRequest) async throws(APIError) -> VMInfo {
-        var vm = try kept(name)
+    func update(_ name: String, _ request: UpdateVMRequest, _ scope: Scope) async throws(APIError) -> VMInfo {
+        var vm = try kept(name, scope)
         if let autostart = request.autostart { vm.autostart = autostart }
         try store.update(vm)
         let updated = vm
         return await blocking { self.info(updated) }
     }
 
-    func delete(_ name: String) async throws(APIError) {
-        _ = try kept(name)
+    func delete(_ name: String, _ scope: Scope) async throws(APIError) {
+        _ = try kept(name, scope)
         try claim(name)
         defer { release(name) }
         if case .live = await blocking({ vmPresence(name) }) {
             throw .conflict("VM '\(name)' is running; stop it first (POST /v1/vms/\(name)/stop)")
         }
+        // Published while the VM is still kept, so a tenant's event stream still knows it is its own.
+        events.publish(.init(type: "vm-deleted", vm: name))
         store.remove(name)
         events.forget(name)
-        events.publish(.init(type: "vm-deleted", vm: name))
     }
 
     // MARK: Running
 
     /// Starts the VM and returns once its guest runs (or with hvctl's own reason why not).
-    func start(_ name: String) async throws(APIError) -> VMInfo {
-        let vm = try kept(name)
+    func start(_ name: String, _ scope: Scope = .admin) async throws(APIError) -> VMInfo {
+        let vm = try kept(name, scope)
         try claim(name)
         defer { release(name) }
         let definitionPath = store.definitionPath(name)
@@ -133,16 +152,16 @@ final class VMService: Sendable {
     }
 
     /// Asks the VM to stop and waits until its core has ended.
-    func stop(_ name: String) async throws(APIError) -> VMInfo {
-        let vm = try kept(name)
+    func stop(_ name: String, _ scope: Scope) async throws(APIError) -> VMInfo {
+        let vm = try kept(name, scope)
         try await ask(name, ControlRequest(.stop))
         try await waitUntilGone(name)
         return await blocking { self.info(vm) }
     }
 
     /// SIGKILL to the VM's core (its devices die with it).
-    func kill(_ name: String) async throws(APIError) -> VMInfo {
-        let vm = try kept(name)
+    func kill(_ name: String, _ scope: Scope) async throws(APIError) -> VMInfo {
+        let vm = try kept(name, scope)
         let result: Result<Void, APIError> = await blocking {
             guard case .live(let pid) = vmPresence(name) else { return .failure(.conflict("VM '\(name)' is not running")) }
             guard let pid, pid > 1 else { return .failure(.unprocessable("VM '\(name)' runs but its lock file names no pid")) }
@@ -155,23 +174,30 @@ final class VMService: Sendable {
         return await blocking { self.info(vm) }
     }
 
-    func pause(_ name: String) async throws(APIError) -> VMInfo {
-        let vm = try kept(name)
+    func pause(_ name: String, _ scope: Scope) async throws(APIError) -> VMInfo {
+        let vm = try kept(name, scope)
         try await ask(name, ControlRequest(.pause))
         events.observe(name)
         return await blocking { self.info(vm) }
     }
 
-    func resume(_ name: String) async throws(APIError) -> VMInfo {
-        let vm = try kept(name)
+    func resume(_ name: String, _ scope: Scope) async throws(APIError) -> VMInfo {
+        let vm = try kept(name, scope)
         try await ask(name, ControlRequest(.resume))
         events.observe(name)
         return await blocking { self.info(vm) }
     }
 
     /// A request whose answer is a one-line report: CD-ROM changes, device restarts and upgrades.
-    func act(_ name: String, _ request: ControlRequest) async throws(APIError) -> ActionResult {
-        _ = try kept(name)
+    func act(_ name: String, _ given: ControlRequest, _ scope: Scope) async throws(APIError) -> ActionResult {
+        _ = try kept(name, scope)
+        var request = given
+        if case .tenant(let tenant) = scope {
+            // A device binary runs as the trusted side starts it: the admin's decision alone.
+            guard request.command != .deviceUpgrade else { throw .forbidden("tenants cannot upgrade devices; ask the host's admin") }
+            // An ISO is the tenant's file: taken in its directory; the VM's core confines it there.
+            request.path = request.path.map { absolutePath($0, against: tenant.files) }
+        }
         if let path = request.path {
             guard path.utf8.first == UInt8(ascii: "/") else { throw .badRequest("path '\(path)' is relative: give an absolute path") }
             guard !path.utf8.contains(0) else { throw .badRequest("path contains a NUL byte") }

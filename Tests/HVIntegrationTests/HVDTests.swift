@@ -39,8 +39,8 @@ final class HVDTests: XCTestCase {
 
     /// Starts hvd and waits until it answers.
     @discardableResult
-    private func startHVD(file: StaticString = #filePath, line: UInt = #line) throws -> VMProcess {
-        let process = try VMProcess(["--poll-interval", "100"], executable: Self.hvdPath)
+    private func startHVD(_ extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws -> VMProcess {
+        let process = try VMProcess(["--poll-interval", "100"] + extra, executable: Self.hvdPath)
         hvd = process
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
@@ -52,9 +52,10 @@ final class HVDTests: XCTestCase {
         return process
     }
 
-    /// One request with curl; the status and the body.
-    private func call(_ method: String, _ path: String, _ body: String? = nil, contentType: String = "application/json") throws -> (status: Int, body: String) {
-        var arguments = ["-sS", "--unix-socket", socket, "-X", method, "-o", "-", "-w", "\n%{http_code}", "http://hvd" + path]
+    /// One request with curl (to hvd's admin socket, or `on` another); the status and the body.
+    private func call(_ method: String, _ path: String, _ body: String? = nil, contentType: String = "application/json",
+                      on socket: String? = nil) throws -> (status: Int, body: String) {
+        var arguments = ["-sS", "--unix-socket", socket ?? self.socket, "-X", method, "-o", "-", "-w", "\n%{http_code}", "http://hvd" + path]
         // The body goes through a file: a large one would not fit in an argument list.
         let file = dir.appendingPathComponent("body-\(UUID().uuidString.prefix(8))")
         defer { try? FileManager.default.removeItem(at: file) }
@@ -255,6 +256,79 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(second.status, 1)
         XCTAssertEqual(second.stderr, "hvd: another hvd already serves \(socket); stop it first, or give this one another --socket\n")
         XCTAssertEqual(try call("GET", "/v1").status, 200, "hvd stopped serving")
+    }
+
+    /// Tenant sockets: each tenant sees and controls its own VMs only, names files in its own
+    /// directory (confined there by the kernel, symbolic links included), and cannot reach host
+    /// taps, device processes or upgrades.
+    func testTenantSocketsSeeAndControlOnlyTheirOwnVMs() throws {
+        try startHVD(["--tenant", "alice:61001", "--tenant", "bob:61002:61003"])
+        let alice = dir.appendingPathComponent("hvd-tenants/alice/api.sock").path
+        let bob = dir.appendingPathComponent("hvd-tenants/bob/api.sock").path
+        let aliceFiles = dir.appendingPathComponent("hv-tenants/alice").path
+        let bobFiles = dir.appendingPathComponent("hv-tenants/bob").path
+        // Owners and modes hvd set.
+        for (path, uid, gid, mode) in [(alice, 61001, 61001, 0o600), (bob, 61002, 61003, 0o600), (aliceFiles, 61001, 61001, 0o700), (bobFiles, 61002, 61003, 0o700)] {
+            var st = stat()
+            XCTAssertEqual(lstat(path, &st), 0, path)
+            XCTAssertEqual([Int(st.st_uid), Int(st.st_gid), Int(st.st_mode & 0o777)], [uid, gid, mode], path)
+        }
+        try FileManager.default.copyItem(atPath: try Harness.testGuest(), toPath: aliceFiles + "/guest.elf")
+
+        // Alice creates and starts a VM with a path relative to her directory.
+        let created = try call("POST", "/v1/vms", """
+            {"name": "a1", "definition": {"memory_mib": 32, "boot": {"multiboot": "guest.elf", "cmdline": "mode=ticks count=100000 delay=50"}}}
+            """, on: alice)
+        XCTAssertEqual(created.status, 201, created.body)
+        let definition = try XCTUnwrap(try object(created.body)["definition"] as? [String: Any])
+        XCTAssertEqual(definition["tenant"] as? String, "alice")
+        XCTAssertEqual(definition["confine_files_to"] as? String, aliceFiles)
+        XCTAssertEqual((definition["boot"] as? [String: Any])?["multiboot"] as? String, aliceFiles + "/guest.elf")
+        XCTAssertEqual(try call("POST", "/v1/vms/a1/start", on: alice).status, 200)
+        waitFor("alice's console") { (try? self.call("GET", "/v1/vms/a1/console?bytes=4096", on: alice).body.contains("tick 2")) == true }
+        XCTAssertTrue(try call("GET", "/v1/vms", on: socket).body.contains("\"a1\""), "the admin sees every VM")
+
+        // Bob sees nothing of it, and cannot touch it: another tenant's VM does not exist for him.
+        XCTAssertEqual((try object(try call("GET", "/v1/vms", on: bob).body)["vms"] as? [Any])?.count, 0)
+        for (method, path) in [("GET", "/v1/vms/a1"), ("POST", "/v1/vms/a1/stop"), ("POST", "/v1/vms/a1/kill"), ("POST", "/v1/vms/a1/pause"),
+                               ("DELETE", "/v1/vms/a1"), ("GET", "/v1/vms/a1/console"), ("POST", "/v1/vms/a1/devices/serial0/restart")] {
+            let r = try call(method, path, on: bob)
+            XCTAssertEqual(r.status, 404, "\(method) \(path): \(r.body)")
+            XCTAssertTrue(r.body.contains("no VM named 'a1'"), r.body)
+        }
+        XCTAssertFalse(try call("GET", "/metrics", on: bob).body.contains("a1"), "bob's metrics show alice's VM")
+        XCTAssertEqual(try object(try call("GET", "/v1", on: bob).body)["vms"] as? Int, 0)
+
+        // What a tenant may not ask for.
+        func refused(_ body: String, _ status: Int, _ text: String, on socket: String, file: StaticString = #filePath, line: UInt = #line) throws {
+            let r = try call("POST", "/v1/vms", body, on: socket)
+            XCTAssertEqual(r.status, status, r.body, file: file, line: line)
+            XCTAssertTrue(r.body.contains(text), "\(r.body) does not say \(text)", file: file, line: line)
+        }
+        try refused(#"{"name": "b1", "definition": {"disks": [{"path": "/etc/passwd"}]}}"#, 400, "is not beneath \(bobFiles)", on: bob)
+        try refused(#"{"name": "b1", "definition": {"disks": [{"path": "../alice/guest.elf"}]}}"#, 400, "is not beneath", on: bob)
+        try refused(#"{"name": "b1", "definition": {"nics": [{"tap": "tap0"}]}}"#, 403, "not to host taps", on: bob)
+        try refused(#"{"name": "b1", "definition": {"nics": [{"segment": "lab"}]}}"#, 403, "'bob.NAME'", on: bob)
+        try refused(#"{"name": "b1", "definition": {"devices": ["/bin/true,profile=/x"]}}"#, 403, "cannot add device processes", on: bob)
+        try refused(#"{"name": "b1", "definition": {"sandbox": false}}"#, 403, "always run sandboxed", on: bob)
+        try refused(#"{"name": "b1", "definition": {"tenant": "alice"}}"#, 403, "your VMs run as tenant 'bob'", on: bob)
+        try refused(#"{"name": "b1", "definition": {"confine_files_to": "/"}}"#, 403, "hvd's to set", on: bob)
+        let upgrade = try call("POST", "/v1/vms/a1/devices/serial0/upgrade", #"{"path": "/bin/true"}"#, on: alice)
+        XCTAssertEqual(upgrade.status, 403, upgrade.body)
+
+        // A symbolic link in Bob's directory that leads out is refused by the kernel when the VM
+        // opens it, however hvd's own check of the name went.
+        XCTAssertEqual(symlink("/etc/hostname", bobFiles + "/escape.img"), 0)
+        XCTAssertEqual(try call("POST", "/v1/vms", #"{"name": "b2", "definition": {"memory_mib": 32, "disks": [{"path": "escape.img"}]}}"#, on: bob).status, 201)
+        let escaped = try call("POST", "/v1/vms/b2/start", on: bob)
+        XCTAssertEqual(escaped.status, 422, escaped.body)
+        XCTAssertTrue(escaped.body.contains("is not beneath \(bobFiles)"), escaped.body)
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/b2", on: bob).body)["state"] as? String, "stopped")
+
+        // The audit log names the socket each request came through.
+        let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
+        XCTAssertTrue(audit.contains("\"socket\":\"\(bob)\"") && audit.contains("\"path\":\"/v1/vms/a1/stop\""), audit)
+        XCTAssertEqual(try call("POST", "/v1/vms/a1/stop", on: alice).status, 200)
     }
 
     /// schemathesis (PyPI) generates requests from api/hvd.yaml, valid and not, and checks every

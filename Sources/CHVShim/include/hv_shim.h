@@ -62,6 +62,9 @@ int hv_execveat_fd(int fd, char *const argv[], char *const envp[]);
 int hv_pivot_root(const char *new_root, const char *put_old);
 // close_range(2) may lack a wrapper in the Glibc module.
 int hv_close_range(unsigned int first, unsigned int last);
+/* openat2(2) with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS: `path` (relative) must resolve beneath
+ * `dirfd`, symbolic links and ".." included; EXDEV when it would leave it. (No glibc wrapper.) */
+int hv_openat2_beneath(int dirfd, const char *path, int flags, unsigned int mode);
 
 // mallopt(M_ARENA_MAX, n): malloc.h is not in the Glibc module.
 int hv_malloc_arena_max(int arenas);
