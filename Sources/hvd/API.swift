@@ -86,6 +86,31 @@ enum API {
                 return try await service.act(try name(context), ControlRequest(.deviceUpgrade, path: path, device: try device(context)), scope)
             }
         }
+        router.post("/v1/vms/:name/snapshot") { request, context in
+            await answer(status: 202) { () async throws(APIError) in
+                try await service.snapshot(try name(context), try await body(SnapshotRequest.self, request), scope)
+            }
+        }
+        router.post("/v1/vms/:name/migrate") { request, context in
+            await answer(status: 202) { () async throws(APIError) in
+                try await service.migrate(try name(context), try await body(MigrateRequest.self, request), scope)
+            }
+        }
+        router.get("/v1/jobs") { _, _ in
+            json(JobList(jobs: service.jobs.all.filter { job in service.store.get(job.vm).map(scope.sees) ?? (scope.owner == nil) }))
+        }
+        router.get("/v1/jobs/:id") { _, context in
+            await answer { () async throws(APIError) in
+                let id = context.parameters.get("id") ?? ""
+                guard let job = service.jobs.get(id), service.store.get(job.vm).map(scope.sees) ?? (scope.owner == nil) else {
+                    throw .notFound("no job '\(id)' (see GET /v1/jobs)")
+                }
+                return job
+            }
+        }
+        router.delete("/v1/jobs/:id") { _, context in
+            await answer { () async throws(APIError) in try await service.cancel(context.parameters.get("id") ?? "", scope) }
+        }
         router.get("/v1/vms/:name/console") { request, context in
             do throws(APIError) {
                 let vm = try name(context)
@@ -130,7 +155,8 @@ enum API {
         ("/v1/vms/:name/start", ["POST"]), ("/v1/vms/:name/stop", ["POST"]), ("/v1/vms/:name/kill", ["POST"]),
         ("/v1/vms/:name/pause", ["POST"]), ("/v1/vms/:name/resume", ["POST"]), ("/v1/vms/:name/cdrom", ["PUT", "DELETE"]),
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
-        ("/v1/vms/:name/console", ["GET"]),
+        ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
+        ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),
         ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
     ].map { ($0.0.split(separator: "/"), $0.1) }
 

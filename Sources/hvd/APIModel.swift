@@ -62,6 +62,10 @@ struct VMList: Encodable, Sendable {
     var vms: [VMInfo]
 }
 
+struct JobList: Encodable, Sendable {
+    var jobs: [Job]
+}
+
 /// `GET /v1`.
 struct ServiceInfo: Encodable, Sendable {
     var version: String

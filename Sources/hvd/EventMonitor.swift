@@ -8,18 +8,22 @@ struct Event: Encodable, Sendable {
     /// RFC 3339, UTC, milliseconds.
     var time: String
     /// `vm-created`, `vm-deleted`, `vm-started`, `vm-stopped`, `vm-paused`, `vm-resumed`,
-    /// `vm-start-failed`, `device-restarted`, `device-failed`, `device-recovered`.
+    /// `vm-start-failed`, `device-restarted`, `device-failed`, `device-recovered`, `job-progress`,
+    /// `job-finished`.
     var type: String
     var vm: String
     var device: String?
     /// `device-restarted`: how many times the device has been restarted in this VM's life.
     var restarts: UInt32?
-    /// `vm-stopped`: `requested` (through hvd), `killed` (through hvd) or `exited` (anything
-    /// else: the guest powered off, `hvctl stop`, a crash).
+    /// `vm-stopped`: `requested` (through hvd), `killed` (through hvd), `migrated` (moved to
+    /// another host by a job) or `exited` (anything else: the guest powered off, `hvctl stop`, a
+    /// crash).
     var reason: String?
     var message: String?
+    /// `job-progress`, `job-finished`: the job's id (`reason` is a finished job's state).
+    var job: String?
 
-    init(type: String, vm: String, device: String? = nil, restarts: UInt32? = nil, reason: String? = nil, message: String? = nil) {
+    init(type: String, vm: String, device: String? = nil, restarts: UInt32? = nil, reason: String? = nil, message: String? = nil, job: String? = nil) {
         time = Date.now.formatted(.iso8601.year().month().day().time(includingFractionalSeconds: true).timeZone(separator: .omitted))
         self.type = type
         self.vm = vm
@@ -27,6 +31,7 @@ struct Event: Encodable, Sendable {
         self.restarts = restarts
         self.reason = reason
         self.message = message
+        self.job = job
     }
 }
 

@@ -14,6 +14,7 @@ import Synchronization
 final class VMService: Sendable {
     let store: DefinitionStore
     let events: EventMonitor
+    let jobs: JobTable
     /// The `hvctl` that starts VMs (beside hvd's own binary unless `--hvctl` says otherwise).
     let hvctl: String
     let stateDirectory: String
@@ -36,6 +37,7 @@ final class VMService: Sendable {
     init(store: DefinitionStore, events: EventMonitor, hvctl: String, stateDirectory: String) {
         self.store = store
         self.events = events
+        jobs = JobTable(events: events)
         self.hvctl = hvctl
         self.stateDirectory = stateDirectory
     }
