@@ -1,3 +1,4 @@
+import Synchronization
 import HVIPC
 import HVKVM
 import HVSys
@@ -66,4 +67,29 @@ public struct VCPUStatus: Sendable {
     public var state: VCPUState
     /// The instruction pointer, when asked for.
     public var rip: UInt64?
+    /// Exits to user space since the VM started, by kind.
+    public var exits: VCPUExitCounts
+}
+
+/// A vCPU's exits to user space by kind: port I/O, MMIO (both forwarded to devices), interrupted
+/// (a kick or signal: pause, probe, stop) and halt. Exits KVM handles in the kernel (the in-kernel
+/// LAPIC and irqchip, ioeventfds) never reach user space and are not counted.
+public struct VCPUExitCounts: Sendable, Equatable {
+    public var io: UInt64
+    public var mmio: UInt64
+    public var interrupted: UInt64
+    public var halt: UInt64
+}
+
+/// The counters behind `VCPUExitCounts`, one set per vCPU, written by that vCPU's thread alone.
+final class ExitCounts: Sendable {
+    let io = Atomic<UInt64>(0)
+    let mmio = Atomic<UInt64>(0)
+    let interrupted = Atomic<UInt64>(0)
+    let halt = Atomic<UInt64>(0)
+
+    var snapshot: VCPUExitCounts {
+        VCPUExitCounts(io: io.load(ordering: .relaxed), mmio: mmio.load(ordering: .relaxed),
+                       interrupted: interrupted.load(ordering: .relaxed), halt: halt.load(ordering: .relaxed))
+    }
 }

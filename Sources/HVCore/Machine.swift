@@ -82,6 +82,9 @@ public final class Machine: @unchecked Sendable {
         /// What the vCPU was doing when last seen (VCPUState's raw value) and, when asked for, its RIP.
         let state = Atomic<UInt8>(VCPUState.notStarted.rawValue)
         let rip = Atomic<UInt64>(0)
+        /// Exits to user space by kind, counted by the vCPU's own thread (relaxed: a counter read
+        /// by status may lag by an exit, never tear).
+        let exits = ExitCounts()
     }
 
     // Pause: vCPU threads park outside KVM_RUN while `pauseRequested` is set.
@@ -322,7 +325,7 @@ public final class Machine: @unchecked Sendable {
         }
         return probeAnswers.enumerated().map { i, a in
             VCPUStatus(id: i, state: VCPUState(rawValue: a.state.load(ordering: .acquiring)) ?? .running,
-                       rip: registers ? a.rip.load(ordering: .acquiring) : nil)
+                       rip: registers ? a.rip.load(ordering: .acquiring) : nil, exits: a.exits.snapshot)
         }
     }
 
@@ -578,6 +581,7 @@ public final class Machine: @unchecked Sendable {
             }
             switch exit {
             case .io(let port, let size, let count, let isWrite):
+                slot.exits.io.add(1, ordering: .relaxed)
                 for i in 0..<count {
                     if isWrite {
                         bus.pioWrite(port: port, size: size, value: vcpu.ioValue(i), vcpu: vcpu.id)
@@ -586,14 +590,17 @@ public final class Machine: @unchecked Sendable {
                     }
                 }
             case .mmio(let address, let size, let isWrite, let value):
+                slot.exits.mmio.add(1, ordering: .relaxed)
                 if isWrite {
                     bus.mmioWrite(address: address, size: size, value: value, vcpu: vcpu.id)
                 } else {
                     vcpu.setMMIOReadValue(bus.mmioRead(address: address, size: size, vcpu: vcpu.id))
                 }
             case .interrupted:
+                slot.exits.interrupted.add(1, ordering: .relaxed)
                 answerProbe(vcpu)
             case .halt:
+                slot.exits.halt.add(1, ordering: .relaxed)
                 answerProbe(vcpu)
                 usleep(1000)
             case .shutdown:

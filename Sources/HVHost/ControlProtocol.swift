@@ -140,6 +140,19 @@ public struct VMStatus: Codable, Equatable, Sendable {
         public var state: String
         /// The instruction pointer (hex), when asked for.
         public var rip: String?
+        /// Exits to user space since the VM started, by kind (absent from older cores).
+        public var exits: Exits?
+
+        public struct Exits: Codable, Equatable, Sendable {
+            /// Port I/O forwarded to a device (or the core's own ports).
+            public var io: UInt64
+            /// MMIO forwarded to a device.
+            public var mmio: UInt64
+            /// Kicked out of the guest (pause, status probes, stop).
+            public var interrupted: UInt64
+            /// HLT with no in-kernel irqchip to wait in (rare: hv uses KVM's).
+            public var halt: UInt64
+        }
     }
 
     public struct Device: Codable, Equatable, Sendable {

@@ -370,7 +370,8 @@ final class VMControl: Sendable {
             VMStatus.Device(name: d.name, kind: deviceKind(d.name), pid: d.pid, state: d.state, restarts: d.restarts, binary: d.executable)
         }
         let vcpus = (machine?.vcpuStatus(registers: registers) ?? []).map { v in
-            VMStatus.VCPU(id: v.id, state: v.state.name, rip: v.rip.map { "0x" + String($0, radix: 16) })
+            VMStatus.VCPU(id: v.id, state: v.state.name, rip: v.rip.map { "0x" + String($0, radix: 16) },
+                          exits: .init(io: v.exits.io, mmio: v.exits.mmio, interrupted: v.exits.interrupted, halt: v.exits.halt))
         }
         let pausedSince = machine?.pausedSince
         return VMStatus(name: name, pid: getpid(), state: machine?.guestStarted != true ? "starting" : pausedSince == nil ? "running" : "paused", boot: bootMode,

@@ -35,6 +35,14 @@ enum Metrics {
                     registry.makeCounter(name: "hv_vcpu_seconds_total", labels: labels + [("vcpu", String(vcpu))],
                                          help: "CPU time of each vCPU thread (guest and host mode).").increment(by: seconds)
                 }
+                for vcpu in status.vcpus {
+                    guard let exits = vcpu.exits else { continue }
+                    for (kind, count) in [("io", exits.io), ("mmio", exits.mmio), ("interrupted", exits.interrupted), ("halt", exits.halt)] {
+                        registry.makeCounter(name: "hv_vcpu_exits_total", labels: labels + [("vcpu", String(vcpu.id)), ("kind", kind)],
+                                             help: "Exits to user space by kind (port I/O, MMIO, kicks, halts); KVM's in-kernel exits are not counted.")
+                            .increment(by: Int64(count))
+                    }
+                }
                 for device in status.devices {
                     let deviceLabels = labels + [("device", device.name), ("kind", device.kind)]
                     registry.makeGauge(name: "hv_device_up", labels: deviceLabels, help: "1 while the device process runs.")

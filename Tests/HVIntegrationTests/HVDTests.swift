@@ -136,6 +136,9 @@ final class HVDTests: XCTestCase {
         XCTAssertTrue(metrics.body.contains("hv_vm_up{vm=\"web1\"} 1"), metrics.body)
         XCTAssertTrue(metrics.body.contains("hv_vm_memory_bytes{vm=\"web1\"} 33554432"), metrics.body)
         XCTAssertTrue(metrics.body.contains("hv_vcpu_seconds_total{vm=\"web1\",vcpu=\"0\"}"), metrics.body)
+        // The guest writes its console through port I/O: every byte an exit the core counts.
+        let ioExits = metrics.body.split(separator: "\n").first { $0.hasPrefix("hv_vcpu_exits_total{vm=\"web1\",vcpu=\"0\",kind=\"io\"}") }
+        XCTAssertGreaterThan(Double(ioExits?.split(separator: " ").last ?? "") ?? 0, 100, metrics.body)
         XCTAssertTrue(metrics.body.contains("hv_device_restarts_total{vm=\"web1\",device=\"serial0\",kind=\"serial\"} 0"), metrics.body)
 
         XCTAssertEqual(try object(try call("POST", "/v1/vms/web1/pause").body)["state"] as? String, "paused")
