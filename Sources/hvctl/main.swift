@@ -21,7 +21,7 @@ struct HVCtl: ParsableCommand {
             sockets in $HV_RUN_DIR (default /run/hv).
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
-        subcommands: [Run.self, List.self, Status.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Migrate.self, Console.self, Logs.self, CDROM.self, Device.self,
+        subcommands: [Run.self, List.self, Status.self, Start.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Migrate.self, Console.self, Logs.self, CDROM.self, Device.self,
                       Disk.self, Net.self, Sandbox.self, Version.self])
 }
 
@@ -40,6 +40,17 @@ func ask(_ name: String, _ request: ControlRequest, timeoutSeconds: Int = 5) -> 
     guard let reply = controlRequest(name, request, timeoutSeconds: timeoutSeconds) else { failNoAnswer(name) }
     if !reply.ok { fail(reply.error ?? "VM '\(name)' refused '\(request.command.rawValue)'") }
     return reply
+}
+
+/// hvd's answer to a change it is asked for, when hvd runs and keeps VM `name`; nil when it
+/// does not (no hvd, or a VM hvd does not keep): the caller then talks to the VM itself.
+func throughHVD(_ name: String, _ method: String, _ action: String, body: [UInt8]? = nil) -> HVDClient.Response? {
+    guard let kept = HVDClient.request("GET", "/v1/vms/\(name)", timeoutSeconds: 5), kept.status == 200 else { return nil }
+    guard let answer = HVDClient.request(method, "/v1/vms/\(name)\(action)", body: body, timeoutSeconds: 120) else {
+        fail("hvd stopped answering on \(HVDClient.socketPath) during '\(action)'")
+    }
+    guard (200..<300).contains(answer.status) else { fail(answer.errorMessage) }
+    return answer
 }
 
 /// Ends a command whose VM did not answer: either there is no such VM, or it runs and is not answering.
@@ -322,11 +333,32 @@ extension HVCtl {
         }
     }
 
-    struct Stop: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop a running VM (its 'hvctl run' exits 0).")
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Start a VM hvd keeps (created through its API); returns once the guest runs.",
+            discussion: "Needs hvd (docs/hvd.md), which keeps VM definitions; without it, run a VM with 'hvctl run'.")
         @OptionGroup var vm: VMName
 
         func run() throws {
+            guard let answer = HVDClient.request("POST", "/v1/vms/\(vm.name)/start", timeoutSeconds: 120) else {
+                fail("'hvctl start' needs hvd, which keeps VM definitions, and none answers on \(HVDClient.socketPath); start hvd, or run the VM with 'hvctl run'")
+            }
+            guard answer.status == 200 else { fail(answer.errorMessage) }
+            print("started \(vm.name)")
+        }
+    }
+
+    struct Stop: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stop a running VM (its 'hvctl run' exits 0).",
+            discussion: "A VM hvd keeps is stopped through hvd (so its audit log and events tell it), when hvd runs.")
+        @OptionGroup var vm: VMName
+
+        func run() throws {
+            if throughHVD(vm.name, "POST", "/stop") != nil {
+                print("stopped \(vm.name)")
+                return
+            }
             _ = ask(vm.name, ControlRequest(.stop))
             // Wait for the VM to go: it lets go of its lock once its devices are reaped.
             for _ in 0..<200 {
@@ -344,7 +376,7 @@ extension HVCtl {
         @OptionGroup var vm: VMName
 
         func run() throws {
-            _ = ask(vm.name, ControlRequest(.pause))
+            if throughHVD(vm.name, "POST", "/pause") == nil { _ = ask(vm.name, ControlRequest(.pause)) }
             print("paused \(vm.name)")
         }
     }
@@ -354,7 +386,7 @@ extension HVCtl {
         @OptionGroup var vm: VMName
 
         func run() throws {
-            _ = ask(vm.name, ControlRequest(.resume))
+            if throughHVD(vm.name, "POST", "/resume") == nil { _ = ask(vm.name, ControlRequest(.resume)) }
             print("resumed \(vm.name)")
         }
     }

@@ -24,7 +24,7 @@ final class ControlPlaneTests: XCTestCase {
     }
 
     func testEverySubcommandHasHelpAndCompletionIsGenerated() throws {
-        let commands: [[String]] = [[], ["run"], ["ls"], ["status"], ["stop"], ["pause"], ["resume"], ["snapshot"], ["console"], ["logs"], ["cdrom"], ["device"], ["disk"],
+        let commands: [[String]] = [[], ["run"], ["ls"], ["status"], ["start"], ["stop"], ["pause"], ["resume"], ["snapshot"], ["console"], ["logs"], ["cdrom"], ["device"], ["disk"],
                                     ["disk", "create"], ["disk", "info"], ["disk", "resize"], ["disk", "convert"], ["disk", "commit"], ["net"], ["net", "ls"], ["sandbox"], ["sandbox", "show"], ["version"]]
         for command in commands {
             let r = try runHvctl(command + ["--help"])

@@ -398,6 +398,46 @@ final class HVDTests: XCTestCase {
         destination.terminateAndWait()
     }
 
+    /// hvctl uses hvd when it runs: `hvctl start` starts a kept VM, and stop/pause/resume of a
+    /// kept VM go through hvd (its audit log and events tell them); a VM hvd does not keep, and
+    /// every VM when no hvd runs, is driven directly as before.
+    func testHvctlGoesThroughHVDWhenItRuns() throws {
+        try startHVD()
+        XCTAssertEqual(try create("cli").status, 201)
+        let stream = try subscribe()
+        let started = try runHvctl(["start", "cli"])
+        XCTAssertEqual(started.status, 0, started.stderr)
+        XCTAssertEqual(started.stdout, "started cli\n")
+        for command in ["pause", "resume", "stop"] {
+            let r = try runHvctl([command, "cli"])
+            XCTAssertEqual(r.status, 0, "\(command): \(r.stderr)")
+        }
+        let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
+        for action in ["start", "pause", "resume", "stop"] {
+            XCTAssertTrue(audit.contains("\"path\":\"/v1/vms/cli/\(action)\""), "hvctl \(action) is not in hvd's audit log: \(audit)")
+        }
+        waitFor("vm-stopped with reason requested") {
+            self.events(stream).contains { $0["type"] as? String == "vm-stopped" && $0["vm"] as? String == "cli" && $0["reason"] as? String == "requested" }
+        }
+        let again = try runHvctl(["start", "nobody"])
+        XCTAssertEqual(again.status, 1)
+        XCTAssertEqual(again.stderr, "hvctl: no VM named 'nobody' (see GET /v1/vms)\n")
+
+        // A VM hvd does not keep is hvctl's alone, as before.
+        let guest = try Harness.testGuest()
+        let own = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=ticks count=100000 delay=50", "--memory", "32M", "--detach", "--name", "own"])
+        XCTAssertEqual(own.status, 0, own.stderr)
+        XCTAssertEqual(try runHvctl(["pause", "own"]).status, 0)
+        XCTAssertEqual(try runHvctl(["stop", "own"]).status, 0)
+        XCTAssertFalse(try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8).contains("/v1/vms/own"))
+
+        // Without hvd: start says what it needs; the rest works directly.
+        hvd?.terminateAndWait()
+        let alone = try runHvctl(["start", "cli"])
+        XCTAssertEqual(alone.status, 1)
+        XCTAssertTrue(alone.stderr.contains("'hvctl start' needs hvd"), alone.stderr)
+    }
+
     /// schemathesis (PyPI) generates requests from api/hvd.yaml, valid and not, and checks every
     /// answer against the document: no 5xx, the documented statuses, bodies and content types,
     /// 405 for methods a path does not take. It also reuses names it reads from responses, so the
