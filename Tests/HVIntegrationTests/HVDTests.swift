@@ -201,9 +201,13 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(try call("POST", "/v1/vms/auto/stop").status, 200)
         waitFor("vm-stopped") { events(stream).contains { $0["type"] as? String == "vm-stopped" } }
 
-        // A VM that ends behind hvd's back is told as exited.
+        // A VM that ends behind hvd's back is told as exited (hvctl pointed away from hvd, which
+        // it would otherwise go through).
         XCTAssertEqual(try call("POST", "/v1/vms/manual/start").status, 200)
+        setenv("HVD_SOCKET", dir.appendingPathComponent("no-hvd.sock").path, 1)
+        defer { unsetenv("HVD_SOCKET") }
         XCTAssertEqual(try runHvctl(["stop", "manual"]).status, 0)
+        unsetenv("HVD_SOCKET")
         waitFor("vm-stopped (exited)") { events(stream).contains { $0["type"] as? String == "vm-stopped" && $0["vm"] as? String == "manual" && $0["reason"] as? String == "exited" } }
 
         // Killed through the API: reason "killed", and nothing is left running.
