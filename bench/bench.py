@@ -1946,6 +1946,59 @@ class Bench:
                 show_ratio=False),
         ]
 
+    # -- hvd's API fuzzed at length (the CI test runs a short version) --
+
+    def case_api_fuzz(self) -> list[Row]:
+        schemathesis = REPO / ".build/pyenv/bin/schemathesis"
+        hvd_bin = self.env.hvctl.parent / "hvd"
+        socat = shutil.which("socat")
+        if not schemathesis.exists() or not hvd_bin.exists() or not socat:
+            return [Row("hvd API fuzzing (schemathesis)", text="needs .build/pyenv (test.sh), socat and a release hvd")]
+        examples = 100 if self.quick else 1000
+        print(f"case: hvd's API fuzzed by schemathesis, {examples} examples per operation, a VM running beside it", flush=True)
+        base = self.env.tmp / "api-fuzz"
+        run_dir, state_dir = base / "run", base / "state"
+        for d in (run_dir, state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir), HV_STATE_DIR=str(state_dir))
+        sock = run_dir / "hvd" / "api.sock"
+        hvd = subprocess.Popen([str(hvd_bin), "--poll-interval", "200"], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = 40000 + os.getpid() % 20000
+        proxy = None
+        try:
+            if wait_path(sock, 30) is None:
+                return [Row("hvd API fuzzing (schemathesis)", text="hvd did not start")]
+            definition = {"memory_mib": 32, "boot": {"multiboot": str(self.env.guest), "cmdline": "mode=ticks count=1000000 delay=50"}}
+            unix_http(str(sock), "POST", "/v1/vms", {"name": "victim", "definition": definition})
+            unix_http(str(sock), "POST", "/v1/vms/victim/start")
+            proxy = subprocess.Popen([socat, f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", f"UNIX-CONNECT:{sock}"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            run = subprocess.run([str(schemathesis), "run", str(REPO / "api/hvd.yaml"), "--url", f"http://127.0.0.1:{port}",
+                                  "--max-examples", str(examples), "--exclude-operation-id", "startVM",
+                                  "--exclude-operation-id", "streamEvents", "--exclude-operation-id", "snapshotVM",
+                                  "--exclude-operation-id", "migrateVM", "--generation-database", "none", "--no-color",
+                                  "--request-timeout", "40"], capture_output=True, text=True, timeout=3600)
+            elapsed = time.monotonic() - t0
+            alive = hvd.poll() is None
+            summary = [line.strip() for line in run.stdout.splitlines() if "passed" in line or "failed" in line][-4:]
+            print("  " + "\n  ".join(summary), flush=True)
+            if run.returncode != 0 or not alive:
+                self.problems.append(f"schemathesis found failures (rc {run.returncode}, hvd alive: {alive}): {run.stdout[-3000:]!r}")
+            return [Row("hvd API fuzzing (schemathesis)", text=f"{'no failure' if run.returncode == 0 and alive else 'FAILURES'}; "
+                        f"{examples} examples/operation in {elapsed:.0f} s", target="no failure, hvd alive",
+                        note="; ".join(summary[-2:]))]
+        finally:
+            if proxy:
+                stop(proxy)
+            stop(hvd)
+            # Whatever still runs in this run directory (the victim, unless the fuzzer stopped it).
+            listed = subprocess.run([str(self.env.hvctl), "ls", "--json"], env=env, capture_output=True, text=True)
+            for vm in json.loads(listed.stdout or "[]"):
+                subprocess.run([str(self.env.hvctl), "stop", vm["name"]], env=env, capture_output=True)
+
     # -- kill storms: lossless restart (issue 13) --
 
     @staticmethod
@@ -2212,7 +2265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, seabios, "
-                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, kill_storms")
+                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
@@ -2238,9 +2291,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows: list[Row] = []
         cases = ["pioread", "time_to_x", "throughput", "memory", "seabios", "sandbox", "vm_rate", "vms_at_once",
                  "grub", "scsi", "qcow2", "snapshot", "migration", "net", "api", "kill_storms"]
+        # Long runs only when asked for by name.
+        cases_on_request = ["api_fuzz"]
         for name in args.only or cases:
-            if name not in cases:
-                sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases)}")
+            if name not in cases + cases_on_request:
+                sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases + cases_on_request)}")
             rows += getattr(bench, f"case_{name}")()
         rows += bench.cases_not_yet()
 

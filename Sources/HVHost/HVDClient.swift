@@ -5,6 +5,8 @@ import HVSys
 /// connection (`Connection: close`). hvctl stays usable without hvd; with it, the commands that
 /// change a VM hvd keeps go through hvd, so they are in its audit log and its events name them
 /// (`vm-stopped` with reason `requested`), and `hvctl start` starts a kept VM.
+/// hvctl goes through hvd for start, stop, pause, resume, CD changes and device restarts and
+/// upgrades; everything else talks to the VM's control socket.
 public enum HVDClient {
     /// `$HVD_SOCKET`, or `$HV_RUN_DIR/hvd/api.sock`.
     public static var socketPath: String {
@@ -15,6 +17,12 @@ public enum HVDClient {
     public struct Response: Sendable {
         public var status: Int
         public var body: [UInt8]
+
+        /// The `message` of an action's answer (a device restart or upgrade, a CD change).
+        public var actionMessage: String? {
+            struct ActionBody: Decodable { var message: String }
+            return (try? ControlJSON.decode(ActionBody.self, body))?.message
+        }
 
         /// The `error` of an error body, or the body as text.
         public var errorMessage: String {

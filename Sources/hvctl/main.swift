@@ -560,12 +560,14 @@ extension HVCtl {
         func run() throws {
             switch action {
             case .eject:
-                _ = ask(vm.name, ControlRequest(.cdromEject))
+                if throughHVD(vm.name, "DELETE", "/cdrom") == nil { _ = ask(vm.name, ControlRequest(.cdromEject)) }
                 print("ejected the CD of \(vm.name)")
             case .insert:
                 let path = absolutePath(iso ?? "")
                 guard path.utf8.first == UInt8(ascii: "/"), path.utf8.count < 4096 else { throw UsageError(message: "cannot resolve the ISO path '\(iso ?? "")'") }
-                _ = ask(vm.name, ControlRequest(.cdromInsert, path: path))
+                if throughHVD(vm.name, "PUT", "/cdrom", body: ControlJSON.encode(["path": path])) == nil {
+                    _ = ask(vm.name, ControlRequest(.cdromInsert, path: path))
+                }
                 print("inserted \(path) into \(vm.name)")
             }
         }
@@ -610,10 +612,18 @@ extension HVCtl {
                     print(pad(d.name, 10) + pad(d.kind, 8) + pad(d.pid.map { "\($0)" } ?? "-", 9) + pad(d.state, 12) + pad("\(d.restarts)", 10) + d.binary)
                 }
             case .restart:
-                print(ask(vm.name, ControlRequest(.deviceRestart, device: device), timeoutSeconds: 40).message ?? "restarted")
+                if let answer = throughHVD(vm.name, "POST", "/devices/\(device ?? "")/restart") {
+                    print(answer.actionMessage ?? "restarted")
+                } else {
+                    print(ask(vm.name, ControlRequest(.deviceRestart, device: device), timeoutSeconds: 40).message ?? "restarted")
+                }
             case .upgrade:
                 let path = absolutePath(binary ?? "")
-                print(ask(vm.name, ControlRequest(.deviceUpgrade, path: path, device: device), timeoutSeconds: 40).message ?? "upgraded")
+                if let answer = throughHVD(vm.name, "POST", "/devices/\(device ?? "")/upgrade", body: ControlJSON.encode(["path": path])) {
+                    print(answer.actionMessage ?? "upgraded")
+                } else {
+                    print(ask(vm.name, ControlRequest(.deviceUpgrade, path: path, device: device), timeoutSeconds: 40).message ?? "upgraded")
+                }
             }
         }
     }

@@ -215,8 +215,10 @@ final class VMService: Sendable {
         if request.command == .stop { events.expectStop(name, reason: "requested") }
         let result: Result<ControlReply, APIError> = await blocking {
             guard case .live(let pid) = vmPresence(name) else { return .failure(.conflict("VM '\(name)' is not running")) }
-            guard let reply = controlRequest(name, request, timeoutSeconds: 10) else {
-                return .failure(.unprocessable("VM '\(name)'\(pid.map { " (pid \($0))" } ?? "") did not answer on its control socket within 10 s; try again, or POST /v1/vms/\(name)/kill"))
+            // A device restart or upgrade waits for the new process to take over (or roll back).
+            let seconds = request.command == .deviceRestart || request.command == .deviceUpgrade ? 40 : 10
+            guard let reply = controlRequest(name, request, timeoutSeconds: seconds) else {
+                return .failure(.unprocessable("VM '\(name)'\(pid.map { " (pid \($0))" } ?? "") did not answer on its control socket within \(seconds) s; try again, or POST /v1/vms/\(name)/kill"))
             }
             guard reply.ok else { return .failure(.unprocessable(reply.error ?? "VM '\(name)' refused '\(request.command.rawValue)'")) }
             return .success(reply)

@@ -402,8 +402,9 @@ final class HVDTests: XCTestCase {
         destination.terminateAndWait()
     }
 
-    /// hvctl uses hvd when it runs: `hvctl start` starts a kept VM, and stop/pause/resume of a
-    /// kept VM go through hvd (its audit log and events tell them); a VM hvd does not keep, and
+    /// hvctl uses hvd when it runs: `hvctl start` starts a kept VM, and stop/pause/resume and
+    /// device and CD actions on a kept VM go through hvd (its audit log and events tell them); a
+    /// VM hvd does not keep, and
     /// every VM when no hvd runs, is driven directly as before.
     func testHvctlGoesThroughHVDWhenItRuns() throws {
         try startHVD()
@@ -412,12 +413,12 @@ final class HVDTests: XCTestCase {
         let started = try runHvctl(["start", "cli"])
         XCTAssertEqual(started.status, 0, started.stderr)
         XCTAssertEqual(started.stdout, "started cli\n")
-        for command in ["pause", "resume", "stop"] {
-            let r = try runHvctl([command, "cli"])
+        for command in [["pause", "cli"], ["resume", "cli"], ["device", "cli", "restart", "serial0"], ["stop", "cli"]] {
+            let r = try runHvctl(command)
             XCTAssertEqual(r.status, 0, "\(command): \(r.stderr)")
         }
         let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
-        for action in ["start", "pause", "resume", "stop"] {
+        for action in ["start", "pause", "resume", "devices/serial0/restart", "stop"] {
             XCTAssertTrue(audit.contains("\"path\":\"/v1/vms/cli/\(action)\""), "hvctl \(action) is not in hvd's audit log: \(audit)")
         }
         waitFor("vm-stopped with reason requested") {
