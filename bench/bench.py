@@ -1797,6 +1797,19 @@ class Bench:
 
     # -- the API services: hvd and hv-firecracker --
 
+    def start_hvd(self, name: str, poll_ms: int) -> tuple[subprocess.Popen, Path, dict, Path, object]:
+        """A release hvd with run and state directories of its own under tmp/NAME: the process,
+        its socket, the environment hvctl needs to see its VMs, the run directory and its log."""
+        base = self.env.tmp / name
+        run_dir, state_dir = base / "run", base / "state"
+        for d in (run_dir, state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir), HV_STATE_DIR=str(state_dir))
+        log = open(base / "hvd.log", "w+b")
+        hvd = subprocess.Popen([str(self.env.hvctl.parent / "hvd"), "--poll-interval", str(poll_ms)], env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        return hvd, run_dir / "hvd" / "api.sock", env, run_dir, log
+
     def case_api(self) -> list[Row]:
         print("case: API services — hvd create+start → first guest byte, VMs per second through hvd, "
               "hv-firecracker spawn → first guest byte; resident memory", flush=True)
@@ -1804,15 +1817,8 @@ class Bench:
         hvd_bin, fc_bin = bin_dir / "hvd", bin_dir / "hv-firecracker"
         if not hvd_bin.exists() or not fc_bin.exists():
             return [Row("API services", text="hvd or hv-firecracker missing from " + str(bin_dir))]
+        hvd, sock, env, run_dir, hvd_log = self.start_hvd("api", poll_ms=500)
         base = self.env.tmp / "api"
-        run_dir, state_dir = base / "run", base / "state"
-        for d in (run_dir, state_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir), HV_STATE_DIR=str(state_dir))
-        sock = run_dir / "hvd" / "api.sock"
-        hvd_log = open(base / "hvd.log", "w+b")
-        hvd = subprocess.Popen([str(hvd_bin), "--poll-interval", "500"], env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=hvd_log)
         mib = GUEST_RAM_BYTES >> 20
         rates: list[float] = []
         hvd_rss: list[float] = []
@@ -1956,18 +1962,12 @@ class Bench:
             return [Row("hvd API fuzzing (schemathesis)", text="needs .build/pyenv (test.sh), socat and a release hvd")]
         examples = 100 if self.quick else 1000
         print(f"case: hvd's API fuzzed by schemathesis, {examples} examples per operation, a VM running beside it", flush=True)
-        base = self.env.tmp / "api-fuzz"
-        run_dir, state_dir = base / "run", base / "state"
-        for d in (run_dir, state_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir), HV_STATE_DIR=str(state_dir))
-        sock = run_dir / "hvd" / "api.sock"
-        hvd = subprocess.Popen([str(hvd_bin), "--poll-interval", "200"], env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        hvd, sock, env, _, hvd_log = self.start_hvd("api-fuzz", poll_ms=200)
         port = 40000 + os.getpid() % 20000
         proxy = None
         try:
             if wait_path(sock, 30) is None:
+                self.problems.append(f"hvd did not open its socket within 30 s: {peek(hvd_log)[-400:]!r}")
                 return [Row("hvd API fuzzing (schemathesis)", text="hvd did not start")]
             definition = {"memory_mib": 32, "boot": {"multiboot": str(self.env.guest), "cmdline": "mode=ticks count=1000000 delay=50"}}
             unix_http(str(sock), "POST", "/v1/vms", {"name": "victim", "definition": definition})
