@@ -60,7 +60,7 @@ public enum HVDClient {
 
     /// A whole HTTP/1.1 response: the status line, headers, and a body by Content-Length,
     /// chunked, or up to the end.
-    static func parse(_ bytes: [UInt8]) -> Response? {
+    public static func parse(_ bytes: [UInt8]) -> Response? {
         let separator: [UInt8] = [13, 10, 13, 10]
         guard let end = bytes.indices.dropLast(3).first(where: { bytes[$0..<$0 + 4].elementsEqual(separator) }) else { return nil }
         let head = String(decoding: bytes[..<end], as: UTF8.self).split(separator: "\r\n", omittingEmptySubsequences: false)
