@@ -150,6 +150,9 @@ final class MigrationNetworkTests: XCTestCase {
         let moved = try hvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47000"])
         XCTAssertEqual(moved.status, 0, moved.output + destination.stderr)
         XCTAssertTrue(moved.output.contains("migrated web to tcp:10.99.0.2:47000 in "), moved.output)
+        // The source returns once the destination said GO; the destination's own line follows.
+        deadline = Date().addingTimeInterval(10)
+        while !destination.stderr.contains("web arrived and runs here") && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
         XCTAssertTrue(destination.stderr.contains("web arrived and runs here"), destination.stderr)
 
         // The tap left host A with the VM (once the source has exited) and exists at host B, in its br0.

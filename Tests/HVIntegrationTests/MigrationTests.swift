@@ -179,7 +179,8 @@ final class MigrationTests: XCTestCase {
         let result = try XCTUnwrap(JSONSerialization.jsonObject(with: Data((finished.stdout.split(separator: "\n").last ?? "").utf8)) as? [String: Any])
         XCTAssertGreaterThan(result["downtime_ms"] as? Double ?? 0, 100, finished.stdout)
         XCTAssertTrue(secondVM.process.isRunning, secondVM.stderr)
-        XCTAssertTrue(secondVM.stderr.contains("busy arrived and runs here"), secondVM.stderr)
+        // The source returns once the destination said GO; the destination's own line follows.
+        XCTAssertTrue(waitFor("busy arrived and runs here", timeout: 10) { secondVM.stderr }, secondVM.stderr)
         XCTAssertEqual(try hvctl(destination, ["stop", "busy"]).status, 0)
         XCTAssertEqual(secondVM.waitForExit(timeout: 30), 0, secondVM.stderr)
     }
