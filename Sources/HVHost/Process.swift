@@ -1,3 +1,4 @@
+import Dispatch
 import Glibc
 import HVCore
 import HVIPC
@@ -118,6 +119,15 @@ func deviceExecutable(_ name: String) -> String {
 
 public func hostMemoryBytes() -> UInt64 {
     UInt64(max(sysconf(Int32(_SC_PHYS_PAGES)), 0)) * UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 0))
+}
+
+/// Runs `body` on a dispatch thread and awaits its result: for blocking system calls (control
+/// sockets, child processes) in the control plane's async code, never on Swift concurrency's
+/// few threads.
+public func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        DispatchQueue.global().async { continuation.resume(returning: body()) }
+    }
 }
 
 /// `path` made absolute against the current directory (the VM's core may run elsewhere).

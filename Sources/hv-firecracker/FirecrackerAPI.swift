@@ -162,10 +162,3 @@ struct FaultMiddleware: RouterMiddleware {
         }
     }
 }
-
-/// Runs `body` on a dispatch thread: for blocking calls (control sockets, waiting for the VM).
-func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        DispatchQueue.global().async { continuation.resume(returning: body()) }
-    }
-}

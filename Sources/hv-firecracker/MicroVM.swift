@@ -453,10 +453,7 @@ final class MicroVM: Sendable {
     // MARK: Helpers
 
     /// A path made absolute against this process's working directory, as Firecracker resolves them.
-    func absolute(_ path: String) -> String {
-        guard path.utf8.first != UInt8(ascii: "/") else { return path }
-        return FileManager.default.currentDirectoryPath + "/" + path
-    }
+    func absolute(_ path: String) -> String { absolutePath(path) }
 
     private func checkReadable(_ path: String, what: String, writable: Bool = false) throws(Fault) {
         do {

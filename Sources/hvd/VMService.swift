@@ -256,13 +256,6 @@ final class VMService: Sendable {
     }
 }
 
-/// Runs `body` on a dispatch thread: for blocking system calls (control sockets, child processes).
-func blocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        DispatchQueue.global().async { continuation.resume(returning: body()) }
-    }
-}
-
 /// Runs `path` with `arguments` and this process's environment; returns how it ended and its
 /// last stderr line without hvctl's "hvctl: " prefix.
 func runTool(_ path: String, _ arguments: [String]) -> (ChildProcess.Termination, String) {

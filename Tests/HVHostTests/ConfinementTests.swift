@@ -11,7 +11,7 @@ final class ConfinementTests: XCTestCase {
     override func setUpWithError() throws {
         root = FileManager.default.temporaryDirectory.appendingPathComponent("hv-confine-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: root + "/sub", withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: root + "/inside.img", contents: Data(count: 512))
+        XCTAssertTrue(FileManager.default.createFile(atPath: root + "/inside.img", contents: Data(count: 512)))
         XCTAssertEqual(symlink("/etc/hostname", root + "/out.img"), 0)
         XCTAssertEqual(symlink("../inside.img", root + "/sub/back.img"), 0)
         XCTAssertEqual(symlink(root + "/inside.img", root + "/absolute.img"), 0)
