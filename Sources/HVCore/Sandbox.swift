@@ -12,7 +12,8 @@ public struct SandboxPlan: Sendable {
     public var profilePath: String
     /// The parsed profile (validated at VM start, before anything runs).
     public var profile: SandboxProfile
-    /// The uid/gid the device runs as outside its user namespace (per tenant).
+    /// The uid/gid the device runs as outside its user namespace: its tenant's, from the host's
+    /// tenant registry (`TenantRegistry` in HVHost), which gives every tenant name its own.
     public var outsideUID: uid_t
     public var outsideGID: gid_t
     /// Host paths bind-mounted read-only into the device's otherwise empty root.
@@ -26,19 +27,6 @@ public struct SandboxPlan: Sendable {
         self.outsideUID = outsideUID
         self.outsideGID = outsideGID
         self.exposedPaths = exposedPaths
-    }
-
-    /// The uid (and gid) for a tenant: 2,000,000 + a 32-bit FNV-1a hash of the name mod 1,000,000,
-    /// far above Debian's regular and system ranges. Different tenants get different ids (barring
-    /// a hash collision, reported by `hvctl sandbox show`), so their devices can't signal, trace
-    /// or read each other.
-    public static func tenantID(_ tenant: String) -> uid_t {
-        var hash: UInt32 = 0x811C_9DC5
-        for byte in tenant.utf8 {
-            hash ^= UInt32(byte)
-            hash = hash &* 0x0100_0193
-        }
-        return 2_000_000 + hash % 1_000_000
     }
 
     /// The library directories to expose in a jail: those this process has mapped, those that

@@ -64,11 +64,15 @@ public enum DeviceCatalog {
     /// The jail plan for a device run by `tenant`; `executable` is a third-party device's binary,
     /// whose own library needs are exposed too.
     public static func plan(profilePath: String, tenant: String, executable: String? = nil) throws(UsageError) -> SandboxPlan {
+        try plan(profilePath: profilePath, outsideID: try TenantIDs.uid(for: tenant), executable: executable)
+    }
+
+    /// The jail plan for a device run as host uid/gid `outsideID`.
+    public static func plan(profilePath: String, outsideID id: UInt32, executable: String? = nil) throws(UsageError) -> SandboxPlan {
         let jail = executableDirectory() + "/hv-jail"
         guard access(jail, X_OK) == 0 else {
             throw UsageError(message: "hv-jail not found next to hvctl (\(jail)); rebuild hv with 'swift build'")
         }
-        let id = SandboxPlan.tenantID(tenant)
         return SandboxPlan(jailExecutable: jail, profilePath: profilePath, profile: try loadProfile(profilePath),
                            outsideUID: id, outsideGID: id,
                            exposedPaths: executable.map { SandboxPlan.runtimeLibraryPaths(for: [$0]) } ?? libraryPaths)

@@ -20,6 +20,8 @@ struct NICOption: Equatable {
     var mac: [UInt8]?
     /// The host bridge a tap joins (`bridge=`).
     var bridge: String?
+    /// The other tenants whose VMs may join the segment this NIC creates (`shared=A+B`).
+    var sharedWith: [String] = []
 
     static let maximumPerVM = 4
     static var hint: String { VMDefinition.NIC.flagHint }
@@ -31,7 +33,7 @@ struct NICOption: Equatable {
             && name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: ":") })
     }
 
-    /// Parses `tap=NAME[,bridge=BRIDGE][,mac=MAC]` or `net=NAME[,mac=MAC]`.
+    /// Parses `tap=NAME[,bridge=BRIDGE][,mac=MAC]` or `net=NAME[,shared=TENANT+…][,mac=MAC]`.
     static func parse(_ spec: String, what: String = "--nic") throws(UsageError) -> NICOption {
         var parts = spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         guard let first = parts.first, let eq = first.firstIndex(of: "=") else { throw UsageError(message: "invalid \(what) '\(spec)': \(hint)") }
@@ -57,6 +59,16 @@ struct NICOption: Equatable {
                     throw UsageError(message: "invalid \(what) bridge name '\(bridge)': a host interface name is 1 to 15 printable characters without '/', ':' or spaces")
                 }
                 option.bridge = bridge
+                continue
+            }
+            if part.hasPrefix("shared="), option.sharedWith.isEmpty, case .segment = option.attachment {
+                let names = part.dropFirst(7).split(separator: "+", omittingEmptySubsequences: false).map(String.init)
+                for tenant in names {
+                    guard (1...64).contains(tenant.utf8.count), tenant.utf8.allSatisfy(RunDirectory.isNameByte) else {
+                        throw UsageError(message: "invalid \(what) shared tenant '\(tenant)': use tenant names (1 to 64 letters, digits, '.', '_' or '-') joined by '+'")
+                    }
+                }
+                option.sharedWith = names
                 continue
             }
             guard part.hasPrefix("mac="), option.mac == nil else { throw UsageError(message: "invalid \(what) '\(spec)': \(hint)") }
@@ -118,6 +130,8 @@ func attachNICs(_ definition: VMDefinition, vmName: String, verbose: Bool) -> [A
     for (i, nic) in definition.nics.enumerated() {
         do { options.append(try nic.option(where: "--nic \(i)")) } catch { fail(error.message, status: 2) }
     }
+    // Segments belong to tenants; VMs without --tenant (or --no-sandbox) are the host's own.
+    let tenant = definition.sandbox ? definition.tenant : nil
     // Every MAC is settled before anything is opened or joined.
     var macs: [[UInt8]] = []
     for (i, option) in options.enumerated() {
@@ -145,10 +159,11 @@ func attachNICs(_ definition: VMDefinition, vmName: String, verbose: Bool) -> [A
             case .failure(let error): abandon(error)
             }
         case .segment(let name):
-            switch joinSegment(name, vm: vmName, nic: "net\(i)", mac: mac, verbose: verbose) {
+            let access = SegmentAccess(tenant: tenant, sharedWith: option.sharedWith)
+            switch joinSegment(name, vm: vmName, nic: "net\(i)", mac: mac, access: access, verbose: verbose) {
             case .success(let nic):
                 attached.append(AttachedNIC(option: option, mac: mac, files: nic.files))
-                memberships.append(.init(segment: name, vm: vmName, nic: "net\(i)", mac: mac, files: nic.files,
+                memberships.append(.init(segment: name, vm: vmName, nic: "net\(i)", mac: mac, access: access, files: nic.files,
                                          connection: nic.membership, socket: nic.socket))
             case .failure(let error): abandon(error)
             }
@@ -269,7 +284,7 @@ enum SegmentDirectory {
 
 /// Joins `segment`, starting its switch if none runs: the port's descriptors and the membership.
 /// `port` rejoins with an existing port (after the switch died), so the NIC process keeps its own.
-func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbose: Bool,
+func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], access: SegmentAccess, verbose: Bool,
                  port: [FileDescriptor]? = nil) -> Result<(files: [FileDescriptor], membership: SeqPacketSocket, socket: FileIdentity?), UsageError> {
     for dir in [RunDirectory.path, SegmentDirectory.path] where mkdir(dir, 0o700) != 0 && errno != EEXIST {
         return .failure(UsageError(message: "cannot create \(dir): \(Errno.current)"))
@@ -286,6 +301,14 @@ func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbo
         return .failure(UsageError(message: "cannot lock \(SegmentDirectory.lock(segment)): \(error.errno)"))
     }
     defer { lock.close() }
+    let createdOwnership: Bool
+    switch SegmentOwnership.claim(segment, tenant: access.tenant, sharedWith: access.sharedWith) {
+    case .success(let created): createdOwnership = created
+    case .failure(let error): return .failure(error)
+    }
+    // A segment this call would have created, but could not, leaves no owner behind.
+    var joined = false
+    defer { if createdOwnership && !joined && Glibc.access(SegmentDirectory.socket(segment), F_OK) != 0 { unlink(SegmentOwnership.file(segment)) } }
     let files: [FileDescriptor]
     if let port {
         files = port
@@ -325,6 +348,7 @@ func joinSegment(_ segment: String, vm: String, nic: String, mac: [UInt8], verbo
                 setsockopt(connection.fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
                 // Which socket file this switch listens on (we hold the lock: it is this switch's),
                 // so leaving removes that file and never a newer switch's at the same path.
+                joined = true
                 return .success((files: files, membership: connection, socket: FileIdentity(path: SegmentDirectory.socket(segment))))
             }
             return .failure(UsageError(message: "cannot join segment '\(segment)': \(text.hasPrefix("error ") ? String(text.dropFirst(6)) : text)"))
@@ -384,7 +408,7 @@ final class SegmentKeeper: @unchecked Sendable {
     // @unchecked: `members` is touched only by the keeper thread after start(), and by leaveAll()
     // only once that thread has stopped (`stopped`), or never started.
     struct Member {
-        var segment: String, vm: String, nic: String, mac: [UInt8], files: [FileDescriptor], connection: SeqPacketSocket
+        var segment: String, vm: String, nic: String, mac: [UInt8], access: SegmentAccess, files: [FileDescriptor], connection: SeqPacketSocket
         /// The switch's socket file as it was when this member joined.
         var socket: FileIdentity?
     }
@@ -421,7 +445,7 @@ final class SegmentKeeper: @unchecked Sendable {
                     warn("segment '\(m.segment)': its switch went away; \(m.nic) joins again")
                     var delay: UInt32 = 50_000
                     while !leaving.load(ordering: .acquiring) {
-                        switch joinSegment(m.segment, vm: m.vm, nic: m.nic, mac: m.mac, verbose: verbose, port: m.files) {
+                        switch joinSegment(m.segment, vm: m.vm, nic: m.nic, mac: m.mac, access: m.access, verbose: verbose, port: m.files) {
                         case .success(let joined):
                             members[i].connection = joined.membership
                             members[i].socket = joined.socket
@@ -455,6 +479,7 @@ final class SegmentKeeper: @unchecked Sendable {
                String(decoding: reply.bytes, as: UTF8.self) == "left 0",
                let joined = m.socket, FileIdentity(path: SegmentDirectory.socket(m.segment)) == joined {
                 unlink(SegmentDirectory.socket(m.segment))
+                unlink(SegmentOwnership.file(m.segment))
                 unlink(SegmentDirectory.lock(m.segment))
             }
             m.connection.fd.close()
@@ -476,15 +501,17 @@ struct FileIdentity: Equatable {
 }
 
 /// Removes what segments whose switch is gone left behind (a switch killed with its last member,
-/// a VM killed with SIGKILL): a socket nobody listens on, a lock file with no socket. A segment
+/// a VM killed with SIGKILL): a socket nobody listens on, its owner record, a lock file with no
+/// socket. A segment
 /// being joined right now (its lock held) is left alone.
 func sweepStaleSegments() {
-    for segment in entryStems(in: SegmentDirectory.path, suffixes: [".sock", ".lock"]) {
+    for segment in entryStems(in: SegmentDirectory.path, suffixes: [".sock", ".lock", ".owner"]) {
         guard let lock = try? PathLock.acquire(SegmentDirectory.lock(segment), blocking: false) else { continue }
         if let fd = connectTo(SegmentDirectory.socket(segment)) {
             close(fd)  // a live switch: the connection it sees is dropped after its 2 s grace
         } else {
             unlink(SegmentDirectory.socket(segment))
+            unlink(SegmentOwnership.file(segment))
             unlink(SegmentDirectory.lock(segment))
         }
         lock.close()
@@ -497,7 +524,8 @@ nonisolated(unsafe) var sandboxSegments = true
 // MARK: Segment status
 
 /// The status of every private segment on this host, as each switch reports it (a JSON object
-/// per segment: its name, members and their frame counters).
+/// per segment: its name, members and their frame counters), with its owner (null: the host's
+/// own VMs) and the tenants it is shared with.
 public func segmentStatuses() -> [JSONObject] {
     sweepStaleSegments()
     var segments: [JSONObject] = []
@@ -508,7 +536,12 @@ public func segmentStatuses() -> [JSONObject] {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
               case .object(let object)? = try? JSONValue.parse(reply.bytes) else { continue }
-        segments.append(object)
+        // Whose segment it is: the host's record, not the (sandboxed) switch's word.
+        let ownership = SegmentOwnership.read(name)
+        segments.append(JSONObject(object.members + [
+            .init(key: "owner", value: ownership?.owner.map { .string($0) } ?? .null),
+            .init(key: "shared_with", value: .array((ownership?.sharedWith ?? []).map { .string($0) })),
+        ]))
     }
     return segments
 }

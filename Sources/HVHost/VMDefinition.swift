@@ -91,11 +91,15 @@ public struct VMDefinition: Codable, Equatable, Sendable {
         public var mac: String?
         /// The host bridge the tap joins when the VM starts (tap only); nil: none.
         public var bridge: String?
-        public init(tap: String? = nil, segment: String? = nil, mac: String? = nil, bridge: String? = nil) {
+        /// Other tenants whose VMs may join the segment, if this NIC creates it (segment only).
+        /// A segment otherwise admits only VMs of the tenant that created it.
+        public var sharedWith: [String]?
+        public init(tap: String? = nil, segment: String? = nil, mac: String? = nil, bridge: String? = nil, sharedWith: [String]? = nil) {
             self.tap = tap
             self.segment = segment
             self.mac = mac
             self.bridge = bridge
+            self.sharedWith = sharedWith
         }
     }
 
@@ -251,7 +255,7 @@ extension VMDefinition {
 
 extension VMDefinition.NIC {
     /// What `--nic` takes, for error messages.
-    public static let flagHint = "use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"
+    public static let flagHint = "use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT[,shared=TENANT+…], optionally followed by ,mac=52:54:00:xx:xx:xx"
 
     /// The attachment this NIC names, checked; `what` names it in errors.
     func option(where what: String) throws(UsageError) -> NICOption {
@@ -263,6 +267,10 @@ extension VMDefinition.NIC {
         }
         if let mac { spec += ",mac=\(mac)" }
         if let bridge { spec += ",bridge=\(bridge)" }
+        if let sharedWith {
+            guard segment != nil, !sharedWith.isEmpty else { throw UsageError(message: "\(what): shared_with lists tenants (at least one) and is for a segment only") }
+            spec += ",shared=" + sharedWith.joined(separator: "+")
+        }
         return try NICOption.parse(spec, what: what)
     }
 }
@@ -373,7 +381,7 @@ extension VMDefinition.Disk {
 }
 
 extension VMDefinition.NIC {
-    enum CodingKeys: String, CodingKey, CaseIterable { case tap, segment, mac, bridge }
+    enum CodingKeys: String, CodingKey, CaseIterable { case tap, segment, mac, bridge, sharedWith = "shared_with" }
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -381,6 +389,7 @@ extension VMDefinition.NIC {
         segment = try c.decodeIfPresent(String.self, forKey: .segment)
         mac = try c.decodeIfPresent(String.self, forKey: .mac)
         bridge = try c.decodeIfPresent(String.self, forKey: .bridge)
+        sharedWith = try c.decodeIfPresent([String].self, forKey: .sharedWith)
     }
 }
 

@@ -82,6 +82,23 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     } catch {
         fail(error.message)
     }
+    // Every device is jailed under the VM's tenant unless --no-sandbox. A VM without --tenant
+    // gets a tenant of its own, leased from the registry for as long as this process runs.
+    let tenant: String?
+    do throws(UsageError) {
+        if !options.sandbox {
+            tenant = nil
+        } else if let named = options.tenant {
+            _ = try TenantIDs.uid(for: named)
+            tenant = named
+        } else {
+            let lease = try TenantRegistry.host.lease()
+            TenantIDs.remember(lease)
+            tenant = lease.name
+        }
+    } catch {
+        fail(error.message)
+    }
     sandboxSegments = options.sandbox
     sweepStaleSegments()
     let nics = attachNICs(options, vmName: name, verbose: verbose)
@@ -125,8 +142,6 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
             fail("cannot open /dev/null for the debug console: \(error.errno)")
         }
     }
-    // Every device is jailed under the VM's tenant unless --no-sandbox.
-    let tenant = options.sandbox ? options.tenant ?? "vm-\(getpid())" : nil
     if tenant == nil {
         warn("WARNING: --no-sandbox: every device process runs unconfined, with hvctl's own privileges (root). A device bug or a hostile guest can take over this host. Use only for debugging.")
     }

@@ -44,9 +44,11 @@ struct DefinitionFlags: ParsableArguments {
     @Option(help: ArgumentHelp("""
         A virtio-net NIC on host tap IFNAME (created and brought up if missing; with bridge=, made \
         a port of that host bridge), or on private segment SEGMENT shared with the other VMs on \
-        this host that join it; up to 4. Without mac=, the MAC is 52:54:00 and a hash of the VM's \
-        name and the NIC's index.
-        """, valueName: "tap=IFNAME[,bridge=BR]|net=SEGMENT[,mac=MAC]"))
+        this host that join it; up to 4. A segment belongs to the tenant whose VM creates it: only \
+        that tenant's VMs may join, and those shared=A+B names (VMs without --tenant are the \
+        host's own and share among themselves). Without mac=, the MAC is 52:54:00 and a hash of \
+        the VM's name and the NIC's index.
+        """, valueName: "tap=IFNAME[,bridge=BR]|net=SEGMENT[,shared=T+…][,mac=MAC]"))
     var nic: [String] = []
     @Flag(help: "End the VM (exit 0) when the guest asks for a reset, instead of rebooting it.")
     var noReboot = false
@@ -159,6 +161,10 @@ struct DefinitionFlags: ParsableArguments {
             for part in parts {
                 if part.hasPrefix("bridge="), nic.bridge == nil, nic.tap != nil {
                     nic.bridge = String(part.dropFirst(7))
+                    continue
+                }
+                if part.hasPrefix("shared="), nic.sharedWith == nil, nic.segment != nil {
+                    nic.sharedWith = part.dropFirst(7).split(separator: "+", omittingEmptySubsequences: false).map(String.init)
                     continue
                 }
                 guard part.hasPrefix("mac="), nic.mac == nil else { throw UsageError(message: "invalid --nic '\(spec)': \(VMDefinition.NIC.flagHint)") }

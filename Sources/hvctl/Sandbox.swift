@@ -23,12 +23,15 @@ extension HVCtl {
                 } else {
                     throw UsageError(message: "unknown device '\(device)': use one of \(DeviceCatalog.builtIn.map(\.name).joined(separator: ", ")), or a profile path")
                 }
-                let plan = try DeviceCatalog.plan(profilePath: path, tenant: tenant)
+                // Shown, not registered: a tenant gets its uid when its first VM runs.
+                let registered = try TenantRegistry.host.registeredUID(tenant)
+                let plan = try DeviceCatalog.plan(profilePath: path, outsideID: registered ?? 0)
+                let ids = registered.map { "uid \($0) / gid \($0)" } ?? "a uid / gid of its own (assigned when its first VM runs)"
                 // The segment switch is not a VM's device: its tenant is its segment's, and it gets a socket, not HELLO.
                 let isSwitch = device == "switch"
                 print(plan.profile.render(header: [
                     "profile file: \(path)",
-                    "runs as: uid 0 / gid 0 inside its own user namespace = uid \(plan.outsideUID) / gid \(plan.outsideGID) on the host (tenant '\(tenant)'); no other id is mapped"
+                    "runs as: uid 0 / gid 0 inside its own user namespace = \(ids) on the host (tenant '\(tenant)'); no other id is mapped"
                         + (isSwitch ? "; a segment NAME's switch runs as tenant 'segment:NAME', which no VM's --tenant can name (see its uid with --tenant segment:NAME)" : ""),
                     "capabilities: none (bounding, inheritable, permitted, effective and ambient sets emptied; SECBIT_NOROOT locked); no_new_privs; non-dumpable",
                     "root: empty read-only tmpfs with only these read-only binds: \(plan.exposedPaths.joined(separator: ", ")) (the \(isSwitch ? "switch" : "device") runs from a descriptor the core opened)",

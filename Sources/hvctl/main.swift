@@ -22,7 +22,7 @@ struct HVCtl: ParsableCommand {
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
         subcommands: [Run.self, List.self, Status.self, Start.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Migrate.self, Console.self, Logs.self, CDROM.self, Device.self,
-                      Disk.self, Net.self, Sandbox.self, Version.self])
+                      Disk.self, Net.self, Sandbox.self, Tenant.self, Version.self])
 }
 
 /// A VM name given as an argument, checked as `--name` is.
@@ -788,11 +788,15 @@ extension HVCtl {
                     print("no private network segments on this host")
                     return
                 }
-                print(pad("SEGMENT", 16) + pad("VM", 20) + pad("NIC", 6) + pad("MAC", 19) + pad("FRAMES-IN", 11) + pad("FRAMES-OUT", 11) + "DROPPED")
+                print(pad("SEGMENT", 16) + pad("OWNER", 16) + pad("VM", 20) + pad("NIC", 6) + pad("MAC", 19) + pad("FRAMES-IN", 11) + pad("FRAMES-OUT", 11) + "DROPPED")
                 for s in segments {
                     guard case .array(let list)? = s["members"] else { continue }
+                    var owner = if case .string(let tenant)? = s["owner"] { tenant } else { "(host)" }
+                    if case .array(let shared)? = s["shared_with"], !shared.isEmpty {
+                        owner += "+" + shared.compactMap { if case .string(let t) = $0 { t } else { nil } }.joined(separator: "+")
+                    }
                     for case .object(let m) in list {
-                        print(pad(text(s, "segment"), 16) + pad(text(m, "vm"), 20) + pad(text(m, "nic"), 6) + pad(text(m, "mac"), 19)
+                        print(pad(text(s, "segment"), 16) + pad(owner, 16) + pad(text(m, "vm"), 20) + pad(text(m, "nic"), 6) + pad(text(m, "mac"), 19)
                               + pad(String(number(m, "frames_from_vm")), 11) + pad(String(number(m, "frames_to_vm")), 11) + String(number(m, "dropped_to_vm")))
                     }
                 }

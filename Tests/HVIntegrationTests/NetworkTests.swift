@@ -477,7 +477,9 @@ final class SegmentNetworkTests: XCTestCase {
     func testBadNICOptionsAreRefusedWithOneLine() throws {
         let guest = try Harness.testGuest()
         for (nics, message) in [
-            (["bogus"], "invalid --nic 'bogus': use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT, optionally followed by ,mac=52:54:00:xx:xx:xx"),
+            (["bogus"], "invalid --nic 'bogus': use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT[,shared=TENANT+…], optionally followed by ,mac=52:54:00:xx:xx:xx"),
+            (["net=x,shared=a/b"], "invalid --nic shared tenant 'a/b'"),
+            (["tap=t0,shared=bob"], "invalid --nic 'tap=t0,shared=bob'"),
             (["net=x,bridge=br0"], "invalid --nic 'net=x,bridge=br0': use tap=IFNAME[,bridge=BRIDGE]"),
             (["tap=t0,bridge=a/b"], "invalid --nic bridge name 'a/b'"),
             (["net=a/b"], "invalid --nic net= 'a/b'"),
@@ -496,5 +498,61 @@ final class SegmentNetworkTests: XCTestCase {
         XCTAssertEqual(twice.stderr, "hvctl: --nic 1 and --nic 0 both have MAC 52:54:00:00:00:01; give each NIC its own mac=\n")
         let empty = try runHvctl(["net", "ls"])
         XCTAssertEqual(empty.stdout, "no private network segments on this host\n")
+    }
+
+    /// A segment belongs to the tenant whose VM created it: another tenant's VM (or a VM without a
+    /// tenant) is refused with one line, unless the creator shared it; the record goes with the
+    /// segment's last member.
+    func testASegmentBelongsToTheTenantThatCreatedIt() throws {
+        let guest = try Harness.testGuest()
+        let owned = "owned-\(getpid())", shared = "shared-\(getpid())"
+        func run(_ name: String, _ tenant: String?, _ nic: String) throws -> VMProcess {
+            try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo", "--memory", "32M", "--name", name, "--nic", nic]
+                          + (tenant.map { ["--tenant", $0] } ?? []))
+        }
+        /// Runs a VM with `nic` to its end: refused at once, or joined (then told to finish).
+        func join(_ tenant: String?, _ nic: String) throws -> (status: Int32, stderr: String) {
+            let vm = try run("joiner", tenant, nic)
+            if vm.waitForOutput("echo: ready") { vm.write(".") }
+            return (vm.waitForExit(), vm.stderr)
+        }
+        let alice = try run("alice1", "alice", "net=\(owned)")
+        let sharing = try run("alice2", "alice", "net=\(shared),shared=bob+carol")
+        var running = [alice, sharing]
+        defer {
+            for vm in running { vm.write("."); vm.waitForExit() }
+        }
+        XCTAssertTrue(alice.waitForOutput("echo: ready") && sharing.waitForOutput("echo: ready"), alice.stderr + sharing.stderr)
+        for (tenant, who) in [("bob", "tenant 'bob'"), (nil, "the host's own VMs (run without --tenant)")] {
+            let refused = try join(tenant, "net=\(owned)")
+            XCTAssertEqual(refused.status, 1, refused.stderr)
+            XCTAssertTrue(refused.stderr.hasPrefix("hvctl: cannot join segment '\(owned)': it belongs to tenant 'alice', and \(who) may not join it;"), refused.stderr)
+            XCTAssertEqual(refused.stderr.split(separator: "\n").count, 1, refused.stderr)
+        }
+        // The same tenant joins; a tenant the creator named joins the shared one; another does not.
+        let again = try join("alice", "net=\(owned)")
+        XCTAssertEqual(again.status, 0, again.stderr)
+        let bob = try join("bob", "net=\(shared)")
+        XCTAssertEqual(bob.status, 0, bob.stderr)
+        let dave = try join("dave", "net=\(shared)")
+        XCTAssertTrue(dave.stderr.contains("it belongs to tenant 'alice', and tenant 'dave' may not join it"), dave.stderr)
+        // A joiner cannot change the sharing.
+        let widen = try join("alice", "net=\(shared),shared=dave")
+        XCTAssertTrue(widen.stderr.contains("it is already shared with bob+carol"), widen.stderr)
+        let listed = try segments()
+        let ownedStatus = try XCTUnwrap(listed.first { $0["segment"] as? String == owned })
+        XCTAssertEqual(ownedStatus["owner"] as? String, "alice")
+        let sharedStatus = try XCTUnwrap(listed.first { $0["segment"] as? String == shared })
+        XCTAssertEqual(sharedStatus["shared_with"] as? [String], ["bob", "carol"])
+        let table = try runHvctl(["net", "ls"])
+        XCTAssertTrue(table.stdout.contains("alice+bob+carol"), table.stdout)
+        // Once its members are gone the segment and its record are gone: another tenant may create it.
+        running.removeFirst()
+        alice.write(".")
+        XCTAssertEqual(alice.waitForExit(), 0, alice.stderr)
+        let runDirectory = dir.appendingPathComponent("run/net").path
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(runDirectory)/\(owned).owner"))
+        let bobsNow = try join("bob", "net=\(owned)")
+        XCTAssertEqual(bobsNow.status, 0, bobsNow.stderr)
     }
 }

@@ -180,6 +180,51 @@ final class SandboxTests: XCTestCase {
         XCTAssertNotEqual(try asAlice(["/bin/cat", "/proc/\(b)/maps"]), 0, "alice read bob's memory map")
     }
 
+    /// Tenant uids come from the host's registry: `cust619` and `cust2680`, which the old hash
+    /// gave one uid, run as two; a VM without --tenant runs as a leased `vm:PID` tenant that goes
+    /// with it; a tenant with a running VM cannot be removed.
+    func testTenantUIDsComeFromTheRegistryAndNeverCollide() throws {
+        let state = FileManager.default.temporaryDirectory.appendingPathComponent("hv-state-\(getpid())")
+        try FileManager.default.createDirectory(at: state, withIntermediateDirectories: true)
+        setenv("HV_STATE_DIR", state.path, 1)
+        defer {
+            unsetenv("HV_STATE_DIR")
+            try? FileManager.default.removeItem(at: state)
+        }
+        let guest = try Harness.testGuest()
+        let first = try VMProcess(["run", "--tenant", "cust619", "--multiboot", guest, "--cmdline", "mode=echo", "--memory", "32M"])
+        let second = try VMProcess(["run", "--tenant", "cust2680", "--multiboot", guest, "--cmdline", "mode=echo", "--memory", "32M"])
+        let own = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=echo", "--memory", "32M"])
+        var running = [first, second, own]
+        defer { for vm in running { vm.write("."); vm.waitForExit() } }
+        XCTAssertTrue(running.allSatisfy { $0.waitForOutput("echo: ready") }, running.map(\.stderr).joined())
+        func uid(_ vm: VMProcess) -> UInt32? {
+            vm.children(named: "hv-serial").first.flatMap { Self.status($0)["Uid"]?.split(separator: "\t").first.flatMap { UInt32($0) } }
+        }
+        let uids = running.map(uid)
+        XCTAssertEqual(Set(uids.compactMap { $0 }).count, 3, "\(uids)")
+        let list = try runHvctl(["tenant", "ls", "--json"])
+        XCTAssertEqual(list.status, 0, list.stderr)
+        let tenants = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [[String: Any]], list.stdout)
+        func registered(_ name: String) -> UInt32? { (tenants.first { $0["name"] as? String == name }?["uid"] as? NSNumber)?.uint32Value }
+        XCTAssertEqual(registered("cust619"), uids[0])
+        XCTAssertEqual(registered("cust2680"), uids[1])
+        XCTAssertEqual(registered("vm:\(own.process.processIdentifier)"), uids[2])
+        let busy = try runHvctl(["tenant", "rm", "cust619"])
+        XCTAssertEqual(busy.status, 2, busy.stderr)
+        XCTAssertTrue(busy.stderr.hasPrefix("hvctl: tenant 'cust619' still has VMs vm-\(first.process.processIdentifier); stop them first"), busy.stderr)
+        for vm in running { vm.write("."); XCTAssertEqual(vm.waitForExit(), 0, vm.stderr) }
+        running = []
+        let after = try runHvctl(["tenant", "ls"])
+        XCTAssertTrue(after.stdout.contains("cust619") && after.stdout.contains("cust2680"), after.stdout)
+        XCTAssertFalse(after.stdout.contains("vm:"), "a VM's own tenant outlived it: \(after.stdout)")
+        let removed = try runHvctl(["tenant", "rm", "cust619"])
+        XCTAssertEqual(removed.status, 0, removed.stderr)
+        XCTAssertFalse(try runHvctl(["tenant", "ls"]).stdout.contains("cust619"))
+        let unknown = try runHvctl(["tenant", "rm", "cust619"])
+        XCTAssertTrue(unknown.stderr.hasPrefix("hvctl: no tenant 'cust619' is registered ('hvctl tenant ls' lists them)"), unknown.stderr)
+    }
+
     func testNoSandboxIsLoudAndUnconfined() throws {
         let guest = try Harness.testGuest()
         let vm = try VMProcess(["run", "--no-sandbox", "--multiboot", guest, "--cmdline", "mode=echo"])
