@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "hv-net", targets: ["hv-net"]),
         .executable(name: "hv-switch", targets: ["hv-switch"]),
         .executable(name: "hv-jail", targets: ["hv-jail"]),
+        .executable(name: "hv-cgroup-reaper", targets: ["hv-cgroup-reaper"]),
         .executable(name: "hvd", targets: ["hvd"]),
         .executable(name: "hv-firecracker", targets: ["hv-firecracker"]),
         .library(name: "HVDeviceSDK", targets: ["HVDeviceSDK"]),
@@ -52,6 +53,8 @@ let package = Package(
         // Trusted jail stage run inside the device's new namespaces before the device binary.
         .executableTarget(name: "hv-jail", dependencies: ["HVSandbox", "HVSys", "CHVShim", "CSeccomp", "CLibcap"],
                           path: "Sources/hv-jail", swiftSettings: strict),
+        // Removes a VM's cgroups once its hvctl has ended, however it ended (Glibc only).
+        .executableTarget(name: "hv-cgroup-reaper", path: "Sources/hv-cgroup-reaper", swiftSettings: strict),
         // The trusted VMM core.
         .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys", "HVSandbox", "CSeccomp"], path: "Sources/HVCore", swiftSettings: strict),
         // The trusted host layer: turns a VMDefinition into a running machine (board layout, host

@@ -27,6 +27,9 @@ public struct DeviceSpec: Sendable {
     public var mapsGuestMemory: Bool
     /// How it is jailed; nil runs it unsandboxed (`hvctl run --no-sandbox`, debugging only).
     public var sandbox: SandboxPlan?
+    /// The cgroups it runs in and its OOM score, applied before it runs (for a jailed device;
+    /// an unsandboxed one is moved just after it starts); nil: the core's own.
+    public var placement: ProcessPlacement?
 
     public init(name: String, executable: String, resources: [Resource] = [], interruptGSIs: [UInt32] = [],
                 hostFiles: [UInt16: FileDescriptor] = [:], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false,
@@ -57,6 +60,8 @@ final class ManagedDevice: @unchecked Sendable {
     let dirtyLog: (file: FileDescriptor, bitmap: DirtyPageBitmap)?
     let interrupts: [EventFD]
     var process: ChildProcess?
+    /// OOM kills its memory cgroup had counted when last looked at (see `describe`).
+    var oomKillsSeen: UInt64 = 0
     /// The control channel of the live process. Under a lock: the control socket thread sends
     /// MEDIA_CHANGE on it while the supervisor thread may be replacing it.
     let controlChannel = Mutex<ControlChannel?>(nil)
@@ -104,9 +109,13 @@ final class ManagedDevice: @unchecked Sendable {
         didSet { publishedExecutable.withLock { $0 = executable } }
     }
     let publishedExecutable: Mutex<String>
+    /// The settings text HELLO carries: the spec's, until an operator reconfigures the device.
+    /// Supervisor thread only.
+    var config: String
 
     init(spec: DeviceSpec, memoryBytes: UInt64) throws(CoreError) {
         self.spec = spec
+        config = spec.config
         executable = spec.executable
         publishedExecutable = Mutex(spec.executable)
         endpoint = try DeviceEndpoint(name: spec.name)
@@ -130,6 +139,10 @@ public enum DeviceAction: Sendable {
     /// Stop the process cleanly and start `binary` in its place, with the same resources and
     /// state; if it does not start, or dies within 300 ms, start the old one again.
     case upgrade(binary: String)
+    /// Restart the process with these settings changed (its settings text's keys starting with
+    /// one of `removing` dropped, then `setting` added); the same rollback as an upgrade. The
+    /// guest sees nothing but a pause: the restart keeps the device's rings and state.
+    case reconfigure(removing: [String], setting: [String: String])
 }
 
 /// Why an operator's device action failed, in one line.
@@ -288,10 +301,15 @@ final class DeviceSupervisor: @unchecked Sendable {
                            (InheritedDescriptor.events, deviceEvents.fd.rawValue)]
             if let sandbox = spec.sandbox {
                 child = try sandbox.spawn(executable: d.executable, arguments: [spec.name],
-                                          memoryBytes: memory.size, inherit: inherit, stderr: stderrWrite.rawValue)
+                                          memoryBytes: memory.size, inherit: inherit, stderr: stderrWrite.rawValue,
+                                          placement: spec.placement)
             } else {
                 child = try ChildProcess.spawn(path: d.executable, arguments: [spec.name],
                                                inherit: inherit + [(2, stderrWrite.rawValue)])
+                do { try spec.placement?.apply(to: child.pid) } catch {
+                    child.killAndReap()
+                    throw error
+                }
             }
         } catch {
             throw .device(name: spec.name, reason: "cannot start \(d.executable): \(error)")
@@ -333,7 +351,7 @@ final class DeviceSupervisor: @unchecked Sendable {
 
         let hello = Hello(capabilities: offered, restartGeneration: d.generation,
                           memoryRegions: spec.mapsGuestMemory ? memory.regions : [],
-                          resources: spec.resources, fds: roles, config: spec.config)
+                          resources: spec.resources, fds: roles, config: d.config)
         let helloPayload: [UInt8]
         do { helloPayload = try hello.encode() } catch {
             child.killAndReap()
@@ -468,6 +486,10 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     /// How a device ended, naming the syscall when its sandbox stopped it.
     private func describe(_ ended: ChildProcess.Termination, of d: ManagedDevice) -> String {
+        if ended == .signalled(SIGKILL), let kills = d.spec.placement?.oomKillCount(), kills > d.oomKillsSeen {
+            d.oomKillsSeen = kills
+            return "was killed by the OOM killer: its own or its VM's memory limit was reached ('hvctl status' shows them)"
+        }
         guard let plan = d.spec.sandbox else { return ended.description }
         let prefix = "sandbox: denied syscall "
         if ended == .exited(Int32(HV_SANDBOX_VIOLATION_STATUS)), let report = d.lastError, report.hasPrefix(prefix),
@@ -615,6 +637,19 @@ final class DeviceSupervisor: @unchecked Sendable {
             }
             Diagnostics.line("device \(name) restarted by the operator (pid \(d.process?.pid ?? 0))")
             return .success("restarted \(name) (pid \(d.process?.pid ?? 0))")
+        case .reconfigure(let removing, let setting):
+            var fields = SettingsText.decode(d.config).filter { key, _ in !removing.contains { key.hasPrefix($0) } }
+            fields.merge(setting) { _, new in new }
+            let old = d.config, new = SettingsText.encode(fields.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+            switch replaceProcess(d, change: { $0.config = new }, undo: { $0.config = old }) {
+            case .replaced:
+                Diagnostics.line("device \(name) reconfigured (pid \(d.process?.pid ?? 0))")
+                return .success("reconfigured \(name) (pid \(d.process?.pid ?? 0))")
+            case .rolledBack(let why):
+                return .failure(DeviceActionError(description: "\(name) refused its new settings: \(why); it carries on with its old ones"))
+            case .lost(let why, let error):
+                return .failure(DeviceActionError(description: "\(name) refused its new settings (\(why)) and did not restart with its old ones either (\(error))"))
+            }
         case .upgrade(let binary):
             var st = stat()
             guard stat(binary, &st) == 0, st.st_mode & S_IFMT == S_IFREG, access(binary, X_OK) == 0 else {
@@ -622,33 +657,55 @@ final class DeviceSupervisor: @unchecked Sendable {
             }
             let old = d.executable
             let started = monotonicNanoseconds()
-            quiesce(d)
-            d.executable = binary
-            d.crashTimes = []
-            d.restartAt = nil
-            var why: String?
-            var pause: UInt64 = 0
-            do {
-                try relaunch(d)
-                pause = (monotonicNanoseconds() - started) / 1_000_000
-                why = diedWithinGrace(d)
-            } catch {
-                why = "\(error)"
-            }
-            if let why {
-                // Roll back: the old binary takes the same state again.
-                quiesce(d)
-                d.executable = old
-                do { try relaunch(d) } catch {
-                    scheduleRestartAfterFailure(d)
-                    return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed (\(why)) and the old binary did not restart either (\(error))"))
-                }
+            switch replaceProcess(d, change: { $0.executable = binary }, undo: { $0.executable = old }) {
+            case .replaced(let startedAt):
+                let pause = (startedAt - started) / 1_000_000
+                Diagnostics.line("device \(name) upgraded to \(binary) (pid \(d.process?.pid ?? 0))")
+                return .success("upgraded \(name) to \(binary) (pid \(d.process?.pid ?? 0); the device was away for \(pause) ms)")
+            case .rolledBack(let why):
                 Diagnostics.line("device \(name): upgrade to \(binary) failed (\(why)); rolled back to \(old) (pid \(d.process?.pid ?? 0))")
                 return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed: \(why); rolled back to \(old)"))
+            case .lost(let why, let error):
+                return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed (\(why)) and the old binary did not restart either (\(error))"))
             }
-            Diagnostics.line("device \(name) upgraded to \(binary) (pid \(d.process?.pid ?? 0))")
-            return .success("upgraded \(name) to \(binary) (pid \(d.process?.pid ?? 0); the device was away for \(pause) ms)")
         }
+    }
+
+    /// How `replaceProcess` ended.
+    private enum Replacement {
+        /// The new process runs; when it had taken over.
+        case replaced(at: UInt64)
+        /// It failed (why); the old one runs again.
+        case rolledBack(String)
+        /// It failed, and so did the old one; a restart is scheduled.
+        case lost(String, any Error)
+    }
+
+    /// Stops the device's process cleanly, applies `change` (a new binary, new settings) and
+    /// starts it again with the same state; if the new process does not start or dies within the
+    /// grace period, `undo` and the old one takes the same state again.
+    private func replaceProcess(_ d: ManagedDevice, change: (ManagedDevice) -> Void, undo: (ManagedDevice) -> Void) -> Replacement {
+        quiesce(d)
+        change(d)
+        d.crashTimes = []
+        d.restartAt = nil
+        var why: String?
+        var startedAt: UInt64 = 0
+        do {
+            try relaunch(d)
+            startedAt = monotonicNanoseconds()
+            why = diedWithinGrace(d)
+        } catch {
+            why = "\(error)"
+        }
+        guard let why else { return .replaced(at: startedAt) }
+        quiesce(d)
+        undo(d)
+        do { try relaunch(d) } catch {
+            scheduleRestartAfterFailure(d)
+            return .lost(why, error)
+        }
+        return .rolledBack(why)
     }
 
     /// Nil when the freshly started process is still alive `upgradeGrace` later; else how it ended.

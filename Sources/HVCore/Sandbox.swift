@@ -93,8 +93,10 @@ public struct SandboxPlan: Sendable {
     /// Starts `executable` under the jail with `inherit` (child fd → parent fd) and returns it.
     /// A `detached` process outlives its parent (in a session of its own) instead of dying with
     /// it; `stderr` is the parent descriptor it writes its messages to.
+    /// `placement` (cgroups, OOM score) is applied while the child waits, before the jail runs.
     public func spawn(executable: String, arguments: [String], memoryBytes: UInt64,
-                      inherit: [(child: Int32, parent: Int32)], detached: Bool = false, stderr: Int32 = 2) throws(SystemError) -> ChildProcess {
+                      inherit: [(child: Int32, parent: Int32)], detached: Bool = false, stderr: Int32 = 2,
+                      placement: ProcessPlacement? = nil) throws(SystemError) -> ChildProcess {
         var sync: [Int32] = [-1, -1]
         try check("pipe", pipe(&sync))
         let syncRead = FileDescriptor(owning: sync[0])
@@ -138,6 +140,7 @@ public struct SandboxPlan: Sendable {
             // Inside uid/gid 0 is the tenant's id outside; nothing else is mapped.
             try writeProcFile("/proc/\(pid)/uid_map", "0 \(outsideUID) 1\n")
             try writeProcFile("/proc/\(pid)/gid_map", "0 \(outsideGID) 1\n")
+            try placement?.apply(to: pid)
         } catch {
             try? syncWrite.writeAll(Array("x".utf8))
             child.killAndReap()

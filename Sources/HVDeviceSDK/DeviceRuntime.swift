@@ -355,6 +355,10 @@ public final class DeviceRuntime: @unchecked Sendable {
         loop.lastCommit = now
     }
 
+    /// A watcher's handler ran (a doorbell, a host descriptor): it may have changed the model's
+    /// next deadline (a rate limiter that stopped taking requests), so it is asked again.
+    private var handlersRan = false
+
     /// Set while `run` is active: flush and commit before the process exits on SHUTDOWN.
     private var finalCommit: (() -> Void)?
     /// Set while `run` is active: serve, commit and quiesce the model (QUIESCE).
@@ -366,7 +370,8 @@ public final class DeviceRuntime: @unchecked Sendable {
     private func iterate(_ model: some DeviceModel, _ loop: LoopState) {
         let served = serveRing(model, loop)
         var now = monotonicNanoseconds()
-        if served || !loop.deadlineKnown {
+        if served || !loop.deadlineKnown || handlersRan {
+            handlersRan = false
             loop.deadline = model.nextDeadline()
             loop.deadlineKnown = true
         }
@@ -489,6 +494,7 @@ public final class DeviceRuntime: @unchecked Sendable {
         if revents[0] != 0 { serviceControl() }
         for (i, watcher) in watchers.enumerated() where revents[watchBase + i] != 0 && interests[watchBase + i].fd >= 0 {
             watcher.handler()
+            handlersRan = true
         }
     }
 

@@ -35,7 +35,8 @@ func platformDevices(_ options: VMDefinition, boot: BootFiles, firmwareROM: File
     for (i, disk) in disks.enumerated() {
         let settings = SCSIContract.Settings(kind: .disk, readOnly: disk.readOnly, serial: "hv-disk\(i)",
                                              format: disk.format == .qcow2 ? .qcow2 : .raw,
-                                             backingFormats: disk.backing.map { $0.format == .qcow2 ? .qcow2 : .raw })
+                                             backingFormats: disk.backing.map { $0.format == .qcow2 ? .qcow2 : .raw },
+                                             rateLimit: i < options.disks.count ? options.disks[i].rateLimit?.settings ?? .init() : .init())
         var files = hostFileTable([SCSIContract.HostFile.medium: disk.file])
         for (depth, image) in disk.backing.enumerated() { files[SCSIContract.backingSlot(depth)] = image.file }
         devices.append(DeviceSpec(name: "disk\(i)", executable: deviceExecutable("hv-scsi"),
@@ -54,9 +55,14 @@ func platformDevices(_ options: VMDefinition, boot: BootFiles, firmwareROM: File
     }
     // Each NIC is its own virtio-net process.
     for (i, nic) in nics.enumerated() {
+        var settings = nic.settings
+        if i < options.nics.count {
+            settings.receiveLimit = options.nics[i].rxRateLimit?.settings ?? .init()
+            settings.transmitLimit = options.nics[i].txRateLimit?.settings ?? .init()
+        }
         devices.append(DeviceSpec(name: "net\(i)", executable: deviceExecutable("hv-net"),
                                   resources: VirtioPCILayout.resources(device: PCISlots.nic(i)),
-                                  hostFiles: hostFileTable(nic.hostFiles), config: nic.settings.encoded,
+                                  hostFiles: hostFileTable(nic.hostFiles), config: settings.encoded,
                                   capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
         profiles["net\(i)"] = "net"
     }

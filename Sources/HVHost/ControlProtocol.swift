@@ -34,6 +34,8 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         case migrate
         /// Cancel the migration under way; the VM carries on here.
         case migrateCancel = "migrate-cancel"
+        /// Change the VM's resource limits: the fields `limits` sets replace the ones in force.
+        case setLimits = "set-limits"
     }
     public var command: Command
     /// An absolute host path: the ISO (`cdrom-insert`) or the new binary (`device-upgrade`).
@@ -52,6 +54,27 @@ public struct ControlRequest: Codable, Equatable, Sendable {
     public var bandwidth: UInt64?
     /// `migrate`: on timeout, switch over with a longer pause instead of cancelling.
     public var finishOnTimeout: Bool?
+    /// `set-limits`: the limits to change.
+    public var limits: VMDefinition.Limits?
+    /// `set-limits`: devices' new rate limits.
+    public var rates: [RateChange]?
+
+    /// A device's rate limits as they are to be: a disk's `limit`, a NIC's `rx` and `tx`; each
+    /// replaces the one in force, and one left out (or null) means unlimited.
+    public struct RateChange: Codable, Equatable, Sendable {
+        /// `disk0`, `net1`.
+        public var device: String
+        public var limit: VMDefinition.RateLimit?
+        public var rx: VMDefinition.RateLimit?
+        public var tx: VMDefinition.RateLimit?
+
+        public init(device: String, limit: VMDefinition.RateLimit? = nil, rx: VMDefinition.RateLimit? = nil, tx: VMDefinition.RateLimit? = nil) {
+            self.device = device
+            self.limit = limit
+            self.rx = rx
+            self.tx = tx
+        }
+    }
 
     public init(_ command: Command, path: String? = nil, device: String? = nil, registers: Bool? = nil, stop: Bool? = nil) {
         self.command = command
@@ -63,7 +86,7 @@ public struct ControlRequest: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case command, path, device, registers, stop, maxDowntimeMs = "max_downtime_ms", timeoutSeconds = "timeout_seconds", bandwidth,
-             finishOnTimeout = "finish_on_timeout"
+             finishOnTimeout = "finish_on_timeout", limits, rates
     }
 
     public init(from decoder: any Decoder) throws {
@@ -78,6 +101,8 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         timeoutSeconds = try c.decodeIfPresent(UInt64.self, forKey: .timeoutSeconds)
         bandwidth = try c.decodeIfPresent(UInt64.self, forKey: .bandwidth)
         finishOnTimeout = try c.decodeIfPresent(Bool.self, forKey: .finishOnTimeout)
+        limits = try c.decodeIfPresent(VMDefinition.Limits.self, forKey: .limits)
+        rates = try c.decodeIfPresent([RateChange].self, forKey: .rates)
     }
 }
 
@@ -133,6 +158,22 @@ public struct VMStatus: Codable, Equatable, Sendable {
     public var consoleLog: String?
     /// Whether `hvctl console NAME` can attach (the serial port is `console`).
     public var consoleAttachable: Bool
+    /// Its cgroups, limits and use; nil when it runs without cgroups.
+    public var resources: Resources? = nil
+
+    public struct Resources: Codable, Equatable, Sendable {
+        /// The VM's group in each hierarchy (`core` and a group per device are inside).
+        public var cgroups: [String]
+        public var limits: EffectiveLimits
+        /// Memory the whole VM uses now (guest RAM touched, the core, devices, page cache).
+        public var memoryBytes: UInt64?
+        /// Processes and threads in the VM now.
+        public var pids: UInt64?
+
+        enum CodingKeys: String, CodingKey {
+            case cgroups, limits, memoryBytes = "memory_bytes", pids
+        }
+    }
 
     public struct VCPU: Codable, Equatable, Sendable {
         public var id: Int
@@ -174,6 +215,10 @@ public struct VMStatus: Codable, Equatable, Sendable {
         public var readonly: Bool
         /// A qcow2 disk's backing chain, nearest first (absent when it has none).
         public var backing: [String]?
+        /// Its rate limit (absent: unlimited).
+        public var rateLimit: VMDefinition.RateLimit?
+
+        enum CodingKeys: String, CodingKey { case device, path, format, readonly, backing, rateLimit = "rate_limit" }
     }
 
     public struct CDROM: Codable, Equatable, Sendable {
@@ -189,11 +234,16 @@ public struct VMStatus: Codable, Equatable, Sendable {
         public var segment: String?
         /// The host bridge the tap joined, if any.
         public var bridge: String?
+        /// Its rate limits, host → guest and guest → host (absent: unlimited).
+        public var rxRateLimit: VMDefinition.RateLimit?
+        public var txRateLimit: VMDefinition.RateLimit?
+
+        enum CodingKeys: String, CodingKey { case device, mac, tap, segment, bridge, rxRateLimit = "rx_rate_limit", txRateLimit = "tx_rate_limit" }
     }
 
     enum CodingKeys: String, CodingKey {
         case name, pid, state, boot, uptimeSeconds = "uptime_seconds", pausedSeconds = "paused_seconds", memoryMiB = "memory_mib", cpus,
-             tenant, vcpus, devices, disks, cdrom, nics, consoleLog = "console_log", consoleAttachable = "console_attachable"
+             tenant, vcpus, devices, disks, cdrom, nics, consoleLog = "console_log", consoleAttachable = "console_attachable", resources
     }
 }
 

@@ -387,9 +387,10 @@ private func startSwitch(_ segment: String, verbose: Bool) -> Result<Void, Usage
         if sandboxSegments {
             let plan = try DeviceCatalog.plan(profilePath: try DeviceCatalog.builtInProfilePath("switch"), tenant: "segment:\(segment)")  // ":" is not allowed in --tenant: no VM can share its uid
             _ = try plan.spawn(executable: executable, arguments: [segment], memoryBytes: 0,
-                               inherit: [(3, listener.rawValue)], detached: true, stderr: stderr.rawValue)
+                               inherit: [(3, listener.rawValue)], detached: true, stderr: stderr.rawValue, placement: segmentSwitchPlacement)
         } else {
-            _ = try ChildProcess.spawn(path: executable, arguments: [segment], inherit: [(2, stderr.rawValue), (3, listener.rawValue)])
+            let child = try ChildProcess.spawn(path: executable, arguments: [segment], inherit: [(2, stderr.rawValue), (3, listener.rawValue)])
+            try segmentSwitchPlacement?.apply(to: child.pid)
         }
     } catch let error as UsageError {
         return .failure(error)
@@ -520,6 +521,10 @@ func sweepStaleSegments() {
 
 /// Whether segment switches run sandboxed (off only under --no-sandbox).
 nonisolated(unsafe) var sandboxSegments = true
+
+/// Where a segment's switch goes: out of the VM's cgroups (hvctl runs in them), since it serves
+/// every VM on the segment and outlives the one that started it. Set with the VM's cgroups.
+nonisolated(unsafe) var segmentSwitchPlacement: ProcessPlacement?
 
 // MARK: Segment status
 

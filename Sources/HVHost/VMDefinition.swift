@@ -35,6 +35,8 @@ public struct VMDefinition: Codable, Equatable, Sendable {
     /// kernel when each is opened); the system's SeaBIOS is allowed too. hvd sets it for a
     /// tenant's VMs, so a tenant names only files in its own directory. nil: no confinement.
     public var confinement: String?
+    /// CPU, memory and process limits, enforced by the VM's cgroups; nil: hv's defaults.
+    public var limits: Limits?
 
     public init() {}
 
@@ -71,10 +73,13 @@ public struct VMDefinition: Codable, Equatable, Sendable {
         public var readonly: Bool = false
         /// The image's format; nil: detected from its content.
         public var format: DiskFormat?
-        public init(path: String, readonly: Bool = false, format: DiskFormat? = nil) {
+        /// The guest's requests to this disk, metered; nil: unlimited.
+        public var rateLimit: RateLimit?
+        public init(path: String, readonly: Bool = false, format: DiskFormat? = nil, rateLimit: RateLimit? = nil) {
             self.path = path
             self.readonly = readonly
             self.format = format
+            self.rateLimit = rateLimit
         }
     }
 
@@ -94,12 +99,19 @@ public struct VMDefinition: Codable, Equatable, Sendable {
         /// Other tenants whose VMs may join the segment, if this NIC creates it (segment only).
         /// A segment otherwise admits only VMs of the tenant that created it.
         public var sharedWith: [String]?
-        public init(tap: String? = nil, segment: String? = nil, mac: String? = nil, bridge: String? = nil, sharedWith: [String]? = nil) {
+        /// Frames the guest receives, metered; nil: unlimited.
+        public var rxRateLimit: RateLimit?
+        /// Frames the guest sends, metered; nil: unlimited.
+        public var txRateLimit: RateLimit?
+        public init(tap: String? = nil, segment: String? = nil, mac: String? = nil, bridge: String? = nil, sharedWith: [String]? = nil,
+                    rxRateLimit: RateLimit? = nil, txRateLimit: RateLimit? = nil) {
             self.tap = tap
             self.segment = segment
             self.mac = mac
             self.bridge = bridge
             self.sharedWith = sharedWith
+            self.rxRateLimit = rxRateLimit
+            self.txRateLimit = txRateLimit
         }
     }
 
@@ -189,7 +201,12 @@ extension VMDefinition {
             throw UsageError(message: "invalid \(field("--disk", "disks[\(i)].path")) '\(disk.path)': use PATH[,readonly][,format=raw|qcow2]")
         }
         guard nics.count <= Self.maximumNICs else { throw UsageError(message: "at most \(Self.maximumNICs) \(field("--nic", "nics")) per VM") }
-        for (i, nic) in nics.enumerated() { _ = try nic.option(where: field("--nic", "nics[\(i)]")) }
+        for (i, nic) in nics.enumerated() {
+            _ = try nic.option(where: field("--nic", "nics[\(i)]"))
+            try nic.rxRateLimit?.validate(field: field("--nic \(i) rx", "nics[\(i)].rx_rate_limit"))
+            try nic.txRateLimit?.validate(field: field("--nic \(i) tx", "nics[\(i)].tx_rate_limit"))
+        }
+        for (i, disk) in disks.enumerated() { try disk.rateLimit?.validate(field: field("--disk \(i)", "disks[\(i)].rate_limit")) }
         if let confinement {
             guard confinement.utf8.first == UInt8(ascii: "/"), !confinement.utf8.contains(0) else {
                 throw UsageError(message: "confine_files_to '\(confinement)' must be an absolute path")
@@ -207,6 +224,9 @@ extension VMDefinition {
                 throw UsageError(message: "invalid \(field("--tenant", "tenant")) '\(tenant)': use 1 to 64 letters, digits, '.', '_' or '-'")
             }
         }
+        try limits?.validate { flags ? $0.flag : "limits.\($0.rawValue)" }
+        // Flags are checked as a whole at once; a document's limit against its RAM at start.
+        if flags { try limits?.checkFits(guestMemoryMiB: memoryMiB) { $0.flag } }
     }
 
     /// The same definition with every host path made absolute against `directory` (a config
@@ -255,7 +275,7 @@ extension VMDefinition {
 
 extension VMDefinition.NIC {
     /// What `--nic` takes, for error messages.
-    public static let flagHint = "use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT[,shared=TENANT+…], optionally followed by ,mac=52:54:00:xx:xx:xx"
+    public static let flagHint = "use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT[,shared=TENANT+…], optionally followed by ,mac=52:54:00:xx:xx:xx and rate limits ,rx_bps=RATE,tx_bps=RATE,rx_pps=N,tx_pps=N"
 
     /// The attachment this NIC names, checked; `what` names it in errors.
     func option(where what: String) throws(UsageError) -> NICOption {
@@ -281,6 +301,7 @@ extension VMDefinition {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case name, memoryMiB = "memory_mib", cpus, boot, onReset = "on_reset", disks, cdrom, nics, serial, debugcon, tenant, sandbox, devices
         case confinement = "confine_files_to"
+        case limits
     }
 
     public init(from decoder: any Decoder) throws {
@@ -300,6 +321,7 @@ extension VMDefinition {
         sandbox = try c.decodeIfPresent(Bool.self, forKey: .sandbox) ?? true
         devices = try c.decodeIfPresent([String].self, forKey: .devices) ?? []
         confinement = try c.decodeIfPresent(String.self, forKey: .confinement)
+        limits = try c.decodeIfPresent(Limits.self, forKey: .limits)
     }
 
     /// Reads a definition from JSON; an error is one line naming the key path (`disks[1].readonly`).
@@ -370,18 +392,21 @@ extension VMDefinition.Boot {
 }
 
 extension VMDefinition.Disk {
-    enum CodingKeys: String, CodingKey, CaseIterable { case path, readonly, format }
+    enum CodingKeys: String, CodingKey, CaseIterable { case path, readonly, format, rateLimit = "rate_limit" }
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
         path = try c.decode(String.self, forKey: .path)
         readonly = try c.decodeIfPresent(Bool.self, forKey: .readonly) ?? false
         format = try c.decodeIfPresent(VMDefinition.DiskFormat.self, forKey: .format)
+        rateLimit = try c.decodeIfPresent(VMDefinition.RateLimit.self, forKey: .rateLimit)
     }
 }
 
 extension VMDefinition.NIC {
-    enum CodingKeys: String, CodingKey, CaseIterable { case tap, segment, mac, bridge, sharedWith = "shared_with" }
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case tap, segment, mac, bridge, sharedWith = "shared_with", rxRateLimit = "rx_rate_limit", txRateLimit = "tx_rate_limit"
+    }
     public init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -390,6 +415,8 @@ extension VMDefinition.NIC {
         mac = try c.decodeIfPresent(String.self, forKey: .mac)
         bridge = try c.decodeIfPresent(String.self, forKey: .bridge)
         sharedWith = try c.decodeIfPresent([String].self, forKey: .sharedWith)
+        rxRateLimit = try c.decodeIfPresent(VMDefinition.RateLimit.self, forKey: .rxRateLimit)
+        txRateLimit = try c.decodeIfPresent(VMDefinition.RateLimit.self, forKey: .txRateLimit)
     }
 }
 

@@ -1,6 +1,7 @@
 import Glibc
 import HVCore
 import HVIPC
+import HVNetContract
 import HVSCSIContract
 import HVSerialContract
 import HVSys
@@ -49,6 +50,9 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     } catch {
         fail(error.message, status: 2)
     }
+    // The VM's cgroups, as early as can be: hvctl's move into `core` waits out an RCU grace
+    // period (v1), which overlaps with what follows; every device and switch starts after.
+    let resources = makeResourceGroups(name: name, options)
     var restore = restore
     if let incoming {
         // Until GO, whatever ends this process tells the source why, so it carries on there.
@@ -148,7 +152,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
 
     let started = monotonicNanoseconds()
     let control = VMControl(name: name, definition: options, bootMode: boot.mode.rawValue, tenant: tenant, started: started,
-                            disks: disks, hasCDROM: cdrom != nil, nics: nics, current: current)
+                            disks: disks, hasCDROM: cdrom != nil, nics: nics, current: current, resources: resources)
     do {
         try server.start(handler: control.handle, stream: control.stream)
         try consoleServer?.start()
@@ -164,14 +168,23 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     func prepareDevices() -> (devices: [DeviceSpec], firmwareROM: FileDescriptor?) {
         do {
             let rom = try boot.firmwareSize.map { size throws(SystemError) in try MemFD.create(name: "hv-firmware-rom", size: size) }
-            let devices = try platformDevices(options, boot: boot, firmwareROM: rom, serialFiles: serialFiles,
+            // The live definition: rate limits changed while the VM ran survive a reboot.
+            var devices = try platformDevices(control.live.withLock { $0 }, boot: boot, firmwareROM: rom, serialFiles: serialFiles,
                                               debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom, nics: nics)
+            if let resources {
+                for i in devices.indices { devices[i].placement = try resources.placement(for: devices[i].name) }
+            }
             return (devices, rom)
         } catch let error as UsageError {
             fail(error.message, status: 2)
         } catch {
             fail("cannot prepare the firmware ROM: \(error)")
         }
+    }
+    // A thread or process the pids limit refused: failures say which limit.
+    func limitHint() -> String {
+        guard let resources, resources.pidsLimitReached() else { return "" }
+        return " (the VM reached its pids limit of \(resources.limits.pids); raise --pids-limit)"
     }
     var prepared = prepareDevices()
     var restoring = restore
@@ -188,8 +201,9 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
                                         firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused || arriving != nil,
                                         incoming: arriving))
         } catch {
-            if incoming != nil && restoring != nil { fail("cannot build the migrated VM: \(error)") }
-            fail(restoring == nil ? "\(error)" : "cannot restore snapshot \(restoring!.directory): \(error)")
+            let hint = limitHint()
+            if incoming != nil && restoring != nil { fail("cannot build the migrated VM: \(error)\(hint)") }
+            fail(restoring == nil ? "\(error)\(hint)" : "cannot restore snapshot \(restoring!.directory): \(error)\(hint)")
         }
         let arriving = restoring == nil ? nil : incoming
         restoring = nil  // a reboot after a restore boots afresh
@@ -231,7 +245,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
             return 128 + sig
         case .failure(let why):
             console?.restore()
-            fail(why)
+            fail(why + limitHint())
         case .migrated:
             return 0
         }
@@ -256,8 +270,17 @@ final class VMControl: Sendable {
     let migration = MigrationState()
     let consoleLog: String?
 
+    /// The VM's cgroups; nil when it runs without.
+    let resources: ResourceGroups?
+    /// The definition as it stands now: `definition` with each `set-limits` applied (its
+    /// limits and its disks' and NICs' rate limits). A reboot builds the devices from it, and a
+    /// snapshot records it.
+    let live: Mutex<VMDefinition>
+
     init(name: String, definition: VMDefinition, bootMode: String, tenant: String?, started: UInt64, disks: [DiskImage],
-         hasCDROM: Bool, nics: [AttachedNIC], current: CurrentMachine) {
+         hasCDROM: Bool, nics: [AttachedNIC], current: CurrentMachine, resources: ResourceGroups?) {
+        self.resources = resources
+        live = Mutex(definition)
         self.name = name
         self.definition = definition
         self.bootMode = bootMode
@@ -305,6 +328,30 @@ final class VMControl: Sendable {
             return ControlReply(ok: true, message: "cancelling the migration of \(name); it carries on here")
         case .status:
             return ControlReply(ok: true, status: status(registers: request.registers ?? false))
+        case .setLimits:
+            let change = request.limits ?? .init(), rates = request.rates ?? []
+            guard !change.isEmpty || !rates.isEmpty else { return .failure("set-limits needs at least one limit") }
+            var said: [String] = []
+            if !change.isEmpty {
+                guard let resources else { return .failure("\(name) runs without cgroups, so its limits cannot be changed") }
+                let wanted = (live.withLock { $0.limits } ?? .init()).merging(change)
+                do throws(UsageError) {
+                    try wanted.validate { $0.flag }
+                    try wanted.checkFits(guestMemoryMiB: definition.memoryMiB) { $0.flag }
+                    try resources.apply(EffectiveLimits(wanted, guestMemoryMiB: definition.memoryMiB))
+                } catch {
+                    return .failure(error.message)
+                }
+                live.withLock { $0.limits = wanted }
+                said.append("limits of \(name) set: " + describeLimits(resources.limits))
+            }
+            for rate in rates {
+                switch changeRate(rate) {
+                case .success(let line): said.append(line)
+                case .failure(let why): return .failure((said + [why.message]).joined(separator: "; "))
+                }
+            }
+            return ControlReply(ok: true, message: said.joined(separator: "; "))
         case .stop:
             current.stop(.stopRequested)
             return ControlReply(ok: true, message: "stopping")
@@ -366,10 +413,57 @@ final class VMControl: Sendable {
         }
     }
 
+    /// Applies one device's new rate limits: the device restarts with them (the guest sees a
+    /// pause), and the live definition keeps them for reboots and snapshots.
+    private func changeRate(_ rate: ControlRequest.RateChange) -> Result<String, UsageError> {
+        guard let machine = current.machine else { return .failure(UsageError(message: "the VM is between boots; try again")) }
+        let index = Int(rate.device.drop { !$0.isNumber })
+        let isDisk = rate.device.hasPrefix("disk"), isNIC = rate.device.hasPrefix("net")
+        let count = live.withLock { isDisk ? $0.disks.count : $0.nics.count }
+        guard isDisk || isNIC, let index, "\(isDisk ? "disk" : "net")\(index)" == rate.device, index < count else {
+            return .failure(UsageError(message: "\(name) has no disk or NIC '\(rate.device)' (see 'hvctl status \(name)')"))
+        }
+        for (limit, what) in [(rate.limit, "limit"), (rate.rx, "rx"), (rate.tx, "tx")] {
+            do throws(UsageError) { try limit?.validate(field: "\(rate.device) \(what)") } catch { return .failure(error) }
+        }
+        if isDisk && (rate.rx != nil || rate.tx != nil) { return .failure(UsageError(message: "\(rate.device) is a disk: give its limit, not rx or tx")) }
+        if isNIC && rate.limit != nil { return .failure(UsageError(message: "\(rate.device) is a NIC: give rx and tx limits")) }
+        var setting: [String: String] = [:]
+        let prefixes: [String]
+        if isDisk {
+            prefixes = [SCSIContract.Settings.rateLimitPrefix]
+            for (key, value) in (rate.limit?.settings ?? .init()).fields(prefix: prefixes[0]) { setting[key] = value }
+        } else {
+            prefixes = [NetContract.Settings.receiveLimitPrefix, NetContract.Settings.transmitLimitPrefix]
+            for (key, value) in (rate.rx?.settings ?? .init()).fields(prefix: prefixes[0]) { setting[key] = value }
+            for (key, value) in (rate.tx?.settings ?? .init()).fields(prefix: prefixes[1]) { setting[key] = value }
+        }
+        do throws(DeviceActionError) {
+            _ = try machine.perform(.reconfigure(removing: prefixes, setting: setting), on: rate.device)
+        } catch {
+            return .failure(UsageError(message: error.description))
+        }
+        live.withLock { d in
+            if isDisk {
+                d.disks[index].rateLimit = rate.limit
+            } else {
+                d.nics[index].rxRateLimit = rate.rx
+                d.nics[index].txRateLimit = rate.tx
+            }
+        }
+        func describe(_ l: VMDefinition.RateLimit?) -> String {
+            guard let l, !l.isEmpty else { return "unlimited" }
+            return [l.bandwidth.map { "\($0.size) bytes per \($0.refillTimeMs) ms" }, l.ops.map { "\($0.size) ops per \($0.refillTimeMs) ms" }]
+                .compactMap { $0 }.joined(separator: ", ")
+        }
+        return .success(isDisk ? "\(rate.device) rate limit: \(describe(rate.limit))"
+                        : "\(rate.device) rate limits: rx \(describe(rate.rx)), tx \(describe(rate.tx))")
+    }
+
     /// What a snapshot keeps of the host side: the VM's definition, its paths absolute and its
     /// name set, from which `hvctl run --restore` builds the same VM.
     func snapshotRecord() -> [UInt8] {
-        var saved = definition.resolvingPaths(against: absolutePath("."))
+        var saved = live.withLock { $0 }.resolvingPaths(against: absolutePath("."))
         saved.name = name
         // The guest's driver knows its NICs' addresses: a restore keeps them, under any name.
         for i in saved.nics.indices where i < nics.count { saved.nics[i].mac = nics[i].mac }
@@ -389,12 +483,63 @@ final class VMControl: Sendable {
                           exits: .init(io: v.exits.io, mmio: v.exits.mmio, interrupted: v.exits.interrupted, halt: v.exits.halt))
         }
         let pausedSince = machine?.pausedSince
+        let standing = live.withLock { $0 }
+        var liveDisks = disks, liveNICs = nics
+        for i in liveDisks.indices where i < standing.disks.count { liveDisks[i].rateLimit = standing.disks[i].rateLimit }
+        for i in liveNICs.indices where i < standing.nics.count {
+            liveNICs[i].rxRateLimit = standing.nics[i].rxRateLimit
+            liveNICs[i].txRateLimit = standing.nics[i].txRateLimit
+        }
         return VMStatus(name: name, pid: getpid(), state: machine?.guestStarted != true ? "starting" : pausedSince == nil ? "running" : "paused", boot: bootMode,
                         uptimeSeconds: (now - started) / 1_000_000_000,
                         pausedSeconds: pausedSince.map { (now - $0) / 1_000_000_000 },
                         memoryMiB: definition.memoryMiB, cpus: definition.cpus, tenant: tenant, vcpus: vcpus, devices: devices,
-                        disks: disks, cdrom: hasCDROM ? VMStatus.CDROM(device: "cdrom0", medium: medium.withLock { $0 }) : nil, nics: nics,
-                        consoleLog: consoleLog, consoleAttachable: definition.serial.output == .console)
+                        disks: liveDisks, cdrom: hasCDROM ? VMStatus.CDROM(device: "cdrom0", medium: medium.withLock { $0 }) : nil, nics: liveNICs,
+                        consoleLog: consoleLog, consoleAttachable: definition.serial.output == .console,
+                        resources: resources.map { r in
+                            let use = r.usage()
+                            return VMStatus.Resources(cgroups: r.groups.map(\.directory), limits: r.limits, memoryBytes: use.memoryBytes, pids: use.pids)
+                        })
+    }
+}
+
+/// Limits as one line: `cpu quota 0.5 CPUs, cpu weight 100, memory 512 MiB, no device cap, 1024 pids`.
+public func describeLimits(_ limits: EffectiveLimits) -> String {
+    (limits.cpuQuota.map { "cpu quota \($0) CPUs" } ?? "no cpu quota") + ", cpu weight \(limits.cpuWeight), memory \(limits.memoryBytes >> 20) MiB, "
+        + (limits.deviceMemoryBytes.map { "\($0 >> 20) MiB a device" } ?? "no device cap") + ", \(limits.pids) pids"
+}
+
+/// Makes the VM's cgroups (`ResourceGroups`). Where the host offers no cgroups hv can use, a VM
+/// whose definition sets no limit runs without (saying so once); one that sets a limit is refused.
+func makeResourceGroups(name: String, _ options: VMDefinition) -> ResourceGroups? {
+    let explicit = options.limits ?? .init()
+    do throws(UsageError) { try explicit.checkFits(guestMemoryMiB: options.memoryMiB) { "limits.\($0.rawValue)" } } catch {
+        fail(error.message, status: 2)
+    }
+    let parent = getenv("HV_CGROUP_PARENT").flatMap { $0.pointee == 0 ? nil : String(cString: $0) }
+    if parent == "none" {
+        guard explicit.isEmpty else { fail("--cgroup-parent none runs the VM without cgroups, so it cannot have limits; leave the limits out", status: 2) }
+        return nil
+    }
+    let layout = CGroupLayout.host()
+    let effective = EffectiveLimits(explicit, guestMemoryMiB: options.memoryMiB)
+    do throws(UsageError) {
+        if layout.hierarchies.isEmpty {
+            guard explicit.isEmpty else {
+                throw UsageError(message: "this host offers hv no cgroup controller (cpu, memory or pids) to limit the VM with; leave the limits out")
+            }
+            // No cgroup hierarchy mounted at all (`ip netns exec` remounts /sys without one): the
+            // VM runs without, as `hvctl status` says; nothing was asked that could not be done.
+            return nil
+        }
+        let groups = try ResourceGroups.create(vm: name, layout: layout, parent: parent, limits: effective, explicit: explicit,
+                                               reaperExecutable: executableDirectory() + "/hv-cgroup-reaper")
+        segmentSwitchPlacement = groups.outside
+        return groups
+    } catch {
+        guard explicit.isEmpty else { fail(error.message, status: 2) }
+        warn("\(error.message); \(name) runs without resource limits")
+        return nil
     }
 }
 

@@ -138,3 +138,55 @@ public enum VirtioPCILayout {
                 Resource(kind: .pciMMIOBar, base: bdf << 8, length: barSize)]
     }
 }
+
+/// A rate limit as a device receives it in its settings: a bandwidth bucket (bytes) and an
+/// operations bucket (requests or frames), each optional, with Firecracker's semantics: the
+/// bucket holds `size` tokens and refills completely in `refillTimeMs`; `oneTimeBurst` extra
+/// tokens are there at the start and never come back. Defined once for the trusted side (which
+/// encodes a VM definition's limits) and the devices (which enforce them).
+public struct RateLimitSettings: Equatable, Sendable {
+    public struct Bucket: Equatable, Sendable {
+        public var size: UInt64
+        public var oneTimeBurst: UInt64
+        public var refillTimeMs: UInt64
+
+        public init(size: UInt64, oneTimeBurst: UInt64 = 0, refillTimeMs: UInt64) {
+            self.size = size
+            self.oneTimeBurst = oneTimeBurst
+            self.refillTimeMs = refillTimeMs
+        }
+    }
+
+    public var bandwidth: Bucket?
+    public var ops: Bucket?
+
+    public init(bandwidth: Bucket? = nil, ops: Bucket? = nil) {
+        self.bandwidth = bandwidth
+        self.ops = ops
+    }
+
+    public var isUnlimited: Bool { bandwidth == nil && ops == nil }
+
+    /// The settings fields, each key behind `prefix` (`rate_`, `rx_rate_`, …): `PREFIXbw` and
+    /// `PREFIXops` as `SIZE,BURST,REFILL_MS`; absent when unlimited.
+    public func fields(prefix: String) -> [(key: String, value: String)] {
+        var fields: [(key: String, value: String)] = []
+        if let bandwidth { fields.append((prefix + "bw", "\(bandwidth.size),\(bandwidth.oneTimeBurst),\(bandwidth.refillTimeMs)")) }
+        if let ops { fields.append((prefix + "ops", "\(ops.size),\(ops.oneTimeBurst),\(ops.refillTimeMs)")) }
+        return fields
+    }
+
+    /// Reads what `fields(prefix:)` wrote.
+    public init(reading reader: SettingsReader, prefix: String) throws(SettingsError) {
+        func bucket(_ key: String) throws(SettingsError) -> Bucket? {
+            guard let text = reader.fields[key] else { return nil }
+            let parts = text.split(separator: ",", omittingEmptySubsequences: false).map { UInt64($0) }
+            guard parts.count == 3, let size = parts[0], let burst = parts[1], let refill = parts[2], size > 0, refill > 0,
+                  size <= 1 << 50, burst <= 1 << 50, refill <= 1 << 32 else {
+                throw SettingsError(key: key, problem: "is '\(text)', not SIZE,BURST,REFILL_MS (size and refill time above 0)")
+            }
+            return Bucket(size: size, oneTimeBurst: burst, refillTimeMs: refill)
+        }
+        self.init(bandwidth: try bucket(prefix + "bw"), ops: try bucket(prefix + "ops"))
+    }
+}

@@ -93,6 +93,14 @@ public final class ChildProcess: Sendable {
         return .signalled(sig)
     }
 
+    /// Waits for the child to end, and reaps it.
+    public func waitForExit() -> Termination {
+        var status: Int32 = 0
+        _ = retryOnInterrupt { waitpid(pid, &status, 0) }
+        let sig = status & 0x7f
+        return sig == 0 ? .exited((status >> 8) & 0xff) : .signalled(sig)
+    }
+
     /// Kills and reaps, blocking until gone.
     public func killAndReap() {
         signal(SIGKILL)
@@ -121,4 +129,48 @@ public func signalWhenParentDies(_ signal: Int32, parent: pid_t) -> Bool {
 /// for their end-of-file (a shell's `$(…)`, Foundation's `Process`) waits as long as the VM runs.
 public func closeDescriptors(from first: Int32) {
     _ = hv_close_range(UInt32(first), UInt32.max)
+}
+
+/// Where a new process goes before it runs its own code: the cgroups it joins (a directory per
+/// hierarchy: one on cgroup v2, one per controller on v1) and how readily the OOM killer picks it.
+/// The parent applies it while the child waits (see `SandboxPlan.spawn`), so no instruction of
+/// the child runs outside its limits.
+public struct ProcessPlacement: Sendable, Equatable {
+    /// cgroup directories whose `cgroup.procs` the process is written to.
+    public var cgroupDirectories: [String]
+    /// /proc/PID/oom_score_adj (-1000…1000); nil leaves the inherited value.
+    public var oomScoreAdjust: Int32?
+
+    public init(cgroupDirectories: [String], oomScoreAdjust: Int32? = nil) {
+        self.cgroupDirectories = cgroupDirectories
+        self.oomScoreAdjust = oomScoreAdjust
+    }
+
+    /// Moves `pid` (the whole process, every thread) into the groups and sets its OOM score.
+    public func apply(to pid: pid_t) throws(SystemError) {
+        for directory in cgroupDirectories {
+            try Self.write("\(pid)\n", to: directory + "/cgroup.procs")
+        }
+        if let oomScoreAdjust { try Self.write("\(oomScoreAdjust)\n", to: "/proc/\(pid)/oom_score_adj") }
+    }
+
+    private static func write(_ text: String, to path: String) throws(SystemError) {
+        let fd = try FileDescriptor.open(path, flags: O_WRONLY)
+        try fd.writeAll(Array(text.utf8))
+    }
+
+    /// How many processes the OOM killer has killed in the memory group among
+    /// `cgroupDirectories` (v1 `memory.oom_control`, v2 `memory.events`); nil if none says.
+    public func oomKillCount() -> UInt64? {
+        for directory in cgroupDirectories {
+            for file in ["/memory.oom_control", "/memory.events"] {
+                guard let fd = try? FileDescriptor.open(directory + file, flags: O_RDONLY), let bytes = try? fd.readAll() else { continue }
+                for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+                    let fields = line.split(separator: " ")
+                    if fields.count == 2 && fields[0] == "oom_kill", let count = UInt64(fields[1]) { return count }
+                }
+            }
+        }
+        return nil
+    }
 }

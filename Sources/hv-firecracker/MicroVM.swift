@@ -109,7 +109,7 @@ final class MicroVM: Sendable {
         guard d.driveId == pathID else { throw Fault("The id from the path [\(pathID)] does not match the id from the body [\(d.driveId)]") }
         guard d.socket == nil else { throw Fault("drive \(d.driveId): hv has no vhost-user-block backend; give path_on_host instead of socket") }
         guard let path = d.pathOnHost else { throw Fault("drive \(d.driveId): path_on_host is missing") }
-        if d.rateLimiter?.limits == true { throw Fault("drive \(d.driveId): hv does not limit a drive's rate; leave rate_limiter out") }
+        _ = try d.rateLimiter?.hvLimit("drive \(d.driveId): rate_limiter")
         if let cache = d.cacheType, !["Unsafe", "Writeback"].contains(cache) { throw Fault("drive \(d.driveId): cache_type must be Unsafe or Writeback, not \(cache)") }
         if let engine = d.ioEngine, !["Sync", "Async"].contains(engine) { throw Fault("drive \(d.driveId): io_engine must be Sync or Async, not \(engine)") }
         var drive = d
@@ -127,17 +127,25 @@ final class MicroVM: Sendable {
         guard d.driveId == pathID else { throw Fault("The id from the path [\(pathID)] does not match the id from the body [\(d.driveId)]") }
         guard phase.withLock({ $0 }) == .started else { throw Fault("The requested operation is not supported before starting the microVM.") }
         guard let drive = current.drives.first(where: { $0.driveId == d.driveId }) else { throw Fault("drive \(d.driveId) does not exist") }
-        if d.rateLimiter?.limits == true { throw Fault("drive \(d.driveId): hv does not limit a drive's rate; leave rate_limiter out") }
         if let path = d.pathOnHost, absolute(path) != drive.pathOnHost {
             throw Fault("drive \(d.driveId): hv cannot change a running drive's backing file yet (it has \(drive.pathOnHost ?? "none"))")
+        }
+        if let limiter = d.rateLimiter {
+            // The running drive's limit, as Firecracker's PATCH: the device restarts with it.
+            let device = "disk\(bootOrderedDrives(current).firstIndex { $0.driveId == d.driveId } ?? 0)"
+            var request = ControlRequest(.setLimits)
+            request.rates = [.init(device: device, limit: try limiter.hvLimit("drive \(d.driveId): rate_limiter"))]
+            try applyRunning(request, what: "drive \(d.driveId)")
+            updateCurrent { c in
+                if let i = c.drives.firstIndex(where: { $0.driveId == d.driveId }) { c.drives[i].rateLimiter = limiter }
+            }
         }
     }
 
     func putNetworkInterface(_ n: NetworkInterface, pathID: String) throws(Fault) {
         guard n.ifaceId == pathID else { throw Fault("The id from the path [\(pathID)] does not match the id from the body [\(n.ifaceId)]") }
-        if n.rxRateLimiter?.limits == true || n.txRateLimiter?.limits == true {
-            throw Fault("network interface \(n.ifaceId): hv does not limit a NIC's rate; leave rx_rate_limiter and tx_rate_limiter out")
-        }
+        _ = try n.rxRateLimiter?.hvLimit("network interface \(n.ifaceId): rx_rate_limiter")
+        _ = try n.txRateLimiter?.hvLimit("network interface \(n.ifaceId): tx_rate_limiter")
         if n.mtu != nil { throw Fault("network interface \(n.ifaceId): hv's NIC does not advertise an MTU; leave mtu out") }
         // The same checks hv makes of a NIC in a VM definition (tap name, MAC).
         var probe = VMDefinition()
@@ -154,9 +162,18 @@ final class MicroVM: Sendable {
     func patchNetworkInterface(_ n: PartialNetworkInterface, pathID: String) throws(Fault) {
         guard n.ifaceId == pathID else { throw Fault("The id from the path [\(pathID)] does not match the id from the body [\(n.ifaceId)]") }
         guard phase.withLock({ $0 }) == .started else { throw Fault("The requested operation is not supported before starting the microVM.") }
-        guard current.nics.contains(where: { $0.ifaceId == n.ifaceId }) else { throw Fault("network interface \(n.ifaceId) does not exist") }
-        if n.rxRateLimiter?.limits == true || n.txRateLimiter?.limits == true {
-            throw Fault("network interface \(n.ifaceId): hv does not limit a NIC's rate; leave rx_rate_limiter and tx_rate_limiter out")
+        guard let index = current.nics.firstIndex(where: { $0.ifaceId == n.ifaceId }) else { throw Fault("network interface \(n.ifaceId) does not exist") }
+        guard n.rxRateLimiter != nil || n.txRateLimiter != nil else { return }
+        // Firecracker's PATCH replaces the limiters given and keeps the others.
+        let nic = current.nics[index]
+        let rx = n.rxRateLimiter ?? nic.rxRateLimiter, tx = n.txRateLimiter ?? nic.txRateLimiter
+        var request = ControlRequest(.setLimits)
+        request.rates = [.init(device: "net\(index)", rx: try rx?.hvLimit("network interface \(n.ifaceId): rx_rate_limiter"),
+                               tx: try tx?.hvLimit("network interface \(n.ifaceId): tx_rate_limiter"))]
+        try applyRunning(request, what: "network interface \(n.ifaceId)")
+        updateCurrent { c in
+            c.nics[index].rxRateLimiter = rx
+            c.nics[index].txRateLimiter = tx
         }
     }
 
@@ -241,14 +258,21 @@ final class MicroVM: Sendable {
         }
         // The root drive goes first, so it is the guest's first disk (sda: hv's disks are
         // virtio-scsi, where Firecracker's are virtio-blk vda), and the command line says so.
-        let drives = c.drives.filter(\.isRootDevice) + c.drives.filter { !$0.isRootDevice }
+        let drives = bootOrderedDrives(c)
         if let root = drives.first, root.isRootDevice, !cmdline.split(separator: " ").contains(where: { $0.hasPrefix("root=") }) {
             let device = root.partuuid.map { "PARTUUID=\($0)" } ?? "/dev/sda"
             cmdline += (cmdline.isEmpty ? "" : " ") + "root=\(device) \(root.isReadOnly == true ? "ro" : "rw")"
         }
         d.boot.cmdline = cmdline
-        d.disks = drives.map { VMDefinition.Disk(path: $0.pathOnHost ?? "", readonly: $0.isReadOnly == true) }
-        d.nics = c.nics.map { VMDefinition.NIC(tap: $0.hostDevName, mac: $0.guestMac) }
+        d.disks = try drives.map { drive throws(Fault) in
+            VMDefinition.Disk(path: drive.pathOnHost ?? "", readonly: drive.isReadOnly == true,
+                              rateLimit: try drive.rateLimiter?.hvLimit("drive \(drive.driveId): rate_limiter"))
+        }
+        d.nics = try c.nics.map { nic throws(Fault) in
+            VMDefinition.NIC(tap: nic.hostDevName, mac: nic.guestMac,
+                             rxRateLimit: try nic.rxRateLimiter?.hvLimit("network interface \(nic.ifaceId): rx_rate_limiter"),
+                             txRateLimit: try nic.txRateLimiter?.hvLimit("network interface \(nic.ifaceId): tx_rate_limiter"))
+        }
         d.serial.output = .stdio
         do { try d.validate(naming: .keys) } catch { throw Fault("the microVM's configuration: \(error.message)") }
         return d
@@ -430,6 +454,22 @@ final class MicroVM: Sendable {
         guard let reply else { throw Fault("the microVM did not answer on its control socket") }
         guard reply.ok else { throw Fault(reply.error ?? "the microVM refused") }
         log.info(target == .paused ? "Paused the microVM" : "Resumed the microVM")
+    }
+
+    /// Sends a change to the running VM (a PATCH of a drive's or NIC's rate limiters).
+    private func applyRunning(_ request: ControlRequest, what: String) throws(Fault) {
+        guard let reply = controlRequest(name, request, timeoutSeconds: 10) else { throw Fault("\(what): the microVM did not answer on its control socket") }
+        guard reply.ok else { throw Fault("\(what): \(reply.error ?? "the microVM refused")") }
+        log.info("\(what): \(reply.message ?? "updated")")
+    }
+
+    private func updateCurrent(_ change: (inout Configuration) -> Void) {
+        configuration.withLock { change(&$0) }
+    }
+
+    /// The drives in the order the VM has them: the root device first (disk0).
+    func bootOrderedDrives(_ c: Configuration) -> [Drive] {
+        c.drives.filter(\.isRootDevice) + c.drives.filter { !$0.isRootDevice }
     }
 
     func sendCtrlAltDel() throws(Fault) {

@@ -55,7 +55,7 @@ struct BootSource: Codable, Sendable, Equatable {
     }
 }
 
-/// A token bucket of a rate limiter; hv has no rate limiting, so any bucket is refused.
+/// A token bucket of a rate limiter (`refill_time` in milliseconds), as hv's devices enforce it.
 struct TokenBucket: Codable, Sendable, Equatable {
     var size: Int64
     var oneTimeBurst: Int64?
@@ -87,6 +87,21 @@ struct RateLimiter: Codable, Sendable, Equatable {
 
     /// Whether it limits anything (`{}` does not: clients send it for "no limit").
     var limits: Bool { bandwidth != nil || ops != nil }
+
+    /// hv's rate limit for it (nil: unlimited); a bucket hv cannot take is a fault naming `what`.
+    func hvLimit(_ what: String) throws(Fault) -> VMDefinition.RateLimit? {
+        guard limits else { return nil }
+        func bucket(_ b: TokenBucket?, _ name: String) throws(Fault) -> VMDefinition.RateLimit.Bucket? {
+            guard let b else { return nil }
+            guard b.size > 0, b.refillTime > 0, (b.oneTimeBurst ?? 0) >= 0 else {
+                throw Fault("\(what).\(name): size and refill_time must be above 0 and one_time_burst not negative")
+            }
+            return .init(size: UInt64(b.size), oneTimeBurst: b.oneTimeBurst.map { UInt64($0) }, refillTimeMs: UInt64(b.refillTime))
+        }
+        let limit = VMDefinition.RateLimit(bandwidth: try bucket(bandwidth, "bandwidth"), ops: try bucket(ops, "ops"))
+        do { try limit.validate(field: what) } catch { throw Fault(error.message) }
+        return limit
+    }
 }
 
 /// `PUT /drives/{drive_id}`.

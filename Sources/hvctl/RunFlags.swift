@@ -37,7 +37,7 @@ struct DefinitionFlags: ParsableArguments {
     var debugcon: String?
     @Option(name: .customLong("cmdline"), help: ArgumentHelp("The kernel's command line (--multiboot, --kernel), at most 3072 bytes.", valueName: "str"))
     var commandLine: String?
-    @Option(help: ArgumentHelp("A disk image (raw or qcow2, detected; format= to insist) on a virtio-scsi adapter (its own sandboxed process); up to 8.", valueName: "path[,readonly][,format=raw|qcow2]"))
+    @Option(help: ArgumentHelp("A disk image (raw or qcow2, detected; format= to insist) on a virtio-scsi adapter (its own sandboxed process); up to 8. bps= (bytes a second, e.g. 10M) and iops= limit the guest's requests.", valueName: "path[,readonly][,format=raw|qcow2][,bps=RATE][,iops=N]"))
     var disk: [String] = []
     @Option(help: ArgumentHelp("An ISO image in a virtio-scsi CD-ROM drive; the firmware boots it first.", valueName: "iso"))
     var cdrom: String?
@@ -65,6 +65,7 @@ struct DefinitionFlags: ParsableArguments {
     var name: String?
     @Option(help: ArgumentHelp("Run this VM's devices as tenant NAME's uid/gid (default: one per VM).", valueName: "name"))
     var tenant: String?
+    @OptionGroup var limitFlags: LimitFlags
     @Option(name: .customLong("device"), help: ArgumentHelp(
         "Add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,pci=DD.F[,barN=mmio|pio:SIZE]…][,KEY=VALUE]…",
         valueName: "spec"))
@@ -94,7 +95,7 @@ struct DefinitionFlags: ParsableArguments {
     var anyGiven: Bool {
         multiboot != nil || kernel != nil || initrd != nil || firmware != nil || bootMenu || debugcon != nil || commandLine != nil
             || !disk.isEmpty || cdrom != nil || !nic.isEmpty || noReboot || memory != nil || cpus != nil || serial != nil
-            || tenant != nil || !plugins.isEmpty || noSandbox
+            || tenant != nil || !plugins.isEmpty || noSandbox || limitFlags.anyGiven
     }
 
     /// The definition these flags describe; errors name the flag.
@@ -143,8 +144,10 @@ struct DefinitionFlags: ParsableArguments {
                     disk.readonly = true
                 } else if option.hasPrefix("format="), let format = VMDefinition.DiskFormat(rawValue: String(option.dropFirst(7))) {
                     disk.format = format
+                } else if try RateShorthand.apply(String(option), to: &disk.rateLimit, prefix: "", opsKey: "iops", what: "--disk") {
+                    continue
                 } else {
-                    throw UsageError(message: "invalid --disk '\(spec)': use PATH[,readonly][,format=raw|qcow2]")
+                    throw UsageError(message: "invalid --disk '\(spec)': use PATH[,readonly][,format=raw|qcow2][,bps=RATE][,iops=N]")
                 }
             }
             d.disks.append(disk)
@@ -163,6 +166,8 @@ struct DefinitionFlags: ParsableArguments {
                     nic.bridge = String(part.dropFirst(7))
                     continue
                 }
+                if try RateShorthand.apply(part, to: &nic.rxRateLimit, prefix: "rx_", opsKey: "pps", what: "--nic") { continue }
+                if try RateShorthand.apply(part, to: &nic.txRateLimit, prefix: "tx_", opsKey: "pps", what: "--nic") { continue }
                 if part.hasPrefix("shared="), nic.sharedWith == nil, nic.segment != nil {
                     nic.sharedWith = part.dropFirst(7).split(separator: "+", omittingEmptySubsequences: false).map(String.init)
                     continue
@@ -173,6 +178,7 @@ struct DefinitionFlags: ParsableArguments {
             d.nics.append(nic)
         }
         d.tenant = tenant
+        d.limits = try limitFlags.limitsChecked()
         d.sandbox = !noSandbox
         d.devices = plugins
         try d.validate(naming: .flags)

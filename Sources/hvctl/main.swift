@@ -22,7 +22,14 @@ struct HVCtl: ParsableCommand {
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
         subcommands: [Run.self, List.self, Status.self, Start.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Migrate.self, Console.self, Logs.self, CDROM.self, Device.self,
-                      Disk.self, Net.self, Sandbox.self, Tenant.self, Version.self])
+                      Disk.self, Net.self, Sandbox.self, Tenant.self, SetLimits.self, Version.self])
+}
+
+/// A rate limit for `status`: `  limit 10485760 bytes/1000 ms, 500 ops/1000 ms`; empty when none.
+func describeRate(_ limit: VMDefinition.RateLimit?, _ label: String) -> String {
+    guard let limit, !limit.isEmpty else { return "" }
+    return label + [limit.bandwidth.map { "\($0.size) bytes/\($0.refillTimeMs) ms" }, limit.ops.map { "\($0.size) ops/\($0.refillTimeMs) ms" }]
+        .compactMap { $0 }.joined(separator: ", ")
 }
 
 /// A VM name given as an argument, checked as `--name` is.
@@ -138,8 +145,19 @@ extension HVCtl {
         /// For a program that runs hvctl as its VM (hv-firecracker): SIGTERM when that program
         /// dies, whatever kills it, so the VM stops in order instead of outliving it.
         @Option(help: .private) var exitWithParent: Int32?
+        @Option(help: ArgumentHelp("""
+            Put the VM's cgroups under this group (a path in each cgroup hierarchy, e.g. /hv.slice; \
+            default: the group hvctl runs in; 'none': no cgroups, no limits). Also $HV_CGROUP_PARENT.
+            """, valueName: "path"))
+        var cgroupParent: String?
 
         func run() throws {
+            if let cgroupParent {
+                guard cgroupParent == "none" || (cgroupParent.hasPrefix("/") && !cgroupParent.split(separator: "/").contains("..")) else {
+                    throw UsageError(message: "invalid --cgroup-parent '\(cgroupParent)': give an absolute group path such as /hv.slice, or none")
+                }
+                setenv("HV_CGROUP_PARENT", cgroupParent, 1)
+            }
             if let parent = exitWithParent, !signalWhenParentDies(SIGTERM, parent: parent) {
                 fail("--exit-with-parent \(parent): that process is gone")
             }
@@ -318,14 +336,22 @@ extension HVCtl {
             print("memory:  \(s.memoryMiB) MiB")
             print("cpus:    \(s.cpus)")
             print("tenant:  \(s.tenant ?? "none (--no-sandbox)")")
+            if let r = s.resources {
+                print("limits:  \(describeLimits(r.limits))")
+                print("using:   " + (r.memoryBytes.map { "memory \($0 >> 20) MiB" } ?? "memory ?") + ", " + (r.pids.map { "\($0) pids" } ?? "? pids"))
+                for group in r.cgroups { print("cgroup:  \(group)") }
+            } else {
+                print("limits:  none (no cgroups)")
+            }
             for v in s.vcpus { print("vcpu:    \(pad("\(v.id)", 4))\(v.state)\(v.rip.map { "  rip \($0)" } ?? "")") }
             for d in s.disks {
                 let backing = (d.backing ?? []).map { "  on \($0)" }.joined()
-                print("disk:    \(pad(d.device, 8))\(d.path)  \(d.format)\(d.readonly ? "  readonly" : "")\(backing)")
+                print("disk:    \(pad(d.device, 8))\(d.path)  \(d.format)\(d.readonly ? "  readonly" : "")\(backing)\(describeRate(d.rateLimit, "  limit "))")
             }
             if let cd = s.cdrom { print("cdrom:   \(pad(cd.device, 8))\(cd.medium ?? "(empty)")") }
             for n in s.nics {
-                print("nic:     \(pad(n.device, 8))\(n.mac)  \(n.tap.map { "tap \($0)" } ?? n.segment.map { "segment \($0)" } ?? "")\(n.bridge.map { " in bridge \($0)" } ?? "")")
+                print("nic:     \(pad(n.device, 8))\(n.mac)  \(n.tap.map { "tap \($0)" } ?? n.segment.map { "segment \($0)" } ?? "")\(n.bridge.map { " in bridge \($0)" } ?? "")"
+                      + describeRate(n.rxRateLimit, "  rx limit ") + describeRate(n.txRateLimit, "  tx limit "))
             }
             for d in s.devices {
                 print("device:  \(pad(d.name, 10))\(pad(d.state, 11))pid \(d.pid.map { "\($0)" } ?? "-")  restarts \(d.restarts)")

@@ -73,6 +73,7 @@ struct Tenant: Sendable, Equatable {
         guard d.confinement == nil else { throw .forbidden("definition.confine_files_to is hvd's to set; leave it out") }
         guard d.sandbox else { throw .forbidden("definition.sandbox: a tenant's VMs always run sandboxed; leave sandbox out") }
         guard d.devices.isEmpty else { throw .forbidden("definition.devices: tenants cannot add device processes") }
+        guard d.limits == nil else { throw .forbidden("definition.limits: a tenant's limits are the host's to set; leave them out") }
         guard d.debugcon == nil else { throw .forbidden("definition.debugcon: tenants cannot write host files; leave it out") }
         guard d.serial.output != .file else {
             throw .forbidden("definition.serial.output 'file': a tenant's console is 'console' (read it with GET /v1/vms/NAME/console) or 'none'")

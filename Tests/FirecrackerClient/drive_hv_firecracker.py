@@ -86,8 +86,10 @@ try:
 
     api.machine_config.put(vcpu_count=1, mem_size_mib=32)
     api.boot.put(kernel_image_path=kernel, boot_args="mode=ticks count=100000 delay=50")
-    api.drive.put(drive_id="rootfs", path_on_host=disk, is_root_device=True, is_read_only=False)
-    api.network.put(iface_id="eth0", host_dev_name=tap, guest_mac="AA:FC:00:00:00:01")
+    api.drive.put(drive_id="rootfs", path_on_host=disk, is_root_device=True, is_read_only=False,
+                  rate_limiter={"bandwidth": {"size": 10485760, "one_time_burst": 1048576, "refill_time": 1000}})
+    api.network.put(iface_id="eth0", host_dev_name=tap, guest_mac="AA:FC:00:00:00:01",
+                    tx_rate_limiter={"ops": {"size": 1000, "refill_time": 1000}})
     machine = api.machine_config.get().json()
     if machine.get("vcpu_count") != 1 or machine.get("mem_size_mib") != 32:
         fail(f"GET /machine-config: {machine}")
@@ -118,6 +120,27 @@ try:
         fail(f"hvctl status disks: {status['disks']}")
     if [(n.get("tap"), n["mac"].lower()) for n in status["nics"]] != [(tap, "aa:fc:00:00:00:01")]:
         fail(f"hvctl status nics: {status['nics']}")
+    # Firecracker's rate limiters are hv's: the disk's and the NIC's device processes enforce them.
+    if status["disks"][0].get("rate_limit") != {"bandwidth": {"size": 10485760, "one_time_burst": 1048576, "refill_time_ms": 1000}}:
+        fail(f"hvctl status disk rate limit: {status['disks'][0].get('rate_limit')}")
+    if status["nics"][0].get("tx_rate_limit") != {"ops": {"size": 1000, "refill_time_ms": 1000}} or "rx_rate_limit" in status["nics"][0]:
+        fail(f"hvctl status NIC rate limits: {status['nics'][0]}")
+    # PATCHed while the VM runs: the drive's limiter is replaced; the NIC keeps tx and gains rx.
+    api.drive.patch(drive_id="rootfs", rate_limiter={"ops": {"size": 500, "refill_time": 1000}})
+    api.network.patch(iface_id="eth0", rx_rate_limiter={"bandwidth": {"size": 1048576, "refill_time": 100}})
+    status = json.loads(subprocess.run([hvctl, "status", vm_id, "--json"], check=True, capture_output=True).stdout)
+    if status["disks"][0].get("rate_limit") != {"ops": {"size": 500, "refill_time_ms": 1000}}:
+        fail(f"hvctl status disk rate limit after PATCH: {status['disks'][0].get('rate_limit')}")
+    if status["nics"][0].get("rx_rate_limit") != {"bandwidth": {"size": 1048576, "refill_time_ms": 100}} \
+            or status["nics"][0].get("tx_rate_limit") != {"ops": {"size": 1000, "refill_time_ms": 1000}}:
+        fail(f"hvctl status NIC rate limits after PATCH: {status['nics'][0]}")
+    tick = ticks()
+    wait_for("the guest's ticks after the PATCHes", lambda: ticks() > tick + 2)
+    try:
+        api.drive.patch(drive_id="rootfs", rate_limiter={"ops": {"size": 0, "refill_time": 1000}})
+        fail("a rate limiter of size 0 was accepted")
+    except APIError as e:
+        print(f"refused a bad rate limiter: {e}")
 
     api.vm.patch(state="Paused")
     if api.describe.get().json().get("state") != "Paused":

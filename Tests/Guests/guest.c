@@ -561,6 +561,17 @@ static void mode_idle(void)
         __asm__ volatile("sti; hlt");
 }
 
+/* Burn CPU in the guest without leaving it (no exits): what a CPU quota must hold down. */
+static void mode_spin(void)
+{
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    kprintf("spin: ready\n");
+    volatile uint64_t n = 0;
+    for (;;)
+        n++;
+}
+
 /* Echo serial input back in upper case until a '.' arrives: proves host input reaches the
  * guest through the device's receive path. */
 static void mode_echo(void)
@@ -2237,6 +2248,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_rtcirq(cfg.count);
     else if (streq(cfg.mode, "idle"))
         mode_idle();
+    else if (streq(cfg.mode, "spin"))
+        mode_spin();
     else if (streq(cfg.mode, "vscsiirq"))
         mode_vscsiirq();
     else if (streq(cfg.mode, "vscsimsix"))

@@ -43,7 +43,7 @@ final class TenantRegistryTests: XCTestCase {
                 let name = "t\((i + worker * 7) % 60)"
                 do throws(UsageError) {
                     let uid = try registry.uid(for: name)
-                    results.withLock { $0[name, default: []].insert(uid) }
+                    results.withLock { _ = $0[name, default: []].insert(uid) }
                 } catch {
                     failures.withLock { $0.append(error.message) }
                 }

@@ -477,7 +477,7 @@ final class SegmentNetworkTests: XCTestCase {
     func testBadNICOptionsAreRefusedWithOneLine() throws {
         let guest = try Harness.testGuest()
         for (nics, message) in [
-            (["bogus"], "invalid --nic 'bogus': use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT[,shared=TENANT+…], optionally followed by ,mac=52:54:00:xx:xx:xx"),
+            (["bogus"], "invalid --nic 'bogus': use tap=IFNAME[,bridge=BRIDGE] or net=SEGMENT[,shared=TENANT+…], optionally followed by ,mac=52:54:00:xx:xx:xx and rate limits"),
             (["net=x,shared=a/b"], "invalid --nic shared tenant 'a/b'"),
             (["tap=t0,shared=bob"], "invalid --nic 'tap=t0,shared=bob'"),
             (["net=x,bridge=br0"], "invalid --nic 'net=x,bridge=br0': use tap=IFNAME[,bridge=BRIDGE]"),

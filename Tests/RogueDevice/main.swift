@@ -86,6 +86,16 @@ final class Rogue: DeviceModel {
             let own = runtime.addDoorbell(resource: 0, offset: 1, length: 1)
             outcome(foreign != nil || pastEnd != nil || anyWidthPort != nil || msi != nil,
                     "foreign \(foreign != nil), past end \(pastEnd != nil), any-width port \(anyWidthPort != nil), msi \(msi != nil); its own register \(own != nil)")
+        case "memory":
+            // Touch memory in 8 MiB steps up to 1 GiB: its cgroup's memory limit must stop it
+            // (the OOM killer kills it; the core restarts it).
+            var touched = 0
+            while touched < 1 << 30 {
+                guard let p = mmap(nil, 8 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else { break }
+                memset(p, 0xA5, 8 << 20)
+                touched += 8 << 20
+            }
+            outcome(touched >= 1 << 30, "touched \(touched >> 20) MiB")
         case "poison":
             outcome(false, "armed: a write of 0xad to offset 1 crashes this device every time")
         case "stderr":

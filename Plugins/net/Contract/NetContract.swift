@@ -26,15 +26,25 @@ public enum NetContract {
     public struct Settings: Equatable, Sendable {
         public var backend: Backend
         public var mac: MACAddress
+        /// Frames the guest receives (host → guest): bytes and frames; unlimited by default.
+        public var receiveLimit: RateLimitSettings
+        /// Frames the guest sends (guest → host).
+        public var transmitLimit: RateLimitSettings
 
-        public init(backend: Backend, mac: MACAddress) {
+        /// The keys a rate limit's fields go under (`rx_rate_bw`, `tx_rate_ops`, …).
+        public static let receiveLimitPrefix = "rx_rate_", transmitLimitPrefix = "tx_rate_"
+
+        public init(backend: Backend, mac: MACAddress, receiveLimit: RateLimitSettings = .init(), transmitLimit: RateLimitSettings = .init()) {
             self.backend = backend
             self.mac = mac
+            self.receiveLimit = receiveLimit
+            self.transmitLimit = transmitLimit
         }
 
         /// The settings as HELLO's config text.
         public var encoded: String {
-            SettingsText.encode([("backend", backend.rawValue), ("mac", mac.description)])
+            SettingsText.encode([("backend", backend.rawValue), ("mac", mac.description)]
+                                + receiveLimit.fields(prefix: Self.receiveLimitPrefix) + transmitLimit.fields(prefix: Self.transmitLimitPrefix))
         }
 
         /// The settings the device was handed (`DeviceRuntime.config`).
@@ -46,6 +56,8 @@ public enum NetContract {
                 throw SettingsError(key: "mac", problem: "is '\(text)', not a MAC address like 52:54:00:12:34:56")
             }
             self.mac = mac
+            receiveLimit = try RateLimitSettings(reading: reader, prefix: Self.receiveLimitPrefix)
+            transmitLimit = try RateLimitSettings(reading: reader, prefix: Self.transmitLimitPrefix)
         }
     }
 }

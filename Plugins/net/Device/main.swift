@@ -31,11 +31,18 @@ final class VirtioNet: VirtioDevice {
     private(set) var framesSent: UInt64 = 0, framesReceived: UInt64 = 0
     private(set) var malformedSent: UInt64 = 0, oversizedReceived: UInt64 = 0
     private var refused = 0
+    /// Meter the frames the guest receives and sends (`rx_rate_*`, `tx_rate_*`); nil: unlimited.
+    private var receiveLimiter: RateLimiter?, transmitLimiter: RateLimiter?
+    /// A limiter stopped a direction: its frames wait (in the host's queue or the guest's) until
+    /// `nextDeadline`.
+    private var receiveThrottled = false, transmitThrottled = false
 
-    init(runtime: DeviceRuntime, mac: [UInt8], backend: any FrameBackend) {
+    init(runtime: DeviceRuntime, mac: [UInt8], backend: any FrameBackend, receiveLimit: RateLimitSettings, transmitLimit: RateLimitSettings) {
         self.runtime = runtime
         self.mac = mac
         self.backend = backend
+        receiveLimiter = receiveLimit.isUnlimited ? nil : RateLimiter(receiveLimit)
+        transmitLimiter = transmitLimit.isUnlimited ? nil : RateLimiter(transmitLimit)
     }
 
     var deviceType: UInt16 { 1 }
@@ -63,6 +70,8 @@ final class VirtioNet: VirtioDevice {
 
     func reset() {
         spare.removeAll()
+        receiveThrottled = false
+        transmitThrottled = false
     }
 
     // MARK: Announcing the MAC
@@ -80,9 +89,23 @@ final class VirtioNet: VirtioDevice {
         announcementDue = monotonicNanoseconds()
     }
 
-    func nextDeadline() -> UInt64? { announcementDue }
+    func nextDeadline() -> UInt64? {
+        var deadlines: [UInt64] = announcementDue.map { [$0] } ?? []
+        let now = monotonicNanoseconds()
+        if receiveThrottled { deadlines.append(receiveLimiter?.nextAvailable(now: now) ?? now) }
+        if transmitThrottled { deadlines.append(transmitLimiter?.nextAvailable(now: now) ?? now) }
+        return deadlines.min()
+    }
 
     func deadlineReached(now: UInt64, transport: VirtioPCITransport) {
+        if receiveThrottled && receiveLimiter?.nextAvailable(now: now) == nil {
+            receiveThrottled = false
+            receive()
+        }
+        if transmitThrottled && transmitLimiter?.nextAvailable(now: now) == nil {
+            transmitThrottled = false
+            transmit()
+        }
         guard let due = announcementDue, now >= due else { return }
         sendRARP()
         announcementsLeft -= 1
@@ -125,6 +148,10 @@ final class VirtioNet: VirtioDevice {
     /// tap is only watched while this holds, so frames wait in the host's queue, not in a spin.
     func canReceive() -> Bool {
         guard let transport, transport.isDriverReady else { return false }
+        if receiveLimiter != nil && !receiveLimiter!.admits() {
+            receiveThrottled = true
+            return false
+        }
         return fillSpare(needing: Self.headerSize + (backend.nextFrameLength ?? Self.maximumFrame), transport)
     }
 
@@ -199,6 +226,7 @@ final class VirtioNet: VirtioDevice {
             for k in 0..<used { transport.complete(queue: Self.receiveQueue, head: spare[k].head, written: written[k]) }
             spare.removeFirst(used)
             framesReceived &+= 1
+            receiveLimiter?.consume(bytes: UInt64(length))
         }
         backend.flush()
     }
@@ -223,10 +251,17 @@ final class VirtioNet: VirtioDevice {
     /// Guest → backend, while the backend takes frames.
     private func transmit() {
         guard let transport, let memory = transport.memory else { return }
-        while backend.canSend, let taken = transport.takeNext(queue: Self.transmitQueue) {
+        while backend.canSend {
+            // Frames beyond the rate wait in the guest's queue.
+            if transmitLimiter != nil && !transmitLimiter!.admits() {
+                transmitThrottled = true
+                break
+            }
+            guard let taken = transport.takeNext(queue: Self.transmitQueue) else { break }
             switch taken {
             case .success(let chain):
                 let length = Int(min(chain.readableLength, 1 << 20)) - Self.headerSize
+                transmitLimiter?.consume(bytes: UInt64(max(0, length)))
                 let header = chain.readAll(memory, limit: Self.headerSize)
                 let skip = backend.carriesVirtioHeader ? 0 : Self.headerSize
                 if case .send(let checksum) = transmitHeader(header, length: length),
@@ -280,7 +315,7 @@ case .segment:
         exit(2)
     }
 }
-let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend)
+let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend, receiveLimit: settings.receiveLimit, transmitLimit: settings.transmitLimit)
 runtime.watch(fd: backend.wakeDescriptor, enabled: { backend is SegmentBackend || nic.canReceive() }) { nic.backendReady() }
 let transport = VirtioPCITransport(runtime: runtime, device: nic)
 // A clone restored from a snapshot gets a MAC of its own while its driver still holds the

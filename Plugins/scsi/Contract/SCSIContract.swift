@@ -44,24 +44,30 @@ public enum SCSIContract {
         /// The formats of the backing chain below a qcow2 medium, nearest first: the image in
         /// `backingSlot(i)` has format `backingFormats[i]`.
         public var backingFormats: [Format]
+        /// The guest's requests: bytes moved and requests; unlimited by default.
+        public var rateLimit: RateLimitSettings
 
         public static let maximumIOThreads = 3
+        /// The keys the rate limit's fields go under (`rate_bw`, `rate_ops`).
+        public static let rateLimitPrefix = "rate_"
 
         public init(kind: Kind, readOnly: Bool = false, serial: String = "hv-disk", ioThreads: Int = maximumIOThreads,
-                    format: Format = .raw, backingFormats: [Format] = []) {
+                    format: Format = .raw, backingFormats: [Format] = [], rateLimit: RateLimitSettings = .init()) {
             self.kind = kind
             self.readOnly = readOnly
             self.serial = serial
             self.ioThreads = ioThreads
             self.format = format
             self.backingFormats = backingFormats
+            self.rateLimit = rateLimit
         }
 
         /// The settings as HELLO's config text.
         public var encoded: String {
             SettingsText.encode([("kind", kind.rawValue), ("readonly", readOnly.settingsValue), ("serial", serial),
                                  ("io_threads", String(ioThreads)), ("format", format.rawValue),
-                                 ("backing_formats", backingFormats.map(\.rawValue).joined(separator: ","))])
+                                 ("backing_formats", backingFormats.map(\.rawValue).joined(separator: ","))]
+                                + rateLimit.fields(prefix: Self.rateLimitPrefix))
         }
 
         /// The settings the device was handed (`DeviceRuntime.config`).
@@ -85,6 +91,7 @@ public enum SCSIContract {
             }
             guard chain.isEmpty || format == .qcow2 else { throw SettingsError(key: "backing_formats", problem: "is set for a raw medium") }
             backingFormats = chain
+            rateLimit = try RateLimitSettings(reading: reader, prefix: Self.rateLimitPrefix)
         }
     }
 }

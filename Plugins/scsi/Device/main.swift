@@ -21,10 +21,17 @@ final class VirtioSCSI: VirtioDevice {
     /// Bumped by each reset: completions of requests taken before it are dropped.
     var generation: UInt64 = 0
     weak var transport: VirtioPCITransport?
+    /// Meters the request queue (`rate_bw`, `rate_ops`); nil: unlimited.
+    var limiter: RateLimiter?
+    /// The limiter stopped taking requests: they wait in the queue until `nextDeadline`.
+    var throttled = false
+    /// The bytes the request being served moves (what the limiter is paid).
+    private var requestBytes: UInt64 = 0
 
-    init(runtime: DeviceRuntime, unit: any SCSILogicalUnit, ioThreads: Int) {
+    init(runtime: DeviceRuntime, unit: any SCSILogicalUnit, ioThreads: Int, rateLimit: RateLimitSettings) {
         self.runtime = runtime
         self.unit = unit
+        limiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
         var pool: IOPool?
         if ioThreads > 0 {
             do { pool = try IOPool(workers: ioThreads, unit: unit) } catch {
@@ -57,7 +64,16 @@ final class VirtioSCSI: VirtioDevice {
         if offset == 0x18 && size == 4 { cdbSize = max(min(UInt32(truncatingIfNeeded: value), 32), 16) }
     }
 
+    func nextDeadline() -> UInt64? { throttled ? limiter?.nextAvailable() ?? monotonicNanoseconds() : nil }
+
+    func deadlineReached(now: UInt64, transport: VirtioPCITransport) {
+        guard throttled, limiter?.nextAvailable(now: now) == nil else { return }
+        throttled = false
+        queueNotified(2, transport: transport)
+    }
+
     func reset() {
+        throttled = false
         // Let the I/O in flight finish (it writes guest memory), then forget it.
         if let pool { _ = pool.drainAll() }
         generation &+= 1
@@ -109,10 +125,18 @@ final class VirtioSCSI: VirtioDevice {
     func queueNotified(_ index: Int, transport: VirtioPCITransport) {
         self.transport = transport
         guard let memory = transport.memory, index != 1 else { return }  // the event queue only holds buffers
-        while let taken = transport.takeNext(queue: index) {
+        while true {
+            // Requests beyond the rate wait in the guest's queue: back-pressure, never an error.
+            if index == 2, limiter != nil, !limiter!.admits() {
+                throttled = true
+                return
+            }
+            guard let taken = transport.takeNext(queue: index) else { break }
             switch taken {
             case .success(let chain):
+                requestBytes = 0
                 let written = index == 0 ? control(chain, memory) : request(chain, memory, queue: index)
+                if index == 2 { limiter?.consume(bytes: requestBytes) }
                 if let written {
                     transport.complete(queue: index, head: chain.head, written: written)
                     saveLUN()
@@ -162,6 +186,7 @@ final class VirtioSCSI: VirtioDevice {
             if let transfer = unit.plannedTransfer(cdb, dataOutCapacity: dataOutCapacity, dataInCapacity: dataInCapacity),
                let vectors = chain.ioVectors(writable: !transfer.isWrite, skipping: UInt64(transfer.isWrite ? headerSize : responseSize),
                                              count: UInt64(transfer.byteCount), memory) {
+                requestBytes = UInt64(transfer.byteCount)
                 let job = IOJob(queue: queue, chain: chain, transfer: transfer, vectors: vectors,
                                 dataInCapacity: dataInCapacity, generation: generation)
                 if let pool {
@@ -202,6 +227,7 @@ final class VirtioSCSI: VirtioDevice {
             dataIn = Array(result.dataIn.prefix(dataInCapacity))
             response = self.response(status: result.status, sense: result.sense, residual: 0)
         }
+        requestBytes = UInt64(dataOut.count + dataIn.count)
         setResidual(&response, UInt32(dataInCapacity - dataIn.count))
         var written = chain.write(response, memory)
         if !dataIn.isEmpty { written += chain.write(dataIn, at: UInt64(responseSize), memory) }
@@ -303,7 +329,7 @@ if settings.kind == .cdrom {
     unit = SCSIDisk(backend: backend, readOnly: settings.readOnly, serial: settings.serial)
 }
 // A CD-ROM serves its transfers inline, on the device's loop, where media changes are handled too.
-let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: settings.kind == .cdrom ? 0 : settings.ioThreads)
+let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: settings.kind == .cdrom ? 0 : settings.ioThreads, rateLimit: settings.rateLimit)
 scsi = adapter
 // Before the transport resumes the queues (and resubmits what was in flight): the LUN's state first.
 adapter.restoreLUN()

@@ -1,0 +1,102 @@
+@testable import HVHost
+import XCTest
+
+/// Reading the host's cgroup layout (v1, v2, hybrid, inside a container) and what each limit
+/// writes on either version: the v2 side is checked here, over the files it would write.
+final class ResourceGroupsTests: XCTestCase {
+    /// This CI machine: v1 controllers each in their own hierarchy (memory only writable below
+    /// the shell's group), plus a v2 tree with no controller hv uses.
+    func testTheHybridLayoutUsesTheV1Hierarchies() {
+        let mountinfo = """
+            30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+            31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu
+            32 30 0:28 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+            34 30 0:30 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+            38 30 0:34 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+            40 30 0:36 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+            """
+        let selfCgroup = "8:pids:/\n4:memory:/process_api/abc\n2:cpuacct:/\n1:cpu:/\n0::/\n"
+        let layout = CGroupLayout.detect(mountinfo: mountinfo, selfCgroup: selfCgroup) { _ in ["hugetlb"] }
+        XCTAssertEqual(layout.hierarchies, [
+            CGroupHierarchy(version: .v1, mountPoint: "/sys/fs/cgroup/cpu", ownGroup: "/sys/fs/cgroup/cpu", controllers: ["cpu"]),
+            CGroupHierarchy(version: .v1, mountPoint: "/sys/fs/cgroup/memory", ownGroup: "/sys/fs/cgroup/memory/process_api/abc", controllers: ["memory"]),
+            CGroupHierarchy(version: .v1, mountPoint: "/sys/fs/cgroup/pids", ownGroup: "/sys/fs/cgroup/pids", controllers: ["pids"]),
+        ])
+    }
+
+    func testAPureV2HostUsesTheUnifiedTreeWithItsEnabledControllers() {
+        let mountinfo = "25 20 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+        var asked: [String] = []
+        let layout = CGroupLayout.detect(mountinfo: mountinfo, selfCgroup: "0::/system.slice/hv.service\n") { group in
+            asked.append(group)
+            return ["cpuset", "cpu", "io", "memory", "pids"]
+        }
+        XCTAssertEqual(asked, ["/sys/fs/cgroup/system.slice/hv.service"])
+        XCTAssertEqual(layout.hierarchies, [
+            CGroupHierarchy(version: .v2, mountPoint: "/sys/fs/cgroup", ownGroup: "/sys/fs/cgroup/system.slice/hv.service", controllers: ["cpu", "memory", "pids"]),
+        ])
+        // A controller not enabled here is not offered (limits needing it are refused).
+        let partial = CGroupLayout.detect(mountinfo: mountinfo, selfCgroup: "0::/\n") { _ in ["memory"] }
+        XCTAssertNil(partial.hierarchy(for: "cpu"))
+        XCTAssertEqual(partial.hierarchy(for: "memory")?.ownGroup, "/sys/fs/cgroup")
+    }
+
+    /// In a container the mount's root is the container's group: paths are taken relative to it;
+    /// co-mounted controllers share one hierarchy; a second mount of one hierarchy is ignored.
+    func testContainerRootsAndCoMountedControllers() {
+        let mountinfo = """
+            50 40 0:40 /docker/abc /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+            51 40 0:41 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+            52 40 0:41 /docker/abc /mnt/again rw - cgroup cgroup rw,memory
+            """
+        let layout = CGroupLayout.detect(mountinfo: mountinfo, selfCgroup: "3:cpu,cpuacct:/docker/abc/inner\n2:memory:/docker/abc\n") { _ in [] }
+        XCTAssertEqual(layout.hierarchies, [
+            CGroupHierarchy(version: .v1, mountPoint: "/sys/fs/cgroup/cpu,cpuacct", ownGroup: "/sys/fs/cgroup/cpu,cpuacct/inner", controllers: ["cpu"]),
+            CGroupHierarchy(version: .v1, mountPoint: "/sys/fs/cgroup/memory", ownGroup: "/sys/fs/cgroup/memory", controllers: ["memory"]),
+        ])
+        XCTAssertNil(layout.hierarchy(for: "pids"))
+        XCTAssertEqual(CGroupLayout.detect(mountinfo: "", selfCgroup: "") { _ in [] }.hierarchies, [])
+    }
+
+    func testWhatEachVersionWritesForTheLimits() {
+        let limits = EffectiveLimits(.init(cpuQuota: 0.25, cpuWeight: 50, memoryMiB: 512, pids: 64), guestMemoryMiB: 256)
+        let all = ["cpu", "memory", "pids"]
+        let v1 = ResourceGroups.vmSettings(CGroupHierarchy(version: .v1, mountPoint: "/", ownGroup: "/", controllers: all), limits)
+        XCTAssertEqual(v1.map { "\($0.file)=\($0.value)" }, ["cpu.cfs_period_us=100000", "cpu.cfs_quota_us=25000", "cpu.shares=512",
+                                                             "memory.limit_in_bytes=536870912", "pids.max=64"])
+        let v2 = ResourceGroups.vmSettings(CGroupHierarchy(version: .v2, mountPoint: "/", ownGroup: "/", controllers: all), limits)
+        XCTAssertEqual(v2.map { "\($0.file)=\($0.value)" }, ["cpu.max=25000 100000", "cpu.weight=50", "memory.max=536870912", "pids.max=64"])
+        let memoryOnly = CGroupHierarchy(version: .v2, mountPoint: "/", ownGroup: "/", controllers: ["memory"])
+        XCTAssertEqual(ResourceGroups.deviceSettings(memoryOnly, limits).map(\.file), [], "no cap of a device's own unless asked")
+        let capped = EffectiveLimits(.init(deviceMemoryMiB: 48), guestMemoryMiB: 256)
+        XCTAssertEqual(ResourceGroups.deviceSettings(memoryOnly, capped).map { "\($0.file)=\($0.value)" }, ["memory.max=\(48 << 20)"])
+        // Defaults: no quota, weight 100, guest RAM + 256 MiB, 1024 pids.
+        let defaults = EffectiveLimits(.init(), guestMemoryMiB: 128)
+        let plain = ResourceGroups.vmSettings(CGroupHierarchy(version: .v2, mountPoint: "/", ownGroup: "/", controllers: all), defaults)
+        XCTAssertEqual(plain.map { "\($0.file)=\($0.value)" }, ["cpu.max=max 100000", "cpu.weight=100", "memory.max=\(384 << 20)", "pids.max=1024"])
+        XCTAssertEqual(ResourceGroups.vmSettings(CGroupHierarchy(version: .v1, mountPoint: "/", ownGroup: "/", controllers: ["cpu"]), defaults)
+            .map { "\($0.file)=\($0.value)" }, ["cpu.cfs_period_us=100000", "cpu.cfs_quota_us=-1", "cpu.shares=1024"])
+    }
+
+    func testLimitsInADefinitionAreCheckedByKeyPath() throws {
+        func message(_ json: String) -> String {
+            do {
+                let d = try VMDefinition.decode(Array(json.utf8))
+                try d.validate(naming: .keys)
+                return "valid"
+            } catch { return error.message }
+        }
+        XCTAssertEqual(message(#"{"limits": {"cpu_quota": 0.5, "memory_mib": 512, "pids": 100}}"#), "valid")
+        XCTAssertTrue(message(#"{"limits": {"cpu": 1}}"#).contains("'limits.cpu'"), message(#"{"limits": {"cpu": 1}}"#))
+        // A document's memory limit is checked against its RAM when the VM starts, not here.
+        XCTAssertEqual(message(#"{"memory_mib": 256, "limits": {"memory_mib": 100}}"#), "valid")
+        XCTAssertEqual(message(#"{"limits": {"memory_mib": 20}}"#), "invalid limits.memory_mib '20': give 36 MiB to 1 PiB, and at least the guest's RAM + 32 MiB")
+        XCTAssertThrowsError(try VMDefinition.Limits(memoryMiB: 100).checkFits(guestMemoryMiB: 256) { "limits.\($0.rawValue)" }) { error in
+            XCTAssertEqual((error as? UsageError)?.message,
+                           "limits.memory_mib 100 MiB is too small for 256 MiB of guest RAM: give at least 288 MiB (guest RAM + 32 MiB for the core and devices)")
+        }
+        XCTAssertEqual(message(#"{"limits": {"cpu_weight": 20000}}"#), "invalid limits.cpu_weight '20000': give a weight from 1 to 10000 (default 100)")
+        let merged = VMDefinition.Limits(cpuQuota: 1, pids: 64).merging(.init(cpuQuota: 0.5, memoryMiB: 600))
+        XCTAssertEqual(merged, VMDefinition.Limits(cpuQuota: 0.5, memoryMiB: 600, pids: 64))
+    }
+}
