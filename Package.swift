@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "hv-scsi", targets: ["hv-scsi"]),
         .executable(name: "hv-net", targets: ["hv-net"]),
         .executable(name: "hv-switch", targets: ["hv-switch"]),
+        .executable(name: "hv-balloon", targets: ["hv-balloon"]),
         .executable(name: "hv-jail", targets: ["hv-jail"]),
         .executable(name: "hv-cgroup-reaper", targets: ["hv-cgroup-reaper"]),
         .executable(name: "hvd", targets: ["hvd"]),
@@ -61,7 +62,7 @@ let package = Package(
         // files, taps and segments, the control server). Uses FoundationEssentials for JSON; the
         // core's vCPU path and the devices never link it.
         .target(name: "HVHost", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox", "HVNetSwitch", "CSeccomp", "CHVShim",
-                                              "HVSerialContract", "HVBIOSContract", "HVSCSIContract", "HVNetContract", "HVSCSIDisk"],
+                                              "HVSerialContract", "HVBIOSContract", "HVSCSIContract", "HVNetContract", "HVBalloonContract", "HVSCSIDisk"],
                 path: "Sources/HVHost", swiftSettings: strict),
         // The operator's command: argument parsing and printing only.
         .executableTarget(name: "hvctl", dependencies: ["HVHost", "HVSys", "HVIPC", "HVSandbox",
@@ -117,6 +118,10 @@ let package = Package(
         .executableTarget(name: "hv-switch", dependencies: ["HVIPC", "HVSys", "HVNetSwitch"], path: "Plugins/net/SwitchProcess",
                           swiftSettings: strict),
 
+        // virtio memory balloon: gives the pages a guest hands over back to the host.
+        .target(name: "HVBalloonContract", dependencies: ["HVIPC"], path: "Plugins/balloon/Contract", swiftSettings: strict),
+        .executableTarget(name: "hv-balloon", dependencies: ["HVDeviceSDK", "HVBalloonContract"], path: "Plugins/balloon/Device", swiftSettings: strict),
+
         // Test-only hostile device, run as a third-party plugin under its own profile.
         .executableTarget(name: "hv-rogue-device", dependencies: ["HVDeviceSDK"], path: "Tests/RogueDevice",
                           exclude: ["rogue.json"], swiftSettings: strict),
@@ -134,7 +139,7 @@ let package = Package(
                     swiftSettings: strict),
         .testTarget(name: "HVNetSwitchTests", dependencies: ["HVNetSwitch"], path: "Tests/HVNetSwitchTests", swiftSettings: strict),
         .testTarget(name: "HVSandboxTests", dependencies: ["HVSandbox"], path: "Tests/HVSandboxTests", swiftSettings: strict),
-        .testTarget(name: "HVHostTests", dependencies: ["HVHost", "HVSys", "HVIPC", "HVBIOSContract", "HVSCSIContract", "HVNetContract"], path: "Tests/HVHostTests", swiftSettings: strict),
+        .testTarget(name: "HVHostTests", dependencies: ["HVHost", "HVSys", "HVIPC", "HVBIOSContract", "HVSCSIContract", "HVNetContract", "HVBalloonContract"], path: "Tests/HVHostTests", swiftSettings: strict),
         .testTarget(name: "HVCoreTests", dependencies: ["HVCore", "HVKVM", "CHVShim"], path: "Tests/HVCoreTests", swiftSettings: strict),
         .testTarget(name: "HVIntegrationTests", dependencies: ["HVSys"], path: "Tests/HVIntegrationTests",
                     exclude: [], swiftSettings: strict),

@@ -892,7 +892,7 @@ class Bench:
             ram += g
         return {"total_kb": total, "guest_ram_kb": ram, "processes": procs}
 
-    def qemu_pss(self, pid: int) -> dict:
+    def qemu_pss(self, pid: int, ram_bytes: int = GUEST_RAM_BYTES) -> dict:
         total = ram = 0
         procs = []
         for p in [pid, *descendants(pid)]:
@@ -901,10 +901,10 @@ class Bench:
             if rollup is None or smaps is None:
                 continue
             pss = parse_rollup_pss(rollup)
-            block = qemu_ram_block(parse_smaps(smaps)) if p == pid else None
+            block = qemu_ram_block(parse_smaps(smaps), ram_bytes) if p == pid else None
             g = block["pss_kb"] if block else 0
             if p == pid and block is None:
-                self.problems.append("QEMU: no anonymous ~256 MiB mapping found in smaps")
+                self.problems.append(f"QEMU: no anonymous ~{ram_bytes >> 20} MiB mapping found in smaps")
             procs.append({"pid": p, "comm": (self.read_text(f"/proc/{p}/comm") or "?").strip(),
                           "pss_kb": pss, "guest_ram_pss_kb": g,
                           "ram_block_kb": block["size_kb"] if block else None})
@@ -1077,6 +1077,186 @@ class Bench:
                 target="report", show_ratio=False),
             Row(f"  'hvctl ls --json' with them all running", self.get("ls_json_ms", "hv"), None, unit="ms",
                 target="report", show_ratio=False),
+        ]
+
+    # -- noisy neighbour (issue #23): a victim's round trips beside a tenant burning CPU --
+
+    @staticmethod
+    def cpu_cgroup(name: str, quota_cpus: float) -> Optional[Path]:
+        """A cgroup with a CPU quota (v1 cpu hierarchy or v2), below this process's own group,
+        for QEMU processes to be held to the same limit as `hvctl run --cpu-quota`."""
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        v1 = next((l.split(":", 2)[2] for l in lines if ":cpu," in l or ":cpu:" in l or l.split(":")[1:2] == ["cpu,cpuacct"]), None)
+        if v1 is not None and Path("/sys/fs/cgroup/cpu/cgroup.procs").exists():
+            d = Path("/sys/fs/cgroup/cpu" + v1.rstrip("/")) / name
+            d.mkdir(exist_ok=True)
+            (d / "cpu.cfs_period_us").write_text("100000")
+            (d / "cpu.cfs_quota_us").write_text(str(int(quota_cpus * 100000)))
+            return d
+        v2 = next((l.split(":", 2)[2] for l in lines if l.startswith("0::")), None)
+        if v2 is not None and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            d = Path("/sys/fs/cgroup" + v2.rstrip("/")) / name
+            d.mkdir(exist_ok=True)
+            (d / "cpu.max").write_text(f"{int(quota_cpus * 100000)} 100000")
+            return d
+        return None
+
+    def case_noisy(self) -> list[Row]:
+        """A victim VM times its PIO round trips (`mode=pioread`) alone, beside a second tenant's
+        two VMs that each spin a vCPU flat out (`mode=spin`, enough to take both of this host's
+        cores), and beside the same VMs held to 0.2 CPUs each (hv: `--cpu-quota 0.2`; QEMU: a cgroup
+        with the same CFS quota). The round trip is a forwarded register access: in hv a vCPU
+        thread and the serial device's process in turn, in QEMU one thread."""
+        count = 20000 if self.quick else 100000
+        quota = 0.2
+        print(f"case: noisy neighbour: victim mode=pioread count={count} alone, beside 2 spinning VMs, and beside them at "
+              f"{quota} CPUs each", flush=True)
+        run_dir = self.env.tmp / "noisy-run"
+        run_dir.mkdir(exist_ok=True)
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir))
+        group = self.cpu_cgroup(f"hv-bench-noisy-{os.getpid()}", quota * 2)
+        if group is None:
+            self.problems.append("noisy: no cpu cgroup to hold QEMU's neighbours to a quota")
+
+        def one(side, i):
+            for condition in ("alone", "noisy", "limited"):
+                neighbours: list[LiveGuest] = []
+                try:
+                    if condition != "alone":
+                        for k in range(2):
+                            if side == "hv":
+                                argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", "mode=spin",
+                                        "--memory", "32M", "--serial", "stdio", "--name", f"noisy{i}-{k}"]
+                                if condition == "limited":
+                                    argv += ["--cpu-quota", str(quota)]
+                            else:
+                                argv = [self.env.qemu, *[x if x != GUEST_RAM else "32M" for x in QEMU_BASE_ARGS],
+                                        "-kernel", str(self.env.guest), "-append", "mode=spin"]
+                            neighbours.append(LiveGuest(argv, env if side == "hv" else None))
+                        if not all(g.wait_for(b"spin: ready", 60) for g in neighbours):
+                            self.problems.append(f"noisy: a {side} neighbour did not start spinning")
+                            return
+                        if side == "qemu" and condition == "limited":
+                            if group is None:
+                                continue
+                            for g in neighbours:
+                                # Both QEMUs in one group of 0.4 CPUs: 0.2 each, as two hv VMs at 0.2.
+                                (group / "cgroup.procs").write_text(str(g.proc.pid))
+                    cap = self.guest_run(side, f"mode=pioread count={count}", timeout_s=300, markers=[DONE_MARKER])
+                    parsed = parse_pioread(cap.scanner.data)
+                    v = parsed[1] / count / self.env.tsc_hz * 1e6 if parsed and parsed[0] == count else None
+                    self.record(f"noisy_{condition}", side, v)
+                    print(f"  run {i + 1} {side} {condition}: {v and round(v, 2)} µs/access", flush=True)
+                finally:
+                    for g in neighbours:
+                        g.stop()
+
+        try:
+            self.interleaved(one)
+        finally:
+            if group is not None:
+                try:
+                    group.rmdir()
+                except OSError as e:
+                    self.problems.append(f"noisy: cannot remove {group}: {e}")
+        rows = []
+        for condition, label, target in [
+            ("alone", "noisy neighbour: victim's PIO round trip, alone", "≤ QEMU"),
+            ("noisy", "  beside 2 VMs spinning a vCPU each, no limit", "report"),
+            ("limited", f"  beside them held to {quota} CPUs each", "≤ 1.5× alone"),
+        ]:
+            hv, q = self.get(f"noisy_{condition}", "hv"), self.get(f"noisy_{condition}", "qemu")
+            row = Row(label, hv, q, unit="µs", target=target)
+            if condition == "alone":
+                row.met = None if hv is None or q is None else hv.median <= q.median
+            elif condition == "limited":
+                alone = self.get("noisy_alone", "hv")
+                row.met = None if hv is None or alone is None else hv.median <= 1.5 * alone.median
+                row.note = "" if hv is None or alone is None else f"{hv.median / alone.median:.2f}× alone"
+            rows.append(row)
+        return rows
+
+    # -- density (issue #23): idle 64 MiB guests before and after ballooning --
+
+    def case_density(self) -> list[Row]:
+        """N idle 64 MiB guests that each wrote `fill` MiB, hv (hv-balloon, `hvctl balloon`)
+        against QEMU (virtio-balloon-pci, QMP `balloon`), the same guest driving both balloons
+        (hv's test guest, `mode=balloon`): PSS per VM with everything the guest wrote resident,
+        then once each balloon holds all but 1 MiB of it; and what that makes VMs per GiB."""
+        n = 2 if self.quick else 8
+        fill = 4 if self.quick else 8
+        take = fill - 1
+        ready = b"balloon: ready"
+        run_dir = self.env.tmp / "density-run"
+        run_dir.mkdir(exist_ok=True)
+        env = dict(self.hv_env, HV_RUN_DIR=str(run_dir))
+        print(f"case: density: {n} idle 64 MiB guests that wrote {fill} MiB each, PSS per VM before and after "
+              f"ballooning {take} MiB (hv-balloon vs QEMU's virtio-balloon-pci)", flush=True)
+
+        def one(side, i):
+            guests: list[LiveGuest] = []
+            qmps: list[str] = []
+            names = [f"dense{i}-{k}" for k in range(n)]
+            try:
+                for k in range(n):
+                    if side == "hv":
+                        argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", f"mode=balloon count={fill}",
+                                "--memory", "64M", "--serial", "stdio", "--balloon", "on", "--name", names[k]]
+                    else:
+                        qmp = str(self.env.tmp / f"qmp-dense-{i}-{k}.sock")
+                        qmps.append(qmp)
+                        argv = [self.env.qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc", "-m", "64M", "-nodefaults",
+                                "-display", "none", "-no-reboot", "-serial", "stdio", "-device", "virtio-balloon-pci,disable-legacy=on",
+                                "-qmp", f"unix:{qmp},server=on,wait=off", "-kernel", str(self.env.guest), "-append", f"mode=balloon count={fill}"]
+                    guests.append(LiveGuest(argv, env if side == "hv" else None))
+                if not all(g.wait_for(ready, 120) for g in guests):
+                    self.problems.append(f"density: a {side} guest's balloon driver did not start: "
+                                         f"{[g.text()[-200:] for g in guests if ready not in g.text().encode()]}")
+                    return
+                time.sleep(0.5)
+                pss = self.hv_pss if side == "hv" else (lambda pid: self.qemu_pss(pid, 64 << 20))
+                before = sum(pss(g.proc.pid)["total_kb"] for g in guests) / 1024 / n
+                for k, g in enumerate(guests):
+                    if side == "hv":
+                        r = subprocess.run([str(self.env.hvctl), "balloon", names[k], f"{take}M", "--wait"], capture_output=True, env=env,
+                                           timeout=120)
+                        if r.returncode != 0:
+                            self.problems.append(f"density: hvctl balloon {names[k]}: {r.stderr.decode(errors='replace').strip()}")
+                            return
+                    else:
+                        # QEMU's balloon takes the guest's memory size, not the balloon's.
+                        self.qmp(qmps[k], {"execute": "balloon", "arguments": {"value": (64 - take) << 20}})
+                        deadline = time.monotonic() + 60
+                        while self.qmp(qmps[k], {"execute": "query-balloon"})[0].get("return", {}).get("actual") != (64 - take) << 20:
+                            if time.monotonic() > deadline:
+                                self.problems.append(f"density: QEMU's balloon did not reach {take} MiB within 60 s")
+                                return
+                            time.sleep(0.05)
+                time.sleep(0.5)
+                after = sum(pss(g.proc.pid)["total_kb"] for g in guests) / 1024 / n
+                self.record("dense_before", side, before)
+                self.record("dense_after", side, after)
+                self.record("dense_per_gib", side, 1024 / after)
+                print(f"  run {i + 1} {side}: PSS per VM {before:.1f} MiB before, {after:.1f} MiB after ballooning {take} MiB "
+                      f"({1024 / after:.0f} VMs per GiB)", flush=True)
+            finally:
+                for g in guests:
+                    g.stop()
+                for q in qmps:
+                    if os.path.exists(q):
+                        os.unlink(q)
+
+        self.interleaved(one)
+        return [
+            Row(f"density: PSS per idle 64 MiB VM ({fill} MiB written)", self.get("dense_before", "hv"), self.get("dense_before", "qemu"),
+                unit="MiB", target="≤ QEMU", met=None if self.get("dense_before", "hv") is None or self.get("dense_before", "qemu") is None
+                else self.get("dense_before", "hv").median <= self.get("dense_before", "qemu").median),
+            Row(f"  after ballooning {take} MiB of it", self.get("dense_after", "hv"), self.get("dense_after", "qemu"), unit="MiB",
+                target=f"≤ QEMU, ≈ {take} MiB less", met=None if self.get("dense_after", "hv") is None or self.get("dense_after", "qemu") is None
+                else self.get("dense_after", "hv").median <= self.get("dense_after", "qemu").median),
+            Row("  64 MiB VMs per GiB of host memory, ballooned", self.get("dense_per_gib", "hv"), self.get("dense_per_gib", "qemu"),
+                unit="VMs", target="≥ QEMU", met=None if self.get("dense_per_gib", "hv") is None or self.get("dense_per_gib", "qemu") is None
+                else self.get("dense_per_gib", "hv").median >= self.get("dense_per_gib", "qemu").median),
         ]
 
     # -- SeaBIOS (issue #3): the same firmware image under both VMMs --
@@ -2264,7 +2444,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bin-dir", metavar="DIR",
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
-                    help="run only this case (repeatable): pioread, time_to_x, throughput, memory, seabios, "
+                    help="run only this case (repeatable): pioread, time_to_x, throughput, memory, density, noisy, seabios, "
                          "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
@@ -2289,7 +2469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench.storm_kills = args.kills
         bench.warm_up()
         rows: list[Row] = []
-        cases = ["pioread", "time_to_x", "throughput", "memory", "seabios", "sandbox", "vm_rate", "vms_at_once",
+        cases = ["pioread", "time_to_x", "throughput", "memory", "density", "noisy", "seabios", "sandbox", "vm_rate", "vms_at_once",
                  "grub", "scsi", "qcow2", "snapshot", "migration", "net", "api", "kill_storms"]
         # Long runs only when asked for by name.
         cases_on_request = ["api_fuzz"]

@@ -139,9 +139,10 @@ public enum DeviceAction: Sendable {
     /// Stop the process cleanly and start `binary` in its place, with the same resources and
     /// state; if it does not start, or dies within 300 ms, start the old one again.
     case upgrade(binary: String)
-    /// Restart the process with these settings changed (its settings text's keys starting with
-    /// one of `removing` dropped, then `setting` added); the same rollback as an upgrade. The
-    /// guest sees nothing but a pause: the restart keeps the device's rings and state.
+    /// Change the device's settings (its settings text's keys starting with one of `removing`
+    /// dropped, then `setting` added): in place when the device takes RECONFIGURE, else by
+    /// restarting the process with them (the same rollback as an upgrade; the guest sees nothing
+    /// but a pause, the restart keeping the device's rings and state).
     case reconfigure(removing: [String], setting: [String: String])
 }
 
@@ -641,6 +642,20 @@ final class DeviceSupervisor: @unchecked Sendable {
             var fields = SettingsText.decode(d.config).filter { key, _ in !removing.contains { key.hasPrefix($0) } }
             fields.merge(setting) { _, new in new }
             let old = d.config, new = SettingsText.encode(fields.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+            // In place first (RECONFIGURE): nothing restarts, nothing the device holds is lost.
+            switch reconfigureInPlace(d, config: new) {
+            case Status.ok.rawValue?:
+                d.config = new
+                Diagnostics.line("device \(name) reconfigured in place")
+                return .success("reconfigured \(name) in place")
+            case Status.invalidArgument.rawValue?:
+                return .failure(DeviceActionError(description: "\(name) refused its new settings; it carries on with its old ones"))
+            case Status.unknownType.rawValue?, nil:
+                break  // it cannot change them in place, or there is no process to ask: a new process takes them
+            case let status?:
+                // DENIED: quiesced for a snapshot or a migration, which a restart must not disturb.
+                return .failure(DeviceActionError(description: "\(name) cannot take new settings now (status \(status)); try again in a moment"))
+            }
             switch replaceProcess(d, change: { $0.config = new }, undo: { $0.config = old }) {
             case .replaced:
                 Diagnostics.line("device \(name) reconfigured (pid \(d.process?.pid ?? 0))")
@@ -668,6 +683,16 @@ final class DeviceSupervisor: @unchecked Sendable {
             case .lost(let why, let error):
                 return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed (\(why)) and the old binary did not restart either (\(error))"))
             }
+        }
+    }
+
+    /// Sends the live process its new settings (RECONFIGURE); its reply's status, or nil when
+    /// there is no process, the text is too long for the message, or it did not answer in 5 s.
+    private func reconfigureInPlace(_ d: ManagedDevice, config: String) -> Int32? {
+        guard let payload = Reconfigure(config: config).encode() else { return nil }
+        return d.controlChannel.withLock { control -> Int32? in
+            guard let control, let (reply, _) = try? control.request(.reconfigure, payload: payload, timeoutMilliseconds: 5000) else { return nil }
+            return reply.status
         }
     }
 
@@ -891,6 +916,14 @@ final class DeviceSupervisor: @unchecked Sendable {
     /// Whether every device has committed every register access the guest made.
     func ringsDrained() -> Bool {
         devices.allSatisfy { $0.endpoint.state != .running || $0.endpoint.ring.requestsOutstanding() == 0 }
+    }
+
+    /// A copy of device `name`'s state page; nil if there is no such device or it cannot be read.
+    func statePage(ofDevice name: String) -> [UInt8]? {
+        guard let d = devices.first(where: { $0.spec.name == name }) else { return nil }
+        var page = [UInt8](repeating: 0, count: 4096)
+        let n = page.withUnsafeMutableBytes { pread(d.statePage.rawValue, $0.baseAddress, $0.count, 0) }
+        return n == page.count ? page : nil
     }
 
     // MARK: Removable media

@@ -1,3 +1,4 @@
+import Glibc
 import HVIPC
 import HVKVM
 import HVSys
@@ -27,6 +28,14 @@ public final class GuestRAM: Sendable {
             regions.append(MemoryRegion(guestPhysicalAddress: 1 << 32, size: size - low, memfdOffset: low))
         }
         self.regions = regions
+    }
+
+    /// Bytes of host memory the guest's RAM takes now: the memfd's allocated pages. Pages the
+    /// guest never touched, and pages a balloon gave back, take none.
+    public var hostBytes: UInt64 {
+        var st = stat()
+        guard fstat(memfd.rawValue, &st) == 0 else { return 0 }
+        return UInt64(max(st.st_blocks, 0)) * 512
     }
 
     func register(with vm: VirtualMachine) throws(CoreError) {

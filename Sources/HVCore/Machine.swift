@@ -369,6 +369,16 @@ public final class Machine: @unchecked Sendable {
         try supervisor.changeMedium(device: name, hostFile: hostFile, file: file)
     }
 
+    /// What device `name` keeps in its state page now (4096 bytes), or nil if the VM has no such
+    /// device. The device writes the page at any time: its bytes are untrusted input. Safe from any
+    /// thread.
+    public func statePage(ofDevice name: String) -> [UInt8]? {
+        supervisor.statePage(ofDevice: name)
+    }
+
+    /// Bytes of host memory the guest's RAM takes now (allocated pages of its memfd).
+    public var guestRAMHostBytes: UInt64 { ram.hostBytes }
+
     /// Called once, from `run()`'s thread, when the vCPUs start running the guest.
     public var onGuestStarted: (@Sendable () -> Void)?
 
@@ -435,7 +445,9 @@ public final class Machine: @unchecked Sendable {
             supervisor.guestStarted.store(true, ordering: .releasing)
             for vcpu in vcpus {
                 do {
-                    let t = try HostThread.spawn(name: "hv-vcpu\(vcpu.id)") { [self] in vcpuLoop(vcpu) }
+                    // Joinable: a vCPU that returned on its own (a triple fault, a reset) is
+                    // still kicked at the stop, and a detached thread's handle dies with it.
+                    let t = try HostThread.spawnJoinable(name: "hv-vcpu\(vcpu.id)") { [self] in vcpuLoop(vcpu) }
                     threads.withLock { $0.append(t) }
                 } catch {
                     stop(.failure("cannot start vCPU thread: \(error)"))
@@ -464,6 +476,7 @@ public final class Machine: @unchecked Sendable {
         // Let every vCPU leave the guest, then let the devices finish what the guest wrote.
         kickAll()
         supervisor.shutdown()
+        joinVCPUThreads()
         return outcome.withLock { $0 } ?? .poweredOff
     }
 
@@ -488,6 +501,17 @@ public final class Machine: @unchecked Sendable {
         }
         bootState.withLock { $0 = state }
         return .ok
+    }
+
+    /// Joins the vCPU threads once they have left their loops (at most 5 s; one still inside
+    /// after that is detached instead, and ends on its own).
+    private func joinVCPUThreads() {
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while liveVCPUThreads.load(ordering: .acquiring) > 0 && monotonicNanoseconds() < deadline { usleep(200) }
+        let done = liveVCPUThreads.load(ordering: .acquiring) == 0
+        for t in threads.withLock({ list in defer { list.removeAll() }; return list }) {
+            if done { pthread_join(t, nil) } else { pthread_detach(t) }
+        }
     }
 
     private func kickAll() {

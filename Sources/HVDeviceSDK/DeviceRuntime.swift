@@ -67,7 +67,8 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// Device configuration from the trusted side: HELLO's `key=value` lines, decoded by
     /// `SettingsText` (`--device …,KEY=VALUE` for a plugin; a shipped device decodes its typed
     /// settings from this through its contract module).
-    public let config: [String: String]
+    /// After an accepted RECONFIGURE, the new settings.
+    public private(set) var config: [String: String]
     /// Guest RAM, if the core handed it over.
     public let guestMemory: GuestMemory?
     /// State that survives restarts, if granted.
@@ -100,6 +101,14 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// `hostFile`; return false to refuse (INVALID_ARGUMENT). Leave nil if the device has no
     /// removable media: MEDIA_CHANGE is then answered UNKNOWN_TYPE.
     public var onMediaChange: ((_ hostFile: UInt32, _ file: FileDescriptor?) -> Bool)?
+
+    /// Called on the runtime thread (between batches of register accesses) when the operator
+    /// changes the device's settings while it runs (RECONFIGURE, `hvctl set`, `hvctl balloon`):
+    /// `config` is the whole new configuration, decoded like HELLO's. Apply it in place and
+    /// return true (`config` then reads the new settings), or return false to refuse it and keep
+    /// the old ones. Leave nil if the device cannot change settings in place: the core then
+    /// restarts it with the new ones (the guest sees a short pause; state-page state is kept).
+    public var onReconfigure: ((_ config: [String: String]) -> Bool)?
 
     /// How long the ring loop spins on an empty ring before sleeping, in nanoseconds.
     public var spinNanoseconds: UInt64 = 50_000
@@ -530,6 +539,15 @@ public final class DeviceRuntime: @unchecked Sendable {
                 return (try? control.send(.reply(to: frame, status: .malformed))) ?? ()
             }
             let accepted = handler(change.hostFile, fds.first)
+            try? control.send(.reply(to: frame, status: accepted ? .ok : .invalidArgument))
+        case .reconfigure?:
+            guard let handler = onReconfigure else { return (try? control.send(.reply(to: frame, status: .unknownType))) ?? () }
+            guard fds.isEmpty, let change = try? Reconfigure.decode(frame.payload) else {
+                return (try? control.send(.reply(to: frame, status: .malformed))) ?? ()
+            }
+            let settings = SettingsText.decode(change.config)
+            let accepted = handler(settings)
+            if accepted { config = settings }
             try? control.send(.reply(to: frame, status: accepted ? .ok : .invalidArgument))
         default:
             if !frame.flags.contains(.noReply) { try? control.send(.reply(to: frame, status: .unknownType)) }

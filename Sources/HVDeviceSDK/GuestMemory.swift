@@ -1,3 +1,4 @@
+import Glibc
 import HVIPC
 import HVSys
 
@@ -105,6 +106,28 @@ public final class GuestMemory: @unchecked Sendable {
         }
         p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
         markDirty(address, count: count)
+    }
+
+    /// Gives the host back the RAM behind the whole 4 KiB pages of `[address, address + count)`:
+    /// they read as zeros from then on, in the guest and in every process that maps guest memory,
+    /// and take no host memory until written again. For pages the guest gave up (a balloon's
+    /// inflated pages, free page reporting). Returns the bytes given back: 0 when the range is not
+    /// wholly inside one RAM region or the host refused.
+    @discardableResult
+    public func discard(_ address: UInt64, count: UInt64) -> UInt64 {
+        let pageMask: UInt64 = 4095
+        let (end, overflow) = address.addingReportingOverflow(count)
+        guard !overflow, address <= UInt64.max - pageMask else { return 0 }
+        let first = (address + pageMask) & ~pageMask, last = end & ~pageMask
+        guard last > first, let p = translate(first, count: last - first) else { return 0 }
+        // Unsafe assumption: `p` is page-aligned (the mapping is, and regions start on pages of the
+        // memfd) and `[p, p + length)` lies inside this process's shared mapping of the guest-RAM
+        // memfd (`translate` checked). MADV_REMOVE frees the memfd's pages behind it (a hole punch,
+        // which the memfd's seals allow): every mapping, the core's and KVM's included, then reads
+        // zeros there.
+        guard madvise(p, Int(last - first), MADV_REMOVE) == 0 else { return 0 }
+        markDirty(first, count: last - first)
+        return last - first
     }
 }
 

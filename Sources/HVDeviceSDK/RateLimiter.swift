@@ -58,6 +58,17 @@ public struct TokenBucket: Sendable {
         budget = budget &- Int64(clamping: tokens - fromBurst)
     }
 
+    /// A bucket with `settings` that carries on from this one: its tokens (at most the new size)
+    /// or its debt, so a limit changed at run time neither refills nor forgives anything; the
+    /// new one-time burst is granted.
+    public func changed(to settings: RateLimitSettings.Bucket, now: UInt64) -> TokenBucket {
+        var copy = self
+        copy.refill(now: now)
+        var next = TokenBucket(settings, now: now)
+        next.budget = min(copy.budget, next.budget)
+        return next
+    }
+
     /// When the bucket will admit again (now, if it does).
     public func availableAt(now: UInt64) -> UInt64 {
         if budget > 0 || burst > 0 { return now }
@@ -95,6 +106,16 @@ public struct RateLimiter: Sendable {
     public mutating func consume(bytes: UInt64, now: UInt64 = monotonicNanoseconds()) {
         bandwidth?.consume(bytes, now: now)
         ops?.consume(1, now: now)
+    }
+
+    /// The limiter for new `settings` (a device's RECONFIGURE), carrying each bucket's tokens or
+    /// debt over (`TokenBucket.changed`); nil when the new settings are unlimited.
+    public static func changed(_ old: RateLimiter?, to settings: RateLimitSettings, now: UInt64 = monotonicNanoseconds()) -> RateLimiter? {
+        guard !settings.isUnlimited else { return nil }
+        var next = RateLimiter(settings, now: now)
+        if let previous = old?.bandwidth, let b = settings.bandwidth { next.bandwidth = previous.changed(to: b, now: now) }
+        if let previous = old?.ops, let o = settings.ops { next.ops = previous.changed(to: o, now: now) }
+        return next
     }
 
     /// When the limiter admits again; nil when it admits now.

@@ -1,4 +1,5 @@
 import Glibc
+import HVBalloonContract
 import HVBIOSContract
 import HVCore
 import HVIPC
@@ -66,6 +67,14 @@ func platformDevices(_ options: VMDefinition, boot: BootFiles, firmwareROM: File
                                   capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
         profiles["net\(i)"] = "net"
     }
+    // The memory balloon, when the definition has one.
+    if let balloon = options.balloon {
+        devices.append(DeviceSpec(name: VMControl.balloonDevice, executable: deviceExecutable("hv-balloon"),
+                                  resources: VirtioPCILayout.resources(device: PCISlots.balloon),
+                                  config: balloon.settings.encoded,
+                                  capabilities: [.interruptLevel, .msi, .statePage], mapsGuestMemory: true))
+        profiles[VMControl.balloonDevice] = "balloon"
+    }
     do {
         if let tenant {
             for i in devices.indices {
@@ -87,6 +96,8 @@ enum PCISlots {
     static func disk(_ i: Int) -> UInt8 { UInt8(4 + i) }
     /// The CD-ROM drive's adapter, 00:0d.0.
     static let cdrom: UInt8 = 0x0D
+    /// The memory balloon, 00:0e.0.
+    static let balloon: UInt8 = 0x0E
     /// NIC i's virtio-net function: 00:10.0, 00:11.0, …
     static func nic(_ i: Int) -> UInt8 { UInt8(0x10 + i) }
 }

@@ -36,6 +36,9 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         case migrateCancel = "migrate-cancel"
         /// Change the VM's resource limits: the fields `limits` sets replace the ones in force.
         case setLimits = "set-limits"
+        /// Ask the guest to give up `size_mib` of its RAM to the balloon (and/or change
+        /// `stats_interval_s`); the reply's `status` carries the balloon as it stands.
+        case balloon
     }
     public var command: Command
     /// An absolute host path: the ISO (`cdrom-insert`) or the new binary (`device-upgrade`).
@@ -58,6 +61,10 @@ public struct ControlRequest: Codable, Equatable, Sendable {
     public var limits: VMDefinition.Limits?
     /// `set-limits`: devices' new rate limits.
     public var rates: [RateChange]?
+    /// `balloon`: the balloon's new size, in MiB.
+    public var sizeMiB: UInt64?
+    /// `balloon`: how often to ask the guest for statistics, in seconds (0: never).
+    public var statsIntervalSeconds: Int?
 
     /// A device's rate limits as they are to be: a disk's `limit`, a NIC's `rx` and `tx`; each
     /// replaces the one in force, and one left out (or null) means unlimited.
@@ -86,7 +93,7 @@ public struct ControlRequest: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case command, path, device, registers, stop, maxDowntimeMs = "max_downtime_ms", timeoutSeconds = "timeout_seconds", bandwidth,
-             finishOnTimeout = "finish_on_timeout", limits, rates
+             finishOnTimeout = "finish_on_timeout", limits, rates, sizeMiB = "size_mib", statsIntervalSeconds = "stats_interval_s"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -103,6 +110,8 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         finishOnTimeout = try c.decodeIfPresent(Bool.self, forKey: .finishOnTimeout)
         limits = try c.decodeIfPresent(VMDefinition.Limits.self, forKey: .limits)
         rates = try c.decodeIfPresent([RateChange].self, forKey: .rates)
+        sizeMiB = try c.decodeIfPresent(UInt64.self, forKey: .sizeMiB)
+        statsIntervalSeconds = try c.decodeIfPresent(Int.self, forKey: .statsIntervalSeconds)
     }
 }
 
@@ -160,6 +169,10 @@ public struct VMStatus: Codable, Equatable, Sendable {
     public var consoleAttachable: Bool
     /// Its cgroups, limits and use; nil when it runs without cgroups.
     public var resources: Resources? = nil
+    /// Host memory its guest RAM takes now (pages never touched, or given back by a balloon, take none).
+    public var guestMemoryHostBytes: UInt64? = nil
+    /// Its memory balloon; nil when it has none.
+    public var balloon: Balloon? = nil
 
     public struct Resources: Codable, Equatable, Sendable {
         /// The VM's group in each hierarchy (`core` and a group per device are inside).
@@ -243,7 +256,8 @@ public struct VMStatus: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case name, pid, state, boot, uptimeSeconds = "uptime_seconds", pausedSeconds = "paused_seconds", memoryMiB = "memory_mib", cpus,
-             tenant, vcpus, devices, disks, cdrom, nics, consoleLog = "console_log", consoleAttachable = "console_attachable", resources
+             tenant, vcpus, devices, disks, cdrom, nics, consoleLog = "console_log", consoleAttachable = "console_attachable", resources,
+             guestMemoryHostBytes = "guest_memory_host_bytes", balloon
     }
 }
 

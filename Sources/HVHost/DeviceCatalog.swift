@@ -9,7 +9,7 @@ import HVSys
 /// a sandbox plan.
 public enum DeviceCatalog {
     /// The devices hv ships, by the name `hvctl sandbox show` takes.
-    public static let builtIn: [(name: String, executable: String)] = [("serial", "hv-serial"), ("bios", "hv-bios"), ("scsi", "hv-scsi"), ("net", "hv-net"), ("switch", "hv-switch")]
+    public static let builtIn: [(name: String, executable: String)] = [("serial", "hv-serial"), ("bios", "hv-bios"), ("scsi", "hv-scsi"), ("net", "hv-net"), ("switch", "hv-switch"), ("balloon", "hv-balloon")]
 
     /// `sandbox-profiles/`: $HV_PROFILE_DIR, else beside hvctl, else the source tree hvctl was built in.
     public static func profileDirectory() -> String? {

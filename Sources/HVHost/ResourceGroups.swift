@@ -19,8 +19,11 @@ public struct CGroupHierarchy: Equatable, Sendable {
 /// cgroup v2 (one tree), the v1 layout (a hierarchy per controller), or a hybrid of both (v1
 /// controllers plus an often empty v2 tree); each controller is used where it is mounted.
 public struct CGroupLayout: Equatable, Sendable {
-    /// cpu (quota, weight), memory (limits, OOM), pids (process count).
-    public static let controllers = ["cpu", "memory", "pids"]
+    /// cpu (quota, weight), memory (limits, OOM), pids (process count), and the block I/O
+    /// controller (v1 `blkio`, v2 `io`), used only by VMs with disk I/O limits.
+    public static let controllers = ["cpu", "memory", "pids", "blkio", "io"]
+    /// The block I/O controller's names.
+    public static let ioControllers = ["blkio", "io"]
 
     public var hierarchies: [CGroupHierarchy]
 
@@ -97,6 +100,9 @@ public final class ResourceGroups: Sendable {
     /// Each hierarchy with the VM's group directory in it.
     public let groups: [(hierarchy: CGroupHierarchy, directory: String)]
     private let current: Mutex<EffectiveLimits>
+    /// Each disk device's block devices (`MAJ:MIN` of the whole disks its images lie on), which
+    /// its I/O limits apply to.
+    private let blockDevices = Mutex<[String: [String]]>([:])
 
     /// The OOM score devices get: they are restartable, the core is not.
     static let deviceOOMScoreAdjust: Int32 = 500
@@ -124,6 +130,17 @@ public final class ResourceGroups: Sendable {
         for (field, controller) in needed where layout.hierarchy(for: controller) == nil {
             throw UsageError(message: "\(field.flag) needs the cgroup '\(controller)' controller, which this host does not offer (see /proc/self/cgroup and /proc/self/mountinfo); leave \(field.flag) out or enable the controller")
         }
+        // The block I/O hierarchy only for a VM that limits its disks' I/O: a move into each
+        // further v1 hierarchy costs the launch another RCU grace period.
+        let limitsIO = limits.diskIO != nil
+        if limitsIO && !CGroupLayout.ioControllers.contains(where: { layout.hierarchy(for: $0) != nil }) {
+            throw UsageError(message: "\(VMDefinition.Limits.Field.diskIO.flag) needs the cgroup 'io' (v2) or 'blkio' (v1) controller, which this host does not offer; leave it out (a disk's rate_limit meters the guest's requests without it)")
+        }
+        let layout = CGroupLayout(hierarchies: layout.hierarchies.compactMap { hierarchy -> CGroupHierarchy? in
+            var used = hierarchy
+            if !limitsIO { used.controllers.removeAll { CGroupLayout.ioControllers.contains($0) } }
+            return used.controllers.isEmpty ? nil : used
+        })
         let groupName = "hv-\(name)-\(getpid())"
         var made: [(hierarchy: CGroupHierarchy, directory: String)] = []
         func undo() { for g in made { removeGroup(g.directory) } }
@@ -186,27 +203,38 @@ public final class ResourceGroups: Sendable {
         ProcessPlacement(cgroupDirectories: groups.map { $0.hierarchy.version == .v1 ? $0.hierarchy.ownGroup : $0.hierarchy.mountPoint })
     }
 
-    /// The placement of device `member` (its group made, its memory limit set).
-    public func placement(for member: String) throws(UsageError) -> ProcessPlacement {
+    /// The placement of device `member` (its group made, its memory limit set, and for a disk
+    /// its I/O limits on `blockDevices`, the `MAJ:MIN` of the whole disks its images lie on).
+    public func placement(for member: String, blockDevices devices: [String] = []) throws(UsageError) -> ProcessPlacement {
         var directories: [String] = []
         let limits = self.limits
+        blockDevices.withLock { $0[member] = devices }
         for (hierarchy, directory) in groups {
             let group = directory + "/" + member
             guard mkdir(group, 0o755) == 0 || errno == EEXIST else {
                 throw UsageError(message: "cannot create the cgroup \(group) for device \(member): \(Errno.current)")
             }
-            for (file, value) in Self.deviceSettings(hierarchy, limits) { try Self.set(file, value, in: group) }
+            for (file, value) in Self.deviceSettings(hierarchy, limits, blockDevices: devices) { try Self.set(file, value, in: group) }
             directories.append(group)
         }
         return ProcessPlacement(cgroupDirectories: directories, oomScoreAdjust: Self.deviceOOMScoreAdjust)
     }
 
+    /// Whether the VM's disks can get I/O limits: it has groups in the block I/O hierarchy (made
+    /// only for a VM started with disk I/O limits).
+    public var limitsDiskIO: Bool {
+        groups.contains { group in group.hierarchy.controllers.contains { CGroupLayout.ioControllers.contains($0) } }
+    }
+
     /// Sets `limits` on the VM's group and its devices' (at start and by `hvctl set`).
     public func apply(_ limits: EffectiveLimits) throws(UsageError) {
+        let devices = blockDevices.withLock { $0 }
         for (hierarchy, directory) in groups {
             for (file, value) in Self.vmSettings(hierarchy, limits) { try Self.set(file, value, in: directory) }
             for member in Self.subgroups(of: directory) where member != "core" {
-                for (file, value) in Self.deviceSettings(hierarchy, limits) { try Self.set(file, value, in: directory + "/" + member) }
+                for (file, value) in Self.deviceSettings(hierarchy, limits, blockDevices: devices[member] ?? []) {
+                    try Self.set(file, value, in: directory + "/" + member)
+                }
             }
         }
         current.withLock { $0 = limits }
@@ -232,10 +260,29 @@ public final class ResourceGroups: Sendable {
         return settings
     }
 
-    /// The files and values for one device's group: its memory cap, if it has one of its own.
-    static func deviceSettings(_ hierarchy: CGroupHierarchy, _ limits: EffectiveLimits) -> [(file: String, value: String)] {
-        guard hierarchy.controllers.contains("memory"), let bytes = limits.deviceMemoryBytes else { return [] }
-        return [(hierarchy.version == .v1 ? "memory.limit_in_bytes" : "memory.max", "\(bytes)")]
+    /// The files and values for one device's group: its memory cap, if it has one of its own,
+    /// and a disk's I/O limits on each of `blockDevices` (v1: `blkio.throttle.*_device`, 0 for no
+    /// limit; v2: `io.max`, `max` for none; throttling is not hierarchical on v1, so it goes on
+    /// the device's own group on both). Written whenever the hierarchy has the controller, so a
+    /// limit removed at run time is removed from the kernel too.
+    static func deviceSettings(_ hierarchy: CGroupHierarchy, _ limits: EffectiveLimits, blockDevices: [String] = []) -> [(file: String, value: String)] {
+        var settings: [(file: String, value: String)] = []
+        if hierarchy.controllers.contains("memory"), let bytes = limits.deviceMemoryBytes {
+            settings.append((hierarchy.version == .v1 ? "memory.limit_in_bytes" : "memory.max", "\(bytes)"))
+        }
+        let io = limits.diskIO ?? VMDefinition.Limits.DiskIO()
+        for device in blockDevices {
+            if hierarchy.version == .v1 && hierarchy.controllers.contains("blkio") {
+                settings += [("blkio.throttle.read_bps_device", "\(device) \(io.readBps ?? 0)"),
+                             ("blkio.throttle.write_bps_device", "\(device) \(io.writeBps ?? 0)"),
+                             ("blkio.throttle.read_iops_device", "\(device) \(io.readIops ?? 0)"),
+                             ("blkio.throttle.write_iops_device", "\(device) \(io.writeIops ?? 0)")]
+            } else if hierarchy.version == .v2 && hierarchy.controllers.contains("io") {
+                func value(_ v: UInt64?) -> String { (v ?? 0) == 0 ? "max" : "\(v!)" }
+                settings.append(("io.max", "\(device) rbps=\(value(io.readBps)) wbps=\(value(io.writeBps)) riops=\(value(io.readIops)) wiops=\(value(io.writeIops))"))
+            }
+        }
+        return settings
     }
 
     /// What the VM uses now: memory (bytes) and processes/threads, where the host counts them.
@@ -337,6 +384,24 @@ public final class ResourceGroups: Sendable {
             if name != "." && name != ".." { names.append(name) }
         }
         return names
+    }
+
+    /// `MAJ:MIN` of the whole disk the file `fd` lies on (a partition's disk); nil when its file
+    /// system has no block device (tmpfs, overlay, NFS) or the device is not in /sys/dev/block.
+    public static func wholeDisk(holding fd: FileDescriptor) -> String? {
+        var st = stat()
+        guard fstat(fd.rawValue, &st) == 0 else { return nil }
+        let dev = UInt64(st.st_dev)
+        // glibc's encoding of dev_t (gnu_dev_major/minor are macros Swift does not import).
+        let major = (dev >> 8) & 0xFFF | (dev >> 32) & 0xFFFF_F000, minor = dev & 0xFF | (dev >> 12) & 0xFFFF_FF00
+        guard major != 0 else { return nil }
+        let node = "/sys/dev/block/\(major):\(minor)"
+        guard access(node, F_OK) == 0 else { return nil }
+        // A partition's directory sits inside its disk's: the disk's `dev` is one level up.
+        guard access(node + "/partition", F_OK) == 0 else { return "\(major):\(minor)" }
+        guard let file = try? FileDescriptor.open(node + "/../dev", flags: O_RDONLY), let bytes = try? file.readAll() else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self).split(separator: "\n").first.map(String.init) ?? ""
+        return text.contains(":") ? text : nil
     }
 
     private static func set(_ file: String, _ value: String, in directory: String) throws(UsageError) {

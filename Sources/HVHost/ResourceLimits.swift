@@ -24,13 +24,62 @@ extension VMDefinition {
         public var deviceMemoryMiB: UInt64?
         /// Processes and threads in the whole VM. Default `defaultPids`.
         public var pids: UInt64?
+        /// Each disk device process's I/O to the block device its image (and its backing
+        /// images) lie on: cgroup v2's `io.max`, v1's `blkio.throttle.*` (which meters reads, and
+        /// writes only where they reach the device from the process itself: v1 charges buffered
+        /// writeback to no group). Default: none. A disk on a file system without a block device
+        /// (tmpfs, overlay) is not limited by it; its `rate_limit` meters the guest's requests
+        /// wherever the image lies.
+        public var diskIO: DiskIO?
 
-        public init(cpuQuota: Double? = nil, cpuWeight: UInt32? = nil, memoryMiB: UInt64? = nil, deviceMemoryMiB: UInt64? = nil, pids: UInt64? = nil) {
+        /// Bytes and operations a second, each optional (absent or 0: not limited).
+        public struct DiskIO: Codable, Equatable, Sendable {
+            public var readBps: UInt64?
+            public var writeBps: UInt64?
+            public var readIops: UInt64?
+            public var writeIops: UInt64?
+
+            public init(readBps: UInt64? = nil, writeBps: UInt64? = nil, readIops: UInt64? = nil, writeIops: UInt64? = nil) {
+                self.readBps = readBps
+                self.writeBps = writeBps
+                self.readIops = readIops
+                self.writeIops = writeIops
+            }
+
+            /// Whether nothing is limited.
+            public var isEmpty: Bool { [readBps, writeBps, readIops, writeIops].allSatisfy { ($0 ?? 0) == 0 } }
+
+            /// `self` with every field `other` sets replaced.
+            public func merging(_ other: DiskIO) -> DiskIO {
+                DiskIO(readBps: other.readBps ?? readBps, writeBps: other.writeBps ?? writeBps, readIops: other.readIops ?? readIops,
+                       writeIops: other.writeIops ?? writeIops)
+            }
+
+            enum CodingKeys: String, CodingKey, CaseIterable {
+                case readBps = "read_bps", writeBps = "write_bps", readIops = "read_iops", writeIops = "write_iops"
+            }
+
+            public init(from decoder: any Decoder) throws {
+                try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+                let c = try decoder.container(keyedBy: CodingKeys.self)
+                readBps = try c.decodeIfPresent(UInt64.self, forKey: .readBps)
+                writeBps = try c.decodeIfPresent(UInt64.self, forKey: .writeBps)
+                readIops = try c.decodeIfPresent(UInt64.self, forKey: .readIops)
+                writeIops = try c.decodeIfPresent(UInt64.self, forKey: .writeIops)
+            }
+
+            /// `--disk-io-limit`'s syntax.
+            public static let flagHint = "use read_bps=RATE,write_bps=RATE,read_iops=N,write_iops=N (RATE: bytes a second, e.g. 10M; 0: no limit)"
+        }
+
+        public init(cpuQuota: Double? = nil, cpuWeight: UInt32? = nil, memoryMiB: UInt64? = nil, deviceMemoryMiB: UInt64? = nil, pids: UInt64? = nil,
+                    diskIO: DiskIO? = nil) {
             self.cpuQuota = cpuQuota
             self.cpuWeight = cpuWeight
             self.memoryMiB = memoryMiB
             self.deviceMemoryMiB = deviceMemoryMiB
             self.pids = pids
+            self.diskIO = diskIO
         }
 
         /// Memory beyond guest RAM a VM may use by default: the core, four or five devices, their
@@ -47,7 +96,8 @@ extension VMDefinition {
         /// `self` with every field `other` sets replaced.
         public func merging(_ other: Limits) -> Limits {
             Limits(cpuQuota: other.cpuQuota ?? cpuQuota, cpuWeight: other.cpuWeight ?? cpuWeight, memoryMiB: other.memoryMiB ?? memoryMiB,
-                   deviceMemoryMiB: other.deviceMemoryMiB ?? deviceMemoryMiB, pids: other.pids ?? pids)
+                   deviceMemoryMiB: other.deviceMemoryMiB ?? deviceMemoryMiB, pids: other.pids ?? pids,
+                   diskIO: other.diskIO.map { (diskIO ?? DiskIO()).merging($0) } ?? diskIO)
         }
 
         /// Checks each value on its own; `field` names a field in the error as the caller's user
@@ -71,6 +121,18 @@ extension VMDefinition {
             if let pids, pids < Self.minimumPids || pids > 4_194_304 {
                 throw UsageError(message: "invalid \(field(.pids)) '\(pids)': give from \(Self.minimumPids) (the core's and devices' threads) to 4194304")
             }
+            if let diskIO {
+                for (name, value) in [("read_bps", diskIO.readBps), ("write_bps", diskIO.writeBps)] {
+                    if let value, value != 0 && value < 4096 || value > UInt64(1) << 50 {
+                        throw UsageError(message: "invalid \(field(.diskIO)) \(name) '\(value)': give bytes a second from 4096 (4K) to 1P, or 0 for no limit")
+                    }
+                }
+                for (name, value) in [("read_iops", diskIO.readIops), ("write_iops", diskIO.writeIops)] {
+                    if let value, value > 1 << 40 {
+                        throw UsageError(message: "invalid \(field(.diskIO)) \(name) '\(value)': give operations a second up to 2^40, or 0 for no limit")
+                    }
+                }
+            }
         }
 
         /// Checks that the memory limit leaves room for `guestMemoryMiB` of guest RAM and the
@@ -84,6 +146,7 @@ extension VMDefinition {
         /// A limit's field, for messages.
         public enum Field: String, Sendable {
             case cpuQuota = "cpu_quota", cpuWeight = "cpu_weight", memoryMiB = "memory_mib", deviceMemoryMiB = "device_memory_mib", pids
+            case diskIO = "disk_io"
 
             /// The `hvctl run`/`hvctl set` flag.
             public var flag: String {
@@ -93,12 +156,14 @@ extension VMDefinition {
                 case .memoryMiB: return "--memory-limit"
                 case .deviceMemoryMiB: return "--device-memory-limit"
                 case .pids: return "--pids-limit"
+                case .diskIO: return "--disk-io-limit"
                 }
             }
         }
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case cpuQuota = "cpu_quota", cpuWeight = "cpu_weight", memoryMiB = "memory_mib", deviceMemoryMiB = "device_memory_mib", pids
+            case diskIO = "disk_io"
         }
 
         public init(from decoder: any Decoder) throws {
@@ -109,6 +174,7 @@ extension VMDefinition {
             memoryMiB = try c.decodeIfPresent(UInt64.self, forKey: .memoryMiB)
             deviceMemoryMiB = try c.decodeIfPresent(UInt64.self, forKey: .deviceMemoryMiB)
             pids = try c.decodeIfPresent(UInt64.self, forKey: .pids)
+            diskIO = try c.decodeIfPresent(DiskIO.self, forKey: .diskIO)
         }
     }
 }
@@ -122,6 +188,8 @@ public struct EffectiveLimits: Codable, Equatable, Sendable {
     /// nil: no cap of a device's own (the VM's applies).
     public var deviceMemoryBytes: UInt64?
     public var pids: UInt64
+    /// nil: no I/O limit on the disks' block devices.
+    public var diskIO: VMDefinition.Limits.DiskIO?
 
     public init(_ limits: VMDefinition.Limits, guestMemoryMiB: UInt64) {
         cpuQuota = limits.cpuQuota
@@ -129,9 +197,11 @@ public struct EffectiveLimits: Codable, Equatable, Sendable {
         memoryBytes = (limits.memoryMiB ?? guestMemoryMiB + VMDefinition.Limits.defaultOverheadMiB) << 20
         deviceMemoryBytes = limits.deviceMemoryMiB.map { $0 << 20 }
         pids = limits.pids ?? VMDefinition.Limits.defaultPids
+        diskIO = limits.diskIO.flatMap { $0.isEmpty ? nil : $0 }
     }
 
     enum CodingKeys: String, CodingKey {
         case cpuQuota = "cpu_quota", cpuWeight = "cpu_weight", memoryBytes = "memory_bytes", deviceMemoryBytes = "device_memory_bytes", pids
+        case diskIO = "disk_io"
     }
 }

@@ -37,6 +37,8 @@ public struct VMDefinition: Codable, Equatable, Sendable {
     public var confinement: String?
     /// CPU, memory and process limits, enforced by the VM's cgroups; nil: hv's defaults.
     public var limits: Limits?
+    /// A memory balloon device; nil: none.
+    public var balloon: Balloon?
 
     public init() {}
 
@@ -225,6 +227,8 @@ extension VMDefinition {
             }
         }
         try limits?.validate { flags ? $0.flag : "limits.\($0.rawValue)" }
+        try balloon?.validate { flags ? "--balloon \($0 == .sizeMiB ? "size" : "stats")" : "balloon.\($0.rawValue)" }
+        if flags { try balloon?.checkFits(guestMemoryMiB: memoryMiB) { _ in "--balloon size" } }
         // Flags are checked as a whole at once; a document's limit against its RAM at start.
         if flags { try limits?.checkFits(guestMemoryMiB: memoryMiB) { $0.flag } }
     }
@@ -301,7 +305,7 @@ extension VMDefinition {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case name, memoryMiB = "memory_mib", cpus, boot, onReset = "on_reset", disks, cdrom, nics, serial, debugcon, tenant, sandbox, devices
         case confinement = "confine_files_to"
-        case limits
+        case limits, balloon
     }
 
     public init(from decoder: any Decoder) throws {
@@ -322,6 +326,7 @@ extension VMDefinition {
         devices = try c.decodeIfPresent([String].self, forKey: .devices) ?? []
         confinement = try c.decodeIfPresent(String.self, forKey: .confinement)
         limits = try c.decodeIfPresent(Limits.self, forKey: .limits)
+        balloon = try c.decodeIfPresent(Balloon.self, forKey: .balloon)
     }
 
     /// Reads a definition from JSON; an error is one line naming the key path (`disks[1].readonly`).

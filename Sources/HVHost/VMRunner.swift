@@ -1,4 +1,5 @@
 import Glibc
+import HVBalloonContract
 import HVCore
 import HVIPC
 import HVNetContract
@@ -37,6 +38,10 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         fail("--memory \(options.memoryMiB)M does not fit: this host has \(hostMemory >> 20)M of RAM", status: 2)
     }
 
+    // A definition's balloon against its RAM (flags were checked as they were parsed).
+    do throws(UsageError) { try options.balloon?.checkFits(guestMemoryMiB: options.memoryMiB) { "balloon.\($0.rawValue)" } } catch {
+        fail(error.message, status: 2)
+    }
     // The name first: a VM that is refused because its name is taken must not touch anything.
     let name = options.name ?? "vm-\(getpid())"
     sweepStaleVMs()
@@ -163,6 +168,8 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         do { try console.start { current.stop(.userQuit) } } catch { fail("cannot read the terminal: \(error)") }
     }
     defer { console?.restore() }
+    // Said once, not at every reboot.
+    let ioWarned = Mutex(false)
     // A reset builds the VM afresh (new RAM, devices and firmware), like a power cycle; only the
     // console, the image files and the tenant carry over.
     func prepareDevices() -> (devices: [DeviceSpec], firmwareROM: FileDescriptor?) {
@@ -172,7 +179,22 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
             var devices = try platformDevices(control.live.withLock { $0 }, boot: boot, firmwareROM: rom, serialFiles: serialFiles,
                                               debugOutput: debugOutput, tenant: tenant, disks: disks, cdrom: cdrom, nics: nics)
             if let resources {
-                for i in devices.indices { devices[i].placement = try resources.placement(for: devices[i].name) }
+                for i in devices.indices {
+                    // A disk's I/O limits apply to the whole disks its image and backing images lie on.
+                    var blockDevices: [String] = []
+                    if devices[i].name.hasPrefix("disk"), let k = Int(devices[i].name.dropFirst(4)), k < disks.count {
+                        for file in [disks[k].file] + disks[k].backing.map(\.file) {
+                            if let device = ResourceGroups.wholeDisk(holding: file), !blockDevices.contains(device) { blockDevices.append(device) }
+                        }
+                        if resources.limits.diskIO != nil && blockDevices.isEmpty && ioWarned.withLock({ warned in
+                            defer { warned = true }
+                            return !warned
+                        }) {
+                            warn("\(devices[i].name)'s image is on a file system without a block device: --disk-io-limit does not apply to it (its rate limit, bps= and iops=, does)")
+                        }
+                    }
+                    devices[i].placement = try resources.placement(for: devices[i].name, blockDevices: blockDevices)
+                }
             }
             return (devices, rom)
         } catch let error as UsageError {
@@ -334,6 +356,9 @@ final class VMControl: Sendable {
             var said: [String] = []
             if !change.isEmpty {
                 guard let resources else { return .failure("\(name) runs without cgroups, so its limits cannot be changed") }
+                guard change.diskIO == nil || resources.limitsDiskIO else {
+                    return .failure("\(name) was started without disk I/O limits, so its disks have no I/O cgroups; start it with --disk-io-limit (or limits.disk_io) to change them while it runs")
+                }
                 let wanted = (live.withLock { $0.limits } ?? .init()).merging(change)
                 do throws(UsageError) {
                     try wanted.validate { $0.flag }
@@ -352,6 +377,8 @@ final class VMControl: Sendable {
                 }
             }
             return ControlReply(ok: true, message: said.joined(separator: "; "))
+        case .balloon:
+            return changeBalloon(request)
         case .stop:
             current.stop(.stopRequested)
             return ControlReply(ok: true, message: "stopping")
@@ -499,14 +526,64 @@ final class VMControl: Sendable {
                         resources: resources.map { r in
                             let use = r.usage()
                             return VMStatus.Resources(cgroups: r.groups.map(\.directory), limits: r.limits, memoryBytes: use.memoryBytes, pids: use.pids)
-                        })
+                        },
+                        guestMemoryHostBytes: machine?.guestRAMHostBytes,
+                        balloon: standing.balloon == nil ? nil : balloonStatus(machine, now: now))
+    }
+
+    /// What hv-balloon published in its state page (untrusted bytes: a record that does not
+    /// decode reads as a balloon whose driver has not started).
+    private func balloonStatus(_ machine: Machine?, now: UInt64) -> VMStatus.Balloon {
+        let page = machine?.statePage(ofDevice: Self.balloonDevice) ?? []
+        let start = BalloonContract.statusOffset
+        let record = page.count >= start ? BalloonContract.Status(decoding: Array(page[start...])) : nil
+        return VMStatus.Balloon(record ?? BalloonContract.Status(), now: now)
+    }
+
+    /// The balloon's instance name.
+    static let balloonDevice = "balloon0"
+
+    /// Asks the guest to give up `sizeMiB` of its RAM (and/or changes how often it sends
+    /// statistics): hv-balloon takes the new settings in place and interrupts the driver.
+    private func changeBalloon(_ request: ControlRequest) -> ControlReply {
+        guard let machine = current.machine else { return .failure("the VM is between boots; try again") }
+        guard var balloon = live.withLock({ $0.balloon }) else {
+            return .failure("\(name) has no balloon device: start it with --balloon on (or \"balloon\" in its definition)")
+        }
+        guard request.sizeMiB != nil || request.statsIntervalSeconds != nil else { return .failure("balloon needs size_mib or stats_interval_s") }
+        if let size = request.sizeMiB { balloon.sizeMiB = size }
+        if let interval = request.statsIntervalSeconds { balloon.statsIntervalSeconds = interval }
+        do throws(UsageError) {
+            try balloon.validate { _ in "the statistics interval" }
+            try balloon.checkFits(guestMemoryMiB: definition.memoryMiB) { _ in "the balloon size" }
+        } catch {
+            return .failure(error.message)
+        }
+        let settings = balloon.settings
+        let setting = ["target_pages": String(settings.targetPages), "stats_interval_s": String(settings.statisticsIntervalSeconds)]
+        do throws(DeviceActionError) {
+            _ = try machine.perform(.reconfigure(removing: ["target_pages", "stats_interval_s"], setting: setting), on: Self.balloonDevice)
+        } catch {
+            return .failure(error.description)
+        }
+        live.withLock { $0.balloon = balloon }
+        let now = balloonStatus(machine, now: monotonicNanoseconds())
+        var said = "balloon of \(name): asked for \(balloon.sizeMiB) MiB (it holds \(now.actualMiB) MiB now)"
+        if !now.driverReady { said += "; no driver in the guest runs the balloon yet" }
+        return ControlReply(ok: true, message: said, status: status(registers: false))
     }
 }
 
 /// Limits as one line: `cpu quota 0.5 CPUs, cpu weight 100, memory 512 MiB, no device cap, 1024 pids`.
 public func describeLimits(_ limits: EffectiveLimits) -> String {
-    (limits.cpuQuota.map { "cpu quota \($0) CPUs" } ?? "no cpu quota") + ", cpu weight \(limits.cpuWeight), memory \(limits.memoryBytes >> 20) MiB, "
+    var line = (limits.cpuQuota.map { "cpu quota \($0) CPUs" } ?? "no cpu quota") + ", cpu weight \(limits.cpuWeight), memory \(limits.memoryBytes >> 20) MiB, "
         + (limits.deviceMemoryBytes.map { "\($0 >> 20) MiB a device" } ?? "no device cap") + ", \(limits.pids) pids"
+    if let io = limits.diskIO {
+        let parts = [("read", io.readBps, "bytes/s"), ("write", io.writeBps, "bytes/s"), ("read", io.readIops, "ops/s"), ("write", io.writeIops, "ops/s")]
+            .compactMap { what, value, unit in (value ?? 0) == 0 ? nil : "\(what) \(value!) \(unit)" }
+        line += ", disk I/O " + parts.joined(separator: ", ")
+    }
+    return line
 }
 
 /// Makes the VM's cgroups (`ResourceGroups`). Where the host offers no cgroups hv can use, a VM
@@ -545,7 +622,7 @@ func makeResourceGroups(name: String, _ options: VMDefinition) -> ResourceGroups
 
 /// The kind of a device, from its instance name (`serial0`, `disk1`, `net0`, `device0`, …).
 public func deviceKind(_ name: String) -> String {
-    for (prefix, kind) in [("serial", "serial"), ("bios", "bios"), ("disk", "disk"), ("cdrom", "cdrom"), ("net", "nic"), ("device", "plugin")]
+    for (prefix, kind) in [("serial", "serial"), ("bios", "bios"), ("disk", "disk"), ("cdrom", "cdrom"), ("net", "nic"), ("balloon", "balloon"), ("device", "plugin")]
         where name.hasPrefix(prefix) { return kind }
     return "?"
 }

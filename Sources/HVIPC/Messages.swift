@@ -8,8 +8,8 @@ public enum ProtocolVersion {
     public static let major: UInt32 = 1
     /// Peers settle on the lower minor version. Minor 1 added QUIESCE, RESUME, the SNAPSHOT
     /// capability and HELLO_REPLY's state_version; minor 2 the DIRTY_LOG capability and
-    /// SET_DIRTY_LOG (live migration).
-    public static let minor: UInt32 = 2
+    /// SET_DIRTY_LOG (live migration); minor 3 RECONFIGURE (settings changed in place).
+    public static let minor: UInt32 = 3
 }
 
 /// Feature bits negotiated in the handshake. A device may accept only bits the core offered.
@@ -48,6 +48,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case quiesce = 0x0005
     case resume = 0x0006
     case setDirtyLog = 0x0007
+    case reconfigure = 0x0008
     // device → core, on the event socket
     case log = 0x0101
     case setBootState = 0x0102
@@ -507,6 +508,35 @@ public struct MediaChange: Equatable, Sendable {
         guard present <= 1 else { throw .invalidField("media change: present \(present) is not 0 or 1") }
         try r.finish()
         return MediaChange(hostFile: hostFile, present: present == 1)
+    }
+}
+
+/// RECONFIGURE (core → device, minor 3): the device's whole new settings, in HELLO's
+/// configuration format (`SettingsText`), to apply in place.
+public struct Reconfigure: Equatable, Sendable {
+    public var config: String
+    public init(config: String) { self.config = config }
+    public static let maximumConfigBytes = 4096
+
+    /// Nil when the text is longer than `maximumConfigBytes`.
+    public func encode() -> [UInt8]? {
+        let text = Array(config.utf8)
+        guard text.count <= Self.maximumConfigBytes else { return nil }
+        var w = WireWriter()
+        w.u16(UInt16(text.count))
+        w.u16(0)
+        w.raw(text)
+        return w.bytes
+    }
+
+    public static func decode(_ payload: [UInt8]) throws(WireError) -> Reconfigure {
+        var r = WireReader(payload)
+        let length = Int(try r.u16())
+        guard length <= maximumConfigBytes else { throw .invalidField("reconfigure: config longer than \(maximumConfigBytes) bytes") }
+        guard try r.u16() == 0 else { throw .invalidField("reconfigure: reserved field is not zero") }
+        let text = try r.raw(length)
+        try r.finish()
+        return Reconfigure(config: String(decoding: text, as: UTF8.self))
     }
 }
 

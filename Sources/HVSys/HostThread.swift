@@ -14,9 +14,21 @@ public enum HostThread {
         }
     }
 
-    /// Starts `body` on a new detached thread and returns its handle.
+    /// Starts `body` on a new detached thread and returns its handle, which is valid only while
+    /// the thread runs.
     @discardableResult
     public static func spawn(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) -> pthread_t {
+        try start(name: name, joinable: false, body)
+    }
+
+    /// Starts `body` on a new joinable thread: its handle stays valid until the caller joins it
+    /// (`pthread_join`, once), so it may be signalled (`pthread_kill`) even after it ended —
+    /// vCPU threads, which a stop kicks whether or not they already returned.
+    public static func spawnJoinable(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) -> pthread_t {
+        try start(name: name, joinable: true, body)
+    }
+
+    private static func start(name: String, joinable: Bool, _ body: @escaping @Sendable () -> Void) throws(SystemError) -> pthread_t {
         let start = Unmanaged.passRetained(Start(name, body)).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, nil, { raw in
@@ -29,7 +41,7 @@ public enum HostThread {
             Unmanaged<Start>.fromOpaque(start).release()
             throw SystemError("pthread_create \(name)", Errno(rawValue: rc))
         }
-        pthread_detach(thread)
+        if !joinable { pthread_detach(thread) }
         return thread
     }
 }

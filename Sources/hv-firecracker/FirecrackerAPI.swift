@@ -32,7 +32,7 @@ enum FirecrackerAPI {
         router.get("/vm/config") { _, _ in
             let c = vm.current
             return json(FullVMConfiguration(bootSource: c.boot, drives: c.drives, machineConfig: c.machine, networkInterfaces: c.nics,
-                                            logger: c.logger, metrics: c.metrics))
+                                            logger: c.logger, metrics: c.metrics, balloon: c.balloon))
         }
         router.put("/machine-config") { request, _ in
             await change { () async throws(Fault) in try vm.putMachineConfiguration(try await body(MachineConfiguration.self, request), partial: false) }
@@ -55,6 +55,36 @@ enum FirecrackerAPI {
         router.patch("/network-interfaces/:id") { request, context in
             await change { () async throws(Fault) in
                 try vm.patchNetworkInterface(try await body(PartialNetworkInterface.self, request), pathID: try id(context))
+            }
+        }
+        router.put("/balloon") { request, _ in
+            await change { () async throws(Fault) in try vm.putBalloon(try await body(BalloonConfig.self, request)) }
+        }
+        router.patch("/balloon") { request, _ in
+            await change { () async throws(Fault) in
+                let update = try await body(BalloonUpdate.self, request)
+                let result: Result<Void, Fault> = await blocking { Result { () throws(Fault) in try vm.patchBalloon(amountMiB: update.amountMib) } }
+                try result.get()
+            }
+        }
+        router.get("/balloon") { _, _ in
+            guard let balloon = vm.current.balloon else { return fault("No balloon device configured: PUT /balloon before InstanceStart.") }
+            return json(balloon)
+        }
+        router.get("/balloon/statistics") { _, _ in
+            let result: Result<[String: UInt64], Fault> = await blocking { Result { () throws(Fault) in try vm.balloonStatistics() } }
+            switch result {
+            case .success(let figures): return json(figures)
+            case .failure(let error): return fault(error.message)
+            }
+        }
+        router.patch("/balloon/statistics") { request, _ in
+            await change { () async throws(Fault) in
+                let update = try await body(BalloonStatisticsUpdate.self, request)
+                let result: Result<Void, Fault> = await blocking {
+                    Result { () throws(Fault) in try vm.patchBalloonStatistics(intervalSeconds: update.statsPollingIntervalS) }
+                }
+                try result.get()
             }
         }
         router.put("/logger") { request, _ in

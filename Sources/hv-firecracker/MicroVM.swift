@@ -30,6 +30,7 @@ final class MicroVM: Sendable {
         var nics: [NetworkInterface] = []
         var logger: LoggerConfig?
         var metrics: MetricsConfig?
+        var balloon: BalloonConfig?
     }
 
     private enum Phase: Sendable, Equatable { case notStarted, starting, started }
@@ -199,6 +200,53 @@ final class MicroVM: Sendable {
         if let b = full.bootSource { try putBootSource(b) }
         for d in full.drives ?? [] { try putDrive(d, pathID: d.driveId) }
         for n in full.networkInterfaces ?? [] { try putNetworkInterface(n, pathID: n.ifaceId) }
+        if let b = full.balloon { try putBalloon(b) }
+    }
+
+    // MARK: The balloon
+
+    /// `PUT /balloon`, before the microVM starts.
+    func putBalloon(_ b: BalloonConfig) throws(Fault) {
+        _ = try b.hvBalloon()
+        try beforeBoot { c throws(Fault) in c.balloon = b }
+    }
+
+    /// `PATCH /balloon`: the running balloon's new size.
+    func patchBalloon(amountMiB: Int) throws(Fault) {
+        guard phase.withLock({ $0 }) == .started else { throw Fault("The requested operation is not supported before starting the microVM.") }
+        guard current.balloon != nil else { throw Fault("No balloon device configured: PUT /balloon before InstanceStart.") }
+        guard amountMiB >= 0 else { throw Fault("balloon: amount_mib must not be negative") }
+        var request = ControlRequest(.balloon)
+        request.sizeMiB = UInt64(amountMiB)
+        try applyRunning(request, what: "balloon")
+        updateCurrent { $0.balloon?.amountMib = amountMiB }
+    }
+
+    /// `PATCH /balloon/statistics`: how often the guest is asked for statistics.
+    func patchBalloonStatistics(intervalSeconds: Int) throws(Fault) {
+        guard phase.withLock({ $0 }) == .started else { throw Fault("The requested operation is not supported before starting the microVM.") }
+        guard current.balloon != nil else { throw Fault("No balloon device configured: PUT /balloon before InstanceStart.") }
+        do { try VMDefinition.Balloon(statsIntervalSeconds: intervalSeconds).validate { _ in "balloon: stats_polling_interval_s" } } catch {
+            throw Fault(error.message)
+        }
+        var request = ControlRequest(.balloon)
+        request.statsIntervalSeconds = intervalSeconds
+        try applyRunning(request, what: "balloon statistics")
+        updateCurrent { $0.balloon?.statsPollingIntervalS = intervalSeconds }
+    }
+
+    /// `GET /balloon/statistics`: Firecracker's fields (target and actual size, and the guest's
+    /// figures it has sent; absent ones are left out).
+    func balloonStatistics() throws(Fault) -> [String: UInt64] {
+        guard let configured = current.balloon else { throw Fault("No balloon device configured: PUT /balloon before InstanceStart.") }
+        guard (configured.statsPollingIntervalS ?? 0) > 0 else { throw Fault("Statistics are not enabled: set stats_polling_interval_s.") }
+        guard phase.withLock({ $0 }) == .started, let b = status()?.balloon else { throw Fault("The microVM is not running.") }
+        var figures = b.stats ?? [:]
+        figures["target_pages"] = UInt64(b.targetPages)
+        figures["actual_pages"] = UInt64(b.actualPages)
+        figures["target_mib"] = b.targetMiB
+        figures["actual_mib"] = b.actualMiB
+        return figures
     }
 
     // MARK: Running
@@ -273,6 +321,7 @@ final class MicroVM: Sendable {
                              rxRateLimit: try nic.rxRateLimiter?.hvLimit("network interface \(nic.ifaceId): rx_rate_limiter"),
                              txRateLimit: try nic.txRateLimiter?.hvLimit("network interface \(nic.ifaceId): tx_rate_limiter"))
         }
+        d.balloon = try c.balloon?.hvBalloon()
         d.serial.output = .stdio
         do { try d.validate(naming: .keys) } catch { throw Fault("the microVM's configuration: \(error.message)") }
         return d

@@ -36,6 +36,62 @@ struct MachineConfiguration: Codable, Sendable, Equatable {
     }
 }
 
+/// `PUT /balloon` and `GET /balloon`: hv-balloon, configured before the microVM starts.
+struct BalloonConfig: Codable, Sendable, Equatable {
+    var amountMib: Int
+    var deflateOnOom: Bool
+    var statsPollingIntervalS: Int?
+    var freePageHinting: Bool?
+    var freePageReporting: Bool?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case amountMib = "amount_mib", deflateOnOom = "deflate_on_oom", statsPollingIntervalS = "stats_polling_interval_s"
+        case freePageHinting = "free_page_hinting", freePageReporting = "free_page_reporting"
+    }
+
+    init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        amountMib = try c.decode(Int.self, forKey: .amountMib)
+        deflateOnOom = try c.decode(Bool.self, forKey: .deflateOnOom)
+        statsPollingIntervalS = try c.decodeIfPresent(Int.self, forKey: .statsPollingIntervalS)
+        freePageHinting = try c.decodeIfPresent(Bool.self, forKey: .freePageHinting)
+        freePageReporting = try c.decodeIfPresent(Bool.self, forKey: .freePageReporting)
+    }
+
+    /// hv's balloon for this configuration; a fault names what hv cannot do.
+    func hvBalloon() throws(Fault) -> VMDefinition.Balloon {
+        guard amountMib >= 0 else { throw Fault("balloon: amount_mib must not be negative") }
+        guard freePageHinting != true else {
+            throw Fault("balloon: hv has no free page hinting; free_page_reporting gives free pages back to the host instead")
+        }
+        let balloon = VMDefinition.Balloon(sizeMiB: UInt64(amountMib), deflateOnOOM: deflateOnOom,
+                                           statsIntervalSeconds: statsPollingIntervalS ?? 0, freePageReporting: freePageReporting == true)
+        do { try balloon.validate { "balloon: \($0 == .sizeMiB ? "amount_mib" : "stats_polling_interval_s")" } } catch { throw Fault(error.message) }
+        return balloon
+    }
+}
+
+/// `PATCH /balloon`.
+struct BalloonUpdate: Decodable, Sendable {
+    var amountMib: Int
+    enum CodingKeys: String, CodingKey, CaseIterable { case amountMib = "amount_mib" }
+    init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        amountMib = try decoder.container(keyedBy: CodingKeys.self).decode(Int.self, forKey: .amountMib)
+    }
+}
+
+/// `PATCH /balloon/statistics`.
+struct BalloonStatisticsUpdate: Decodable, Sendable {
+    var statsPollingIntervalS: Int
+    enum CodingKeys: String, CodingKey, CaseIterable { case statsPollingIntervalS = "stats_polling_interval_s" }
+    init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        statsPollingIntervalS = try decoder.container(keyedBy: CodingKeys.self).decode(Int.self, forKey: .statsPollingIntervalS)
+    }
+}
+
 /// `PUT /boot-source`.
 struct BootSource: Codable, Sendable, Equatable {
     var kernelImagePath: String
@@ -320,16 +376,18 @@ struct FullVMConfiguration: Codable, Sendable {
     var networkInterfaces: [NetworkInterface]?
     var logger: LoggerConfig?
     var metrics: MetricsConfig?
+    var balloon: BalloonConfig?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case bootSource = "boot-source", drives, machineConfig = "machine-config", networkInterfaces = "network-interfaces", logger, metrics
+        case bootSource = "boot-source", drives, machineConfig = "machine-config", networkInterfaces = "network-interfaces", logger, metrics, balloon
     }
 
     /// Devices Firecracker has and hv does not: a configuration naming one is refused.
-    static let unsupportedSections = ["balloon", "vsock", "mmds-config", "entropy", "cpu-config", "pmem", "memory-hotplug", "serial"]
+    static let unsupportedSections = ["vsock", "mmds-config", "entropy", "cpu-config", "pmem", "memory-hotplug", "serial"]
 
     init(bootSource: BootSource?, drives: [Drive], machineConfig: MachineConfiguration, networkInterfaces: [NetworkInterface],
-         logger: LoggerConfig?, metrics: MetricsConfig?) {
+         logger: LoggerConfig?, metrics: MetricsConfig?, balloon: BalloonConfig?) {
+        self.balloon = balloon
         self.bootSource = bootSource
         self.drives = drives
         self.machineConfig = machineConfig
@@ -354,6 +412,7 @@ struct FullVMConfiguration: Codable, Sendable {
         networkInterfaces = try k.decodeIfPresent([NetworkInterface].self, forKey: .networkInterfaces)
         logger = try k.decodeIfPresent(LoggerConfig.self, forKey: .logger)
         metrics = try k.decodeIfPresent(MetricsConfig.self, forKey: .metrics)
+        balloon = try k.decodeIfPresent(BalloonConfig.self, forKey: .balloon)
     }
 }
 

@@ -13,13 +13,16 @@ struct LimitFlags: ParsableArguments {
     var deviceMemoryLimit: String?
     @Option(help: ArgumentHelp("Processes and threads in the whole VM (default 1024).", valueName: "count"))
     var pidsLimit: UInt64?
+    @Option(help: ArgumentHelp("Each disk's I/O to the block device its image lies on (cgroup io/blkio): read_bps=RATE,write_bps=RATE,read_iops=N,write_iops=N; 0 removes one.", valueName: "limits"))
+    var diskIOLimit: String?
 
     var anyGiven: Bool { limits() != nil }
 
     /// The limits given; nil when none is. Sizes are checked by `limitsChecked()`.
     func limits() -> VMDefinition.Limits? {
         let l = VMDefinition.Limits(cpuQuota: cpuQuota, cpuWeight: cpuWeight, memoryMiB: memoryLimit.map { _ in 0 },
-                                    deviceMemoryMiB: deviceMemoryLimit.map { _ in 0 }, pids: pidsLimit)
+                                    deviceMemoryMiB: deviceMemoryLimit.map { _ in 0 }, pids: pidsLimit,
+                                    diskIO: diskIOLimit.map { _ in VMDefinition.Limits.DiskIO() })
         return l.isEmpty ? nil : l
     }
 
@@ -34,7 +37,30 @@ struct LimitFlags: ParsableArguments {
         guard var l = limits() else { return nil }
         l.memoryMiB = try mib(memoryLimit, "--memory-limit")
         l.deviceMemoryMiB = try mib(deviceMemoryLimit, "--device-memory-limit")
+        if let diskIOLimit { l.diskIO = try Self.diskIO(diskIOLimit) }
         return l
+    }
+
+    /// `read_bps=10M,write_iops=200,…`.
+    static func diskIO(_ spec: String) throws(UsageError) -> VMDefinition.Limits.DiskIO {
+        var io = VMDefinition.Limits.DiskIO()
+        for part in spec.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let equals = part.firstIndex(of: "=") else {
+                throw UsageError(message: "invalid --disk-io-limit '\(spec)': \(VMDefinition.Limits.DiskIO.flagHint)")
+            }
+            let key = String(part[..<equals]), value = String(part[part.index(after: equals)...])
+            switch key {
+            case "read_bps", "write_bps":
+                let bytes = value == "0" ? 0 : try parseSize(value, flag: "--disk-io-limit \(key)")
+                if key == "read_bps" { io.readBps = bytes } else { io.writeBps = bytes }
+            case "read_iops", "write_iops":
+                guard let n = UInt64(value) else { throw UsageError(message: "invalid --disk-io-limit \(key) '\(value)': give operations a second, e.g. 200") }
+                if key == "read_iops" { io.readIops = n } else { io.writeIops = n }
+            default:
+                throw UsageError(message: "invalid --disk-io-limit '\(spec)': \(VMDefinition.Limits.DiskIO.flagHint)")
+            }
+        }
+        return io
     }
 }
 
@@ -54,7 +80,7 @@ extension HVCtl {
         func run() throws {
             let change = try limits.limitsChecked()
             guard change != nil || !rates.isEmpty else {
-                throw UsageError(message: "give at least one limit to change, e.g. --cpu-quota 0.5 or --rate disk0:bps=10M")
+                throw UsageError(message: "give at least one limit to change, e.g. --cpu-quota 0.5, --disk-io-limit read_bps=10M or --rate disk0:bps=10M")
             }
             var request = ControlRequest(.setLimits)
             request.limits = change
@@ -63,7 +89,16 @@ extension HVCtl {
                 guard let status = ask(vm.name, ControlRequest(.status)).status else { fail("\(vm.name) sent no status") }
                 request.rates = try rates.map { spec throws(UsageError) in try Self.rateChange(spec, status: status) }
             }
-            print(ask(vm.name, request).message ?? "limits set")
+            // Through hvd when it keeps the VM, so the change is in its audit log.
+            struct Body: Encodable {
+                var limits: VMDefinition.Limits?
+                var rates: [ControlRequest.RateChange]?
+            }
+            if let answer = throughHVD(vm.name, "PUT", "/limits", body: ControlJSON.encode(Body(limits: request.limits, rates: request.rates))) {
+                print(answer.actionMessage ?? "limits set")
+            } else {
+                print(ask(vm.name, request).message ?? "limits set")
+            }
         }
 
         /// `DEV:k=v,…` (or `DEV:none`) applied to the device's limits in `status`.

@@ -66,6 +66,8 @@ struct DefinitionFlags: ParsableArguments {
     @Option(help: ArgumentHelp("Run this VM's devices as tenant NAME's uid/gid (default: one per VM).", valueName: "name"))
     var tenant: String?
     @OptionGroup var limitFlags: LimitFlags
+    @Option(help: ArgumentHelp("A memory balloon ('hvctl balloon NAME SIZE' then reclaims guest RAM): on, or size= (what to reclaim at start), stats= (seconds between guest statistics), deflate_on_oom, free_page_reporting.", valueName: "on|size=SIZE,stats=S,deflate_on_oom,free_page_reporting"))
+    var balloon: String?
     @Option(name: .customLong("device"), help: ArgumentHelp(
         "Add a third-party device process: PATH,profile=FILE[,pio=BASE:LEN][,irq=N][,memory][,pci=DD.F[,barN=mmio|pio:SIZE]…][,KEY=VALUE]…",
         valueName: "spec"))
@@ -95,7 +97,7 @@ struct DefinitionFlags: ParsableArguments {
     var anyGiven: Bool {
         multiboot != nil || kernel != nil || initrd != nil || firmware != nil || bootMenu || debugcon != nil || commandLine != nil
             || !disk.isEmpty || cdrom != nil || !nic.isEmpty || noReboot || memory != nil || cpus != nil || serial != nil
-            || tenant != nil || !plugins.isEmpty || noSandbox || limitFlags.anyGiven
+            || tenant != nil || !plugins.isEmpty || noSandbox || limitFlags.anyGiven || balloon != nil
     }
 
     /// The definition these flags describe; errors name the flag.
@@ -179,6 +181,9 @@ struct DefinitionFlags: ParsableArguments {
         }
         d.tenant = tenant
         d.limits = try limitFlags.limitsChecked()
+        d.balloon = try balloon.map { spec throws(UsageError) in
+            try VMDefinition.Balloon(flag: spec) { text throws(UsageError) in try parseSize(text.allSatisfy(\.isNumber) ? text + "M" : text, flag: "--balloon size") }
+        }
         d.sandbox = !noSandbox
         d.devices = plugins
         try d.validate(naming: .flags)

@@ -75,6 +75,28 @@ enum API {
         router.delete("/v1/vms/:name/cdrom") { _, context in
             await answer { () async throws(APIError) in try await service.act(try name(context), ControlRequest(.cdromEject), scope) }
         }
+        router.put("/v1/vms/:name/balloon") { request, context in
+            await answer { () async throws(APIError) in
+                let change = try await body(BalloonRequest.self, request)
+                guard change.sizeMiB != nil || change.statsIntervalSeconds != nil else { throw .badRequest("give size_mib and/or stats_interval_s") }
+                var control = ControlRequest(.balloon)
+                control.sizeMiB = change.sizeMiB
+                control.statsIntervalSeconds = change.statsIntervalSeconds
+                return try await service.act(try name(context), control, scope)
+            }
+        }
+        router.put("/v1/vms/:name/limits") { request, context in
+            await answer { () async throws(APIError) in
+                let change = try await body(LimitsRequest.self, request)
+                guard !(change.limits ?? .init()).isEmpty || !(change.rates ?? []).isEmpty else {
+                    throw .badRequest("give limits and/or rates to change")
+                }
+                var control = ControlRequest(.setLimits)
+                control.limits = change.limits
+                control.rates = change.rates
+                return try await service.act(try name(context), control, scope)
+            }
+        }
         router.post("/v1/vms/:name/devices/:device/restart") { _, context in
             await answer { () async throws(APIError) in
                 try await service.act(try name(context), ControlRequest(.deviceRestart, device: try device(context)), scope)
@@ -154,6 +176,7 @@ enum API {
         ("/v1", ["GET"]), ("/v1/vms", ["GET", "POST"]), ("/v1/vms/:name", ["GET", "PATCH", "DELETE"]),
         ("/v1/vms/:name/start", ["POST"]), ("/v1/vms/:name/stop", ["POST"]), ("/v1/vms/:name/kill", ["POST"]),
         ("/v1/vms/:name/pause", ["POST"]), ("/v1/vms/:name/resume", ["POST"]), ("/v1/vms/:name/cdrom", ["PUT", "DELETE"]),
+        ("/v1/vms/:name/balloon", ["PUT"]), ("/v1/vms/:name/limits", ["PUT"]),
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
         ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
         ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),

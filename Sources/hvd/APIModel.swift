@@ -47,6 +47,37 @@ struct PathRequest: Decodable, Sendable {
     }
 }
 
+/// `PUT …/balloon`: the balloon's new size and/or statistics interval.
+struct BalloonRequest: Decodable, Sendable {
+    var sizeMiB: UInt64?
+    var statsIntervalSeconds: Int?
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case sizeMiB = "size_mib", statsIntervalSeconds = "stats_interval_s" }
+
+    init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        sizeMiB = try c.decodeIfPresent(UInt64.self, forKey: .sizeMiB)
+        statsIntervalSeconds = try c.decodeIfPresent(Int.self, forKey: .statsIntervalSeconds)
+    }
+}
+
+/// `PUT …/limits`: the running VM's new cgroup limits and/or devices' rate limits (the control
+/// socket's `set-limits`).
+struct LimitsRequest: Decodable, Sendable {
+    var limits: VMDefinition.Limits?
+    var rates: [ControlRequest.RateChange]?
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case limits, rates }
+
+    init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        limits = try c.decodeIfPresent(VMDefinition.Limits.self, forKey: .limits)
+        rates = try c.decodeIfPresent([ControlRequest.RateChange].self, forKey: .rates)
+    }
+}
+
 /// A kept VM: its definition, and what it is doing now.
 struct VMInfo: Encodable, Sendable {
     var name: String

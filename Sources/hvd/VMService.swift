@@ -197,12 +197,17 @@ final class VMService: Sendable {
         if case .tenant(let tenant) = scope {
             // A device binary runs as the trusted side starts it: the admin's decision alone.
             guard request.command != .deviceUpgrade else { throw .forbidden("tenants cannot upgrade devices; ask the host's admin") }
+            // A VM's CPU, memory and I/O share is the host's to give, not the tenant's to take.
+            guard request.command != .setLimits else { throw .forbidden("tenants cannot change their VMs' limits; ask the host's admin") }
             // An ISO is the tenant's file: taken in its directory; the VM's core confines it there.
             request.path = request.path.map { absolutePath($0, against: tenant.files) }
         }
         if let path = request.path {
             guard path.utf8.first == UInt8(ascii: "/") else { throw .badRequest("path '\(path)' is relative: give an absolute path") }
             guard !path.utf8.contains(0) else { throw .badRequest("path contains a NUL byte") }
+        }
+        if let device = request.device, let status = liveStatus(name), !status.devices.contains(where: { $0.name == device }) {
+            throw .notFound("VM '\(name)' has no device '\(device)' (its devices: \(status.devices.map(\.name).joined(separator: ", ")))")
         }
         let reply = try await ask(name, request)
         events.observe(name)

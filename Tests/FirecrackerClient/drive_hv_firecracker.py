@@ -23,7 +23,7 @@ import types
 package = types.ModuleType("firecracker")
 package.__path__ = [os.path.join(sysconfig.get_paths()["purelib"], "firecracker")]
 sys.modules["firecracker"] = package
-from firecracker.api import Api  # noqa: E402
+from firecracker.api import Api, Resource  # noqa: E402
 from firecracker.exceptions import APIError  # noqa: E402
 
 binary, hvctl, sock, vm_id, kernel, disk, tap = sys.argv[1:8]
@@ -90,6 +90,12 @@ try:
                   rate_limiter={"bandwidth": {"size": 10485760, "one_time_burst": 1048576, "refill_time": 1000}})
     api.network.put(iface_id="eth0", host_dev_name=tap, guest_mac="AA:FC:00:00:00:01",
                     tx_rate_limiter={"ops": {"size": 1000, "refill_time": 1000}})
+    # The client has no balloon resource; its own Resource class reaches Firecracker's paths.
+    balloon = Resource(api, "/balloon")
+    balloon_stats = Resource(api, "/balloon/statistics")
+    balloon.put(amount_mib=4, deflate_on_oom=True, stats_polling_interval_s=1)
+    if balloon.get().json() != {"amount_mib": 4, "deflate_on_oom": True, "stats_polling_interval_s": 1}:
+        fail(f"GET /balloon: {balloon.get().json()}")
     machine = api.machine_config.get().json()
     if machine.get("vcpu_count") != 1 or machine.get("mem_size_mib") != 32:
         fail(f"GET /machine-config: {machine}")
@@ -141,6 +147,23 @@ try:
         fail("a rate limiter of size 0 was accepted")
     except APIError as e:
         print(f"refused a bad rate limiter: {e}")
+
+    # The balloon is hv-balloon: hvctl sees it, PATCH /balloon resizes it while the VM runs, and
+    # GET /balloon/statistics reports it (mode=ticks runs no balloon driver: it holds nothing).
+    if status.get("balloon", {}).get("target_mib") != 4:
+        fail(f"hvctl status balloon: {status.get('balloon')}")
+    balloon.patch(amount_mib=8)
+    figures = balloon_stats.get().json()
+    if figures.get("target_mib") != 8 or figures.get("target_pages") != 2048 or figures.get("actual_mib") != 0:
+        fail(f"GET /balloon/statistics: {figures}")
+    balloon_stats.patch(stats_polling_interval_s=2)
+    if balloon.get().json() != {"amount_mib": 8, "deflate_on_oom": True, "stats_polling_interval_s": 2}:
+        fail(f"GET /balloon after the PATCHes: {balloon.get().json()}")
+    try:
+        balloon.patch(amount_mib=64)
+        fail("a balloon larger than the guest was accepted")
+    except APIError as e:
+        print(f"refused a balloon larger than the guest: {e}")
 
     api.vm.patch(state="Paused")
     if api.describe.get().json().get("state") != "Paused":

@@ -2132,6 +2132,160 @@ static void mode_ticks(uint32_t count, uint32_t delay)
     }
 }
 
+/*
+ * balloon: hv's own virtio-balloon driver (polled), for precise checks. Fills `count` MiB from
+ * 16 MiB up with a non-zero pattern (so the host has allocated it), sends memory statistics
+ * (free_memory = the unfilled RAM, total_memory = the RAM multiboot reported), then every 20 ms
+ * reads the device's target: it inflates with pages from the top of the filled area down, and
+ * deflates them again, checking each page it takes back reads zero (the host gave it away) before
+ * filling it again. Answers each statistics request with fresh figures. When the device offers
+ * free page reporting, it reports the bottom MiB of the filled area free once, on queue 3 (the
+ * number Linux gives the reporting queue when free page hinting is not negotiated).
+ */
+#define BL_QSIZE 8
+#define BL_BATCH 256
+struct bl_queue {
+    struct vq_desc desc[BL_QSIZE];
+    struct { uint16_t flags, idx, ring[BL_QSIZE], used_event; } avail;
+    uint8_t pad[4096 - BL_QSIZE * 16 - (4 + 2 * BL_QSIZE + 2)];
+    struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[BL_QSIZE]; uint16_t avail_event; } used;
+    uint16_t used_seen;
+    volatile uint16_t *notify;
+} __attribute__((aligned(4096)));
+static struct bl_queue bl_q[4];
+static uint32_t bl_pfns[BL_BATCH];
+static struct __attribute__((packed)) { uint16_t tag; uint64_t val; } bl_stats[3];
+
+static void bl_setup_queue(const struct vpci *v, uint16_t q)
+{
+    struct bl_queue *b = &bl_q[q];
+    vpci_queue(v, q, BL_QSIZE, b->desc, &b->avail, &b->used);
+    vpci_queue_enable(v);
+    b->notify = (volatile uint16_t *)(v->notify + *vpci16(v, VPCI_Q_NOTIFY) * v->notify_mult);
+}
+
+/* Offers one buffer on queue q (device-readable) and, with `wait`, polls until it is used. */
+static void bl_send(uint16_t q, const void *buf, uint32_t len, int wait)
+{
+    struct bl_queue *b = &bl_q[q];
+    uint16_t slot = b->avail.idx % BL_QSIZE;
+    b->desc[slot] = (struct vq_desc){ (uint32_t)buf, len, 0, 0 };
+    b->avail.ring[slot] = slot;
+    mb();
+    b->avail.idx++;
+    mb();
+    *b->notify = q;
+    if (!wait)
+        return;
+    while (*(volatile uint16_t *)&b->used.idx == b->used_seen)
+        cpu_pause();
+    b->used_seen++;
+}
+
+static void bl_fill_page(uint32_t page, uint32_t salt)
+{
+    uint32_t *p = (uint32_t *)(uintptr_t)(page << 12);
+    for (uint32_t i = 0; i < 1024; i++)
+        p[i] = 0x9E3779B9u * (page + salt) ^ i;
+}
+
+static void mode_balloon(uint32_t mib, const struct multiboot_info *mbi)
+{
+    uint32_t bdf = 0xFFFF;
+    for (uint32_t dev = 0; dev < 32; dev++)
+        if (pci_read(dev << 3, 0) == 0x10451AF4u) { bdf = dev << 3; break; }
+    if (bdf == 0xFFFF) { kprintf("balloon: no virtio-balloon function\n"); return; }
+    struct vpci v;
+    vpci_map(&v, bdf, 0xE0000000u, 0);
+    vpci_reset_ack(&v);
+    uint32_t offered = vpci_offered(&v, 0);
+    uint32_t reporting = offered & (1u << 5);
+    if (!vpci_set_features(&v, offered & ((1u << 1) | reporting), 1)) {   /* STATS_VQ, REPORTING, VERSION_1 */
+        kprintf("balloon: features refused\n");
+        return;
+    }
+    for (uint16_t q = 0; q < (reporting ? 4 : 3); q++)
+        bl_setup_queue(&v, q);
+    vpci_driver_ok(&v);
+    volatile uint32_t *config = (volatile uint32_t *)v.device;
+    uint32_t total = mbi && (mbi->flags & MBI_MEM) ? (mbi->mem_upper + 1024) << 10 : 0;
+    uint32_t first = 16u << 8, filled = mib << 8;           /* in 4 KiB pages */
+    for (uint32_t k = 0; k < filled; k++)
+        bl_fill_page(first + k, 0);
+    uint32_t held = config[1], stats_sent = 0;               /* a restarted VM: the device kept `actual` */
+    bl_stats[0].tag = 4; bl_stats[1].tag = 5; bl_stats[2].tag = 6;  /* MEMFREE, MEMTOT, AVAIL */
+    bl_stats[0].val = total - (16u << 20) - (filled << 12) + ((uint64_t)held << 12);
+    bl_stats[1].val = total;
+    bl_stats[2].val = bl_stats[0].val;
+    bl_send(2, bl_stats, sizeof bl_stats, 0);
+    kprintf("balloon: ready offered=%x filled=%u pages total=%u held=%u\n", offered, filled, total, held);
+    if (reporting && filled >= 256) {
+        /* Two device-writable buffers of 512 KiB each: ranges the guest has free. */
+        struct bl_queue *rq = &bl_q[3];
+        uint16_t slot = rq->avail.idx % BL_QSIZE;
+        rq->desc[slot] = (struct vq_desc){ first << 12, 512u << 10, 1 | 2, (uint16_t)((slot + 1) % BL_QSIZE) };
+        rq->desc[(slot + 1) % BL_QSIZE] = (struct vq_desc){ (first + 128) << 12, 512u << 10, 2, 0 };
+        rq->avail.ring[slot] = slot;
+        mb();
+        rq->avail.idx++;
+        mb();
+        *rq->notify = 3;
+        while (*(volatile uint16_t *)&rq->used.idx == rq->used_seen)
+            cpu_pause();
+        rq->used_seen++;
+        kprintf("balloon: reported 256 pages free\n");
+    }
+    tsc_calibrate();
+    for (;;) {
+        uint64_t until = rdtsc() + ms_to_tsc(20);
+        while (rdtsc() < until)
+            cpu_pause();
+        struct bl_queue *sq = &bl_q[2];
+        if (*(volatile uint16_t *)&sq->used.idx != sq->used_seen) {
+            /* The device handed the statistics buffer back: it wants fresh figures. */
+            sq->used_seen++;
+            bl_stats[0].val = total - (16u << 20) - (filled << 12) + ((uint64_t)held << 12);
+            bl_stats[2].val = bl_stats[0].val;
+            bl_send(2, bl_stats, sizeof bl_stats, 0);
+            stats_sent++;
+            kprintf("balloon: stats sent %u\n", stats_sent);
+        }
+        uint32_t target = config[0];
+        if (target > filled)
+            target = filled;
+        if (target == held)
+            continue;
+        if (target > held) {
+            while (held < target) {
+                uint32_t n = target - held < BL_BATCH ? target - held : BL_BATCH;
+                for (uint32_t k = 0; k < n; k++)
+                    bl_pfns[k] = first + filled - 1 - (held + k);
+                bl_send(0, bl_pfns, n * 4, 1);
+                held += n;
+            }
+            config[1] = held;
+            kprintf("balloon: inflated, holds %u pages\n", held);
+        } else {
+            uint32_t zero = 1;
+            while (held > target) {
+                uint32_t n = held - target < BL_BATCH ? held - target : BL_BATCH;
+                for (uint32_t k = 0; k < n; k++)
+                    bl_pfns[k] = first + filled - held + k;
+                bl_send(1, bl_pfns, n * 4, 1);
+                for (uint32_t k = 0; k < n; k++) {
+                    const uint32_t *p = (const uint32_t *)(uintptr_t)(bl_pfns[k] << 12);
+                    if (p[0] != 0 || p[1023] != 0)
+                        zero = 0;
+                    bl_fill_page(bl_pfns[k], 0);
+                }
+                held -= n;
+            }
+            config[1] = held;
+            kprintf("balloon: deflated, holds %u pages, returned pages read zero=%u\n", held, zero);
+        }
+    }
+}
+
 /* memfill: write `count` MiB from 16 MiB up (each MiB its own non-zero pattern), then idle with
  * every interrupt masked: a guest whose memory a snapshot must carry (bench). */
 static void mode_memfill(uint32_t mib)
@@ -2288,6 +2442,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_migrant(&cfg);
     else if (streq(cfg.mode, "memdirty"))
         mode_memdirty(cfg.count_given ? cfg.count : 16);
+    else if (streq(cfg.mode, "balloon"))
+        mode_balloon(cfg.count_given ? cfg.count : 16, mbi);
     else if (streq(cfg.mode, "ticks"))
         mode_ticks(cfg.count_given ? cfg.count : 50, cfg.delay);
     else

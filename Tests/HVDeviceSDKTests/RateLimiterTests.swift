@@ -43,6 +43,24 @@ final class RateLimiterTests: XCTestCase {
         XCTAssertEqual(Double(passed), 10_100, accuracy: 200, "the size, then the rate")
     }
 
+    /// A limit changed at run time (RECONFIGURE) keeps the debt and never refills the bucket;
+    /// removing every limit gives no limiter at all.
+    func testAChangedLimitCarriesTheDebtOverAndRefillsNothing() {
+        var old = RateLimiter(.init(bandwidth: .init(size: 1000, refillTimeMs: 1000)), now: 0)
+        old.consume(bytes: 3000, now: 0)
+        XCTAssertEqual(old.bandwidth?.budget, -2000)
+        let raised = RateLimiter.changed(old, to: .init(bandwidth: .init(size: 8000, refillTimeMs: 1000), ops: .init(size: 5, refillTimeMs: 1000)), now: 500 * ms)
+        // Half a second at the old rate paid 500 of the debt; the new size does not forgive the rest.
+        XCTAssertEqual(raised?.bandwidth?.budget, -1500)
+        XCTAssertEqual(raised?.ops?.budget, 5, "a bucket that did not exist starts full")
+        XCTAssertEqual(raised?.nextAvailable(now: 500 * ms), 500 * ms + 187_625_000, "1501 tokens at 8000 a second")
+        var rich = RateLimiter(.init(bandwidth: .init(size: 10_000, refillTimeMs: 1000)), now: 0)
+        rich.consume(bytes: 1000, now: 0)
+        XCTAssertEqual(RateLimiter.changed(rich, to: .init(bandwidth: .init(size: 4000, refillTimeMs: 1000)), now: 0)?.bandwidth?.budget, 4000,
+                       "tokens beyond the new size are dropped")
+        XCTAssertNil(RateLimiter.changed(rich, to: .init(), now: 0))
+    }
+
     func testTheOneTimeBurstIsSpentFirstAndNeverComesBack() {
         var bucket = TokenBucket(.init(size: 100, oneTimeBurst: 500, refillTimeMs: 1000), now: 0)
         bucket.consume(400, now: 0)

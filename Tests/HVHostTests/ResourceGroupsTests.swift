@@ -33,7 +33,7 @@ final class ResourceGroupsTests: XCTestCase {
         }
         XCTAssertEqual(asked, ["/sys/fs/cgroup/system.slice/hv.service"])
         XCTAssertEqual(layout.hierarchies, [
-            CGroupHierarchy(version: .v2, mountPoint: "/sys/fs/cgroup", ownGroup: "/sys/fs/cgroup/system.slice/hv.service", controllers: ["cpu", "memory", "pids"]),
+            CGroupHierarchy(version: .v2, mountPoint: "/sys/fs/cgroup", ownGroup: "/sys/fs/cgroup/system.slice/hv.service", controllers: ["cpu", "memory", "pids", "io"]),
         ])
         // A controller not enabled here is not offered (limits needing it are refused).
         let partial = CGroupLayout.detect(mountinfo: mountinfo, selfCgroup: "0::/\n") { _ in ["memory"] }
@@ -76,6 +76,31 @@ final class ResourceGroupsTests: XCTestCase {
         XCTAssertEqual(plain.map { "\($0.file)=\($0.value)" }, ["cpu.max=max 100000", "cpu.weight=100", "memory.max=\(384 << 20)", "pids.max=1024"])
         XCTAssertEqual(ResourceGroups.vmSettings(CGroupHierarchy(version: .v1, mountPoint: "/", ownGroup: "/", controllers: ["cpu"]), defaults)
             .map { "\($0.file)=\($0.value)" }, ["cpu.cfs_period_us=100000", "cpu.cfs_quota_us=-1", "cpu.shares=1024"])
+    }
+
+    /// Disk I/O limits go on a disk device's own group for each whole disk its images lie on
+    /// (throttling is not hierarchical on v1); a limit removed is written as "none".
+    func testWhatEachVersionWritesForDiskIOLimits() {
+        let io = VMDefinition.Limits.DiskIO(readBps: 4 << 20, writeIops: 200)
+        let limits = EffectiveLimits(.init(diskIO: io), guestMemoryMiB: 64)
+        let v1 = CGroupHierarchy(version: .v1, mountPoint: "/", ownGroup: "/", controllers: ["blkio"])
+        XCTAssertEqual(ResourceGroups.deviceSettings(v1, limits, blockDevices: ["254:0"]).map { "\($0.file)=\($0.value)" },
+                       ["blkio.throttle.read_bps_device=254:0 4194304", "blkio.throttle.write_bps_device=254:0 0",
+                        "blkio.throttle.read_iops_device=254:0 0", "blkio.throttle.write_iops_device=254:0 200"])
+        let v2 = CGroupHierarchy(version: .v2, mountPoint: "/", ownGroup: "/", controllers: ["memory", "io"])
+        XCTAssertEqual(ResourceGroups.deviceSettings(v2, limits, blockDevices: ["8:0", "253:1"]).map { "\($0.file)=\($0.value)" },
+                       ["io.max=8:0 rbps=4194304 wbps=max riops=max wiops=200", "io.max=253:1 rbps=4194304 wbps=max riops=max wiops=200"])
+        // Removed at run time (all zero): written as no limit; a device without block devices gets nothing.
+        let removed = EffectiveLimits(.init(diskIO: .init(readBps: 0)), guestMemoryMiB: 64)
+        XCTAssertNil(removed.diskIO)
+        XCTAssertEqual(ResourceGroups.deviceSettings(v2, removed, blockDevices: ["8:0"]).map(\.value), ["8:0 rbps=max wbps=max riops=max wiops=max"])
+        XCTAssertEqual(ResourceGroups.deviceSettings(v2, limits).count, 0)
+        XCTAssertEqual(VMDefinition.Limits(diskIO: io).merging(.init(diskIO: .init(readBps: 0, readIops: 50))).diskIO,
+                       .init(readBps: 0, readIops: 50, writeIops: 200))
+        XCTAssertEqual(describeLimits(limits), "no cpu quota, cpu weight 100, memory 320 MiB, no device cap, 1024 pids, disk I/O read 4194304 bytes/s, write 200 ops/s")
+        XCTAssertThrowsError(try VMDefinition.Limits(diskIO: .init(writeBps: 100)).validate { $0.flag }) {
+            XCTAssertEqual(($0 as? UsageError)?.message, "invalid --disk-io-limit write_bps '100': give bytes a second from 4096 (4K) to 1P, or 0 for no limit")
+        }
     }
 
     func testLimitsInADefinitionAreCheckedByKeyPath() throws {

@@ -249,6 +249,7 @@ final class ControlChannelTests: XCTestCase {
             ("set_irq_level", IRQLevel(line: 1, asserted: true).encode()),
             ("system_event", SystemEvent(.reset).encode()),
             ("media_change", MediaChange(hostFile: 0, present: true).encode()),
+            ("reconfigure", try XCTUnwrap(Reconfigure(config: "rate_bw_size=1048576\n").encode())),
             ("add_doorbell", DoorbellRequest(resource: 1, offset: 0x3000, length: 0).encode()),
             ("set_msi_route", MSIRoute(vector: 2, enabled: true, address: 0xFEE0_0000, data: 0x41).encode()),
         ]
@@ -303,6 +304,9 @@ final class ControlChannelTests: XCTestCase {
             case "media_change":
                 let v = try MediaChange.decode(input)
                 XCTAssertEqual(v.encode(), input)
+            case "reconfigure":
+                let v = try Reconfigure.decode(input)
+                XCTAssertEqual(try Reconfigure.decode(try XCTUnwrap(v.encode())), v)
             case "add_doorbell":
                 let v = try DoorbellRequest.decode(input)
                 XCTAssertEqual(v.encode(), input)

@@ -33,12 +33,13 @@ final class SchemaConformanceTests: XCTestCase {
         XCTAssertEqual(Hello.maximumConfigBytes, try schema.field("hello", "config_length")["max"].int("config_length"))
         XCTAssertEqual(HelloReply.maximumNameBytes, try schema.field("hello_reply", "name_length")["max"].int("name_length"))
         XCTAssertEqual(LogRecord.maximumTextBytes, try schema.field("log", "text_length")["max"].int("text_length"))
+        XCTAssertEqual(Reconfigure.maximumConfigBytes, try schema.field("reconfigure", "config_length")["max"].int("config_length"))
     }
 
     func testMessageTypes() throws {
         let schema = try SchemaFiles.schema()
         let names: [MessageType: String] = [
-            .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING", .quiesce: "QUIESCE", .resume: "RESUME", .setDirtyLog: "SET_DIRTY_LOG",
+            .hello: "HELLO", .shutdown: "SHUTDOWN", .ping: "PING", .quiesce: "QUIESCE", .resume: "RESUME", .setDirtyLog: "SET_DIRTY_LOG", .reconfigure: "RECONFIGURE",
             .log: "LOG", .setBootState: "SET_BOOT_STATE", .setIRQLevel: "SET_IRQ_LEVEL", .systemEvent: "SYSTEM_EVENT", .mediaChange: "MEDIA_CHANGE",
             .addDoorbell: "ADD_DOORBELL", .setMSIRoute: "SET_MSI_ROUTE",
         ]
@@ -193,7 +194,7 @@ final class SchemaConformanceTests: XCTestCase {
         let messages = Set(vectors["vectors"].array.compactMap { $0["message"].string })
         XCTAssertEqual(messages, Set(schema.json["messages"].keys))
         let layouts = Set(vectors["vectors"].array.compactMap { $0["layout"].string })
-        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "media_change", "add_doorbell", "set_msi_route", "empty",
+        for layout in ["hello", "hello_reply", "log", "set_boot_state", "set_irq_level", "system_event", "media_change", "reconfigure", "add_doorbell", "set_msi_route", "empty",
                        "ring_request_entry", "ring_response_entry", "ring_header"] {
             XCTAssertTrue(layouts.contains(layout), "no vector for layout \(layout)")
         }
@@ -243,6 +244,7 @@ final class SchemaConformanceTests: XCTestCase {
             case "add_doorbell": expectWireError(name, category) { _ = try DoorbellRequest.decode(data) }
             case "set_msi_route": expectWireError(name, category) { _ = try MSIRoute.decode(data) }
             case "media_change": expectWireError(name, category) { _ = try MediaChange.decode(data) }
+            case "reconfigure": expectWireError(name, category) { _ = try Reconfigure.decode(data) }
             case "ring_request_entry":
                 XCTAssertEqual(category, "unknown_enum", name)
                 let ring = try RingFixture()
@@ -335,6 +337,11 @@ final class SchemaConformanceTests: XCTestCase {
                                     present: present == (try schema.enumValues("media_presence")["INSERTED"]))
             XCTAssertEqual(hexString(value.encode()), hexString(expected), name)
             XCTAssertEqual(try MediaChange.decode(expected), value, name)
+        case "reconfigure":
+            let value = Reconfigure(config: try fields["config"].string("config"))
+            XCTAssertEqual(hexString(try XCTUnwrap(value.encode())), hexString(expected), name)
+            XCTAssertEqual(try Reconfigure.decode(expected), value, name)
+            XCTAssertEqual(try fields["config_length"].int("config_length"), value.config.utf8.count, name)
         case "add_doorbell":
             let value = DoorbellRequest(resource: try fields["resource"].fixed(UInt32.self, "resource"),
                                         offset: try fields["offset"].fixed(UInt32.self, "offset"),

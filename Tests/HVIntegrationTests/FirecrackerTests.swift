@@ -90,7 +90,10 @@ final class FirecrackerTests: XCTestCase {
         let taken = dir.appendingPathComponent("taken.socket").path
         FileManager.default.createFile(atPath: taken, contents: nil)
         try refused(["--api-sock", taken], "the API socket \(taken) exists")
-        try refused(["--no-api", "--config-file", try config("{\"balloon\": {\"amount_mib\": 1}}")], "has no balloon device")
+        try refused(["--no-api", "--config-file", try config("{\"vsock\": {\"guest_cid\": 3, \"uds_path\": \"/tmp/v.sock\"}}")], "has no vsock device")
+        try refused(["--no-api", "--config-file", try config("{\"balloon\": {\"amount_mib\": 1}}")], "'balloon.deflate_on_oom' is missing")
+        try refused(["--no-api", "--config-file", try config("{\"balloon\": {\"amount_mib\": 1, \"deflate_on_oom\": false, \"free_page_hinting\": true}}")],
+                    "hv has no free page hinting")
         try refused(["--no-api", "--config-file", try config("{\"machine-config\": {\"vcpu_count\": 1}}")], "mem_size_mib is missing")
         try refused(["--no-api", "--config-file", try config("{\"boot-source\": {\"kernel_image_path\": \"/etc/hostname\"}}")],
                     "is neither a bzImage nor a multiboot kernel")

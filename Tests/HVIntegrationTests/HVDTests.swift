@@ -322,6 +322,9 @@ final class HVDTests: XCTestCase {
         try refused(#"{"name": "b1", "definition": {"confine_files_to": "/"}}"#, 403, "hvd's to set", on: bob)
         let upgrade = try call("POST", "/v1/vms/a1/devices/serial0/upgrade", #"{"path": "/bin/true"}"#, on: alice)
         XCTAssertEqual(upgrade.status, 403, upgrade.body)
+        let loosen = try call("PUT", "/v1/vms/a1/limits", #"{"limits": {"cpu_weight": 10000}}"#, on: alice)
+        XCTAssertEqual(loosen.status, 403, loosen.body)
+        XCTAssertTrue(loosen.body.contains("tenants cannot change their VMs' limits"), loosen.body)
 
         // A symbolic link in Bob's directory that leads out is refused by the kernel when the VM
         // opens it, however hvd's own check of the name went.
@@ -413,11 +416,12 @@ final class HVDTests: XCTestCase {
         let started = try runHvctl(["start", "cli"])
         XCTAssertEqual(started.status, 0, started.stderr)
         XCTAssertEqual(started.stdout, "started cli\n")
-        for command in [["pause", "cli"], ["resume", "cli"], ["device", "cli", "restart", "serial0"], ["stop", "cli"]] {
+        for command in [["pause", "cli"], ["resume", "cli"], ["device", "cli", "restart", "serial0"], ["set", "cli", "--pids-limit", "512"], ["stop", "cli"]] {
             let r = try runHvctl(command)
             XCTAssertEqual(r.status, 0, "\(command): \(r.stderr)")
         }
         let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
+        XCTAssertTrue(audit.contains("\"path\":\"/v1/vms/cli/limits\""), "hvctl set is not in hvd's audit log: \(audit)")
         for action in ["start", "pause", "resume", "devices/serial0/restart", "stop"] {
             XCTAssertTrue(audit.contains("\"path\":\"/v1/vms/cli/\(action)\""), "hvctl \(action) is not in hvd's audit log: \(audit)")
         }

@@ -86,11 +86,13 @@ final class RateLimitTests: XCTestCase {
         XCTAssertTrue(status.stdout.contains("limit 4194304 bytes/1000 ms"), status.stdout)
         let mib = 1_048_576.0
         assertRate(readRate(vm, after: 5 * mib, over: 2), 4 * mib, "limited to 4 MiB/s")
+        let device = vm.children(named: "hv-scsi").first
         let raised = try runHvctl(["set", "metered", "--rate", "disk0:bps=8M"])
         XCTAssertEqual(raised.status, 0, raised.stderr)
         XCTAssertEqual(raised.stdout, "disk0 rate limit: 8388608 bytes per 1000 ms\n")
-        // The restarted device starts with a full bucket (8 MiB), then reads at the new rate.
-        assertRate(readRate(vm, after: 9 * mib, over: 1.5), 8 * mib, "raised to 8 MiB/s")
+        // In place (RECONFIGURE): the same process, its bucket's debt carried over, not refilled.
+        XCTAssertEqual(vm.children(named: "hv-scsi").first, device, "the disk's process was restarted for a new rate")
+        assertRate(readRate(vm, after: 0, over: 1.5), 8 * mib, "raised to 8 MiB/s")
         let ops = try runHvctl(["set", "metered", "--rate", "disk0:bps=0,iops=10"])
         XCTAssertEqual(ops.status, 0, ops.stderr)
         XCTAssertEqual(ops.stdout, "disk0 rate limit: 10 ops per 1000 ms\n")

@@ -68,6 +68,14 @@ final class VirtioNet: VirtioDevice {
     /// The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR; writes are ignored.
     func writeConfig(offset: Int, size: Int, value: UInt64) {}
 
+    /// New rate limits (RECONFIGURE), carrying each bucket's tokens or debt over; frames a
+    /// limit held back go now if the new one admits them.
+    func changeLimits(receive: RateLimitSettings, transmit: RateLimitSettings) {
+        receiveLimiter = RateLimiter.changed(receiveLimiter, to: receive)
+        transmitLimiter = RateLimiter.changed(transmitLimiter, to: transmit)
+        if let transport { deadlineReached(now: monotonicNanoseconds(), transport: transport) }
+    }
+
     func reset() {
         spare.removeAll()
         receiveThrottled = false
@@ -318,6 +326,17 @@ case .segment:
 let nic = VirtioNet(runtime: runtime, mac: mac, backend: backend, receiveLimit: settings.receiveLimit, transmitLimit: settings.transmitLimit)
 runtime.watch(fd: backend.wakeDescriptor, enabled: { backend is SegmentBackend || nic.canReceive() }) { nic.backendReady() }
 let transport = VirtioPCITransport(runtime: runtime, device: nic)
+// `hvctl set --rate`: new rate limits apply at once; the backend and the MAC cannot change under
+// a running guest.
+runtime.onReconfigure = { config in
+    guard let next = try? NetContract.Settings(decoding: config) else { return false }
+    guard next.backend == settings.backend, next.mac == settings.mac else {
+        runtime.log(.warning, "refused new settings: only the rate limits change while the VM runs")
+        return false
+    }
+    nic.changeLimits(receive: next.receiveLimit, transmit: next.transmitLimit)
+    return true
+}
 // A clone restored from a snapshot gets a MAC of its own while its driver still holds the
 // template's: the configuration space says the new one, and a configuration-change interrupt
 // tells the driver to look (a driver that caches its address keeps the old one until told).

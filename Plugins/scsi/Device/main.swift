@@ -333,4 +333,20 @@ let adapter = VirtioSCSI(runtime: runtime, unit: unit, ioThreads: settings.kind 
 scsi = adapter
 // Before the transport resumes the queues (and resubmits what was in flight): the LUN's state first.
 adapter.restoreLUN()
-runtime.run(VirtioPCITransport(runtime: runtime, device: adapter))
+let transport = VirtioPCITransport(runtime: runtime, device: adapter)
+// `hvctl set --rate`: a new rate limit applies at once, carrying over the bucket's debt; any
+// other setting cannot change under a running guest.
+runtime.onReconfigure = { config in
+    guard let next = try? SCSIContract.Settings(decoding: config) else { return false }
+    var unchanged = next
+    unchanged.rateLimit = settings.rateLimit
+    guard unchanged == settings else {
+        runtime.log(.warning, "refused new settings: only the rate limit changes while the VM runs")
+        return false
+    }
+    adapter.limiter = RateLimiter.changed(adapter.limiter, to: next.rateLimit)
+    // Requests the old limit held back go now if the new one admits them.
+    adapter.deadlineReached(now: monotonicNanoseconds(), transport: transport)
+    return true
+}
+runtime.run(transport)
