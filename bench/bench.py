@@ -1102,78 +1102,159 @@ class Bench:
         return None
 
     def case_noisy(self) -> list[Row]:
-        """A victim VM times its PIO round trips (`mode=pioread`) alone, beside a second tenant's
-        two VMs that each spin a vCPU flat out (`mode=spin`, enough to take both of this host's
-        cores), and beside the same VMs held to 0.2 CPUs each (hv: `--cpu-quota 0.2`; QEMU: a cgroup
-        with the same CFS quota). The round trip is a forwarded register access: in hv a vCPU
-        thread and the serial device's process in turn, in QEMU one thread."""
-        count = 20000 if self.quick else 100000
+        """A victim tenant's round trips beside a noisy one, with and without limits on the noisy
+        one. Victim: its PIO round trip (`mode=pioread`, a forwarded register access), its disk's
+        4 KiB read round trip at queue depth 1 (`mode=vscsilat`), and (hv only: QEMU's NICs need a
+        bridge) a VM→VM ping over a private segment (`mode=netping`, guest-timed). Noisy tenant:
+        a VM spinning its vCPU (`mode=spin`), a VM reading its disk flat out (`mode=vscsibench`
+        over a sparse 1 GiB image), and (hv) a VM blasting UDP at a sink on a segment of its own.
+        Conditions: the victim alone; beside the noisy tenant unlimited; beside it limited (hv:
+        `--cpu-quota 0.2`, `--disk …,bps=4M`, `--nic …,tx_pps=2000`; QEMU: the spinning VM in a
+        cgroup with the same CFS quota, the disk with `throttling.bps-total=4194304`)."""
+        pio_count = 20000 if self.quick else 100000
+        lat_count = 300 if self.quick else 1000
+        pings = 50 if self.quick else 200
         quota = 0.2
-        print(f"case: noisy neighbour: victim mode=pioread count={count} alone, beside 2 spinning VMs, and beside them at "
-              f"{quota} CPUs each", flush=True)
+        print(f"case: noisy neighbour: victim PIO (count={pio_count}), disk QD1 4 KiB reads ({lat_count}) and VM→VM ping ({pings}, hv) "
+              f"alone, beside a noisy tenant, and beside it limited", flush=True)
         run_dir = self.env.tmp / "noisy-run"
         run_dir.mkdir(exist_ok=True)
         env = dict(self.hv_env, HV_RUN_DIR=str(run_dir))
-        group = self.cpu_cgroup(f"hv-bench-noisy-{os.getpid()}", quota * 2)
+        victim_disk = self.env.tmp / "noisy-victim.img"
+        with open(victim_disk, "wb") as f:
+            for k in range(16):
+                f.write(bytes([k + 1]) * (1 << 20))
+        hog_disk = self.env.tmp / "noisy-hog.img"
+        with open(hog_disk, "wb") as f:
+            f.truncate(1 << 30)
+        # QEMU's two noisy VMs share one group: twice the quota, as two hv VMs at `quota` each.
+        group = self.cpu_cgroup(f"hv-bench-noisy-{os.getpid()}", 2 * quota)
         if group is None:
-            self.problems.append("noisy: no cpu cgroup to hold QEMU's neighbours to a quota")
+            self.problems.append("noisy: no cpu cgroup to hold QEMU's spinning neighbour to a quota")
+        seg_victim, seg_noisy = f"net=nv{os.getpid()}", f"net=nn{os.getpid()}"
+
+        def hv_vm(cmd: str, name: str, extra: list[str]) -> LiveGuest:
+            argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", "32M",
+                    "--serial", "stdio", "--name", name, *extra]
+            return LiveGuest(argv, env)
+
+        def qemu_vm(cmd: str, extra: list[str]) -> LiveGuest:
+            argv = [self.env.qemu, *[x if x != GUEST_RAM else "32M" for x in QEMU_BASE_ARGS], "-kernel", str(self.env.guest),
+                    "-append", cmd, *extra]
+            return LiveGuest(argv, None)
+
+        def qemu_disk(path: Path, throttle: bool) -> list[str]:
+            drive = f"file={path},if=none,id=d0,format=raw,cache=writeback,readonly=on" + (",throttling.bps-total=4194304" if throttle else "")
+            return ["-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0", "-drive", drive, "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
+
+        def neighbours(side: str, i: int, limited: bool) -> Optional[list[LiveGuest]]:
+            """The noisy tenant's CPU and disk VMs (each held to the quota when `limited`)."""
+            cpu = ["--cpu-quota", str(quota)] if limited else []
+            if side == "hv":
+                vms = [hv_vm("mode=spin", f"spin{i}", cpu),
+                       hv_vm("mode=vscsibench count=1024", f"hog{i}", cpu + ["--disk", f"{hog_disk},readonly" + (",bps=4M" if limited else "")])]
+            else:
+                vms = [qemu_vm("mode=spin", []), qemu_vm("mode=vscsibench count=1024", qemu_disk(hog_disk, limited))]
+            if not all(g.wait_for(r, 60) for g, r in zip(vms, [b"spin: ready", b"bench: seqread start"])):
+                return None
+            if side == "qemu" and limited and group is not None:
+                for g in vms:
+                    (group / "cgroup.procs").write_text(str(g.proc.pid))
+            return vms
+
+        def net_neighbours(i: int, limited: bool) -> Optional[list[LiveGuest]]:
+            """hv's noisy tenant's NIC pair on a segment of its own: a blaster and its sink."""
+            cpu = ["--cpu-quota", str(quota)] if limited else []
+            vms = [hv_vm("mode=netsink ip=10.8.0.2 port=5001", f"sink{i}", cpu + ["--nic", f"{seg_noisy},mac=52:54:00:00:0e:02"])]
+            if vms[0].wait_for(b"net: nic0 mac", 60) is None:
+                return vms
+            vms.append(hv_vm("mode=netblast ip=10.8.0.1 peer=10.8.0.2 count=100000000 size=1000 port=5001", f"blast{i}",
+                             cpu + ["--nic", f"{seg_noisy},mac=52:54:00:00:0e:01" + (",tx_pps=2000" if limited else "")]))
+            return vms if vms[1].wait_for(b"bench: net tx start", 60) else None
 
         def one(side, i):
             for condition in ("alone", "noisy", "limited"):
-                neighbours: list[LiveGuest] = []
+                noisy: list[LiveGuest] = []
                 try:
                     if condition != "alone":
-                        for k in range(2):
-                            if side == "hv":
-                                argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", "mode=spin",
-                                        "--memory", "32M", "--serial", "stdio", "--name", f"noisy{i}-{k}"]
-                                if condition == "limited":
-                                    argv += ["--cpu-quota", str(quota)]
-                            else:
-                                argv = [self.env.qemu, *[x if x != GUEST_RAM else "32M" for x in QEMU_BASE_ARGS],
-                                        "-kernel", str(self.env.guest), "-append", "mode=spin"]
-                            neighbours.append(LiveGuest(argv, env if side == "hv" else None))
-                        if not all(g.wait_for(b"spin: ready", 60) for g in neighbours):
-                            self.problems.append(f"noisy: a {side} neighbour did not start spinning")
+                        started = neighbours(side, i, condition == "limited")
+                        if started is None:
+                            self.problems.append(f"noisy: the {side} noisy tenant did not start ({condition})")
                             return
-                        if side == "qemu" and condition == "limited":
-                            if group is None:
-                                continue
-                            for g in neighbours:
-                                # Both QEMUs in one group of 0.4 CPUs: 0.2 each, as two hv VMs at 0.2.
-                                (group / "cgroup.procs").write_text(str(g.proc.pid))
-                    cap = self.guest_run(side, f"mode=pioread count={count}", timeout_s=300, markers=[DONE_MARKER])
+                        noisy += started
+                    cap = self.guest_run(side, f"mode=pioread count={pio_count}", timeout_s=300, markers=[DONE_MARKER])
                     parsed = parse_pioread(cap.scanner.data)
-                    v = parsed[1] / count / self.env.tsc_hz * 1e6 if parsed and parsed[0] == count else None
-                    self.record(f"noisy_{condition}", side, v)
-                    print(f"  run {i + 1} {side} {condition}: {v and round(v, 2)} µs/access", flush=True)
+                    pio = parsed[1] / pio_count / self.env.tsc_hz * 1e6 if parsed and parsed[0] == pio_count else None
+                    self.record(f"noisy_pio_{condition}", side, pio)
+                    cmd = f"mode=vscsilat count={lat_count} size=16"
+                    if side == "hv":
+                        disk = hv_vm(cmd, f"victim{i}", ["--disk", f"{victim_disk},readonly"])
+                    else:
+                        disk = qemu_vm(cmd, qemu_disk(victim_disk, False))
+                    try:
+                        end = disk.wait_for(b"bench: disklat end", 180)
+                        m = re.search(rb"median=(\d+) p90=(\d+) p99=(\d+) errors=0", end[1]) if end else None
+                        self.record(f"noisy_disk_{condition}", side, float(m.group(1)) if m else None)
+                        self.record(f"noisy_disk99_{condition}", side, float(m.group(3)) if m else None)
+                        if m is None:
+                            self.problems.append(f"noisy: {side} victim disk ({condition}): {disk.text()[-200:]!r}")
+                    finally:
+                        disk.stop()
+                    rtt = None
+                    if side == "hv":
+                        if condition != "alone":
+                            started = net_neighbours(i, condition == "limited")
+                            noisy += started or []
+                            if started is None:
+                                self.problems.append(f"noisy: the hv noisy tenant's NICs did not start ({condition})")
+                        peer = hv_vm("mode=netpeer ip=10.9.0.2", f"peer{i}", ["--nic", f"{seg_victim},mac=52:54:00:00:0d:02"])
+                        pinger = None
+                        try:
+                            if peer.wait_for(b"net: nic0 mac", 60):
+                                pinger = hv_vm(f"mode=netping ip=10.9.0.1 peer=10.9.0.2 count={pings}", f"pinger{i}",
+                                               ["--nic", f"{seg_victim},mac=52:54:00:00:0d:01"])
+                                if pinger.wait_for(b"net: ping done", 180):
+                                    times = [int(t) for t in re.findall(r"time=(\d+) us", pinger.text())]
+                                    rtt = statistics.median(times) if times else None
+                        finally:
+                            peer.stop()
+                            if pinger:
+                                pinger.stop()
+                        self.record(f"noisy_net_{condition}", side, rtt)
+                    print(f"  run {i + 1} {side} {condition}: PIO {pio and round(pio, 2)} µs, disk {m and m.group(1).decode()} µs "
+                          f"(p99 {m and m.group(3).decode()}), ping {rtt} µs", flush=True)
                 finally:
-                    for g in neighbours:
+                    for g in noisy:
                         g.stop()
 
         try:
-            self.interleaved(one)
+            self.interleaved(one, runs=1 if self.quick else None)
         finally:
             if group is not None:
                 try:
                     group.rmdir()
                 except OSError as e:
                     self.problems.append(f"noisy: cannot remove {group}: {e}")
+            for f in (victim_disk, hog_disk):
+                f.unlink(missing_ok=True)
         rows = []
-        for condition, label, target in [
-            ("alone", "noisy neighbour: victim's PIO round trip, alone", "≤ QEMU"),
-            ("noisy", "  beside 2 VMs spinning a vCPU each, no limit", "report"),
-            ("limited", f"  beside them held to {quota} CPUs each", "≤ 1.5× alone"),
-        ]:
-            hv, q = self.get(f"noisy_{condition}", "hv"), self.get(f"noisy_{condition}", "qemu")
-            row = Row(label, hv, q, unit="µs", target=target)
-            if condition == "alone":
-                row.met = None if hv is None or q is None else hv.median <= q.median
-            elif condition == "limited":
-                alone = self.get("noisy_alone", "hv")
-                row.met = None if hv is None or alone is None else hv.median <= 1.5 * alone.median
-                row.note = "" if hv is None or alone is None else f"{hv.median / alone.median:.2f}× alone"
-            rows.append(row)
+        for key, what, unit, noise in [("pio", "PIO round trip", "µs", "CPU, disk"), ("disk", "disk 4 KiB read round trip (median)", "µs", "CPU, disk"),
+                                       ("disk99", "disk 4 KiB read round trip (p99)", "µs", "CPU, disk"),
+                                       ("net", "VM→VM ping (median; hv only)", "µs", "CPU, disk, NIC")]:
+            alone = self.get(f"noisy_{key}_alone", "hv")
+            for condition, label, target in [
+                ("alone", f"noisy neighbour: victim's {what}, alone", "≤ QEMU"),
+                ("noisy", f"  beside a noisy tenant ({noise}), no limits", "report"),
+                ("limited", "  beside it limited (0.2 CPU a VM, 4 MiB/s disk, 2000 pps)", "≤ 1.5× alone"),
+            ]:
+                hv, q = self.get(f"noisy_{key}_{condition}", "hv"), self.get(f"noisy_{key}_{condition}", "qemu")
+                row = Row(label, hv, q, unit=unit, target=target if q is not None or condition != "alone" else "report")
+                if condition == "alone" and q is not None:
+                    row.met = None if hv is None else hv.median <= q.median
+                elif condition == "limited":
+                    row.met = None if hv is None or alone is None else hv.median <= 1.5 * alone.median
+                    row.note = "" if hv is None or alone is None else f"{hv.median / alone.median:.2f}× alone"
+                rows.append(row)
         return rows
 
     # -- density (issue #23): idle 64 MiB guests before and after ballooning --
