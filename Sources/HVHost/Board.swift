@@ -83,10 +83,32 @@ func platformDevices(_ options: VMDefinition, boot: BootFiles, firmwareROM: File
             }
         }
         for (i, spec) in options.devices.enumerated() { devices.append(try pluginDevice(spec, index: i, tenant: tenant)) }
+        try checkInterruptLines(devices)
     } catch {
         throw UsageError(message: error.message)
     }
     return devices
+}
+
+/// Lines the platform itself uses: the PIT's, the PICs' cascade, the ACPI SCI (FADT SCI_INT).
+let platformInterruptLines: [UInt32: String] = [0: "the PIT's", 2: "the PICs' cascade", 9: "the ACPI SCI's"]
+
+/// Refuses two devices on one interrupt line, or a device on a line the platform uses: a device
+/// pulses its line (an edge), and two pulsing one line lose each other's interrupts. Port, MMIO
+/// and PCI conflicts are the core's to refuse (`IOBus`, `PCIBus`); lines are checked here, where
+/// the board knows whose each one is.
+func checkInterruptLines(_ devices: [DeviceSpec]) throws(UsageError) {
+    var owners: [UInt32: String] = [:]
+    for device in devices {
+        for gsi in device.interruptGSIs {
+            if let owner = platformInterruptLines[gsi] ?? owners[gsi].map({ "\($0)'s" }) {
+                let used = Set(platformInterruptLines.keys).union(owners.keys).union(device.interruptGSIs)
+                let free = (1..<24).filter { !used.contains(UInt32($0)) }.map(String.init).joined(separator: ", ")
+                throw UsageError(message: "\(device.name) wants IRQ \(gsi), which is \(owner); give it a free line (free: \(free))")
+            }
+            owners[gsi] = device.name
+        }
+    }
 }
 
 /// Where the board puts its PCI functions (bus 0). 00:00.0 and 00:01.x are the host bridge's

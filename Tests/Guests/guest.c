@@ -67,6 +67,7 @@ struct config {
     uint8_t peer_mac[6];                /* netping: the peer's MAC, given instead of asked by ARP */
     uint32_t peer_mac_given;
     uint32_t poke, poke_given;          /* probe: a byte written to port+1 before the reads */
+    const char *ops, *ops_end;          /* poke: the operations, as given */
 };
 
 extern const char tramp_start[], tramp_end[];
@@ -253,10 +254,22 @@ static const char *token_value(const char *tok, const char *end, const char *key
     return *key == '\0' ? tok : 0;
 }
 
+/* Decimal, or hex after "0x". */
 static uint32_t parse_u32(const char *s, const char *end)
 {
     uint32_t v = 0;
 
+    if (end - s > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        for (s += 2; s < end; s++) {
+            char c = *s;
+            uint32_t d = c >= '0' && c <= '9' ? (uint32_t)(c - '0') : c >= 'a' && c <= 'f' ? (uint32_t)(c - 'a' + 10)
+                       : c >= 'A' && c <= 'F' ? (uint32_t)(c - 'A' + 10) : 16;
+            if (d == 16)
+                break;
+            v = v * 16 + d;
+        }
+        return v;
+    }
     for (; s < end && *s >= '0' && *s <= '9'; s++)
         v = v * 10 + (uint32_t)(*s - '0');
     return v;
@@ -319,6 +332,9 @@ static void parse_cmdline(const char *s, struct config *cfg)
             while (v < s && n < sizeof(cfg->mode) - 1)
                 cfg->mode[n++] = *v++;
             cfg->mode[n] = '\0';
+        } else if ((v = token_value(tok, s, "ops="))) {
+            cfg->ops = v;
+            cfg->ops_end = s;
         } else if ((v = token_value(tok, s, "cpus="))) {
             cfg->cpus = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "lines="))) {
@@ -588,6 +604,74 @@ static void mode_echo(void)
         serial_putc(c);
     }
     kprintf("\necho: end\n");
+}
+
+/*
+ * poke: a plugin author's probe. `ops=` is a comma-separated list run in order, each printed:
+ *   inb:PORT inw:PORT inl:PORT            port reads
+ *   outb:PORT:VAL outw:PORT:VAL outl:PORT:VAL
+ *   readb:ADDR readw:ADDR readl:ADDR      MMIO reads (guest-physical = virtual: no paging)
+ *   writeb:ADDR:VAL writew:ADDR:VAL writel:ADDR:VAL
+ *   pciread:BDF:REG pciwrite:BDF:REG:VAL  configuration mechanism #1, 32 bits (BDF = bus<<8|dev<<3|fn)
+ * Numbers are decimal or 0x-hex. Prints "poke: OP ADDR = VALUE" for reads, "poke: OP ADDR <- VALUE"
+ * for writes, "poke: bad op '...'" for anything else, then "poke: end".
+ */
+static int op_is(const char *op, const char *end, const char *name)
+{
+    while (*name && op < end && *op == *name)
+        op++, name++;
+    return *name == '\0' && (op == end || *op == ':');
+}
+
+static void pci_write(uint32_t bdf, uint32_t reg, uint32_t v);
+static uint32_t pci_read(uint32_t bdf, uint32_t reg);
+
+static void mode_poke(const struct config *cfg)
+{
+    const char *s = cfg->ops, *end = cfg->ops_end;
+    if (!s) { kprintf("poke: no ops= given\n"); return; }
+    while (s < end) {
+        const char *op = s, *e = s;
+        while (e < end && *e != ',') e++;
+        uint32_t arg[3] = { 0, 0, 0 };
+        int args = 0;
+        const char *f = op;
+        while (f < e && *f != ':') f++;
+        const char *name_end = f;
+        while (f < e && args < 3) {
+            const char *a = ++f;
+            while (f < e && *f != ':') f++;
+            arg[args++] = parse_u32(a, f);
+        }
+        uint32_t a0 = arg[0], a1 = arg[1];
+        volatile uint8_t *m8 = (volatile uint8_t *)(uintptr_t)a0;
+        volatile uint16_t *m16 = (volatile uint16_t *)(uintptr_t)a0;
+        volatile uint32_t *m32 = (volatile uint32_t *)(uintptr_t)a0;
+        if (op_is(op, name_end, "inb") && args == 1) kprintf("poke: inb 0x%x = 0x%x\n", a0, inb((uint16_t)a0));
+        else if (op_is(op, name_end, "inw") && args == 1) {
+            uint16_t v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"((uint16_t)a0)); kprintf("poke: inw 0x%x = 0x%x\n", a0, v);
+        } else if (op_is(op, name_end, "inl") && args == 1) kprintf("poke: inl 0x%x = 0x%x\n", a0, inl((uint16_t)a0));
+        else if (op_is(op, name_end, "outb") && args == 2) { outb((uint16_t)a0, (uint8_t)a1); kprintf("poke: outb 0x%x <- 0x%x\n", a0, a1 & 0xFF); }
+        else if (op_is(op, name_end, "outw") && args == 2) {
+            __asm__ volatile("outw %0, %1" : : "a"((uint16_t)a1), "Nd"((uint16_t)a0)); kprintf("poke: outw 0x%x <- 0x%x\n", a0, a1 & 0xFFFF);
+        } else if (op_is(op, name_end, "outl") && args == 2) { outl((uint16_t)a0, a1); kprintf("poke: outl 0x%x <- 0x%x\n", a0, a1); }
+        else if (op_is(op, name_end, "readb") && args == 1) kprintf("poke: readb 0x%x = 0x%x\n", a0, *m8);
+        else if (op_is(op, name_end, "readw") && args == 1) kprintf("poke: readw 0x%x = 0x%x\n", a0, *m16);
+        else if (op_is(op, name_end, "readl") && args == 1) kprintf("poke: readl 0x%x = 0x%x\n", a0, *m32);
+        else if (op_is(op, name_end, "writeb") && args == 2) { *m8 = (uint8_t)a1; kprintf("poke: writeb 0x%x <- 0x%x\n", a0, a1 & 0xFF); }
+        else if (op_is(op, name_end, "writew") && args == 2) { *m16 = (uint16_t)a1; kprintf("poke: writew 0x%x <- 0x%x\n", a0, a1 & 0xFFFF); }
+        else if (op_is(op, name_end, "writel") && args == 2) { *m32 = a1; kprintf("poke: writel 0x%x <- 0x%x\n", a0, a1); }
+        else if (op_is(op, name_end, "pciread") && args == 2) kprintf("poke: pciread 0x%x:0x%x = 0x%x\n", a0, a1, pci_read(a0, a1));
+        else if (op_is(op, name_end, "pciwrite") && args == 3) {
+            pci_write(a0, a1, arg[2]); kprintf("poke: pciwrite 0x%x:0x%x <- 0x%x\n", a0, a1, arg[2]);
+        } else {
+            kprintf("poke: bad op '");
+            for (const char *c = op; c < e; c++) serial_putc(*c);
+            kprintf("'\n");
+        }
+        s = e < end ? e + 1 : e;
+    }
+    kprintf("poke: end\n");
 }
 
 /* PCI configuration mechanism #1. */
@@ -2464,6 +2548,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_vscsi();
     else if (streq(cfg.mode, "pcibar"))
         mode_pcibar();
+    else if (streq(cfg.mode, "poke"))
+        mode_poke(&cfg);
     else if (streq(cfg.mode, "probe"))
         mode_probe(cfg.port, cfg.count, (int)cfg.poke_given, cfg.poke);
     else if (streq(cfg.mode, "netdhcp"))

@@ -54,6 +54,24 @@ final class PCITests: XCTestCase {
         XCTAssertFalse(vm.stderr.contains("not free"), vm.stderr)
     }
 
+    /// `mode=poke` is the plugin author's probe: the same device exercised from the command line
+    /// alone, its BARs placed with pciwrite, then port and MMIO accesses in hex.
+    func testAPluginAuthorPokesADeviceFromTheCommandLine() throws {
+        let guest = try Harness.testGuest()
+        let ops = "pciread:0x18:0,pciwrite:0x18:0x10:0xe0000000,pciwrite:0x18:0x14:0xc100,pciwrite:0x18:4:3,"
+            + "writel:0xe0000010:0xcafe,readl:0xe0000010,outl:0xc104:0x1234,inl:0xc104,inb:0x3ff,nonsense"
+        let r = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=poke ops=\(ops)", "--device", testDevice], timeout: 60)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.stdout.split(separator: "\n").filter { $0.hasPrefix("poke: ") }, [
+            "poke: pciread 0x18:0x0 = 0x11e91234",
+            "poke: pciwrite 0x18:0x10 <- 0xe0000000", "poke: pciwrite 0x18:0x14 <- 0xc100", "poke: pciwrite 0x18:0x4 <- 0x3",
+            "poke: writel 0xe0000010 <- 0xcafe", "poke: readl 0xe0000010 = 0xcafe",
+            "poke: outl 0xc104 <- 0x1234", "poke: inl 0xc104 = 0x1234",
+            "poke: inb 0x3ff = 0x0",
+            "poke: bad op 'nonsense'", "poke: end",
+        ])
+    }
+
     func testBadPCIDeclarationsAreRefused() throws {
         let exe = Harness.productsDirectory.appendingPathComponent("hv-pci-testdevice").path
         let profile = Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json").path
@@ -64,6 +82,11 @@ final class PCITests: XCTestCase {
             ("bar0=mmio:4096", 2, "bar0= needs pci=DD.F before it"),
             ("pci=3", 2, "invalid --device pci '3'"),
             ("pci=03.0,bar6=mmio:4096", 2, "invalid --device bar6"),
+            // COM1's line, the PIT's, the ACPI SCI's, and one line twice.
+            ("pio=0x510:2,irq=4", 2, "device0 wants IRQ 4, which is serial0's; give it a free line (free: 3, 5, 6, 7, 10, 11,"),
+            ("pio=0x510:2,irq=0", 2, "device0 wants IRQ 0, which is the PIT's"),
+            ("pio=0x510:2,irq=9", 2, "device0 wants IRQ 9, which is the ACPI SCI's"),
+            ("pio=0x510:2,irq=5,irq=5", 2, "device0 wants IRQ 5, which is device0's"),
         ]
         for (fields, status, message) in cases {
             let r = try runHvctl(["run", "--device", "\(exe),profile=\(profile),\(fields)"], timeout: 30)
