@@ -60,9 +60,7 @@ extension DeviceSupervisor {
                 }
             }
             quiesced.append(d)
-            var page = [UInt8](repeating: 0, count: Self.statePageSize)
-            let n = page.withUnsafeMutableBytes { pread(d.statePage.rawValue, $0.baseAddress, $0.count, 0) }
-            guard n == Self.statePageSize else {
+            guard let page = d.readStatePage() else {
                 resumeAfterSnapshot(quiesced)
                 throw SnapshotError("cannot read device \(d.spec.name)'s state page: \(Errno.current)")
             }

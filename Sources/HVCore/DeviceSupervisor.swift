@@ -127,6 +127,16 @@ final class ManagedDevice: @unchecked Sendable {
     }
 }
 
+extension ManagedDevice {
+    /// The state page's bytes now (for a snapshot, or for the trusted side to read what the
+    /// device publishes there); nil if it cannot be read.
+    func readStatePage() -> [UInt8]? {
+        var page = [UInt8](repeating: 0, count: DeviceSupervisor.statePageSize)
+        let n = page.withUnsafeMutableBytes { pread(statePage.rawValue, $0.baseAddress, $0.count, 0) }
+        return n == page.count ? page : nil
+    }
+}
+
 /// A restored device's process that cannot take the snapshot's state.
 struct RestoreRefused: Error, CustomStringConvertible {
     let description: String
@@ -920,10 +930,7 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     /// A copy of device `name`'s state page; nil if there is no such device or it cannot be read.
     func statePage(ofDevice name: String) -> [UInt8]? {
-        guard let d = devices.first(where: { $0.spec.name == name }) else { return nil }
-        var page = [UInt8](repeating: 0, count: 4096)
-        let n = page.withUnsafeMutableBytes { pread(d.statePage.rawValue, $0.baseAddress, $0.count, 0) }
-        return n == page.count ? page : nil
+        devices.first(where: { $0.spec.name == name })?.readStatePage()
     }
 
     // MARK: Removable media

@@ -64,18 +64,17 @@ extension VMDefinition {
         /// `--balloon`'s syntax.
         public static let flagHint = "use --balloon on or --balloon size=SIZE,stats=SECONDS,deflate_on_oom,free_page_reporting (each optional)"
 
-        /// Parses `--balloon SPEC`: `on`, or comma-separated `size=SIZE` (64M, 1G, or MiB),
-        /// `stats=SECONDS`, `deflate_on_oom`, `free_page_reporting`.
-        public init(flag spec: String, parseSize: (String) throws(UsageError) -> UInt64) throws(UsageError) {
+        /// Parses `--balloon SPEC`: `on`, or comma-separated `size=SIZE` (`parseMiB` turns it into
+        /// whole MiB, as the other memory flags do), `stats=SECONDS`, `deflate_on_oom`,
+        /// `free_page_reporting`.
+        public init(flag spec: String, parseMiB: (String) throws(UsageError) -> UInt64) throws(UsageError) {
             self.init()
             guard spec != "on" else { return }
             for part in spec.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
                 let (key, value) = part.firstIndex(of: "=").map { (String(part[..<$0]), String(part[part.index(after: $0)...])) } ?? (part, "")
                 switch key {
                 case "size" where !value.isEmpty:
-                    let bytes = try parseSize(value)
-                    guard bytes % (1 << 20) == 0 else { throw UsageError(message: "invalid --balloon size '\(value)': give whole MiB, such as 64M") }
-                    sizeMiB = bytes >> 20
+                    sizeMiB = try parseMiB(value)
                 case "stats" where !value.isEmpty:
                     guard let seconds = Int(value) else { throw UsageError(message: "invalid --balloon stats '\(value)': give seconds, such as 5") }
                     statsIntervalSeconds = seconds

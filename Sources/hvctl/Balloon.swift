@@ -29,9 +29,7 @@ extension HVCtl {
             if size == "0" {
                 target = 0
             } else if let size {
-                let bytes = try parseSize(size.allSatisfy(\.isNumber) ? size + "M" : size, flag: "size")
-                guard bytes % (1 << 20) == 0 else { throw UsageError(message: "invalid size '\(size)': give whole MiB, such as 64M") }
-                target = bytes >> 20
+                target = try parseMiB(size, flag: "size", example: "64M")
             }
             if target != nil || statsInterval != nil {
                 var request = ControlRequest(.balloon)

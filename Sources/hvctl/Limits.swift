@@ -30,9 +30,7 @@ struct LimitFlags: ParsableArguments {
     func limitsChecked() throws(UsageError) -> VMDefinition.Limits? {
         func mib(_ text: String?, _ flag: String) throws(UsageError) -> UInt64? {
             guard let text else { return nil }
-            let bytes = try parseSize(text.allSatisfy(\.isNumber) ? text + "M" : text, flag: flag)
-            guard bytes % (1 << 20) == 0 else { throw UsageError(message: "invalid \(flag) '\(text)': give whole MiB, such as 512M") }
-            return bytes >> 20
+            return try parseMiB(text, flag: flag, example: "512M")
         }
         guard var l = limits() else { return nil }
         l.memoryMiB = try mib(memoryLimit, "--memory-limit")

@@ -3,6 +3,14 @@ import Glibc
 import HVHost
 
 /// Parses a size such as `256M`, `2G`, `65536K` or a plain byte count.
+/// A size in whole MiB as the memory flags take it: 512M, 2G, or a bare number of MiB (as QEMU's
+/// `-m`); `example` is the size the error suggests.
+func parseMiB(_ text: String, flag: String, example: String) throws(UsageError) -> UInt64 {
+    let bytes = try parseSize(text.allSatisfy(\.isNumber) ? text + "M" : text, flag: flag)
+    guard bytes % (1 << 20) == 0 else { throw UsageError(message: "invalid \(flag) '\(text)': give whole MiB, such as \(example)") }
+    return bytes >> 20
+}
+
 func parseSize(_ text: String, flag: String) throws(UsageError) -> UInt64 {
     let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
     var digits = Substring(text)
@@ -182,7 +190,7 @@ struct DefinitionFlags: ParsableArguments {
         d.tenant = tenant
         d.limits = try limitFlags.limitsChecked()
         d.balloon = try balloon.map { spec throws(UsageError) in
-            try VMDefinition.Balloon(flag: spec) { text throws(UsageError) in try parseSize(text.allSatisfy(\.isNumber) ? text + "M" : text, flag: "--balloon size") }
+            try VMDefinition.Balloon(flag: spec) { text throws(UsageError) in try parseMiB(text, flag: "--balloon size", example: "64M") }
         }
         d.sandbox = !noSandbox
         d.devices = plugins

@@ -44,13 +44,13 @@ final class BalloonContractTests: XCTestCase {
     func testTheDefinitionAndTheFlag() throws {
         let parse: (String) throws(UsageError) -> UInt64 = { text throws(UsageError) in
             guard let n = UInt64(text.dropLast()), text.hasSuffix("M") else { throw UsageError(message: "bad size \(text)") }
-            return n << 20
+            return n
         }
-        XCTAssertEqual(try VMDefinition.Balloon(flag: "on", parseSize: parse), VMDefinition.Balloon())
-        XCTAssertEqual(try VMDefinition.Balloon(flag: "size=64M,stats=5,deflate_on_oom,free_page_reporting", parseSize: parse),
+        XCTAssertEqual(try VMDefinition.Balloon(flag: "on", parseMiB: parse), VMDefinition.Balloon())
+        XCTAssertEqual(try VMDefinition.Balloon(flag: "size=64M,stats=5,deflate_on_oom,free_page_reporting", parseMiB: parse),
                        VMDefinition.Balloon(sizeMiB: 64, deflateOnOOM: true, statsIntervalSeconds: 5, freePageReporting: true))
-        XCTAssertThrowsError(try VMDefinition.Balloon(flag: "size=", parseSize: parse))
-        XCTAssertThrowsError(try VMDefinition.Balloon(flag: "deflate_on_oom=yes", parseSize: parse))
+        XCTAssertThrowsError(try VMDefinition.Balloon(flag: "size=", parseMiB: parse))
+        XCTAssertThrowsError(try VMDefinition.Balloon(flag: "deflate_on_oom=yes", parseMiB: parse))
         XCTAssertEqual(VMDefinition.Balloon(sizeMiB: 16).settings.targetPages, 4096)
         let d = try VMDefinition.decode(Array(#"{"memory_mib": 128, "balloon": {"size_mib": 16, "stats_interval_s": 2}}"#.utf8))
         XCTAssertEqual(d.balloon, VMDefinition.Balloon(sizeMiB: 16, statsIntervalSeconds: 2))

@@ -416,6 +416,10 @@ final class HVDTests: XCTestCase {
         let started = try runHvctl(["start", "cli"])
         XCTAssertEqual(started.status, 0, started.stderr)
         XCTAssertEqual(started.stdout, "started cli\n")
+        // A device the VM does not have is not found (404), naming the ones it has.
+        let missing = try call("POST", "/v1/vms/cli/devices/disk7/restart")
+        XCTAssertEqual(missing.status, 404, missing.body)
+        XCTAssertTrue(missing.body.contains("VM 'cli' has no device 'disk7' (its devices: serial0, bios"), missing.body)
         for command in [["pause", "cli"], ["resume", "cli"], ["device", "cli", "restart", "serial0"], ["set", "cli", "--pids-limit", "512"], ["stop", "cli"]] {
             let r = try runHvctl(command)
             XCTAssertEqual(r.status, 0, "\(command): \(r.stderr)")
