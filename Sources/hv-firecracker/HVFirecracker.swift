@@ -133,10 +133,17 @@ struct HVFirecracker: AsyncParsableCommand {
 
         var logger = Logger(label: "hv-firecracker")
         logger.logLevel = .critical
+        let socket = StagedSocketPath(apiSock)
         let app = Application(
             router: FirecrackerAPI.router(vm: vm),
-            configuration: .init(address: .unixDomainSocket(path: apiSock), serverName: "Firecracker API"),
-            onServerRunning: { _ in log.info("API server started on \(apiSock)") },
+            configuration: .init(address: .unixDomainSocket(path: socket.bindPath), serverName: "Firecracker API"),
+            onServerRunning: { _ in
+                if let problem = socket.publish() {
+                    vm.cleanUp()
+                    die(problem)
+                }
+                log.info("API server started on \(apiSock)")
+            },
             logger: logger)
         let group = ServiceGroup(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do {

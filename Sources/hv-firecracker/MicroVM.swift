@@ -490,7 +490,7 @@ final class MicroVM: Sendable {
 
     /// Removes what this process made: the API socket.
     func cleanUp() {
-        if let apiSocket { unlink(apiSocket) }
+        if let apiSocket { StagedSocketPath(apiSocket).remove() }
     }
 
     // MARK: After InstanceStart

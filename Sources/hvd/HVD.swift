@@ -98,10 +98,18 @@ struct HVD: AsyncParsableCommand {
 
         var logger = Logger(label: "hvd")
         logger.logLevel = .warning
+        // Each socket's path appears only once it accepts (see StagedSocketPath).
+        let adminSocket = StagedSocketPath(socketPath)
+        let sockets = [socketPath] + tenantAudits.map(\.0.socket)
+        @Sendable func failServing(_ problem: String) -> Never {
+            sockets.forEach { StagedSocketPath($0).remove() }
+            fail(problem)
+        }
         let app = Application(
             router: API.router(service: service, audit: audit, scope: .admin),
-            configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "hvd"),
+            configuration: .init(address: .unixDomainSocket(path: adminSocket.bindPath), serverName: "hvd"),
             onServerRunning: { _ in
+                if let problem = adminSocket.publish() { failServing(problem) }
                 log("serving \(store.all.count) VM definition\(store.all.count == 1 ? "" : "s") from \(state) on \(socketPath)")
                 await service.autostart()
             },
@@ -110,22 +118,23 @@ struct HVD: AsyncParsableCommand {
         for (tenant, tenantAudit) in tenantAudits {
             services.append(Application(
                 router: API.router(service: service, audit: tenantAudit, scope: .tenant(tenant)),
-                configuration: .init(address: .unixDomainSocket(path: tenant.socket), serverName: "hvd"),
+                configuration: .init(address: .unixDomainSocket(path: StagedSocketPath(tenant.socket).bindPath), serverName: "hvd"),
                 onServerRunning: { _ in
-                    tenant.handOverSocket()
+                    // Owner and mode first, then the path: a tenant never sees its socket as root's.
+                    let staged = StagedSocketPath(tenant.socket)
+                    tenant.handOverSocket(at: staged.bindPath)
+                    if let problem = staged.publish() { failServing(problem) }
                     log("serving tenant \(tenant.name) (uid \(tenant.uid)) on \(tenant.socket), its files in \(tenant.files)")
                 },
                 logger: logger))
         }
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
-        let sockets = [socketPath] + tenantAudits.map(\.0.socket)
         do {
             try await group.run()
         } catch {
-            sockets.forEach { unlink($0) }
-            fail("cannot serve \(socketPath): \(error)")
+            failServing("cannot serve \(socketPath): \(error)")
         }
-        sockets.forEach { unlink($0) }
+        sockets.forEach { StagedSocketPath($0).remove() }
         log("stopped; the VMs keep running")
     }
 

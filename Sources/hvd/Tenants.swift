@@ -54,9 +54,9 @@ struct Tenant: Sendable, Equatable {
         }
     }
 
-    /// Gives the bound socket to the tenant.
-    func handOverSocket() {
-        if lchown(socket, uid, gid) != 0 || chmod(socket, 0o600) != 0 {
+    /// Gives the bound socket, at `path`, to the tenant.
+    func handOverSocket(at path: String) {
+        if lchown(path, uid, gid) != 0 || chmod(path, 0o600) != 0 {
             log("cannot give \(socket) to uid \(uid): \(String(cString: strerror(errno)))")
         }
     }
