@@ -44,7 +44,7 @@ int hv_memfd_create(const char *name, unsigned int flags) { return memfd_create(
 int hv_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
 const int hv_MFD_CLOEXEC = MFD_CLOEXEC, hv_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING;
 const int hv_EFD_CLOEXEC = EFD_CLOEXEC, hv_EFD_NONBLOCK = EFD_NONBLOCK;
-const int hv_F_ADD_SEALS = F_ADD_SEALS, hv_F_SEAL_SHRINK = F_SEAL_SHRINK, hv_F_SEAL_GROW = F_SEAL_GROW,
+const int hv_F_ADD_SEALS = F_ADD_SEALS, hv_F_SEAL_SHRINK = F_SEAL_SHRINK, hv_F_SEAL_GROW = F_SEAL_GROW, hv_F_SEAL_WRITE = F_SEAL_WRITE,
           hv_F_SEAL_SEAL = F_SEAL_SEAL, hv_F_GET_SEALS = F_GET_SEALS;
 const int hv_F_OFD_SETLK = F_OFD_SETLK, hv_F_OFD_GETLK = F_OFD_GETLK;
 

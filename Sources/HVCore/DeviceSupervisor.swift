@@ -10,8 +10,10 @@ import Synchronization
 public struct DeviceSpec: Sendable {
     /// Instance name for messages, e.g. "serial0".
     public var name: String
-    /// Absolute path of the device executable.
+    /// Absolute path of the device executable (an interpreted plugin's interpreter).
     public var executable: String
+    /// Arguments before the instance name (an interpreted plugin's interpreter flags and script).
+    public var arguments: [String] = []
     /// Guest address ranges routed to it, in resource-index order.
     public var resources: [Resource]
     /// GSI of each of its interrupt lines (line i → GSI), wired through irqfd.
@@ -311,11 +313,11 @@ final class DeviceSupervisor: @unchecked Sendable {
             let inherit = [(InheritedDescriptor.control, deviceControl.fd.rawValue),
                            (InheritedDescriptor.events, deviceEvents.fd.rawValue)]
             if let sandbox = spec.sandbox {
-                child = try sandbox.spawn(executable: d.executable, arguments: [spec.name],
+                child = try sandbox.spawn(executable: d.executable, arguments: spec.arguments + [spec.name],
                                           memoryBytes: memory.size, inherit: inherit, stderr: stderrWrite.rawValue,
                                           placement: spec.placement)
             } else {
-                child = try ChildProcess.spawn(path: d.executable, arguments: [spec.name],
+                child = try ChildProcess.spawn(path: d.executable, arguments: spec.arguments + [spec.name],
                                                inherit: inherit + [(2, stderrWrite.rawValue)])
                 do { try spec.placement?.apply(to: child.pid) } catch {
                     child.killAndReap()

@@ -18,6 +18,14 @@ public struct SandboxPlan: Sendable {
     public var outsideGID: gid_t
     /// Host paths bind-mounted read-only into the device's otherwise empty root.
     public var exposedPaths: [String]
+    /// Host files copied into the jail's root under `/plugin/` (an interpreted plugin's script and
+    /// modules). hv opens them, so they need not be reachable by the tenant's uid, unlike
+    /// `exposedPaths`; the copies are read-only and go away with the process.
+    public var pluginFiles: [String] = []
+    /// The directory inside the jail that holds `pluginFiles`.
+    public static let pluginDirectory = "/plugin"
+    /// The most files `pluginFiles` may hold (each is a descriptor handed to hv-jail).
+    public static let maximumPluginFiles = 32
 
     public init(jailExecutable: String, profilePath: String, profile: SandboxProfile, outsideUID: uid_t,
                 outsideGID: gid_t, exposedPaths: [String]) {
@@ -84,6 +92,8 @@ public struct SandboxPlan: Sendable {
     /// Descriptors hv-jail receives: the device executable and the profile, opened by the core.
     static let jailDeviceFD: Int32 = 7
     static let jailProfileFD: Int32 = 8
+    /// hv-jail's descriptors from here on are `pluginFiles`, in order.
+    static let jailFirstPluginFileFD: Int32 = 9
 
     /// clone3 flags for the profile's namespaces.
     var cloneFlags: UInt64 {
@@ -116,10 +126,19 @@ public struct SandboxPlan: Sendable {
         }
         let jail = try openRegular(jailExecutable)
         let deviceBinary = try openRegular(executable)
-        let profileFile = try openRegular(profilePath)
+        // The profile as loaded and checked here, its bases merged: hv-jail applies exactly what
+        // `hvctl sandbox show` prints, whatever happens to the files meanwhile.
+        let profileFile = try MemFD.holding(Array(profile.jsonText().utf8), name: "hv-profile")
+        guard pluginFiles.count <= Self.maximumPluginFiles else {
+            throw SystemError("\(executable) brings \(pluginFiles.count) files; at most \(Self.maximumPluginFiles) go into a jail", Errno(rawValue: E2BIG))
+        }
+        let copied = try pluginFiles.map { path throws(SystemError) in try openRegular(path) }
 
         var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
         for p in exposedPaths { argv += ["--expose", p] }
+        for (i, path) in pluginFiles.enumerated() {
+            argv += ["--plugin-file", "\(Self.jailFirstPluginFileFD + Int32(i)):" + (path.split(separator: "/").last.map(String.init) ?? path)]
+        }
         if detached { argv.append("--outlive-parent") }
         argv += ["--", executable] + arguments
         let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
@@ -128,7 +147,8 @@ public struct SandboxPlan: Sendable {
         // The device's stdin and stdout are /dev/null; stderr is what the caller gives (for a VM's
         // device, a pipe the core reads and prefixes, so a device cannot pose as hvctl).
         let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), stderr),
-                       (Self.jailDeviceFD, deviceBinary.rawValue), (Self.jailProfileFD, profileFile.rawValue)] + inherit
+                       (Self.jailDeviceFD, deviceBinary.rawValue), (Self.jailProfileFD, profileFile.rawValue)]
+            + copied.enumerated().map { (Self.jailFirstPluginFileFD + Int32($0.offset), $0.element.rawValue) } + inherit
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)
         var pidfd: Int32 = -1

@@ -32,20 +32,49 @@ public enum DeviceCatalog {
         return n == __NR_SCMP_ERROR ? nil : n
     }
 
-    /// Loads and validates a profile file; a bad one is a one-line error naming the file.
+    /// Loads and validates a profile file, with the base profiles it includes merged in; a bad
+    /// one is a one-line error naming the file.
     public static func loadProfile(_ path: String) throws(UsageError) -> SandboxProfile {
+        do {
+            return try loadProfile(path, including: [])
+        } catch {
+            throw UsageError(message: "\(error)")
+        }
+    }
+
+    /// The base profile `name`: `sandbox-profiles/NAME.json` of this hv (where `base-device.json`
+    /// and the other shared policies live), so a plugin's profile names it instead of copying it.
+    public static func baseProfilePath(_ name: String) throws(UsageError) -> String {
+        guard let dir = profileDirectory() else {
+            throw UsageError(message: "cannot find sandbox-profiles/ for base profile '\(name)' (looked beside hvctl and above it); set HV_PROFILE_DIR")
+        }
+        return "\(dir)/\(name).json"
+    }
+
+    /// `path`'s profile; `chain` names the bases being loaded above it (a cycle is an error).
+    private static func loadProfile(_ path: String, including chain: [String]) throws(SandboxProfileError) -> SandboxProfile {
         let bytes: [UInt8]
         do {
             // A profile is a small JSON file: never a FIFO to block on or /dev/zero to read forever.
             let file = try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: maximumProfileBytes)
+            defer { file.close() }
             do { bytes = try file.readAll() } catch { throw HostFileError.system(error.errno) }
         } catch {
-            throw UsageError(message: "cannot read sandbox profile '\(path)': \(error)")
+            throw SandboxProfileError(source: path, problem: .unreadable("\(error)"), path: "")
         }
-        do {
-            return try SandboxProfile.load(json: bytes, source: path, resolveSyscall: resolveSyscall)
-        } catch {
-            throw UsageError(message: "\(error)")
+        return try SandboxProfile.load(json: bytes, source: path, resolveSyscall: resolveSyscall) { name throws(SandboxProfileError) in
+            guard !chain.contains(name), chain.count < 4 else {
+                throw SandboxProfileError(source: path, problem: .baseProfile(name: name, reason: chain.contains(name)
+                    ? "includes itself through \((chain + [name]).joined(separator: " → "))" : "includes nest deeper than 4"), path: "include")
+            }
+            let basePath: String
+            do throws(UsageError) { basePath = try baseProfilePath(name) } catch {
+                throw SandboxProfileError(source: path, problem: .baseProfile(name: name, reason: error.message), path: "include")
+            }
+            do throws(SandboxProfileError) { return try loadProfile(basePath, including: chain + [name]) } catch {
+                if case .baseProfile = error.problem { throw error }
+                throw SandboxProfileError(source: path, problem: .baseProfile(name: name, reason: error.description), path: "include")
+            }
         }
     }
 

@@ -9,6 +9,9 @@ import HVIPC
 /// `tenant` is nil with `--no-sandbox`.
 func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError) -> DeviceSpec {
     let fields = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+    if let first = fields.first, first.hasSuffix(".json") {
+        return try PluginManifest.load(first).device(fields.dropFirst(), index: index, jail: tenant.map { .tenant($0) } ?? .unsandboxed)
+    }
     guard let path = fields.first, path.utf8.first == UInt8(ascii: "/") else {
         throw UsageError(message: "invalid --device '\(text)': start with the device executable's absolute path")
     }
@@ -73,4 +76,100 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
         spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: tenant, executable: path)
     }
     return spec
+}
+
+extension PluginManifest {
+    /// How the device is to run.
+    public enum Jail: Equatable, Sendable {
+        /// Unsandboxed (`--no-sandbox`).
+        case unsandboxed
+        /// Jailed as this tenant.
+        case tenant(String)
+        /// Jailed, for showing what it would get (no tenant is registered).
+        case preview
+    }
+
+    /// The device this manifest describes, with `fields` (`name=`, `irq=`, `pio=`, `pci=` and
+    /// settings as `KEY=VALUE`) applied: `--device MANIFEST.json,…`. `tenant` is nil with `--no-sandbox`.
+    /// `irq=`, `pio=` and `pci=` replace what the manifest asks for (a second instance of a
+    /// plugin needs its own ports and lines); repeated `irq=`/`pio=` give several.
+    public func device(_ fields: some Sequence<String>, index: Int, jail: Jail) throws(UsageError) -> DeviceSpec {
+        var r = resources
+        var instance = index == 0 ? name : "\(name)\(index)"
+        var irqs: [UInt32]?, pio: [Range]?
+        var given: [(key: String, value: String)] = []
+        for field in fields {
+            let parts = field.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, !parts[0].isEmpty else {
+                throw UsageError(message: "invalid --device field '\(field)' for plugin \(name): use KEY=VALUE")
+            }
+            let (key, value) = (parts[0], parts[1])
+            switch key {
+            case "name":
+                guard (1...32).contains(value.utf8.count), value.utf8.allSatisfy({ (0x61...0x7a).contains($0) || (0x30...0x39).contains($0) || $0 == 0x2d }) else {
+                    throw UsageError(message: "invalid --device name '\(value)': use 1 to 32 of a-z, 0-9 and -")
+                }
+                instance = value
+            case "irq":
+                guard let irq = parseInteger(value), (0...23).contains(irq) else { throw UsageError(message: "invalid --device irq '\(value)': use 0 to 23") }
+                irqs = (irqs ?? []) + [UInt32(irq)]
+            case "pio":
+                let range = value.split(separator: ":").map(String.init)
+                guard range.count == 2, let base = parseInteger(range[0]), let length = parseInteger(range[1]),
+                      base >= 0, length > 0, base + length <= 0x10000 else {
+                    throw UsageError(message: "invalid --device pio '\(value)': use BASE:LENGTH within the 64 KiB port space, e.g. pio=0x510:2")
+                }
+                pio = (pio ?? []) + [Range(base: UInt64(base), length: UInt64(length))]
+            case "pci":
+                guard r.pci != nil else { throw UsageError(message: "plugin \(name) is not a PCI device; its manifest has no resources.pci") }
+                guard let bdf = Self.pciSlot(value) else {
+                    throw UsageError(message: "invalid --device pci '\(value)': use DEVICE.FUNCTION on bus 0, device 01-1f in hex, e.g. pci=03.0")
+                }
+                r.pci?.device = bdf >> 3
+                r.pci?.function = bdf & 7
+            case "profile", "memory":
+                throw UsageError(message: "--device \(source): \(key) comes from the manifest; edit it there")
+            default:
+                given.append((key, value))
+            }
+        }
+        if let irqs { r.irqs = irqs }
+        if let pio { r.pio = pio }
+
+        let executablePath = interpreter?.path ?? executable
+        var spec = DeviceSpec(name: instance, executable: executablePath, capabilities: [.statePage])
+        spec.resources = r.pio.map { Resource(kind: .pio, base: $0.base, length: $0.length) }
+            + r.mmio.map { Resource(kind: .mmio, base: $0.base, length: $0.length) }
+        if let pci = r.pci {
+            spec.resources.append(Resource(kind: .pciConfig, base: UInt64(pci.bdf), length: 256))
+            for bar in pci.bars {
+                spec.resources.append(Resource(kind: bar.kind == .mmio ? .pciMMIOBar : .pciPIOBar, base: UInt64(pci.bdf) << 8 | UInt64(bar.index), length: bar.size))
+            }
+        }
+        spec.interruptGSIs = r.irqs
+        spec.mapsGuestMemory = r.guestMemory
+        spec.config = SettingsText.encode(try settingValues(given))
+        if let interpreter {
+            let directory = { (path: String) in path[..<(path.lastIndex(of: "/") ?? path.startIndex)] }
+            if case .unsandboxed = jail, let apart = files.first(where: { directory($0) != directory(executable) }) {
+                throw UsageError(message: "--no-sandbox runs plugin \(name)'s script where it is, so its files must sit beside it: \(apart) does not")
+            }
+            // Unsandboxed, the script runs where it is; jailed, from hv's copy under /plugin.
+            let script = jail == .unsandboxed ? executable : SandboxPlan.pluginDirectory + "/" + (executable.split(separator: "/").last.map(String.init) ?? executable)
+            spec.arguments = interpreter.arguments + [script]
+        }
+        if jail != .unsandboxed {
+            var plan: SandboxPlan
+            switch jail {
+            case .tenant(let tenant): plan = try DeviceCatalog.plan(profilePath: profile, tenant: tenant, executable: executablePath)
+            default: plan = try DeviceCatalog.plan(profilePath: profile, outsideID: 0, executable: executablePath)
+            }
+            if let interpreter {
+                plan.exposedPaths += interpreter.readOnlyPaths.flatMap { Self.expand($0) }
+                plan.pluginFiles = [executable] + files
+            }
+            spec.sandbox = plan
+        }
+        return spec
+    }
 }

@@ -53,6 +53,8 @@ public struct SandboxProfile: Equatable, Sendable {
     /// Syscalls that fail with ENOSYS (both stages) instead of stopping the device: for libc's
     /// fallbacks, e.g. `clone3`, whose flags seccomp cannot inspect, so pthread_create uses `clone`.
     public let enosysSyscalls: [SyscallRule]
+    /// The base profiles this one was built on, by name, in file order (already merged in).
+    public var includes: [String] = []
 
     /// A profile from its parts. `load(json:source:resolveSyscall:)` is the checked way to get one; this
     /// initializer checks nothing.
@@ -280,6 +282,14 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
         case bareAndConditional(name: String, list: String)
         /// A start-up entry for a syscall `syscalls` already allows unconditionally.
         case alreadyAllowedBySyscalls(name: String)
+        /// The file cannot be read: why.
+        case unreadable(String)
+        /// `include` where the reader resolves no base profiles.
+        case includeNotAllowed
+        /// A base profile named twice in `include`.
+        case duplicateInclude(String)
+        /// A base profile that cannot be loaded: what the loader said about it.
+        case baseProfile(name: String, reason: String)
         /// An `enosys` entry with conditions, or for a syscall an allowlist also names.
         case enosysConflict(name: String)
         /// An `allow_if` list with no conditions.
@@ -342,6 +352,10 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
         case let .bareAndConditional(name, list):
             return "syscall \(quotedForMessage(name)) is in \(list) both unconditionally and with allow_if, "
                 + "which would make the condition meaningless"
+        case let .unreadable(reason): return "cannot read the profile: \(reason)"
+        case .includeNotAllowed: return "include is not allowed here (the profile was expected to be resolved already)"
+        case let .duplicateInclude(name): return "base profile \(quotedForMessage(name)) is included twice"
+        case let .baseProfile(name, reason): return "base profile \(quotedForMessage(name)): \(reason)"
         case let .enosysConflict(name):
             return "\(name) in enosys must be a bare name that no allowlist names"
         case let .alreadyAllowedBySyscalls(name):
@@ -377,7 +391,9 @@ public struct SandboxProfileError: Error, Equatable, Sendable, CustomStringConve
 
 extension SandboxProfile {
     /// The top-level keys of format version 1.
-    static let topLevelKeys = ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]
+    static let topLevelKeys = ["profile", "version", "description", "include", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]
+    /// The most base profiles one profile may include.
+    public static let maximumIncludes = 8
     /// The keys of `rlimits`.
     static let rlimitKeys = ["nofile", "nproc", "core", "fsize", "as_extra_mib"]
 
@@ -389,11 +405,15 @@ extension SandboxProfile {
     ///   - resolveSyscall: maps a syscall name to its x86-64 number, nil for an unknown name (hv passes
     ///     libseccomp's resolver). A negative number (libseccomp's pseudo-syscalls for names that exist
     ///     only on other architectures) is rejected.
-    /// - Returns: the profile.
+    ///   - include: loads the base profile a name in `include` names (already merged with its own
+    ///     bases); nil refuses `include` (hv-jail reads profiles the core has already flattened).
+    /// - Returns: the profile, with its bases merged in: their rules come first, a syscall any of them
+    ///   allows unconditionally stays unconditional, identical rules appear once, and `namespaces` and
+    ///   each `rlimits` key the file leaves out come from the bases (the last base that sets one wins).
     /// - Throws: `SandboxProfileError` for the first problem found; its `description` is one line naming
     ///   `source`, what is wrong and the field path.
-    public static func load(json: [UInt8], source: String,
-                            resolveSyscall: (String) -> Int32?) throws(SandboxProfileError) -> SandboxProfile {
+    public static func load(json: [UInt8], source: String, resolveSyscall: (String) -> Int32?,
+                            include: ((String) throws(SandboxProfileError) -> SandboxProfile)? = nil) throws(SandboxProfileError) -> SandboxProfile {
         let document: JSONValue
         do throws(JSONError) {
             document = try JSONValue.parse(json)
@@ -420,27 +440,63 @@ extension SandboxProfile {
             try reader.checkDescription(description)
         }
 
-        guard let namespacesValue = root["namespaces"] else { throw reader.fail(.missingKey("namespaces"), at: "") }
-        let namespaces = try reader.namespaces(namespacesValue)
+        var bases: [SandboxProfile] = []
+        var includes: [String] = []
+        if let value = root["include"] {
+            let names = try reader.array(value, at: "include")
+            guard let include else { throw reader.fail(.includeNotAllowed, at: "include") }
+            guard names.count <= maximumIncludes else {
+                throw reader.fail(.outOfRange(found: "\(names.count) names", allowed: "at most \(maximumIncludes)"), at: "include")
+            }
+            for (index, entry) in names.enumerated() {
+                let name = try reader.string(entry, at: "include[\(index)]")
+                guard isProfileName(name) else { throw reader.fail(.invalidProfileName(name), at: "include[\(index)]") }
+                guard !includes.contains(name) else { throw reader.fail(.duplicateInclude(name), at: "include[\(index)]") }
+                includes.append(name)
+                bases.append(try include(name))
+            }
+        }
 
-        var limits = ResourceLimits.defaults
-        if let value = root["rlimits"] { limits = try reader.limits(value) }
+        let namespaces: [Namespace]
+        if let namespacesValue = root["namespaces"] {
+            namespaces = try reader.namespaces(namespacesValue)
+        } else if let base = bases.last {
+            namespaces = base.namespaces
+        } else {
+            throw reader.fail(.missingKey("namespaces"), at: "")
+        }
+
+        let inherited = bases.last?.limits ?? ResourceLimits.defaults
+        var limits = inherited
+        if let value = root["rlimits"] { limits = try reader.limits(value, inheriting: inherited) }
 
         var startup: [SyscallRule] = []
         if let value = root["startup_syscalls"] {
             startup = try reader.syscallList(value, list: "startup_syscalls", resolveSyscall: resolveSyscall)
         }
-        guard let syscallsValue = root["syscalls"] else { throw reader.fail(.missingKey("syscalls"), at: "") }
-        let syscalls = try reader.syscallList(syscallsValue, list: "syscalls", resolveSyscall: resolveSyscall)
+        var syscalls: [SyscallRule] = []
+        if let syscallsValue = root["syscalls"] {
+            syscalls = try reader.syscallList(syscallsValue, list: "syscalls", resolveSyscall: resolveSyscall)
+        } else if bases.isEmpty {
+            throw reader.fail(.missingKey("syscalls"), at: "")
+        }
 
         let unconditional = Set(syscalls.filter(\.conditions.isEmpty).map(\.name))
         if let index = startup.firstIndex(where: { unconditional.contains($0.name) }) {
             throw reader.fail(.alreadyAllowedBySyscalls(name: startup[index].name), at: reader.entryPath("startup_syscalls", startup, index))
         }
+        if !bases.isEmpty {
+            syscalls = merged(bases.map(\.syscalls) + [syscalls])
+            let allowed = Set(syscalls.filter(\.conditions.isEmpty).map(\.name))
+            startup = merged(bases.map(\.startupSyscalls) + [startup]).filter { !allowed.contains($0.name) }
+        }
 
         var enosys: [SyscallRule] = []
         if let value = root["enosys"] {
             enosys = try reader.syscallList(value, list: "enosys", resolveSyscall: resolveSyscall)
+        }
+        if !bases.isEmpty { enosys = merged(bases.map(\.enosysSyscalls) + [enosys]) }
+        if !enosys.isEmpty {
             let allowed = Set((syscalls + startup).map(\.name))
             if let index = enosys.firstIndex(where: { !$0.conditions.isEmpty || allowed.contains($0.name) }) {
                 throw reader.fail(.enosysConflict(name: enosys[index].name), at: reader.entryPath("enosys", enosys, index))
@@ -453,8 +509,29 @@ extension SandboxProfile {
         for required in [Namespace.user, .mount] where !namespaces.contains(required) {
             throw reader.fail(.requiredNamespaceMissing(required.rawValue), at: "namespaces")
         }
-        return SandboxProfile(name: name, version: formatVersion, description: description, namespaces: namespaces,
-                              limits: limits, startupSyscalls: startup, syscalls: syscalls, enosysSyscalls: enosys)
+        var profile = SandboxProfile(name: name, version: formatVersion, description: description, namespaces: namespaces,
+                                     limits: limits, startupSyscalls: startup, syscalls: syscalls, enosysSyscalls: enosys)
+        profile.includes = includes
+        return profile
+    }
+
+    /// Rule lists joined in order: a syscall allowed unconditionally by any list is one bare rule
+    /// (at its first place), and a conditional rule that appears twice is kept once.
+    static func merged(_ lists: [[SyscallRule]]) -> [SyscallRule] {
+        let all = lists.flatMap { $0 }
+        let bare = Set(all.filter(\.conditions.isEmpty).map(\.name))
+        var seen: Set<SyscallRule> = []
+        var placedBare: Set<String> = []
+        var result: [SyscallRule] = []
+        for rule in all {
+            if bare.contains(rule.name) {
+                guard placedBare.insert(rule.name).inserted else { continue }
+                result.append(SyscallRule(name: rule.name, number: rule.number))
+            } else if seen.insert(rule).inserted {
+                result.append(rule)
+            }
+        }
+        return result
     }
 }
 
@@ -540,10 +617,10 @@ private struct ProfileReader {
         return result
     }
 
-    func limits(_ value: JSONValue) throws(SandboxProfileError) -> ResourceLimits {
+    /// The `rlimits` object; a key it leaves out keeps its value in `defaults`.
+    func limits(_ value: JSONValue, inheriting defaults: ResourceLimits = .defaults) throws(SandboxProfileError) -> ResourceLimits {
         let object = try object(value, at: "rlimits")
         try checkKeys(object, allowed: SandboxProfile.rlimitKeys, at: "rlimits")
-        let defaults = ResourceLimits.defaults
         func limit(_ key: String, _ fallback: UInt64?, maximum: UInt64, allowed: String) throws(SandboxProfileError) -> UInt64? {
             guard let value = object[key] else { return fallback }
             let path = "rlimits." + key
@@ -664,6 +741,7 @@ extension SandboxProfile {
         var lines = ["sandbox profile \(name) (profile format version \(version))"]
         if !description.isEmpty { lines.append("description: \(description)") }
         lines += header
+        if !includes.isEmpty { lines.append("built on: \(includes.joined(separator: ", ")) (merged into what follows)") }
         lines.append("namespaces: " + (namespaces.isEmpty ? "none" : namespaces.map(\.rawValue).joined(separator: ", ")))
         lines.append("rlimits: " + renderLimits())
         // One name column for both lists, so their conditions line up.
@@ -676,6 +754,39 @@ extension SandboxProfile {
         lines.append("\(steadyStateSyscallCount) \(steadyStateSyscallCount == 1 ? "syscall" : "syscalls") allowed after lock-down, "
             + "\(startupSyscallCount) during start-up")
         return lines.joined(separator: "\n")
+    }
+
+    /// The profile as one self-contained profile file (bases merged, no `include`), which `load`
+    /// reads back to an equal profile (less `includes`): what the core hands hv-jail.
+    public func jsonText() -> String {
+        func text(_ s: String) -> String {
+            var out = "\""
+            for scalar in s.unicodeScalars {
+                switch scalar {
+                case "\"": out += "\\\""
+                case "\\": out += "\\\\"
+                case _ where scalar.value < 0x20: out += "\\u00" + (scalar.value < 0x10 ? "0" : "") + String(scalar.value, radix: 16)
+                default: out.unicodeScalars.append(scalar)
+                }
+            }
+            return out + "\""
+        }
+        func limit(_ v: UInt64?) -> String { v.map(String.init) ?? "\"unlimited\"" }
+        func rules(_ list: [SyscallRule]) -> String {
+            "[" + list.map { rule in
+                guard !rule.conditions.isEmpty else { return text(rule.name) }
+                let conditions = rule.conditions.map { c in
+                    "{\"arg\": \(c.argument), \"op\": \"\(c.operation.rawValue)\", \"value\": \"0x\(String(c.value, radix: 16))\""
+                        + (c.operation == .maskedEq ? ", \"mask\": \"0x\(String(c.mask, radix: 16))\"" : "") + "}"
+                }
+                return "{\"name\": \(text(rule.name)), \"allow_if\": [\(conditions.joined(separator: ", "))]}"
+            }.joined(separator: ", ") + "]"
+        }
+        return "{\"profile\": \(text(name)), \"version\": \(version), " + (description.isEmpty ? "" : "\"description\": \(text(description)), ")
+            + "\"namespaces\": [\(namespaces.map { text($0.rawValue) }.joined(separator: ", "))], "
+            + "\"rlimits\": {\"nofile\": \(limit(limits.openFiles)), \"nproc\": \(limit(limits.processes)), \"core\": \(limit(limits.coreBytes)), "
+            + "\"fsize\": \(limit(limits.fileSizeBytes)), \"as_extra_mib\": \(limit(limits.addressSpaceExtraMiB))}, "
+            + "\"startup_syscalls\": \(rules(startupSyscalls)), \"syscalls\": \(rules(syscalls)), \"enosys\": \(rules(enosysSyscalls))}\n"
     }
 
     private func renderLimits() -> String {

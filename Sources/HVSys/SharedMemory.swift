@@ -15,6 +15,18 @@ public enum MemFD {
         return fd
     }
 
+    /// A memfd holding `bytes`, read from its start, sealed against any change: a small document
+    /// handed to another process (the flattened sandbox profile hv-jail applies).
+    public static func holding(_ bytes: [UInt8], name: String) throws(SystemError) -> FileDescriptor {
+        let raw = hv_memfd_create(name, UInt32(hv_MFD_CLOEXEC | hv_MFD_ALLOW_SEALING))
+        try check("memfd_create \(name)", raw)
+        let fd = FileDescriptor(owning: raw)
+        try fd.writeAll(bytes)
+        try check("seal memfd \(name)", fcntl(raw, hv_F_ADD_SEALS, hv_F_SEAL_SHRINK | hv_F_SEAL_GROW | hv_F_SEAL_WRITE))
+        try check("rewind memfd \(name)", Int32(truncatingIfNeeded: lseek(raw, 0, SEEK_SET)))
+        return fd
+    }
+
     /// Checks a region received from another process before anything maps it: it must be sealed
     /// against shrinking and growing (so no peer can truncate it under our mapping and make an
     /// access SIGBUS) and hold at least `minimumSize` bytes. Throws `EPERM` for a missing seal and

@@ -44,6 +44,8 @@ var exposed: [String] = []
 var device: [String] = []
 /// A segment's switch serves several VMs: it must not die with the VM that happened to start it.
 var outliveParent = false
+/// Files the core opened for an interpreted plugin (its script, its modules), by descriptor.
+var pluginFiles: [(fd: Int32, name: String)] = []
 var args = CommandLine.arguments.dropFirst()
 while let a = args.popFirst() {
     switch a {
@@ -51,6 +53,13 @@ while let a = args.popFirst() {
     case "--memory": memoryBytes = args.popFirst().flatMap { UInt64($0) } ?? 0
     case "--expose": if let p = args.popFirst() { exposed.append(p) }
     case "--outlive-parent": outliveParent = true
+    case "--plugin-file":
+        // FD:NAME, a file the core opened for an interpreted plugin, copied into /plugin/NAME.
+        guard let spec = args.popFirst(), let colon = spec.firstIndex(of: ":"), let fd = Int32(spec[..<colon]), fd > profileFD,
+              case let name = String(spec[spec.index(after: colon)...]), !name.isEmpty, name != ".", name != "..", !name.contains("/") else {
+            die("--plugin-file takes FD:NAME")
+        }
+        pluginFiles.append((fd, name))
     case "--": device = Array(args); args = []
     default: die("unknown argument '\(a)'")
     }
@@ -73,7 +82,26 @@ do {
 // MARK: Filesystem: an empty tmpfs root with read-only binds of exactly what the device needs
 
 require(mount(nil, "/", nil, UInt(MS_REC | MS_PRIVATE), nil) == 0, "make mounts private")
-require(mount("hv-device-root", newRoot, "tmpfs", UInt(MS_NOSUID | MS_NODEV), "size=64k,mode=0755") == 0, "mount tmpfs on \(newRoot)")
+// The root holds mount points, and an interpreted plugin's files: sized to fit them, no more.
+var pluginBytes = 0
+for file in pluginFiles {
+    var st = stat()
+    require(fstat(file.fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG, "plugin file \(file.name) (fd \(file.fd)) is a regular file")
+    pluginBytes += (Int(st.st_size) + 4095) / 4096 * 4096
+}
+require(mount("hv-device-root", newRoot, "tmpfs", UInt(MS_NOSUID | MS_NODEV), "size=\(64 * 1024 + pluginBytes),mode=0755") == 0, "mount tmpfs on \(newRoot)")
+if !pluginFiles.isEmpty {
+    require(mkdir(newRoot + "/plugin", 0o755) == 0, "mkdir /plugin")
+    for file in pluginFiles {
+        let bytes: [UInt8]
+        do { bytes = try FileDescriptor(owning: file.fd).readAll() } catch { die("read plugin file \(file.name): \(error)") }
+        let out = open(newRoot + "/plugin/" + file.name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o444)
+        require(out >= 0, "create /plugin/\(file.name)")
+        let written = bytes.withUnsafeBytes { write(out, $0.baseAddress, $0.count) }
+        require(written == bytes.count, "write /plugin/\(file.name)")
+        close(out)
+    }
+}
 
 func isSymlink(_ path: String) -> String? {
     var buffer = [CChar](repeating: 0, count: 4096)

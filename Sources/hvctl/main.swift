@@ -22,7 +22,7 @@ struct HVCtl: ParsableCommand {
             """,
         version: "hv 0.1.0 (IPC protocol \(ProtocolVersion.major).\(ProtocolVersion.minor))",
         subcommands: [Run.self, List.self, Status.self, Start.self, Stop.self, Pause.self, Resume.self, Snapshot.self, Migrate.self, Console.self, Logs.self, CDROM.self, Device.self,
-                      Disk.self, Net.self, Sandbox.self, Tenant.self, SetLimits.self, Balloon.self, Version.self])
+                      Disk.self, Net.self, Sandbox.self, Plugin.self, Tenant.self, SetLimits.self, Balloon.self, Version.self])
 }
 
 /// A rate limit for `status`: `  limit 10485760 bytes/1000 ms, 500 ops/1000 ms`; empty when none.

@@ -477,9 +477,9 @@ final class SandboxProfileTests: XCTestCase {
 
     func testUnknownKeysAreErrors() {
         assertError(replacing: #""version": 1,"#, with: #""version": 1, "seccomp": true,"#,
-                    .unknownKey("seccomp", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
+                    .unknownKey("seccomp", allowed: ["profile", "version", "description", "include", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
                     at: "seccomp",
-                    description: #"sandbox-profiles/serial.json: unknown key "seccomp"; allowed keys are profile, version, description, namespaces, rlimits, startup_syscalls, syscalls, enosys (seccomp)"#)
+                    description: #"sandbox-profiles/serial.json: unknown key "seccomp"; allowed keys are profile, version, description, include, namespaces, rlimits, startup_syscalls, syscalls, enosys (seccomp)"#)
         assertError(replacing: #""nofile": 32"#, with: #""nofiles": 32"#,
                     .unknownKey("nofiles", allowed: ["nofile", "nproc", "core", "fsize", "as_extra_mib"]), at: "rlimits.nofiles")
         assertError(replacing: #"{ "name": "ioctl","#, with: #"{ "name": "ioctl", "action": "log","#,
@@ -487,7 +487,7 @@ final class SandboxProfileTests: XCTestCase {
         assertError(replacing: #""op": "eq","#, with: #""op": "eq", "comment": "TCGETS","#,
                     .unknownKey("comment", allowed: ["arg", "op", "value", "mask"]), at: "syscalls[3].allow_if[0].comment")
         assertError(replacing: #""version": 1,"#, with: #""version": 1, "a.b\n": 0,"#,
-                    .unknownKey("a.b\n", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
+                    .unknownKey("a.b\n", allowed: ["profile", "version", "description", "include", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
                     at: #"["a.b\n"]"#)
     }
 
@@ -582,9 +582,9 @@ final class SandboxProfileTests: XCTestCase {
         assertError(replacing: #""read", "write""#, with: #""read", ["write"]"#,
                     .wrongType(expected: "a syscall name or an object with \"name\" and \"allow_if\"", found: "an array"), at: "syscalls[1]")
         assertError(replacing: #""startup_syscalls": ["openat""#, with: #""startup_syscalls": {}, "x": ["openat""#,
-                    .unknownKey("x", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]), at: "x")
+                    .unknownKey("x", allowed: ["profile", "version", "description", "include", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]), at: "x")
         assertError(replacing: #""startup_syscalls": ["#, with: #""startup_syscalls": null, "unused": ["#,
-                    .unknownKey("unused", allowed: ["profile", "version", "description", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
+                    .unknownKey("unused", allowed: ["profile", "version", "description", "include", "namespaces", "rlimits", "startup_syscalls", "syscalls", "enosys"]),
                     at: "unused")
 
         XCTAssertEqual(loadError("[1]")?.problem, .wrongType(expected: "an object", found: "an array"))
@@ -647,6 +647,50 @@ final class SandboxProfileTests: XCTestCase {
     }
 
     // MARK: Helpers
+
+    /// Profiles compose: bases come first, a bare rule anywhere wins over conditional ones,
+    /// identical rules appear once, unset rlimits and namespaces are inherited, and the flattened
+    /// JSON reads back to the same rules.
+    func testIncludedBasesMergeAndFlatten() throws {
+        let base = try load(#"""
+            {"profile": "base-x", "version": 1, "namespaces": ["user", "mount", "pid"],
+             "rlimits": {"nofile": 16, "nproc": 0},
+             "startup_syscalls": ["openat", "execve", {"name": "ioctl", "allow_if": [{"arg": 1, "op": "eq", "value": "0x5401"}]}],
+             "syscalls": ["read", {"name": "mmap", "allow_if": [{"arg": 2, "op": "masked_eq", "mask": 4, "value": 0}]},
+                          {"name": "fcntl", "allow_if": [{"arg": 1, "op": "le", "value": 4}]}]}
+            """#, source: "base-x.json")
+        var asked: [String] = []
+        let text = #"""
+            {"profile": "plugin", "version": 1, "include": ["base-x"], "rlimits": {"nproc": 2},
+             "startup_syscalls": ["execve", "readlink"],
+             "syscalls": ["write", "fcntl", {"name": "mmap", "allow_if": [{"arg": 2, "op": "masked_eq", "mask": 4, "value": 0}]}]}
+            """#
+        let profile = try SandboxProfile.load(json: Array(text.utf8), source: "plugin.json", resolveSyscall: { Self.syscallTable[$0] }) { name in
+            asked.append(name)
+            return base
+        }
+        XCTAssertEqual(asked, ["base-x"])
+        XCTAssertEqual(profile.includes, ["base-x"])
+        XCTAssertEqual(profile.namespaces, [.user, .mount, .pid])
+        XCTAssertEqual(profile.limits.openFiles, 16, "inherited")
+        XCTAssertEqual(profile.limits.processes, 2, "overridden")
+        XCTAssertEqual(profile.syscalls.map(\.description), ["read", "mmap if (arg2 & 4) == 0", "fcntl", "write"])
+        XCTAssertEqual(profile.startupSyscalls.map(\.name), ["openat", "execve", "ioctl", "readlink"])
+        let flat = try load(profile.jsonText(), source: "flattened")
+        XCTAssertEqual(flat.syscalls, profile.syscalls)
+        XCTAssertEqual(flat.startupSyscalls, profile.startupSyscalls)
+        XCTAssertEqual(flat.limits, profile.limits)
+        XCTAssertEqual(flat.namespaces, profile.namespaces)
+        XCTAssertEqual(flat.includes, [])
+        // A base named twice, or include where nothing resolves bases (hv-jail): refused.
+        XCTAssertEqual(loadError(#"{"profile": "p", "version": 1, "include": ["a"], "syscalls": []}"#)?.problem, .includeNotAllowed)
+        XCTAssertThrowsError(try SandboxProfile.load(json: Array(#"{"profile": "p", "version": 1, "include": ["a", "a"]}"#.utf8), source: "p",
+                                                     resolveSyscall: { Self.syscallTable[$0] }) { _ in base }) { error in
+            XCTAssertEqual((error as? SandboxProfileError)?.problem, .duplicateInclude("a"))
+        }
+        // Without a base, namespaces and syscalls stay required.
+        XCTAssertEqual(loadError(#"{"profile": "p", "version": 1, "syscalls": []}"#)?.problem, .missingKey("namespaces"))
+    }
 
     private func load(_ text: String, source: String = SandboxProfileTests.source) throws -> SandboxProfile {
         try SandboxProfile.load(json: Array(text.utf8), source: source, resolveSyscall: { Self.syscallTable[$0] })

@@ -27,7 +27,7 @@ pid_t hv_gettid(void);
 int hv_memfd_create(const char *name, unsigned int flags);
 int hv_eventfd(unsigned int initval, int flags);
 extern const int hv_MFD_CLOEXEC, hv_MFD_ALLOW_SEALING, hv_EFD_CLOEXEC, hv_EFD_NONBLOCK;
-extern const int hv_F_ADD_SEALS, hv_F_SEAL_SHRINK, hv_F_SEAL_GROW, hv_F_SEAL_SEAL, hv_F_GET_SEALS;
+extern const int hv_F_ADD_SEALS, hv_F_SEAL_SHRINK, hv_F_SEAL_GROW, hv_F_SEAL_WRITE, hv_F_SEAL_SEAL, hv_F_GET_SEALS;
 // Open-file-description locks (F_OFD_*): _GNU_SOURCE-only, and the kind QEMU takes on images.
 extern const int hv_F_OFD_SETLK, hv_F_OFD_GETLK;
 
