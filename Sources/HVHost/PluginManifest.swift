@@ -155,7 +155,8 @@ public struct PluginManifest: Equatable, Sendable {
         } catch {
             throw UsageError(message: "cannot read plugin manifest '\(path)': \(error)")
         }
-        let manifest = try parse(bytes, source: path)
+        var manifest = try parse(bytes, source: absolutePath(path))
+        manifest.source = path
         try manifest.checkFiles()
         return manifest
     }
@@ -289,7 +290,17 @@ private struct ManifestReader {
         return n
     }
 
-    func path(_ text: String) -> String { absolutePath(text, against: directory) }
+    /// `text` against the manifest's directory, with `.` and `..` taken out (for messages).
+    func path(_ text: String) -> String {
+        var parts: [Substring] = []
+        let full = absolutePath(text, against: directory)
+        for part in full.split(separator: "/") {
+            if part == "." { continue }
+            if part == ".." { _ = parts.popLast(); continue }
+            parts.append(part)
+        }
+        return (full.hasPrefix("/") ? "/" : "") + parts.joined(separator: "/")
+    }
 
     mutating func manifest(_ bytes: [UInt8]) throws(UsageError) -> PluginManifest {
         let root: JSONValue

@@ -613,6 +613,7 @@ static void mode_echo(void)
  *   readb:ADDR readw:ADDR readl:ADDR      MMIO reads (guest-physical = virtual: no paging)
  *   writeb:ADDR:VAL writew:ADDR:VAL writel:ADDR:VAL
  *   pciread:BDF:REG pciwrite:BDF:REG:VAL  configuration mechanism #1, 32 bits (BDF = bus<<8|dev<<3|fn)
+ *   sleep:MS                              wait MS milliseconds (TSC time), e.g. while a test kills the device
  * Numbers are decimal or 0x-hex. Prints "poke: OP ADDR = VALUE" for reads, "poke: OP ADDR <- VALUE"
  * for writes, "poke: bad op '...'" for anything else, then "poke: end".
  */
@@ -625,6 +626,8 @@ static int op_is(const char *op, const char *end, const char *name)
 
 static void pci_write(uint32_t bdf, uint32_t reg, uint32_t v);
 static uint32_t pci_read(uint32_t bdf, uint32_t reg);
+static uint64_t ms_to_tsc(uint32_t ms);
+static void tsc_calibrate(void);
 
 static void mode_poke(const struct config *cfg)
 {
@@ -661,7 +664,13 @@ static void mode_poke(const struct config *cfg)
         else if (op_is(op, name_end, "writeb") && args == 2) { *m8 = (uint8_t)a1; kprintf("poke: writeb 0x%x <- 0x%x\n", a0, a1 & 0xFF); }
         else if (op_is(op, name_end, "writew") && args == 2) { *m16 = (uint16_t)a1; kprintf("poke: writew 0x%x <- 0x%x\n", a0, a1 & 0xFFFF); }
         else if (op_is(op, name_end, "writel") && args == 2) { *m32 = a1; kprintf("poke: writel 0x%x <- 0x%x\n", a0, a1); }
-        else if (op_is(op, name_end, "pciread") && args == 2) kprintf("poke: pciread 0x%x:0x%x = 0x%x\n", a0, a1, pci_read(a0, a1));
+        else if (op_is(op, name_end, "sleep") && args == 1) {
+            static int calibrated;
+            if (!calibrated) { tsc_calibrate(); calibrated = 1; }
+            uint64_t until = rdtsc() + ms_to_tsc(a0);
+            while (rdtsc() < until) __asm__ volatile("pause");
+            kprintf("poke: slept %u ms\n", a0);
+        } else if (op_is(op, name_end, "pciread") && args == 2) kprintf("poke: pciread 0x%x:0x%x = 0x%x\n", a0, a1, pci_read(a0, a1));
         else if (op_is(op, name_end, "pciwrite") && args == 3) {
             pci_write(a0, a1, arg[2]); kprintf("poke: pciwrite 0x%x:0x%x <- 0x%x\n", a0, a1, arg[2]);
         } else {

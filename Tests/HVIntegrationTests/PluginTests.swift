@@ -1,0 +1,132 @@
+import Foundation
+import XCTest
+
+/// Third-party plugins the way their authors ship them: the example plugins under
+/// Plugins/examples/, copied out of the tree with their manifests, run sandboxed against the test
+/// guest's probe; the Python one killed with SIGKILL and restarted like any device; conflicts
+/// refused naming the owner; `hvctl plugin validate|info` on good and bad manifests.
+final class PluginTests: XCTestCase {
+    private var dir: URL!
+    private var runDirectory: URL { dir.appendingPathComponent("run") }
+
+    override func setUpWithError() throws {
+        try Harness.requireKVM()
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-plugins-\(getpid())-\(UUID().uuidString.prefix(6))")
+        try FileManager.default.createDirectory(at: runDirectory, withIntermediateDirectories: true)
+        setenv("HV_RUN_DIR", runDirectory.path, 1)
+    }
+
+    override func tearDown() {
+        unsetenv("HV_RUN_DIR")
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    /// Copies `Plugins/<relative>` to the same place under this test's directory: a plugin built
+    /// and run from outside hv's tree, as a third party has it.
+    private func copyOut(_ relative: String) throws -> URL {
+        let target = dir.appendingPathComponent(relative)
+        try FileManager.default.createDirectory(at: target.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try FileManager.default.copyItem(at: Harness.repositoryRoot.appendingPathComponent("Plugins/\(relative)"), to: target)
+        return target
+    }
+
+    private func pythonCounter() throws -> String {
+        _ = try copyOut("sdk/python")
+        return try copyOut("examples/python-counter").appendingPathComponent("manifest.json").path
+    }
+
+    private func devices(_ name: String) throws -> [[String: Any]] {
+        let r = try runHvctl(["status", name, "--json"])
+        guard r.status == 0, let s = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else { return [] }
+        return s["devices"] as? [[String: Any]] ?? []
+    }
+
+    /// The Python example runs jailed (its own uid, seccomp, no capabilities), counts, and keeps
+    /// its count across `kill -9`: the guest reads on as if nothing happened.
+    func testPythonPluginRunsSandboxedAndSurvivesSIGKILL() throws {
+        let manifest = try pythonCounter()
+        let ops = "outl:0x530:3,inl:0x530,sleep:4000,inl:0x530,outl:0x530:4,inl:0x530"
+        let vm = try VMProcess(["run", "--name", "pyc", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=\(ops)",
+                                "--device", "\(manifest),start=5"])
+        XCTAssertTrue(vm.waitForOutput("poke: inl 0x530 = 0x8"), vm.stdout + vm.stderr)
+        let device = try XCTUnwrap(try devices("pyc").first { $0["name"] as? String == "py-counter" }, vm.stderr)
+        let pid = try XCTUnwrap(device["pid"] as? Int)
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        XCTAssertTrue(status.contains("Seccomp:\t2"), status)
+        XCTAssertTrue(status.contains("NoNewPrivs:\t1"), status)
+        XCTAssertTrue(status.contains("CapEff:\t0000000000000000"), status)
+        XCTAssertFalse(status.contains("Uid:\t0\t"), "the device runs as its tenant's uid, not root: \(status)")
+        let command = try String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8).split(separator: "\0")
+        XCTAssertEqual(command.map(String.init), ["/usr/bin/python3", "-S", "-E", "-B", "-u", "/plugin/counter.py", "py-counter"])
+
+        kill(pid_t(pid), SIGKILL)
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        let reads = vm.stdout.split(separator: "\n").filter { $0.hasPrefix("poke: inl 0x530") }
+        XCTAssertEqual(reads, ["poke: inl 0x530 = 0x8", "poke: inl 0x530 = 0x8", "poke: inl 0x530 = 0xc"], vm.stdout)
+        XCTAssertTrue(vm.stderr.contains("device py-counter (pid \(pid)) killed by signal 9"), vm.stderr)
+        XCTAssertTrue(vm.stderr.contains("device py-counter restarted"), vm.stderr)
+    }
+
+    /// Ports, IRQ lines and a second instance that collide are refused before anything runs,
+    /// each in one line naming what holds the resource.
+    func testConflictsAreRefusedNamingTheOwner() throws {
+        let manifest = try pythonCounter()
+        let guest = try Harness.testGuest()
+        let cases: [([String], String)] = [
+            (["--device", manifest, "--device", manifest], "overlaps py-counter"),
+            (["--device", "\(manifest),pio=0x3f8:8"], "overlaps serial0"),
+            (["--device", "\(manifest),irq=4"], "IRQ 4, which is"),
+            (["--device", "\(manifest),colour=red"], "plugin py-counter has no setting 'colour': it takes start"),
+            (["--device", "\(manifest),start=-1"], "setting start='-1': use an integer from 0 to 4294967295"),
+        ]
+        for (flags, expected) in cases {
+            let r = try runHvctl(["run", "--multiboot", guest] + flags)
+            XCTAssertNotEqual(r.status, 0, "\(flags)")
+            XCTAssertTrue(r.stderr.contains(expected), "\(flags): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(flags): \(r.stderr)")
+        }
+        // Two instances side by side with their own ports and names work.
+        let r = try runHvctl(["run", "--multiboot", guest, "--cmdline", "mode=poke ops=inl:0x530,inl:0x540",
+                              "--device", "\(manifest),start=1", "--device", "\(manifest),start=2,pio=0x540:4,name=second"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("poke: inl 0x530 = 0x1") && r.stdout.contains("poke: inl 0x540 = 0x2"), r.stdout)
+    }
+
+    func testPluginValidateAndInfo() throws {
+        let manifest = try pythonCounter()
+        let ok = try runHvctl(["plugin", "validate", manifest])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertTrue(ok.stdout.contains("valid: plugin py-counter, profile 'py-counter'"), ok.stdout)
+
+        let info = try runHvctl(["plugin", "info", manifest, "start=9", "--json"])
+        XCTAssertEqual(info.status, 0, info.stderr)
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any], info.stdout)
+        XCTAssertEqual(json["name"] as? String, "py-counter")
+        XCTAssertEqual(json["interpreted"] as? Bool, true)
+        XCTAssertEqual(json["command"] as? [String], ["/usr/bin/python3", "-S", "-E", "-B", "-u", "/plugin/counter.py", "py-counter"])
+        let settings = try XCTUnwrap(json["settings"] as? [[String: Any]])
+        XCTAssertEqual(settings.first?["value"] as? String, "9")
+        let resources = try XCTUnwrap(json["resources"] as? [[String: Any]])
+        XCTAssertEqual(resources.first?["base"] as? Int, 0x530)
+        XCTAssertEqual((json["plugin_files"] as? [String])?.map { ($0 as NSString).lastPathComponent }, ["counter.py", "hvdevice.py"])
+        let text = try runHvctl(["plugin", "info", manifest])
+        XCTAssertTrue(text.stdout.contains("ports: 0x530-0x533 (4 bytes)"), text.stdout)
+        XCTAssertTrue(text.stdout.contains("setting start = 0  (integer, default 0"), text.stdout)
+
+        // A broken manifest: exit 2, one line naming the file and the field.
+        let bad = dir.appendingPathComponent("bad.json")
+        try #"{"manifest": 1, "name": "x", "executable": "x", "profile": "p.json", "resources": {"irqs": [99]}}"#
+            .write(to: bad, atomically: true, encoding: .utf8)
+        let refused = try runHvctl(["plugin", "validate", bad.path])
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertTrue(refused.stderr.hasPrefix("hvctl: plugin manifest \(bad.path): resources.irqs[0]: 99 is more than 23"), refused.stderr)
+        XCTAssertEqual(refused.stderr.split(separator: "\n").count, 1, refused.stderr)
+        // A profile the manifest names that does not load is named too.
+        let profileBroken = URL(fileURLWithPath: manifest).deletingLastPathComponent().appendingPathComponent("counter.profile.json")
+        try #"{"profile": "py-counter", "version": 1, "include": ["base-device"], "syscalls": ["frobnicate"]}"#
+            .write(to: profileBroken, atomically: true, encoding: .utf8)
+        let badProfile = try runHvctl(["plugin", "validate", manifest])
+        XCTAssertEqual(badProfile.status, 2)
+        XCTAssertTrue(badProfile.stderr.contains("unknown syscall \"frobnicate\""), badProfile.stderr)
+    }
+}
