@@ -67,6 +67,29 @@ final class PluginTests: XCTestCase {
         XCTAssertTrue(vm.stderr.contains("device py-counter restarted"), vm.stderr)
     }
 
+    /// The C example, built with gcc from its own source (it includes nothing of hv's), runs
+    /// under its base-device profile; killed between two reads, it continues the same sequence.
+    func testCPluginBuiltWithGCCContinuesItsSequenceAfterSIGKILL() throws {
+        let source = try copyOut("examples/c-rng")
+        let build = try tool("/usr/bin/gcc", ["-O2", "-Wall", "-Wextra", "-Werror", "-o", source.appendingPathComponent("rng").path,
+                                               source.appendingPathComponent("rng.c").path])
+        XCTAssertEqual(build.status, 0, build.output)
+        let manifest = source.appendingPathComponent("manifest.json").path
+        let ops = "inl:0x550,sleep:4000,inl:0x550,outl:0x554:42,inl:0x550"
+        let vm = try VMProcess(["run", "--name", "crng", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=\(ops)",
+                                "--device", "\(manifest),seed=42"])
+        XCTAssertTrue(vm.waitForOutput("poke: inl 0x550 = "), vm.stdout + vm.stderr)
+        let device = try XCTUnwrap(try devices("crng").first { $0["name"] as? String == "c-rng" }, vm.stderr)
+        let pid = try XCTUnwrap(device["pid"] as? Int)
+        XCTAssertTrue(try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8).contains("Seccomp:\t2"))
+        kill(pid_t(pid), SIGKILL)
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        // xorshift32 from 42: 0xad4528, then 0xa90a34ac; reseeded with 42, 0xad4528 again.
+        let reads = vm.stdout.split(separator: "\n").filter { $0.hasPrefix("poke: inl 0x550") }
+        XCTAssertEqual(reads, ["poke: inl 0x550 = 0xad4528", "poke: inl 0x550 = 0xa90a34ac", "poke: inl 0x550 = 0xad4528"], vm.stdout)
+        XCTAssertTrue(vm.stderr.contains("device c-rng restarted"), vm.stderr)
+    }
+
     /// Ports, IRQ lines and a second instance that collide are refused before anything runs,
     /// each in one line naming what holds the resource.
     func testConflictsAreRefusedNamingTheOwner() throws {

@@ -259,7 +259,7 @@ final class SandboxTests: XCTestCase {
         let rogue = Harness.productsDirectory.appendingPathComponent("hv-rogue-device").path
         let good = try String(contentsOf: Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json"), encoding: .utf8)
         let cases: [(String, String, String)] = [
-            ("unknown-syscall", good.replacingOccurrences(of: "\"pread64\",", with: "\"pread46\","), "unknown syscall \"pread46\""),
+            ("unknown-syscall", good.replacingOccurrences(of: "\"rt_sigaction\"", with: "\"rt_sigactoin\""), "unknown syscall \"rt_sigactoin\""),
             ("malformed", String(good.dropLast(3)), "invalid JSON"),
             ("bad-namespace", good.replacingOccurrences(of: "\"include\": [\"base-device\"],", with: "\"include\": [\"base-device\"], \"namespaces\": [\"user\", \"mount\", \"time\"],"), "namespace"),
             ("unknown-base", good.replacingOccurrences(of: "\"base-device\"", with: "\"base-gpu\""), "base profile \"base-gpu\""),
