@@ -35,10 +35,18 @@ final class PluginTests: XCTestCase {
         return try copyOut("examples/python-counter").appendingPathComponent("manifest.json").path
     }
 
-    private func devices(_ name: String) throws -> [[String: Any]] {
+    /// Starts VM `vm` with the plugin `device` and the test guest's probe running `ops`; once the
+    /// guest printed `until`, returns the VM and the pid of its device `named`.
+    private func runProbe(vm name: String, device: String, named: String, ops: String, until: String) throws -> (VMProcess, Int) {
+        let vm = try VMProcess(["run", "--name", name, "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=\(ops)",
+                                "--device", device])
+        XCTAssertTrue(vm.waitForOutput(until), vm.stdout + vm.stderr)
         let r = try runHvctl(["status", name, "--json"])
-        guard r.status == 0, let s = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any] else { return [] }
-        return s["devices"] as? [[String: Any]] ?? []
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let status = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any], r.stdout)
+        let devices = status["devices"] as? [[String: Any]] ?? []
+        let pid = try XCTUnwrap(devices.first { $0["name"] as? String == named }?["pid"] as? Int, "\(devices) \(vm.stderr)")
+        return (vm, pid)
     }
 
     /// The Python example runs jailed (its own uid, seccomp, no capabilities), counts, and keeps
@@ -46,11 +54,7 @@ final class PluginTests: XCTestCase {
     func testPythonPluginRunsSandboxedAndSurvivesSIGKILL() throws {
         let manifest = try pythonCounter()
         let ops = "outl:0x530:3,inl:0x530,sleep:4000,inl:0x530,outl:0x530:4,inl:0x530"
-        let vm = try VMProcess(["run", "--name", "pyc", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=\(ops)",
-                                "--device", "\(manifest),start=5"])
-        XCTAssertTrue(vm.waitForOutput("poke: inl 0x530 = 0x8"), vm.stdout + vm.stderr)
-        let device = try XCTUnwrap(try devices("pyc").first { $0["name"] as? String == "py-counter" }, vm.stderr)
-        let pid = try XCTUnwrap(device["pid"] as? Int)
+        let (vm, pid) = try runProbe(vm: "pyc", device: "\(manifest),start=5", named: "py-counter", ops: ops, until: "poke: inl 0x530 = 0x8")
         let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
         XCTAssertTrue(status.contains("Seccomp:\t2"), status)
         XCTAssertTrue(status.contains("NoNewPrivs:\t1"), status)
@@ -76,11 +80,7 @@ final class PluginTests: XCTestCase {
         XCTAssertEqual(build.status, 0, build.output)
         let manifest = source.appendingPathComponent("manifest.json").path
         let ops = "inl:0x550,sleep:4000,inl:0x550,outl:0x554:42,inl:0x550"
-        let vm = try VMProcess(["run", "--name", "crng", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=\(ops)",
-                                "--device", "\(manifest),seed=42"])
-        XCTAssertTrue(vm.waitForOutput("poke: inl 0x550 = "), vm.stdout + vm.stderr)
-        let device = try XCTUnwrap(try devices("crng").first { $0["name"] as? String == "c-rng" }, vm.stderr)
-        let pid = try XCTUnwrap(device["pid"] as? Int)
+        let (vm, pid) = try runProbe(vm: "crng", device: "\(manifest),seed=42", named: "c-rng", ops: ops, until: "poke: inl 0x550 = ")
         XCTAssertTrue(try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8).contains("Seccomp:\t2"))
         kill(pid_t(pid), SIGKILL)
         XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
