@@ -979,6 +979,47 @@ class Bench:
                 target="≈ 1× (seccomp off the hot path)", note="QEMU column = unsandboxed hv"),
         ]
 
+    # -- plugins (issue #19): a forwarded register read served by a device in each language --
+
+    def case_plugins(self) -> list[Row]:
+        """The same guest read loop (`mode=pioread`) against hv-serial and against a plugin in
+        Swift on hv's SDK (the test device hv-rogue-device, harmless without attack=), in C
+        (Plugins/examples/c-rng, built here with gcc) and in Python (Plugins/examples/python-counter),
+        every one jailed. Reported per read, with each plugin's ratio to hv-serial."""
+        count = 5000 if self.quick else 50000
+        print(f"case: plugin round trip: forwarded register read (count={count}), hv-serial vs Swift, C and Python plugins",
+              flush=True)
+        work = Path(tempfile.mkdtemp(prefix="hvbench-plugins-"))
+        try:
+            shutil.copytree(REPO / "Plugins/examples/c-rng", work / "c-rng")
+            sh(["gcc", "-O2", "-Wall", "-o", str(work / "c-rng/rng"), str(work / "c-rng/rng.c")])
+            rogue = self.env.hvctl.parent / "hv-rogue-device"
+            devices = {
+                "serial": ([], ""),
+                "swift": (["--device", f"{rogue},profile={REPO / 'Tests/RogueDevice/rogue.json'},pio=0x520:4"], " port=0x520"),
+                "c": (["--device", str(work / "c-rng/manifest.json")], " port=0x550"),
+                "python": (["--device", str(REPO / "Plugins/examples/python-counter/manifest.json")], " port=0x530"),
+            }
+
+            def one(side, i):
+                extra, port = devices[side]
+                cap = run_capture(self.hv_argv(f"mode=pioread count={count}{port}") + extra, timeout_s=300,
+                                  markers=[DONE_MARKER], env=self.hv_env)
+                parsed = parse_pioread(cap.scanner.data)
+                v = parsed[1] / count / self.env.tsc_hz * 1e6 if parsed and parsed[0] == count else None
+                if v is None:
+                    self.problem(side, "printed no valid pioread line", cap)
+                self.record("plugin_read", side, v)
+                print(f"  run {i + 1} {side}: {v and round(v, 2)} µs/read", flush=True)
+
+            self.interleaved(one, sides=tuple(devices))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        serial = self.get("plugin_read", "serial")
+        return [Row(f"plugin register read: {label} plugin vs hv-serial", self.get("plugin_read", side), serial, unit="µs",
+                    target="report", note="QEMU column = hv-serial (Swift, hv's own device)")
+                for side, label in (("swift", "Swift (SDK)"), ("c", "C"), ("python", "Python"))]
+
     # -- scale (part 1): VMs started per second, back to back --
 
     def case_vm_rate(self) -> list[Row]:
@@ -2526,7 +2567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, density, noisy, seabios, "
-                         "sandbox, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, kill_storms")
+                         "sandbox, plugins, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
@@ -2550,7 +2591,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench.storm_kills = args.kills
         bench.warm_up()
         rows: list[Row] = []
-        cases = ["pioread", "time_to_x", "throughput", "memory", "density", "noisy", "seabios", "sandbox", "vm_rate", "vms_at_once",
+        cases = ["pioread", "time_to_x", "throughput", "memory", "density", "noisy", "seabios", "sandbox", "plugins", "vm_rate", "vms_at_once",
                  "grub", "scsi", "qcow2", "snapshot", "migration", "net", "api", "kill_storms"]
         # Long runs only when asked for by name.
         cases_on_request = ["api_fuzz"]

@@ -152,8 +152,12 @@ public struct SandboxPlan: Sendable {
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)
         var pidfd: Int32 = -1
-        let pid = hv_spawn_in_namespaces(jail.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
-                                         cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
+        // The mapping holds bare numbers: every owner must outlive the clone, which dups them
+        // (an optimized build otherwise closes an owner right after its last use above).
+        let pid = withExtendedLifetime((jail, deviceBinary, profileFile, copied, devNull)) {
+            hv_spawn_in_namespaces(jail.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
+                                   cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
+        }
         try check("clone3 into new namespaces for \(executable)", pid)
         let child = ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))
         do {

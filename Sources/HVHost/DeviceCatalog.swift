@@ -38,6 +38,9 @@ public enum DeviceCatalog {
         do {
             return try loadProfile(path, including: [])
         } catch {
+            if case .unreadable(let reason) = error.problem, error.source == path {
+                throw UsageError(message: "cannot read sandbox profile '\(path)': \(reason)")
+            }
             throw UsageError(message: "\(error)")
         }
     }

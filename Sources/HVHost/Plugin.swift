@@ -47,6 +47,7 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
                 throw UsageError(message: "invalid --device pci '\(value)': use DEVICE.FUNCTION on bus 0, device 01-1f in hex, e.g. pci=03.0, once")
             }
             pciFunction = device << 3 | function
+            spec.capabilities.formUnion([.interruptLevel, .msi])  // its own INTx and MSI-X, as above
             spec.resources.append(Resource(kind: .pciConfig, base: UInt64(device << 3 | function), length: 256))
         case let bar where bar.hasPrefix("bar") && bar.count == 4:
             let parts = value.split(separator: ":")
@@ -141,6 +142,9 @@ extension PluginManifest {
         spec.resources = r.pio.map { Resource(kind: .pio, base: $0.base, length: $0.length) }
             + r.mmio.map { Resource(kind: .mmio, base: $0.base, length: $0.length) }
         if let pci = r.pci {
+            // A PCI function interrupts through its own INTx pin and MSI-X table; the core
+            // confines SET_IRQ_LEVEL and SET_MSI_ROUTE to this function.
+            spec.capabilities.formUnion([.interruptLevel, .msi])
             spec.resources.append(Resource(kind: .pciConfig, base: UInt64(pci.bdf), length: 256))
             for bar in pci.bars {
                 spec.resources.append(Resource(kind: bar.kind == .mmio ? .pciMMIOBar : .pciPIOBar, base: UInt64(pci.bdf) << 8 | UInt64(bar.index), length: bar.size))

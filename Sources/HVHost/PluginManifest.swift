@@ -448,7 +448,7 @@ private struct ManifestReader {
                 case (.string, .string(let v)): text = v
                 case (.integer, .number(let v)) where v.int64Value != nil: text = v.literal
                 case (.boolean, .bool(let v)): text = v ? "true" : "false"
-                default: throw fail(field + ".default", "expected a \(kind.rawValue)")
+                default: throw fail(field + ".default", "expected \(kind == .integer ? "an" : "a") \(kind.rawValue)")
                 }
                 switch setting.value(text) {
                 case .success(let v): setting.defaultValue = v

@@ -451,11 +451,18 @@ static void mode_triple(void)
     __asm__ volatile("lidt %0; ud2" : : "m"(empty_idt));
 }
 
-static void mode_pioread(uint32_t count)
+/* `count` forwarded register reads: inb of the UART's scratch register, or with `port=` a 4-byte
+ * inl of that port (a plugin's register, for the plugin round-trip benchmark). */
+static void mode_pioread(uint32_t count, uint32_t port)
 {
     uint64_t start = rdtsc();
-    for (uint32_t i = 0; i < count; i++)
-        (void)inb(UART_SCR);
+    if (port) {
+        for (uint32_t i = 0; i < count; i++)
+            (void)inl((uint16_t)port);
+    } else {
+        for (uint32_t i = 0; i < count; i++)
+            (void)inb(UART_SCR);
+    }
     uint64_t cycles = rdtsc() - start;
 
     kprintf("pioread: count=%u cycles=%llu\n", count, cycles);
@@ -2324,6 +2331,52 @@ static void bl_fill_page(uint32_t page, uint32_t salt)
         p[i] = 0x9E3779B9u * (page + salt) ^ i;
 }
 
+/*
+ * rng: a virtio entropy device's driver (virtio 1.2 §5.4), for the Swift example plugin
+ * (Plugins/examples/swift-rng). `count` requests of 64 device-writable bytes on queue 0, each
+ * printed "rng: N bytes: HEX…" (its first 8 bytes), then how many distinct first words came back.
+ */
+static struct bl_queue rng_q;
+static uint8_t rng_buf[64];
+
+static void mode_rng(uint32_t count)
+{
+    uint32_t bdf = 0xFFFF;
+    for (uint32_t dev = 0; dev < 32; dev++)
+        if (pci_read(dev << 3, 0) == 0x10441AF4u) { bdf = dev << 3; break; }
+    if (bdf == 0xFFFF) { kprintf("rng: no virtio-rng function\n"); return; }
+    struct vpci v;
+    vpci_map(&v, bdf, 0xE0000000u, 0);
+    vpci_reset_ack(&v);
+    if (!vpci_set_features(&v, 0, 1)) { kprintf("rng: features refused\n"); return; }   /* VERSION_1 only */
+    vpci_queue(&v, 0, BL_QSIZE, rng_q.desc, &rng_q.avail, &rng_q.used);
+    vpci_queue_enable(&v);
+    rng_q.notify = (volatile uint16_t *)(v.notify + *vpci16(&v, VPCI_Q_NOTIFY) * v.notify_mult);
+    vpci_driver_ok(&v);
+    uint32_t firsts[64], distinct = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        for (uint32_t k = 0; k < sizeof rng_buf; k++) rng_buf[k] = 0;
+        uint16_t slot = rng_q.avail.idx % BL_QSIZE;
+        rng_q.desc[slot] = (struct vq_desc){ (uint32_t)rng_buf, sizeof rng_buf, 2, 0 };   /* device-writable */
+        rng_q.avail.ring[slot] = slot;
+        mb();
+        rng_q.avail.idx++;
+        mb();
+        *rng_q.notify = 0;
+        while (*(volatile uint16_t *)&rng_q.used.idx == rng_q.used_seen)
+            cpu_pause();
+        uint32_t len = rng_q.used.ring[rng_q.used_seen % BL_QSIZE].len;
+        rng_q.used_seen++;
+        uint32_t first = rng_buf[0] | rng_buf[1] << 8 | rng_buf[2] << 16 | (uint32_t)rng_buf[3] << 24;
+        uint32_t second = rng_buf[4] | rng_buf[5] << 8 | rng_buf[6] << 16 | (uint32_t)rng_buf[7] << 24;
+        kprintf("rng: %u bytes: %x%x\n", len, first, second);
+        int seen = 0;
+        for (uint32_t k = 0; k < distinct; k++) if (firsts[k] == first) seen = 1;
+        if (!seen && distinct < 64) firsts[distinct++] = first;
+    }
+    kprintf("rng: distinct=%u of %u\n", distinct, count);
+}
+
 static void mode_balloon(uint32_t mib, const struct multiboot_info *mbi)
 {
     uint32_t bdf = 0xFFFF;
@@ -2525,8 +2578,10 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_flood(cfg.lines, cfg.delay);
     else if (streq(cfg.mode, "triple"))
         mode_triple();
+    else if (streq(cfg.mode, "rng"))
+        mode_rng(cfg.count_given ? cfg.count : 4);
     else if (streq(cfg.mode, "pioread"))
-        mode_pioread(cfg.count);
+        mode_pioread(cfg.count, cfg.port);
     else if (streq(cfg.mode, "throughput"))
         mode_throughput(cfg.bytes);
     else if (streq(cfg.mode, "echo"))

@@ -136,7 +136,7 @@ final class PluginManifestTests: XCTestCase {
             (replacing(#"{"index": 0, "type": "mmio", "size": 4096}"#, #"{"index": 0, "type": "mmio", "size": 4096}, {"index": 0, "type": "pio", "size": 16}"#),
              "resources.pci.bars[1].index: BAR 0 is declared twice"),
             (replacing(#""type": "integer", "default": 7"#, #""type": "float", "default": 7"#), "settings.start.type: use string, integer or boolean"),
-            (replacing(#""type": "integer", "default": 7"#, #""type": "integer", "default": "7""#), "settings.start.default: expected a integer"),
+            (replacing(#""type": "integer", "default": 7"#, #""type": "integer", "default": "7""#), "settings.start.default: expected an integer"),
             (replacing(#""default": 7, "minimum": 0"#, #""default": 7, "minimum": 9"#), "settings.start.default: use an integer from 9 to 65535"),
             (replacing(#""minimum": 0, "maximum": 65535"#, #""minimum": 10, "maximum": 1"#), "settings.start: minimum 10 is above maximum 1"),
             (replacing(#""default": "up", "choices": ["up", "down"]"#, #""default": "left", "choices": ["up", "down"]"#), "settings.mode.default: use one of up, down"),

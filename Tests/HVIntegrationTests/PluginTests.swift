@@ -90,6 +90,26 @@ final class PluginTests: XCTestCase {
         XCTAssertTrue(vm.stderr.contains("device c-rng restarted"), vm.stderr)
     }
 
+    /// The Swift example is its own package depending on hv's SDK by path, built with SwiftPM
+    /// as its author would; as a virtio-rng PCI function, sandboxed, it feeds the test guest's
+    /// driver random bytes, no more per request than its `max_bytes` setting.
+    func testSwiftVirtioRNGPluginBuiltOutOfTreeFeedsTheGuest() throws {
+        let package = try copyOut("examples/swift-rng")
+        let swift = ProcessInfo.processInfo.environment["PATH"]?.split(separator: ":")
+            .map { "\($0)/swift" }.first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/usr/bin/swift"
+        setenv("HV_SOURCE", Harness.repositoryRoot.path, 1)
+        defer { unsetenv("HV_SOURCE") }
+        let build = try tool(swift, ["build", "-c", "release", "--package-path", package.path])
+        XCTAssertEqual(build.status, 0, build.output)
+        let manifest = package.appendingPathComponent("manifest.json").path
+        let vm = try VMProcess(["run", "--name", "srng", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=rng count=6",
+                                "--device", "\(manifest),max_bytes=48"])
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        let lines = vm.stdout.split(separator: "\n").filter { $0.hasPrefix("rng: ") }
+        XCTAssertEqual(lines.filter { $0.hasPrefix("rng: 48 bytes: ") }.count, 6, vm.stdout)
+        XCTAssertTrue(lines.contains("rng: distinct=6 of 6"), vm.stdout)
+    }
+
     /// Ports, IRQ lines and a second instance that collide are refused before anything runs,
     /// each in one line naming what holds the resource.
     func testConflictsAreRefusedNamingTheOwner() throws {

@@ -48,6 +48,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import zlib
 
 PROTOCOL_MAJOR = 1
@@ -337,7 +338,7 @@ def run(device_class):
     while True:
         if ring is not None and ring.serve(device, runtime, state):
             continue
-        if ring is not None and not ring.prepare_to_sleep():
+        if ring is not None and (ring.spin() or not ring.prepare_to_sleep()):
             continue
         try:
             events = poller.poll(1000)
@@ -447,6 +448,14 @@ class _Ring:
                 os.write(self.reply, (1).to_bytes(8, "little"))
             except BlockingIOError:
                 pass
+
+    def spin(self, nanoseconds=50_000):
+        """Watch the ring for a while before sleeping (README §9.5); True if work arrived."""
+        until = time.monotonic_ns() + nanoseconds
+        while time.monotonic_ns() < until:
+            if self.u32(64) != self.cursor:
+                return True
+        return False
 
     def prepare_to_sleep(self):
         """Raise the sleeping flag; False (flag lowered) if work arrived meanwhile."""
