@@ -91,7 +91,7 @@ extension PluginManifest {
     }
 
     /// The device this manifest describes, with `fields` (`name=`, `irq=`, `pio=`, `pci=` and
-    /// settings as `KEY=VALUE`) applied: `--device MANIFEST.json,…`. `tenant` is nil with `--no-sandbox`.
+    /// settings as `KEY=VALUE`) applied: `--device MANIFEST.json,…`, jailed as `jail` says.
     /// `irq=`, `pio=` and `pci=` replace what the manifest asks for (a second instance of a
     /// plugin needs its own ports and lines); repeated `irq=`/`pio=` give several.
     public func device(_ fields: some Sequence<String>, index: Int, jail: Jail) throws(UsageError) -> DeviceSpec {
