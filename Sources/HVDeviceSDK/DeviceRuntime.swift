@@ -52,7 +52,7 @@ public final class DeviceRuntime: @unchecked Sendable {
     // @unchecked: a runtime belongs to the device's one thread; nothing here is shared.
 
     /// The HELLO as received.
-    public let hello: Hello
+    let hello: Hello
     /// Address ranges routed to this device, in the order requests refer to them.
     public var resources: [Resource] { hello.resources }
     /// 0 on the first start; n after the nth restart. A restarted device restores its state

@@ -41,14 +41,14 @@ final class Rogue: DeviceModel {
         switch attack {
         case "open":
             let fd = open("/etc/passwd", O_RDONLY)
-            outcome(fd >= 0, "open(/etc/passwd) = \(fd), \(Errno.current)")
+            outcome(fd >= 0, "open(/etc/passwd) = \(fd), \(String(cString: strerror(errno)))")
         case "socket":
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
             outcome(fd >= 0, "socket(AF_INET) = \(fd)")
         case "execve":
             let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/sh"), nil]
             let rc = execv("/bin/sh", argv)
-            outcome(false, "execv(/bin/sh) = \(rc), \(Errno.current)")
+            outcome(false, "execv(/bin/sh) = \(rc), \(String(cString: strerror(errno)))")
         case "kill":
             let rc = kill(-1, SIGKILL)  // every process it may signal
             outcome(rc == 0, "kill(-1, SIGKILL) = \(rc)")

@@ -2,6 +2,7 @@ import Glibc
 import HVBIOSContract
 import HVBootLoader
 import HVDeviceSDK
+import HVSys  // the firmware ROM mapping: hv's own platform wiring, not SDK API
 
 // The BIOS device: the PC platform's firmware-facing pieces, in a sandboxed process.
 //
@@ -237,7 +238,7 @@ final class Platform: DeviceModel {
             keyboardIRQHigh = false  // reading the buffer drops IRQ 1; the next byte raises it again
             return UInt64(byte)
         case .keyboardCommand: return UInt64(state.keyboard.readStatus())
-        case .powerManagement: return UInt64(state.power.read(offset: Int(offset), size: size, nowNanoseconds: monotonicNanoseconds()))
+        case .powerManagement: return UInt64(state.power.read(offset: Int(offset), size: size, nowNanoseconds: HVSys.monotonicNanoseconds()))
         }
     }
 
@@ -295,7 +296,7 @@ final class Platform: DeviceModel {
     func nextDeadline() -> UInt64? {
         let wall = Self.now().nanoseconds
         guard let next = state.cmos.nextInterruptNanoseconds(after: wall) else { return nil }
-        return monotonicNanoseconds() &+ UInt64(max(next - wall, 0))
+        return HVSys.monotonicNanoseconds() &+ UInt64(max(next - wall, 0))
     }
 
     func deadlineReached(now: UInt64) {

@@ -1,6 +1,8 @@
 import CHVShim
 import Glibc
 import HVDeviceSDK
+import HVIPC  // the segment frame port: hv's own wiring, not SDK API
+import HVSys
 
 /// A checksum the driver left for the device (VIRTIO_NET_HDR_F_NEEDS_CSUM): the Internet checksum
 /// of the frame from `start` on goes into the 16 bits at `start + offset`.
