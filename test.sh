@@ -37,6 +37,11 @@ python3 -m unittest bench/test_bench.py 2>&1 | tee "$log.py" | tail -3
 echo "== swift build"
 swift build --build-tests 2>&1 | { grep -E 'error|warning: unre|Build' || true; }
 
+echo "== device SDK documentation (DocC; a broken symbol link fails)"
+swift package --disable-sandbox generate-documentation --target HVDeviceSDK --warnings-as-errors \
+    --output-path .build/sdk-docs 2>&1 | { grep -E 'error|warning|Generated' || true; }
+test -d .build/sdk-docs
+
 echo "== swift test"
 swift test --skip-build --disable-swift-testing 2>&1 | tee "$log" | grep -vE "^Test Case '.*' (started|passed)"
 

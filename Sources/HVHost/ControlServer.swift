@@ -139,8 +139,11 @@ final class ControlServer: @unchecked Sendable {
     /// the others; a command is one message, its answer one message — except where `stream`
     /// takes the connection over (it returns true and then owns the descriptor: `migrate`
     /// answers with several messages).
+    /// `afterReply` runs once a request's reply is on its way: what must not happen before the
+    /// client has its answer (a stop, whose VM may exit at once).
     func start(handler: @escaping @Sendable (ControlRequest) -> ControlReply,
-               stream: (@Sendable (ControlRequest, Int32) -> Bool)? = nil) throws(SystemError) {
+               stream: (@Sendable (ControlRequest, Int32) -> Bool)? = nil,
+               afterReply: (@Sendable (ControlRequest) -> Void)? = nil) throws(SystemError) {
         let listener = fd
         try HostThread.spawn(name: "hv-control") { [self] in
             var clients: [(fd: Int32, since: UInt64)] = []
@@ -162,15 +165,18 @@ final class ControlServer: @unchecked Sendable {
                         let n = buffer.withUnsafeMutableBytes { recv(c.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
                         if n > 0 {
                             let reply: ControlReply
+                            var answered: ControlRequest?
                             do throws(UsageError) {
                                 let request = try ControlJSON.decode(ControlRequest.self, Array(buffer.prefix(n)))
                                 // Handed over: the stream handler owns the descriptor now.
                                 if let stream, stream(request, c.fd) { continue }
                                 reply = handler(request)
+                                answered = request
                             } catch {
                                 reply = .failure("malformed request: \(error.message) (see ipc-schema/control.md)")
                             }
                             _ = ControlJSON.encode(reply).withUnsafeBytes { send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+                            if let answered, reply.ok { afterReply?(answered) }
                         }
                         Glibc.close(c.fd)
                     } else if r != 0 || now &- c.since > Self.clientTimeoutNanoseconds {

@@ -159,7 +159,7 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     let control = VMControl(name: name, definition: options, bootMode: boot.mode.rawValue, tenant: tenant, started: started,
                             disks: disks, hasCDROM: cdrom != nil, nics: nics, current: current, resources: resources)
     do {
-        try server.start(handler: control.handle, stream: control.stream)
+        try server.start(handler: control.handle, stream: control.stream, afterReply: control.afterReply)
         try consoleServer?.start()
     } catch {
         fail("cannot serve the control socket: \(error)")
@@ -340,6 +340,11 @@ final class VMControl: Sendable {
         return true
     }
 
+    /// What an answered request does once its reply is sent.
+    @Sendable func afterReply(_ request: ControlRequest) {
+        if request.command == .stop { current.stop(.stopRequested) }
+    }
+
     @Sendable func handle(_ request: ControlRequest) -> ControlReply {
         switch request.command {
         case .migrate:
@@ -380,7 +385,8 @@ final class VMControl: Sendable {
         case .balloon:
             return changeBalloon(request)
         case .stop:
-            current.stop(.stopRequested)
+            // The stop itself waits for the reply (afterReply): a VM that ended first would
+            // leave 'hvctl stop' without an answer, saying there was no such VM.
             return ControlReply(ok: true, message: "stopping")
         case .pause, .resume:
             guard let machine = current.machine else { return .failure("the VM is between boots; try again") }

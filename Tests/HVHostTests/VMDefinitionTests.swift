@@ -104,12 +104,12 @@ final class VMDefinitionTests: XCTestCase {
     }
 
     func testRelativePathsResolveAgainstTheDocumentsDirectory() throws {
-        var d = try decode(#"{"boot": {"multiboot": "k.elf"}, "disks": [{"path": "d.img"}, {"path": "/abs.img"}], "serial": {"output": "file", "path": "logs/c.log"}, "devices": ["dev,profile=p.json,pio=0x520:2"]}"#)
+        var d = try decode(#"{"boot": {"multiboot": "k.elf"}, "disks": [{"path": "d.img"}, {"path": "/abs.img"}], "serial": {"output": "file", "path": "logs/c.log"}, "devices": ["dev,profile=p.json,pio=0x520:2", "plugins/rng/manifest.json,seed=7"]}"#)
         d = d.resolvingPaths(against: "/srv/vms")
         XCTAssertEqual(d.boot.multiboot, "/srv/vms/k.elf")
         XCTAssertEqual(d.disks.map(\.path), ["/srv/vms/d.img", "/abs.img"])
         XCTAssertEqual(d.serial.path, "/srv/vms/logs/c.log")
-        XCTAssertEqual(d.devices, ["/srv/vms/dev,profile=/srv/vms/p.json,pio=0x520:2"])
+        XCTAssertEqual(d.devices, ["/srv/vms/dev,profile=/srv/vms/p.json,pio=0x520:2", "/srv/vms/plugins/rng/manifest.json,seed=7"])
     }
 }
 

@@ -156,12 +156,16 @@ final class RobustnessTests: XCTestCase {
     /// SIGTERM at moments spread over a firmware boot (spawning devices, their handshakes, loading
     /// SeaBIOS, running it): hvctl ends with 143 at once and leaves no socket, lock or process.
     func testSIGTERMAtEveryStageOfAStartLeavesNothing() throws {
-        // Device processes on this host (tests run one at a time, so any extra one is a leftover).
+        // Live device processes on this host (tests run one at a time, so any extra one is a
+        // leftover). Zombies do not count: a detached VM of an earlier test that ends meanwhile
+        // leaves its devices' zombies to init, which here may never reap them.
         func devices() -> Int {
             let all = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
             return all.filter { pid in
                 let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? ""
-                return comm.hasPrefix("hv-serial") || comm.hasPrefix("hv-bios")
+                let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+                let state = stat.range(of: ") ").map { stat[$0.upperBound...].prefix(1) } ?? ""
+                return (comm.hasPrefix("hv-serial") || comm.hasPrefix("hv-bios")) && state != "Z" && state != "X"
             }.count
         }
         let before = devices()
