@@ -115,8 +115,24 @@ final class PluginTests: XCTestCase {
     func testConflictsAreRefusedNamingTheOwner() throws {
         let manifest = try pythonCounter()
         let guest = try Harness.testGuest()
+        // Variants of the manifest beside it: one with a fixed MMIO window, one a PCI function at
+        // the balloon's slot.
+        func variant(_ name: String, _ resources: [String: Any]) throws -> String {
+            var json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: manifest))) as? [String: Any])
+            json["name"] = name
+            var r = json["resources"] as? [String: Any] ?? [:]
+            r.merge(resources) { $1 }
+            json["resources"] = r
+            let path = URL(fileURLWithPath: manifest).deletingLastPathComponent().appendingPathComponent("\(name).json")
+            try JSONSerialization.data(withJSONObject: json).write(to: path)
+            return path.path
+        }
+        let mmio = try variant("py-mmio", ["mmio": [["base": "0xd0000000", "length": 4096]]])
+        let pci = try variant("py-pci", ["pci": ["slot": "0e.0", "bars": [] as [Any]]])
         let cases: [([String], String)] = [
             (["--device", manifest, "--device", manifest], "overlaps py-counter"),
+            (["--device", mmio, "--device", "\(mmio),pio=0x540:4"], "overlaps py-mmio"),
+            (["--balloon", "on", "--device", pci], "declares PCI function 00:0e.0, which"),
             (["--device", "\(manifest),pio=0x3f8:8"], "overlaps serial0"),
             (["--device", "\(manifest),irq=4"], "IRQ 4, which is"),
             (["--device", "\(manifest),colour=red"], "plugin py-counter has no setting 'colour': it takes start"),
