@@ -41,14 +41,12 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
             }
             spec.resources.append(Resource(kind: .pio, base: base, length: length))
         case "pci":
-            let parts = value.split(separator: ".")
-            guard pciFunction == nil, parts.count == 2, let device = UInt16(parts[0], radix: 16), let function = UInt16(parts[1]),
-                  (1...31).contains(device), function < 8 else {
+            guard pciFunction == nil, let bdf = PluginManifest.pciSlot(value) else {
                 throw UsageError(message: "invalid --device pci '\(value)': use DEVICE.FUNCTION on bus 0, device 01-1f in hex, e.g. pci=03.0, once")
             }
-            pciFunction = device << 3 | function
+            pciFunction = bdf
             spec.capabilities.formUnion([.interruptLevel, .msi])  // its own INTx and MSI-X, as above
-            spec.resources.append(Resource(kind: .pciConfig, base: UInt64(device << 3 | function), length: 256))
+            spec.resources.append(Resource(kind: .pciConfig, base: UInt64(bdf), length: 256))
         case let bar where bar.hasPrefix("bar") && bar.count == 4:
             let parts = value.split(separator: ":")
             guard let bdf = pciFunction else { throw UsageError(message: "--device \(bar)= needs pci=DD.F before it") }

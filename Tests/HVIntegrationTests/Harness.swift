@@ -183,6 +183,16 @@ func runHvctl(_ arguments: [String], stdin: String? = nil, timeout: TimeInterval
 
 /// Runs a third-party tool (qemu-img, qemu-io, …) to its end: its exit status and its stdout and
 /// stderr together.
+/// A Swift toolchain program (`swift`, `swiftc`, `swift-symbolgraph-extract`) from PATH. The
+/// toolchain that builds these tests has them all, so a missing one is an error, not a skip.
+func toolchainExecutable(_ name: String) throws -> String {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"
+    guard let found = path.split(separator: ":").map({ "\($0)/\(name)" }).first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        throw NSError(domain: "hv", code: 1, userInfo: [NSLocalizedDescriptionKey: "\(name) is not on PATH; it ships with the Swift toolchain that built these tests"])
+    }
+    return found
+}
+
 func tool(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: path)

@@ -95,8 +95,7 @@ final class PluginTests: XCTestCase {
     /// driver random bytes, no more per request than its `max_bytes` setting.
     func testSwiftVirtioRNGPluginBuiltOutOfTreeFeedsTheGuest() throws {
         let package = try copyOut("examples/swift-rng")
-        let swift = ProcessInfo.processInfo.environment["PATH"]?.split(separator: ":")
-            .map { "\($0)/swift" }.first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/usr/bin/swift"
+        let swift = try toolchainExecutable("swift")
         setenv("HV_SOURCE", Harness.repositoryRoot.path, 1)
         defer { unsetenv("HV_SOURCE") }
         let build = try tool(swift, ["build", "-c", "release", "--package-path", package.path])

@@ -17,20 +17,12 @@ final class SDKSurfaceTests: XCTestCase {
                 "-Xcc", "-fmodule-map-file=" + Harness.productsDirectory.appendingPathComponent("CHVShim.build/module.modulemap").path]
     }
 
-    private static func swiftTool(_ name: String) throws -> String {
-        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"
-        guard let found = path.split(separator: ":").map({ "\($0)/\(name)" }).first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            throw XCTSkip("\(name) is not on PATH (it ships with the Swift toolchain)")
-        }
-        return found
-    }
-
     /// One line per public symbol: its kind, its path and its declaration, sorted.
     static func surface() throws -> [String] {
         let out = FileManager.default.temporaryDirectory.appendingPathComponent("hv-sdk-surface-\(getpid())")
         try FileManager.default.createDirectory(at: out, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: out) }
-        let r = try tool(try swiftTool("swift-symbolgraph-extract"),
+        let r = try tool(try toolchainExecutable("swift-symbolgraph-extract"),
                          ["-module-name", "HVDeviceSDK", "-target", "x86_64-unknown-linux-gnu", "-minimum-access-level", "public",
                           "-output-dir", out.path] + clangFlags)
         guard r.status == 0 else { throw NSError(domain: "hv", code: 1, userInfo: [NSLocalizedDescriptionKey: r.output]) }
@@ -71,7 +63,7 @@ final class SDKSurfaceTests: XCTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-sdk-plugin-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        let swiftc = try Self.swiftTool("swiftc")
+        let swiftc = try toolchainExecutable("swiftc")
         func typecheck(_ source: String) throws -> (status: Int32, output: String) {
             let file = dir.appendingPathComponent("main.swift")
             try source.write(to: file, atomically: true, encoding: .utf8)
