@@ -130,6 +130,13 @@ let package = Package(
         // Test-only PCI function (config space, a memory BAR and an I/O BAR) for the PCI bus tests.
         .executableTarget(name: "hv-pci-testdevice", dependencies: ["HVDeviceSDK"], path: "Tests/PCITestDevice",
                           swiftSettings: strict),
+        // Fuzz targets (issue 20): one thin entry point per parser of untrusted bytes, and `hv-fuzz`,
+        // which replays inputs as built here and runs libFuzzer when `bench/fuzz` builds it.
+        .target(name: "HVFuzzTargets", dependencies: ["HVIPC", "HVSys", "CHVShim", "HVDeviceSDK", "HVSCSIDisk", "HVBootLoader",
+                                                      "HVSandbox", "HVNetSwitch", "HVSerialUART", "HVCore", "HVHost"],
+                path: "Fuzz/Targets", swiftSettings: strict),
+        .executableTarget(name: "hv-fuzz", dependencies: ["HVFuzzTargets"], path: "Fuzz/Driver", swiftSettings: strict),
+        .testTarget(name: "HVFuzzTests", dependencies: ["HVFuzzTargets"], path: "Tests/HVFuzzTests", swiftSettings: strict),
         .testTarget(name: "HVDeviceSDKTests", dependencies: ["HVDeviceSDK", "HVSys"], path: "Tests/HVDeviceSDKTests",
                     swiftSettings: strict),
         .testTarget(name: "HVSCSIDiskTests", dependencies: ["HVSCSIDisk"], path: "Tests/HVSCSIDiskTests", swiftSettings: strict),

@@ -691,6 +691,8 @@ class Bench:
     def __init__(self, env: Env, runs: int, quick: bool):
         self.env = env
         self.storm_kills = 100
+        self.hostile_ops: Optional[int] = None
+        self.hostile_seed: Optional[int] = None
         self.runs = runs
         self.quick = quick
         self.samples: dict[str, dict[str, list]] = {}
@@ -2390,6 +2392,41 @@ class Bench:
         return Row(f"kill storm: {name}", text=text, target="0 lost/duplicated/corrupt, no reset; p99 ≤ 20 ms",
                    note=("met" if met else "not met") + " (no other VMM survives this: no QEMU column)")
 
+    # -- the hostile-guest suite at length (the CI test runs 600 operations with fixed seeds) --
+    def case_hostile(self) -> list[Row]:
+        ops = self.hostile_ops or (2000 if self.quick else 1_000_000)
+        seed = self.hostile_seed or random.randrange(1, 2 ** 31)
+        print(f"case: hostile guest, seed {seed} (again: --hostile-seed {seed}), {ops} operations per device", flush=True)
+        disk = self.env.tmp / "hostile.img"
+        disk.write_bytes(b"")
+        os.truncate(disk, 8 << 20)
+        iso = self.env.tmp / "hostile.iso"
+        volume = bytearray(2048 * 40)
+        volume[2048 * 16:2048 * 16 + 6] = b"\x01CD001"
+        iso.write_bytes(bytes(volume))
+        pci = self.env.hvctl.parent / "hv-pci-testdevice"
+        profile = REPO / "Tests/RogueDevice/rogue.json"
+        argv = [str(self.env.hvctl), "run", "--multiboot", str(self.env.guest), "--cmdline", f"mode=hostile seed={seed} count={ops}",
+                "--memory", "16M", "--serial", "stdio", "--disk", str(disk), "--cdrom", str(iso), "--nic", f"net=hostile-{os.getpid()}",
+                "--balloon", "on", "--device", f"{pci},profile={profile},pci=03.0,bar0=mmio:4096,bar1=pio:16"]
+        t0 = time.monotonic()
+        run = subprocess.run(argv, capture_output=True, env=self.hv_env, timeout=max(600, ops // 50))
+        elapsed = time.monotonic() - t0
+        out = run.stdout.decode(errors="replace") + run.stderr.decode(errors="replace")
+        functions = re.findall(r"hostile: pci 00:\S+ id=\S+ (\d+) ops", out)
+        pio = sum(int(n) for n in re.findall(r"hostile: pio (\d+) ops", out))
+        total = pio + sum(int(n) for n in functions)
+        failures = [f for f in ["restarting it", "misbehaved", "giving up", "could not be restarted", "crashed", "KVM internal error",
+                                "killed by signal", "hung", "out-of-range register request"] if f in out]
+        ok = run.returncode == 0 and f"hostile: done seed={seed}" in out and not failures
+        if not ok:
+            self.problems.append(f"hostile guest, seed {seed}: rc {run.returncode}, {failures}: {out[-3000:]!r}")
+        print(f"  {len(functions)} PCI functions and the legacy ports, {total} operations in {elapsed:.0f} s: "
+              f"{'no device crashed' if ok else 'FAILURES ' + ', '.join(failures)}", flush=True)
+        return [Row(f"hostile guest: {ops} ops × {len(functions)} PCI functions + ports", text=f"{'no crash, no restart' if ok else 'FAILURES'}; "
+                    f"{total} ops in {elapsed:.0f} s ({total / max(elapsed, 0.001):.0f}/s)", target="no crash, no restart, VM runs to its end",
+                    note=f"seed {seed}")]
+
     def case_kill_storms(self) -> list[Row]:
         names = ["hv-scsi", "hv-serial", "hv-bios", "hv-net", "hv-switch", "upgrade pause"]
         if self.quick:
@@ -2567,8 +2604,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, density, noisy, seabios, "
-                         "sandbox, plugins, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, kill_storms")
+                         "sandbox, plugins, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, hostile, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
+    ap.add_argument("--hostile-ops", type=int, help="operations per device for --only hostile (default 10^6, --quick 2000)")
+    ap.add_argument("--hostile-seed", type=int, help="the hostile guest's seed (default: a random one, printed)")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
     if runs < 1:
@@ -2589,12 +2628,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"TSC {hz / 1e6:.3f} MHz ({hz_src})", flush=True)
         bench = Bench(env, runs, args.quick)
         bench.storm_kills = args.kills
+        bench.hostile_ops, bench.hostile_seed = args.hostile_ops, args.hostile_seed
         bench.warm_up()
         rows: list[Row] = []
         cases = ["pioread", "time_to_x", "throughput", "memory", "density", "noisy", "seabios", "sandbox", "plugins", "vm_rate", "vms_at_once",
                  "grub", "scsi", "qcow2", "snapshot", "migration", "net", "api", "kill_storms"]
         # Long runs only when asked for by name.
-        cases_on_request = ["api_fuzz"]
+        cases_on_request = ["api_fuzz", "hostile"]
         for name in args.only or cases:
             if name not in cases + cases_on_request:
                 sys.exit(f"bench: unknown case '{name}'; cases: {', '.join(cases + cases_on_request)}")

@@ -16,7 +16,15 @@ public final class GuestRAM: Sendable {
     /// Total bytes.
     public let size: UInt64
 
+    /// The most guest RAM a VM may have: 4 PiB, the VM definition's own limit (2^32 MiB).
+    public static let maximumBytes: UInt64 = 1 << 52
+
+    /// Refuses a size no VM can have (zero, not whole pages, past `maximumBytes`): the size can
+    /// come from a snapshot file or a migration source, not only from a checked definition.
     init(size: UInt64) throws(CoreError) {
+        guard size > 0, size % Self.pageSize == 0, size <= Self.maximumBytes else {
+            throw .configuration("guest memory of \(size) bytes is impossible: it must be whole 4 KiB pages, from 4 KiB to 4 PiB")
+        }
         self.size = size
         do {
             memfd = try MemFD.create(name: "hv-guest-ram", size: Int(size))

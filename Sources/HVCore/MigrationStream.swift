@@ -68,7 +68,6 @@ public final class MigrationChannel: @unchecked Sendable {
     var bandwidthLimit: UInt64 = 0
     private var limitStart: UInt64 = 0
     private var limitBytes: UInt64 = 0
-    private var header = [UInt8](repeating: 0, count: 16)
 
     /// Takes over `socket` (a connected stream socket): sends time out after `stallSeconds`,
     /// and so does a connection whose peer stops acknowledging (data or keepalive probes).
@@ -120,14 +119,21 @@ public final class MigrationChannel: @unchecked Sendable {
         }
     }
 
+    /// A frame's 16-byte header: type, payload length, the payload's CRC32C, reserved.
+    package static func frameHeader(type: UInt32, _ payload: UnsafeRawBufferPointer) -> [UInt8] {
+        let crc = payload.count == 0 ? 0 : hv_crc32c(0, payload.baseAddress, UInt(payload.count))
+        var header = [UInt8](repeating: 0, count: headerSize)
+        for (i, v) in [type, UInt32(payload.count), crc, 0].enumerated() {
+            for b in 0..<4 { header[4 * i + b] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(b))) }
+        }
+        return header
+    }
+
     /// Sends one frame whose payload is `payload`.
     func send(_ type: MigrationMessage, _ payload: UnsafeRawBufferPointer) throws(MigrationError) {
         // Paced before anything goes out: a cancel heard while waiting leaves no half-sent frame.
         try throttle(UInt64(Self.headerSize + payload.count))
-        let crc = payload.count == 0 ? 0 : hv_crc32c(0, payload.baseAddress, UInt(payload.count))
-        for (i, v) in [type.rawValue, UInt32(payload.count), crc, 0].enumerated() {
-            for b in 0..<4 { header[4 * i + b] = UInt8(truncatingIfNeeded: v >> (8 * UInt32(b))) }
-        }
+        let header = Self.frameHeader(type: type.rawValue, payload)
         var failure: MigrationError?
         header.withUnsafeBytes { h in
             do throws(MigrationError) { try sendAll(h.baseAddress!, h.count) } catch { failure = error }
@@ -235,7 +241,7 @@ public final class MigrationChannel: @unchecked Sendable {
     }
 
     /// The magic and version both sides open with (HELLO and ACCEPT).
-    static func versionStamp() -> [UInt8] {
+    package static func versionStamp() -> [UInt8] {
         var w = WireWriter()
         w.raw(magic)
         w.u32(version)

@@ -137,7 +137,10 @@ final class PCIBus: @unchecked Sendable {
         }
         guard port >= 0xCFC, let (function, register) = selected(offset: Int(port - 0xCFC)) else { return Self.ones(size) }
         let size = min(size, 4 - (register & 3))
-        return configRead(function, register: register, size: size, vcpu: vcpu)
+        // A dword at 0xCFD keeps three bytes of the data window: three byte reads, since a device
+        // only takes 1-, 2-, 4- and 8-byte requests (found by the hostile guest).
+        guard size == 3 else { return configRead(function, register: register, size: size, vcpu: vcpu) }
+        return (0..<3).reduce(0) { $0 | configRead(function, register: register + $1, size: 1, vcpu: vcpu) << (8 * UInt64($1)) }
     }
 
     func pioWrite(port: UInt16, size: Int, value: UInt64, vcpu: UInt32) {
@@ -147,7 +150,8 @@ final class PCIBus: @unchecked Sendable {
         }
         guard port >= 0xCFC, let (function, register) = selected(offset: Int(port - 0xCFC)) else { return }
         let size = min(size, 4 - (register & 3))
-        configWrite(function, register: register, size: size, value: value, vcpu: vcpu)
+        guard size == 3 else { return configWrite(function, register: register, size: size, value: value, vcpu: vcpu) }
+        for i in 0..<3 { configWrite(function, register: register + i, size: 1, value: value >> (8 * UInt64(i)) & 0xFF, vcpu: vcpu) }
     }
 
     private func selected(offset: Int) -> (UInt16, Int)? {

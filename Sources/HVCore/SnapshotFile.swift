@@ -130,10 +130,15 @@ public struct MachineSnapshot: Sendable {
     /// The state file's bytes: a 32-byte header (magic, format, section count, the header's
     /// checksum, total length), then each section with its tag, length and checksum.
     func encodedState() -> [UInt8] {
-        let list = sections()
+        Self.stateFile(sections: sections().map { (tag: $0.0.rawValue, payload: $0.1) })
+    }
+
+    /// A state file holding `sections` (tags as numbers), with valid checksums: what `encodedState`
+    /// writes, and what a fuzz target frames hostile sections in (a forger computes checksums too).
+    package static func stateFile(sections list: [(tag: UInt32, payload: [UInt8])]) -> [UInt8] {
         var body = WireWriter()
         for (tag, payload) in list {
-            body.u32(tag.rawValue)
+            body.u32(tag)
             body.u32(0)
             body.u64(UInt64(payload.count))
             body.u32(hv_crc32c(0, payload, UInt(payload.count)))
@@ -141,8 +146,8 @@ public struct MachineSnapshot: Sendable {
             body.raw(payload)
         }
         var header = WireWriter()
-        header.raw(Self.magic)
-        header.u32(Self.formatVersion)
+        header.raw(magic)
+        header.u32(formatVersion)
         header.u32(UInt32(list.count))
         header.u64(UInt64(32 + body.bytes.count))
         header.u32(hv_crc32c(0, header.bytes, UInt(header.bytes.count)))
@@ -151,7 +156,7 @@ public struct MachineSnapshot: Sendable {
     }
 
     /// Decodes a state file; `name` prefixes every error.
-    static func decodeState(_ bytes: [UInt8], name: String) throws(SnapshotError) -> MachineSnapshot {
+    package static func decodeState(_ bytes: [UInt8], name: String) throws(SnapshotError) -> MachineSnapshot {
         guard bytes.count >= 32, Array(bytes[0..<8]) == magic else {
             throw SnapshotError("\(name) is not an hv snapshot (no snapshot header)")
         }

@@ -37,7 +37,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Bytes of the memfd the regions cover.
     let memfdBytes: UInt64
 
-    init(fd: FileDescriptor, regions: [MemoryRegion]) throws(DeviceError) {
+    package init(fd: FileDescriptor, regions: [MemoryRegion]) throws(DeviceError) {
         var end: UInt64 = 0
         for r in regions {
             let (regionEnd, overflow) = r.memfdOffset.addingReportingOverflow(r.size)

@@ -217,7 +217,11 @@ public final class RegisterRing: @unchecked Sendable {
         guard requestServingActive.load(ordering: .acquiring) != 0 else { return nil }
         let index = requestServing.load(ordering: .acquiring)
         let committed = requestConsumer.load(ordering: .acquiring)
-        return index &- committed < coreRequestHead &- committed ? index : nil
+        // A consumer index more than a ring behind the core's head is corrupt: nothing it
+        // implies can be trusted (found by the ipc-register-ring fuzz target).
+        let outstanding = coreRequestHead &- committed
+        guard outstanding <= requestCapacity else { return nil }
+        return index &- committed < outstanding ? index : nil
     }
 
     /// Core side, while no device process runs: the device must answer request `index` without

@@ -67,6 +67,7 @@ struct config {
     uint8_t peer_mac[6];                /* netping: the peer's MAC, given instead of asked by ARP */
     uint32_t peer_mac_given;
     uint32_t poke, poke_given;          /* probe: a byte written to port+1 before the reads */
+    uint32_t seed;                      /* hostile: the generator's seed */
     const char *ops, *ops_end;          /* poke: the operations, as given */
 };
 
@@ -355,6 +356,8 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->ip = parse_ip(v, s);
         } else if ((v = token_value(tok, s, "peer="))) {
             cfg->peer = parse_ip(v, s);
+        } else if ((v = token_value(tok, s, "seed="))) {
+            cfg->seed = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "size="))) {
             cfg->size = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "csum="))) {
@@ -2557,6 +2560,268 @@ static void mode_netsink(const struct config *cfg)
     net_responder();
 }
 
+/* ---- hostile: a guest that attacks every device (issue 20) ----
+ *
+ * `mode=hostile seed=S count=N`: N operations against each device class, drawn by a xorshift
+ * generator seeded with S: random register reads and writes to every legacy port (UART, CMOS/RTC,
+ * i8042, fw_cfg, PCI config, ACPI PM), to every PCI function's config space (BARs moved anywhere,
+ * decoding toggled, capabilities rewritten) and BARs, virtqueues with random sizes and random
+ * descriptor tables, MSI-X entries pointing anywhere, fw_cfg DMA descriptors of any length to any
+ * address. A device may refuse any of it; it must not crash or hang, and the VM keeps running.
+ * The guest spares only itself: no reset or power-off register write, and every address it hands
+ * a device for DMA lies in a scratch area or outside RAM (a device writing where it is told is
+ * not a fault). Ends with one line per phase and "hostile: done".
+ */
+static uint32_t hs_rng = 1;
+static uint32_t hs_ram_end;
+/* Where the guest lets devices write: rings and buffers start in its first quarter, so a ring of
+ * the largest queue (6 + 8 * 32768 bytes) still ends inside it. */
+#define HS_SCRATCH (512u * 1024u)
+static uint8_t hs_scratch[HS_SCRATCH] __attribute__((aligned(4096)));
+
+static uint32_t hrand(void)
+{
+    uint32_t x = hs_rng;
+    x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+    return hs_rng = x;
+}
+
+/* An address a device may be told to read or write: in the scratch area, just past RAM, or any
+ * address at or above the end of RAM (the MMIO hole, the BARs, the top of the 32-bit space). */
+static uint32_t hs_address(void)
+{
+    switch (hrand() % 4) {
+    case 0: return (uint32_t)hs_scratch + hrand() % 4096;              /* the page hs_fill_scratch writes */
+    case 1: return (uint32_t)hs_scratch + hrand() % (HS_SCRATCH / 4);
+    case 2: return hs_ram_end + hrand() % 0x100000;
+    default: { uint32_t a = hrand(); return a < hs_ram_end ? hs_ram_end + (a & 0x0FFFFFFF) : a; }
+    }
+}
+
+static uint32_t hs_length(void)
+{
+    switch (hrand() % 4) {
+    case 0: return 0;
+    case 1: return hrand();
+    case 2: return 0xFFFFFFFFu;
+    default: return hrand() % 8192;
+    }
+}
+
+/* A length for a buffer at `address`: any, unless it starts in the scratch area, where it must
+ * end there too (a device filling a buffer the guest described is doing its job). */
+static uint32_t hs_fit(uint32_t address, uint32_t length)
+{
+    uint32_t start = (uint32_t)hs_scratch, end = start + HS_SCRATCH;
+    return address >= start && address < end && length > end - address ? end - address : length;
+}
+
+/* Fills the scratch area's first page with descriptor-shaped garbage (or plain garbage): what a
+ * device walking a random descriptor table or ring there finds. */
+static void hs_fill_scratch(void)
+{
+    uint32_t *w = (uint32_t *)hs_scratch;
+    int raw = hrand() % 3 == 0;
+    for (uint32_t i = 0; i + 4 <= 4096 / 4; i += 4) {
+        if (raw) { w[i] = hrand(); w[i + 1] = hrand() | 1; w[i + 2] = hrand(); w[i + 3] = hrand(); continue; }
+        uint32_t a = hs_address();
+        w[i] = a; w[i + 1] = 0;                                         /* 64-bit address */
+        w[i + 2] = hs_fit(a, hs_length());
+        w[i + 3] = (hrand() & 0x7) | (hrand() % 64) << 16;              /* flags, next */
+    }
+}
+
+static void hs_out(uint16_t port, uint32_t size, uint32_t v)
+{
+    if (size == 1) outb(port, (uint8_t)v);
+    else if (size == 2) __asm__ volatile("outw %0, %1" : : "a"((uint16_t)v), "Nd"(port));
+    else outl(port, v);
+}
+
+static uint32_t hs_in(uint16_t port, uint32_t size)
+{
+    if (size == 1) return inb(port);
+    if (size == 2) { uint16_t v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+    return inl(port);
+}
+
+/* The PIIX4 PM function's I/O base (where PM1a_CNT, whose SLP_EN powers off, lives). */
+static uint32_t hs_pm_base;
+
+/* A config-space write, except the two that would let a later port write power the VM off (the
+ * PM function's I/O base and its I/O enable). */
+static void hs_pci_write(uint32_t bdf, uint32_t reg, uint32_t v)
+{
+    if (bdf == 0x0B && ((reg & 0xFC) == 0x40 || (reg & 0xFC) == 0x80)) return;
+    pci_write(bdf, reg, v);
+}
+
+static uint32_t hs_size(void) { return 1u << (hrand() % 3); }
+
+/* The attacks leave the UART in any mode (divisor latch, loopback): set it up again first. */
+#define hs_report(...) do { serial_init(); kprintf(__VA_ARGS__); } while (0)
+
+/* Legacy ports: UART, CMOS/RTC, i8042, fw_cfg (and its DMA), the PCI config ports, ACPI PM,
+ * the reset control register, POST codes. */
+static void hostile_pio(uint32_t count)
+{
+    static const uint16_t ports[] = { 0x3F8, 0x3F9, 0x3FA, 0x3FB, 0x3FC, 0x3FD, 0x3FE, 0x3FF, 0x70, 0x71, 0x60, 0x64,
+                                      0x510, 0x511, 0x514, 0x518, 0xCF8, 0xCFC, 0xCFD, 0xCFE, 0xCFF, 0xCF9, 0x80 };
+    static const uint8_t kbd_commands[] = { 0x20, 0x60, 0xA7, 0xA8, 0xA9, 0xAA, 0xAB, 0xAD, 0xAE, 0xC0, 0xD0, 0xD2, 0xD3, 0xD4, 0xE0 };
+    uint32_t n = sizeof ports / sizeof ports[0];
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t size = hs_size(), v = hrand();
+        uint16_t port = hrand() % 4 == 0 && hs_pm_base ? (uint16_t)(hs_pm_base + hrand() % 0x40) : ports[hrand() % n];
+        if (hrand() & 1) { (void)hs_in(port, size); continue; }
+        if (port == 0x64) { outb(0x64, kbd_commands[hrand() % sizeof kbd_commands]); continue; }
+        if (port >= 0xCFC && port <= 0xCFF) continue;                 /* config writes go through hs_pci_write */
+        if (port == 0xCF9) v &= ~0x04u;                                /* RST_CPU */
+        if (port == 0xCF8 && size != 4) continue;                      /* would reach 0xCF9 */
+        if (hs_pm_base && port <= hs_pm_base + 5 && port + size > hs_pm_base + 5)
+            v &= ~(0x20u << (8 * (hs_pm_base + 5 - port)));             /* PM1a_CNT's SLP_EN */
+        if (port == 0x518 || port == 0x514) {
+            /* fw_cfg DMA: a descriptor in the scratch area (control, length, address; big-endian)
+             * or a descriptor address anywhere outside RAM. */
+            uint32_t *d = (uint32_t *)(hs_scratch + (hrand() % (HS_SCRATCH / 16)) * 16);
+            uint32_t target = hs_address();
+            d[0] = __builtin_bswap32((hrand() & 0x1F) | (hrand() % 0x40) << 16);
+            d[1] = __builtin_bswap32(hs_fit(target, hs_length()));
+            d[2] = 0; d[3] = __builtin_bswap32(target);
+            uint32_t at = hrand() % 4 ? (uint32_t)d : hs_address();
+            outl(0x514, 0);
+            outl(0x518, __builtin_bswap32(at));
+            continue;
+        }
+        hs_out(port, size, v);
+    }
+    hs_report("hostile: pio %u ops\n", count);
+}
+
+/* One PCI function: config space, its BARs, and for a virtio function its transport. */
+static void hostile_function(uint32_t bdf, uint32_t count, uint32_t slot)
+{
+    uint32_t id = pci_read(bdf, 0);
+    int virtio = (id & 0xFFFF) == 0x1AF4;
+    /* A balloon gives back the pages its inflate and free-page-reporting queues name: random
+     * ones there would be the guest discarding its own memory, so only the deflate and stats
+     * queues, the device config, ISR and MSI-X are attacked, never its common config. */
+    int balloon = id == 0x10451AF4u || id == 0x10021AF4u;
+    struct vpci v;
+    uint32_t base = 0xD0000000u + slot * 0x100000u;
+    uint32_t common_off = 0, notify_off = 0, isr_off = 0;
+    if (virtio) {
+        vpci_map(&v, bdf, base, 0);
+        common_off = (uint32_t)v.common - base;
+        notify_off = (uint32_t)v.notify - base;
+        isr_off = (uint32_t)v.isr - base;
+    }
+    uint32_t msix = 0;
+    for (uint32_t cap = pci_read(bdf, 0x34) & 0xFF, guard = 0; cap && guard < 16; cap = (pci_read(bdf, cap) >> 8) & 0xFF, guard++)
+        if ((pci_read(bdf, cap) & 0xFF) == 0x11) msix = cap;
+    /* The MSI-X table, if it lives in BAR 0 (hv's functions put it there). */
+    uint32_t table = msix ? pci_read(bdf, msix + 4) : 0, entries = msix ? (pci_read(bdf, msix) >> 16 & 0x7FF) + 1 : 0;
+    if ((table & 7) != 0) entries = 0;
+    table &= ~7u;
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t op = hrand() % 16, size = hs_size();
+        uint32_t reg = hrand() % 256;
+        switch (op) {
+        case 0: case 1:
+            (void)pci_read(bdf, reg);
+            break;
+        case 2:
+            hs_pci_write(bdf, reg, hrand());
+            break;
+        case 3: {                                                       /* move, size or clear a BAR */
+            uint32_t bar = 0x10 + 4 * (hrand() % 6), choice = hrand() % 4;
+            hs_pci_write(bdf, bar, choice == 0 ? 0xFFFFFFFFu : choice == 1 ? hrand() : choice == 2 ? 0 : base);
+            break;
+        }
+        case 4:
+            hs_pci_write(bdf, 0x04, hrand() % 2 ? 0x6 : hrand() & 0x7);  /* decoding and bus mastering */
+            break;
+        case 5:                                                         /* MSI-X enable and function mask */
+            if (msix) hs_pci_write(bdf, msix, (pci_read(bdf, msix) & 0xFFFF) | (hrand() & 0xC000u) << 16);
+            break;
+        default: {
+            /* The function's first memory BAR, wherever it now is, if it lies above RAM. */
+            uint32_t bar0 = pci_read(bdf, 0x10) & ~0xFu;
+            if (bar0 < hs_ram_end || bar0 >= 0xFEC00000u) {
+                hs_pci_write(bdf, 0x10, base);
+                hs_pci_write(bdf, 0x04, 0x6);
+                break;
+            }
+            volatile uint8_t *b = (volatile uint8_t *)bar0;
+            uint32_t off = hrand() % 0x4000 & ~(size - 1);
+            if (balloon && off >= common_off && off < common_off + 0x40) off += 0x40;
+            if (op == 11 && entries) {                                  /* an MSI-X entry pointing anywhere */
+                volatile uint32_t *e = (volatile uint32_t *)(b + table + 16 * (hrand() % entries));
+                e[0] = hrand() % 2 ? 0xFEE00000u | (hrand() & 0xFFFFC) : hrand();
+                e[1] = hrand() % 4 ? 0 : hrand();
+                e[2] = hrand();
+                e[3] = hrand() & 1;
+                break;
+            }
+            if (virtio && op >= 12) {
+                /* The virtio transport itself: a queue with random rings, status, notify. */
+                v.common = b + common_off;
+                switch (op) {
+                case 12:
+                    if (balloon) break;
+                    hs_fill_scratch();
+                    vpci_queue(&v, (uint16_t)(hrand() % 4), (uint16_t)(hrand() % 3 ? 1u << (hrand() % 10) : hrand()),
+                               (void *)hs_address(), (void *)hs_address(), (void *)hs_address());
+                    if (hrand() & 1) *vpci16(&v, VPCI_Q_VECTOR) = (uint16_t)hrand();
+                    vpci_queue_enable(&v);
+                    break;
+                case 13: if (!balloon) v.common[VPCI_STATUS] = (uint8_t)(hrand() % 2 ? 0xF : hrand()); break;
+                case 14: *(volatile uint16_t *)(b + notify_off + (balloon ? 1 + hrand() % 2 : hrand() % 4) * v.notify_mult) = (uint16_t)hrand(); break;
+                default: (void)*(volatile uint8_t *)(b + isr_off); break;   /* ISR read (clears it) */
+                }
+                break;
+            }
+            if (hrand() & 1) {
+                if (size == 1) (void)b[off]; else if (size == 2) (void)*(volatile uint16_t *)(b + off); else (void)*(volatile uint32_t *)(b + off);
+            } else {
+                uint32_t val = hrand() % 4 == 0 ? 0xFEE00000u | (hrand() & 0xFFFFF) : hrand();
+                /* A queue's ring addresses: somewhere the guest may be written (see hs_address). */
+                if (virtio && off >= common_off + 0x20 && off < common_off + 0x38) val = off & 4 ? 0 : hs_address();
+                if (size == 1) b[off] = (uint8_t)val; else if (size == 2) *(volatile uint16_t *)(b + off) = (uint16_t)val; else *(volatile uint32_t *)(b + off) = val;
+            }
+        }
+        }
+    }
+    if (virtio) {                                                       /* leave it reset */
+        hs_pci_write(bdf, 0x10, base);
+        hs_pci_write(bdf, 0x04, 0x6);
+        *(volatile uint8_t *)(base + common_off + VPCI_STATUS) = 0;
+    }
+    hs_report("hostile: pci 00:%x.%x id=%x %u ops\n", bdf >> 3, bdf & 7, id, count);
+}
+
+static void mode_hostile(const struct config *cfg, const struct multiboot_info *mbi)
+{
+    hs_rng = cfg->seed ? cfg->seed : 1;
+    hs_ram_end = mbi && (mbi->flags & MBI_MEM) ? (mbi->mem_upper + 1024) << 10 : 16u << 20;
+    uint32_t count = cfg->count_given ? cfg->count : 1000;
+    uint32_t pm = pci_read(0x0B, 0);
+    if (pm != 0xFFFFFFFFu) hs_pm_base = pci_read(0x0B, 0x40) & 0xFFC0;
+    kprintf("hostile: seed=%u count=%u ram_end=%x pm=%x\n", hs_rng, count, hs_ram_end, hs_pm_base);
+    hostile_pio(count);
+    uint32_t slot = 0;
+    for (uint32_t dev = 0; dev < 32; dev++) {
+        for (uint32_t fn = 0; fn < 8; fn++) {
+            uint32_t bdf = dev << 3 | fn;
+            if (pci_read(bdf, 0) == 0xFFFFFFFFu) { if (fn == 0) break; continue; }
+            if (bdf == 0x00 || bdf == 0x08 || bdf == 0x0B) { hostile_function(bdf, count / 4, slot++); continue; }
+            hostile_function(bdf, count, slot++);
+            if (fn == 0 && !(pci_read(bdf, 0x0C) & 0x00800000u)) break;   /* not multi-function */
+        }
+    }
+    hostile_pio(count / 4);
+    hs_report("hostile: done seed=%u\n", cfg->seed ? cfg->seed : 1);
+}
+
 void kmain(uint32_t magic, uint32_t mbi_addr)
 {
     const struct multiboot_info *mbi =
@@ -2640,6 +2905,8 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
         mode_balloon(cfg.count_given ? cfg.count : 16, mbi);
     else if (streq(cfg.mode, "ticks"))
         mode_ticks(cfg.count_given ? cfg.count : 50, cfg.delay);
+    else if (streq(cfg.mode, "hostile"))
+        mode_hostile(&cfg, mbi);
     else
         kprintf("hv-testguest: unknown mode\n");
     kprintf("hv-testguest: done\n");

@@ -62,6 +62,20 @@ final class MigrationStreamTests: XCTestCase {
         XCTAssertEqual(message { () throws(MigrationError) in _ = try source.receive(.accept, peer: "destination") }, "the destination closed the connection")
     }
 
+    /// A source (or a snapshot file) claiming guest RAM no VM can have is refused with a reason;
+    /// before, 2^63 bytes trapped converting to Int inside the destination's core.
+    func testAnImpossibleGuestMemorySizeIsRefusedNotTrapped() throws {
+        for size: UInt64 in [1 << 63, UInt64.max & ~4095, 0, 4097, GuestRAM.maximumBytes + 4096] {
+            let (source, destination, raw) = try pair()
+            defer { close(raw) }
+            try source.send(.hello, MigrationHello(host: Array("{}".utf8), memoryBytes: size, cpus: 1, cpuid: []).encode())
+            let incoming = IncomingMigration(channel: destination)
+            _ = try incoming.receiveHello()
+            let refusal = message { () throws(MigrationError) in try incoming.accept() }
+            XCTAssertTrue(refusal?.contains("guest memory of \(size) bytes is impossible") == true, refusal ?? "accepted \(size) bytes")
+        }
+    }
+
     /// The guest saw a CPU feature this host's KVM does not offer: the destination refuses at
     /// the handshake, naming it, and the source hears why.
     func testADestinationWithoutACPUFeatureTheGuestUsesRefuses() throws {

@@ -72,7 +72,7 @@ public final class SCSICDROM {
             result = .check(.writeProtected)  // WRITE, WRITE AND VERIFY, WRITE SAME, UNMAP, SYNCHRONIZE CACHE
         default: result = .check(.invalidOpcode)
         }
-        return finish(result)
+        return finish(result.cappingDataIn(at: dataInCapacity))
     }
 
     private func finish(_ r: SCSIResult) -> SCSIResult {

@@ -139,6 +139,15 @@ public struct SCSIResult: Sendable {
     public var dataIn: [UInt8]
     static func good(_ data: [UInt8] = []) -> SCSIResult { SCSIResult(status: .good, sense: .none, dataIn: data) }
     static func check(_ sense: SCSISense) -> SCSIResult { SCSIResult(status: .checkCondition, sense: sense, dataIn: []) }
+
+    /// The result with data-in cut to the driver's `capacity` (an allocation length larger than
+    /// the buffers the driver gave, as SCSI allows; found by the scsi-disk fuzz target).
+    func cappingDataIn(at capacity: Int) -> SCSIResult {
+        guard dataIn.count > capacity else { return self }
+        var capped = self
+        capped.dataIn = Array(dataIn.prefix(max(capacity, 0)))
+        return capped
+    }
 }
 
 public final class SCSIDisk {
@@ -183,7 +192,7 @@ public final class SCSIDisk {
         case 0xA0: result = reportLUNs()
         default: result = .check(.invalidOpcode)
         }
-        return finish(result)
+        return finish(result.cappingDataIn(at: dataInCapacity))
     }
 
     public func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer? {
