@@ -46,7 +46,7 @@ echo "== swift test"
 swift test --skip-build --disable-swift-testing 2>&1 | tee "$log" | grep -vE "^Test Case '.*' (started|passed)"
 
 
-echo "== fuzz targets: each libFuzzer target for a few seconds on its committed seeds (bench/fuzz --ci)"
+echo "== fuzz targets: each libFuzzer target for 20 000 executions from a fixed seed on its committed seeds (bench/fuzz --ci)"
 python3 bench/fuzz --ci
 
 echo "== benchmark harness end to end (--quick: hv and QEMU side by side; figures, no timing assertions)"

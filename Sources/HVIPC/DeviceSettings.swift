@@ -10,45 +10,49 @@ public enum SettingsText {
     }
 
     /// The fields of `text`; a line without `=` is a key with an empty value, the last of a
-    /// repeated key wins.
+    /// repeated key wins. Lines and the `=` are found in the UTF-8 bytes, not in characters: a
+    /// value ending in `\r` would otherwise join the next line into one `\r\n` character, and
+    /// an `=` followed by a combining mark would not be an `=` (found by the device-settings
+    /// fuzz target).
     public static func decode(_ text: String) -> [String: String] {
         var fields: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            if let eq = line.firstIndex(of: "=") {
-                fields[String(line[..<eq])] = unescape(line[line.index(after: eq)...])
+        for line in text.utf8.split(separator: UInt8(ascii: "\n")) {
+            if let eq = line.firstIndex(of: UInt8(ascii: "=")) {
+                fields[String(decoding: line[..<eq], as: UTF8.self)] = unescape(line[line.index(after: eq)...])
             } else {
-                fields[String(line)] = ""
+                fields[String(decoding: line, as: UTF8.self)] = ""
             }
         }
         return fields
     }
 
     static func escape(_ value: String) -> String {
-        var out = ""
-        for c in value {
+        var out = String.UnicodeScalarView()
+        for c in value.unicodeScalars {
             switch c {
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
+            case "\\": out.append(contentsOf: "\\\\".unicodeScalars)
+            case "\n": out.append(contentsOf: "\\n".unicodeScalars)
             default: out.append(c)
             }
         }
-        return out
+        return String(out)
     }
 
-    static func unescape(_ value: Substring) -> String {
-        var out = ""
+    static func unescape(_ value: Substring.UTF8View) -> String {
+        var out: [UInt8] = []
+        out.reserveCapacity(value.count)
         var escaped = false
-        for c in value {
+        for b in value {
             if escaped {
-                out.append(c == "n" ? "\n" : c)
+                out.append(b == UInt8(ascii: "n") ? UInt8(ascii: "\n") : b)
                 escaped = false
-            } else if c == "\\" {
+            } else if b == UInt8(ascii: "\\") {
                 escaped = true
             } else {
-                out.append(c)
+                out.append(b)
             }
         }
-        return out
+        return String(decoding: out, as: UTF8.self)
     }
 }
 

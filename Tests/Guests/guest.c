@@ -2784,8 +2784,13 @@ static void hostile_function(uint32_t bdf, uint32_t count, uint32_t slot)
                 if (size == 1) (void)b[off]; else if (size == 2) (void)*(volatile uint16_t *)(b + off); else (void)*(volatile uint32_t *)(b + off);
             } else {
                 uint32_t val = hrand() % 4 == 0 ? 0xFEE00000u | (hrand() & 0xFFFFF) : hrand();
-                /* A queue's ring addresses: somewhere the guest may be written (see hs_address). */
-                if (virtio && off >= common_off + 0x20 && off < common_off + 0x38) val = off & 4 ? 0 : hs_address();
+                /* A queue's ring addresses: somewhere the guest may be written (see hs_address),
+                 * always as a whole dword (half of one would splice two addresses). */
+                if (virtio && off >= common_off + 0x20 && off < common_off + 0x38) {
+                    off &= ~3u;
+                    size = 4;
+                    val = (off - common_off) & 4 ? 0 : hs_address();
+                }
                 if (size == 1) b[off] = (uint8_t)val; else if (size == 2) *(volatile uint16_t *)(b + off) = (uint16_t)val; else *(volatile uint32_t *)(b + off) = val;
             }
         }

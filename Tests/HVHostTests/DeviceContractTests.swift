@@ -19,6 +19,11 @@ final class DeviceContractTests: XCTestCase {
         XCTAssertEqual(handed(text), ["cmdline": hostile, "empty": "", "k": "="])
         // A bare key is present with an empty value; the last of a repeated key wins.
         XCTAssertEqual(handed("flag\nx=1\nx=2"), ["flag": "", "x": "2"])
+        // Lines and `=` are bytes, not characters: a value ending in CR does not swallow the next
+        // line ("\r\n" is one Character), nor does a combining mark hide an `=`.
+        let crlf = SettingsText.encode([("cmdline", "quiet\r"), ("mode", "hello"), ("accent", "\u{301}e"), ("crlf", "a\r\nb")])
+        XCTAssertEqual(handed(crlf), ["cmdline": "quiet\r", "mode": "hello", "accent": "\u{301}e", "crlf": "a\r\nb"])
+        XCTAssertEqual(handed("k=\u{301}v"), ["k": "\u{301}v"])
     }
 
     func testBIOSSettingsRoundTrip() throws {
