@@ -294,14 +294,21 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertTrue(try refusal { $0 = Array($0.prefix(50)) }.contains("too short"))
     }
 
-    func testAnL2EntryPointingOutsideFailsOnlyItsRequest() throws {
-        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", path("l2.qcow2"), "4M"]).status, 0)
-        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -P 0x22 0 128k", path("l2.qcow2")]).status, 0)
-        let fd = open("l2.qcow2")
-        defer { close(fd) }
-        // Find the L2 table through the L1 table and point its second entry far past the end.
+    /// A 4 MiB qemu-made image whose first 128 KiB hold 0x22, opened: its descriptor, header and
+    /// the offset of its first L2 table (found through the L1 table).
+    private func imageWithData(_ name: String) throws -> (fd: Int32, header: QCOW2Header, l2: UInt64) {
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", path(name), "4M"]).status, 0)
+        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -P 0x22 0 128k", path(name)]).status, 0)
+        let fd = open(name)
         let header = try QCOW2Header.parse(try readRaw(fd, 104, at: 0))
-        let l1 = try readRaw(fd, 8, at: header.l1TableOffset).reduce(UInt64(0)) { $0 << 8 | UInt64($1) } & 0x00FF_FFFF_FFFF_FE00
+        let l2 = try readRaw(fd, 8, at: header.l1TableOffset).reduce(UInt64(0)) { $0 << 8 | UInt64($1) } & 0x00FF_FFFF_FFFF_FE00
+        return (fd, header, l2)
+    }
+
+    func testAnL2EntryPointingOutsideFailsOnlyItsRequest() throws {
+        let (fd, _, l1) = try imageWithData("l2.qcow2")
+        defer { close(fd) }
+        // Point the L2 table's second entry far past the end.
         var entry = [UInt8](repeating: 0, count: 8)
         put64(&entry, 0, (1 << 50) | (1 << 63))
         XCTAssertEqual(entry.withUnsafeBytes { pwrite(fd, $0.baseAddress, 8, off_t(l1 + 8)) }, 8)
@@ -310,5 +317,31 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertNil(read(backend, 512, at: 64 << 10), "a read of the bad cluster fails")
         XCTAssertNotNil([UInt8](repeating: 1, count: 512).withUnsafeBytes { backend.write($0, at: 64 << 10) }, "and so does a write")
         XCTAssertEqual(read(backend, 512, at: 2 << 20), [UInt8](repeating: 0, count: 512), "the rest of the disk is unaffected")
+    }
+
+    /// A hostile image whose L2 entry maps guest data onto its own L2 table (or any metadata):
+    /// the request fails and the table stays as it was; an L1 entry naming the refcount table is
+    /// refused when the image is opened. Before, the write went into the L2 table (found by the
+    /// qcow2-image fuzz target).
+    func testGuestDataOverTheImagesOwnMetadataIsRefused() throws {
+        let (fd, header, l2) = try imageWithData("meta.qcow2")
+        defer { close(fd) }
+        // Guest cluster 1 (64 KiB) → the L2 table itself, marked as owned (COPIED).
+        var entry = [UInt8](repeating: 0, count: 8)
+        put64(&entry, 0, l2 | (1 << 63))
+        XCTAssertEqual(entry.withUnsafeBytes { pwrite(fd, $0.baseAddress, 8, off_t(l2 + 8)) }, 8)
+        let tableBefore = try readRaw(fd, Int(header.clusterSize), at: l2)
+        let backend = try QCOW2Backend(fd: fd, readOnly: false)
+        XCTAssertNotNil([UInt8](repeating: 0xEE, count: 512).withUnsafeBytes { backend.write($0, at: 64 << 10) }, "the write fails")
+        XCTAssertNil(read(backend, 512, at: 64 << 10), "and so does a read")
+        XCTAssertEqual(try readRaw(fd, Int(header.clusterSize), at: l2), tableBefore, "the L2 table is unchanged")
+        XCTAssertEqual(read(backend, 512, at: 0), [UInt8](repeating: 0x22, count: 512), "the rest of the disk is unaffected")
+
+        // The L1 entry pointing at the refcount table: refused at open, by name.
+        put64(&entry, 0, header.refcountTableOffset | (1 << 63))
+        XCTAssertEqual(entry.withUnsafeBytes { pwrite(fd, $0.baseAddress, 8, off_t(header.l1TableOffset)) }, 8)
+        XCTAssertThrowsError(try QCOW2Backend(fd: fd, readOnly: true)) { error in
+            XCTAssertTrue("\(error)".contains("qcow2 L1 entry 0 points at the image's L1 table, refcount table or a refcount block"), "\(error)")
+        }
     }
 }

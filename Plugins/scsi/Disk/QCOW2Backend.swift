@@ -43,6 +43,10 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         /// L2 tables by offset; a handful (each one cluster).
         var l2Cache: [UInt64: [UInt64]] = [:]
         var l2Order: [UInt64] = []
+        /// Every L2 table the L1 table names, and every refcount block: with the L1 and refcount
+        /// tables, the clusters no guest data may live in (see `isStructure`).
+        var l2Tables: Set<UInt64> = []
+        var refcountBlocks: Set<UInt64> = []
     }
 
     /// Where a guest cluster's bytes are.
@@ -88,13 +92,27 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
                 throw QCOW2Error("qcow2 refcount table entry \(i) points outside the image or over its header (offset \(o))")
             }
         }
+        // No structure may lie in another: an L2 table or refcount block over the L1 or refcount
+        // table (or over each other) would have hv's metadata updates rewrite the other.
+        var opened = Metadata(l1: l1, refcountTable: refcounts, refcountTableOffset: header.refcountTableOffset,
+                              fileEnd: (fileSize + cluster - 1) / cluster * cluster)
+        opened.refcountBlocks = Set(refcounts.filter { $0 != 0 })
+        for o in opened.refcountBlocks where Self.inTables(o, header: header, opened) {
+            throw QCOW2Error("qcow2 refcount block at offset \(o) lies in the image's L1 or refcount table")
+        }
+        for (i, e) in l1.enumerated() where e & Self.offsetMask != 0 {
+            let o = e & Self.offsetMask
+            guard !Self.inTables(o, header: header, opened), !opened.refcountBlocks.contains(o) else {
+                throw QCOW2Error("qcow2 L1 entry \(i) points at the image's L1 table, refcount table or a refcount block (offset \(o))")
+            }
+            opened.l2Tables.insert(o)
+        }
         self.header = header
         self.fd = fd
         self.readOnly = readOnly
         self.backing = backing
         byteCount = header.size
-        metadata = Mutex(Metadata(l1: l1, refcountTable: refcounts, refcountTableOffset: header.refcountTableOffset,
-                                  fileEnd: (fileSize + cluster - 1) / cluster * cluster))
+        metadata = Mutex(opened)
         // Autoclear bits name extensions (bitmaps) hv does not keep up to date: a writer clears them.
         if !readOnly && header.autoclearFeatures != 0 {
             guard Self.writeFully(fd, [UInt8](repeating: 0, count: 8), at: QCOW2Header.autoclearFeaturesOffset) else {
@@ -448,14 +466,31 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         let host = entry & Self.offsetMask
         guard host != 0 else { return .unallocated }
         guard host % cluster == 0, host >= cluster, host <= m.fileEnd - min(m.fileEnd, cluster) else { return .invalid }
+        // Guest data over the image's own metadata: a write there would rewrite the tables (the
+        // qcow2-image fuzz target's find). The request fails; the metadata stays as it is.
+        guard !isStructure(host, m) else { return .invalid }
         return .data(host, copied: entry & Self.copiedFlag != 0)
+    }
+
+    /// Whether the cluster at `host` lies in the L1 table or the refcount table.
+    private static func inTables(_ host: UInt64, header: QCOW2Header, _ m: Metadata) -> Bool {
+        let cluster = header.clusterSize
+        func within(_ start: UInt64, _ bytes: UInt64) -> Bool { host >= start && host - start < (bytes + cluster - 1) / cluster * cluster }
+        return within(header.l1TableOffset, UInt64(m.l1.count) * 8) || within(m.refcountTableOffset, UInt64(m.refcountTable.count) * 8)
+    }
+
+    /// Whether the cluster at `host` holds metadata: the L1 table, the refcount table, a refcount
+    /// block or an L2 table.
+    private func isStructure(_ host: UInt64, _ m: Metadata) -> Bool {
+        Self.inTables(host, header: header, m) || m.refcountBlocks.contains(host) || m.l2Tables.contains(host)
     }
 
     /// The L2 table at `offset`, read (and checked) once and cached.
     private func l2Table(_ offset: UInt64, _ m: inout Metadata) -> [UInt64]? {
         if let table = m.l2Cache[offset] { return table }
         let cluster = header.clusterSize
-        guard offset % cluster == 0, offset >= cluster, offset <= m.fileEnd - min(m.fileEnd, cluster) else { return nil }
+        guard offset % cluster == 0, offset >= cluster, offset <= m.fileEnd - min(m.fileEnd, cluster),
+              !Self.inTables(offset, header: header, m), !m.refcountBlocks.contains(offset) else { return nil }
         var bytes = [UInt8](repeating: 0, count: Int(cluster))
         guard Self.readFully(fd, &bytes, at: offset) else { return nil }
         var table = [UInt64](repeating: 0, count: Int(header.l2Entries))
@@ -487,6 +522,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
             let entry = l2Offset | Self.copiedFlag
             guard Self.writeFully(fd, Self.bigEndian(entry), at: header.l1TableOffset + UInt64(l1Index) * 8) else { return EIO }
             m.l1[l1Index] = entry
+            m.l2Tables.insert(l2Offset)
             cache(l2Offset, [UInt64](repeating: 0, count: Int(header.l2Entries)), &m)
         }
         guard var table = l2Table(l2Offset, &m) else { return EIO }
@@ -536,6 +572,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         m.fileEnd += cluster
         guard Self.writeFully(fd, Self.bigEndian(block), at: m.refcountTableOffset + UInt64(blockIndex) * 8) else { return EIO }
         m.refcountTable[blockIndex] = block
+        m.refcountBlocks.insert(block)
         // The block's own count: in itself when it covers its own cluster, else in another block.
         return setRefcount(block, 1, &m)
     }
@@ -586,6 +623,7 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         let oldClusters = UInt64(m.refcountTable.count) * 8 / cluster
         m.fileEnd = newEnd
         m.refcountTable = newTable
+        m.refcountBlocks.formUnion(newBlocks)
         for c in stride(from: tableOffset, to: newEnd, by: Int(cluster)) {
             let index = c / cluster
             let at = newTable[Int(index / perBlock)] + (index % perBlock) * 2
