@@ -79,12 +79,6 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
             return out
         }
         let l1 = try table(at: header.l1TableOffset, entries: UInt64(header.l1Size), "L1 table")
-        for (i, e) in l1.enumerated() where e & Self.offsetMask != 0 {
-            let o = e & Self.offsetMask
-            guard o % cluster == 0, o >= cluster, o <= fileSize - min(fileSize, cluster) else {
-                throw QCOW2Error("qcow2 L1 entry \(i) points outside the image or over its header (offset \(o))")
-            }
-        }
         let refcounts = try table(at: header.refcountTableOffset, entries: UInt64(header.refcountTableClusters) * cluster / 8,
                                   "refcount table")
         for (i, o) in refcounts.enumerated() where o != 0 {
@@ -93,7 +87,8 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
             }
         }
         // No structure may lie in another: an L2 table or refcount block over the L1 or refcount
-        // table (or over each other) would have hv's metadata updates rewrite the other.
+        // table, or an L2 table over a refcount block, would have hv's metadata updates rewrite
+        // the other.
         var opened = Metadata(l1: l1, refcountTable: refcounts, refcountTableOffset: header.refcountTableOffset,
                               fileEnd: (fileSize + cluster - 1) / cluster * cluster)
         opened.refcountBlocks = Set(refcounts.filter { $0 != 0 })
@@ -102,6 +97,9 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         }
         for (i, e) in l1.enumerated() where e & Self.offsetMask != 0 {
             let o = e & Self.offsetMask
+            guard o % cluster == 0, o >= cluster, o <= fileSize - min(fileSize, cluster) else {
+                throw QCOW2Error("qcow2 L1 entry \(i) points outside the image or over its header (offset \(o))")
+            }
             guard !Self.inTables(o, header: header, opened), !opened.refcountBlocks.contains(o) else {
                 throw QCOW2Error("qcow2 L1 entry \(i) points at the image's L1 table, refcount table or a refcount block (offset \(o))")
             }
