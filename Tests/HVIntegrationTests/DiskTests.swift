@@ -85,6 +85,9 @@ final class VirtioSCSIDiskTests: XCTestCase {
     func testSeaBIOSBootsWhileTheBIOSAndDiskProcessesAreKilled() throws {
         let disk = try bootDisk("boot-killed.img")
         let vm = try VMProcess(["run", "--firmware", "seabios", "--disk", disk])
+        // The kills start once the firmware runs: a device killed before the guest started fails
+        // the start with its one-line error (nothing has run yet to keep), which is not this test.
+        XCTAssertTrue(vm.waitForOutput("SeaBIOS (version", timeout: 60), vm.stdout + vm.stderr)
         var kills = 0
         let deadline = Date().addingTimeInterval(60)
         while vm.process.isRunning && kills < 8 && Date() < deadline {

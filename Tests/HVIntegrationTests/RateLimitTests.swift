@@ -122,7 +122,8 @@ final class RateLimitTests: XCTestCase {
                                     "--memory", "32M", "--nic", "net=\(segment),mac=52:54:00:00:0c:01,tx_pps=200"])
         defer { sender.process.terminate(); sender.waitForExit() }
         assertWithin(phase(sink, "bench: net rx start", "bench: net rx end"), expected: 2.0, "600 frames at 200 a second")
-        XCTAssertTrue(sink.stdout.contains("bench: net rx end received=600 "), sink.stdout + sender.stdout)
+        // The end marker may arrive before the rest of its line: wait for the count itself.
+        XCTAssertTrue(sink.waitForOutput("bench: net rx end received=600 ", timeout: 10), sink.stdout + sender.stdout)
         XCTAssertFalse(sender.stdout.contains("stalled"), sender.stdout)
     }
 
