@@ -12,8 +12,12 @@ public struct DeviceSpec: Sendable {
     public var name: String
     /// Absolute path of the device executable (an interpreted plugin's interpreter).
     public var executable: String
-    /// Arguments before the instance name (an interpreted plugin's interpreter flags and script).
+    /// Arguments before the script and the instance name (an interpreted plugin's interpreter flags).
     public var arguments: [String] = []
+    /// An interpreted plugin's script, as a host path: `executable` (its interpreter) runs it, a
+    /// jailed device from hv's copy in `SandboxPlan.pluginDirectory`. `hvctl device upgrade`
+    /// replaces this, not the interpreter. Nil for a native binary.
+    public var script: String?
     /// Guest address ranges routed to it, in resource-index order.
     public var resources: [Resource]
     /// GSI of each of its interrupt lines (line i → GSI), wired through irqfd.
@@ -32,6 +36,16 @@ public struct DeviceSpec: Sendable {
     /// The cgroups it runs in and its OOM score, applied before it runs (for a jailed device;
     /// an unsandboxed one is moved just after it starts); nil: the core's own.
     public var placement: ProcessPlacement?
+
+    /// The process's command line with `script` in place of the spec's own: the executable, its
+    /// arguments, the script where the process finds it, and the instance name.
+    public func commandLine(script: String?) -> [String] {
+        var line = [executable] + arguments
+        if let script {
+            line.append(sandbox == nil ? script : SandboxPlan.pluginDirectory + "/" + SandboxPlan.fileName(script))
+        }
+        return line + [name]
+    }
 
     public init(name: String, executable: String, resources: [Resource] = [], interruptGSIs: [UInt32] = [],
                 hostFiles: [UInt16: FileDescriptor] = [:], config: String = "", capabilities: Capabilities, mapsGuestMemory: Bool = false,
@@ -108,8 +122,14 @@ final class ManagedDevice: @unchecked Sendable {
     /// The binary the device runs now: the spec's, until an operator upgrades it. Written only by
     /// the supervisor thread; `publishedExecutable` is the copy other threads read.
     var executable: String {
-        didSet { publishedExecutable.withLock { $0 = executable } }
+        didSet { publishedExecutable.withLock { $0 = script ?? executable } }
     }
+    /// An interpreted plugin's script now: the spec's, until an operator upgrades it (the
+    /// interpreter stays). Supervisor thread only.
+    var script: String? {
+        didSet { publishedExecutable.withLock { $0 = script ?? executable } }
+    }
+    /// What the device runs, for other threads: its binary, or an interpreted plugin's script.
     let publishedExecutable: Mutex<String>
     /// The settings text HELLO carries: the spec's, until an operator reconfigures the device.
     /// Supervisor thread only.
@@ -119,7 +139,8 @@ final class ManagedDevice: @unchecked Sendable {
         self.spec = spec
         config = spec.config
         executable = spec.executable
-        publishedExecutable = Mutex(spec.executable)
+        script = spec.script
+        publishedExecutable = Mutex(spec.script ?? spec.executable)
         endpoint = try DeviceEndpoint(name: spec.name)
         do {
             statePage = try MemFD.create(name: "hv-state-\(spec.name)", size: 4096)
@@ -312,12 +333,15 @@ final class DeviceSupervisor: @unchecked Sendable {
             try stderrRead.setNonBlocking(true)
             let inherit = [(InheritedDescriptor.control, deviceControl.fd.rawValue),
                            (InheritedDescriptor.events, deviceEvents.fd.rawValue)]
-            if let sandbox = spec.sandbox {
-                child = try sandbox.spawn(executable: d.executable, arguments: spec.arguments + [spec.name],
+            let arguments = Array(spec.commandLine(script: d.script).dropFirst())
+            if var sandbox = spec.sandbox {
+                // The script is copied into the jail first, beside the files it brings.
+                if let script = d.script { sandbox.pluginFiles.insert(script, at: 0) }
+                child = try sandbox.spawn(executable: d.executable, arguments: arguments,
                                           memoryBytes: memory.size, inherit: inherit, stderr: stderrWrite.rawValue,
                                           placement: spec.placement)
             } else {
-                child = try ChildProcess.spawn(path: d.executable, arguments: spec.arguments + [spec.name],
+                child = try ChildProcess.spawn(path: d.executable, arguments: arguments,
                                                inherit: inherit + [(2, stderrWrite.rawValue)])
                 do { try spec.placement?.apply(to: child.pid) } catch {
                     child.killAndReap()
@@ -677,24 +701,58 @@ final class DeviceSupervisor: @unchecked Sendable {
             case .lost(let why, let error):
                 return .failure(DeviceActionError(description: "\(name) refused its new settings (\(why)) and did not restart with its old ones either (\(error))"))
             }
+        case .upgrade(let binary) where d.script != nil:
+            // An interpreted plugin: the new file is its script; its interpreter stays.
+            if let refusal = refuseScript(binary, for: d) { return .failure(refusal) }
+            let old = d.script
+            return upgrade(d, to: binary, change: { $0.script = binary }, undo: { $0.script = old }, from: old ?? "")
         case .upgrade(let binary):
             var st = stat()
             guard stat(binary, &st) == 0, st.st_mode & S_IFMT == S_IFREG, access(binary, X_OK) == 0 else {
                 return .failure(DeviceActionError(description: "'\(binary)' is not an executable file; \(name) keeps running \(d.executable)"))
             }
             let old = d.executable
-            let started = monotonicNanoseconds()
-            switch replaceProcess(d, change: { $0.executable = binary }, undo: { $0.executable = old }) {
-            case .replaced(let startedAt):
-                let pause = (startedAt - started) / 1_000_000
-                Diagnostics.line("device \(name) upgraded to \(binary) (pid \(d.process?.pid ?? 0))")
-                return .success("upgraded \(name) to \(binary) (pid \(d.process?.pid ?? 0); the device was away for \(pause) ms)")
-            case .rolledBack(let why):
-                Diagnostics.line("device \(name): upgrade to \(binary) failed (\(why)); rolled back to \(old) (pid \(d.process?.pid ?? 0))")
-                return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed: \(why); rolled back to \(old)"))
-            case .lost(let why, let error):
-                return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed (\(why)) and the old binary did not restart either (\(error))"))
+            return upgrade(d, to: binary, change: { $0.executable = binary }, undo: { $0.executable = old }, from: old)
+        }
+    }
+
+    /// Why `path` cannot replace interpreted device `d`'s script, or nil if it can.
+    private func refuseScript(_ path: String, for d: ManagedDevice) -> DeviceActionError? {
+        let name = d.spec.name, current = d.script ?? ""
+        var st = stat()
+        guard stat(path, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+            return DeviceActionError(description: "'\(path)' is not a regular file (\(name) is interpreted: give its new script); it keeps running \(current)")
+        }
+        let directory = { (p: String) in String(p[..<(p.lastIndex(of: "/") ?? p.startIndex)]) }
+        if let plan = d.spec.sandbox {
+            // The jail copies every file into one directory by its name: the script must not
+            // take the name of a module it brings.
+            if plan.pluginFiles.contains(where: { SandboxPlan.fileName($0) == SandboxPlan.fileName(path) }) {
+                return DeviceActionError(description: "'\(path)' has the name of a file \(name) brings (\(SandboxPlan.fileName(path))); rename the script")
             }
+        } else if directory(path) != directory(current) {
+            // Unsandboxed, the script runs where it is and finds its modules beside it.
+            return DeviceActionError(description: "'\(path)' is not beside \(current): an unsandboxed script finds its modules in its own directory")
+        }
+        return nil
+    }
+
+    /// Replaces the program of `d` (`change`), rolling back (`undo`) to `old` if the new one does
+    /// not take over.
+    private func upgrade(_ d: ManagedDevice, to binary: String, change: (ManagedDevice) -> Void, undo: (ManagedDevice) -> Void,
+                         from old: String) -> Result<String, DeviceActionError> {
+        let name = d.spec.name
+        let started = monotonicNanoseconds()
+        switch replaceProcess(d, change: change, undo: undo) {
+        case .replaced(let startedAt):
+            let pause = (startedAt - started) / 1_000_000
+            Diagnostics.line("device \(name) upgraded to \(binary) (pid \(d.process?.pid ?? 0))")
+            return .success("upgraded \(name) to \(binary) (pid \(d.process?.pid ?? 0); the device was away for \(pause) ms)")
+        case .rolledBack(let why):
+            Diagnostics.line("device \(name): upgrade to \(binary) failed (\(why)); rolled back to \(old) (pid \(d.process?.pid ?? 0))")
+            return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed: \(why); rolled back to \(old)"))
+        case .lost(let why, let error):
+            return .failure(DeviceActionError(description: "upgrade of \(name) to \(binary) failed (\(why)) and \(old) did not restart either (\(error))"))
         }
     }
 

@@ -23,9 +23,8 @@ final class IOBus: @unchecked Sendable {
     func add(_ kind: Resource.Kind, base: UInt64, length: UInt64, endpoint: DeviceEndpoint, resource: UInt16) throws(CoreError) {
         try routes.withLock { t throws(CoreError) in
             let list = kind == .pio ? t.pio : t.mmio
-            if let clash = list.first(where: { base < $0.base + $0.length && $0.base < base + length }) {
-                throw .configuration("\(endpoint.name) wants \(kind) [0x\(String(base, radix: 16)), +\(length)) which overlaps \(clash.endpoint.name)")
-            }
+            let clash = list.first { ResourceClaims.overlap(base, length, $0.base, $0.length) }
+            try ResourceClaims.claimRange(kind, base: base, length: length, by: endpoint.name, owner: clash?.endpoint.name)
             let route = Route(base: base, length: length, endpoint: endpoint, resource: resource)
             if kind == .pio { t.pio.append(route) } else { t.mmio.append(route) }
         }

@@ -106,6 +106,8 @@ public final class Machine: @unchecked Sendable {
         guard (1...Self.maximumCPUs).contains(configuration.cpus) else {
             throw .configuration("--cpus \(configuration.cpus) is out of range: use 1 to \(Self.maximumCPUs)")
         }
+        // Conflicting devices are refused before any resource is taken.
+        try ResourceClaims.check(configuration.devices)
         do {
             kvm = try KVM()
             vm = try kvm.createVM()

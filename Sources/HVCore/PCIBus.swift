@@ -95,12 +95,7 @@ final class PCIBus: @unchecked Sendable {
 
     func addFunction(bdf: UInt16, endpoint: DeviceEndpoint, resource: UInt16) throws(CoreError) {
         try state.withLock { s throws(CoreError) in
-            guard bdf >> 8 == 0 else {
-                throw .configuration("\(endpoint.name) declares PCI function \(Self.describe(bdf)): hv has one PCI bus, bus 00")
-            }
-            if let other = s.functions[bdf] {
-                throw .configuration("\(endpoint.name) declares PCI function \(Self.describe(bdf)), which \(other.endpoint.name) already has")
-            }
+            try ResourceClaims.claimFunction(bdf, by: endpoint.name, owner: s.functions[bdf]?.endpoint.name)
             s.functions[bdf] = Function(bdf: bdf, endpoint: endpoint, configResource: resource)
         }
     }

@@ -26,6 +26,10 @@ public struct SandboxPlan: Sendable {
     public static let pluginDirectory = "/plugin"
     /// The most files `pluginFiles` may hold (each is a descriptor handed to hv-jail).
     public static let maximumPluginFiles = 32
+    /// The name a plugin file has in `pluginDirectory`: its host path's last component.
+    public static func fileName(_ path: String) -> String {
+        path.split(separator: "/").last.map(String.init) ?? path
+    }
 
     public init(jailExecutable: String, profilePath: String, profile: SandboxProfile, outsideUID: uid_t,
                 outsideGID: gid_t, exposedPaths: [String]) {
@@ -137,7 +141,7 @@ public struct SandboxPlan: Sendable {
         var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
         for p in exposedPaths { argv += ["--expose", p] }
         for (i, path) in pluginFiles.enumerated() {
-            argv += ["--plugin-file", "\(Self.jailFirstPluginFileFD + Int32(i)):" + (path.split(separator: "/").last.map(String.init) ?? path)]
+            argv += ["--plugin-file", "\(Self.jailFirstPluginFileFD + Int32(i)):" + Self.fileName(path)]
         }
         if detached { argv.append("--outlive-parent") }
         argv += ["--", executable] + arguments

@@ -8,9 +8,14 @@ import HVIPC
 /// PCI_CONFIG resource); each `barN=` declares BAR N, which the guest's firmware places.
 /// `tenant` is nil with `--no-sandbox`.
 func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError) -> DeviceSpec {
+    try pluginDevice(text, index: index, jail: tenant.map { .tenant($0) } ?? .unsandboxed)
+}
+
+/// `pluginDevice(_:index:tenant:)` with the jail given: `.preview` plans one without a tenant.
+func pluginDevice(_ text: String, index: Int, jail: PluginManifest.Jail) throws(UsageError) -> DeviceSpec {
     let fields = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
     if let first = fields.first, first.hasSuffix(".json") {
-        return try PluginManifest.load(first).device(fields.dropFirst(), index: index, jail: tenant.map { .tenant($0) } ?? .unsandboxed)
+        return try PluginManifest.load(first).device(fields.dropFirst(), index: index, jail: jail)
     }
     guard let path = fields.first, path.utf8.first == UInt8(ascii: "/") else {
         throw UsageError(message: "invalid --device '\(text)': start with the device executable's absolute path")
@@ -68,11 +73,15 @@ func pluginDevice(_ text: String, index: Int, tenant: String?) throws(UsageError
         }
     }
     spec.config = SettingsText.encode(config)
-    if let tenant {
+    if jail != .unsandboxed {
         guard let profile else {
             throw UsageError(message: "--device \(path) has no profile=FILE: every device runs sandboxed (or pass --no-sandbox to debug)")
         }
-        spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: tenant, executable: path)
+        if case .tenant(let tenant) = jail {
+            spec.sandbox = try DeviceCatalog.plan(profilePath: profile, tenant: tenant, executable: path)
+        } else {
+            spec.sandbox = try DeviceCatalog.plan(profilePath: profile, outsideID: 0, executable: path)
+        }
     }
     return spec
 }
@@ -105,7 +114,7 @@ extension PluginManifest {
             let (key, value) = (parts[0], parts[1])
             switch key {
             case "name":
-                guard (1...32).contains(value.utf8.count), value.utf8.allSatisfy({ (0x61...0x7a).contains($0) || (0x30...0x39).contains($0) || $0 == 0x2d }) else {
+                guard Self.isInstanceName(value) else {
                     throw UsageError(message: "invalid --device name '\(value)': use 1 to 32 of a-z, 0-9 and -")
                 }
                 instance = value
@@ -157,8 +166,8 @@ extension PluginManifest {
                 throw UsageError(message: "--no-sandbox runs plugin \(name)'s script where it is, so its files must sit beside it: \(apart) does not")
             }
             // Unsandboxed, the script runs where it is; jailed, from hv's copy under /plugin.
-            let script = jail == .unsandboxed ? executable : SandboxPlan.pluginDirectory + "/" + (executable.split(separator: "/").last.map(String.init) ?? executable)
-            spec.arguments = interpreter.arguments + [script]
+            spec.arguments = interpreter.arguments
+            spec.script = executable
         }
         if jail != .unsandboxed {
             var plan: SandboxPlan
@@ -168,7 +177,7 @@ extension PluginManifest {
             }
             if let interpreter {
                 plan.exposedPaths += interpreter.readOnlyPaths.flatMap { Self.expand($0) }
-                plan.pluginFiles = [executable] + files
+                plan.pluginFiles = files  // the script goes first when the process starts
             }
             spec.sandbox = plan
         }

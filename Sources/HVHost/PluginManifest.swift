@@ -28,6 +28,12 @@ import HVSys
 public struct PluginManifest: Equatable, Sendable {
     /// The manifest format version this hv reads.
     public static let formatVersion = 1
+
+    /// Whether `name` may name a plugin or an instance of one: 1 to 32 of a-z, 0-9 and -.
+    static func isInstanceName(_ name: String) -> Bool {
+        (1...32).contains(name.utf8.count) && name.utf8.allSatisfy { (0x61...0x7a).contains($0) || (0x30...0x39).contains($0) || $0 == 0x2d }
+    }
+
     /// The largest manifest hv reads.
     public static let maximumBytes = 256 << 10
     /// The most bytes of script and extra files an interpreted plugin may bring into its jail.
@@ -311,7 +317,7 @@ private struct ManifestReader {
             throw fail("manifest", "format version \(version) is not one this hv reads (it reads \(PluginManifest.formatVersion))")
         }
         let name = try string(o["name"], "name")
-        guard (1...32).contains(name.utf8.count), name.utf8.allSatisfy({ (0x61...0x7a).contains($0) || (0x30...0x39).contains($0) || $0 == 0x2d }) else {
+        guard PluginManifest.isInstanceName(name) else {
             throw fail("name", "'\(name)' must be 1 to 32 of a-z, 0-9 and -")
         }
         let description = o["description"] == nil ? "" : try string(o["description"], "description")

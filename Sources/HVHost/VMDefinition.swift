@@ -1,5 +1,7 @@
 import FoundationEssentials
+import Glibc
 import HVCore
+import HVSys
 
 /// A VM as a document: everything needed to build and run it, and nothing about how it was asked
 /// for. `hvctl run` builds one from its flags (`--print-config` prints it), `hvctl run --config`
@@ -463,6 +465,35 @@ extension Decoder {
 }
 
 /// `path` made absolute against `directory`.
+extension VMDefinition {
+    /// A definition file that could not be read (status 1; a bad document is a `UsageError`).
+    public struct LoadError: Error {
+        public let message: String
+    }
+
+    /// Reads, checks and resolves the definition in file `path` (`hvctl run --config`): `name`
+    /// replaces the file's, and relative paths in it are relative to the file.
+    public static func load(_ path: String, name: String? = nil) throws -> VMDefinition {
+        let bytes: [UInt8]
+        do {
+            bytes = try FileDescriptor.openHostFile(path, flags: O_RDONLY, kinds: .regular, maximumSize: 1 << 20).readAll()
+        } catch {
+            throw LoadError(message: "cannot read VM definition '\(path)': \(error)")
+        }
+        var definition: VMDefinition
+        do throws(UsageError) {
+            definition = try VMDefinition.decode(bytes)
+            if let name { definition.name = name }
+            try definition.validate(naming: .keys)
+        } catch {
+            throw UsageError(message: "VM definition '\(path)': \(error.message)")
+        }
+        let absolute = absolutePath(path)
+        let directory = absolute.lastIndex(of: "/").map { String(absolute[..<$0]) } ?? "."
+        return definition.resolvingPaths(against: directory.isEmpty ? "/" : directory)
+    }
+}
+
 public func absolutePath(_ path: String, against directory: String) -> String {
     path.utf8.first == UInt8(ascii: "/") || directory.isEmpty ? path : (directory.hasSuffix("/") ? directory : directory + "/") + path
 }

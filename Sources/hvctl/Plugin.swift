@@ -12,16 +12,30 @@ extension HVCtl {
 
         struct Validate: ParsableCommand {
             static let configuration = CommandConfiguration(
-                abstract: "Check a plugin manifest, its files and its sandbox profile; one line naming the field on a problem.")
+                abstract: "Check a plugin manifest, its files and its sandbox profile, and that it fits the VM it would join; one line naming the field or the conflict on a problem.",
+                discussion: """
+                    The plugin's ports, MMIO ranges, PCI function and IRQ lines are checked against the devices hv puts on \
+                    every board (serial0, bios), or, with --config, against every device of that VM definition (its disks, \
+                    CD-ROM, NICs, balloon and other plugins, which the plugin joins last). KEY=VALUE arguments are taken as \
+                    'hvctl run --device MANIFEST,KEY=VALUE…' takes them.
+                    """)
             @Argument(help: ArgumentHelp("The manifest.", valueName: "manifest.json")) var manifest: String
+            @Argument(help: ArgumentHelp("Settings and overrides as --device takes them.", valueName: "key=value")) var fields: [String] = []
+            @Option(help: ArgumentHelp("A VM definition (as 'hvctl run --config' takes) to check the plugin against.", valueName: "file.json"))
+            var config: String?
 
             func run() throws {
                 let m = try PluginManifest.load(manifest)
-                let spec = try m.device([], index: 0, jail: .preview)
+                var definition = VMDefinition()
+                if let config {
+                    do { definition = try VMDefinition.load(config) } catch let error as VMDefinition.LoadError { fail(error.message) }
+                }
+                let spec = try m.device(fields, index: definition.devices.count, jail: .preview)
+                let others = try checkPlugin(spec, fitsInto: definition).joined(separator: ", ")
                 let profile = spec.sandbox?.profile
                 print("\(manifest): valid: plugin \(m.name), profile '\(profile?.name ?? "?")' "
                       + "(\(profile?.steadyStateSyscallCount ?? 0) syscalls after lock-down), "
-                      + "\(m.settings.count) setting\(m.settings.count == 1 ? "" : "s")")
+                      + "\(m.settings.count) setting\(m.settings.count == 1 ? "" : "s"); no conflict with \(others)\(config.map { " (\($0))" } ?? "")")
             }
         }
 
@@ -41,7 +55,8 @@ extension HVCtl {
                 let spec = try m.device(fields, index: 0, jail: .preview)
                 let settings = SettingsText.decode(spec.config)
                 let plan = spec.sandbox
-                let command = [spec.executable] + spec.arguments + [spec.name]
+                let command = spec.commandLine(script: spec.script)
+                let copied = (spec.script.map { [$0] } ?? []) + (plan?.pluginFiles ?? [])
                 let ranges = spec.resources.filter { $0.kind == .pio || $0.kind == .mmio }
                 let pci = m.resources.pci.map { _ in spec.resources.first { $0.kind == .pciConfig }.map { UInt16($0.base) } } ?? nil
                 let bars = spec.resources.filter { $0.kind == .pciMMIOBar || $0.kind == .pciPIOBar }
@@ -63,7 +78,7 @@ extension HVCtl {
                             + "\"default\": \(s.defaultValue.map(jsonString) ?? "null"), \"description\": \(jsonString(s.description))}"
                     }.joined(separator: ", ") + "], "
                     out += "\"read_only_paths\": [\((plan?.exposedPaths ?? []).map(jsonString).joined(separator: ", "))], "
-                    out += "\"plugin_files\": [\((plan?.pluginFiles ?? []).map(jsonString).joined(separator: ", "))]}"
+                    out += "\"plugin_files\": [\((plan == nil ? [] : copied).map(jsonString).joined(separator: ", "))]}"
                     print(out)
                     return
                 }
@@ -73,8 +88,8 @@ extension HVCtl {
                 if let plan {
                     lines.append("profile: \(m.profile) ('\(plan.profile.name)': \(plan.profile.startupSyscallCount) syscalls during start-up, \(plan.profile.steadyStateSyscallCount) after lock-down; 'hvctl sandbox show \(m.profile)' lists them)")
                     lines.append("jail root: read-only \(plan.exposedPaths.joined(separator: ", "))")
-                    if !plan.pluginFiles.isEmpty {
-                        lines.append("copied into \(SandboxPlan.pluginDirectory)/: " + plan.pluginFiles.joined(separator: ", "))
+                    if !copied.isEmpty {
+                        lines.append("copied into \(SandboxPlan.pluginDirectory)/: " + copied.joined(separator: ", "))
                     }
                 }
                 for r in ranges {

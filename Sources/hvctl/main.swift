@@ -242,23 +242,7 @@ extension HVCtl {
                 guard !flags.anyGiven else {
                     throw UsageError(message: "--config describes the whole VM: give its other settings in the file, not as flags (only --name may be added)")
                 }
-                let file: FileDescriptor
-                do { file = try FileDescriptor.openHostFile(config, flags: O_RDONLY, kinds: .regular, maximumSize: 1 << 20) } catch {
-                    fail("cannot read VM definition '\(config)': \(error)")
-                }
-                let bytes: [UInt8]
-                do { bytes = try file.readAll() } catch { fail("cannot read VM definition '\(config)': \(error)") }
-                do throws(UsageError) {
-                    definition = try VMDefinition.decode(bytes)
-                    if let name = flags.name { definition.name = name }
-                    try definition.validate(naming: .keys)
-                } catch {
-                    throw UsageError(message: "VM definition '\(config)': \(error.message)")
-                }
-                // Relative paths in a document are relative to the document.
-                let absolute = absolutePath(config)
-                let directory = absolute.lastIndex(of: "/").map { String(absolute[..<$0]) } ?? "."
-                definition = definition.resolvingPaths(against: directory.isEmpty ? "/" : directory)
+                do { definition = try VMDefinition.load(config, name: flags.name) } catch let error as VMDefinition.LoadError { fail(error.message) }
             } else {
                 definition = try flags.definition()
             }
@@ -602,12 +586,12 @@ extension HVCtl {
     struct Device: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "A running VM's device processes: 'device NAME ls', 'device NAME restart DEV', 'device NAME upgrade DEV --binary PATH'.",
-            discussion: "restart restarts one device process cleanly (reviving one given up after a crash loop); upgrade replaces its binary under the running guest, rolled back if the new one cannot take over.")
+            discussion: "restart restarts one device process cleanly (reviving one given up after a crash loop); upgrade replaces its binary under the running guest (an interpreted plugin's script: its interpreter stays), rolled back if the new one cannot take over.")
         enum Action: String, ExpressibleByArgument, CaseIterable { case ls, restart, upgrade }
         @OptionGroup var vm: VMName
         @Argument(help: "ls, restart or upgrade.") var action: Action
         @Argument(help: ArgumentHelp("The device (see 'hvctl device NAME ls').", valueName: "dev")) var device: String?
-        @Option(help: ArgumentHelp("upgrade: the new binary.", valueName: "path")) var binary: String?
+        @Option(help: ArgumentHelp("upgrade: the new binary (an interpreted plugin's new script).", valueName: "path")) var binary: String?
         @Flag(help: "ls: print JSON.") var json = false
 
         mutating func validate() throws {

@@ -71,6 +71,100 @@ final class PluginTests: XCTestCase {
         XCTAssertTrue(vm.stderr.contains("device py-counter restarted"), vm.stderr)
     }
 
+    /// A script beside the Python example's manifest, and a manifest variant that runs it.
+    private func pythonVariant(of manifest: String, name: String, script: String, source: String) throws -> String {
+        let directory = URL(fileURLWithPath: manifest).deletingLastPathComponent()
+        try source.write(to: directory.appendingPathComponent(script), atomically: true, encoding: .utf8)
+        var json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: manifest))) as? [String: Any])
+        json["name"] = name
+        json["executable"] = script
+        let path = directory.appendingPathComponent("\(name).json")
+        try JSONSerialization.data(withJSONObject: json).write(to: path)
+        return path.path
+    }
+
+    /// A Python device that makes a system call its profile allows only during start-up
+    /// (getcwd) is stopped by the sandbox, and the SDK's SIGSYS reporter names the call, as the
+    /// Swift SDK's does; its successor serves the same write and the guest carries on.
+    func testPythonPluginStoppedByItsSandboxIsNamedAndRestarted() throws {
+        let counter = try pythonCounter()
+        let manifest = try pythonVariant(of: counter, name: "py-rogue", script: "rogue.py", source: """
+            import os
+            import hvdevice
+
+            class Rogue(hvdevice.Device):
+                model = "py-rogue"
+
+                def start(self, runtime, restored):
+                    self.value = 0
+                    self.first_process = runtime.generation == 0
+
+                def read(self, resource, offset, size):
+                    return self.value >> (8 * offset)
+
+                def write(self, resource, offset, size, value):
+                    if value == 0xDEAD and self.first_process:
+                        os.getcwd()  # allowed during start-up only: the lock-down filter traps it
+                    self.value = value
+
+            hvdevice.run(Rogue)
+
+            """)
+        let r = try runHvctl(["run", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=outl:0x530:0xdead,inl:0x530",
+                              "--device", manifest], timeout: 60)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("device py-rogue (pid ") && r.stderr.contains(
+            ") was stopped by its sandbox: system call 79 (getcwd) is not allowed by \(URL(fileURLWithPath: counter).deletingLastPathComponent().path)/counter.profile.json"),
+            r.stderr)
+        XCTAssertTrue(r.stderr.contains("device py-rogue restarted"), r.stderr)
+        XCTAssertTrue(r.stdout.contains("poke: inl 0x530 = 0xdead"), r.stdout)
+    }
+
+    /// `hvctl device upgrade` on an interpreted plugin replaces its script, not its interpreter:
+    /// the new script takes over the count where the old one left it; a script that is not a
+    /// file, or that takes the name of a module the plugin brings, is refused and the old one runs on.
+    func testAnInterpretedPluginIsUpgradedToANewScript() throws {
+        let manifest = try pythonCounter()
+        let directory = URL(fileURLWithPath: manifest).deletingLastPathComponent()
+        let original = try String(contentsOf: directory.appendingPathComponent("counter.py"), encoding: .utf8)
+        let v2 = directory.appendingPathComponent("counter-v2.py").path
+        // Version 2 adds ten times what the guest writes.
+        let source = original.replacingOccurrences(of: "self.value = (self.value + value) & 0xFFFFFFFF",
+                                                   with: "self.value = (self.value + 10 * value) & 0xFFFFFFFF")
+        XCTAssertNotEqual(source, original, "the example's write changed; update this test")
+        try source.write(toFile: v2, atomically: true, encoding: .utf8)
+        let ops = "outl:0x530:3,inl:0x530,sleep:5000,inl:0x530,outl:0x530:4,inl:0x530"
+        let (vm, pid) = try runProbe(vm: "pyup", device: "\(manifest),start=5", named: "py-counter", ops: ops, until: "poke: inl 0x530 = 0x8")
+        defer { _ = try? runHvctl(["stop", "pyup"]); vm.waitForExit() }
+
+        let missing = try runHvctl(["device", "pyup", "upgrade", "py-counter", "--binary", directory.appendingPathComponent("nope.py").path])
+        XCTAssertNotEqual(missing.status, 0)
+        XCTAssertTrue(missing.stderr.contains("nope.py' is not a regular file (py-counter is interpreted: give its new script); it keeps running"), missing.stderr)
+        let clash = directory.appendingPathComponent("elsewhere")
+        try FileManager.default.createDirectory(at: clash, withIntermediateDirectories: true)
+        try source.write(to: clash.appendingPathComponent("hvdevice.py"), atomically: true, encoding: .utf8)
+        let named = try runHvctl(["device", "pyup", "upgrade", "py-counter", "--binary", clash.appendingPathComponent("hvdevice.py").path])
+        XCTAssertNotEqual(named.status, 0)
+        XCTAssertTrue(named.stderr.contains("has the name of a file py-counter brings (hvdevice.py); rename the script"), named.stderr)
+
+        let upgraded = try runHvctl(["device", "pyup", "upgrade", "py-counter", "--binary", v2], timeout: 60)
+        XCTAssertEqual(upgraded.status, 0, upgraded.stderr)
+        XCTAssertTrue(upgraded.stdout.hasPrefix("upgraded py-counter to \(v2) (pid "), upgraded.stdout)
+        let ls = try runHvctl(["device", "pyup", "ls"])
+        XCTAssertTrue(ls.stdout.split(separator: "\n").contains { $0.hasPrefix("py-counter") && $0.hasSuffix(v2) }, ls.stdout)
+        let devices = try runHvctl(["status", "pyup", "--json"])
+        let status = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(devices.stdout.utf8)) as? [String: Any])
+        let newPid = try XCTUnwrap((status["devices"] as? [[String: Any]])?.first { $0["name"] as? String == "py-counter" }?["pid"] as? Int)
+        XCTAssertNotEqual(newPid, pid)
+        let command = try String(contentsOfFile: "/proc/\(newPid)/cmdline", encoding: .utf8).split(separator: "\0").map(String.init)
+        XCTAssertEqual(command, ["/usr/bin/python3", "-S", "-E", "-B", "-u", "/plugin/counter-v2.py", "py-counter"])
+
+        XCTAssertTrue(vm.waitForOutput("poke: end", timeout: 60), vm.stdout + vm.stderr)
+        // 5 + 3 = 8 by the old script, kept across the upgrade; then 8 + 10 * 4 = 48 by the new one.
+        let reads = vm.stdout.split(separator: "\n").filter { $0.hasPrefix("poke: inl 0x530") }
+        XCTAssertEqual(reads, ["poke: inl 0x530 = 0x8", "poke: inl 0x530 = 0x8", "poke: inl 0x530 = 0x30"], vm.stdout)
+    }
+
     /// The C example, built with gcc from its own source (it includes nothing of hv's), runs
     /// under its base-device profile; killed between two reads, it continues the same sequence.
     func testCPluginBuiltWithGCCContinuesItsSequenceAfterSIGKILL() throws {
@@ -155,6 +249,31 @@ final class PluginTests: XCTestCase {
         let ok = try runHvctl(["plugin", "validate", manifest])
         XCTAssertEqual(ok.status, 0, ok.stderr)
         XCTAssertTrue(ok.stdout.contains("valid: plugin py-counter, profile 'py-counter'"), ok.stdout)
+        XCTAssertTrue(ok.stdout.hasSuffix("; no conflict with serial0, bios\n"), ok.stdout)
+
+        // Conflicts are found before any VM runs: with the board's devices, and with a VM
+        // definition's devices (here its disk's PCI function, and the same plugin already in it).
+        let definition = dir.appendingPathComponent("vm.json")
+        try #"{"disks": [{"path": "/dev/null"}], "devices": ["\#(manifest)"]}"#.write(to: definition, atomically: true, encoding: .utf8)
+        var pciJSON = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: manifest))) as? [String: Any])
+        pciJSON["name"] = "py-pci"
+        pciJSON["resources"] = ["pci": ["slot": "0f.0", "bars": [] as [Any]]]
+        let pciVariant = URL(fileURLWithPath: manifest).deletingLastPathComponent().appendingPathComponent("py-pci.json")
+        try JSONSerialization.data(withJSONObject: pciJSON).write(to: pciVariant)
+        for (arguments, expected) in [
+            (["irq=4"], "hvctl: py-counter wants IRQ 4, which is serial0's; give it a free line (free: 3, 5, 6, 7, 10, "),
+            (["pio=0x3f8:8"], "hvctl: py-counter wants pio [0x3f8, +8) which overlaps serial0"),
+            (["--config", definition.path], "hvctl: py-counter1 wants pio [0x530, +4) which overlaps py-counter"),
+            (["--config", definition.path, "pio=0x540:4", "pci=04.0"], "hvctl: py-pci1 declares PCI function 00:04.0, which disk0 already has"),
+        ] {
+            let r = try runHvctl(["plugin", "validate", arguments.contains("pci=04.0") ? pciVariant.path : manifest] + arguments)
+            XCTAssertEqual(r.status, 2, "\(arguments): \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix(expected), "\(arguments): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        }
+        let fits = try runHvctl(["plugin", "validate", manifest, "--config", definition.path, "pio=0x540:4", "name=second"])
+        XCTAssertEqual(fits.status, 0, fits.stderr)
+        XCTAssertTrue(fits.stdout.hasSuffix("no conflict with serial0, bios, disk0, py-counter (\(definition.path))\n"), fits.stdout)
 
         let info = try runHvctl(["plugin", "info", manifest, "start=9", "--json"])
         XCTAssertEqual(info.status, 0, info.stderr)

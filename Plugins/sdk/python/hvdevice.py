@@ -69,6 +69,8 @@ READS = (1, 3, 5)
 LOG_DEBUG, LOG_INFO, LOG_WARNING, LOG_ERROR = 0, 1, 2, 3
 
 CONTROL_FD, EVENTS_FD, LOCKDOWN_FD = 3, 4, 5
+# The exit status after a reported seccomp violation (README §2): the core names the system call.
+SANDBOX_VIOLATION_STATUS = 159
 F_GET_SEALS, F_SEAL_SHRINK, F_SEAL_GROW = 1034, 0x2, 0x4
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 4, 22, 2
 
@@ -160,8 +162,95 @@ def fail(runtime_or_name, text):
     os._exit(2)
 
 
+# struct sigaction as glibc lays it out on x86-64: handler, a 1024-bit mask, flags, restorer.
+class _SigAction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p)]
+
+
+SA_SIGINFO = 4
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+
+# README §2's SIGSYS reporter: one LOG frame (NO_REPLY, id 0xffffffff, level ERROR, text
+# "sandbox: denied syscall N") on the events socket, then exit_group(159). It must be native
+# code: only siginfo holds the system call's number, Python's own handlers never see siginfo and
+# run only after the trapped call has returned; and a ctypes callback needs libffi's closure
+# allocator, which itself makes calls (statfs, temporary files) no device profile allows. So it
+# is these 131 bytes of x86-64 (hv runs on x86-64 hosts only), assembled from:
+#
+#   handler:                          # void handler(int sig, siginfo_t *info, void *context)
+#       mov   eax, [rsi + 24]         # info->si_syscall
+#       sub   rsp, 80                 # the frame is built here: the template, then the digits
+#       lea   rsi, [rip + template]   # (the 44 template bytes follow the code)
+#       xor   ecx, ecx
+#   1:  mov   dl, [rsi + rcx]         # copy the template
+#       mov   [rsp + rcx], dl
+#       inc   ecx
+#       cmp   ecx, 44
+#       jne   1b
+#       lea   r9, [rsp + 80]          # the decimal digits, last first, at the top of the area
+#       mov   ecx, 10
+#   2:  xor   edx, edx
+#       div   ecx
+#       add   dl, 48                  # '0'
+#       dec   r9
+#       mov   [r9], dl
+#       test  eax, eax
+#       jnz   2b
+#       lea   rdi, [rsp + 44]         # moved down behind the template
+#   3:  mov   dl, [r9]
+#       mov   [rdi], dl
+#       inc   r9
+#       inc   rdi
+#       lea   rax, [rsp + 80]
+#       cmp   r9, rax
+#       jne   3b
+#       mov   rdx, rdi
+#       sub   rdx, rsp                # the frame's length
+#       lea   eax, [rdx - 16]
+#       mov   [rsp + 12], eax         # the header's payload length
+#       lea   eax, [rdx - 20]
+#       mov   [rsp + 18], ax          # the LOG record's text length
+#       mov   rsi, rsp
+#       mov   edi, 4                  # EVENTS_FD
+#       mov   eax, 1                  # write
+#       syscall
+#       mov   edi, 159                # SANDBOX_VIOLATION_STATUS
+#       mov   eax, 231                # exit_group
+#       syscall
+#       hlt
+_SIGSYS_REPORTER = bytes.fromhex(
+    "8b46184883ec50488d357500000031c98a140e88140cffc183f92c75f34c8d4c2450b90a00000031d2f7f180c2"
+    "3049ffc941881185c075ef488d7c242c418a11881749ffc148ffc7488d4424504939c175eb4889fa4829e28d42"
+    "f08944240c8d42ec66894424124889e6bf04000000b8010000000f05bf9f000000b8e70000000f05f4")
+_SIGSYS_TEMPLATE = (struct.pack("<HHIiI", LOG, FLAG_NO_REPLY, 0xFFFFFFFF, 0, 0) + struct.pack("<BBH", LOG_ERROR, 0, 0)
+                    + b"sandbox: denied syscall ")
+
+
+def _install_sigsys_reporter(name):
+    """Map the reporter (written, then made read-only and executable) and make it SIGSYS's handler."""
+    assert len(_SIGSYS_REPORTER) == 131 and len(_SIGSYS_TEMPLATE) == 44 and EVENTS_FD == 4
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = _libc.mmap(None, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if page in (None, ctypes.c_void_p(-1).value):
+        fail(name, f"cannot map the SIGSYS reporter: {os.strerror(ctypes.get_errno())}")
+    code = _SIGSYS_REPORTER + _SIGSYS_TEMPLATE
+    ctypes.memmove(page, code, len(code))
+    if _libc.mprotect(page, 4096, PROT_READ | PROT_EXEC) != 0:
+        fail(name, f"cannot make the SIGSYS reporter executable: {os.strerror(ctypes.get_errno())}")
+    action = _SigAction()
+    action.handler = page
+    action.flags = SA_SIGINFO
+    if _libc.sigaction(signal.SIGSYS, ctypes.byref(action), None) != 0:
+        fail(name, f"cannot install the SIGSYS reporter: {os.strerror(ctypes.get_errno())}")
+
+
 def _lock_down(name):
-    """README §2: read the filter from fd 5, become non-dumpable, install it."""
+    """README §2: read the filter from fd 5, install the SIGSYS reporter, become non-dumpable,
+    install the filter."""
     if os.environ.get("HV_SANDBOXED") != "1":
         return
     program = b""
@@ -179,6 +268,7 @@ def _lock_down(name):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    _install_sigsys_reporter(name)
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         fail(name, "prctl(PR_SET_DUMPABLE) failed")
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
