@@ -120,6 +120,37 @@ final class PluginTests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("poke: inl 0x530 = 0xdead"), r.stdout)
     }
 
+    /// The Python SDK's SIGSYS reporter is machine code: its bytes are what GNU as makes of the
+    /// assembly listed beside them, so a reader can trust the listing.
+    func testThePythonSIGSYSReporterIsItsListedAssembly() throws {
+        let source = try String(contentsOf: Harness.repositoryRoot.appendingPathComponent("Plugins/sdk/python/hvdevice.py"), encoding: .utf8)
+        let lines = source.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        let first = try XCTUnwrap(lines.firstIndex { $0.hasSuffix("assembled from:") }) + 1
+        let codeLine = try XCTUnwrap(lines.firstIndex { $0.hasPrefix("_SIGSYS_REPORTER = bytes.fromhex(") })
+        let listing = lines[first..<codeLine].compactMap { line -> String? in
+            guard line.hasPrefix("#"), line.count > 1 else { return nil }
+            return String(line.dropFirst())
+        }
+        XCTAssertGreaterThan(listing.count, 40, "the listing was not found")
+        var hex = ""
+        for line in lines[(codeLine + 1)...] {
+            guard let open = line.firstIndex(of: "\""), let close = line.lastIndex(of: "\""), open < close else { break }
+            hex += line[line.index(after: open)..<close]
+            if line.hasSuffix(")") { break }
+        }
+        let work = dir.appendingPathComponent("sigsys")
+        try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+        let assembly = ".intel_syntax noprefix\n.text\n" + listing.joined(separator: "\n") + "\ntemplate:\n"
+        try assembly.write(to: work.appendingPathComponent("h.s"), atomically: true, encoding: .utf8)
+        let assembled = try tool("/usr/bin/as", ["--64", "-o", work.appendingPathComponent("h.o").path, work.appendingPathComponent("h.s").path])
+        XCTAssertEqual(assembled.status, 0, assembled.output)
+        let copied = try tool("/usr/bin/objcopy", ["-O", "binary", "-j", ".text", work.appendingPathComponent("h.o").path, work.appendingPathComponent("h.bin").path])
+        XCTAssertEqual(copied.status, 0, copied.output)
+        let bytes = try Data(contentsOf: work.appendingPathComponent("h.bin"))
+        XCTAssertEqual(bytes.map { String(format: "%02x", $0) }.joined(), hex)
+        XCTAssertEqual(bytes.count, 131)
+    }
+
     /// `hvctl device upgrade` on an interpreted plugin replaces its script, not its interpreter:
     /// the new script takes over the count where the old one left it; a script that is not a
     /// file, or that takes the name of a module the plugin brings, is refused and the old one runs on.
