@@ -350,6 +350,23 @@ def wait_path(path: Path, timeout_s: float, nonempty: bool = False) -> Optional[
     return None
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time so far of every thread of `pids` (/proc/PID/task/TID/schedstat: nanoseconds)."""
+    total = 0
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid (by scanning /proc/*/stat)."""
     children: dict[int, list[int]] = {}
@@ -1055,6 +1072,7 @@ class Bench:
                 return
             procs, outs = [], []
             up = 0
+            idle_cpu = None
             # Their own run directory, so 'hvctl ls' sees exactly these VMs.
             env = dict(self.hv_env, HV_RUN_DIR=str(self.env.tmp / f"run-at-once-{i}"))
             try:
@@ -1081,6 +1099,14 @@ class Bench:
                     up += 1
                 alive = sum(p.poll() is None for p in procs)
                 pss = sum(self.hv_pss(p.pid)["total_kb"] for p in procs if p.poll() is None) / 1024
+                # What they cost while idle: the CPU time of all their processes over a few
+                # seconds (the halt monitor's probes are most of it: issue 21).
+                window = 5 if self.quick else 20
+                pids = [q for p in procs if p.poll() is None for q in (p.pid, *descendants(p.pid))]
+                before, t0 = cpu_seconds(pids), time.monotonic()
+                time.sleep(window)
+                idle_cpu = 100 * (cpu_seconds(pids) - before) / (time.monotonic() - t0) / max(alive, 1)
+                self.record("at_once_cpu", "hv", idle_cpu)
                 # The operator's view of them all: `hvctl ls` asks every VM's control socket.
                 for argv in (["ls"], ["ls", "--json"]):
                     t0 = now_ns()
@@ -1107,7 +1133,7 @@ class Bench:
             self.record("at_once", "hv", alive if alive == up else None)
             self.record("at_once_pss", "hv", pss / max(alive, 1))
             print(f"  run {i + 1}: {up} started, {alive} alive together, {pss:.0f} MiB PSS in all "
-                  f"({pss / max(alive, 1):.1f} MiB per VM), {clean} stopped cleanly", flush=True)
+                  f"({pss / max(alive, 1):.1f} MiB per VM), {'?' if idle_cpu is None else round(idle_cpu, 3)} % of a core per idle VM, {clean} stopped cleanly", flush=True)
 
         self.interleaved(one, sides=("hv",))
         return [
@@ -1116,6 +1142,9 @@ class Bench:
                 met=None if self.get("at_once", "hv") is None else self.get("at_once", "hv").min >= cap),
             Row("  PSS per running VM (all its processes)", self.get("at_once_pss", "hv"), None, unit="MiB",
                 target="report", show_ratio=False),
+            Row("  CPU per idle VM (1 vCPU; all its processes)", self.get("at_once_cpu", "hv"), None, unit="% core",
+                target="≤ 0.05 % per idle vCPU (issue 21)", show_ratio=False,
+                met=None if self.get("at_once_cpu", "hv") is None else self.get("at_once_cpu", "hv").median <= 0.05),
             Row(f"  'hvctl ls' with them all running", self.get("ls_ms", "hv"), None, unit="ms",
                 target="report", show_ratio=False),
             Row(f"  'hvctl ls --json' with them all running", self.get("ls_json_ms", "hv"), None, unit="ms",

@@ -78,6 +78,10 @@ final class ManagedDevice: @unchecked Sendable {
     var process: ChildProcess?
     /// OOM kills its memory cgroup had counted when last looked at (see `describe`).
     var oomKillsSeen: UInt64 = 0
+    /// How its last process ended during a handshake (nil: it was still running, or answered).
+    var handshakeTermination: ChildProcess.Termination?
+    /// Times it was started again because it was killed before the guest started.
+    var startupRetries = 0
     /// The control channel of the live process. Under a lock: the control socket thread sends
     /// MEDIA_CHANGE on it while the supervisor thread may be replacing it.
     let controlChannel = Mutex<ControlChannel?>(nil)
@@ -286,16 +290,36 @@ final class DeviceSupervisor: @unchecked Sendable {
     /// are spawned first, so their jails and runtimes start up in parallel.
     func startAll() throws(CoreError) {
         var started: [(ManagedDevice, Spawned)] = []
-        do {
+        do throws(CoreError) {
             for d in devices { started.append((d, try spawn(d))) }
             for (d, s) in started {
-                try handshake(d, s)
+                do throws(CoreError) { try handshake(d, s) } catch {
+                    // Killed from outside during its start-up: nothing has run yet, start it again.
+                    guard let ended = d.handshakeTermination, mayStartAgain(d, ended: ended) else { throw error }
+                    d.startupRetries += 1
+                    Diagnostics.line("device \(d.spec.name) \(ended) during its start-up; starting it again")
+                    try launch(d)
+                }
                 d.endpoint.state = .running
             }
         } catch {
             for (d, s) in started where d.process == nil { s.child.killAndReap() }
             throw error
         }
+    }
+
+    /// How many times a device killed before the guest started is started again.
+    static let startupRetries = 3
+
+    /// Whether device `d`, whose process ended as `ended` before the guest started, may simply
+    /// be started afresh (same generation: for it nothing has happened yet): it was killed by a
+    /// signal, not by its sandbox (SIGSYS) or the OOM killer, and it reported no error. What it
+    /// did itself (an exit, an error, a sandbox violation) or a memory limit would happen again,
+    /// and the operator is told at once instead.
+    private func mayStartAgain(_ d: ManagedDevice, ended: ChildProcess.Termination) -> Bool {
+        guard d.startupRetries < Self.startupRetries, case .signalled(let signal) = ended, signal != SIGSYS, d.lastError == nil else { return false }
+        if signal == SIGKILL, let kills = d.spec.placement?.oomKillCount(), kills > d.oomKillsSeen { return false }
+        return true
     }
 
     /// A device process that is running but has not completed its handshake yet.
@@ -427,7 +451,13 @@ final class DeviceSupervisor: @unchecked Sendable {
                 $0 = (reply.name, reply.capabilities.contains(.snapshot) ? reply.stateVersion : 0, reply.capabilities.contains(.dirtyLog))
             }
         } catch {
-            let ended = child.reapIfExited()
+            var ended = child.reapIfExited()
+            if ended == nil, case ChannelError.closed = error {
+                // Its sockets close before it is a zombie: give a dying process a moment to end.
+                _ = try? Poll.wait([Poll.Interest(fd: child.pidfd.rawValue)], timeoutMilliseconds: 200)
+                ended = child.reapIfExited()
+            }
+            d.handshakeTermination = ended
             child.killAndReap()
             drainStderr(d, final: true)
             let why: String
@@ -503,10 +533,22 @@ final class DeviceSupervisor: @unchecked Sendable {
         if d.events != nil { serveEvents(d, drainOnly: true) }
         drainStderr(d, final: true)
         let ended = p.reapIfExited() ?? { p.killAndReap(); return .signalled(SIGKILL) }()
+        let startAgain = !guestStarted.load(ordering: .acquiring) && mayStartAgain(d, ended: ended)
         let how = describe(ended, of: d)
         let uptime = d.startedAt.map { monotonicNanoseconds() &- $0 } ?? 0
         notePoison(d)
         forgetProcess(d)
+        if startAgain {
+            // Killed before the guest ran: a fresh start, as if for the first time (a BIOS loads
+            // the guest again and hands over the boot state again).
+            d.startupRetries += 1
+            Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how) before the guest started; starting it again")
+            do { try launch(d) } catch {
+                d.endpoint.state = .failed
+                onEarlyDeath?("\(error)")
+            }
+            return
+        }
         if !guestStarted.load(ordering: .acquiring) {
             d.endpoint.state = .failed
             onEarlyDeath?(d.lastError.map { "device \(d.spec.name): \($0)" } ?? "device \(d.spec.name) \(how) before the guest started")

@@ -309,12 +309,13 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
-    /// Every vCPU's state and, with `registers`, its RIP (read by the vCPU's own thread at its
-    /// next probe, within about 20 ms). Safe from any thread.
+    /// Every vCPU's state and, with `registers`, its RIP (read by the vCPU's own thread at the
+    /// probe this asks for, within about 20 ms). Safe from any thread.
     public func vcpuStatus(registers: Bool = false) -> [VCPUStatus] {
         if registers {
             registersWanted.store(true, ordering: .releasing)
             if pausedSince == nil {
+                wakeMonitor()  // it may be backing off, a second away from its next probe
                 let deadline = monotonicNanoseconds() + 50_000_000
                 while registersWanted.load(ordering: .acquiring) && monotonicNanoseconds() < deadline { usleep(1000) }
             } else {
@@ -388,18 +389,58 @@ public final class Machine: @unchecked Sendable {
     public func stop(_ exit: MachineExit) {
         outcome.withLock { if $0 == nil { $0 = exit } }
         stopping.store(true, ordering: .releasing)
+        wakeMonitor()
     }
 
-    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts
-    /// later) and returns that set; `run` takes them synchronously. Call it before starting any
-    /// thread, so none inherits a mask that would let a stop signal kill the process uncleanly.
+    /// Wakes `run`'s thread, which may be sleeping until its next halt probe: it probes at once
+    /// (it sees what it was woken for itself when it is the caller). The signal stays blocked, so
+    /// one that arrives after `run` has left only lies pending.
+    private func wakeMonitor() {
+        if let thread = runThread.withLock({ $0 }), pthread_equal(thread, pthread_self()) == 0 { pthread_kill(thread, Self.wakeSignal) }
+    }
+
+    /// The thread in `run`, while it is there.
+    private let runThread = Mutex<pthread_t?>(nil)
+    /// Wakes `run`'s thread (from `stop`, a status that wants registers, a vCPU's first exit
+    /// after a quiet spell); blocked in every thread and taken synchronously there.
+    static let wakeSignal = SIGUSR2
+
+    /// Blocks SIGINT, SIGTERM and SIGHUP (and hv's wake signal, SIGUSR2) in the calling thread
+    /// (and so in every thread it starts later) and returns that set; `run` takes them
+    /// synchronously. Call it before starting any thread, so none inherits a mask that would let
+    /// a stop signal kill the process uncleanly.
     @discardableResult
     public static func blockStopSignals() -> sigset_t {
         var set = sigset_t()
         sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        for s in [SIGINT, SIGTERM, SIGHUP, wakeSignal] { sigaddset(&set, s) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
         return set
+    }
+
+    /// How often the halt monitor probes while the guest is busy, and at most how seldom once it
+    /// idles (no port or MMIO exit since the last probe). Each probe takes every vCPU out of the
+    /// guest and each wake-up of the monitor costs a context switch: together most of what an
+    /// idle VM costs (issue 21). While the monitor backs off it sleeps until its next probe, and
+    /// the guest's first port or MMIO exit wakes it (`noteGuestActivity`), so a guest that prints
+    /// and then halts with `cli; hlt` is still seen within about 10 ms; only one that halts with
+    /// no port or MMIO access after idling waits for the next probe, at most 1 s.
+    static let busyProbeInterval: UInt64 = 10_000_000
+    static let idleProbeInterval: UInt64 = 1_000_000_000
+    /// Set while the halt monitor backs off; the first port or MMIO exit clears it and wakes it.
+    private let monitorBackedOff = Atomic<Bool>(false)
+
+    /// Called by a vCPU thread on a port or MMIO exit: one relaxed load unless the monitor
+    /// backs off, in which case the first exit wakes it.
+    private func noteGuestActivity() {
+        guard monitorBackedOff.load(ordering: .relaxed),
+              monitorBackedOff.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        if let thread = runThread.withLock({ $0 }) { pthread_kill(thread, Self.wakeSignal) }
+    }
+
+    /// Port and MMIO exits of every vCPU so far: what tells a busy guest from an idle one.
+    private func guestExits() -> UInt64 {
+        probeAnswers.reduce(0) { $0 &+ $1.exits.io.load(ordering: .relaxed) &+ $1.exits.mmio.load(ordering: .relaxed) }
     }
 
     /// Runs the VM until it powers off, fails, or is stopped. Call from the main thread.
@@ -458,23 +499,46 @@ public final class Machine: @unchecked Sendable {
             onGuestStarted?()
         }
 
+        runThread.withLock { $0 = pthread_self() }
         var lastProbe = monotonicNanoseconds()
+        var probeInterval = Self.busyProbeInterval
+        var exitsAtLastProbe = guestExits()
         while !stopping.load(ordering: .acquiring) {
-            var timeout = timespec(tv_sec: 0, tv_nsec: 10_000_000)
+            if probeInterval > Self.busyProbeInterval {
+                monitorBackedOff.store(true, ordering: .releasing)
+                // An exit between the last probe and the store above woke nobody: look once.
+                if guestExits() != exitsAtLastProbe { probeInterval = Self.busyProbeInterval }
+            }
+            let before = monotonicNanoseconds()
+            let wait = lastProbe &+ probeInterval > before ? lastProbe &+ probeInterval - before : 0
+            var timeout = timespec(tv_sec: Int(wait / 1_000_000_000), tv_nsec: Int(wait % 1_000_000_000))
             let sig = sigtimedwait(&stopSignals, nil, &timeout)
+            monitorBackedOff.store(false, ordering: .releasing)
+            if sig == Self.wakeSignal {
+                // `stop`, a status that wants registers, or the guest's first exit after a quiet
+                // spell: probe now, and every 10 ms again.
+                probeInterval = Self.busyProbeInterval
+                continue
+            }
             if sig > 0 {
                 stop(.signal(sig))
                 break
             }
             let now = monotonicNanoseconds()
-            if now - lastProbe >= 10_000_000 && !pauseRequested.load(ordering: .acquiring) {
-                lastProbe = now
-                // A guest that halts right after writing a reset or power-off register must not be
-                // taken for powered off before the device has handled the write: only decide once
-                // every device has committed what the guest wrote.
-                if allVCPUsHalted() && supervisor.ringsDrained() { stop(.poweredOff) }
-            }
+            guard now - lastProbe >= probeInterval else { continue }
+            lastProbe = now
+            // A paused guest is not probed (its vCPUs are parked); the loop only sleeps.
+            if pauseRequested.load(ordering: .acquiring) { continue }
+            // A guest that halts right after writing a reset or power-off register must not be
+            // taken for powered off before the device has handled the write: only decide once
+            // every device has committed what the guest wrote.
+            if allVCPUsHalted() && supervisor.ringsDrained() { stop(.poweredOff) }
+            // Back off while the guest idles.
+            let exits = guestExits()
+            probeInterval = exits == exitsAtLastProbe ? min(probeInterval * 2, Self.idleProbeInterval) : Self.busyProbeInterval
+            exitsAtLastProbe = exits
         }
+        runThread.withLock { $0 = nil }
         // Let every vCPU leave the guest, then let the devices finish what the guest wrote.
         kickAll()
         supervisor.shutdown()
@@ -608,6 +672,7 @@ public final class Machine: @unchecked Sendable {
             switch exit {
             case .io(let port, let size, let count, let isWrite):
                 slot.exits.io.add(1, ordering: .relaxed)
+                noteGuestActivity()
                 for i in 0..<count {
                     if isWrite {
                         bus.pioWrite(port: port, size: size, value: vcpu.ioValue(i), vcpu: vcpu.id)
@@ -617,6 +682,7 @@ public final class Machine: @unchecked Sendable {
                 }
             case .mmio(let address, let size, let isWrite, let value):
                 slot.exits.mmio.add(1, ordering: .relaxed)
+                noteGuestActivity()
                 if isWrite {
                     bus.mmioWrite(address: address, size: size, value: value, vcpu: vcpu.id)
                 } else {

@@ -196,6 +196,30 @@ final class PluginTests: XCTestCase {
         XCTAssertEqual(reads, ["poke: inl 0x530 = 0x8", "poke: inl 0x530 = 0x8", "poke: inl 0x530 = 0x30"], vm.stdout)
     }
 
+    /// A device killed during its start-up, before the guest ran (CPython takes a while to start,
+    /// so the kill lands there), is started afresh, and the VM boots as if nothing had happened.
+    /// What a device does to itself at start-up (an exit, an error, its sandbox) still fails the
+    /// start at once, in one line (`testBadDisksAreRefusedBeforeTheVMStarts` and others).
+    func testADeviceKilledDuringItsStartUpIsStartedAgain() throws {
+        let manifest = try pythonCounter()
+        let vm = try VMProcess(["run", "--multiboot", try Harness.testGuest(), "--cmdline", "mode=poke ops=inl:0x530",
+                                "--device", "\(manifest),start=5"])
+        var killed: pid_t?
+        let deadline = Date().addingTimeInterval(20)
+        while killed == nil && vm.process.isRunning && Date() < deadline {
+            if let pid = vm.children(named: "py-counter").first {
+                kill(pid, SIGKILL)
+                killed = pid
+            } else {
+                usleep(500)
+            }
+        }
+        XCTAssertNotNil(killed, "the device process never showed up: \(vm.stderr)")
+        XCTAssertEqual(vm.waitForExit(timeout: 60), 0, vm.stderr)
+        XCTAssertTrue(vm.stdout.contains("poke: inl 0x530 = 0x5"), vm.stdout + vm.stderr)
+        XCTAssertTrue(vm.stderr.contains("device py-counter killed by signal 9 (Killed) during its start-up; starting it again"), vm.stderr)
+    }
+
     /// The C example, built with gcc from its own source (it includes nothing of hv's), runs
     /// under its base-device profile; killed between two reads, it continues the same sequence.
     func testCPluginBuiltWithGCCContinuesItsSequenceAfterSIGKILL() throws {

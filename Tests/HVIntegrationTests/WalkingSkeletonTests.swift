@@ -69,10 +69,39 @@ final class WalkingSkeletonTests: XCTestCase {
         let guest = try Harness.testGuest()
         let vm = try VMProcess(["run", "--multiboot", guest, "--memory", "32M", "--cmdline", "mode=idle"])
         XCTAssertTrue(vm.waitForOutput("idle: ready"), vm.stdout + vm.stderr)
-        // Many halt probes (every 10 ms) later, the VM must still be up: an idle guest waits for
-        // interrupts, it has not powered off.
+        // Many halt probes later, the VM must still be up: an idle guest waits for interrupts, it
+        // has not powered off.
         Thread.sleep(forTimeInterval: 0.5)
         XCTAssertTrue(vm.process.isRunning, "hvctl exited for an idle guest: \(vm.stderr)")
+        kill(vm.process.processIdentifier, SIGTERM)
+        XCTAssertEqual(vm.waitForExit(timeout: 20), 128 + SIGTERM, vm.stderr)
+    }
+
+    /// Issue 21: an idle VM (one vCPU halted with interrupts on) costs next to no CPU: the halt
+    /// monitor backs off to one probe a second and sleeps in between. Bound: 0.25 % of a core for
+    /// all its processes (0.023 % measured here; 1.9 % when it probed every 10 ms).
+    func testAnIdleVMCostsAlmostNoCPU() throws {
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--memory", "32M", "--cmdline", "mode=idle"])
+        XCTAssertTrue(vm.waitForOutput("idle: ready"), vm.stdout + vm.stderr)
+        Thread.sleep(forTimeInterval: 2)  // the monitor's back-off reaches its 1 s
+        let processes = [vm.process.processIdentifier] + vm.children(named: "hv-")
+        XCTAssertEqual(processes.count, 3, "hvctl, hv-serial and hv-bios")
+        func cpuSeconds() -> Double {
+            var total = 0.0
+            for pid in processes {
+                for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? [] {
+                    let line = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/schedstat", encoding: .utf8)) ?? ""
+                    total += (line.split(separator: " ").first.flatMap { Double($0) } ?? 0) / 1e9
+                }
+            }
+            return total
+        }
+        let (before, start) = (cpuSeconds(), Date())
+        Thread.sleep(forTimeInterval: 4)
+        let share = (cpuSeconds() - before) / Date().timeIntervalSince(start)
+        XCTAssertLessThan(share, 0.0025, "an idle VM used \(share * 100) % of a core")
+        XCTAssertTrue(vm.process.isRunning, vm.stderr)
         kill(vm.process.processIdentifier, SIGTERM)
         XCTAssertEqual(vm.waitForExit(timeout: 20), 128 + SIGTERM, vm.stderr)
     }
