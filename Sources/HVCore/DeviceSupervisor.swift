@@ -293,13 +293,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         do throws(CoreError) {
             for d in devices { started.append((d, try spawn(d))) }
             for (d, s) in started {
-                do throws(CoreError) { try handshake(d, s) } catch {
-                    // Killed from outside during its start-up: nothing has run yet, start it again.
-                    guard let ended = d.handshakeTermination, mayStartAgain(d, ended: ended) else { throw error }
-                    d.startupRetries += 1
-                    Diagnostics.line("device \(d.spec.name) \(ended) during its start-up; starting it again")
-                    try launch(d)
-                }
+                try launchBeforeTheGuest(d, spawned: s)
                 d.endpoint.state = .running
             }
         } catch {
@@ -310,6 +304,26 @@ final class DeviceSupervisor: @unchecked Sendable {
 
     /// How many times a device killed before the guest started is started again.
     static let startupRetries = 3
+
+    /// Completes the handshake of `spawned` (or spawns `d` first): while the guest has not run, a
+    /// process killed during its start-up is replaced by a fresh one, as `mayStartAgain` allows.
+    private func launchBeforeTheGuest(_ d: ManagedDevice, spawned: Spawned? = nil) throws(CoreError) {
+        var next = spawned
+        while true {
+            d.handshakeTermination = nil
+            do throws(CoreError) {
+                let process: Spawned
+                if let next { process = next } else { process = try spawn(d) }
+                try handshake(d, process)
+                return
+            } catch {
+                guard let ended = d.handshakeTermination, mayStartAgain(d, ended: ended) else { throw error }
+                d.startupRetries += 1
+                Diagnostics.line("device \(d.spec.name) \(ended) during its start-up; starting it again")
+                next = nil
+            }
+        }
+    }
 
     /// Whether device `d`, whose process ended as `ended` before the guest started, may simply
     /// be started afresh (same generation: for it nothing has happened yet): it was killed by a
@@ -543,7 +557,7 @@ final class DeviceSupervisor: @unchecked Sendable {
             // the guest again and hands over the boot state again).
             d.startupRetries += 1
             Diagnostics.line("device \(d.spec.name) (pid \(p.pid)) \(how) before the guest started; starting it again")
-            do { try launch(d) } catch {
+            do { try launchBeforeTheGuest(d) } catch {
                 d.endpoint.state = .failed
                 onEarlyDeath?("\(error)")
             }

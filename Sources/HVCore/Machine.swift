@@ -507,7 +507,10 @@ public final class Machine: @unchecked Sendable {
             if probeInterval > Self.busyProbeInterval {
                 monitorBackedOff.store(true, ordering: .releasing)
                 // An exit between the last probe and the store above woke nobody: look once.
-                if guestExits() != exitsAtLastProbe { probeInterval = Self.busyProbeInterval }
+                if guestExits() != exitsAtLastProbe {
+                    probeInterval = Self.busyProbeInterval
+                    monitorBackedOff.store(false, ordering: .releasing)
+                }
             }
             let before = monotonicNanoseconds()
             let wait = lastProbe &+ probeInterval > before ? lastProbe &+ probeInterval - before : 0

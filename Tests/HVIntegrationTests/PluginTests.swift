@@ -326,6 +326,17 @@ final class PluginTests: XCTestCase {
             XCTAssertTrue(r.stderr.hasPrefix(expected), "\(arguments): \(r.stderr)")
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
         }
+        // A definition that cannot be read, or is not one, is named in one line.
+        let notThere = dir.appendingPathComponent("none.json").path
+        let unreadable = try runHvctl(["plugin", "validate", manifest, "--config", notThere])
+        XCTAssertEqual(unreadable.status, 1, unreadable.stderr)
+        XCTAssertEqual(unreadable.stderr, "hvctl: cannot read VM definition '\(notThere)': No such file or directory\n")
+        let wrong = dir.appendingPathComponent("wrong.json")
+        try #"{"disks": 3}"#.write(to: wrong, atomically: true, encoding: .utf8)
+        let malformed = try runHvctl(["plugin", "validate", manifest, "--config", wrong.path])
+        XCTAssertEqual(malformed.status, 2, malformed.stderr)
+        XCTAssertTrue(malformed.stderr.hasPrefix("hvctl: VM definition '\(wrong.path)': 'disks'"), malformed.stderr)
+        XCTAssertEqual(malformed.stderr.split(separator: "\n").count, 1, malformed.stderr)
         let fits = try runHvctl(["plugin", "validate", manifest, "--config", definition.path, "pio=0x540:4", "name=second"])
         XCTAssertEqual(fits.status, 0, fits.stderr)
         XCTAssertTrue(fits.stdout.hasSuffix("no conflict with serial0, bios, disk0, py-counter (\(definition.path))\n"), fits.stdout)
