@@ -1501,7 +1501,12 @@ class Bench:
     VSCSIBENCH_MARKS = {p: (f"bench: {p} start\n".encode(), f"bench: {p} end\n".encode()) for p in VSCSIBENCH_PHASES}
     VSCSIBENCH_ALL_MARKS = [m for pair in VSCSIBENCH_MARKS.values() for m in pair] + [VSCSIBENCH_CLEAN, DONE_MARKER]
 
-    def vscsibench_values(self, side: str, cap: Capture, mib: int) -> dict:
+    def vscsibench_passes(self) -> int:
+        """Sequential passes over the disk per phase: one pass over 64 MiB lasts ~50 ms, too
+        short to time steadily on a shared machine (±25 % run to run); 8 make it ~0.4 s."""
+        return 2 if self.quick else 8
+
+    def vscsibench_values(self, side: str, cap: Capture, mib: int, passes: int) -> dict:
         """MiB/s (or IOPS) per phase from one vscsibench run's markers; None where it failed."""
         clean = self.VSCSIBENCH_CLEAN
         if clean not in cap.scanner.found:
@@ -1510,20 +1515,21 @@ class Bench:
         for p in self.VSCSIBENCH_PHASES:
             t0, t1 = (cap.scanner.time_of(m) for m in self.VSCSIBENCH_MARKS[p])
             ok = t0 is not None and t1 is not None and t1 > t0 and clean in cap.scanner.found
-            amount = mib * 256 if p == "randread" else mib
+            amount = mib * 256 if p == "randread" else mib * passes
             values[p] = amount / ((t1 - t0) / 1e9) if ok else None
         return values
 
     def case_scsi(self) -> list[Row]:
         mib = 16 if self.quick else 64
-        print(f"case: virtio-scsi disk seen by the guest (mode=vscsibench: {mib} MiB sequential read and write in "
-              f"256 KiB requests, {mib * 256} random 4 KiB reads, 4 in flight), QEMU (virtio-scsi-pci + scsi-hd) "
-              f"and the host reading and writing the same image file", flush=True)
+        print(f"case: virtio-scsi disk seen by the guest (mode=vscsibench: {self.vscsibench_passes()} passes over {mib} MiB of "
+              f"sequential reads and writes in 256 KiB requests, {mib * 256} random 4 KiB reads, 4 in flight), QEMU "
+              f"(virtio-scsi-pci + scsi-hd) and the host reading and writing the same image file", flush=True)
         image = self.env.tmp / "scsi-bench.img"
         with open(image, "wb") as f:
             f.write(os.urandom(mib << 20))
         phases, all_marks = self.VSCSIBENCH_PHASES, self.VSCSIBENCH_ALL_MARKS
-        cmd = f"mode=vscsibench count={mib}"
+        passes = self.vscsibench_passes()
+        cmd = f"mode=vscsibench count={mib} passes={passes}"
 
         def host_side():
             # The same requests from a host process on the same file (page cache warm, as the guests' is).
@@ -1531,11 +1537,11 @@ class Bench:
             try:
                 chunk, small = bytearray(256 << 10), bytearray(4096)
                 t0 = time.perf_counter()
-                for off in range(0, mib << 20, len(chunk)):
-                    os.preadv(fd, [chunk], off)
+                for off in range(0, (mib << 20) * passes, len(chunk)):
+                    os.preadv(fd, [chunk], off % (mib << 20))
                 t1 = time.perf_counter()
-                for off in range(0, mib << 20, len(chunk)):
-                    os.pwritev(fd, [chunk], off)
+                for off in range(0, (mib << 20) * passes, len(chunk)):
+                    os.pwritev(fd, [chunk], off % (mib << 20))
                 t2 = time.perf_counter()
                 rng = random.Random(12345)
                 blocks = (mib << 20) // 4096
@@ -1544,7 +1550,7 @@ class Bench:
                 t3 = time.perf_counter()
             finally:
                 os.close(fd)
-            return {"seqread": mib / (t1 - t0), "seqwrite": mib / (t2 - t1), "randread": mib * 256 / (t3 - t2)}
+            return {"seqread": mib * passes / (t1 - t0), "seqwrite": mib * passes / (t2 - t1), "randread": mib * 256 / (t3 - t2)}
 
         def one(side, i):
             if side == "host":
@@ -1559,7 +1565,7 @@ class Bench:
                         "-drive", f"file={image},if=none,id=d0,format=raw,cache=writeback",
                         "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
                     cap = run_capture(argv, timeout_s=180, markers=all_marks, stop_on=DONE_MARKER)
-                values = self.vscsibench_values(side, cap, mib)
+                values = self.vscsibench_values(side, cap, mib, passes)
             for p in phases:
                 self.record(f"scsi_{p}", side, values[p])
             print(f"  run {i + 1} {side}: " + ", ".join(
@@ -1579,9 +1585,14 @@ class Bench:
 
     def case_qcow2(self) -> list[Row]:
         """The same guest disk workload as case_scsi on a qcow2 image (fully allocated, converted
-        from the same random data): hv's qcow2 path against its raw path and against QEMU's qcow2."""
+        from the same random data): hv's qcow2 path against its raw path and against QEMU's qcow2;
+        then one 4 KiB request at a time (`mode=vscsilat`, reads and writes), the round trip a
+        request pays when nothing overlaps it."""
         mib = 16 if self.quick else 64
-        print(f"case: qcow2 disk (mode=vscsibench count={mib}) — hv raw, hv qcow2 and QEMU qcow2 on copies of one image", flush=True)
+        passes = self.vscsibench_passes()
+        lat_count = 500 if self.quick else 2000
+        print(f"case: qcow2 disk (mode=vscsibench count={mib} passes={passes}; mode=vscsilat count={lat_count}) — "
+              f"hv raw, hv qcow2 and QEMU qcow2 on copies of one image", flush=True)
         raw = self.env.tmp / "qcow2-bench.img"
         with open(raw, "wb") as f:
             f.write(os.urandom(mib << 20))
@@ -1590,23 +1601,31 @@ class Bench:
             images[side] = self.env.tmp / f"qcow2-bench-{side}.qcow2"
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(images[side])], check=True)
         phases, all_marks = self.VSCSIBENCH_PHASES, self.VSCSIBENCH_ALL_MARKS
-        cmd = f"mode=vscsibench count={mib}"
+        cmd = f"mode=vscsibench count={mib} passes={passes}"
 
-        def one(side, i):
+        def run_on(side, guest_cmd, markers):
             if side == "qemu":
-                argv = self.qemu_argv(cmd) + [
+                argv = self.qemu_argv(guest_cmd) + [
                     "-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0",
                     "-drive", f"file={images[side]},if=none,id=d0,format=qcow2,cache=writeback",
                     "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
-                cap = run_capture(argv, timeout_s=180, markers=all_marks, stop_on=DONE_MARKER)
-            else:
-                image = raw if side == "hv-raw" else images[side]
-                cap = run_capture(self.hv_argv(cmd) + ["--disk", str(image)], timeout_s=180, markers=all_marks, env=self.hv_env)
-            values = self.vscsibench_values(side, cap, mib)
+                return run_capture(argv, timeout_s=180, markers=markers, stop_on=DONE_MARKER)
+            image = raw if side == "hv-raw" else images[side]
+            return run_capture(self.hv_argv(guest_cmd) + ["--disk", str(image)], timeout_s=180, markers=markers, env=self.hv_env)
+
+        def one(side, i):
+            values = self.vscsibench_values(side, run_on(side, cmd, all_marks), mib, passes)
             for p in phases:
                 self.record(f"qcow2_{p}", side, values[p])
+            for kind, extra in (("read", ""), ("write", " write=1")):
+                cap = run_on(side, f"mode=vscsilat count={lat_count} size={mib}{extra}", [DONE_MARKER])
+                m = re.search(rb"disklat end count=\d+ median=(\d+) p90=\d+ p99=\d+ errors=0", bytes(cap.scanner.data))
+                if m is None:
+                    self.problem(side, f"vscsilat ({kind}s) did not finish without errors", cap)
+                values[f"{kind} QD1"] = float(m.group(1)) if m else None
+                self.record(f"qcow2_lat_{kind}", side, values[f"{kind} QD1"])
             print(f"  run {i + 1} {side}: " + ", ".join(
-                f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' MiB/s'}" for p, v in values.items()), flush=True)
+                f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' µs' if 'QD1' in p else ' MiB/s'}" for p, v in values.items()), flush=True)
 
         self.interleaved(one, sides=("hv-raw", "hv-qcow2", "qemu"))
         rows = []
@@ -1618,6 +1637,11 @@ class Bench:
             rows.append(Row(f"qcow2 {names[p][0]}", hv, q, unit=names[p][1], target="≥ QEMU qcow2 and ≥ 0.9× hv raw",
                             met=None if share is None or beats is None else (beats and share >= 0.9),
                             note="" if share is None else f"{share:.2f}× hv raw"))
+        for kind in ("read", "write"):
+            hv, q, hv_raw = (self.get(f"qcow2_lat_{kind}", side) for side in ("hv-qcow2", "qemu", "hv-raw"))
+            rows.append(Row(f"qcow2 4 KiB {kind} round trip, 1 in flight", hv, q, unit="µs", target="≤ QEMU qcow2",
+                            met=None if hv is None or q is None else hv.median <= q.median,
+                            note="" if hv_raw is None else f"hv raw {hv_raw.median:.0f} µs"))
         return rows
 
     # -- snapshots (issue #15) --

@@ -18,6 +18,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <pthread.h>
 
@@ -211,6 +212,9 @@ int hv_openat2_beneath(int dirfd, const char *path, int flags, unsigned int mode
 int hv_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
 
 int hv_fallocate(int fd, int mode, long long offset, long long length) { return fallocate(fd, mode, (off_t)offset, (off_t)length); }
+long hv_preadv_nowait(int fd, const void *vectors, int count, long long offset) {
+    return preadv2(fd, (const struct iovec *)vectors, count, (off_t)offset, RWF_NOWAIT);
+}
 
 int hv_install_seccomp_filter(const void *instructions, size_t length_bytes) {
     if (length_bytes == 0 || length_bytes % sizeof(struct sock_filter) != 0 ||

@@ -68,6 +68,8 @@ struct config {
     uint32_t peer_mac_given;
     uint32_t poke, poke_given;          /* probe: a byte written to port+1 before the reads */
     uint32_t seed;                      /* hostile: the generator's seed */
+    uint32_t passes;                    /* vscsibench: sequential passes over the disk (default 1) */
+    uint32_t write;                     /* vscsilat: time WRITEs instead of READs */
     const char *ops, *ops_end;          /* poke: the operations, as given */
 };
 
@@ -358,6 +360,10 @@ static void parse_cmdline(const char *s, struct config *cfg)
             cfg->peer = parse_ip(v, s);
         } else if ((v = token_value(tok, s, "seed="))) {
             cfg->seed = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "passes="))) {
+            cfg->passes = parse_u32(v, s);
+        } else if ((v = token_value(tok, s, "write="))) {
+            cfg->write = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "size="))) {
             cfg->size = parse_u32(v, s);
         } else if ((v = token_value(tok, s, "csum="))) {
@@ -1221,8 +1227,9 @@ static void mode_vscsimsix(void)
 }
 
 /* vscsibench: throughput of the SCSI path as the guest sees it, for bench/bench.py (not a test).
- * Sequential reads then writes of `count` MiB in 256 KiB requests, then `count` × 256 random 4 KiB
- * reads, each with 4 requests in flight on a 32-entry queue. The host times the marker lines. */
+ * Sequential reads then writes over the first `count` MiB in 256 KiB requests, `passes` times over
+ * (default 1: a pass over a small disk is too short to time steadily), then `count` × 256 random
+ * 4 KiB reads, each with 4 requests in flight on a 32-entry queue. The host times the marker lines. */
 #define BQ_SIZE 32
 #define BQ_DEPTH 4
 #define BQ_CHUNK (256u * 1024u)
@@ -1274,7 +1281,7 @@ static uint32_t bench_run(int write, uint32_t total, uint32_t bytes, int random,
             if (busy[slot]) continue;
             uint32_t lba;
             if (random) { seed = seed * 1103515245u + 12345u; lba = ((seed >> 8) % (span_blocks / 8)) * 8; }
-            else lba = submitted * (bytes / 512);
+            else lba = submitted * (bytes / 512) % span_blocks;
             bench_submit(slot, write, lba, bytes);
             busy[slot] = 1; submitted++; offered = 1;
         }
@@ -1293,12 +1300,12 @@ static uint32_t bench_run(int write, uint32_t total, uint32_t bytes, int random,
     return failed;
 }
 
-static void mode_vscsibench(uint32_t mib)
+static void mode_vscsibench(uint32_t mib, uint32_t passes)
 {
     int ro = 0;
     vs_qdesc = bq_desc; vs_qavail = &bq_avail; vs_qused = &bq_used; vs_qsize = BQ_SIZE;
     if (!vscsi_setup(&ro)) return;
-    uint32_t chunks = mib * (1024u * 1024u / BQ_CHUNK), span = mib * 2048u;
+    uint32_t chunks = mib * (1024u * 1024u / BQ_CHUNK) * (passes ? passes : 1), span = mib * 2048u;
     (void)bench_run(0, 1, 4096, 0, span);  /* takes any power-on UNIT ATTENTION (QEMU reports one) */
     kprintf("bench: seqread start\n");
     uint32_t e1 = bench_run(0, chunks, BQ_CHUNK, 0, span);
@@ -1312,14 +1319,15 @@ static void mode_vscsibench(uint32_t mib)
     kprintf("bench: errors=%u\n", e1 + e2 + e3);
 }
 
-/* vscsilat: `count` 4 KiB reads one at a time (queue depth 1) at pseudo-random LBAs within the
- * first `size` MiB (default 16), each timed from the kick to its completion; prints the median,
- * the 90th and the 99th percentile in microseconds: the disk round trip a small VM sees. */
+/* vscsilat: `count` 4 KiB reads (writes with write=1) one at a time (queue depth 1) at
+ * pseudo-random LBAs within the first `size` MiB (default 16), each timed from the kick to its
+ * completion; prints the median, the 90th and the 99th percentile in microseconds: the disk round
+ * trip a small VM sees. */
 static uint32_t lat_us[4096];
 static uint32_t tsc_per_ms;         /* defined with the network code, which calibrates it */
 static void tsc_calibrate(void);
 
-static void mode_vscsilat(uint32_t count, uint32_t span_mib)
+static void mode_vscsilat(uint32_t count, uint32_t span_mib, int write)
 {
     int ro = 0;
     vs_qdesc = bq_desc; vs_qavail = &bq_avail; vs_qused = &bq_used; vs_qsize = BQ_SIZE;
@@ -1335,7 +1343,7 @@ static void mode_vscsilat(uint32_t count, uint32_t span_mib)
         uint32_t lba = ((seed >> 8) % (span_mib * 256u)) * 8;
         uint16_t seen = bq_used.idx;
         uint64_t t0 = rdtsc();
-        bench_submit(0, 0, lba, 4096);
+        bench_submit(0, write, lba, 4096);
         mb();
         *(volatile uint16_t *)vs_notify = 2;
         while (*(volatile uint16_t *)&bq_used.idx == seen) cpu_pause();
@@ -2869,9 +2877,9 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
     else if (streq(cfg.mode, "vscsimsix"))
         mode_vscsimsix();
     else if (streq(cfg.mode, "vscsibench"))
-        mode_vscsibench(cfg.count);
+        mode_vscsibench(cfg.count, cfg.passes);
     else if (streq(cfg.mode, "vscsilat"))
-        mode_vscsilat(cfg.count_given ? cfg.count : 1000, cfg.size);
+        mode_vscsilat(cfg.count_given ? cfg.count : 1000, cfg.size, cfg.write != 0);
     else if (streq(cfg.mode, "vscsireadback"))
         mode_vscsireadback(cfg.count_given ? cfg.count : 100);
     else if (streq(cfg.mode, "vscsistress"))

@@ -1,5 +1,5 @@
 import Foundation
-import HVSCSIDisk
+@testable import HVSCSIDisk
 import XCTest
 
 /// The qcow2 backend against QEMU's own tools: images hv makes and writes pass `qemu-img check`
@@ -343,5 +343,97 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertThrowsError(try QCOW2Backend(fd: fd, readOnly: true)) { error in
             XCTAssertTrue("\(error)".contains("qcow2 L1 entry 0 points at the image's L1 table, refcount table or a refcount block"), "\(error)")
         }
+    }
+
+    // MARK: Runs of clusters, and what the adapter's own thread may do at once
+
+    /// A base with a pattern; an overlay QEMU wrote: 256 KiB of data at 0 (four 64 KiB clusters
+    /// one after another in the file), a zero cluster at 256 KiB, nothing from 320 KiB on.
+    private func overlayWithRuns() throws -> (top: QCOW2Backend, fd: Int32, base: FileBackend, baseFD: Int32) {
+        FileManager.default.createFile(atPath: path("runs-base.raw"), contents: Data(pattern(4 << 20, seed: 3)))
+        XCTAssertEqual(try qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-b", path("runs-base.raw"), "-F", "raw", path("runs.qcow2"), "4M"]).status, 0)
+        XCTAssertEqual(try qemu("qemu-io", ["-c", "write -P 0x11 0 256k", "-c", "write -z 256k 64k", path("runs.qcow2")]).status, 0)
+        let baseFD = open("runs-base.raw", readOnly: true)
+        let base = FileBackend(fd: baseFD, byteCount: 4 << 20)
+        let fd = open("runs.qcow2")
+        return (try QCOW2Backend(fd: fd, readOnly: false, backing: base), fd, base, baseFD)
+    }
+
+    func testClustersThatFollowInTheFileAreOneRun() throws {
+        let (top, fd, _, baseFD) = try overlayWithRuns()
+        defer { close(fd); close(baseFD) }
+        let runs = top.extents(at: 0, count: 512 << 10)
+        XCTAssertEqual(runs.map(\.at), [0, 256 << 10, 320 << 10, 384 << 10, 448 << 10], "one data run, then a cluster each: \(runs)")
+        XCTAssertEqual(runs.map(\.length), [256 << 10, 64 << 10, 64 << 10, 64 << 10, 64 << 10])
+        guard case .data(let host, copied: true) = runs[0].mapping else { return XCTFail("\(runs[0])") }
+        XCTAssertEqual(runs[1].mapping, .zero)
+        XCTAssertEqual(runs[2].mapping, .unallocated)
+        // Within a cluster: the run starts at the byte asked for.
+        XCTAssertEqual(top.extents(at: 1000, count: 128 << 10), [.init(at: 1000, length: 128 << 10, mapping: .data(host + 1000, copied: true))])
+        // The vectored read over all of it: data, zeros, the base below.
+        var expected = [UInt8](repeating: 0x11, count: 256 << 10) + [UInt8](repeating: 0, count: 64 << 10)
+        expected += pattern(4 << 20, seed: 3)[(320 << 10)..<(512 << 10)]
+        XCTAssertEqual(try vectoredRead(top, 512 << 10, at: 0), expected)
+    }
+
+    /// Reads `count` bytes at `offset` through the vectored path into 4 KiB pages; nil when it fails.
+    private func vectoredRead(_ backend: any BlockBackend, _ count: Int, at offset: UInt64, cachedOnly: Bool = false) throws -> [UInt8]? {
+        let pages = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
+        defer { pages.deallocate() }
+        pages.initializeMemory(as: UInt8.self, repeating: 0xEE)
+        let vectors = stride(from: 0, to: count, by: 4096).map { iovec(iov_base: pages.baseAddress! + $0, iov_len: min(4096, count - $0)) }
+        if cachedOnly {
+            return backend.readIfCached(into: vectors, count: count, at: offset) ? Array(pages) : nil
+        }
+        return backend.read(into: vectors, count: count, at: offset) == nil ? Array(pages) : nil
+    }
+
+    func testCachedReadsAndInPlaceWritesDoWhatTheOrdinaryPathDoes() throws {
+        let (top, fd, base, baseFD) = try overlayWithRuns()
+        defer { close(fd); close(baseFD) }
+        // Everything was just written, so the host has it cached: read at once, the same bytes.
+        let ordinary = try vectoredRead(top, 512 << 10, at: 0)
+        XCTAssertNotNil(ordinary)
+        XCTAssertEqual(try vectoredRead(top, 512 << 10, at: 0, cachedOnly: true), ordinary)
+        XCTAssertEqual(try vectoredRead(base, 64 << 10, at: 4096, cachedOnly: true), try vectoredRead(base, 64 << 10, at: 4096))
+
+        let sizeBefore = lseek(fd, 0, SEEK_END)
+        let data = pattern(128 << 10, seed: 77)
+        func writeInPlace(_ at: UInt64) -> Bool {
+            data.withUnsafeBytes { top.writeInPlace(from: [iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)], count: $0.count, at: at) }
+        }
+        XCTAssertTrue(writeInPlace(64 << 10), "an overwrite of clusters the image holds")
+        XCTAssertEqual(try vectoredRead(top, 128 << 10, at: 64 << 10), data)
+        // A zero cluster and unallocated ones need allocating: not in place, and nothing written.
+        XCTAssertFalse(writeInPlace(192 << 10), "half of it over the zero cluster")
+        XCTAssertFalse(writeInPlace(320 << 10), "over clusters the base serves")
+        XCTAssertEqual(lseek(fd, 0, SEEK_END), sizeBefore, "nothing was allocated")
+        XCTAssertEqual(try vectoredRead(top, 64 << 10, at: 320 << 10), Array(pattern(4 << 20, seed: 3)[(320 << 10)..<(384 << 10)]))
+        XCTAssertEqual(try vectoredRead(top, 64 << 10, at: 256 << 10), [UInt8](repeating: 0, count: 64 << 10))
+        let readOnly = try QCOW2Backend(fd: fd, readOnly: true, backing: base)
+        XCTAssertFalse(data.withUnsafeBytes { readOnly.writeInPlace(from: [iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)], count: $0.count, at: 0) })
+        XCTAssertEqual(try qemu("qemu-img", ["check", path("runs.qcow2")]).status, 0)
+        let io = try qemu("qemu-io", ["-r", "-c", "read -P 0x11 0 64k", "-c", "read -P 0x11 192k 64k", path("runs.qcow2")])
+        XCTAssertFalse(io.output.contains("fail"), io.output)
+    }
+
+    func testReadsOfDataTheHostHasNotCachedAreLeftToTheIOThreads() throws {
+        FileManager.default.createFile(atPath: path("cold.raw"), contents: Data(pattern(1 << 20, seed: 5)))
+        let fd = open("cold.raw")
+        defer { close(fd) }
+        XCTAssertEqual(fsync(fd), 0)
+        XCTAssertEqual(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0)
+        // The page cache drops clean pages on request, unless the file system keeps them (tmpfs).
+        let map = mmap(nil, 1 << 20, PROT_READ, MAP_SHARED, fd, 0)!
+        defer { munmap(map, 1 << 20) }
+        var resident = [UInt8](repeating: 0, count: 256)
+        XCTAssertEqual(mincore(map, 1 << 20, &resident), 0)
+        guard resident.allSatisfy({ $0 & 1 == 0 }) else {
+            throw XCTSkip("the file system of \(path("")) keeps files in memory: no uncached data to test with")
+        }
+        let raw = FileBackend(fd: fd, byteCount: 1 << 20)
+        XCTAssertNil(try vectoredRead(raw, 256 << 10, at: 0, cachedOnly: true), "storage would be read: not at once")
+        XCTAssertEqual(try vectoredRead(raw, 256 << 10, at: 0), Array(pattern(1 << 20, seed: 5).prefix(256 << 10)))
+        XCTAssertEqual(try vectoredRead(raw, 256 << 10, at: 0, cachedOnly: true), Array(pattern(1 << 20, seed: 5).prefix(256 << 10)), "now cached")
     }
 }

@@ -41,6 +41,8 @@ final class IOPool: @unchecked Sendable {
     private let unit: any SCSILogicalUnit
     /// Jobs submitted and not yet taken back (runtime thread only).
     private(set) var inFlight = 0
+    /// The WRITEs among them (runtime thread only).
+    private(set) var writesInFlight = 0
 
     init(workers: Int, unit: any SCSILogicalUnit) throws(SystemError) {
         work = try EventFD(semaphore: true)
@@ -54,6 +56,7 @@ final class IOPool: @unchecked Sendable {
     func submit(_ job: IOJob) {
         pendingJobs.withLock { $0.append(job) }
         inFlight += 1
+        if job.transfer.isWrite { writesInFlight += 1 }
         work.signal()
     }
 
@@ -65,6 +68,7 @@ final class IOPool: @unchecked Sendable {
             return jobs
         }
         inFlight -= jobs.count
+        writesInFlight -= jobs.reduce(0) { $0 + ($1.transfer.isWrite ? 1 : 0) }
         return jobs
     }
 

@@ -6,8 +6,10 @@ import HVSCSIDisk
 // hv-scsi: a virtio-scsi host adapter (virtio 1.2 §5.6) with one logical unit, target 0 LUN 0:
 // a disk backed by a raw image (`kind=disk`) or a CD-ROM drive holding an ISO (`kind=cdrom`), the
 // image opened by the trusted side (host file 0). Queues: 0 control, 1 event, 2 requests.
-// Plain READs and WRITEs go to a pool of I/O threads, straight between the image and the guest's
-// buffers, several in flight; every other command runs on the runtime thread as it is taken.
+// Plain READs and WRITEs move data straight between the image and the guest's buffers: at once on
+// the runtime thread when the host needs no wait for storage (cached data, overwrites into the page
+// cache), else on a pool of I/O threads, several in flight; every other command runs on the
+// runtime thread as it is taken.
 
 final class VirtioSCSI: VirtioDevice {
     let runtime: DeviceRuntime
@@ -190,6 +192,7 @@ final class VirtioSCSI: VirtioDevice {
                 let job = IOJob(queue: queue, chain: chain, transfer: transfer, vectors: vectors,
                                 dataInCapacity: dataInCapacity, generation: generation)
                 if let pool {
+                    if transferNow(transfer, vectors, pool: pool) { return finishTransfer(job, errno: nil, memory) }
                     pool.submit(job)
                     return nil
                 }
@@ -232,6 +235,38 @@ final class VirtioSCSI: VirtioDevice {
         var written = chain.write(response, memory)
         if !dataIn.isEmpty { written += chain.write(dataIn, at: UInt64(responseSize), memory) }
         return UInt32(written)
+    }
+
+    /// A WRITE done on this thread that took longer than this (the host throttles writers, or
+    /// writes through to slow storage) sends WRITEs to the I/O threads for `slowWritePause`.
+    static let slowWrite: UInt64 = 2_000_000
+    static let slowWritePause: UInt64 = 1_000_000_000
+    /// WRITEs go to the I/O threads until this time (monotonic nanoseconds).
+    private var writesInPlaceFrom: UInt64 = 0
+    private var slowWriteLogged = false
+
+    /// Carries out `transfer` here at once if the host can do it without waiting for storage: a
+    /// READ of data it has cached, a WRITE over data already in place (into its page cache). That
+    /// beats an I/O thread: handing a request over and taking its completion back costs two
+    /// thread wake-ups, more than the copy. False: it goes to the I/O threads.
+    private func transferNow(_ transfer: SCSITransfer, _ vectors: [iovec], pool: IOPool) -> Bool {
+        guard transfer.isWrite else {
+            // Not past a WRITE still out: the READ might overtake it.
+            return pool.writesInFlight == 0 && unit.transferIfImmediate(transfer, vectors: vectors, writes: false)
+        }
+        // Not past anything still out, which an overlapping WRITE must not overtake.
+        let start = monotonicNanoseconds()
+        guard pool.inFlight == 0, start >= writesInPlaceFrom else { return false }
+        let done = unit.transferIfImmediate(transfer, vectors: vectors, writes: true)
+        let took = monotonicNanoseconds() &- start
+        if took > Self.slowWrite {
+            writesInPlaceFrom = start &+ took &+ Self.slowWritePause
+            if !slowWriteLogged {
+                slowWriteLogged = true
+                runtime.log(.info, "a write took \(took / 1_000_000) ms: writes go to the I/O threads for a while (not logged again)")
+            }
+        }
+        return done
     }
 
     /// The virtio-scsi response for a planned transfer that ended (`errno` nil: it succeeded);

@@ -1,10 +1,14 @@
 import CHVShim
 import Glibc
+import Synchronization
 
 /// The image file as a block backend.
-public final class FileBackend: BlockBackend {
+public final class FileBackend: BlockBackend, @unchecked Sendable {
+    // @unchecked: `fd` and `byteCount` are immutable; `readsWithoutWaiting` is atomic.
     public let fd: Int32
     public let byteCount: UInt64
+    /// Cleared when the host's kernel or file system refuses RWF_NOWAIT: no further tries.
+    private let readsWithoutWaiting = Atomic<Bool>(true)
     /// `fd` is the open image (the device never opens files); `byteCount` whole sectors of it are the disk.
     public init(fd: Int32, byteCount: UInt64) {
         self.fd = fd
@@ -45,6 +49,18 @@ public final class FileBackend: BlockBackend {
         }
     }
 
+    public func readIfCached(into vectors: [iovec], count: Int, at offset: UInt64) -> Bool {
+        guard readsWithoutWaiting.load(ordering: .relaxed) else { return false }
+        return readCachedWithoutWaiting(fd, vectors, count: count, at: offset) {
+            readsWithoutWaiting.store(false, ordering: .relaxed)
+        }
+    }
+
+    /// A raw image has no structure: every write is in place.
+    public func writeInPlace(from vectors: [iovec], count: Int, at offset: UInt64) -> Bool {
+        write(from: vectors, count: count, at: offset) == nil
+    }
+
     public func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
         switch vectoredIO(fd, vectors, count: count, at: offset, { pwritev($0, $1, $2, $3) }) {
         case .done: return nil
@@ -56,6 +72,21 @@ public final class FileBackend: BlockBackend {
     public func discard(at offset: UInt64, count: UInt64) -> Int32? {
         // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the blocks go back to the host.
         hv_fallocate(fd, 0x02 | 0x01, Int64(offset), Int64(count)) == 0 ? nil : errno
+    }
+}
+
+/// Reads `count` bytes at `offset` of `fd` into `vectors` with RWF_NOWAIT; whether every byte
+/// came from the page cache. A short read (part of the range cached), end of file, EAGAIN or any
+/// error says no: the caller reads the whole range again the ordinary way, which handles each of
+/// these. `unsupported` runs when the kernel or file system has no RWF_NOWAIT for reads.
+func readCachedWithoutWaiting(_ fd: Int32, _ vectors: [iovec], count: Int, at offset: UInt64,
+                              unsupported: () -> Void) -> Bool {
+    switch vectoredIO(fd, vectors, count: count, at: offset, { hv_preadv_nowait($0, $1, $2, Int64($3)) }) {
+    case .done: return true
+    case .failed(let e):
+        if e == EOPNOTSUPP || e == ENOSYS || e == EINVAL { unsupported() }
+        return false
+    case .ended: return false
     }
 }
 

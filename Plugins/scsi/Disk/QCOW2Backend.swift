@@ -16,16 +16,21 @@ import Synchronization
 /// (EIO, a MEDIUM ERROR to the guest) instead of being read or written.
 ///
 /// Thread safety: the metadata (L1 table, refcount table, L2 cache, file end) is under one mutex;
-/// data reads and overwrites of allocated clusters run outside it.
+/// data reads and overwrites of allocated clusters run outside it. `readIfCached` and
+/// `writeInPlace` only try the lock, so the adapter's own thread never waits behind an I/O thread
+/// that allocates.
 public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
-    // @unchecked: `metadata` is a Mutex; `fd`, `header` and `backing` are immutable. A backing
-    // backend is only read (FileBackend and QCOW2Backend reads are safe from any thread).
+    // @unchecked: `metadata` is a Mutex, `readsWithoutWaiting` atomic; `fd`, `header` and
+    // `backing` are immutable. A backing backend is only read (FileBackend and QCOW2Backend
+    // reads are safe from any thread).
     public let header: QCOW2Header
     public let byteCount: UInt64
     public let fd: Int32
     public let readOnly: Bool
     private let backing: (any BlockBackend)?
     private let metadata: Mutex<Metadata>
+    /// Cleared when the host refuses RWF_NOWAIT reads of the image: no further tries.
+    private let readsWithoutWaiting = Atomic<Bool>(true)
 
     /// L2 entry and L1 entry bits (the specification's names in comments).
     static let copiedFlag: UInt64 = 1 << 63       // QCOW_OFLAG_COPIED: refcount is exactly 1
@@ -376,54 +381,135 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
 
     // MARK: Vectored I/O (guest buffers)
 
-    /// Reads `count` bytes at `offset` into `vectors`: one `preadv` per allocated cluster piece,
-    /// straight into the guest's buffers, instead of one call per buffer.
+    /// Reads `count` bytes at `offset` into `vectors`: one `preadv` per run of clusters that lie
+    /// one after another in the file (a whole request, in an image `qemu-img convert` wrote or hv
+    /// filled in order), straight into the guest's buffers.
     public func read(into vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
-        forEachClusterPiece(vectors, count: count, at: offset) { at, pieces in
-            let mapping = metadata.withLock { lookup(at, &$0) }
-            if case .data(let host, _) = mapping {
-                return transfer(pieces, at: host + (at & (header.clusterSize - 1)), { preadv($0, $1, $2, $3) })
+        let runs = extents(at: offset, count: count)
+        return forEachExtent(runs, vectors) { extent, pieces in
+            if case .data(let host, _) = extent.mapping {
+                return transfer(pieces, at: host, { preadv($0, $1, $2, $3) })
             }
             for (i, v) in pieces.enumerated() {
-                let at = at + UInt64(pieces[..<i].reduce(0) { $0 + $1.iov_len })
+                let at = extent.at + UInt64(pieces[..<i].reduce(0) { $0 + $1.iov_len })
                 if let e = read(into: UnsafeMutableRawBufferPointer(start: v.iov_base, count: v.iov_len), at: at) { return e }
             }
             return nil
         }
     }
 
+    public func readIfCached(into vectors: [iovec], count: Int, at offset: UInt64) -> Bool {
+        guard readsWithoutWaiting.load(ordering: .relaxed),
+              // A writer allocating holds the lock across its I/O: never wait for it.
+              let found = metadata.withLockIfAvailable({ extents(at: offset, count: count, &$0, cachedTablesOnly: true) }),
+              let runs = found else { return false }
+        // EAGAIN stands for "would wait" inside the walk; any other failure too ends it.
+        let outcome = forEachExtent(runs, vectors) { extent, pieces in
+            switch extent.mapping {
+            case .data(let host, _):
+                let cached = readCachedWithoutWaiting(fd, pieces, count: extent.length, at: host) {
+                    readsWithoutWaiting.store(false, ordering: .relaxed)
+                }
+                return cached ? nil : EAGAIN
+            case .zero:
+                for v in pieces { v.iov_base?.initializeMemory(as: UInt8.self, repeating: 0, count: v.iov_len) }
+                return nil
+            case .unallocated:
+                guard let backing else {
+                    for v in pieces { v.iov_base?.initializeMemory(as: UInt8.self, repeating: 0, count: v.iov_len) }
+                    return nil
+                }
+                // Within the backing image: its own cached read; past its end, the ordinary path.
+                guard extent.at + UInt64(extent.length) <= backing.byteCount else { return EAGAIN }
+                return backing.readIfCached(into: pieces, count: extent.length, at: extent.at) ? nil : EAGAIN
+            case .compressed, .invalid:
+                return EAGAIN  // inflating is work, and an invalid entry's error is the ordinary path's to report
+            }
+        }
+        return outcome == nil
+    }
+
     /// Writes `count` bytes from `vectors` at `offset`: overwrites of clusters this image owns
-    /// go out in one `pwritev` per cluster piece; anything else allocates.
+    /// go out in one `pwritev` per run of clusters that lie one after another in the file;
+    /// anything else allocates.
     public func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
         guard !readOnly else { return EROFS }
-        return forEachClusterPiece(vectors, count: count, at: offset) { at, pieces in
-            let mapping = metadata.withLock { lookup(at, &$0) }
-            if case .data(let host, copied: true) = mapping {
-                return transfer(pieces, at: host + (at & (header.clusterSize - 1)), { pwritev($0, $1, $2, $3) })
+        let runs = extents(at: offset, count: count)
+        return forEachExtent(runs, vectors) { extent, pieces in
+            if case .data(let host, copied: true) = extent.mapping {
+                return transfer(pieces, at: host, { pwritev($0, $1, $2, $3) })
             }
+            // Looked up again under the lock as it allocates: another writer may have meanwhile.
             for (i, v) in pieces.enumerated() {
-                let at = at + UInt64(pieces[..<i].reduce(0) { $0 + $1.iov_len })
+                let at = extent.at + UInt64(pieces[..<i].reduce(0) { $0 + $1.iov_len })
                 if let e = write(UnsafeRawBufferPointer(start: v.iov_base, count: v.iov_len), at: at) { return e }
             }
             return nil
         }
     }
 
-    /// Splits `count` bytes of `vectors` at `offset` at cluster boundaries and calls `body` with
-    /// each piece's guest offset and the buffers that hold it.
-    private func forEachClusterPiece(_ vectors: [iovec], count: Int, at offset: UInt64,
-                                     _ body: (UInt64, [iovec]) -> Int32?) -> Int32? {
+    public func writeInPlace(from vectors: [iovec], count: Int, at offset: UInt64) -> Bool {
+        guard !readOnly,
+              let found = metadata.withLockIfAvailable({ extents(at: offset, count: count, &$0, cachedTablesOnly: true) }),
+              let runs = found,
+              runs.allSatisfy({ if case .data(_, copied: true) = $0.mapping { true } else { false } }) else { return false }
+        return forEachExtent(runs, vectors) { extent, pieces in
+            guard case .data(let host, _) = extent.mapping else { return EAGAIN }
+            return transfer(pieces, at: host, { pwritev($0, $1, $2, $3) })
+        } == nil
+    }
+
+    /// A run of guest bytes with one mapping: `.data`'s host offset is that of the run's first
+    /// byte, and a data run may span clusters that lie one after another in the file; any other
+    /// run is one cluster's share of the request.
+    struct Extent: Equatable {
+        let at: UInt64
+        var length: Int
+        let mapping: Mapping
+    }
+
+    /// The runs `count` bytes at `offset` map to, in order. With `cachedTablesOnly`, nil when a
+    /// lookup would have to read an L2 table from the file.
+    private func extents(at offset: UInt64, count: Int, _ m: inout Metadata, cachedTablesOnly: Bool) -> [Extent]? {
         let cluster = header.clusterSize
-        var vectorIndex = 0, vectorOffset = 0, done = 0
+        var runs: [Extent] = []
+        var done = 0
         while done < count {
             let at = offset + UInt64(done)
-            let want = min(Int(cluster - (at & (cluster - 1))), count - done)
+            let n = min(Int(cluster - (at & (cluster - 1))), count - done)
+            if cachedTablesOnly && !tableIsCached(for: at, m) { return nil }
+            var mapping = lookup(at, &m)
+            if case .data(let host, let copied) = mapping {
+                mapping = .data(host + (at & (cluster - 1)), copied: copied)
+                if let last = runs.last, case .data(let lastHost, let lastCopied) = last.mapping,
+                   lastCopied == copied, lastHost + UInt64(last.length) == host + (at & (cluster - 1)) {
+                    runs[runs.count - 1].length += n
+                    done += n
+                    continue
+                }
+            }
+            runs.append(Extent(at: at, length: n, mapping: mapping))
+            done += n
+        }
+        return runs
+    }
+
+    /// The runs `count` bytes at `offset` map to, in order (under the lock; tables read as needed).
+    func extents(at offset: UInt64, count: Int) -> [Extent] {
+        metadata.withLock { extents(at: offset, count: count, &$0, cachedTablesOnly: false) ?? [] }
+    }
+
+    /// Calls `body` with each run and the parts of `vectors` that hold its bytes; stops at the
+    /// first failure.
+    private func forEachExtent(_ runs: [Extent], _ vectors: [iovec], _ body: (Extent, [iovec]) -> Int32?) -> Int32? {
+        var vectorIndex = 0, vectorOffset = 0
+        for run in runs {
             var pieces: [iovec] = []
             var gathered = 0
-            while gathered < want {
+            while gathered < run.length {
                 guard vectorIndex < vectors.count, let base = vectors[vectorIndex].iov_base else { return EFAULT }
                 let v = vectors[vectorIndex]
-                let n = min(v.iov_len - vectorOffset, want - gathered)
+                let n = min(v.iov_len - vectorOffset, run.length - gathered)
                 pieces.append(iovec(iov_base: base + vectorOffset, iov_len: n))
                 gathered += n
                 vectorOffset += n
@@ -432,14 +518,13 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
                     vectorOffset = 0
                 }
             }
-            if let e = body(at, pieces) { return e }
-            done += want
+            if let e = body(run, pieces) { return e }
         }
         return nil
     }
 
-    /// One cluster piece's buffers to or from the file at `host`; a data cluster lies within the
-    /// file, so running out of file is an I/O error.
+    /// One data run's buffers to or from the file at `host`; data clusters lie within the file,
+    /// so running out of file is an I/O error.
     private func transfer(_ pieces: [iovec], at host: UInt64, _ call: (Int32, UnsafePointer<iovec>, Int32, off_t) -> Int) -> Int32? {
         switch vectoredIO(fd, pieces, count: pieces.reduce(0) { $0 + $1.iov_len }, at: host, call) {
         case .done: nil
@@ -468,6 +553,14 @@ public final class QCOW2Backend: BlockBackend, @unchecked Sendable {
         // qcow2-image fuzz target's find). The request fails; the metadata stays as it is.
         guard !isStructure(host, m) else { return .invalid }
         return .data(host, copied: entry & Self.copiedFlag != 0)
+    }
+
+    /// Whether looking `at` up reads nothing from the file: its L2 table is cached, or it has none.
+    private func tableIsCached(for at: UInt64, _ m: Metadata) -> Bool {
+        let l1Index = Int(at / header.bytesPerL1Entry)
+        guard l1Index < m.l1.count else { return true }
+        let l2Offset = m.l1[l1Index] & Self.offsetMask
+        return l2Offset == 0 || m.l2Cache[l2Offset] != nil
     }
 
     /// Whether the cluster at `host` lies in the L1 table or the refcount table.

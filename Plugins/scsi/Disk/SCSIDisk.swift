@@ -23,6 +23,17 @@ public protocol BlockBackend: AnyObject {
     func read(into vectors: [iovec], count: Int, at offset: UInt64) -> Int32?
     /// Writes `count` bytes from `vectors` at `offset`. Safe from any thread.
     func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32?
+    /// Reads like `read(into:count:at:)` if that needs no wait for storage (the host's page cache
+    /// holds every byte) and nothing else holds the backend's locks; returns whether it did. False
+    /// says nothing about what `vectors` hold now: read them again with `read(into:count:at:)`,
+    /// which also reports any error. Never blocks, so the adapter's own thread may call it.
+    func readIfCached(into vectors: [iovec], count: Int, at offset: UInt64) -> Bool
+    /// Writes like `write(from:count:at:)` if that changes nothing in the image's structure (no
+    /// cluster to allocate, no table to read) and needs no lock another thread holds; returns
+    /// whether it did. False says nothing about what reached the image: write it again with
+    /// `write(from:count:at:)`, which also reports any error. The write itself may still wait
+    /// for the host (dirty-page throttling): the caller decides whether to risk that.
+    func writeInPlace(from vectors: [iovec], count: Int, at offset: UInt64) -> Bool
 }
 
 extension BlockBackend {
@@ -35,6 +46,12 @@ extension BlockBackend {
     public func write(from vectors: [iovec], count: Int, at offset: UInt64) -> Int32? {
         eachVector(vectors, count: count, at: offset) { write(UnsafeRawBufferPointer(start: $0, count: $1), at: $2) }
     }
+
+    /// A backend that cannot tell whether a read would wait never reads without waiting.
+    public func readIfCached(into vectors: [iovec], count: Int, at offset: UInt64) -> Bool { false }
+
+    /// A backend that cannot tell whether a write changes its structure never writes in place.
+    public func writeInPlace(from vectors: [iovec], count: Int, at offset: UInt64) -> Bool { false }
 
     /// Calls `io(base, length, offset)` for each vector's share of `count` bytes from `offset`.
     private func eachVector(_ vectors: [iovec], count: Int, at offset: UInt64,
@@ -76,6 +93,10 @@ public protocol SCSILogicalUnit: AnyObject {
     func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer?
     /// Carries out a planned transfer against the guest's buffers. Safe from any thread.
     func transfer(_ t: SCSITransfer, vectors: [iovec]) -> Int32?
+    /// Carries out a planned transfer at once if it can without waiting for storage: a READ of
+    /// data the host has cached (`BlockBackend.readIfCached`), or, with `writes`, a WRITE that
+    /// overwrites data in place (`BlockBackend.writeInPlace`). False: do it with `transfer`.
+    func transferIfImmediate(_ t: SCSITransfer, vectors: [iovec], writes: Bool) -> Bool
     /// The command's outcome once its transfer ended (`errno` nil: it succeeded). Runtime thread.
     func transferCompleted(_ t: SCSITransfer, errno: Int32?) -> SCSIResult
 }
@@ -92,6 +113,7 @@ extension SCSIDisk: SCSILogicalUnit {}
 extension SCSICDROM: SCSILogicalUnit {
     public func plannedTransfer(_ cdb: [UInt8], dataOutCapacity: Int, dataInCapacity: Int) -> SCSITransfer? { nil }
     public func transfer(_ t: SCSITransfer, vectors: [iovec]) -> Int32? { EINVAL }
+    public func transferIfImmediate(_ t: SCSITransfer, vectors: [iovec], writes: Bool) -> Bool { false }
     public func transferCompleted(_ t: SCSITransfer, errno: Int32?) -> SCSIResult { .check(.invalidField) }
 }
 
@@ -211,6 +233,11 @@ public final class SCSIDisk {
 
     public func transfer(_ t: SCSITransfer, vectors: [iovec]) -> Int32? {
         t.isWrite ? backend.write(from: vectors, count: t.byteCount, at: t.offset) : backend.read(into: vectors, count: t.byteCount, at: t.offset)
+    }
+
+    public func transferIfImmediate(_ t: SCSITransfer, vectors: [iovec], writes: Bool) -> Bool {
+        guard t.isWrite else { return backend.readIfCached(into: vectors, count: t.byteCount, at: t.offset) }
+        return writes && backend.writeInPlace(from: vectors, count: t.byteCount, at: t.offset)
     }
 
     public func transferCompleted(_ t: SCSITransfer, errno: Int32?) -> SCSIResult {

@@ -72,6 +72,10 @@ int hv_malloc_arena_max(int arenas);
 /// fallocate(2) (a GNU extension Swift's Glibc module does not export): the SCSI disk punches
 /// holes (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) to give discarded blocks back to the host.
 int hv_fallocate(int fd, int mode, long long offset, long long length);
+/// preadv2(2) with RWF_NOWAIT (a GNU extension Swift's Glibc module does not export): reads only
+/// what the host's page cache already holds, failing with EAGAIN instead of waiting for storage;
+/// the SCSI disk serves such reads on its own thread instead of handing them to an I/O thread.
+long hv_preadv_nowait(int fd, const void *vectors, int count, long long offset);
 // Installs a classic-BPF seccomp filter (PR_SET_SECCOMP needs a struct sock_fprog).
 int hv_install_seccomp_filter(const void *instructions, size_t length_bytes);
 
