@@ -88,7 +88,9 @@ let package = Package(
                                                       .product(name: "NIOCore", package: "swift-nio"),
                                                       .product(name: "Logging", package: "swift-log")],
                           path: "Sources/hvd", swiftSettings: strict),
-        .executableTarget(name: "hv-firecracker", dependencies: ["HVHost", "HVSys",
+        // Firecracker's API bodies, decoded as hv-firecracker does (and as the fuzz target does).
+        .target(name: "HVFirecrackerModel", dependencies: ["HVHost"], path: "Sources/HVFirecrackerModel", swiftSettings: strict),
+        .executableTarget(name: "hv-firecracker", dependencies: ["HVHost", "HVSys", "HVFirecrackerModel",
                                                                  .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                                                  .product(name: "Hummingbird", package: "hummingbird"),
                                                                  .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -133,7 +135,7 @@ let package = Package(
         // Fuzz targets (issue 20): one thin entry point per parser of untrusted bytes, and `hv-fuzz`,
         // which replays inputs as built here and runs libFuzzer when `bench/fuzz` builds it.
         .target(name: "HVFuzzTargets", dependencies: ["HVIPC", "HVSys", "CHVShim", "HVDeviceSDK", "HVSCSIDisk", "HVBootLoader",
-                                                      "HVSandbox", "HVNetSwitch", "HVSerialUART", "HVCore", "HVHost"],
+                                                      "HVSandbox", "HVNetSwitch", "HVSerialUART", "HVCore", "HVHost", "HVFirecrackerModel"],
                 path: "Fuzz/Targets", swiftSettings: strict),
         .executableTarget(name: "hv-fuzz", dependencies: ["HVFuzzTargets"], path: "Fuzz/Driver", swiftSettings: strict),
         .testTarget(name: "HVFuzzTests", dependencies: ["HVFuzzTargets"], path: "Tests/HVFuzzTests", swiftSettings: strict),

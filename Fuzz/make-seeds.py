@@ -220,6 +220,32 @@ def documents(snapshot):
     put("learning-switch", "three-stations", bytes([0, 1, 1, 0, 2, 0, 2, 0, 2, 0, 1, 0, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0x10, 0, 1, 0, 2, 0, 1]))
 
 
+def firecracker():
+    """Firecracker API bodies as Firecracker's own getting-started guide sends them (first byte:
+    which body the firecracker-api target decodes)."""
+    limiter = {"bandwidth": {"size": 1048576, "one_time_burst": 0, "refill_time": 100}, "ops": {"size": 100, "refill_time": 1000}}
+    boot = {"kernel_image_path": "/srv/vmlinux", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off", "initrd_path": None}
+    drive = {"drive_id": "rootfs", "path_on_host": "/srv/rootfs.ext4", "is_root_device": True, "is_read_only": False, "rate_limiter": limiter}
+    nic = {"iface_id": "eth0", "guest_mac": "AA:FC:00:00:00:01", "host_dev_name": "tap0", "rx_rate_limiter": limiter}
+    machine = {"vcpu_count": 2, "mem_size_mib": 1024, "smt": False, "track_dirty_pages": False}
+    balloon = {"amount_mib": 64, "deflate_on_oom": True, "stats_polling_interval_s": 1}
+    bodies = [
+        (0, "machine-config", machine), (1, "balloon", balloon), (2, "balloon-update", {"amount_mib": 32}),
+        (3, "balloon-statistics", {"stats_polling_interval_s": 5}), (4, "boot-source", boot), (5, "rate-limiter", limiter),
+        (6, "drive", drive), (7, "drive-patch", {"drive_id": "rootfs", "path_on_host": "/srv/other.ext4"}),
+        (8, "network-interface", nic), (9, "network-interface-patch", {"iface_id": "eth0", "tx_rate_limiter": limiter}),
+        (10, "logger", {"log_path": "/tmp/fc.log", "level": "Debug", "show_level": True, "show_log_origin": True}),
+        (11, "metrics", {"metrics_path": "/tmp/fc.metrics"}), (12, "actions", {"action_type": "InstanceStart"}),
+        (13, "vm-state", {"state": "Paused"}),
+        (14, "snapshot-create", {"snapshot_type": "Full", "snapshot_path": "/srv/snap", "mem_file_path": "/srv/mem"}),
+        (14, "snapshot-load", {"snapshot_path": "/srv/snap", "mem_backend": {"backend_path": "/srv/mem", "backend_type": "File"}, "resume_vm": True}),
+        (15, "config-file", {"boot-source": boot, "drives": [drive], "machine-config": machine, "network-interfaces": [nic],
+                             "balloon": balloon, "logger": None, "vsock": None}),
+    ]
+    for kind, name, body in bodies:
+        put("firecracker-api", name, bytes([kind]) + json.dumps(body).encode())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snapshot", help="a snapshot directory of the demo guest (hvctl snapshot)")
@@ -229,6 +255,7 @@ def main():
         guest()
         images(tmp)
         documents(a.snapshot)
+        firecracker()
     for target in sorted(os.listdir(CORPUS)):
         files = os.listdir(os.path.join(CORPUS, target))
         print(f"{target:20} {len(files):3} seeds, {sum(os.path.getsize(os.path.join(CORPUS, target, f)) for f in files):7} bytes")

@@ -29,7 +29,7 @@ public enum FuzzTargets {
         ImageTargets.qcow2, ImageTargets.multiboot, ImageTargets.bzImage, ImageTargets.elfDynamic,
         ImageTargets.stateRecords,
         HostTargets.json, HostTargets.sandboxProfile, HostTargets.controlRequest, HostTargets.vmDefinition,
-        HostTargets.pluginManifest, HostTargets.snapshotState, HostTargets.migrationStream,
+        HostTargets.firecrackerAPI, HostTargets.pluginManifest, HostTargets.snapshotState, HostTargets.migrationStream,
         NetworkTargets.learningSwitch,
     ]
 

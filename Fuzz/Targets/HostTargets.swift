@@ -1,13 +1,14 @@
 import Glibc
 import HVCore
+import HVFirecrackerModel
 import HVHost
 import HVSandbox
 import HVSys
 
 /// The trusted side's parsers of documents and streams: sandbox profiles and plugin manifests
 /// (plugin authors), VM definitions and control requests (operators and tenants, through hvctl,
-/// hvd and the control socket), snapshot files (anyone who can write the directory) and the
-/// migration stream (the source host).
+/// hvd and the control socket), Firecracker API bodies (hv-firecracker's API client), snapshot
+/// files (anyone who can write the directory) and the migration stream (the source host).
 enum HostTargets {
     /// hv's own JSON reader (sandbox profiles, plugin manifests).
     static let json = FuzzTarget("json", covers: "hv's JSON reader (HVSandbox, used by the jail and for profiles and manifests)") { data in
@@ -55,6 +56,47 @@ enum HostTargets {
         _ = definition.resolvingPaths(against: "/fuzz")
         let again = try? VMDefinition.decode(Array(definition.encoded().utf8))
         FuzzCheck.that(again == definition, "a VM definition does not round-trip")
+    }
+
+    /// A Firecracker API request body, or a whole `--config-file`, as hv-firecracker decodes it.
+    /// The first byte picks the body's type, the rest is the JSON. What decodes must encode and
+    /// decode back the same (one `PUT` answered by a `GET` of what was stored), and the hv limits
+    /// built from it (balloon, rate limiters) come back as a value or a fault.
+    static let firecrackerAPI = FuzzTarget("firecracker-api", covers: "Firecracker API request bodies and --config-file (hv-firecracker ← its API client)") { data in
+        var input = FuzzInput(data)
+        let kind = input.u8()
+        let body = input.bytes(input.remaining)
+        func roundTrip<T: Codable & Equatable>(_ type: T.Type) -> T? {
+            guard let value = try? ControlJSON.decode(type, body) else { return nil }
+            let again = try? ControlJSON.decode(type, ControlJSON.encode(value))
+            FuzzCheck.that(again == value, "a \(type) body does not round-trip: \(String(decoding: ControlJSON.encode(value), as: UTF8.self))")
+            return value
+        }
+        func decodes<T: Decodable>(_ type: T.Type) -> T? { try? ControlJSON.decode(type, body) }
+        switch kind % 16 {
+        case 0: _ = roundTrip(MachineConfiguration.self)
+        case 1: _ = try? roundTrip(BalloonConfig.self)?.hvBalloon()
+        case 2: _ = decodes(BalloonUpdate.self)
+        case 3: _ = decodes(BalloonStatisticsUpdate.self)
+        case 4: _ = roundTrip(BootSource.self)
+        case 5: _ = try? roundTrip(RateLimiter.self)?.hvLimit("rate_limiter")
+        case 6: _ = try? roundTrip(Drive.self)?.rateLimiter?.hvLimit("rate_limiter")
+        case 7: _ = try? roundTrip(PartialDrive.self)?.rateLimiter?.hvLimit("rate_limiter")
+        case 8: _ = try? roundTrip(NetworkInterface.self)?.rxRateLimiter?.hvLimit("rx_rate_limiter")
+        case 9: _ = try? roundTrip(PartialNetworkInterface.self)?.txRateLimiter?.hvLimit("tx_rate_limiter")
+        case 10: _ = roundTrip(LoggerConfig.self)
+        case 11: _ = roundTrip(MetricsConfig.self)
+        case 12: _ = decodes(InstanceActionInfo.self)
+        case 13: _ = decodes(VMState.self)
+        case 14: _ = (decodes(SnapshotCreateParams.self), decodes(SnapshotLoadParams.self))
+        default:
+            // No Equatable here: the encoding of what decoded must decode to the same encoding.
+            guard let config = decodes(FullVMConfiguration.self) else { return }
+            let encoded = ControlJSON.encode(config)
+            let again = try? ControlJSON.decode(FullVMConfiguration.self, encoded)
+            FuzzCheck.that(again.map { ControlJSON.encode($0) } == encoded, "a --config-file does not round-trip: \(String(decoding: encoded, as: UTF8.self))")
+            _ = try? config.balloon?.hvBalloon()
+        }
     }
 
     /// A plugin manifest (`--device MANIFEST.json`, `hvctl plugin validate`).

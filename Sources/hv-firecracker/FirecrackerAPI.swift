@@ -1,4 +1,5 @@
 import Foundation
+import HVFirecrackerModel
 import HVHost
 import Hummingbird
 import NIOCore

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HVFirecrackerModel
 import HVHost
 import HVSys
 import Hummingbird

@@ -1,4 +1,5 @@
 import Foundation
+import HVFirecrackerModel
 import HVSys
 import Synchronization
 

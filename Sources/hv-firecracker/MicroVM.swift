@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import HVFirecrackerModel
 import HVHost
 import HVSys
 import Synchronization

@@ -1300,22 +1300,43 @@ static uint32_t bench_run(int write, uint32_t total, uint32_t bytes, int random,
     return failed;
 }
 
+static uint32_t tsc_per_ms;         /* defined with the network code, which calibrates it */
+static void tsc_calibrate(void);
+
+/* Microseconds since `t0` by the TSC (0 if it could not be calibrated). */
+static uint32_t tsc_us_since(uint64_t t0)
+{
+    uint64_t ticks = (rdtsc() - t0) * 1000;
+    if (tsc_per_ms == 0) return 0;
+    (void)divmod64(&ticks, tsc_per_ms);   /* no 64-bit division in a freestanding i386 guest */
+    return (uint32_t)ticks;
+}
+
+/* Runs one vscsibench phase between its marker lines, then prints its own duration ("bench:
+ * PHASE us=N"): the host's timestamps of the markers include how late the serial device wrote
+ * them, which on a busy host is milliseconds. */
+static uint32_t bench_phase(const char *name, int write, uint32_t total, uint32_t bytes, int random, uint32_t span)
+{
+    kprintf("bench: %s start\n", name);
+    uint64_t t0 = rdtsc();
+    uint32_t failed = bench_run(write, total, bytes, random, span);
+    uint32_t us = tsc_us_since(t0);
+    kprintf("bench: %s end\n", name);
+    kprintf("bench: %s us=%u\n", name, us);
+    return failed;
+}
+
 static void mode_vscsibench(uint32_t mib, uint32_t passes)
 {
     int ro = 0;
     vs_qdesc = bq_desc; vs_qavail = &bq_avail; vs_qused = &bq_used; vs_qsize = BQ_SIZE;
     if (!vscsi_setup(&ro)) return;
+    tsc_calibrate();
     uint32_t chunks = mib * (1024u * 1024u / BQ_CHUNK) * (passes ? passes : 1), span = mib * 2048u;
     (void)bench_run(0, 1, 4096, 0, span);  /* takes any power-on UNIT ATTENTION (QEMU reports one) */
-    kprintf("bench: seqread start\n");
-    uint32_t e1 = bench_run(0, chunks, BQ_CHUNK, 0, span);
-    kprintf("bench: seqread end\n");
-    kprintf("bench: seqwrite start\n");
-    uint32_t e2 = bench_run(1, chunks, BQ_CHUNK, 0, span);
-    kprintf("bench: seqwrite end\n");
-    kprintf("bench: randread start\n");
-    uint32_t e3 = bench_run(0, mib * 256u, 4096, 1, span);
-    kprintf("bench: randread end\n");
+    uint32_t e1 = bench_phase("seqread", 0, chunks, BQ_CHUNK, 0, span);
+    uint32_t e2 = bench_phase("seqwrite", 1, chunks, BQ_CHUNK, 0, span);
+    uint32_t e3 = bench_phase("randread", 0, mib * 256u, 4096, 1, span);
     kprintf("bench: errors=%u\n", e1 + e2 + e3);
 }
 
@@ -1324,8 +1345,6 @@ static void mode_vscsibench(uint32_t mib, uint32_t passes)
  * completion; prints the median, the 90th and the 99th percentile in microseconds: the disk round
  * trip a small VM sees. */
 static uint32_t lat_us[4096];
-static uint32_t tsc_per_ms;         /* defined with the network code, which calibrates it */
-static void tsc_calibrate(void);
 
 static void mode_vscsilat(uint32_t count, uint32_t span_mib, int write)
 {

@@ -111,6 +111,16 @@ final class VMDefinitionTests: XCTestCase {
         XCTAssertEqual(d.serial.path, "/srv/vms/logs/c.log")
         XCTAssertEqual(d.devices, ["/srv/vms/dev,profile=/srv/vms/p.json,pio=0x520:2", "/srv/vms/plugins/rng/manifest.json,seed=7"])
     }
+
+    func testALeadingSlashIsTestedByByteNotByCharacter() {
+        // "/" followed by an emoji modifier is one Character that is not "/": compared by grapheme,
+        // the path was taken as relative (the vm-definition fuzz target's find). It is absolute.
+        let path = "/\u{1F3FB}disk.img"
+        XCTAssertFalse(path.hasPrefix("/"), "the grapheme trap this test is about")
+        XCTAssertEqual(absolutePath(path, against: "/srv/vms"), path)
+        XCTAssertEqual(absolutePath(path), path)
+        XCTAssertEqual(absolutePath("\u{1F3FB}disk.img", against: "/srv/vms"), "/srv/vms/\u{1F3FB}disk.img")
+    }
 }
 
 /// Image formats recognised by content, and the control protocol's messages.

@@ -12,6 +12,9 @@ final class LearningSwitchTests: XCTestCase {
         XCTAssertNil(MACAddress(parsing: "52:54:00:ab:cd"))
         XCTAssertNil(MACAddress(parsing: "52:54:00:ab:cd:0g"))
         XCTAssertNil(MACAddress(parsing: "52:54:00:ab:cd:123"))
+        // A sign is no hex digit, though UInt8(_:radix:) takes one (the device-settings fuzz target's find).
+        XCTAssertNil(MACAddress(parsing: "+f:54:00:ab:cd:0f"))
+        XCTAssertNil(MACAddress(parsing: "52:54:00:ab:cd:-0"))
         XCTAssertTrue(broadcast.isGroup)
         XCTAssertTrue(MACAddress(parsing: "01:00:5e:00:00:01")!.isGroup)
         XCTAssertFalse(a.isGroup)

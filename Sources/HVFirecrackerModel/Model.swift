@@ -1,30 +1,32 @@
 import HVHost
 
 // Firecracker's API bodies (src/firecracker/swagger/firecracker.yaml in Firecracker's repository),
-// with its field names. Decoding is as strict as Firecracker's (unknown fields refused, naming
-// them); null is "not given", as Firecracker's own decoder takes it. Fields hv cannot honour are
-// refused by `MicroVM` with a fault naming them, never ignored.
+// with its field names: hv-firecracker's contract with its clients, a module of its own so the
+// fuzz target `firecracker-api` decodes bodies exactly as the API process does. Decoding is as
+// strict as Firecracker's (unknown fields refused, naming them); null is "not given", as
+// Firecracker's own decoder takes it. Fields hv cannot honour are refused by `MicroVM` with a
+// fault naming them, never ignored.
 
 /// `PUT|PATCH /machine-config`; `GET /machine-config` answers the current one.
-struct MachineConfiguration: Codable, Sendable, Equatable {
-    var vcpuCount: Int?
-    var memSizeMib: Int?
-    var smt: Bool?
-    var trackDirtyPages: Bool?
-    var cpuTemplate: String?
-    var hugePages: String?
+package struct MachineConfiguration: Codable, Sendable, Equatable {
+    package var vcpuCount: Int?
+    package var memSizeMib: Int?
+    package var smt: Bool?
+    package var trackDirtyPages: Bool?
+    package var cpuTemplate: String?
+    package var hugePages: String?
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case vcpuCount = "vcpu_count", memSizeMib = "mem_size_mib", smt, trackDirtyPages = "track_dirty_pages"
         case cpuTemplate = "cpu_template", hugePages = "huge_pages"
     }
 
-    init(vcpuCount: Int? = nil, memSizeMib: Int? = nil) {
+    package init(vcpuCount: Int? = nil, memSizeMib: Int? = nil) {
         self.vcpuCount = vcpuCount
         self.memSizeMib = memSizeMib
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         vcpuCount = try c.decodeIfPresent(Int.self, forKey: .vcpuCount)
@@ -37,19 +39,19 @@ struct MachineConfiguration: Codable, Sendable, Equatable {
 }
 
 /// `PUT /balloon` and `GET /balloon`: hv-balloon, configured before the microVM starts.
-struct BalloonConfig: Codable, Sendable, Equatable {
-    var amountMib: Int
-    var deflateOnOom: Bool
-    var statsPollingIntervalS: Int?
-    var freePageHinting: Bool?
-    var freePageReporting: Bool?
+package struct BalloonConfig: Codable, Sendable, Equatable {
+    package var amountMib: Int
+    package var deflateOnOom: Bool
+    package var statsPollingIntervalS: Int?
+    package var freePageHinting: Bool?
+    package var freePageReporting: Bool?
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case amountMib = "amount_mib", deflateOnOom = "deflate_on_oom", statsPollingIntervalS = "stats_polling_interval_s"
         case freePageHinting = "free_page_hinting", freePageReporting = "free_page_reporting"
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         amountMib = try c.decode(Int.self, forKey: .amountMib)
@@ -60,7 +62,7 @@ struct BalloonConfig: Codable, Sendable, Equatable {
     }
 
     /// hv's balloon for this configuration; a fault names what hv cannot do.
-    func hvBalloon() throws(Fault) -> VMDefinition.Balloon {
+    package func hvBalloon() throws(Fault) -> VMDefinition.Balloon {
         guard amountMib >= 0 else { throw Fault("balloon: amount_mib must not be negative") }
         guard freePageHinting != true else {
             throw Fault("balloon: hv has no free page hinting; free_page_reporting gives free pages back to the host instead")
@@ -73,36 +75,36 @@ struct BalloonConfig: Codable, Sendable, Equatable {
 }
 
 /// `PATCH /balloon`.
-struct BalloonUpdate: Decodable, Sendable {
-    var amountMib: Int
-    enum CodingKeys: String, CodingKey, CaseIterable { case amountMib = "amount_mib" }
-    init(from decoder: any Decoder) throws {
+package struct BalloonUpdate: Decodable, Sendable {
+    package var amountMib: Int
+    package enum CodingKeys: String, CodingKey, CaseIterable { case amountMib = "amount_mib" }
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         amountMib = try decoder.container(keyedBy: CodingKeys.self).decode(Int.self, forKey: .amountMib)
     }
 }
 
 /// `PATCH /balloon/statistics`.
-struct BalloonStatisticsUpdate: Decodable, Sendable {
-    var statsPollingIntervalS: Int
-    enum CodingKeys: String, CodingKey, CaseIterable { case statsPollingIntervalS = "stats_polling_interval_s" }
-    init(from decoder: any Decoder) throws {
+package struct BalloonStatisticsUpdate: Decodable, Sendable {
+    package var statsPollingIntervalS: Int
+    package enum CodingKeys: String, CodingKey, CaseIterable { case statsPollingIntervalS = "stats_polling_interval_s" }
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         statsPollingIntervalS = try decoder.container(keyedBy: CodingKeys.self).decode(Int.self, forKey: .statsPollingIntervalS)
     }
 }
 
 /// `PUT /boot-source`.
-struct BootSource: Codable, Sendable, Equatable {
-    var kernelImagePath: String
-    var bootArgs: String?
-    var initrdPath: String?
+package struct BootSource: Codable, Sendable, Equatable {
+    package var kernelImagePath: String
+    package var bootArgs: String?
+    package var initrdPath: String?
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case kernelImagePath = "kernel_image_path", bootArgs = "boot_args", initrdPath = "initrd_path"
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         kernelImagePath = try c.decode(String.self, forKey: .kernelImagePath)
@@ -112,14 +114,14 @@ struct BootSource: Codable, Sendable, Equatable {
 }
 
 /// A token bucket of a rate limiter (`refill_time` in milliseconds), as hv's devices enforce it.
-struct TokenBucket: Codable, Sendable, Equatable {
-    var size: Int64
-    var oneTimeBurst: Int64?
-    var refillTime: Int64
+package struct TokenBucket: Codable, Sendable, Equatable {
+    package var size: Int64
+    package var oneTimeBurst: Int64?
+    package var refillTime: Int64
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case size, oneTimeBurst = "one_time_burst", refillTime = "refill_time" }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case size, oneTimeBurst = "one_time_burst", refillTime = "refill_time" }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         size = try c.decode(Int64.self, forKey: .size)
@@ -128,13 +130,13 @@ struct TokenBucket: Codable, Sendable, Equatable {
     }
 }
 
-struct RateLimiter: Codable, Sendable, Equatable {
-    var bandwidth: TokenBucket?
-    var ops: TokenBucket?
+package struct RateLimiter: Codable, Sendable, Equatable {
+    package var bandwidth: TokenBucket?
+    package var ops: TokenBucket?
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case bandwidth, ops }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case bandwidth, ops }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         bandwidth = try c.decodeIfPresent(TokenBucket.self, forKey: .bandwidth)
@@ -142,10 +144,10 @@ struct RateLimiter: Codable, Sendable, Equatable {
     }
 
     /// Whether it limits anything (`{}` does not: clients send it for "no limit").
-    var limits: Bool { bandwidth != nil || ops != nil }
+    package var limits: Bool { bandwidth != nil || ops != nil }
 
     /// hv's rate limit for it (nil: unlimited); a bucket hv cannot take is a fault naming `what`.
-    func hvLimit(_ what: String) throws(Fault) -> VMDefinition.RateLimit? {
+    package func hvLimit(_ what: String) throws(Fault) -> VMDefinition.RateLimit? {
         guard limits else { return nil }
         func bucket(_ b: TokenBucket?, _ name: String) throws(Fault) -> VMDefinition.RateLimit.Bucket? {
             guard let b else { return nil }
@@ -161,23 +163,23 @@ struct RateLimiter: Codable, Sendable, Equatable {
 }
 
 /// `PUT /drives/{drive_id}`.
-struct Drive: Codable, Sendable, Equatable {
-    var driveId: String
-    var pathOnHost: String?
-    var isRootDevice: Bool
-    var isReadOnly: Bool?
-    var partuuid: String?
-    var cacheType: String?
-    var ioEngine: String?
-    var rateLimiter: RateLimiter?
-    var socket: String?
+package struct Drive: Codable, Sendable, Equatable {
+    package var driveId: String
+    package var pathOnHost: String?
+    package var isRootDevice: Bool
+    package var isReadOnly: Bool?
+    package var partuuid: String?
+    package var cacheType: String?
+    package var ioEngine: String?
+    package var rateLimiter: RateLimiter?
+    package var socket: String?
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case driveId = "drive_id", pathOnHost = "path_on_host", isRootDevice = "is_root_device", isReadOnly = "is_read_only", partuuid
         case cacheType = "cache_type", ioEngine = "io_engine", rateLimiter = "rate_limiter", socket
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         driveId = try c.decode(String.self, forKey: .driveId)
@@ -193,14 +195,14 @@ struct Drive: Codable, Sendable, Equatable {
 }
 
 /// `PATCH /drives/{drive_id}`.
-struct PartialDrive: Codable, Sendable, Equatable {
-    var driveId: String
-    var pathOnHost: String?
-    var rateLimiter: RateLimiter?
+package struct PartialDrive: Codable, Sendable, Equatable {
+    package var driveId: String
+    package var pathOnHost: String?
+    package var rateLimiter: RateLimiter?
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case driveId = "drive_id", pathOnHost = "path_on_host", rateLimiter = "rate_limiter" }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case driveId = "drive_id", pathOnHost = "path_on_host", rateLimiter = "rate_limiter" }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         driveId = try c.decode(String.self, forKey: .driveId)
@@ -210,20 +212,20 @@ struct PartialDrive: Codable, Sendable, Equatable {
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
-struct NetworkInterface: Codable, Sendable, Equatable {
-    var ifaceId: String
-    var hostDevName: String
-    var guestMac: String?
-    var mtu: Int?
-    var rxRateLimiter: RateLimiter?
-    var txRateLimiter: RateLimiter?
+package struct NetworkInterface: Codable, Sendable, Equatable {
+    package var ifaceId: String
+    package var hostDevName: String
+    package var guestMac: String?
+    package var mtu: Int?
+    package var rxRateLimiter: RateLimiter?
+    package var txRateLimiter: RateLimiter?
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case ifaceId = "iface_id", hostDevName = "host_dev_name", guestMac = "guest_mac", mtu
         case rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter"
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         ifaceId = try c.decode(String.self, forKey: .ifaceId)
@@ -236,14 +238,14 @@ struct NetworkInterface: Codable, Sendable, Equatable {
 }
 
 /// `PATCH /network-interfaces/{iface_id}` (rate limiters after boot).
-struct PartialNetworkInterface: Codable, Sendable, Equatable {
-    var ifaceId: String
-    var rxRateLimiter: RateLimiter?
-    var txRateLimiter: RateLimiter?
+package struct PartialNetworkInterface: Codable, Sendable, Equatable {
+    package var ifaceId: String
+    package var rxRateLimiter: RateLimiter?
+    package var txRateLimiter: RateLimiter?
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case ifaceId = "iface_id", rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter" }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case ifaceId = "iface_id", rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter" }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         ifaceId = try c.decode(String.self, forKey: .ifaceId)
@@ -253,23 +255,23 @@ struct PartialNetworkInterface: Codable, Sendable, Equatable {
 }
 
 /// `PUT /logger`.
-struct LoggerConfig: Codable, Sendable, Equatable {
-    var logPath: String?
-    var level: String?
-    var showLevel: Bool?
-    var showLogOrigin: Bool?
-    var module: String?
+package struct LoggerConfig: Codable, Sendable, Equatable {
+    package var logPath: String?
+    package var level: String?
+    package var showLevel: Bool?
+    package var showLogOrigin: Bool?
+    package var module: String?
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin", module }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin", module }
 
-    init(logPath: String?, level: String?, showLevel: Bool?, showLogOrigin: Bool?) {
+    package init(logPath: String?, level: String?, showLevel: Bool?, showLogOrigin: Bool?) {
         self.logPath = logPath
         self.level = level
         self.showLevel = showLevel
         self.showLogOrigin = showLogOrigin
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         logPath = try c.decodeIfPresent(String.self, forKey: .logPath)
@@ -281,40 +283,40 @@ struct LoggerConfig: Codable, Sendable, Equatable {
 }
 
 /// `PUT /metrics`.
-struct MetricsConfig: Codable, Sendable, Equatable {
-    var metricsPath: String
+package struct MetricsConfig: Codable, Sendable, Equatable {
+    package var metricsPath: String
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case metricsPath = "metrics_path" }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case metricsPath = "metrics_path" }
 
-    init(metricsPath: String) { self.metricsPath = metricsPath }
+    package init(metricsPath: String) { self.metricsPath = metricsPath }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         metricsPath = try decoder.container(keyedBy: CodingKeys.self).decode(String.self, forKey: .metricsPath)
     }
 }
 
 /// `PUT /actions`.
-struct InstanceActionInfo: Decodable, Sendable {
-    enum Action: String, Decodable, Sendable { case instanceStart = "InstanceStart", sendCtrlAltDel = "SendCtrlAltDel", flushMetrics = "FlushMetrics" }
-    var actionType: Action
+package struct InstanceActionInfo: Decodable, Sendable {
+    package enum Action: String, Decodable, Sendable { case instanceStart = "InstanceStart", sendCtrlAltDel = "SendCtrlAltDel", flushMetrics = "FlushMetrics" }
+    package var actionType: Action
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case actionType = "action_type" }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case actionType = "action_type" }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         actionType = try decoder.container(keyedBy: CodingKeys.self).decode(Action.self, forKey: .actionType)
     }
 }
 
 /// `PATCH /vm`.
-struct VMState: Decodable, Sendable {
-    enum State: String, Decodable, Sendable { case paused = "Paused", resumed = "Resumed" }
-    var state: State
+package struct VMState: Decodable, Sendable {
+    package enum State: String, Decodable, Sendable { case paused = "Paused", resumed = "Resumed" }
+    package var state: State
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case state }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case state }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         state = try decoder.container(keyedBy: CodingKeys.self).decode(State.self, forKey: .state)
     }
@@ -322,14 +324,14 @@ struct VMState: Decodable, Sendable {
 
 /// `PUT /snapshot/create`. hv's snapshot is a directory: `snapshot_path` names it, and
 /// `mem_file_path` becomes a link to the memory image inside it.
-struct SnapshotCreateParams: Decodable, Sendable {
-    var snapshotPath: String
-    var memFilePath: String
-    var snapshotType: String?
+package struct SnapshotCreateParams: Decodable, Sendable {
+    package var snapshotPath: String
+    package var memFilePath: String
+    package var snapshotType: String?
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", snapshotType = "snapshot_type" }
+    package enum CodingKeys: String, CodingKey, CaseIterable { case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", snapshotType = "snapshot_type" }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
@@ -339,22 +341,22 @@ struct SnapshotCreateParams: Decodable, Sendable {
 }
 
 /// `PUT /snapshot/load`.
-struct SnapshotLoadParams: Decodable, Sendable {
-    var snapshotPath: String
-    var memFilePath: String?
-    var resumeVM: Bool?
-    var enableDiffSnapshots: Bool?
-    var trackDirtyPages: Bool?
-    var hasMemBackend: Bool
-    var hasOverrides: Bool
+package struct SnapshotLoadParams: Decodable, Sendable {
+    package var snapshotPath: String
+    package var memFilePath: String?
+    package var resumeVM: Bool?
+    package var enableDiffSnapshots: Bool?
+    package var trackDirtyPages: Bool?
+    package var hasMemBackend: Bool
+    package var hasOverrides: Bool
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", resumeVM = "resume_vm", enableDiffSnapshots = "enable_diff_snapshots"
         case trackDirtyPages = "track_dirty_pages", memBackend = "mem_backend", networkOverrides = "network_overrides"
         case vsockOverride = "vsock_override", clockRealtime = "clock_realtime"
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue), allowingNull: true)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
@@ -369,23 +371,23 @@ struct SnapshotLoadParams: Decodable, Sendable {
 }
 
 /// `--config-file` and `GET /vm/config`: the whole microVM.
-struct FullVMConfiguration: Codable, Sendable {
-    var bootSource: BootSource?
-    var drives: [Drive]?
-    var machineConfig: MachineConfiguration?
-    var networkInterfaces: [NetworkInterface]?
-    var logger: LoggerConfig?
-    var metrics: MetricsConfig?
-    var balloon: BalloonConfig?
+package struct FullVMConfiguration: Codable, Sendable {
+    package var bootSource: BootSource?
+    package var drives: [Drive]?
+    package var machineConfig: MachineConfiguration?
+    package var networkInterfaces: [NetworkInterface]?
+    package var logger: LoggerConfig?
+    package var metrics: MetricsConfig?
+    package var balloon: BalloonConfig?
 
-    enum CodingKeys: String, CodingKey, CaseIterable {
+    package enum CodingKeys: String, CodingKey, CaseIterable {
         case bootSource = "boot-source", drives, machineConfig = "machine-config", networkInterfaces = "network-interfaces", logger, metrics, balloon
     }
 
     /// Devices Firecracker has and hv does not: a configuration naming one is refused.
-    static let unsupportedSections = ["vsock", "mmds-config", "entropy", "cpu-config", "pmem", "memory-hotplug", "serial"]
+    package static let unsupportedSections = ["vsock", "mmds-config", "entropy", "cpu-config", "pmem", "memory-hotplug", "serial"]
 
-    init(bootSource: BootSource?, drives: [Drive], machineConfig: MachineConfiguration, networkInterfaces: [NetworkInterface],
+    package init(bootSource: BootSource?, drives: [Drive], machineConfig: MachineConfiguration, networkInterfaces: [NetworkInterface],
          logger: LoggerConfig?, metrics: MetricsConfig?, balloon: BalloonConfig?) {
         self.balloon = balloon
         self.bootSource = bootSource
@@ -396,7 +398,7 @@ struct FullVMConfiguration: Codable, Sendable {
         self.metrics = metrics
     }
 
-    init(from decoder: any Decoder) throws {
+    package init(from decoder: any Decoder) throws {
         try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue) + Self.unsupportedSections, allowingNull: true)
         let c = try decoder.container(keyedBy: AnySectionKey.self)
         for section in Self.unsupportedSections where c.contains(AnySectionKey(section)) {
@@ -416,33 +418,44 @@ struct FullVMConfiguration: Codable, Sendable {
     }
 }
 
-struct AnySectionKey: CodingKey {
-    var stringValue: String
-    var intValue: Int? { nil }
-    init(_ string: String) { stringValue = string }
-    init(stringValue: String) { self.stringValue = stringValue }
-    init?(intValue: Int) { nil }
+package struct AnySectionKey: CodingKey {
+    package var stringValue: String
+    package var intValue: Int? { nil }
+    package init(_ string: String) { stringValue = string }
+    package init(stringValue: String) { self.stringValue = stringValue }
+    package init?(intValue: Int) { nil }
 }
 
 /// `GET /`.
-struct InstanceInfo: Encodable, Sendable {
-    var appName = "Firecracker"
-    var id: String
-    var state: String
-    var vmmVersion: String
+package struct InstanceInfo: Encodable, Sendable {
+    package var appName = "Firecracker"
+    package var id: String
+    package var state: String
+    package var vmmVersion: String
 
-    enum CodingKeys: String, CodingKey { case appName = "app_name", id, state, vmmVersion = "vmm_version" }
+    package init(id: String, state: String, vmmVersion: String) {
+        self.id = id
+        self.state = state
+        self.vmmVersion = vmmVersion
+    }
+
+    package enum CodingKeys: String, CodingKey { case appName = "app_name", id, state, vmmVersion = "vmm_version" }
 }
 
 /// `GET /version`.
-struct FirecrackerVersion: Encodable, Sendable {
-    var firecrackerVersion: String
-    enum CodingKeys: String, CodingKey { case firecrackerVersion = "firecracker_version" }
+package struct FirecrackerVersion: Encodable, Sendable {
+    package var firecrackerVersion: String
+    package enum CodingKeys: String, CodingKey { case firecrackerVersion = "firecracker_version" }
+    package init(firecrackerVersion: String) { self.firecrackerVersion = firecrackerVersion }
 }
 
 /// Every error: HTTP 400 and `{"fault_message": "…"}`, as Firecracker answers.
-struct Fault: Error, Sendable {
-    var message: String
-    init(_ message: String) { self.message = message }
-    struct Body: Encodable { var faultMessage: String; enum CodingKeys: String, CodingKey { case faultMessage = "fault_message" } }
+package struct Fault: Error, Sendable {
+    package var message: String
+    package init(_ message: String) { self.message = message }
+    package struct Body: Encodable {
+        package var faultMessage: String
+        enum CodingKeys: String, CodingKey { case faultMessage = "fault_message" }
+        package init(faultMessage: String) { self.faultMessage = faultMessage }
+    }
 }
