@@ -222,7 +222,7 @@ final class ResourceLimitTests: XCTestCase {
             XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
             let handle = try XCTUnwrap(FileHandle(forWritingAtPath: image))
             var chunk = [UInt8](repeating: 0, count: mib)
-            for i in 0..<48 {
+            for i in 0..<64 {
                 for k in stride(from: 0, to: mib, by: 512) { chunk[k] = UInt8(truncatingIfNeeded: i &* 31 &+ k / 512) }
                 try handle.write(contentsOf: Data(chunk))
             }
@@ -235,7 +235,7 @@ final class ResourceLimitTests: XCTestCase {
         XCTAssertEqual(stat(image, &st), 0)
         guard st.st_dev >> 8 != 0 else { throw XCTSkip("\(dir.path) is on a file system without a block device") }
         let guest = try Harness.testGuest()
-        let vm = try VMProcess(["run", "--name", "throttled", "--multiboot", guest, "--cmdline", "mode=vscsibench count=48", "--memory", "32M",
+        let vm = try VMProcess(["run", "--name", "throttled", "--multiboot", guest, "--cmdline", "mode=vscsibench count=64", "--memory", "32M",
                                 "--disk", image, "--disk-io-limit", "read_bps=8M"])
         defer { _ = try? runHvctl(["stop", "throttled"]); vm.waitForExit() }
         XCTAssertTrue(vm.waitForOutput("bench: seqread start"), vm.stdout + vm.stderr)
@@ -244,12 +244,28 @@ final class ResourceLimitTests: XCTestCase {
             let text = (try? String(contentsOfFile: "/proc/\(disk)/io", encoding: .utf8)) ?? ""
             return Double(text.split(separator: "\n").first { $0.hasPrefix("read_bytes: ") }?.dropFirst(12) ?? "0") ?? 0
         }
-        // The kernel lets a first burst through (about 14 MiB here, at once), then holds the rate.
-        let burstDeadline = Date().addingTimeInterval(20)
-        while readBytes() < Double(20 * mib) && Date() < burstDeadline { Thread.sleep(forTimeInterval: 0.05) }
-        let (b0, t0) = (readBytes(), Date())
-        Thread.sleep(forTimeInterval: 2)
-        let rate = (readBytes() - b0) / Date().timeIntervalSince(t0)
+        // The kernel lets a first burst through (about 14 MiB here, at once), then holds the rate,
+        // letting reads through in steps (8 MiB about once a second). A fixed window would see one,
+        // two or three steps by chance, so the rate is taken from one step to one about 2 s later:
+        // each point is the step's time and the count once that step has settled.
+        let deadline = Date().addingTimeInterval(20)
+        while readBytes() < Double(20 * mib) && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        func nextStep(after earliest: Date) -> (bytes: Double, time: Date)? {
+            var before = readBytes()
+            while Date() < deadline {
+                Thread.sleep(forTimeInterval: 0.005)
+                let now = readBytes()
+                defer { before = now }
+                guard now != before, Date() >= earliest else { continue }
+                let time = Date()
+                Thread.sleep(forTimeInterval: 0.2)
+                return (readBytes(), time)
+            }
+            return nil
+        }
+        let first = try XCTUnwrap(nextStep(after: Date()), "the device process read nothing past the burst")
+        let last = try XCTUnwrap(nextStep(after: first.time.addingTimeInterval(1.5)), "the device process stopped reading")
+        let rate = (last.bytes - first.bytes) / last.time.timeIntervalSince(first.time)
         XCTAssertEqual(rate, Double(8 * mib), accuracy: Double(8 * mib) * 0.15, "read from the device at \(rate / Double(mib)) MiB/s")
         let group = try XCTUnwrap(try cgroups("throttled").first { $0.hasPrefix("/sys/fs/cgroup/blkio/") }, "no blkio group")
         let rule = read(group + "/disk0/blkio.throttle.read_bps_device")
