@@ -1526,8 +1526,9 @@ class Bench:
     def case_scsi(self) -> list[Row]:
         mib = 16 if self.quick else 64
         print(f"case: virtio-scsi disk seen by the guest (mode=vscsibench: {self.vscsibench_passes()} passes over {mib} MiB of "
-              f"sequential reads and writes in 256 KiB requests, {mib * 256} random 4 KiB reads, 4 in flight), QEMU "
-              f"(virtio-scsi-pci + scsi-hd) and the host reading and writing the same image file", flush=True)
+              f"sequential reads and writes in 256 KiB requests, {mib * 256} random 4 KiB reads, 4 in flight; mode=vscsilat: "
+              f"4 KiB reads and writes one at a time), QEMU (virtio-scsi-pci + scsi-hd) and the host reading and writing "
+              f"the same image file", flush=True)
         image = self.env.tmp / "scsi-bench.img"
         with open(image, "wb") as f:
             f.write(os.urandom(mib << 20))
@@ -1556,24 +1557,26 @@ class Bench:
                 os.close(fd)
             return {"seqread": mib * passes / (t1 - t0), "seqwrite": mib * passes / (t2 - t1), "randread": mib * 256 / (t3 - t2)}
 
+        def run_on(side, guest_cmd, markers):
+            if side == "hv":
+                return run_capture(self.hv_argv(guest_cmd) + ["--disk", str(image)], timeout_s=180, markers=markers, env=self.hv_env)
+            argv = self.qemu_argv(guest_cmd) + [
+                "-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0",
+                "-drive", f"file={image},if=none,id=d0,format=raw,cache=writeback",
+                "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
+            return run_capture(argv, timeout_s=180, markers=markers, stop_on=DONE_MARKER)
+
         def one(side, i):
             if side == "host":
                 values = host_side()
             else:
-                if side == "hv":
-                    argv = self.hv_argv(cmd) + ["--disk", str(image)]
-                    cap = run_capture(argv, timeout_s=180, markers=all_marks, env=self.hv_env)
-                else:
-                    argv = self.qemu_argv(cmd) + [
-                        "-device", "virtio-scsi-pci,disable-legacy=on,addr=0x4,id=scsi0",
-                        "-drive", f"file={image},if=none,id=d0,format=raw,cache=writeback",
-                        "-device", "scsi-hd,drive=d0,bus=scsi0.0"]
-                    cap = run_capture(argv, timeout_s=180, markers=all_marks, stop_on=DONE_MARKER)
-                values = self.vscsibench_values(side, cap, mib, passes)
+                values = self.vscsibench_values(side, run_on(side, cmd, all_marks), mib, passes)
             for p in phases:
                 self.record(f"scsi_{p}", side, values[p])
+            if side != "host":
+                values.update(self.disk_round_trips(side, run_on, mib, "scsi"))
             print(f"  run {i + 1} {side}: " + ", ".join(
-                f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' MiB/s'}" for p, v in values.items()), flush=True)
+                f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' µs' if 'QD1' in p else ' MiB/s'}" for p, v in values.items()), flush=True)
 
         self.interleaved(one, sides=("hv", "qemu", "host"))
         rows = []
@@ -1585,6 +1588,32 @@ class Bench:
             rows.append(Row(f"virtio-scsi {names[p][0]}", hv, q, unit=names[p][1], target=target,
                             met=None if share is None else share >= 0.8,
                             note="" if share is None else f"{share * 100:.0f}% of the host"))
+        return rows + self.round_trip_rows("scsi", "virtio-scsi", "hv", "≤ QEMU")
+
+    def disk_round_trips(self, side: str, run_on, mib: int, prefix: str) -> dict:
+        """One 4 KiB READ at a time, then one WRITE (`mode=vscsilat`, timed by the guest from its
+        kick to the completion): each kind's median round trip in µs, recorded as
+        PREFIX_lat_read and PREFIX_lat_write. `run_on(side, guest_cmd, markers)` runs the guest."""
+        lat_count = 500 if self.quick else 2000
+        values = {}
+        for kind, extra in (("read", ""), ("write", " write=1")):
+            cap = run_on(side, f"mode=vscsilat count={lat_count} size={mib}{extra}", [DONE_MARKER])
+            m = re.search(rb"disklat end count=\d+ median=(\d+) p90=\d+ p99=\d+ errors=0", bytes(cap.scanner.data))
+            if m is None:
+                self.problem(side, f"vscsilat ({kind}s) did not finish without errors", cap)
+            values[f"{kind} QD1"] = float(m.group(1)) if m else None
+            self.record(f"{prefix}_lat_{kind}", side, values[f"{kind} QD1"])
+        return values
+
+    def round_trip_rows(self, prefix: str, label: str, hv_side: str, target: str, raw_side: Optional[str] = None) -> list[Row]:
+        """Rows for `disk_round_trips`' samples: `hv_side` against QEMU (lower is better)."""
+        rows = []
+        for kind in ("read", "write"):
+            hv, q = self.get(f"{prefix}_lat_{kind}", hv_side), self.get(f"{prefix}_lat_{kind}", "qemu")
+            raw = self.get(f"{prefix}_lat_{kind}", raw_side) if raw_side else None
+            rows.append(Row(f"{label} 4 KiB {kind} round trip, 1 in flight", hv, q, unit="µs", target=target,
+                            met=None if hv is None or q is None else hv.median <= q.median,
+                            note="" if raw is None else f"hv raw {raw.median:.0f} µs"))
         return rows
 
     def case_qcow2(self) -> list[Row]:
@@ -1594,8 +1623,7 @@ class Bench:
         request pays when nothing overlaps it."""
         mib = 16 if self.quick else 64
         passes = self.vscsibench_passes()
-        lat_count = 500 if self.quick else 2000
-        print(f"case: qcow2 disk (mode=vscsibench count={mib} passes={passes}; mode=vscsilat count={lat_count}) — "
+        print(f"case: qcow2 disk (mode=vscsibench count={mib} passes={passes}; mode=vscsilat, reads and writes) — "
               f"hv raw, hv qcow2 and QEMU qcow2 on copies of one image", flush=True)
         raw = self.env.tmp / "qcow2-bench.img"
         with open(raw, "wb") as f:
@@ -1621,13 +1649,7 @@ class Bench:
             values = self.vscsibench_values(side, run_on(side, cmd, all_marks), mib, passes)
             for p in phases:
                 self.record(f"qcow2_{p}", side, values[p])
-            for kind, extra in (("read", ""), ("write", " write=1")):
-                cap = run_on(side, f"mode=vscsilat count={lat_count} size={mib}{extra}", [DONE_MARKER])
-                m = re.search(rb"disklat end count=\d+ median=(\d+) p90=\d+ p99=\d+ errors=0", bytes(cap.scanner.data))
-                if m is None:
-                    self.problem(side, f"vscsilat ({kind}s) did not finish without errors", cap)
-                values[f"{kind} QD1"] = float(m.group(1)) if m else None
-                self.record(f"qcow2_lat_{kind}", side, values[f"{kind} QD1"])
+            values.update(self.disk_round_trips(side, run_on, mib, "qcow2"))
             print(f"  run {i + 1} {side}: " + ", ".join(
                 f"{p} {round(v) if v else v}{' IOPS' if p == 'randread' else ' µs' if 'QD1' in p else ' MiB/s'}" for p, v in values.items()), flush=True)
 
@@ -1641,12 +1663,7 @@ class Bench:
             rows.append(Row(f"qcow2 {names[p][0]}", hv, q, unit=names[p][1], target="≥ QEMU qcow2 and ≥ 0.9× hv raw",
                             met=None if share is None or beats is None else (beats and share >= 0.9),
                             note="" if share is None else f"{share:.2f}× hv raw"))
-        for kind in ("read", "write"):
-            hv, q, hv_raw = (self.get(f"qcow2_lat_{kind}", side) for side in ("hv-qcow2", "qemu", "hv-raw"))
-            rows.append(Row(f"qcow2 4 KiB {kind} round trip, 1 in flight", hv, q, unit="µs", target="≤ QEMU qcow2",
-                            met=None if hv is None or q is None else hv.median <= q.median,
-                            note="" if hv_raw is None else f"hv raw {hv_raw.median:.0f} µs"))
-        return rows
+        return rows + self.round_trip_rows("qcow2", "qcow2", "hv-qcow2", "≤ QEMU qcow2", raw_side="hv-raw")
 
     # -- snapshots (issue #15) --
 
