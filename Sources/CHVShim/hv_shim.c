@@ -148,8 +148,9 @@ unsigned int hv_crc32c(unsigned int crc, const void *data, unsigned long length)
 
 int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
+                           const int *join_fds, int njoin,
                            unsigned long long namespace_flags, int new_process_group, int sync_read_fd, int *pidfd_out) {
-    if (nfds < 0 || nfds > 32) { errno = EINVAL; return -1; }
+    if (nfds < 0 || nfds > 32 || njoin < 0 || njoin > 8) { errno = EINVAL; return -1; }
     int pidfd = -1;
     struct clone_args args;
     memset(&args, 0, sizeof args);
@@ -166,6 +167,23 @@ int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
     char byte;
     while (read(sync_read_fd, &byte, 1) < 0 && errno == EINTR) {}
     if (byte != 'g') _exit(127);   // the parent could not set us up: give up quietly
+    // Into the cgroups before anything of the device runs (see the header for why not by pid).
+    for (int i = 0; i < njoin; i++) {
+        if (write(join_fds[i], "0", 1) == 1) continue;
+        int err = errno, stderr_fd = -1;
+        for (int k = 0; k < nfds; k++) if (child_fds[k] == 2) stderr_fd = parent_fds[k];
+        if (stderr_fd >= 0) {
+            static const char prefix[] = "hv: a device process could not join its cgroup (writing 0 to its v1 tasks file failed, errno ";
+            char digits[12];
+            int nd = 0;
+            unsigned int e = (unsigned int)err;
+            do { digits[sizeof digits - 1 - nd++] = (char)('0' + e % 10); e /= 10; } while (e && nd < (int)sizeof digits);
+            (void)!write(stderr_fd, prefix, sizeof prefix - 1);
+            (void)!write(stderr_fd, digits + sizeof digits - nd, (size_t)nd);
+            (void)!write(stderr_fd, ")\n", 2);
+        }
+        _exit(127);
+    }
     // Its own process group, as for every device: a terminal's Ctrl-C reaches hvctl only, which
     // stops the devices in order. (A detached process makes its own session in hv-jail instead,
     // which a group leader could not.)

@@ -46,12 +46,10 @@ public final class GuestRAM: Sendable {
         return UInt64(max(st.st_blocks, 0)) * 512
     }
 
-    func register(with vm: VirtualMachine) throws(CoreError) {
+    func register(with vm: VirtualMachine) throws(KVMError) {
         for (slot, r) in regions.enumerated() {
-            do {
-                try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: r.guestPhysicalAddress, size: r.size,
-                                       hostAddress: mapping.base + Int(r.memfdOffset))
-            } catch { throw .kvm(error) }
+            try vm.setMemoryRegion(slot: UInt32(slot), guestAddress: r.guestPhysicalAddress, size: r.size,
+                                   hostAddress: mapping.base + Int(r.memfdOffset))
         }
     }
 }

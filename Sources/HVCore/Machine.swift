@@ -65,6 +65,8 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let ram: GuestRAM
     let firmwareMapping: SharedMapping?
+    /// RAM and firmware slots, registered with KVM while the devices start.
+    private let memorySlots: MemorySlotRegistration
     let vcpus: [VCPU]
     private let bus = IOBus()
     let pci: PCIBus
@@ -121,9 +123,8 @@ public final class Machine: @unchecked Sendable {
         } else {
             ram = try GuestRAM(size: configuration.memoryBytes)
         }
-        try ram.register(with: vm)
+        let romMapping: SharedMapping?
         if let rom = configuration.firmwareROM {
-            // Read-only slot ending at 4 GiB: guest writes to it exit as MMIO and are dropped.
             let size: Int64
             do { size = try rom.size() } catch { throw .system(error) }
             guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
@@ -137,20 +138,19 @@ public final class Machine: @unchecked Sendable {
                 let n = bytes.withUnsafeBytes { pwrite(rom.rawValue, $0.baseAddress, $0.count, 0) }
                 guard n == bytes.count else { throw .system(SystemError("cannot fill the firmware ROM", .current)) }
             }
-            do {
-                let mapping = try SharedMapping(fd: rom, count: Int(size), readOnly: true)
-                try vm.setMemoryRegion(slot: UInt32(ram.regions.count), guestAddress: (1 << 32) - UInt64(size),
-                                       size: UInt64(size), hostAddress: mapping.base, readOnly: true)
-                firmwareMapping = mapping
-            } catch let e as KVMError {
-                throw .kvm(e)
-            } catch let e as SystemError {
-                throw .system(e)
-            } catch {
-                throw .configuration("\(error)")
-            }
+            do { romMapping = try SharedMapping(fd: rom, count: Int(size), readOnly: true) } catch { throw .system(error) }
         } else {
-            firmwareMapping = nil
+            romMapping = nil
+        }
+        firmwareMapping = romMapping
+        // Registered while the devices start; `run` waits for it before any vCPU runs.
+        memorySlots = MemorySlotRegistration.start { [vm, ram] () throws(KVMError) in
+            try ram.register(with: vm)
+            if let rom = romMapping {
+                // Read-only slot ending at 4 GiB: guest writes to it exit as MMIO and are dropped.
+                try vm.setMemoryRegion(slot: UInt32(ram.regions.count), guestAddress: (1 << 32) - UInt64(rom.count),
+                                       size: UInt64(rom.count), hostAddress: rom.base, readOnly: true)
+            }
         }
         let restore = configuration.restore
         if let restore {
@@ -463,7 +463,12 @@ public final class Machine: @unchecked Sendable {
             try supervisor.startThread()
         } catch {
             supervisor.shutdown()
+            try? memorySlots.wait()
             return .failure("\(error)")
+        }
+        do { try memorySlots.wait() } catch {
+            supervisor.shutdown()
+            return .failure("cannot register guest memory with KVM: \(error)")
         }
 
         if let restore = configuration.restore {

@@ -107,7 +107,8 @@ public struct SandboxPlan: Sendable {
     /// Starts `executable` under the jail with `inherit` (child fd → parent fd) and returns it.
     /// A `detached` process outlives its parent (in a session of its own) instead of dying with
     /// it; `stderr` is the parent descriptor it writes its messages to.
-    /// `placement` (cgroups, OOM score) is applied while the child waits, before the jail runs.
+    /// `placement` (cgroups, OOM score) is applied while the child waits, before the jail runs
+    /// (v1 groups the child joins itself, as its first act after the wait).
     public func spawn(executable: String, arguments: [String], memoryBytes: UInt64,
                       inherit: [(child: Int32, parent: Int32)], detached: Bool = false, stderr: Int32 = 2,
                       placement: ProcessPlacement? = nil) throws(SystemError) -> ChildProcess {
@@ -155,12 +156,15 @@ public struct SandboxPlan: Sendable {
             + copied.enumerated().map { (Self.jailFirstPluginFileFD + Int32($0.offset), $0.element.rawValue) } + inherit
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)
+        // v1 groups the child joins itself, before hv-jail runs; the rest is done by pid below.
+        let (taskFiles, byPID) = try placement?.openingV1TaskFiles() ?? ([], nil)
+        let joinFDs = taskFiles.map(\.rawValue)
         var pidfd: Int32 = -1
         // The mapping holds bare numbers: every owner must outlive the clone, which dups them
         // (an optimized build otherwise closes an owner right after its last use above).
-        let pid = withExtendedLifetime((jail, deviceBinary, profileFile, copied, devNull)) {
+        let pid = withExtendedLifetime((jail, deviceBinary, profileFile, copied, devNull, taskFiles)) {
             hv_spawn_in_namespaces(jail.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
-                                   cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
+                                   joinFDs, Int32(joinFDs.count), cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
         }
         try check("clone3 into new namespaces for \(executable)", pid)
         let child = ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))
@@ -168,7 +172,7 @@ public struct SandboxPlan: Sendable {
             // Inside uid/gid 0 is the tenant's id outside; nothing else is mapped.
             try writeProcFile("/proc/\(pid)/uid_map", "0 \(outsideUID) 1\n")
             try writeProcFile("/proc/\(pid)/gid_map", "0 \(outsideGID) 1\n")
-            try placement?.apply(to: pid)
+            try byPID?.apply(to: pid)
         } catch {
             try? syncWrite.writeAll(Array("x".utf8))
             child.killAndReap()

@@ -162,7 +162,9 @@ public final class ResourceGroups: Sendable {
         }
         let groups = ResourceGroups(groups: made, limits: limits)
         do throws(UsageError) {
-            try groups.startReaper(reaperExecutable)
+            let reaperLauncher = try groups.startReaper(reaperExecutable)
+            // After hvctl's move (a thread made before it would block the move's fast path).
+            defer { groups.reapInBackground(reaperLauncher, reaperExecutable) }
             let v1Only = made.allSatisfy { $0.hierarchy.version == .v1 }
             // hvctl goes into `core` before v2 controllers are enabled: a v2 group with controllers
             // enabled for its children may hold no process itself, and hvctl's own group may be the parent.
@@ -178,15 +180,25 @@ public final class ResourceGroups: Sendable {
             }
             try groups.apply(limits)
             if v1Only {
-                // The first move into a v1 group waits out an RCU grace period (about 10 ms
-                // here); hvctl's own move overlaps it with building the VM. Its devices are placed
-                // as each starts, and its vCPU threads, made later, are born in `core`.
-                do {
-                    _ = try HostThread.spawn(name: "hv-cgroup-join") {
-                        do throws(UsageError) { try groups.join(pid: getpid(), member: "core") } catch { warn(error.message) }
+                // hvctl moves itself while it has one thread, by writing 0 into `core`'s `tasks`:
+                // at once, where a move by pid first waits out an RCU grace period (about 10 ms
+                // here) and holds up every fork and new thread meanwhile. Every thread made after
+                // (the vCPUs', the devices' supervisors) is born in `core`; devices join their own
+                // groups themselves as they start (`SandboxPlan.spawn`).
+                let core = ProcessPlacement(cgroupDirectories: made.map { $0.directory + "/core" })
+                let movedAtOnce: Bool
+                do { movedAtOnce = try core.applyToSingleThreadedSelf() } catch {
+                    throw UsageError(message: "cannot move hvctl into the VM's cgroup core: \(error)")
+                }
+                if !movedAtOnce {
+                    // Threads already run: the move by pid, overlapped with building the VM.
+                    do {
+                        _ = try HostThread.spawn(name: "hv-cgroup-join") {
+                            do throws(UsageError) { try groups.join(pid: getpid(), member: "core") } catch { warn(error.message) }
+                        }
+                    } catch {
+                        try groups.join(pid: getpid(), member: "core")
                     }
-                } catch {
-                    try groups.join(pid: getpid(), member: "core")
                 }
             }
         } catch {
@@ -317,8 +329,11 @@ public final class ResourceGroups: Sendable {
     }
 
     /// Starts `hv-cgroup-reaper` with the groups to remove, moved to where hvctl started (v1) or
-    /// to the v2 root (which alone may hold processes beside enabled controllers).
-    private func startReaper(_ executable: String) throws(UsageError) {
+    /// to the v2 root (which alone may hold processes beside enabled controllers). Returns its
+    /// first process, which exits at once, for `reapInBackground`: waiting for it here would
+    /// put the Swift runtime's start-up on the VM's launch, and a thread to wait for it made now
+    /// would stop hvctl from moving itself into `core` as a single thread.
+    private func startReaper(_ executable: String) throws(UsageError) -> ChildProcess {
         var ends: [Int32] = [-1, -1]
         guard pipe(&ends) == 0 else { throw UsageError(message: "cannot make a pipe for the cgroup reaper: \(Errno.current)") }
         _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
@@ -335,8 +350,16 @@ public final class ResourceGroups: Sendable {
         } catch {
             throw UsageError(message: "cannot start \(executable): \(error); rebuild hv with 'swift build'")
         }
-        // Its start-up (the Swift runtime's loading, several milliseconds) is off the VM's
-        // critical path: the first process is reaped by a thread of its own.
+        // The write end stays open, unused, for the rest of hvctl's life: its closing (at any
+        // exit) is the reaper's signal. Never inherited: it is close-on-exec and devices get
+        // only the descriptors they are handed.
+        _ = writeEnd.take()
+        return launcher
+    }
+
+    /// Reaps the reaper's first process in a thread of its own: its start-up (the Swift
+    /// runtime's loading, several milliseconds) stays off the VM's critical path.
+    private func reapInBackground(_ launcher: ChildProcess, _ executable: String) {
         do {
             _ = try HostThread.spawn(name: "hv-reaper-start") {
                 let started = launcher.waitForExit()
@@ -345,10 +368,6 @@ public final class ResourceGroups: Sendable {
         } catch {
             _ = launcher.waitForExit()
         }
-        // The write end stays open, unused, for the rest of hvctl's life: its closing (at any
-        // exit) is the reaper's signal. Never inherited: it is close-on-exec and devices get
-        // only the descriptors they are handed.
-        _ = writeEnd.take()
     }
 
     /// Undoes a half-made set of groups (a failure while creating them): hvctl leaves them for its

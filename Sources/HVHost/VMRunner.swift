@@ -31,7 +31,6 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     // none of those inherits an unblocked mask and lets a SIGTERM kill hvctl without a clean stop.
     _ = Machine.blockStopSignals()
     let current = CurrentMachine()
-    startSignalWatcher(current)
     let hostMemory = hostMemoryBytes()
     let memoryBytes = options.memoryMiB << 20
     guard memoryBytes <= hostMemory else {
@@ -55,9 +54,11 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     } catch {
         fail(error.message, status: 2)
     }
-    // The VM's cgroups, as early as can be: hvctl's move into `core` waits out an RCU grace
-    // period (v1), which overlaps with what follows; every device and switch starts after.
+    // The VM's cgroups, as early as can be: every device and switch starts after. hvctl moves
+    // itself into `core` while it is still single-threaded (fast on v1, see ResourceGroups), so
+    // the signal thread starts after; a signal meanwhile waits, blocked, for it.
     let resources = makeResourceGroups(name: name, options)
+    startSignalWatcher(current)
     var restore = restore
     if let incoming {
         // Until GO, whatever ends this process tells the source why, so it carries on there.

@@ -136,7 +136,7 @@ public func closeDescriptors(from first: Int32) {
 /// The parent applies it while the child waits (see `SandboxPlan.spawn`), so no instruction of
 /// the child runs outside its limits.
 public struct ProcessPlacement: Sendable, Equatable {
-    /// cgroup directories whose `cgroup.procs` the process is written to.
+    /// cgroup directories the process goes into (v1: one per hierarchy; v2: one).
     public var cgroupDirectories: [String]
     /// /proc/PID/oom_score_adj (-1000…1000); nil leaves the inherited value.
     public var oomScoreAdjust: Int32?
@@ -152,6 +152,44 @@ public struct ProcessPlacement: Sendable, Equatable {
             try Self.write("\(pid)\n", to: directory + "/cgroup.procs")
         }
         if let oomScoreAdjust { try Self.write("\(oomScoreAdjust)\n", to: "/proc/\(pid)/oom_score_adj") }
+    }
+
+    /// The placement split for a new process that joins its cgroup v1 groups itself: the `tasks`
+    /// file of each v1 directory (v2 groups have none), opened here for the child to write `0`
+    /// into while it has a single thread, and the rest (v2 directories, the OOM score) for
+    /// `apply(to:)`. On v1, a move by pid takes `cgroup_threadgroup_rwsem` for writing, which
+    /// first waits out an RCU grace period (~10 ms on this host) and stalls every fork and new
+    /// thread of the host meanwhile; a thread moving only itself does not take it.
+    public func openingV1TaskFiles() throws(SystemError) -> (taskFiles: [FileDescriptor], rest: ProcessPlacement) {
+        var taskFiles: [FileDescriptor] = [], rest = ProcessPlacement(cgroupDirectories: [], oomScoreAdjust: oomScoreAdjust)
+        for directory in cgroupDirectories {
+            if access(directory + "/tasks", F_OK) == 0 {
+                taskFiles.append(try FileDescriptor.open(directory + "/tasks", flags: O_WRONLY))
+            } else {
+                rest.cgroupDirectories.append(directory)
+            }
+        }
+        return (taskFiles, rest)
+    }
+
+    /// Moves the calling process into the groups if it has one thread: `0` into each v1
+    /// directory's `tasks` file (no RCU grace period, see `openingV1TaskFiles`), its pid into a v2
+    /// directory's `cgroup.procs`. False, having moved nothing, when it has more than one thread
+    /// (a `tasks` write moves only the caller) or any directory is not v1.
+    public func applyToSingleThreadedSelf() throws(SystemError) -> Bool {
+        guard Self.threadCount() == 1, cgroupDirectories.allSatisfy({ access($0 + "/tasks", F_OK) == 0 }) else { return false }
+        for directory in cgroupDirectories { try Self.write("0", to: directory + "/tasks") }
+        if let oomScoreAdjust { try Self.write("\(oomScoreAdjust)\n", to: "/proc/self/oom_score_adj") }
+        return true
+    }
+
+    /// This process's thread count (/proc/self/status `Threads:`); nil if unreadable.
+    static func threadCount() -> Int? {
+        guard let fd = try? FileDescriptor.open("/proc/self/status", flags: O_RDONLY), let bytes = try? fd.readAll() else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("Threads:") {
+            return Int(line.dropFirst("Threads:".count).trimmingPrefix(while: { $0 == " " || $0 == "\t" }))
+        }
+        return nil
     }
 
     private static func write(_ text: String, to path: String) throws(SystemError) {

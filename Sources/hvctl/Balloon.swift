@@ -6,6 +6,7 @@ import HVSys
 extension HVCtl {
     struct Balloon: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "balloon",
             abstract: "A running VM's memory balloon: 'balloon NAME' shows it, 'balloon NAME SIZE' asks the guest to give up SIZE of its RAM.",
             discussion: """
                 The VM needs a balloon device (hvctl run --balloon on, or "balloon" in its definition) and a balloon \

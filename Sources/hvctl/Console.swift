@@ -84,6 +84,7 @@ func runDetachedIncoming(verbose: Bool, coreLog: String, address: String, wait: 
 extension HVCtl {
     struct Console: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "console",
             abstract: "Attach to a detached VM's serial console.",
             discussion: """
                 Keystrokes go to the guest. Ctrl-A d detaches (the VM keeps running; attach again at \
@@ -173,6 +174,7 @@ extension HVCtl {
 
     struct Logs: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "logs",
             abstract: "Print a VM's serial console log (a detached VM's, or its --serial file).",
             discussion: "With -f, keep printing what the guest writes until the VM stops. A detached VM's log stays in $HV_RUN_DIR/NAME.log after it ends.")
         @OptionGroup var vm: VMName

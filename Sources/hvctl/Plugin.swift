@@ -7,11 +7,13 @@ import HVSandbox
 extension HVCtl {
     struct Plugin: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "plugin",
             abstract: "Device plugins described by a manifest (docs/plugin-manifest.md).",
             subcommands: [Validate.self, Info.self])
 
         struct Validate: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "validate",
                 abstract: "Check a plugin manifest, its files and its sandbox profile, and that it fits the VM it would join; one line naming the field or the conflict on a problem.",
                 discussion: """
                     The plugin's ports, MMIO ranges, PCI function and IRQ lines are checked against the devices hv puts on \
@@ -41,6 +43,7 @@ extension HVCtl {
 
         struct Info: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "info",
                 abstract: "Print what a plugin would get: its command, jail, ports, MMIO, PCI function, IRQ lines and settings.",
                 discussion: """
                     KEY=VALUE arguments are taken as 'hvctl run --device MANIFEST,KEY=VALUE…' takes them: \

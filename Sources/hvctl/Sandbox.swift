@@ -5,10 +5,11 @@ import HVSandbox
 
 extension HVCtl {
     struct Sandbox: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Device sandboxes.", subcommands: [Show.self])
+        static let configuration = CommandConfiguration(commandName: "sandbox", abstract: "Device sandboxes.", subcommands: [Show.self])
 
         struct Show: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "show",
                 abstract: "Print the effective sandbox of a device: its syscalls, namespaces, ids, root and descriptors.")
             @Argument(help: ArgumentHelp("serial, bios, scsi, net, switch, or a profile's path (*.json).", valueName: "device"))
             var device: String

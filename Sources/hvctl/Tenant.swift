@@ -5,6 +5,7 @@ import HVIPC
 extension HVCtl {
     struct Tenant: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "tenant",
             abstract: "The tenants this host runs devices for, each with a uid/gid of its own.",
             discussion: """
                 A tenant is registered, with a fresh uid/gid, the first time a VM runs with --tenant \

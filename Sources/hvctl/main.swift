@@ -10,6 +10,11 @@ import Synchronization
 //
 // Exit status, for every subcommand: 0 success, 1 a failure at run time (one line says why),
 // 2 a usage error (a wrong flag, value or name), 128+N when `hvctl run` is stopped by signal N.
+//
+// Every command names itself (`commandName:`): without it, swift-argument-parser derives the
+// name with String(describing:) of the type, whose first dynamic cast per type scans every
+// protocol conformance in this static binary; for the 33 commands that was ~3 ms of each
+// hvctl invocation, `hvctl run` included (BENCHMARKS.md, "Launch").
 
 struct HVCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -103,6 +108,7 @@ func printJSON<T: Encodable>(_ value: T) {
 extension HVCtl {
     struct Run: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "run",
             abstract: "Boot a VM (with no options: hv's built-in demo guest).",
             discussion: """
                 The VM is described by the flags below or by a JSON document (--config); \
@@ -299,6 +305,7 @@ extension HVCtl {
 
     struct Status: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "status",
             abstract: "Show one running VM: its vCPUs, devices, disks, CD, NICs and tenant.")
         @OptionGroup var vm: VMName
         @Flag(help: "Print the status as JSON.") var json = false
@@ -345,6 +352,7 @@ extension HVCtl {
 
     struct Start: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "start",
             abstract: "Start a VM hvd keeps (created through its API); returns once the guest runs.",
             discussion: "Needs hvd (docs/hvd.md), which keeps VM definitions; without it, run a VM with 'hvctl run'.")
         @OptionGroup var vm: VMName
@@ -360,6 +368,7 @@ extension HVCtl {
 
     struct Stop: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "stop",
             abstract: "Stop a running VM (its 'hvctl run' exits 0).",
             discussion: "A VM hvd keeps is stopped through hvd (so its audit log and events tell it), when hvd runs.")
         @OptionGroup var vm: VMName
@@ -381,6 +390,7 @@ extension HVCtl {
 
     struct Pause: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "pause",
             abstract: "Stop every vCPU of a running VM; its devices finish what the guest asked of them.",
             discussion: "The guest's clock (kvmclock) does not advance while it is paused, as with QEMU's 'stop'. 'hvctl resume NAME' resumes it.")
         @OptionGroup var vm: VMName
@@ -392,7 +402,7 @@ extension HVCtl {
     }
 
     struct Resume: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Resume the vCPUs of a VM 'hvctl pause' stopped.")
+        static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume the vCPUs of a VM 'hvctl pause' stopped.")
         @OptionGroup var vm: VMName
 
         func run() throws {
@@ -407,6 +417,7 @@ extension HVCtl {
 extension HVCtl {
     struct Snapshot: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "snapshot",
             abstract: "Save a running VM to a new directory; 'hvctl run --restore DIR' brings it back.",
             discussion: """
                 The VM pauses while its vCPU, interrupt-controller, clock and device states and its \
@@ -433,6 +444,7 @@ extension HVCtl {
 extension HVCtl {
     struct Migrate: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "migrate",
             abstract: "Move a running VM live to another host, where 'hvctl run --incoming tcp:HOST:PORT' waits for it.",
             discussion: """
                 Memory is copied while the guest runs, in rounds, until what is left fits in \
@@ -585,6 +597,7 @@ extension HVCtl {
 
     struct Device: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "device",
             abstract: "A running VM's device processes: 'device NAME ls', 'device NAME restart DEV', 'device NAME upgrade DEV --binary PATH'.",
             discussion: "restart restarts one device process cleanly (reviving one given up after a crash loop); upgrade replaces its binary under the running guest (an interpreted plugin's script: its interpreter stays), rolled back if the new one cannot take over.")
         enum Action: String, ExpressibleByArgument, CaseIterable { case ls, restart, upgrade }
@@ -643,10 +656,11 @@ extension HVCtl {
 
 extension HVCtl {
     struct Disk: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self, Convert.self, Commit.self])
+        static let configuration = CommandConfiguration(commandName: "disk", abstract: "Disk images.", subcommands: [Create.self, Info.self, Resize.self, Convert.self, Commit.self])
 
         struct Create: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "create",
                 abstract: "Create a disk image: a sparse raw image, or a thin qcow2 image (optionally an overlay on a backing image).",
                 discussion: """
                     A raw image has its full size with no blocks allocated until written. A qcow2 image holds \
@@ -690,6 +704,7 @@ extension HVCtl {
 
         struct Resize: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "resize",
                 abstract: "Grow a raw or qcow2 image that no VM holds.",
                 discussion: "The new space reads as zeros; the guest's partitions and file systems are its own to grow. Images never shrink.")
             @Argument(help: ArgumentHelp("The image.", valueName: "path")) var path: String
@@ -705,6 +720,7 @@ extension HVCtl {
 
         struct Convert: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "convert",
                 abstract: "Copy an image, its backing chain flattened, into a new raw or qcow2 image.",
                 discussion: """
                     Zero ranges are skipped: a raw copy is sparse, a qcow2 copy thin. The source and its chain \
@@ -733,6 +749,7 @@ extension HVCtl {
 
         struct Commit: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "commit",
                 abstract: "Fold a qcow2 overlay's writes into its backing image, then empty the overlay.",
                 discussion: """
                     Every cluster the overlay holds is written into its backing image (raw or qcow2, grown \
@@ -758,6 +775,7 @@ extension HVCtl {
 
         struct Info: ParsableCommand {
             static let configuration = CommandConfiguration(
+                commandName: "info",
                 abstract: "Show a disk image's format, virtual and allocated size, and backing chain.",
                 discussion: "The image is only read, never locked: an image a running VM writes can be inspected.")
             @Argument(help: ArgumentHelp("The image.", valueName: "path")) var path: String
@@ -782,7 +800,7 @@ extension HVCtl {
     }
 
     struct Net: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Private network segments.", subcommands: [LS.self])
+        static let configuration = CommandConfiguration(commandName: "net", abstract: "Private network segments.", subcommands: [LS.self])
 
         struct LS: ParsableCommand {
             static let configuration = CommandConfiguration(commandName: "ls", abstract: "Every private segment on this host, its member NICs and their frame counters.")
@@ -815,7 +833,7 @@ extension HVCtl {
     }
 
     struct Version: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print hv's version and IPC protocol version.")
+        static let configuration = CommandConfiguration(commandName: "version", abstract: "Print hv's version and IPC protocol version.")
         func run() throws { print(HVCtl.configuration.version) }
     }
 }

@@ -1,4 +1,6 @@
 @testable import HVHost
+import Foundation
+import HVSys
 import XCTest
 
 /// Reading the host's cgroup layout (v1, v2, hybrid, inside a container) and what each limit
@@ -123,5 +125,34 @@ final class ResourceGroupsTests: XCTestCase {
         XCTAssertEqual(message(#"{"limits": {"cpu_weight": 20000}}"#), "invalid limits.cpu_weight '20000': give a weight from 1 to 10000 (default 100)")
         let merged = VMDefinition.Limits(cpuQuota: 1, pids: 64).merging(.init(cpuQuota: 0.5, memoryMiB: 600))
         XCTAssertEqual(merged, VMDefinition.Limits(cpuQuota: 0.5, memoryMiB: 600, pids: 64))
+    }
+
+    /// How a new process's placement splits: the `tasks` file of a v1 group is opened for the
+    /// child to write 0 into (it joins itself, without the global lock a move by pid takes), a
+    /// group without one (v2) is left to the move by pid; and a process with more than one
+    /// thread never moves itself that way (a `tasks` write moves only the calling thread).
+    func testPlacementSplitsV1GroupsJoinedByTheChildFromTheRest() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("hv-placement-\(getpid())").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let v1 = root + "/v1", v2 = root + "/v2"
+        for directory in [v1, v2] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+        XCTAssertTrue(FileManager.default.createFile(atPath: v1 + "/tasks", contents: nil))
+        let placement = ProcessPlacement(cgroupDirectories: [v1, v2], oomScoreAdjust: 500)
+        let (taskFiles, rest) = try placement.openingV1TaskFiles()
+        XCTAssertEqual(taskFiles.count, 1)
+        XCTAssertEqual(rest, ProcessPlacement(cgroupDirectories: [v2], oomScoreAdjust: 500))
+        try taskFiles[0].writeAll(Array("0".utf8))
+        XCTAssertEqual(try String(contentsOfFile: v1 + "/tasks", encoding: .utf8), "0", "the descriptor is the v1 group's tasks file")
+
+        // Another thread runs: nothing is written, and the caller is told to move by pid.
+        try Data().write(to: URL(fileURLWithPath: v1 + "/tasks"))
+        let release = DispatchSemaphore(value: 0), started = DispatchSemaphore(value: 0)
+        let thread = Thread { started.signal(); release.wait() }
+        thread.start()
+        started.wait()
+        defer { release.signal() }
+        XCTAssertFalse(try ProcessPlacement(cgroupDirectories: [v1]).applyToSingleThreadedSelf())
+        XCTAssertEqual(try String(contentsOfFile: v1 + "/tasks", encoding: .utf8), "")
+        XCTAssertFalse(try ProcessPlacement(cgroupDirectories: [v2]).applyToSingleThreadedSelf(), "a v2 group has no tasks file")
     }
 }

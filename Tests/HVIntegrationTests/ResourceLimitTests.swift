@@ -165,6 +165,22 @@ final class ResourceLimitTests: XCTestCase {
             XCTAssertGreaterThan(UInt64(read(memory + "/serial0/memory.limit_in_bytes")) ?? 0, UInt64(1) << 40, "no cap of a device's own by default")
             let serial = try XCTUnwrap(vm.children(named: "hv-serial").first)
             XCTAssertEqual(read("/proc/\(serial)/oom_score_adj"), "500")
+            // hvctl moves itself while it has one thread and a device joins its groups itself
+            // before it runs (neither by pid, which waits out an RCU grace period): every thread
+            // of either, those made afterwards included, is in its group in every hierarchy.
+            for (pid, member) in [(vm.process.processIdentifier, "core"), (serial, "serial0")] {
+                let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")
+                XCTAssertGreaterThan(tasks.count, member == "core" ? 2 : 0, "\(pid) \(tasks)")
+                for task in tasks {
+                    let lines = read("/proc/\(pid)/task/\(task)/cgroup").split(separator: "\n").map { $0.split(separator: ":", maxSplits: 2).map(String.init) }
+                    for group in groups {
+                        let hierarchy = group.hasPrefix("/sys/fs/cgroup/cpu") ? "cpu" : group.hasPrefix("/sys/fs/cgroup/memory") ? "memory" : "pids"
+                        let line = lines.first { $0.count == 3 && $0[1].split(separator: ",").contains(Substring(hierarchy)) }
+                        XCTAssertEqual(line.map { $0[2].hasSuffix("/" + URL(fileURLWithPath: group).lastPathComponent + "/" + member) }, true,
+                                       "thread \(task) of \(pid) (\(read("/proc/\(pid)/task/\(task)/comm"))) is not in \(group)/\(member): \(lines)")
+                    }
+                }
+            }
             if ending == "stop" {
                 XCTAssertEqual(try runHvctl(["stop", "reaped"]).status, 0)
             } else {
@@ -212,7 +228,7 @@ final class ResourceLimitTests: XCTestCase {
 
     /// `--disk-io-limit read_bps=8M` on a disk whose image lies on this host's block device (its
     /// pages dropped from the page cache first): past the kernel's first burst, the disk's device
-    /// process reads it from the device at 8 MiB/s (±15 %, its /proc/PID/io read_bytes) through
+    /// process reads it from the device at 8 MiB/s (±20 %, its /proc/PID/io read_bytes) through
     /// v1's blkio throttle, set on its own group for that device; removed at run time, the rule goes.
     func testADiskIOLimitThrottlesTheBlockDeviceUnderTheImage() throws {
         guard FileManager.default.fileExists(atPath: "/sys/fs/cgroup/blkio/cgroup.procs") else { throw XCTSkip("needs the cgroup v1 blkio hierarchy") }
@@ -222,7 +238,7 @@ final class ResourceLimitTests: XCTestCase {
             XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
             let handle = try XCTUnwrap(FileHandle(forWritingAtPath: image))
             var chunk = [UInt8](repeating: 0, count: mib)
-            for i in 0..<64 {
+            for i in 0..<96 {
                 for k in stride(from: 0, to: mib, by: 512) { chunk[k] = UInt8(truncatingIfNeeded: i &* 31 &+ k / 512) }
                 try handle.write(contentsOf: Data(chunk))
             }
@@ -235,7 +251,7 @@ final class ResourceLimitTests: XCTestCase {
         XCTAssertEqual(stat(image, &st), 0)
         guard st.st_dev >> 8 != 0 else { throw XCTSkip("\(dir.path) is on a file system without a block device") }
         let guest = try Harness.testGuest()
-        let vm = try VMProcess(["run", "--name", "throttled", "--multiboot", guest, "--cmdline", "mode=vscsibench count=64", "--memory", "32M",
+        let vm = try VMProcess(["run", "--name", "throttled", "--multiboot", guest, "--cmdline", "mode=vscsibench count=96", "--memory", "32M",
                                 "--disk", image, "--disk-io-limit", "read_bps=8M"])
         defer { _ = try? runHvctl(["stop", "throttled"]); vm.waitForExit() }
         XCTAssertTrue(vm.waitForOutput("bench: seqread start"), vm.stdout + vm.stderr)
@@ -245,8 +261,9 @@ final class ResourceLimitTests: XCTestCase {
             return Double(text.split(separator: "\n").first { $0.hasPrefix("read_bytes: ") }?.dropFirst(12) ?? "0") ?? 0
         }
         // The kernel lets a first burst through (about 14 MiB here, at once), then holds the rate,
-        // letting reads through in steps (8 MiB about once a second). A fixed window would see one,
-        // two or three steps by chance, so the rate is taken from one step to one about 2 s later:
+        // letting reads through in steps (8 MiB about once a second, sometimes 4 MiB sooner). A
+        // fixed window would see one, two or three steps by chance, so the rate is taken from one
+        // step to one at least 3 s later (the image is 96 MiB: the burst and six steps fit in it);
         // each point is the step's time and the count once that step has settled.
         let deadline = Date().addingTimeInterval(20)
         while readBytes() < Double(20 * mib) && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
@@ -263,10 +280,12 @@ final class ResourceLimitTests: XCTestCase {
             }
             return nil
         }
-        let first = try XCTUnwrap(nextStep(after: Date()), "the device process read nothing past the burst")
-        let last = try XCTUnwrap(nextStep(after: first.time.addingTimeInterval(1.5)), "the device process stopped reading")
+        // The first change may still be the burst's tail: the rate is measured from the step after it.
+        let settling = try XCTUnwrap(nextStep(after: Date()), "the device process read nothing past the burst")
+        let first = try XCTUnwrap(nextStep(after: settling.time.addingTimeInterval(0.5)), "the device process stopped reading")
+        let last = try XCTUnwrap(nextStep(after: first.time.addingTimeInterval(3)), "the device process stopped reading")
         let rate = (last.bytes - first.bytes) / last.time.timeIntervalSince(first.time)
-        XCTAssertEqual(rate, Double(8 * mib), accuracy: Double(8 * mib) * 0.15, "read from the device at \(rate / Double(mib)) MiB/s")
+        XCTAssertEqual(rate, Double(8 * mib), accuracy: Double(8 * mib) * 0.2, "read from the device at \(rate / Double(mib)) MiB/s")
         let group = try XCTUnwrap(try cgroups("throttled").first { $0.hasPrefix("/sys/fs/cgroup/blkio/") }, "no blkio group")
         let rule = read(group + "/disk0/blkio.throttle.read_bps_device")
         XCTAssertTrue(rule.hasSuffix(" 8388608") && rule.contains(":"), rule)

@@ -48,10 +48,15 @@ int hv_set_thread_name(const char *name);
 // parent writes its uid/gid maps meanwhile), moves parent_fds[i] onto child_fds[i], empties its
 // signal mask, and executes the file open on `exec_fd` (execveat with AT_EMPTY_PATH: the child,
 // already the tenant's uid, may not be able to traverse the path the trusted side opened it by).
+// Before any of that, right after the byte, it writes "0" into each of `join_fds` (cgroup v1
+// `tasks` files the parent opened): a single-threaded process moving itself that way skips the
+// global lock a move by pid takes, and with it an RCU grace period (ResourceGroups.swift); on a
+// failed write it says so on the descriptor that becomes its stderr and exits 127.
 // Returns the child's pid (and *pidfd_out) or -1 with errno set. The child exits 127 if it
 // cannot exec.
 int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
+                           const int *join_fds, int njoin,
                            unsigned long long namespace_flags, int new_process_group, int sync_read_fd, int *pidfd_out);
 
 // execveat(fd, "", argv, envp, AT_EMPTY_PATH): runs an executable from a descriptor (no wrapper
