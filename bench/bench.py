@@ -1064,7 +1064,7 @@ class Bench:
     # -- scale (part 2): how many idle VMs run at once --
 
     def case_vms_at_once(self) -> list[Row]:
-        cap = 8 if self.quick else 50
+        cap = 8 if self.quick else 100
         print(f"case: VMs running at once (idle guests, 32 MiB each, up to {cap}), and 'hvctl ls' over them", flush=True)
 
         def one(side, i):
@@ -1130,6 +1130,8 @@ class Bench:
                         p.kill()
                 for o in outs:
                     o.close()
+                if clean != len(procs):
+                    self.problems.append(f"{len(procs) - clean} of {len(procs)} VMs did not stop cleanly on SIGTERM")
             self.record("at_once", "hv", alive if alive == up else None)
             self.record("at_once_pss", "hv", pss / max(alive, 1))
             print(f"  run {i + 1}: {up} started, {alive} alive together, {pss:.0f} MiB PSS in all "
