@@ -133,8 +133,9 @@ public func closeDescriptors(from first: Int32) {
 
 /// Where a new process goes before it runs its own code: the cgroups it joins (a directory per
 /// hierarchy: one on cgroup v2, one per controller on v1) and how readily the OOM killer picks it.
-/// The parent applies it while the child waits (see `SandboxPlan.spawn`), so no instruction of
-/// the child runs outside its limits.
+/// The parent applies it while the child waits, or hands the child its v1 groups' `tasks` files to
+/// join them itself before it runs anything else (see `SandboxPlan.spawn`), so no instruction of
+/// the device runs outside its limits.
 public struct ProcessPlacement: Sendable, Equatable {
     /// cgroup directories the process goes into (v1: one per hierarchy; v2: one).
     public var cgroupDirectories: [String]
@@ -172,10 +173,10 @@ public struct ProcessPlacement: Sendable, Equatable {
         return (taskFiles, rest)
     }
 
-    /// Moves the calling process into the groups if it has one thread: `0` into each v1
-    /// directory's `tasks` file (no RCU grace period, see `openingV1TaskFiles`), its pid into a v2
-    /// directory's `cgroup.procs`. False, having moved nothing, when it has more than one thread
-    /// (a `tasks` write moves only the caller) or any directory is not v1.
+    /// Moves the calling process into the groups, all v1, if it has one thread: `0` into each
+    /// directory's `tasks` file (no RCU grace period, see `openingV1TaskFiles`). False, having
+    /// moved nothing, when it has more than one thread (a `tasks` write moves only the caller) or
+    /// a directory is not v1; the caller then moves it by pid (`apply(to:)`).
     public func applyToSingleThreadedSelf() throws(SystemError) -> Bool {
         guard Self.threadCount() == 1, cgroupDirectories.allSatisfy({ access($0 + "/tasks", F_OK) == 0 }) else { return false }
         for directory in cgroupDirectories { try Self.write("0", to: directory + "/tasks") }
