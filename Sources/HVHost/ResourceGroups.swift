@@ -130,8 +130,8 @@ public final class ResourceGroups: Sendable {
         for (field, controller) in needed where layout.hierarchy(for: controller) == nil {
             throw UsageError(message: "\(field.flag) needs the cgroup '\(controller)' controller, which this host does not offer (see /proc/self/cgroup and /proc/self/mountinfo); leave \(field.flag) out or enable the controller")
         }
-        // The block I/O hierarchy only for a VM that limits its disks' I/O: a move into each
-        // further v1 hierarchy costs the launch another RCU grace period.
+        // The block I/O hierarchy only for a VM that limits its disks' I/O: each further
+        // hierarchy is another group to make, set and join at every start.
         let limitsIO = limits.diskIO != nil
         if limitsIO && !CGroupLayout.ioControllers.contains(where: { layout.hierarchy(for: $0) != nil }) {
             throw UsageError(message: "\(VMDefinition.Limits.Field.diskIO.flag) needs the cgroup 'io' (v2) or 'blkio' (v1) controller, which this host does not offer; leave it out (a disk's rate_limit meters the guest's requests without it)")
