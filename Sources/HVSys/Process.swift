@@ -164,7 +164,7 @@ public struct ProcessPlacement: Sendable, Equatable {
     public func openingV1TaskFiles() throws(SystemError) -> (taskFiles: [FileDescriptor], rest: ProcessPlacement) {
         var taskFiles: [FileDescriptor] = [], rest = ProcessPlacement(cgroupDirectories: [], oomScoreAdjust: oomScoreAdjust)
         for directory in cgroupDirectories {
-            if access(directory + "/tasks", F_OK) == 0 {
+            if Self.isV1Group(directory) {
                 taskFiles.append(try FileDescriptor.open(directory + "/tasks", flags: O_WRONLY))
             } else {
                 rest.cgroupDirectories.append(directory)
@@ -178,10 +178,15 @@ public struct ProcessPlacement: Sendable, Equatable {
     /// moved nothing, when it has more than one thread (a `tasks` write moves only the caller) or
     /// a directory is not v1; the caller then moves it by pid (`apply(to:)`).
     public func applyToSingleThreadedSelf() throws(SystemError) -> Bool {
-        guard Self.threadCount() == 1, cgroupDirectories.allSatisfy({ access($0 + "/tasks", F_OK) == 0 }) else { return false }
+        guard Self.threadCount() == 1, cgroupDirectories.allSatisfy(Self.isV1Group) else { return false }
         for directory in cgroupDirectories { try Self.write("0", to: directory + "/tasks") }
         if let oomScoreAdjust { try Self.write("\(oomScoreAdjust)\n", to: "/proc/self/oom_score_adj") }
         return true
+    }
+
+    /// Whether `directory` is a cgroup v1 group: v1 groups have a `tasks` file, v2 groups none.
+    private static func isV1Group(_ directory: String) -> Bool {
+        access(directory + "/tasks", F_OK) == 0
     }
 
     /// This process's thread count (/proc/self/status `Threads:`); nil if unreadable.
