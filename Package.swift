@@ -37,6 +37,9 @@ let package = Package(
         .target(name: "CHVShim", path: "Sources/CHVShim"),
         // zlib's raw inflate for qcow2's compressed clusters (a C macro Swift cannot call); only hv-scsi links it.
         .target(name: "CInflate", path: "Sources/CInflate", linkerSettings: [.linkedLibrary("z")]),
+        // OpenSSL's libcrypto (HMAC-SHA256, AES-256-GCM) for the migration stream's shared key,
+        // dlopen'ed on first use rather than linked (headers from libssl-dev); only HVHost links it.
+        .target(name: "CLibcrypto", path: "Sources/CLibcrypto"),
         // Typed syscall layer: Errno, owned file descriptors, memfd, eventfd, sockets with fd passing.
         .target(name: "HVSys", dependencies: ["CHVShim"], path: "Sources/HVSys", swiftSettings: strict),
         // /dev/kvm: system, VM, vCPU, guest memory.
@@ -64,7 +67,7 @@ let package = Package(
         // files, taps and segments, the control server). Uses FoundationEssentials for JSON; the
         // core's vCPU path and the devices never link it.
         .target(name: "HVHost", dependencies: ["HVCore", "HVSys", "HVIPC", "HVSandbox", "HVNetSwitch", "CSeccomp", "CHVShim",
-                                              "HVSerialContract", "HVBIOSContract", "HVSCSIContract", "HVNetContract", "HVBalloonContract", "HVSCSIDisk"],
+                                              "HVSerialContract", "HVBIOSContract", "HVSCSIContract", "HVNetContract", "HVBalloonContract", "HVSCSIDisk", "CLibcrypto"],
                 path: "Sources/HVHost", swiftSettings: strict),
         // The operator's command: argument parsing and printing only.
         .executableTarget(name: "hvctl", dependencies: ["HVHost", "HVSys", "HVIPC", "HVSandbox",

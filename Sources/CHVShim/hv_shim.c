@@ -39,6 +39,8 @@ int hv_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 int hv_pidfd_send_signal(int pidfd, int sig) { return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0); }
 pid_t hv_gettid(void) { return (pid_t)syscall(SYS_gettid); }
 
+ssize_t hv_getrandom(void *buf, size_t len, unsigned int flags) { return (ssize_t)syscall(SYS_getrandom, buf, len, flags); }
+
 int hv_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
 
 int hv_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }

@@ -5,9 +5,12 @@ import HVKVM
 import HVSys
 
 // The live-migration stream (docs/migration.md): one TCP connection from the source VM's core to
-// the destination's. Every message is a frame — a 16-byte header (u32 type, u32 payload length,
-// u32 CRC-32C of the payload, u32 reserved 0) and the payload — so a flipped bit, a truncated
-// stream or a peer that is not hv is refused in one line instead of becoming guest memory.
+// the destination's. It opens with each side's 48-byte `MigrationOpening` (version, protection,
+// nonce) and, with a shared key, each side's proof that it holds the key. Every message after
+// that is a frame — a 16-byte header (u32 type, u32 payload length, u32 CRC-32C of the payload,
+// u32 reserved 0) and the payload — so a flipped bit, a truncated stream or a peer that is not hv
+// is refused in one line instead of becoming guest memory. With a key each frame travels sealed:
+// u32 sealed length, then the frame encrypted and its 16-byte tag (MigrationSecurity.swift).
 
 /// Why a migration failed or was refused, in one line.
 public struct MigrationError: Error, Sendable, CustomStringConvertible {
@@ -49,7 +52,8 @@ public enum MigrationMessage: UInt32, Sendable {
 /// A connected migration socket with framing, checksums and timeouts.
 public final class MigrationChannel: @unchecked Sendable {
     // @unchecked: used by one thread at a time (the migrating thread on either side).
-    public static let version: UInt32 = 1
+    /// 2: the opening and the shared key (version 1 began with HELLO, in the clear).
+    public static let version: UInt32 = 2
     static let magic: [UInt8] = Array("HVMIGR\r\n".utf8)
     static let headerSize = 16
     /// Largest payload of a pages frame (plus its offset), and of any frame (the machine state
@@ -68,6 +72,12 @@ public final class MigrationChannel: @unchecked Sendable {
     var bandwidthLimit: UInt64 = 0
     private var limitStart: UInt64 = 0
     private var limitBytes: UInt64 = 0
+    /// The ciphers each way once `establish` agreed a key; nil in the clear.
+    private var sealing: (send: any MigrationCipher, receive: any MigrationCipher)?
+    private var sentRecords: UInt64 = 0
+    private var receivedRecords: UInt64 = 0
+    /// Whether frames travel encrypted and authenticated (`establish` with a shared key).
+    public var isSealed: Bool { sealing != nil }
 
     /// Takes over `socket` (a connected stream socket): sends time out after `stallSeconds`,
     /// and so does a connection whose peer stops acknowledging (data or keepalive probes).
@@ -131,6 +141,7 @@ public final class MigrationChannel: @unchecked Sendable {
 
     /// Sends one frame whose payload is `payload`.
     func send(_ type: MigrationMessage, _ payload: UnsafeRawBufferPointer) throws(MigrationError) {
+        if let cipher = sealing?.send { return try sendSealed(type, payload, cipher) }
         // Paced before anything goes out: a cancel heard while waiting leaves no half-sent frame.
         try throttle(UInt64(Self.headerSize + payload.count))
         let header = Self.frameHeader(type: type.rawValue, payload)
@@ -142,6 +153,31 @@ public final class MigrationChannel: @unchecked Sendable {
         if payload.count > 0 { try sendAll(payload.baseAddress!, payload.count) }
         bytesSent += UInt64(Self.headerSize + payload.count)
     }
+
+    /// Sends the frame as one sealed record: its length (also authenticated), then the frame
+    /// encrypted with its tag.
+    private func sendSealed(_ type: MigrationMessage, _ payload: UnsafeRawBufferPointer, _ cipher: any MigrationCipher) throws(MigrationError) {
+        let recordSize = 4 + Self.headerSize + payload.count + cipher.overhead
+        try throttle(UInt64(recordSize))
+        var frame = Self.frameHeader(type: type.rawValue, payload)
+        frame.reserveCapacity(Self.headerSize + payload.count)
+        frame.append(contentsOf: payload)
+        let length = Self.littleEndian(UInt32(frame.count + cipher.overhead))
+        let counter = sentRecords
+        let outcome = frame.withUnsafeBytes { f in
+            Result { () throws(MigrationError) -> [UInt8] in try cipher.seal(f, associated: length, counter: counter) }
+        }
+        let sealed = try outcome.get()
+        sentRecords += 1
+        var failure: MigrationError?
+        (length + sealed).withUnsafeBytes { r in
+            do throws(MigrationError) { try sendAll(r.baseAddress!, r.count) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        bytesSent += UInt64(recordSize)
+    }
+
+    private static func littleEndian(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * UInt32($0))) } }
 
     func send(_ type: MigrationMessage, _ payload: [UInt8] = []) throws(MigrationError) {
         var failure: MigrationError?
@@ -194,32 +230,57 @@ public final class MigrationChannel: @unchecked Sendable {
         }
     }
 
-    /// Receives one frame; refuses a bad header, an oversized payload or a checksum mismatch.
-    /// A REFUSE frame becomes an error carrying the peer's reason.
-    func receive(timeoutSeconds: Int = stallSeconds, peer: String) throws(MigrationError) -> (MigrationMessage, [UInt8]) {
-        var raw = [UInt8](repeating: 0, count: Self.headerSize)
+    /// Reads exactly `count` bytes.
+    private func receiveBytes(_ count: Int, timeoutSeconds: Int, peer: String) throws(MigrationError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
         var failure: MigrationError?
-        raw.withUnsafeMutableBytes { b in
-            do throws(MigrationError) { try receiveAll(b.baseAddress!, b.count, timeoutSeconds: timeoutSeconds, peer: peer) } catch { failure = error }
+        if count > 0 {
+            bytes.withUnsafeMutableBytes { b in
+                do throws(MigrationError) { try receiveAll(b.baseAddress!, b.count, timeoutSeconds: timeoutSeconds, peer: peer) } catch { failure = error }
+            }
         }
         if let failure { throw failure }
-        func word(_ i: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(raw[4 * i + $1]) << (8 * UInt32($1)) } }
+        return bytes
+    }
+
+    /// Receives one frame; refuses a bad header, an oversized payload or a checksum mismatch (and
+    /// with a key, a record that fails authentication). A REFUSE frame becomes an error carrying
+    /// the peer's reason.
+    func receive(timeoutSeconds: Int = stallSeconds, peer: String) throws(MigrationError) -> (MigrationMessage, [UInt8]) {
+        var raw: [UInt8]
+        var payload: [UInt8]
+        if let cipher = sealing?.receive {
+            let lengthBytes = try receiveBytes(4, timeoutSeconds: timeoutSeconds, peer: peer)
+            let length = Int(Self.word(lengthBytes, 0))
+            guard length >= Self.headerSize + cipher.overhead, length <= Self.headerSize + Self.maximumPayload + cipher.overhead else {
+                throw MigrationError("the \(peer) sent a \(length)-byte record, not a sealed frame of at most \(Self.maximumPayload >> 20) MiB")
+            }
+            let sealed = try receiveBytes(length, timeoutSeconds: timeoutSeconds, peer: peer)
+            guard let frame = sealed.withUnsafeBytes({ cipher.open($0, associated: lengthBytes, counter: receivedRecords) }) else {
+                throw MigrationError("a frame from the \(peer) failed authentication (altered, replayed or injected on the way): the migration stops")
+            }
+            receivedRecords += 1
+            raw = Array(frame[0..<Self.headerSize])
+            payload = Array(frame[Self.headerSize...])
+            guard Int(Self.word(raw, 1)) == payload.count else {
+                throw MigrationError("a frame from the \(peer) says \(Self.word(raw, 1)) bytes and carries \(payload.count)")
+            }
+        } else {
+            raw = try receiveBytes(Self.headerSize, timeoutSeconds: timeoutSeconds, peer: peer)
+            payload = []
+        }
         if Array(raw[0..<8]) == Self.magic {
             throw MigrationError("the \(peer) sent a migration header where a frame was due (is it hv?)")
         }
-        guard let type = MigrationMessage(rawValue: word(0)), word(3) == 0 else {
-            throw MigrationError("the \(peer) is not speaking hv's migration protocol (frame type \(word(0)))")
+        guard let type = MigrationMessage(rawValue: Self.word(raw, 0)), Self.word(raw, 3) == 0 else {
+            throw MigrationError("the \(peer) is not speaking hv's migration protocol (frame type \(Self.word(raw, 0)))")
         }
-        let length = Int(word(1))
-        guard length <= Self.maximumPayload else { throw MigrationError("the \(peer) sent a \(length)-byte frame, more than hv's \(Self.maximumPayload >> 20) MiB") }
-        var payload = [UInt8](repeating: 0, count: length)
-        if length > 0 {
-            payload.withUnsafeMutableBytes { b in
-                do throws(MigrationError) { try receiveAll(b.baseAddress!, b.count, timeoutSeconds: timeoutSeconds, peer: peer) } catch { failure = error }
-            }
-            if let failure { throw failure }
+        let length = Int(Self.word(raw, 1))
+        if sealing == nil {
+            guard length <= Self.maximumPayload else { throw MigrationError("the \(peer) sent a \(length)-byte frame, more than hv's \(Self.maximumPayload >> 20) MiB") }
+            payload = try receiveBytes(length, timeoutSeconds: timeoutSeconds, peer: peer)
         }
-        guard (length == 0 ? 0 : hv_crc32c(0, payload, UInt(length))) == word(2) else {
+        guard (length == 0 ? 0 : hv_crc32c(0, payload, UInt(length))) == Self.word(raw, 2) else {
             throw MigrationError("a frame from the \(peer) failed its checksum (the stream is corrupt)")
         }
         if type == .refuse {
@@ -228,11 +289,76 @@ public final class MigrationChannel: @unchecked Sendable {
         return (type, payload)
     }
 
+    /// The little-endian u32 at word `index` of `bytes`.
+    private static func word(_ bytes: [UInt8], _ index: Int) -> UInt32 {
+        (0..<4).reduce(0) { $0 | UInt32(bytes[4 * index + $1]) << (8 * UInt32($1)) }
+    }
+
     /// Receives a frame that must be `expected`.
     func receive(_ expected: MigrationMessage, timeoutSeconds: Int = stallSeconds, peer: String) throws(MigrationError) -> [UInt8] {
         let (type, payload) = try receive(timeoutSeconds: timeoutSeconds, peer: peer)
         guard type == expected else { throw MigrationError("the \(peer) sent \(type) where \(expected) was due") }
         return payload
+    }
+
+    /// Opens the connection: each side sends its `MigrationOpening` (the source first; the
+    /// destination answers after reading it, so both hear of a version or protection mismatch
+    /// and each says it in its own words), then, with a shared key, each sends its proof that it
+    /// holds the key and checks the other's. Nothing about the VM goes before this succeeds.
+    public func establish(_ security: MigrationSecurity, as role: MigrationRole, timeoutSeconds: Int = stallSeconds) throws(MigrationError) {
+        let schedule: (any MigrationKeySchedule)?
+        if case .sharedKey(let s) = security { schedule = s } else { schedule = nil }
+        let mine = MigrationOpening(version: Self.version,
+                                    mode: schedule == nil ? MigrationOpening.plaintextMode : MigrationOpening.sharedKeyMode,
+                                    nonce: schedule == nil ? [UInt8](repeating: 0, count: MigrationOpening.nonceSize) : try randomBytes(MigrationOpening.nonceSize))
+        func sendOpening() throws(MigrationError) {
+            let bytes = mine.encode()
+            var failure: MigrationError?
+            bytes.withUnsafeBytes { b in
+                do throws(MigrationError) { try sendAll(b.baseAddress!, b.count) } catch { failure = error }
+            }
+            if let failure { throw failure }
+            bytesSent += UInt64(bytes.count)
+        }
+        if role == .source { try sendOpening() }
+        let raw = try receiveBytes(MigrationOpening.size, timeoutSeconds: timeoutSeconds, peer: peer)
+        // The destination answers whatever came, so that a source of another version or
+        // protection hears of it from its own side; it sends nothing to a peer that is not hv.
+        let theirs = MigrationOpening.decode(raw)
+        if role == .destination, theirs != nil { try sendOpening() }
+        guard let theirs else {
+            throw MigrationError("the \(peer) is not an hv migration peer of protocol \(Self.version) (an hv before 2026-12 speaks protocol 1: run the same hv version on both hosts)")
+        }
+        guard theirs.version == Self.version else {
+            throw MigrationError("the \(peer) speaks hv migration protocol \(theirs.version), this hv speaks \(Self.version): run the same hv version on both hosts")
+        }
+        guard theirs.mode == mine.mode else {
+            if mine.mode == MigrationOpening.plaintextMode {
+                throw MigrationError("the \(peer) requires a migration key: give both hosts the same --key FILE")
+            }
+            throw MigrationError("the \(peer) runs without a migration key (--insecure-plaintext), this host requires one: give both hosts the same --key FILE")
+        }
+        guard let schedule else { return }
+        let sourceNonce = role == .source ? mine.nonce : theirs.nonce
+        let destinationNonce = role == .source ? theirs.nonce : mine.nonce
+        guard !constantTimeEqual(sourceNonce, destinationNonce) else {
+            throw MigrationError("the \(peer) echoed this host's nonce (a reflected connection): the migration stops")
+        }
+        let session = try schedule.session(sourceNonce: sourceNonce, destinationNonce: destinationNonce)
+        let (myProof, theirProof) = role == .source ? (session.sourceProof, session.destinationProof) : (session.destinationProof, session.sourceProof)
+        // Both proofs go out before either is checked: each side then tells its operator itself
+        // that the keys differ, instead of one of them seeing only a closed connection.
+        var failure: MigrationError?
+        myProof.withUnsafeBytes { b in
+            do throws(MigrationError) { try sendAll(b.baseAddress!, b.count) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        bytesSent += UInt64(myProof.count)
+        let received = try receiveBytes(theirProof.count, timeoutSeconds: timeoutSeconds, peer: peer)
+        guard constantTimeEqual(received, theirProof) else {
+            throw MigrationError("the \(peer) holds a different migration key: give both hosts the same --key FILE")
+        }
+        sealing = role == .source ? (session.sourceToDestination, session.destinationToSource) : (session.destinationToSource, session.sourceToDestination)
     }
 
     /// Sends REFUSE with `reason`, ignoring failure (the peer may be gone already).

@@ -39,6 +39,9 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         /// Ask the guest to give up `size_mib` of its RAM to the balloon (and/or change
         /// `stats_interval_s`); the reply's `status` carries the balloon as it stands.
         case balloon
+        /// The VM's definition as it runs now (the reply's `definition`): what a VM that arrived
+        /// by migration is, for hvd to keep.
+        case definition
     }
     public var command: Command
     /// An absolute host path: the ISO (`cdrom-insert`) or the new binary (`device-upgrade`).
@@ -57,6 +60,11 @@ public struct ControlRequest: Codable, Equatable, Sendable {
     public var bandwidth: UInt64?
     /// `migrate`: on timeout, switch over with a longer pause instead of cancelling.
     public var finishOnTimeout: Bool?
+    /// `migrate`: the key both hosts hold, as hex (`MigrationKey.hex`); nil only with
+    /// `insecurePlaintext`.
+    public var migrationKey: String?
+    /// `migrate`: send in the clear, unauthenticated (the operator's explicit choice).
+    public var insecurePlaintext: Bool?
     /// `set-limits`: the limits to change.
     public var limits: VMDefinition.Limits?
     /// `set-limits`: devices' new rate limits.
@@ -93,7 +101,7 @@ public struct ControlRequest: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case command, path, device, registers, stop, maxDowntimeMs = "max_downtime_ms", timeoutSeconds = "timeout_seconds", bandwidth,
-             finishOnTimeout = "finish_on_timeout", limits, rates, sizeMiB = "size_mib", statsIntervalSeconds = "stats_interval_s"
+             finishOnTimeout = "finish_on_timeout", migrationKey = "migration_key", insecurePlaintext = "insecure_plaintext", limits, rates, sizeMiB = "size_mib", statsIntervalSeconds = "stats_interval_s"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -108,6 +116,8 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         timeoutSeconds = try c.decodeIfPresent(UInt64.self, forKey: .timeoutSeconds)
         bandwidth = try c.decodeIfPresent(UInt64.self, forKey: .bandwidth)
         finishOnTimeout = try c.decodeIfPresent(Bool.self, forKey: .finishOnTimeout)
+        migrationKey = try c.decodeIfPresent(String.self, forKey: .migrationKey)
+        insecurePlaintext = try c.decodeIfPresent(Bool.self, forKey: .insecurePlaintext)
         limits = try c.decodeIfPresent(VMDefinition.Limits.self, forKey: .limits)
         rates = try c.decodeIfPresent([RateChange].self, forKey: .rates)
         sizeMiB = try c.decodeIfPresent(UInt64.self, forKey: .sizeMiB)
@@ -129,6 +139,8 @@ public struct ControlReply: Codable, Equatable, Sendable {
     public var progress: MigrationProgressReport?
     /// `migrate`: what the finished migration cost (the last reply).
     public var migration: MigrationResultReport?
+    /// `definition`: the VM's definition as it runs now.
+    public var definition: VMDefinition?
 
     public init(ok: Bool, error: String? = nil, message: String? = nil, status: VMStatus? = nil, progress: MigrationProgressReport? = nil) {
         self.ok = ok

@@ -181,6 +181,14 @@ extension VMControl {
         guard let to = request.path else { return finish(.failure("migrate needs the destination (tcp:HOST:PORT)")) }
         let address: MigrationAddress
         do throws(UsageError) { address = try MigrationAddress.parse(to, flag: "destination") } catch { return finish(.failure(error.message)) }
+        let security: MigrationSecurity
+        if let hex = request.migrationKey {
+            do throws(UsageError) { security = .sharedKey(try MigrationKey(hex: hex)) } catch { return finish(.failure(error.message)) }
+        } else if request.insecurePlaintext == true {
+            security = .plaintext
+        } else {
+            return finish(.failure("migrate needs the key both hosts hold (--key FILE; \(MigrationKey.howToMakeOne)), or --insecure-plaintext on a network nobody else can reach"))
+        }
         if let why = machine.migrationRefusal() { return finish(.failure(why)) }
         guard !hasCDROM || medium.withLock({ $0 }) != nil else {
             return finish(.failure("cannot migrate \(name) while its CD-ROM drive is empty: insert a medium first ('hvctl cdrom \(name) insert ISO')"))
@@ -207,6 +215,9 @@ extension VMControl {
                 do throws(UsageError) { socket = try address.connect() } catch { return finish(.failure(error.message)) }
                 let channel = MigrationChannel(socket: socket)
                 defer { channel.close() }
+                do throws(MigrationError) { try channel.establish(security, as: .source) } catch {
+                    return finish(.failure(error.description))
+                }
                 let hooks = MigrationHooks(
                     releaseDisks: { locks.release() },
                     retakeDisks: { locks.retake() },

@@ -356,6 +356,12 @@ final class VMControl: Sendable {
             return ControlReply(ok: true, message: "cancelling the migration of \(name); it carries on here")
         case .status:
             return ControlReply(ok: true, status: status(registers: request.registers ?? false))
+        case .definition:
+            var reply = ControlReply(ok: true)
+            do throws(UsageError) { reply.definition = try VMDefinition.decode(snapshotRecord()) } catch {
+                return .failure("cannot describe \(name): \(error.message)")
+            }
+            return reply
         case .setLimits:
             let change = request.limits ?? .init(), rates = request.rates ?? []
             guard !change.isEmpty || !rates.isEmpty else { return .failure("set-limits needs at least one limit") }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import HVCore
 import HVHost
 import HVIPC
 import HVSys
@@ -145,9 +146,21 @@ extension HVCtl {
         @Option(help: ArgumentHelp("With --clone: the MAC of the clone's next NIC (repeat for each).", valueName: "mac"))
         var mac: [String] = []
         @Option(help: ArgumentHelp("""
-            Wait on tcp:HOST:PORT for a VM that 'hvctl migrate NAME --to tcp:HOST:PORT' sends from another             host, and run it (only --name, --serial, --detach and -v may be added).
+            Wait on tcp:HOST:PORT for a VM that 'hvctl migrate NAME --to tcp:HOST:PORT' sends from another \
+            host, and run it (only --name, --serial, --detach, -v and --key or --insecure-plaintext may be added).
             """, valueName: "address"))
         var incoming: String?
+        @Option(help: ArgumentHelp("""
+            With --incoming: the key file the source's 'hvctl migrate --key' names too (at least 32 random \
+            bytes, mode 600). Only a host holding it can send this VM, and the stream is encrypted.
+            """, valueName: "file"))
+        var key: String?
+        @Flag(help: ArgumentHelp("""
+            With --incoming: take a VM over plain TCP, unauthenticated and unencrypted: anyone who can \
+            reach the address can send this host a VM (and read its memory on the way). Only on a network \
+            nobody else can reach.
+            """))
+        var insecurePlaintext = false
         /// For a program that runs hvctl as its VM (hv-firecracker): SIGTERM when that program
         /// dies, whatever kills it, so the VM stops in order instead of outliving it.
         @Option(help: .private) var exitWithParent: Int32?
@@ -174,6 +187,7 @@ extension HVCtl {
                     throw UsageError(message: "--incoming takes the VM as the source describes it: only --name, --serial, --detach and -v may be added")
                 }
                 let address = try MigrationAddress.parse(incoming, flag: "--incoming")
+                let security = try migrationSecurity(key: key, insecurePlaintext: insecurePlaintext)
                 if let name = flags.name { try RunDirectory.validate(name, flag: "--name") }
                 let serial = try flags.serial.map { s throws(UsageError) in try DefinitionFlags.serialOption(s) }
                 if detach && flags.serial == "stdio" {
@@ -189,6 +203,7 @@ extension HVCtl {
                     let arriving = IncomingMigration(channel: MigrationChannel(socket: socket, peer: "source"))
                     var definition: VMDefinition
                     do throws(MigrationError) {
+                        try arriving.channel.establish(security, as: .destination, timeoutSeconds: 60)
                         let hello = try arriving.receiveHello()
                         do throws(UsageError) {
                             definition = try VMDefinition.decode(hello.host)
@@ -218,6 +233,9 @@ extension HVCtl {
                 }
                 let (arrived, arriving) = wait()
                 Glibc.exit(runVM(arrived, verbose: verbose, incoming: arriving))
+            }
+            guard key == nil, !insecurePlaintext else {
+                throw UsageError(message: "--key and --insecure-plaintext go with --incoming (and with 'hvctl migrate')")
             }
             if let restore {
                 guard config == nil, !flags.anyGivenButSerial, !printConfig else {
@@ -465,10 +483,17 @@ extension HVCtl {
         @Flag(help: "On timeout, switch over with a longer pause instead of giving up.") var finishOnTimeout = false
         @Flag(help: "Print progress and the result as JSON lines on stdout.") var json = false
         @Flag(help: "Cancel the migration of NAME under way; the VM carries on here.") var cancel = false
+        @Option(help: ArgumentHelp("""
+            The key file the destination's 'hvctl run --incoming --key' names too (at least 32 random bytes, \
+            mode 600): each host proves it holds it, and the stream is encrypted and authenticated.
+            """, valueName: "file"))
+        var key: String?
+        @Flag(help: "Send the VM over plain TCP, unauthenticated and unencrypted (a network nobody else can reach).")
+        var insecurePlaintext = false
 
         func run() throws {
             if cancel {
-                guard to == nil, maxDowntime == nil, timeout == nil, bandwidth == nil, !finishOnTimeout else {
+                guard to == nil, maxDowntime == nil, timeout == nil, bandwidth == nil, !finishOnTimeout, key == nil, !insecurePlaintext else {
                     throw UsageError(message: "--cancel takes no other option")
                 }
                 let reply = ask(vm.name, ControlRequest(.migrateCancel))
@@ -482,6 +507,10 @@ extension HVCtl {
             if let timeout { request.timeoutSeconds = max(1, try parseDuration(timeout, flag: "--timeout", bareUnit: 1_000_000_000) / 1_000_000_000) }
             if let bandwidth { request.bandwidth = try parseRate(bandwidth) }
             request.finishOnTimeout = finishOnTimeout ? true : nil
+            switch try migrationSecurity(key: key, insecurePlaintext: insecurePlaintext) {
+            case .sharedKey(let schedule): request.migrationKey = (schedule as? MigrationKey)?.hex
+            case .plaintext: request.insecurePlaintext = true
+            }
             guard let fd = connectTo(RunDirectory.socket(vm.name)) else { failNoAnswer(vm.name) }
             defer { close(fd) }
             guard ControlJSON.encode(request).withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 else { failNoAnswer(vm.name) }
@@ -526,6 +555,17 @@ extension HVCtl {
             }
         }
     }
+}
+
+/// What protects a migration: the key file the operator named, or (said out loud) nothing.
+func migrationSecurity(key: String?, insecurePlaintext: Bool) throws(UsageError) -> MigrationSecurity {
+    guard key == nil || !insecurePlaintext else { throw UsageError(message: "--key and --insecure-plaintext exclude each other") }
+    if let key { return .sharedKey(try MigrationKey.load(absolutePath(key), flag: "--key")) }
+    guard insecurePlaintext else {
+        throw UsageError(message: "a migration needs the key both hosts hold: --key FILE (\(MigrationKey.howToMakeOne)), or --insecure-plaintext on a network nobody else can reach")
+    }
+    warn("warning: --insecure-plaintext: this migration is neither authenticated nor encrypted")
+    return .plaintext
 }
 
 /// Set by SIGINT while `hvctl migrate` waits.

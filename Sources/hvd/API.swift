@@ -118,6 +118,11 @@ enum API {
                 try await service.migrate(try name(context), try await body(MigrateRequest.self, request), scope)
             }
         }
+        router.post("/v1/vms/:name/incoming") { request, context in
+            await answer(status: 202) { () async throws(APIError) in
+                try await service.receive(try name(context), try await body(IncomingRequest.self, request), scope)
+            }
+        }
         router.get("/v1/jobs") { _, _ in
             json(JobList(jobs: service.jobs.all.filter { job in service.store.get(job.vm).map(scope.sees) ?? (scope.owner == nil) }))
         }
@@ -179,7 +184,7 @@ enum API {
         ("/v1/vms/:name/balloon", ["PUT"]), ("/v1/vms/:name/limits", ["PUT"]),
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
         ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
-        ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),
+        ("/v1/vms/:name/incoming", ["POST"]), ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),
         ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
     ].map { ($0.0.split(separator: "/"), $0.1) }
 

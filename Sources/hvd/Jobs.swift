@@ -51,10 +51,14 @@ struct MigrateRequest: Decodable, Sendable {
     var timeoutSeconds: UInt64?
     var bandwidth: UInt64?
     var finishOnTimeout: Bool?
+    /// The key file both hosts hold, on hvd's host (`hvctl migrate --key`).
+    var keyFile: String?
+    /// Unauthenticated, unencrypted (`hvctl migrate --insecure-plaintext`).
+    var insecurePlaintext: Bool?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case to, maxDowntimeMs = "max_downtime_ms", timeoutSeconds = "timeout_seconds", bandwidth = "bandwidth_bytes_per_second"
-        case finishOnTimeout = "finish_on_timeout"
+        case finishOnTimeout = "finish_on_timeout", keyFile = "key_file", insecurePlaintext = "insecure_plaintext"
     }
 
     init(from decoder: any Decoder) throws {
@@ -65,6 +69,31 @@ struct MigrateRequest: Decodable, Sendable {
         timeoutSeconds = try c.decodeIfPresent(UInt64.self, forKey: .timeoutSeconds)
         bandwidth = try c.decodeIfPresent(UInt64.self, forKey: .bandwidth)
         finishOnTimeout = try c.decodeIfPresent(Bool.self, forKey: .finishOnTimeout)
+        keyFile = try c.decodeIfPresent(String.self, forKey: .keyFile)
+        insecurePlaintext = try c.decodeIfPresent(Bool.self, forKey: .insecurePlaintext)
+    }
+}
+
+/// `POST /v1/vms/{name}/incoming`: `hvctl run --incoming`'s options.
+struct IncomingRequest: Decodable, Sendable {
+    /// Where to wait: tcp:HOST:PORT.
+    var address: String
+    var keyFile: String?
+    var insecurePlaintext: Bool?
+    /// Whether hvd starts the VM that arrived when hvd itself starts.
+    var autostart: Bool?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case address, keyFile = "key_file", insecurePlaintext = "insecure_plaintext", autostart
+    }
+
+    init(from decoder: any Decoder) throws {
+        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        address = try c.decode(String.self, forKey: .address)
+        keyFile = try c.decodeIfPresent(String.self, forKey: .keyFile)
+        insecurePlaintext = try c.decodeIfPresent(Bool.self, forKey: .insecurePlaintext)
+        autostart = try c.decodeIfPresent(Bool.self, forKey: .autostart)
     }
 }
 
@@ -108,6 +137,9 @@ final class JobTable: Sendable {
 
     /// Notes that a client asked to cancel job `id`, so its failure is told as `cancelled`.
     func requestCancel(_ id: String) { _ = state.withLock { $0.cancelling.insert(id) } }
+
+    /// Whether a client asked to cancel job `id`.
+    func cancelRequested(_ id: String) -> Bool { state.withLock { $0.cancelling.contains(id) } }
 
     func progress(_ id: String, _ report: MigrationProgressReport) {
         guard let job = update(id, { $0.progress = report }) else { return }
@@ -171,6 +203,11 @@ extension VMService {
         control.timeoutSeconds = request.timeoutSeconds
         control.bandwidth = request.bandwidth
         control.finishOnTimeout = request.finishOnTimeout
+        if let key = try await Self.migrationKey(file: request.keyFile, insecurePlaintext: request.insecurePlaintext) {
+            control.migrationKey = key.hex
+        } else {
+            control.insecurePlaintext = true
+        }
         let job = try jobs.begin("migrate", vm: name)
         let (jobs, events, request) = (self.jobs, self.events, control)
         DispatchQueue.global().async {
@@ -187,10 +224,118 @@ extension VMService {
         return job
     }
 
+    /// The key a request's `key_file` names (checked as `hvctl --key` checks it), or nil for an
+    /// explicit `insecure_plaintext`; neither, or both, is a bad request.
+    static func migrationKey(file: String?, insecurePlaintext: Bool?) async throws(APIError) -> MigrationKey? {
+        switch (file, insecurePlaintext ?? false) {
+        case (let path?, false):
+            guard path.hasPrefix("/") else { throw .badRequest("key_file must be an absolute path on hvd's host, not '\(path)'") }
+            switch await blocking({ Result { () throws(UsageError) -> MigrationKey in try MigrationKey.load(path, flag: "key_file") } }) {
+            case .success(let key): return key
+            case .failure(let error): throw .badRequest(error.message)
+            }
+        case (nil, true):
+            return nil
+        case (nil, false):
+            throw .badRequest("key_file is required: the key both hosts hold (\(MigrationKey.howToMakeOne)), or insecure_plaintext: true on a network nobody else can reach")
+        case (_?, true):
+            throw .badRequest("key_file and insecure_plaintext: true exclude each other")
+        }
+    }
+
+    /// Waits for a VM that another host migrates here, as `name`: starts `hvctl run --incoming
+    /// --detach` (the VM's core, on its own once it runs, as every VM hvd starts) and returns a
+    /// job once it listens. The job succeeds when the VM runs here and hvd keeps its definition
+    /// (as the source described it, under this name); it fails with the core's own reason (a
+    /// refusal, a source that went away), or is cancelled while nothing has arrived yet.
+    func receive(_ name: String, _ request: IncomingRequest, _ scope: Scope) async throws(APIError) -> Job {
+        // It runs what another host sends, with the disks that host names: the admin's decision.
+        guard case .admin = scope else { throw .forbidden("tenants cannot receive migrated VMs; ask the host's admin") }
+        do { try RunDirectory.validate(name, flag: "name") } catch { throw .badRequest(error.message) }
+        do { _ = try MigrationAddress.parse(request.address, flag: "address") } catch { throw .badRequest(error.message) }
+        let key = try await Self.migrationKey(file: request.keyFile, insecurePlaintext: request.insecurePlaintext)
+        guard store.get(name) == nil else {
+            throw .conflict("a VM named '\(name)' exists already; give the VM that arrives another name")
+        }
+        try claim(name)
+        defer { release(name) }
+        if case .live = await blocking({ vmPresence(name) }) { throw .conflict("a VM named '\(name)' runs here already (not kept by hvd)") }
+        let arguments = ["run", "--incoming", request.address, "--name", name, "--detach"]
+            + (key == nil ? ["--insecure-plaintext"] : ["--key", request.keyFile ?? ""])
+        let hvctl = self.hvctl
+        let (status, said) = await blocking { runTool(hvctl, arguments, stdoutToo: true) }
+        // hvctl's usage errors are the request's; anything else (the address in use) the host's.
+        guard case .exited(0) = status else { throw status == .exited(2) ? .badRequest(said) : .unprocessable(said) }
+        // "waiting for a VM on ADDRESS in the background (pid N); …": the core that waits.
+        guard let open = said.range(of: "(pid "), let close = said[open.upperBound...].firstIndex(of: ")"),
+              let pid = pid_t(said[open.upperBound..<close]) else {
+            throw .unprocessable("hvctl did not say which process waits: \(said)")
+        }
+        let job = try jobs.begin("incoming", vm: name)
+        let (jobs, events, store) = (self.jobs, self.events, self.store)
+        let autostart = request.autostart ?? false
+        DispatchQueue.global().async {
+            Self.watchIncoming(name, pid: pid, job: job.id, autostart: autostart, jobs: jobs, events: events, store: store)
+        }
+        return job
+    }
+
+    /// Follows the waiting core `pid` until the VM runs (then keeps its definition) or the core
+    /// ends without it; a cancel ends the core only while no source has begun to send.
+    private static func watchIncoming(_ name: String, pid: pid_t, job: String, autostart: Bool,
+                                      jobs: JobTable, events: EventMonitor, store: DefinitionStore) {
+        var killed = false
+        while true {
+            let presence = vmPresence(name)
+            if case .live = presence {
+                // The name is taken at the source's HELLO; the control socket answers once the VM is built.
+                if let reply = controlRequest(name, ControlRequest(.definition), timeoutSeconds: 5), reply.ok, let definition = reply.definition,
+                   let status = controlRequest(name, ControlRequest(.status), timeoutSeconds: 5)?.status, status.state != "starting" {
+                    let vm = StoredVM(definition: definition, autostart: autostart, owner: nil)
+                    guard (try? store.add(vm)) == true else {
+                        jobs.finish(job, state: "failed", error: "\(name) arrived and runs, but a VM of that name was created meanwhile: it runs here unkept")
+                        return
+                    }
+                    events.publish(.init(type: "vm-created", vm: name))
+                    events.observe(name)
+                    jobs.finish(job, state: "succeeded", message: "\(name) arrived and runs here")
+                    return
+                }
+            } else if Glibc.kill(pid, 0) != 0 && errno == ESRCH {
+                jobs.finish(job, state: "failed", error: lastLine(of: RunDirectory.coreLog(name)) ?? "the waiting hvctl (pid \(pid)) ended")
+                return
+            } else if jobs.cancelRequested(job) && !killed {
+                // Nothing has arrived (the name is not taken): ending the core loses nothing.
+                Glibc.kill(pid, SIGTERM)
+                killed = true
+            }
+            usleep(50_000)
+        }
+    }
+
+    /// The last line of the file at `path` without hvctl's "hvctl: " prefix, if it has one.
+    private static func lastLine(of path: String) -> String? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+              var line = text.split(separator: "\n").last.map(String.init) else { return nil }
+        if line.hasPrefix("hvctl: ") { line.removeFirst(7) }
+        return line
+    }
+
     /// Cancels job `id`: a migration stops and the VM carries on here; a snapshot cannot be.
     func cancel(_ id: String, _ scope: Scope) async throws(APIError) -> Job {
-        guard let job = jobs.get(id), let vm = store.get(job.vm), scope.sees(vm) else { throw .notFound("no job '\(id)' (see GET /v1/jobs)") }
+        guard let job = jobs.get(id), store.get(job.vm).map(scope.sees) ?? (scope.owner == nil) else {
+            throw .notFound("no job '\(id)' (see GET /v1/jobs)")
+        }
         guard job.state == "running" else { throw .conflict("job \(id) has \(job.state) already") }
+        if job.type == "incoming" {
+            // The watcher ends the waiting core, unless a source is already sending (then the
+            // migration ends as the source decides: cancel it there).
+            guard case .gone = await blocking({ vmPresence(job.vm) }) else {
+                throw .conflict("a VM is arriving as '\(job.vm)' already; cancel the migration at its source")
+            }
+            jobs.requestCancel(id)
+            return jobs.get(id) ?? job
+        }
         guard job.type == "migrate" else { throw .conflict("a snapshot cannot be cancelled: it ends when its copy is made") }
         jobs.requestCancel(id)
         let reply = await blocking { controlRequest(job.vm, ControlRequest(.migrateCancel), timeoutSeconds: 10) }

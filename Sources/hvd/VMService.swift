@@ -22,14 +22,14 @@ final class VMService: Sendable {
     /// starting VM would leave it running unkept); a second request is refused, not queued.
     private let busy = Mutex<Set<String>>([])
 
-    /// Marks `name` busy for the caller's start or delete.
-    private func claim(_ name: String) throws(APIError) {
+    /// Marks `name` busy for the caller's start, delete or incoming migration.
+    func claim(_ name: String) throws(APIError) {
         guard busy.withLock({ $0.insert(name).inserted }) else {
             throw .conflict("VM '\(name)' is being started or deleted by another request; try again when it is done")
         }
     }
 
-    private func release(_ name: String) { _ = busy.withLock { $0.remove(name) } }
+    func release(_ name: String) { _ = busy.withLock { $0.remove(name) } }
 
     /// How long a VM may take to stop before the request reports it still running.
     static let stopTimeoutSeconds: Double = 30
@@ -262,8 +262,9 @@ final class VMService: Sendable {
 }
 
 /// Runs `path` with `arguments` and this process's environment; returns how it ended and its
-/// last stderr line without hvctl's "hvctl: " prefix.
-func runTool(_ path: String, _ arguments: [String]) -> (ChildProcess.Termination, String) {
+/// last stderr line (with `stdoutToo`, its last line on stdout or stderr) without hvctl's
+/// "hvctl: " prefix.
+func runTool(_ path: String, _ arguments: [String], stdoutToo: Bool = false) -> (ChildProcess.Termination, String) {
     var fds: [Int32] = [-1, -1]
     guard pipe(&fds) == 0 else { return (.exited(1), "cannot create a pipe: \(Errno.current)") }
     // Other children hvd starts at the same time must not inherit it (their end would hold it open).
@@ -274,7 +275,7 @@ func runTool(_ path: String, _ arguments: [String]) -> (ChildProcess.Termination
     let child: ChildProcess
     do {
         child = try ChildProcess.spawn(path: path, arguments: arguments, environment: environment,
-                                       inherit: [(0, devNull), (1, devNull), (2, fds[1])])
+                                       inherit: [(0, devNull), (1, stdoutToo ? fds[1] : devNull), (2, fds[1])])
     } catch {
         close(fds[0])
         close(fds[1])

@@ -341,6 +341,22 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(try call("POST", "/v1/vms/a1/stop", on: alice).status, 200)
     }
 
+    /// The id of the job a 202 answer carries.
+    private func job(_ r: (status: Int, body: String), file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        XCTAssertEqual(r.status, 202, r.body, file: file, line: line)
+        return try XCTUnwrap(try object(r.body, file: file, line: line)["id"] as? String, file: file, line: line)
+    }
+
+    /// Job `id` once it is no longer running (at most 60 s).
+    private func finished(_ id: String, file: StaticString = #filePath, line: UInt = #line) -> [String: Any] {
+        var last: [String: Any] = [:]
+        waitFor("job \(id)", timeout: 60, {
+            last = (try? self.object(try self.call("GET", "/v1/jobs/\(id)").body)) ?? [:]
+            return (last["state"] as? String) != "running"
+        }, file: file, line: line)
+        return last
+    }
+
     /// Long operations as jobs: a snapshot and a live migration (to a destination on loopback, in
     /// a run directory of its own, as another host would be) started through the API, followed
     /// through GET /v1/jobs/{id} and the event stream.
@@ -349,22 +365,10 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(try create("mover").status, 201)
         XCTAssertEqual(try call("POST", "/v1/vms/mover/start").status, 200)
         let stream = try subscribe()
-        func job(_ r: (status: Int, body: String), file: StaticString = #filePath, line: UInt = #line) throws -> String {
-            XCTAssertEqual(r.status, 202, r.body, file: file, line: line)
-            return try XCTUnwrap(try object(r.body, file: file, line: line)["id"] as? String, file: file, line: line)
-        }
-        func finished(_ id: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
-            var last: [String: Any] = [:]
-            waitFor("job \(id)", timeout: 60, {
-                last = (try? self.object(try self.call("GET", "/v1/jobs/\(id)").body)) ?? [:]
-                return (last["state"] as? String) != "running"
-            }, file: file, line: line)
-            return last
-        }
 
         let snapshot = dir.appendingPathComponent("snap").path
         let snapshotJob = try job(try call("POST", "/v1/vms/mover/snapshot", #"{"path": "\#(snapshot)"}"#))
-        let saved = try finished(snapshotJob)
+        let saved = finished(snapshotJob)
         XCTAssertEqual(saved["state"] as? String, "succeeded", "\(saved)")
         XCTAssertTrue(FileManager.default.fileExists(atPath: snapshot + "/memory"), "no memory file in the snapshot")
         XCTAssertEqual(try object(try call("GET", "/v1/vms/mover").body)["state"] as? String, "running")
@@ -374,18 +378,28 @@ final class HVDTests: XCTestCase {
         // Refused before any job starts.
         XCTAssertEqual(try call("POST", "/v1/vms/mover/snapshot", #"{"path": "relative"}"#).status, 400)
         XCTAssertEqual(try call("POST", "/v1/vms/mover/migrate", #"{"to": "udp:1.2.3.4:5"}"#).status, 400)
+        // No key and no explicit plaintext; a key file others may read.
+        let keyless = try call("POST", "/v1/vms/mover/migrate", #"{"to": "tcp:127.0.0.1:1"}"#)
+        XCTAssertEqual(keyless.status, 400, keyless.body)
+        XCTAssertTrue(keyless.body.contains("key_file is required"), keyless.body)
+        let keyFile = try Harness.migrationKey(in: dir)
+        chmod(keyFile, 0o644)
+        let readable = try call("POST", "/v1/vms/mover/migrate", #"{"to": "tcp:127.0.0.1:1", "key_file": "\#(keyFile)"}"#)
+        XCTAssertEqual(readable.status, 400, readable.body)
+        XCTAssertTrue(readable.body.contains("other users may read it"), readable.body)
+        chmod(keyFile, 0o600)
         XCTAssertEqual(try call("GET", "/v1/jobs/job-999").status, 404)
 
         // The destination "host": its own run directory.
         let port = 30_000 + Int(getpid() % 20_000)
         let destinationRun = dir.appendingPathComponent("destination").path
         setenv("HV_RUN_DIR", destinationRun, 1)
-        let destination = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--name", "moved"])
+        let destination = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--name", "moved", "--key", keyFile])
         background.append(destination)
         setenv("HV_RUN_DIR", runDir, 1)
         waitFor("the destination to listen") { destination.stderr.contains("waiting for a VM") }
-        let migrateJob = try job(try call("POST", "/v1/vms/mover/migrate", #"{"to": "tcp:127.0.0.1:\#(port)", "max_downtime_ms": 500}"#))
-        let moved = try finished(migrateJob)
+        let migrateJob = try job(try call("POST", "/v1/vms/mover/migrate", #"{"to": "tcp:127.0.0.1:\#(port)", "max_downtime_ms": 500, "key_file": "\#(keyFile)"}"#))
+        let moved = finished(migrateJob)
         XCTAssertEqual(moved["state"] as? String, "succeeded", "\(moved)")
         XCTAssertNotNil((moved["migration"] as? [String: Any])?["downtime_ms"], "\(moved)")
         XCTAssertEqual(try object(try call("GET", "/v1/vms/mover").body)["state"] as? String, "stopped")
@@ -403,6 +417,64 @@ final class HVDTests: XCTestCase {
         let jobs = try XCTUnwrap(try object(try call("GET", "/v1/jobs").body)["jobs"] as? [[String: Any]])
         XCTAssertEqual(jobs.compactMap { $0["id"] as? String }, [snapshotJob, migrateJob])
         destination.terminateAndWait()
+    }
+
+    /// A VM arrives through the API: `POST /v1/vms/{name}/incoming` waits (a job), a migration
+    /// through the same hvd sends it, and hvd keeps it under the new name, running; a wrong key
+    /// fails both jobs with each side's reason; a wait cancelled before anything arrived leaves
+    /// no process and frees the name.
+    func testAVMArrivesThroughTheAPI() throws {
+        try startHVD()
+        XCTAssertEqual(try create("traveller").status, 201)
+        XCTAssertEqual(try call("POST", "/v1/vms/traveller/start").status, 200)
+        let key = try Harness.migrationKey(in: dir)
+        let otherKey = try Harness.migrationKey(in: dir, name: "other.key")
+        let base = 30_010 + Int(getpid() % 20_000)
+
+        // Refused before anything listens.
+        XCTAssertEqual(try call("POST", "/v1/vms/x/incoming", #"{"address": "tcp:127.0.0.1:\#(base)"}"#).status, 400)
+        XCTAssertEqual(try call("POST", "/v1/vms/x/incoming", #"{"address": "udp:1:2", "insecure_plaintext": true}"#).status, 400)
+        XCTAssertEqual(try call("POST", "/v1/vms/traveller/incoming", #"{"address": "tcp:127.0.0.1:\#(base)", "key_file": "\#(key)"}"#).status, 409)
+
+        // Another key at the destination: both jobs fail, each with its side's reason; the VM runs on.
+        let wrongWait = try job(try call("POST", "/v1/vms/stranger/incoming", #"{"address": "tcp:127.0.0.1:\#(base)", "key_file": "\#(otherKey)"}"#))
+        let wrongSend = try job(try call("POST", "/v1/vms/traveller/migrate", #"{"to": "tcp:127.0.0.1:\#(base)", "key_file": "\#(key)"}"#))
+        let sendFailed = finished(wrongSend), waitFailed = finished(wrongWait)
+        XCTAssertEqual(sendFailed["error"] as? String, "the destination holds a different migration key: give both hosts the same --key FILE", "\(sendFailed)")
+        XCTAssertEqual(waitFailed["state"] as? String, "failed", "\(waitFailed)")
+        XCTAssertTrue((waitFailed["error"] as? String ?? "").contains("the source holds a different migration key"), "\(waitFailed)")
+        XCTAssertEqual(try call("GET", "/v1/vms/stranger").status, 404)
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/traveller").body)["state"] as? String, "running")
+
+        // The same key: the VM moves, and hvd keeps it under its new name.
+        let wait = try job(try call("POST", "/v1/vms/arrived/incoming", #"{"address": "tcp:127.0.0.1:\#(base + 1)", "key_file": "\#(key)", "autostart": true}"#))
+        let send = try job(try call("POST", "/v1/vms/traveller/migrate", #"{"to": "tcp:127.0.0.1:\#(base + 1)", "key_file": "\#(key)"}"#))
+        XCTAssertEqual(finished(send)["state"] as? String, "succeeded")
+        let arrivedJob = finished(wait)
+        XCTAssertEqual(arrivedJob["state"] as? String, "succeeded", "\(arrivedJob)")
+        XCTAssertEqual(arrivedJob["message"] as? String, "arrived arrived and runs here")
+        let arrived = try object(try call("GET", "/v1/vms/arrived").body)
+        XCTAssertEqual(arrived["state"] as? String, "running", "\(arrived)")
+        XCTAssertEqual(arrived["autostart"] as? Bool, true)
+        XCTAssertEqual((arrived["definition"] as? [String: Any])?["memory_mib"] as? Int, 32, "\(arrived)")
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/traveller").body)["state"] as? String, "stopped")
+        let ticksBefore = consoleLog("traveller").components(separatedBy: "tick ").count - 1
+        waitFor("the guest's ticks under its new name") { self.consoleLog("arrived").contains("tick \(ticksBefore + 2)\n") }
+        XCTAssertEqual(try call("POST", "/v1/vms/arrived/stop").status, 200)
+
+        // Cancelled while nothing has arrived: the waiting core ends, the name stays free.
+        let idle = try job(try call("POST", "/v1/vms/nobody/incoming", #"{"address": "tcp:127.0.0.1:\#(base + 2)", "insecure_plaintext": true}"#))
+        XCTAssertEqual(try call("DELETE", "/v1/jobs/\(idle)").status, 200)
+        XCTAssertEqual(finished(idle)["state"] as? String, "cancelled")
+        XCTAssertEqual(try call("GET", "/v1/vms/nobody").status, 404)
+        let listener = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(base + 2).bigEndian
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        XCTAssertEqual(bound, 0, "the cancelled wait still holds its port")
     }
 
     /// hvctl uses hvd when it runs: `hvctl start` starts a kept VM, and stop/pause/resume and
@@ -474,9 +546,11 @@ final class HVDTests: XCTestCase {
         let run = try tool(schemathesis, ["run", Harness.repositoryRoot.appendingPathComponent("api/hvd.yaml").path,
                                           "--url", "http://127.0.0.1:\(port)", "--max-examples", "25", "--seed", "1",
                                           "--exclude-operation-id", "startVM", "--exclude-operation-id", "streamEvents",
-                                          // These write snapshots where they are told and connect where they are
-                                          // told: not for generated paths and addresses (testJobs drives them).
+                                          // These write snapshots where they are told, connect or listen where they
+                                          // are told: not for generated paths and addresses (testSnapshotAndMigration-
+                                          // RunAsJobs and testAVMArrivesThroughTheAPI drive them).
                                           "--exclude-operation-id", "snapshotVM", "--exclude-operation-id", "migrateVM",
+                                          "--exclude-operation-id", "receiveVM",
                                           "--generation-database", "none", "--no-color", "--request-timeout", "40"])
         XCTAssertEqual(run.status, 0, String(run.output.suffix(6000)))
         XCTAssertTrue(run.output.contains(" passed"), String(run.output.suffix(2000)))

@@ -34,6 +34,18 @@ enum Harness {
         }
     }
 
+    /// A migration key file in `directory` (32 random bytes, mode 600), as an operator makes one
+    /// for both hosts of a migration; its path.
+    static func migrationKey(in directory: URL, name: String = "migration.key") throws -> String {
+        let path = directory.appendingPathComponent(name).path
+        var bytes = [UInt8](repeating: 0, count: 32)
+        for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255) }
+        guard FileManager.default.createFile(atPath: path, contents: Data(bytes), attributes: [.posixPermissions: 0o600]) else {
+            throw MissingBuild(description: "cannot write \(path)")
+        }
+        return path
+    }
+
     private static let guestLock = NSLock()
     nonisolated(unsafe) private static var guestPath: String?
 

@@ -9,6 +9,8 @@ import XCTest
 /// killed halfway and a network cut halfway each leave the VM running at the source.
 final class MigrationNetworkTests: XCTestCase {
     private var dir: URL!
+    /// The key both "hosts" hold.
+    private var keyFile = ""
     private var hostA: NetworkNamespace!
     private var hostB: NetworkNamespace!
     private var peers: NetworkNamespace!
@@ -21,6 +23,7 @@ final class MigrationNetworkTests: XCTestCase {
         try requireNetworkTools()
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-mignet-\(getpid())-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        keyFile = try Harness.migrationKey(in: dir)
         let tag = "\(getpid())"
         hostA = try NetworkNamespace("hvm-a-\(tag)")
         hostB = try NetworkNamespace("hvm-b-\(tag)")
@@ -102,7 +105,7 @@ final class MigrationNetworkTests: XCTestCase {
     /// `hvctl run --incoming` at host B, waiting on its end of the migration link; the console
     /// goes to b.out.
     private func incomingAtB(_ port: Int) throws -> VMProcess {
-        let vm = try startHvctl(hostB, ["run", "--incoming", "tcp:10.99.0.2:\(port)", "--serial", "file:\(dir.appendingPathComponent("b.out").path)"])
+        let vm = try startHvctl(hostB, ["run", "--incoming", "tcp:10.99.0.2:\(port)", "--key", keyFile, "--serial", "file:\(dir.appendingPathComponent("b.out").path)"])
         let deadline = Date().addingTimeInterval(10)
         while !vm.stderr.contains("waiting for a VM") && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
         XCTAssertTrue(vm.stderr.contains("waiting for a VM"), vm.stderr)
@@ -147,7 +150,7 @@ final class MigrationNetworkTests: XCTestCase {
         Thread.sleep(forTimeInterval: 2)
 
         let destination = try incomingAtB(47000)
-        let moved = try hvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47000"])
+        let moved = try hvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47000", "--key", keyFile])
         XCTAssertEqual(moved.status, 0, moved.output + destination.stderr)
         XCTAssertTrue(moved.output.contains("migrated web to tcp:10.99.0.2:47000 in "), moved.output)
         // The source returns once the destination said GO; the destination's own line follows.
@@ -201,7 +204,7 @@ final class MigrationNetworkTests: XCTestCase {
 
         // The destination is SIGKILLed while memory goes over at 64 KiB/s.
         let killed = try incomingAtB(47001)
-        let first = try startHvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47001", "--bandwidth", "64K"])
+        let first = try startHvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47001", "--bandwidth", "64K", "--key", keyFile])
         XCTAssertTrue(waitForAccept(killed), first.stdout + first.stderr + killed.stderr)
         Thread.sleep(forTimeInterval: 0.5)
         // Found by its command line: the process Foundation started need not be hvctl itself.
@@ -216,7 +219,7 @@ final class MigrationNetworkTests: XCTestCase {
 
         // The migration link goes down halfway: both sides give up within the stall limit.
         let cut = try incomingAtB(47002)
-        let second = try startHvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47002", "--bandwidth", "64K"])
+        let second = try startHvctl(hostA, ["migrate", "web", "--to", "tcp:10.99.0.2:47002", "--bandwidth", "64K", "--key", keyFile])
         XCTAssertTrue(waitForAccept(cut), second.stdout + second.stderr + cut.stderr)
         Thread.sleep(forTimeInterval: 0.5)
         XCTAssertEqual(try hostA.run(["ip", "link", "set", "mig", "down"]).status, 0)

@@ -7,6 +7,8 @@ import XCTest
 /// failure (nobody listening, a wrong protocol version, a cancel) leaves the VM running at the source.
 final class MigrationTests: XCTestCase {
     private var dir: URL!
+    /// The key both "hosts" hold.
+    private var key = ""
     private var source: String { dir.appendingPathComponent("a").path }
     private var destination: String { dir.appendingPathComponent("b").path }
 
@@ -14,6 +16,7 @@ final class MigrationTests: XCTestCase {
         try Harness.requireKVM()
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("hv-mig-\(getpid())-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        key = try Harness.migrationKey(in: dir)
     }
 
     override func tearDown() {
@@ -54,9 +57,9 @@ final class MigrationTests: XCTestCase {
     }
 
     /// `hvctl run --incoming` at the destination, its console in `output`.
-    private func incoming(_ port: UInt16, output: String) throws -> VMProcess {
+    private func incoming(_ port: UInt16, output: String, security: [String]? = nil) throws -> VMProcess {
         setenv("HV_RUN_DIR", destination, 1)
-        let vm = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "file:\(output)"])
+        let vm = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--serial", "file:\(output)"] + (security ?? ["--key", key]))
         let deadline = Date().addingTimeInterval(10)
         while !vm.stderr.contains("waiting for a VM") && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
         return vm
@@ -94,7 +97,7 @@ final class MigrationTests: XCTestCase {
         let port = freePort()
         let output = path("dest.out")
         let destinationVM = try incoming(port, output: output)
-        let moved = try hvctl(source, ["migrate", "counter", "--to", "tcp:127.0.0.1:\(port)", "--json"])
+        let moved = try hvctl(source, ["migrate", "counter", "--key", key, "--to", "tcp:127.0.0.1:\(port)", "--json"])
         XCTAssertEqual(moved.status, 0, moved.stderr)
         let result = try XCTUnwrap(moved.stdout.split(separator: "\n").last.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }, moved.stdout)
         XCTAssertEqual(result["destination"] as? String, "tcp:127.0.0.1:\(port)")
@@ -127,7 +130,7 @@ final class MigrationTests: XCTestCase {
         // 64 KiB/s stretches the first round over seconds, while the device completes dozens of
         // reads into pages already sent: only its dirty log brings them over again. (With the
         // SDK's marking switched off this test fails with hundreds of mismatches.)
-        let moved = try hvctl(source, ["migrate", "reader", "--to", "tcp:127.0.0.1:\(port)", "--bandwidth", "64K", "--max-downtime", "2s"])
+        let moved = try hvctl(source, ["migrate", "reader", "--key", key, "--to", "tcp:127.0.0.1:\(port)", "--bandwidth", "64K", "--max-downtime", "2s"])
         XCTAssertEqual(moved.status, 0, moved.stderr)
         XCTAssertTrue(moved.stdout.hasPrefix("migrated reader to tcp:127.0.0.1:\(port) in "), moved.stdout)
         XCTAssertEqual(destinationVM.waitForExit(timeout: 120), 0, destinationVM.stderr)
@@ -147,7 +150,13 @@ final class MigrationTests: XCTestCase {
             (["migrate", "x"], 2, "missing --to tcp:HOST:PORT"),
             (["migrate", "x", "--cancel", "--to", "tcp:127.0.0.1:1"], 2, "--cancel takes no other option"),
             (["run", "--incoming", "udp:1:2"], 2, "invalid --incoming 'udp:1:2': use tcp:HOST:PORT"),
-            (["run", "--incoming", "tcp:nohost.invalid:5"], 1, "cannot resolve 'nohost.invalid' in tcp:nohost.invalid:5"),
+            (["run", "--incoming", "tcp:nohost.invalid:5", "--key", key], 1, "cannot resolve 'nohost.invalid' in tcp:nohost.invalid:5"),
+            // The stream's protection: a key, or plaintext said out loud; never by default.
+            (["migrate", "x", "--to", "tcp:127.0.0.1:1"], 2, "a migration needs the key both hosts hold: --key FILE"),
+            (["run", "--incoming", "tcp:127.0.0.1:1"], 2, "a migration needs the key both hosts hold: --key FILE"),
+            (["migrate", "x", "--to", "tcp:127.0.0.1:1", "--key", key, "--insecure-plaintext"], 2, "--key and --insecure-plaintext exclude each other"),
+            (["migrate", "x", "--to", "tcp:127.0.0.1:1", "--key", "/nonexistent.key"], 2, "--key /nonexistent.key: No such file or directory"),
+            (["run", "--key", key], 2, "--key and --insecure-plaintext go with --incoming"),
             (["run", "--incoming", "tcp:127.0.0.1:1", "--multiboot", "/bin/true"], 2, "--incoming takes the VM as the source describes it"),
         ] {
             let r = try hvctl(destination, arguments)
@@ -164,8 +173,10 @@ final class MigrationTests: XCTestCase {
         try start("busy", "mode=memdirty count=2")
         XCTAssertTrue(waitFor("memdirty: ready", timeout: 120, in: { log("busy") }), log("busy"))
         let port = freePort()
-        let destinationVM = try incoming(port, output: path("busy.out"))
-        let given = try hvctl(source, ["migrate", "busy", "--to", "tcp:127.0.0.1:\(port)", "--bandwidth", "4M", "--timeout", "2s"])
+        // Over plain TCP, as the operator may choose explicitly (and is warned).
+        let destinationVM = try incoming(port, output: path("busy.out"), security: ["--insecure-plaintext"])
+        let given = try hvctl(source, ["migrate", "busy", "--insecure-plaintext", "--to", "tcp:127.0.0.1:\(port)", "--bandwidth", "4M", "--timeout", "2s"])
+        XCTAssertTrue(given.stderr.hasPrefix("hvctl: warning: --insecure-plaintext: this migration is neither authenticated nor encrypted\n"), given.stderr)
         XCTAssertEqual(given.status, 1, given.stdout)
         XCTAssertTrue(given.stderr.contains("memory did not converge within 2 s") && given.stderr.contains("cancelled, the VM carries on here"), given.stderr)
         XCTAssertNotEqual(destinationVM.waitForExit(timeout: 30), 0)
@@ -173,7 +184,7 @@ final class MigrationTests: XCTestCase {
 
         let again = freePort()
         let secondVM = try incoming(again, output: path("busy2.out"))
-        let finished = try hvctl(source, ["migrate", "busy", "--to", "tcp:127.0.0.1:\(again)", "--bandwidth", "4M", "--timeout", "1s",
+        let finished = try hvctl(source, ["migrate", "busy", "--key", key, "--to", "tcp:127.0.0.1:\(again)", "--bandwidth", "4M", "--timeout", "1s",
                                           "--finish-on-timeout", "--json"])
         XCTAssertEqual(finished.status, 0, finished.stderr)
         let result = try XCTUnwrap(JSONSerialization.jsonObject(with: Data((finished.stdout.split(separator: "\n").last ?? "").utf8)) as? [String: Any])
@@ -192,7 +203,7 @@ final class MigrationTests: XCTestCase {
         let profile = Harness.repositoryRoot.appendingPathComponent("Tests/RogueDevice/rogue.json").path
         try start("plugged", "mode=ticks count=100000 delay=50", ["--device", "\(exe),profile=\(profile),pci=03.0,bar0=mmio:4096,bar1=pio:16"])
         XCTAssertTrue(waitFor("tick 1\n", in: { log("plugged") }), log("plugged"))
-        let r = try hvctl(source, ["migrate", "plugged", "--to", "tcp:127.0.0.1:\(freePort())"])
+        let r = try hvctl(source, ["migrate", "plugged", "--key", key, "--to", "tcp:127.0.0.1:\(freePort())"])
         XCTAssertEqual(r.status, 1)
         XCTAssertTrue(r.stderr.contains("cannot migrate: device0 (pci-testdevice) cannot be migrated"), r.stderr)
         XCTAssertEqual(try state("plugged"), "running")
@@ -204,7 +215,7 @@ final class MigrationTests: XCTestCase {
         try start("stay", "mode=ticks count=100000 delay=50")
         XCTAssertTrue(waitFor("tick 2\n", in: { log("stay") }), log("stay"))
 
-        let nobody = try hvctl(source, ["migrate", "stay", "--to", "tcp:127.0.0.1:\(freePort())"])
+        let nobody = try hvctl(source, ["migrate", "stay", "--key", key, "--to", "tcp:127.0.0.1:\(freePort())"])
         XCTAssertEqual(nobody.status, 1)
         XCTAssertTrue(nobody.stderr.contains("cannot connect to tcp:127.0.0.1:"), nobody.stderr)
         XCTAssertEqual(try state("stay"), "running")
@@ -223,31 +234,37 @@ final class MigrationTests: XCTestCase {
         let peer = Thread {
             let fd = accept(listener, nil, nil)
             guard fd >= 0 else { return }
-            var header = [UInt8](repeating: 0, count: 16)
-            _ = recv(fd, &header, 16, Int32(MSG_WAITALL))
-            let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
-            var payload = [UInt8](repeating: 0, count: length)
-            _ = recv(fd, &payload, length, Int32(MSG_WAITALL))
-            let reply = Array("HVMIGR\r\n".utf8) + [99, 0, 0, 0]
-            var frame: [UInt8] = [2, 0, 0, 0, UInt8(reply.count), 0, 0, 0]
-            let crc = crc32c(reply)
-            frame += (0..<4).map { UInt8(truncatingIfNeeded: crc >> (8 * UInt32($0))) } + [0, 0, 0, 0] + reply
-            _ = send(fd, frame, frame.count, 0)
+            // The source's opening (48 bytes: magic, version, protection, nonce), answered in kind.
+            var opening = [UInt8](repeating: 0, count: 48)
+            _ = recv(fd, &opening, 48, Int32(MSG_WAITALL))
+            let reply = Array("HVMIGR\r\n".utf8) + [99, 0, 0, 0, 1, 0, 0, 0] + [UInt8](repeating: 7, count: 32)
+            _ = send(fd, reply, reply.count, 0)
             Thread.sleep(forTimeInterval: 1)
             close(fd)
         }
         peer.start()
-        let mismatch = try hvctl(source, ["migrate", "stay", "--to", "tcp:127.0.0.1:\(port)"])
+        let mismatch = try hvctl(source, ["migrate", "stay", "--key", key, "--to", "tcp:127.0.0.1:\(port)"])
         close(listener)
         XCTAssertEqual(mismatch.status, 1)
-        XCTAssertTrue(mismatch.stderr.contains("the destination speaks hv migration protocol 99, this hv speaks 1"), mismatch.stderr)
+        XCTAssertTrue(mismatch.stderr.contains("the destination speaks hv migration protocol 99, this hv speaks 2"), mismatch.stderr)
+        XCTAssertEqual(try state("stay"), "running")
+
+        // A destination holding another key: both sides say so, nothing is sent, the VM runs on.
+        let otherKey = try Harness.migrationKey(in: dir, name: "other.key")
+        let keyPort = freePort()
+        let wrongKeyVM = try incoming(keyPort, output: path("wrongkey.out"), security: ["--key", otherKey])
+        let wrongKey = try hvctl(source, ["migrate", "stay", "--key", key, "--to", "tcp:127.0.0.1:\(keyPort)"])
+        XCTAssertEqual(wrongKey.status, 1)
+        XCTAssertEqual(wrongKey.stderr, "hvctl: the destination holds a different migration key: give both hosts the same --key FILE\n")
+        XCTAssertNotEqual(wrongKeyVM.waitForExit(timeout: 30), 0)
+        XCTAssertTrue(wrongKeyVM.stderr.contains("migration refused: the source holds a different migration key"), wrongKeyVM.stderr)
         XCTAssertEqual(try state("stay"), "running")
 
         // Cancelled while memory is copied slowly (4 KiB a second): the destination gives up too.
         let slowPort = freePort()
         let destinationVM = try incoming(slowPort, output: path("never.out"))
         setenv("HV_RUN_DIR", source, 1)
-        let migrating = try VMProcess(["migrate", "stay", "--to", "tcp:127.0.0.1:\(slowPort)", "--bandwidth", "4096"])
+        let migrating = try VMProcess(["migrate", "stay", "--key", key, "--to", "tcp:127.0.0.1:\(slowPort)", "--bandwidth", "4096"])
         Thread.sleep(forTimeInterval: 1.5)
         let cancel = try hvctl(source, ["migrate", "stay", "--cancel"])
         let cancelledAt = Date()

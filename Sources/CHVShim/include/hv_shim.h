@@ -22,6 +22,8 @@ int hv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long a
 int hv_pidfd_open(pid_t pid);
 int hv_pidfd_send_signal(int pidfd, int sig);
 pid_t hv_gettid(void);
+// getrandom(2): the migration stream's nonces.
+ssize_t hv_getrandom(void *buf, size_t len, unsigned int flags);
 
 // memfd_create/eventfd need _GNU_SOURCE-only headers the Glibc module may not expose.
 int hv_memfd_create(const char *name, unsigned int flags);
