@@ -212,6 +212,12 @@ def documents(snapshot):
         hello = u64(memory) + u32(1) + u32(0) + u32(40) + u32(len(dict(sections)[1])) + dict(sections)[1]
         frames = [(1, hello), (4, u64(0) + b"\x90" * 4096), (5, u64(8192) + u64(4096)), (6, b"\x00" + state[:65000] if len(state) < 65000 else b"\x00"), (7, b"")]
         put("migration-stream", "demo-guest", b"\x01" + b"".join(bytes([t]) + u16(len(p)) + p for t, p in frames))
+        # The opening itself (48 bytes: magic, version 2, protection, nonce) as a raw stream: in the
+        # clear, then with a key (bit 1: the destination holds one), a proof and a sealed record after it.
+        def opening(mode, nonce):
+            return b"HVMIGR\r\n" + u32(2) + u32(mode) + nonce
+        put("migration-stream", "opening-plaintext", b"\x00" + opening(0, bytes(32)) + bytes(16))
+        put("migration-stream", "opening-key", b"\x02" + opening(1, bytes([0x11]) * 32) + bytes([0x22]) * 32 + u32(48) + bytes(48))
     else:
         for target in ["snapshot-state", "migration-stream"]:
             if not os.path.isdir(os.path.join(CORPUS, target)):

@@ -128,15 +128,22 @@ enum HostTargets {
     /// machine state, handover. Guest RAM above 64 MiB is not allocated here (it costs time, not
     /// coverage); everything the header check accepts below that is.
     ///
-    /// As for snapshots, an input whose first byte is even is the byte stream itself; otherwise
-    /// it is a list of frames (type byte, u16 length, payload) sent with valid checksums, the
-    /// first prefixed with the protocol's magic and version.
+    /// As for snapshots, an input whose first byte is even is the byte stream itself, opening
+    /// included (bit 1 of that byte: the destination holds a key, so the opening, the proofs and
+    /// the sealed records are what gets parsed); otherwise it is a valid plaintext opening and a
+    /// list of frames (type byte, u16 length, payload) sent with valid checksums, the first
+    /// prefixed with the protocol's magic and version.
     static let migrationStream = FuzzTarget("migration-stream", covers: "migration stream: header, page and zero frames, machine state (destination ← source host)") { data in
         var input = FuzzInput(data)
         var stream: [UInt8] = []
-        if input.u8() & 1 == 0 {
+        var security = MigrationSecurity.plaintext
+        let mode = input.u8()
+        if mode & 1 == 0 {
             stream = input.rest()
+            if mode & 2 != 0, let key = try? MigrationKey(bytes: [UInt8](repeating: 0x5A, count: 32)) { security = .sharedKey(key) }
         } else {
+            stream = MigrationOpening(version: MigrationChannel.version, mode: MigrationOpening.plaintextMode,
+                                      nonce: [UInt8](repeating: 0, count: MigrationOpening.nonceSize)).encode()
             var first = true
             while !input.isAtEnd {
                 let type = UInt32(input.u8() % 12)
@@ -157,6 +164,7 @@ enum HostTargets {
         shutdown(pair[0], Int32(SHUT_WR))
         let incoming = IncomingMigration(channel: MigrationChannel(socket: FileDescriptor(owning: pair[1]), peer: "fuzz source"))
         defer { incoming.channel.close(); source.close() }
+        guard (try? incoming.channel.establish(security, as: .destination, timeoutSeconds: 1)) != nil else { return }
         guard let hello = try? incoming.receiveHello(), hello.memoryBytes <= 64 << 20 else { return }
         guard (try? incoming.accept()) != nil else { return }
         _ = try? incoming.receiveMemoryAndState()

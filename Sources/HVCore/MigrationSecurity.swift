@@ -44,33 +44,41 @@ public struct MigrationSession: Sendable {
     }
 }
 
-/// Authenticated encryption for one direction of one connection. `counter` numbers the records
-/// sent that way (0, 1, 2, …): the cipher's nonce, so that a record replayed, dropped or moved
-/// fails to open.
+/// Authenticated encryption for one direction of one connection, in place (a record is copied
+/// once, into the buffer it is sent from; guest memory is never written). `counter` numbers the
+/// records sent that way (0, 1, 2, …): the cipher's nonce, so that a record replayed, dropped or
+/// moved fails to open.
 public protocol MigrationCipher: Sendable {
     /// Bytes `seal` adds to a record (the authentication tag).
     var overhead: Int { get }
-    /// `plaintext` encrypted, then its tag over it and `associated`.
-    func seal(_ plaintext: UnsafeRawBufferPointer, associated: [UInt8], counter: UInt64) throws(MigrationError) -> [UInt8]
-    /// The plaintext of `sealed`, or nil when it was not sealed by the key holder with this
-    /// counter and associated data.
-    func open(_ sealed: UnsafeRawBufferPointer, associated: [UInt8], counter: UInt64) -> [UInt8]?
+    /// Encrypts the first `record.count - overhead` bytes of `record` in place and writes the
+    /// tag over them and `associated` into its last `overhead` bytes.
+    func seal(_ record: UnsafeMutableRawBufferPointer, associated: [UInt8], counter: UInt64) throws(MigrationError)
+    /// Decrypts `record` (ciphertext, then tag) in place. False when it was not sealed by the key
+    /// holder with this counter and associated data: its bytes are then garbage, not plaintext.
+    func open(_ record: UnsafeMutableRawBufferPointer, associated: [UInt8], counter: UInt64) -> Bool
 }
 
 /// The 48 bytes each side sends first, in the clear: magic, protocol version, how it protects
-/// the connection, and a random nonce (zeros without a key).
-struct MigrationOpening: Equatable {
-    static let size = 48
-    static let nonceSize = 32
-    var version: UInt32
+/// the connection, and a random nonce (zeros without a key). `package`: the fuzz target sends one.
+package struct MigrationOpening: Equatable {
+    package static let size = 48
+    package static let nonceSize = 32
+    package var version: UInt32
     /// 0: plaintext; 1: a shared key (HKDF-SHA256, AES-256-GCM).
-    var mode: UInt32
-    var nonce: [UInt8]
+    package var mode: UInt32
+    package var nonce: [UInt8]
 
-    static let plaintextMode: UInt32 = 0
-    static let sharedKeyMode: UInt32 = 1
+    package static let plaintextMode: UInt32 = 0
+    package static let sharedKeyMode: UInt32 = 1
 
-    func encode() -> [UInt8] {
+    package init(version: UInt32, mode: UInt32, nonce: [UInt8]) {
+        self.version = version
+        self.mode = mode
+        self.nonce = nonce
+    }
+
+    package func encode() -> [UInt8] {
         var bytes = MigrationChannel.magic
         for v in [version, mode] { for b in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(b)))) } }
         return bytes + nonce

@@ -155,22 +155,30 @@ public final class MigrationChannel: @unchecked Sendable {
     }
 
     /// Sends the frame as one sealed record: its length (also authenticated), then the frame
-    /// encrypted with its tag.
+    /// encrypted with its tag. The frame is copied once, into the record, and sealed there.
     private func sendSealed(_ type: MigrationMessage, _ payload: UnsafeRawBufferPointer, _ cipher: any MigrationCipher) throws(MigrationError) {
-        let recordSize = 4 + Self.headerSize + payload.count + cipher.overhead
+        let sealedSize = Self.headerSize + payload.count + cipher.overhead
+        let recordSize = 4 + sealedSize
         try throttle(UInt64(recordSize))
-        var frame = Self.frameHeader(type: type.rawValue, payload)
-        frame.reserveCapacity(Self.headerSize + payload.count)
-        frame.append(contentsOf: payload)
-        let length = Self.littleEndian(UInt32(frame.count + cipher.overhead))
-        let counter = sentRecords
-        let outcome = frame.withUnsafeBytes { f in
-            Result { () throws(MigrationError) -> [UInt8] in try cipher.seal(f, associated: length, counter: counter) }
+        let length = Self.littleEndian(UInt32(sealedSize))
+        let header = Self.frameHeader(type: type.rawValue, payload)
+        var record = [UInt8](unsafeUninitializedCapacity: recordSize) { buffer, initialized in
+            let raw = UnsafeMutableRawBufferPointer(buffer)
+            raw.copyBytes(from: length)
+            UnsafeMutableRawBufferPointer(rebasing: raw[4..<(4 + Self.headerSize)]).copyBytes(from: header)
+            if payload.count > 0 { UnsafeMutableRawBufferPointer(rebasing: raw[(4 + Self.headerSize)...]).copyMemory(from: payload) }
+            // The tag's bytes are written by `seal`; until then they are zeros, never undefined.
+            UnsafeMutableRawBufferPointer(rebasing: raw[(recordSize - cipher.overhead)...]).initializeMemory(as: UInt8.self, repeating: 0)
+            initialized = recordSize
         }
-        let sealed = try outcome.get()
+        let counter = sentRecords
+        let outcome = record.withUnsafeMutableBytes { r in
+            Result { () throws(MigrationError) in try cipher.seal(UnsafeMutableRawBufferPointer(rebasing: r[4...]), associated: length, counter: counter) }
+        }
+        try outcome.get()
         sentRecords += 1
         var failure: MigrationError?
-        (length + sealed).withUnsafeBytes { r in
+        record.withUnsafeBytes { r in
             do throws(MigrationError) { try sendAll(r.baseAddress!, r.count) } catch { failure = error }
         }
         if let failure { throw failure }
@@ -230,9 +238,12 @@ public final class MigrationChannel: @unchecked Sendable {
         }
     }
 
-    /// Reads exactly `count` bytes.
-    private func receiveBytes(_ count: Int, timeoutSeconds: Int, peer: String) throws(MigrationError) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
+    /// Reads exactly `count` bytes. Unless `zeroed`, the array is not cleared first (a large
+    /// record is then written once, by the kernel; on failure nothing of it is used).
+    private func receiveBytes(_ count: Int, timeoutSeconds: Int, peer: String, zeroed: Bool = true) throws(MigrationError) -> [UInt8] {
+        // Uninitialized memory is never read: `receiveAll` fills every byte or throws.
+        var bytes = zeroed ? [UInt8](repeating: 0, count: count)
+            : [UInt8](unsafeUninitializedCapacity: count) { _, initialized in initialized = count }
         var failure: MigrationError?
         if count > 0 {
             bytes.withUnsafeMutableBytes { b in
@@ -255,13 +266,14 @@ public final class MigrationChannel: @unchecked Sendable {
             guard length >= Self.headerSize + cipher.overhead, length <= Self.headerSize + Self.maximumPayload + cipher.overhead else {
                 throw MigrationError("the \(peer) sent a \(length)-byte record, not a sealed frame of at most \(Self.maximumPayload >> 20) MiB")
             }
-            let sealed = try receiveBytes(length, timeoutSeconds: timeoutSeconds, peer: peer)
-            guard let frame = sealed.withUnsafeBytes({ cipher.open($0, associated: lengthBytes, counter: receivedRecords) }) else {
+            var record = try receiveBytes(length, timeoutSeconds: timeoutSeconds, peer: peer, zeroed: false)
+            let counter = receivedRecords
+            guard record.withUnsafeMutableBytes({ cipher.open($0, associated: lengthBytes, counter: counter) }) else {
                 throw MigrationError("a frame from the \(peer) failed authentication (altered, replayed or injected on the way): the migration stops")
             }
             receivedRecords += 1
-            raw = Array(frame[0..<Self.headerSize])
-            payload = Array(frame[Self.headerSize...])
+            raw = Array(record[0..<Self.headerSize])
+            payload = Array(record[Self.headerSize..<(length - cipher.overhead)])
             guard Int(Self.word(raw, 1)) == payload.count else {
                 throw MigrationError("a frame from the \(peer) says \(Self.word(raw, 1)) bytes and carries \(payload.count)")
             }

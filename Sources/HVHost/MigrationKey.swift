@@ -82,11 +82,17 @@ public struct MigrationKey: MigrationKeySchedule {
         return try MigrationKey(bytes: Array(bytes.prefix(filled)), from: "\(flag) \(path)")
     }
 
-    public func session(sourceNonce: [UInt8], destinationNonce: [UInt8]) throws(MigrationError) -> MigrationSession {
+    /// Loads the host's OpenSSL (once per process); nil, or why it cannot be used.
+    public static func loadCryptography() -> String? {
         var reason = [CChar](repeating: 0, count: 256)
         guard hv_libcrypto_load(&reason, reason.count) == 0 else {
-            throw MigrationError(String(decoding: reason.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+            return String(decoding: reason.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         }
+        return nil
+    }
+
+    public func session(sourceNonce: [UInt8], destinationNonce: [UInt8]) throws(MigrationError) -> MigrationSession {
+        if let why = Self.loadCryptography() { throw MigrationError(why) }
         let derived = try Self.hkdfSHA256(secret: secret, salt: sourceNonce + destinationNonce,
                                           info: Array("hv migration protocol 2: AES-256-GCM each way, proofs".utf8), count: 96)
         let proofKey = Array(derived[64..<96])
@@ -131,23 +137,18 @@ struct AESGCMRecordCipher: MigrationCipher {
         return bytes
     }
 
-    func seal(_ plaintext: UnsafeRawBufferPointer, associated: [UInt8], counter: UInt64) throws(MigrationError) -> [UInt8] {
-        var sealed = [UInt8](repeating: 0, count: plaintext.count + overhead)
-        let rc = sealed.withUnsafeMutableBufferPointer { out in
-            hv_aes256gcm_seal(key, Self.nonce(counter), associated, associated.count,
-                              plaintext.baseAddress?.assumingMemoryBound(to: UInt8.self), plaintext.count, out.baseAddress)
+    func seal(_ record: UnsafeMutableRawBufferPointer, associated: [UInt8], counter: UInt64) throws(MigrationError) {
+        guard record.count >= overhead, let base = record.baseAddress?.assumingMemoryBound(to: UInt8.self) else {
+            throw MigrationError("a migration record too short to seal")
         }
-        guard rc == 0 else { throw MigrationError("AES-256-GCM encryption failed in OpenSSL") }
-        return sealed
+        // In place: OpenSSL's GCM allows its output to be its input.
+        guard hv_aes256gcm_seal(key, Self.nonce(counter), associated, associated.count, base, record.count - overhead, base) == 0 else {
+            throw MigrationError("AES-256-GCM encryption failed in OpenSSL")
+        }
     }
 
-    func open(_ sealed: UnsafeRawBufferPointer, associated: [UInt8], counter: UInt64) -> [UInt8]? {
-        guard sealed.count >= overhead else { return nil }
-        var plaintext = [UInt8](repeating: 0, count: sealed.count - overhead)
-        let rc = plaintext.withUnsafeMutableBufferPointer { out in
-            hv_aes256gcm_open(key, Self.nonce(counter), associated, associated.count,
-                              sealed.baseAddress?.assumingMemoryBound(to: UInt8.self), sealed.count, out.baseAddress)
-        }
-        return rc == 0 ? plaintext : nil
+    func open(_ record: UnsafeMutableRawBufferPointer, associated: [UInt8], counter: UInt64) -> Bool {
+        guard record.count >= overhead, let base = record.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return false }
+        return hv_aes256gcm_open(key, Self.nonce(counter), associated, associated.count, base, record.count, base) == 0
     }
 }

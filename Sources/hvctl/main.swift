@@ -188,6 +188,8 @@ extension HVCtl {
                 }
                 let address = try MigrationAddress.parse(incoming, flag: "--incoming")
                 let security = try migrationSecurity(key: key, insecurePlaintext: insecurePlaintext)
+                // OpenSSL is loaded now, while nothing waits for it, not when a source arrives.
+                if case .sharedKey = security, let why = MigrationKey.loadCryptography() { fail(why) }
                 if let name = flags.name { try RunDirectory.validate(name, flag: "--name") }
                 let serial = try flags.serial.map { s throws(UsageError) in try DefinitionFlags.serialOption(s) }
                 if detach && flags.serial == "stdio" {

@@ -17,13 +17,13 @@ int hv_libcrypto_load(char *reason, size_t reason_size);
 int hv_hmac_sha256(const uint8_t *key, size_t key_length, const uint8_t *data, size_t length, uint8_t out[32]);
 
 // AES-256-GCM with a 12-byte nonce: `output` gets `length` bytes of ciphertext, then the 16-byte
-// tag over it and the `associated` bytes. Returns 0, or -1.
+// tag over it and the `associated` bytes. `output` may be `input` (in place). Returns 0, or -1.
 int hv_aes256gcm_seal(const uint8_t key[32], const uint8_t nonce[12], const uint8_t *associated, size_t associated_length,
                       const uint8_t *input, size_t length, uint8_t *output);
 
 // The inverse: `input` is ciphertext and tag (`length` counts both, at least 16); `output` gets
-// `length - 16` bytes. Returns 0, or -1 when the tag does not match (nothing in `output` may
-// then be used).
+// `length - 16` bytes (`output` may be `input`). Returns 0, or -1 when the tag does not match
+// (nothing in `output` may then be used).
 int hv_aes256gcm_open(const uint8_t key[32], const uint8_t nonce[12], const uint8_t *associated, size_t associated_length,
                       const uint8_t *input, size_t length, uint8_t *output);
 
