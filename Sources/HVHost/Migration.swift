@@ -96,6 +96,30 @@ public func acceptMigration(on listener: FileDescriptor, address: MigrationAddre
     }
 }
 
+/// Who is at the other end of connected socket `fd`: "192.0.2.7:51234", "[2001:db8::7]:51234".
+public func peerDescription(_ fd: FileDescriptor) -> String {
+    var storage = sockaddr_storage()
+    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+    let rc = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd.rawValue, $0, &length) } }
+    guard rc == 0 else { return "an unknown peer" }
+    var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+    let family = Int32(storage.ss_family)
+    return withUnsafePointer(to: &storage) { pointer -> String in
+        if family == AF_INET {
+            return pointer.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { v4 in
+                var address = v4.pointee.sin_addr
+                inet_ntop(AF_INET, &address, &text, socklen_t(text.count))
+                return "\(String(cString: text)):\(UInt16(bigEndian: v4.pointee.sin_port))"
+            }
+        }
+        return pointer.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { v6 in
+            var address = v6.pointee.sin6_addr
+            inet_ntop(AF_INET6, &address, &text, socklen_t(text.count))
+            return "[\(String(cString: text))]:\(UInt16(bigEndian: v6.pointee.sin6_port))"
+        }
+    }
+}
+
 /// Releases and retakes the image locks of a migrating VM's disks (the destination takes them
 /// between the two when the migration succeeds).
 struct DiskLocks: Sendable {

@@ -199,13 +199,26 @@ extension HVCtl {
                 do throws(UsageError) { listener = try address.listen() } catch { fail(error.message) }
                 let wait = { () -> (VMDefinition, IncomingMigration) in
                     warn("waiting for a VM on \(address)")
-                    let socket: FileDescriptor
-                    do throws(UsageError) { socket = try acceptMigration(on: listener, address: address) } catch { fail(error.message) }
+                    // A connection that cannot open the stream (not hv, another version, another
+                    // key, silence) is dropped and the wait goes on: whoever can reach the port must
+                    // not be able to end it. Only a source that passed the opening is the source.
+                    var accepted: IncomingMigration?
+                    while accepted == nil {
+                        let socket: FileDescriptor
+                        do throws(UsageError) { socket = try acceptMigration(on: listener, address: address) } catch { fail(error.message) }
+                        let candidate = IncomingMigration(channel: MigrationChannel(socket: socket, peer: "source"))
+                        do throws(MigrationError) {
+                            try candidate.channel.establish(security, as: .destination)
+                            accepted = candidate
+                        } catch {
+                            warn("refused a connection from \(peerDescription(socket)): \(error); still waiting on \(address)")
+                            candidate.channel.close()
+                        }
+                    }
                     listener.close()
-                    let arriving = IncomingMigration(channel: MigrationChannel(socket: socket, peer: "source"))
+                    let arriving = accepted!
                     var definition: VMDefinition
                     do throws(MigrationError) {
-                        try arriving.channel.establish(security, as: .destination, timeoutSeconds: 60)
                         let hello = try arriving.receiveHello()
                         do throws(UsageError) {
                             definition = try VMDefinition.decode(hello.host)

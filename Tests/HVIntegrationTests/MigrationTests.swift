@@ -249,15 +249,30 @@ final class MigrationTests: XCTestCase {
         XCTAssertTrue(mismatch.stderr.contains("the destination speaks hv migration protocol 99, this hv speaks 2"), mismatch.stderr)
         XCTAssertEqual(try state("stay"), "running")
 
-        // A destination holding another key: both sides say so, nothing is sent, the VM runs on.
+        // A destination holding another key: both sides say so, nothing is sent, the VM runs on;
+        // the destination drops that connection and goes on waiting (whoever reaches its port
+        // cannot end the wait), and a plain TCP client that is not hv is dropped the same way.
         let otherKey = try Harness.migrationKey(in: dir, name: "other.key")
         let keyPort = freePort()
         let wrongKeyVM = try incoming(keyPort, output: path("wrongkey.out"), security: ["--key", otherKey])
         let wrongKey = try hvctl(source, ["migrate", "stay", "--key", key, "--to", "tcp:127.0.0.1:\(keyPort)"])
         XCTAssertEqual(wrongKey.status, 1)
         XCTAssertEqual(wrongKey.stderr, "hvctl: the destination holds a different migration key: give both hosts the same --key FILE\n")
-        XCTAssertNotEqual(wrongKeyVM.waitForExit(timeout: 30), 0)
-        XCTAssertTrue(wrongKeyVM.stderr.contains("migration refused: the source holds a different migration key"), wrongKeyVM.stderr)
+        XCTAssertTrue(waitFor("still waiting on tcp:127.0.0.1:\(keyPort)", timeout: 10) { wrongKeyVM.stderr }, wrongKeyVM.stderr)
+        XCTAssertTrue(wrongKeyVM.stderr.contains("refused a connection from 127.0.0.1:") && wrongKeyVM.stderr.contains("the source holds a different migration key"),
+                      wrongKeyVM.stderr)
+        let stranger = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var to = sockaddr_in()
+        to.sin_family = sa_family_t(AF_INET)
+        to.sin_port = keyPort.bigEndian
+        to.sin_addr.s_addr = inet_addr("127.0.0.1")
+        XCTAssertEqual(withUnsafePointer(to: &to) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(stranger, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }, 0)
+        let junk = Array("GET / HTTP/1.0\r\n\r\n".utf8) + [UInt8](repeating: 0x41, count: 30)
+        XCTAssertEqual(send(stranger, junk, junk.count, 0), junk.count)
+        XCTAssertTrue(waitFor("is not an hv migration peer", timeout: 10) { wrongKeyVM.stderr }, wrongKeyVM.stderr)
+        close(stranger)
+        XCTAssertTrue(wrongKeyVM.process.isRunning, "a failed opening ended the wait: \(wrongKeyVM.stderr)")
+        wrongKeyVM.terminateAndWait()
         XCTAssertEqual(try state("stay"), "running")
 
         // Cancelled while memory is copied slowly (4 KiB a second): the destination gives up too.
