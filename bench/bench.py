@@ -1859,6 +1859,46 @@ class Bench:
 
     # -- live migration (issue #18) --
 
+    def hv_migrate_once(self, what: str, tag: str, size: str, cmd: str, ready: bytes, security: list[str],
+                        measure: Optional[Callable[[LiveGuest, LiveGuest], object]] = None) -> Optional[tuple[dict, object]]:
+        """Starts hv's test guest (`cmd`, `size` of RAM) as VM `tag` in a run directory of its
+        own, waits for `ready` on its console, migrates it over loopback to `hvctl run
+        --incoming` in another run directory (`security`: `--key FILE` or `--insecure-plaintext`,
+        given to both sides), and returns `hvctl migrate --json`'s result with what
+        `measure(source, destination)` returned before both ended; None, with the problem noted,
+        when a step failed."""
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        hv = str(self.env.hvctl)
+        env_a = dict(self.hv_env, HV_RUN_DIR=str(self.env.tmp / f"{tag}-a"))
+        env_b = dict(self.hv_env, HV_RUN_DIR=str(self.env.tmp / f"{tag}-b"))
+        source = LiveGuest([hv, "run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", size,
+                            "--name", tag, "--serial", "stdio"], env_a)
+        dest = None
+        try:
+            if source.wait_for(ready, 300) is None:
+                self.problems.append(f"{what}: guest did not get ready: {source.text()[-300:]}")
+                return None
+            dest = LiveGuest([hv, "run", "--incoming", f"tcp:127.0.0.1:{port}", "--serial", "stdio"] + security, env_b)
+            if dest.wait_for(b"hvctl: waiting for a VM", 30) is None:
+                self.problems.append(f"{what}: the destination did not listen: {dest.text()[-300:]}")
+                return None
+            r = subprocess.run([hv, "migrate", tag, "--to", f"tcp:127.0.0.1:{port}", "--json"] + security,
+                               capture_output=True, text=True, env=env_a, timeout=300)
+            result = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else None
+            if not result or "total_ms" not in result:
+                self.problems.append(f"{what}: {r.stderr.strip()[-300:]}")
+                return None
+            measured = measure(source, dest) if measure else None
+            subprocess.run([hv, "stop", tag], capture_output=True, env=env_b, timeout=60)
+            return result, measured
+        finally:
+            source.stop()
+            if dest:
+                dest.stop()
+
     def case_migration(self) -> list[Row]:
         """Live migration over loopback of an idle guest and of one that keeps dirtying memory,
         hv (`hvctl migrate` to `hvctl run --incoming`) against QEMU (QMP `migrate` to
@@ -1874,7 +1914,6 @@ class Bench:
         sizes = ["256M"] if self.quick else ["256M", "1G"]
         loads = [("idle", "mode=ticks count=100000000 delay=2", b"tick 10"),
                  ("dirtying", "mode=memdirty count=4", b"memdirty: ready")]
-        hv = str(self.env.hvctl)
         print(f"case: live migration over loopback ({', '.join(sizes)} guests, idle (a serial tick every 2 ms) and "
               f"dirtying 4 MiB without pause; hv vs QEMU)", flush=True)
 
@@ -1908,34 +1947,13 @@ class Bench:
                     key = f"mig_{size}_{load}"
                     port = free_port()
                     if side == "hv":
-                        a, b = self.env.tmp / f"mig-a-{i}", self.env.tmp / f"mig-b-{i}"
-                        env_a, env_b = dict(self.hv_env, HV_RUN_DIR=str(a)), dict(self.hv_env, HV_RUN_DIR=str(b))
-                        name = f"m{i}{size}{load}"
-                        source = LiveGuest([hv, "run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", size,
-                                            "--name", name, "--serial", "stdio"], env_a)
-                        dest = None
-                        try:
-                            if source.wait_for(ready, 300) is None:
-                                self.problems.append(f"hv migration {size} {load}: guest did not get ready: {source.text()[-300:]}")
-                                continue
-                            dest = LiveGuest([hv, "run", "--incoming", f"tcp:127.0.0.1:{port}", "--key", str(key_file),
-                                              "--serial", "stdio"], env_b)
-                            if dest.wait_for(b"hvctl: waiting for a VM", 30) is None:
-                                self.problems.append(f"hv migration {size} {load}: the destination did not listen: {dest.text()[-300:]}")
-                                continue
-                            r = subprocess.run([hv, "migrate", name, "--to", f"tcp:127.0.0.1:{port}", "--key", str(key_file), "--json"],
-                                               capture_output=True, text=True, env=env_a, timeout=300)
-                            result = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else None
-                            if not result or "total_ms" not in result:
-                                self.problems.append(f"hv migration {size} {load}: {r.stderr.strip()[-300:]}")
-                                continue
-                            total, down, sent = result["total_ms"], result["downtime_ms"], result["bytes_sent"] / (1 << 20)
-                            silence = silence_ms(source, dest) if load == "idle" else None
-                            subprocess.run([hv, "stop", name], capture_output=True, env=env_b, timeout=60)
-                        finally:
-                            source.stop()
-                            if dest:
-                                dest.stop()
+                        done = self.hv_migrate_once(f"hv migration {size} {load}", f"m{i}{size}{load}", size, cmd, ready,
+                                                    ["--key", str(key_file)],
+                                                    measure=lambda src, dst: silence_ms(src, dst) if load == "idle" else None)
+                        if done is None:
+                            continue
+                        result, silence = done
+                        total, down, sent = result["total_ms"], result["downtime_ms"], result["bytes_sent"] / (1 << 20)
                     else:
                         qmp_src, qmp_dst = str(self.env.tmp / f"qmp-ms-{i}.sock"), str(self.env.tmp / f"qmp-md-{i}.sock")
                         base = [self.env.qemu, *[x if x != GUEST_RAM else size for x in QEMU_BASE_ARGS],
@@ -2009,6 +2027,41 @@ class Bench:
         return rows
 
     # -- network --
+
+    def case_migration_key(self) -> list[Row]:
+        """What the stream's shared key costs: the same hv migrating the same guests with `--key`
+        and with `--insecure-plaintext` on both sides, interleaved (the QEMU column is hv in
+        plaintext). A 256 MiB guest idle and dirtying 4 MiB (as in `migration`), and a 1 GiB
+        guest that wrote 128 MiB (quick: 32) and idles: the stream's throughput."""
+        fill = 32 if self.quick else 128
+        loads = [("256M", "idle", "mode=ticks count=100000000 delay=2", b"tick 10"),
+                 ("256M", "dirtying", "mode=memdirty count=4", b"memdirty: ready"),
+                 ("1G", f"{fill} MiB written", f"mode=memfill count={fill}", b"memfill: ready")]
+        key_file = self.env.tmp / "migration-ab.key"
+        key_file.write_bytes(os.urandom(32))
+        key_file.chmod(0o600)
+        print("case: migration with the shared key against --insecure-plaintext (hv both sides, interleaved)", flush=True)
+
+        def one(side: str, i: int) -> None:
+            security = ["--key", str(key_file)] if side == "hv" else ["--insecure-plaintext"]
+            for size, load, cmd, ready in loads:
+                done = self.hv_migrate_once(f"migration_key {side} {size} {load}", f"mk{i}{side}{size}", size, cmd, ready, security)
+                if done is None:
+                    continue
+                result = done[0]
+                self.record(f"mk_total_{size}_{load}", side, result["total_ms"])
+                self.record(f"mk_down_{size}_{load}", side, result["downtime_ms"])
+                print(f"  run {i + 1} {'key' if side == 'hv' else 'plaintext'} {size} {load}: total {result['total_ms']:.0f} ms, "
+                      f"downtime {result['downtime_ms']:.1f} ms", flush=True)
+
+        self.interleaved(one, sides=("hv", "plain"))
+        rows = []
+        for size, load, _, _ in loads:
+            for kind, label in (("total", "total time"), ("down", "downtime")):
+                rows.append(Row(f"migration {label} with the key, {size} guest, {load}", self.get(f"mk_{kind}_{size}_{load}", "hv"),
+                                self.get(f"mk_{kind}_{size}_{load}", "plain"), unit="ms", target="report",
+                                note="QEMU column = hv with --insecure-plaintext"))
+        return rows
 
     def case_net(self) -> list[Row]:
         """virtio-net: VM→VM (hv: a private segment; QEMU: two taps on a Linux bridge) and VM→host
@@ -2716,7 +2769,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench.warm_up()
         rows: list[Row] = []
         cases = ["pioread", "time_to_x", "throughput", "memory", "density", "noisy", "seabios", "sandbox", "plugins", "vm_rate", "vms_at_once",
-                 "grub", "scsi", "qcow2", "snapshot", "migration", "net", "api", "kill_storms"]
+                 "grub", "scsi", "qcow2", "snapshot", "migration", "migration_key", "net", "api", "kill_storms"]
         # Long runs only when asked for by name.
         cases_on_request = ["api_fuzz", "hostile"]
         for name in args.only or cases:

@@ -258,7 +258,7 @@ public final class MigrationChannel: @unchecked Sendable {
     /// with a key, a record that fails authentication). A REFUSE frame becomes an error carrying
     /// the peer's reason.
     func receive(timeoutSeconds: Int = stallSeconds, peer: String) throws(MigrationError) -> (MigrationMessage, [UInt8]) {
-        var raw: [UInt8]
+        let raw: [UInt8]
         var payload: [UInt8]
         if let cipher = sealing?.receive {
             let lengthBytes = try receiveBytes(4, timeoutSeconds: timeoutSeconds, peer: peer)

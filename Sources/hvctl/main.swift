@@ -184,12 +184,13 @@ extension HVCtl {
             var snapshot: MachineSnapshot?
             if let incoming {
                 guard restore == nil, config == nil, !flags.anyGivenButSerial, !printConfig, !paused, !clone, mac.isEmpty else {
-                    throw UsageError(message: "--incoming takes the VM as the source describes it: only --name, --serial, --detach and -v may be added")
+                    throw UsageError(message: "--incoming takes the VM as the source describes it: only --name, --serial, --detach, -v and --key or --insecure-plaintext may be added")
                 }
                 let address = try MigrationAddress.parse(incoming, flag: "--incoming")
-                let security = try migrationSecurity(key: key, insecurePlaintext: insecurePlaintext)
+                let sharedKey = try migrationKey(key, insecurePlaintext: insecurePlaintext)
                 // OpenSSL is loaded now, while nothing waits for it, not when a source arrives.
-                if case .sharedKey = security, let why = MigrationKey.loadCryptography() { fail(why) }
+                if sharedKey != nil, let why = MigrationKey.loadCryptography() { fail(why) }
+                let security: MigrationSecurity = sharedKey.map { .sharedKey($0) } ?? .plaintext
                 if let name = flags.name { try RunDirectory.validate(name, flag: "--name") }
                 let serial = try flags.serial.map { s throws(UsageError) in try DefinitionFlags.serialOption(s) }
                 if detach && flags.serial == "stdio" {
@@ -522,9 +523,10 @@ extension HVCtl {
             if let timeout { request.timeoutSeconds = max(1, try parseDuration(timeout, flag: "--timeout", bareUnit: 1_000_000_000) / 1_000_000_000) }
             if let bandwidth { request.bandwidth = try parseRate(bandwidth) }
             request.finishOnTimeout = finishOnTimeout ? true : nil
-            switch try migrationSecurity(key: key, insecurePlaintext: insecurePlaintext) {
-            case .sharedKey(let schedule): request.migrationKey = (schedule as? MigrationKey)?.hex
-            case .plaintext: request.insecurePlaintext = true
+            if let sharedKey = try migrationKey(key, insecurePlaintext: insecurePlaintext) {
+                request.migrationKey = sharedKey.hex
+            } else {
+                request.insecurePlaintext = true
             }
             guard let fd = connectTo(RunDirectory.socket(vm.name)) else { failNoAnswer(vm.name) }
             defer { close(fd) }
@@ -572,15 +574,16 @@ extension HVCtl {
     }
 }
 
-/// What protects a migration: the key file the operator named, or (said out loud) nothing.
-func migrationSecurity(key: String?, insecurePlaintext: Bool) throws(UsageError) -> MigrationSecurity {
+/// What protects a migration: the key in the file the operator named, or (nil, said out loud
+/// with --insecure-plaintext, and warned about) nothing.
+func migrationKey(_ key: String?, insecurePlaintext: Bool) throws(UsageError) -> MigrationKey? {
     guard key == nil || !insecurePlaintext else { throw UsageError(message: "--key and --insecure-plaintext exclude each other") }
-    if let key { return .sharedKey(try MigrationKey.load(absolutePath(key), flag: "--key")) }
+    if let key { return try MigrationKey.load(absolutePath(key), flag: "--key") }
     guard insecurePlaintext else {
         throw UsageError(message: "a migration needs the key both hosts hold: --key FILE (\(MigrationKey.howToMakeOne)), or --insecure-plaintext on a network nobody else can reach")
     }
     warn("warning: --insecure-plaintext: this migration is neither authenticated nor encrypted")
-    return .plaintext
+    return nil
 }
 
 /// Set by SIGINT while `hvctl migrate` waits.

@@ -304,8 +304,10 @@ extension VMService {
             } else if Glibc.kill(pid, 0) != 0 && errno == ESRCH {
                 jobs.finish(job, state: "failed", error: lastLine(of: RunDirectory.coreLog(name)) ?? "the waiting hvctl (pid \(pid)) ended")
                 return
-            } else if jobs.cancelRequested(job) && !killed {
-                // Nothing has arrived (the name is not taken): ending the core loses nothing.
+            } else if jobs.cancelRequested(job) && !killed, case .gone = vmPresence(name) {
+                // Nothing has arrived (the name, taken at the source's HELLO, is free): ending
+                // the core loses nothing. (Should a source begin right now, its migration fails
+                // before GO and the VM runs on at the source.)
                 Glibc.kill(pid, SIGTERM)
                 killed = true
             }
