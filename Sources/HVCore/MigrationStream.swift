@@ -222,12 +222,23 @@ public final class MigrationChannel: @unchecked Sendable {
     }
 
     /// Reads exactly `count` bytes into `base`, waiting at most `timeoutSeconds` for each part.
-    private func receiveAll(_ base: UnsafeMutableRawPointer, _ count: Int, timeoutSeconds: Int, peer: String) throws(MigrationError) {
+    /// With `deadline` (monotonic nanoseconds), all of it must have arrived by then.
+    private func receiveAll(_ base: UnsafeMutableRawPointer, _ count: Int, timeoutSeconds: Int, peer: String,
+                            deadline: UInt64? = nil) throws(MigrationError) {
         var done = 0
         while done < count {
             var p = pollfd(fd: socket.rawValue, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&p, 1, Int32(timeoutSeconds * 1000))
+            var milliseconds = timeoutSeconds * 1000
+            if let deadline {
+                let now = monotonicNanoseconds()
+                guard now < deadline else {
+                    throw MigrationError("the \(peer) did not complete the opening within \(timeoutSeconds) s")
+                }
+                milliseconds = min(milliseconds, Int((deadline - now + 999_999) / 1_000_000))
+            }
+            let ready = poll(&p, 1, Int32(milliseconds))
             if ready < 0 && errno == EINTR { continue }
+            if ready == 0, deadline != nil { continue }  // the check above says which
             guard ready > 0 else { throw MigrationError("the \(peer) sent nothing for \(timeoutSeconds) s") }
             let n = Glibc.recv(socket.rawValue, base + done, count - done, 0)
             if n < 0 && errno == EINTR { continue }
@@ -240,14 +251,17 @@ public final class MigrationChannel: @unchecked Sendable {
 
     /// Reads exactly `count` bytes. Unless `zeroed`, the array is not cleared first (a large
     /// record is then written once, by the kernel; on failure nothing of it is used).
-    private func receiveBytes(_ count: Int, timeoutSeconds: Int, peer: String, zeroed: Bool = true) throws(MigrationError) -> [UInt8] {
+    private func receiveBytes(_ count: Int, timeoutSeconds: Int, peer: String, zeroed: Bool = true,
+                              deadline: UInt64? = nil) throws(MigrationError) -> [UInt8] {
         // Uninitialized memory is never read: `receiveAll` fills every byte or throws.
         var bytes = zeroed ? [UInt8](repeating: 0, count: count)
             : [UInt8](unsafeUninitializedCapacity: count) { _, initialized in initialized = count }
         var failure: MigrationError?
         if count > 0 {
             bytes.withUnsafeMutableBytes { b in
-                do throws(MigrationError) { try receiveAll(b.baseAddress!, b.count, timeoutSeconds: timeoutSeconds, peer: peer) } catch { failure = error }
+                do throws(MigrationError) {
+                    try receiveAll(b.baseAddress!, b.count, timeoutSeconds: timeoutSeconds, peer: peer, deadline: deadline)
+                } catch { failure = error }
             }
         }
         if let failure { throw failure }
@@ -316,8 +330,10 @@ public final class MigrationChannel: @unchecked Sendable {
     /// Opens the connection: each side sends its `MigrationOpening` (the source first; the
     /// destination answers after reading it, so both hear of a version or protection mismatch
     /// and each says it in its own words), then, with a shared key, each sends its proof that it
-    /// holds the key and checks the other's. Nothing about the VM goes before this succeeds.
+    /// holds the key and checks the other's. Nothing about the VM goes before this succeeds, and
+    /// all of it must within `timeoutSeconds` (a peer trickling its opening is given up then).
     public func establish(_ security: MigrationSecurity, as role: MigrationRole, timeoutSeconds: Int = stallSeconds) throws(MigrationError) {
+        let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds) * 1_000_000_000
         let schedule: (any MigrationKeySchedule)?
         if case .sharedKey(let s) = security { schedule = s } else { schedule = nil }
         let mine = MigrationOpening(version: Self.version,
@@ -333,7 +349,7 @@ public final class MigrationChannel: @unchecked Sendable {
             bytesSent += UInt64(bytes.count)
         }
         if role == .source { try sendOpening() }
-        let raw = try receiveBytes(MigrationOpening.size, timeoutSeconds: timeoutSeconds, peer: peer)
+        let raw = try receiveBytes(MigrationOpening.size, timeoutSeconds: timeoutSeconds, peer: peer, deadline: deadline)
         // The destination answers whatever came, so that a source of another version or
         // protection hears of it from its own side; it sends nothing to a peer that is not hv.
         let theirs = MigrationOpening.decode(raw)
@@ -366,7 +382,7 @@ public final class MigrationChannel: @unchecked Sendable {
         }
         if let failure { throw failure }
         bytesSent += UInt64(myProof.count)
-        let received = try receiveBytes(theirProof.count, timeoutSeconds: timeoutSeconds, peer: peer)
+        let received = try receiveBytes(theirProof.count, timeoutSeconds: timeoutSeconds, peer: peer, deadline: deadline)
         guard constantTimeEqual(received, theirProof) else {
             throw MigrationError("the \(peer) holds a different migration key: give both hosts the same --key FILE")
         }

@@ -262,8 +262,31 @@ public struct VMStatus: Codable, Equatable, Sendable {
         /// Its rate limits, host → guest and guest → host (absent: unlimited).
         public var rxRateLimit: VMDefinition.RateLimit?
         public var txRateLimit: VMDefinition.RateLimit?
+        /// A tap NIC's frames and drops, from the host kernel's counters of the tap (absent for a
+        /// segment NIC, whose switch keeps none).
+        public var traffic: Traffic?
 
-        enum CodingKeys: String, CodingKey { case device, mac, tap, segment, bridge, rxRateLimit = "rx_rate_limit", txRateLimit = "tx_rate_limit" }
+        enum CodingKeys: String, CodingKey {
+            case device, mac, tap, segment, bridge, rxRateLimit = "rx_rate_limit", txRateLimit = "tx_rate_limit", traffic
+        }
+
+        /// Counted by the host's kernel on the tap, named from the guest's side: what the host
+        /// receives on the tap is what the guest sent.
+        public struct Traffic: Codable, Equatable, Sendable {
+            public var sentFrames: UInt64
+            public var sentBytes: UInt64
+            public var receivedFrames: UInt64
+            public var receivedBytes: UInt64
+            /// Frames the guest sent that the host dropped.
+            public var sentDropped: UInt64
+            /// Frames for the guest the tap dropped (its queue full: the NIC did not take them).
+            public var receivedDropped: UInt64
+
+            enum CodingKeys: String, CodingKey {
+                case sentFrames = "sent_frames", sentBytes = "sent_bytes", receivedFrames = "received_frames", receivedBytes = "received_bytes"
+                case sentDropped = "sent_dropped", receivedDropped = "received_dropped"
+            }
+        }
     }
 
     enum CodingKeys: String, CodingKey {

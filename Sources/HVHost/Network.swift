@@ -550,3 +550,38 @@ public func segmentStatuses() -> [JSONObject] {
     }
     return segments
 }
+
+/// The host kernel's counters of every interface in this process's network namespace (where the
+/// VM's core made or opened its taps), from /proc/self/net/dev, as `VMStatus.NIC.Traffic` seen
+/// from the guest: the tap's receive side is what the guest sent.
+enum TapTraffic {
+    static func read() -> [String: VMStatus.NIC.Traffic] {
+        let fd = open("/proc/self/net/dev", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [:] }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 8192)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0, bytes.count < 1 << 20 else { break }
+            bytes += buffer[0..<n]
+        }
+        return parse(String(decoding: bytes, as: UTF8.self))
+    }
+
+    /// `/proc/net/dev`'s lines "NAME: rx bytes packets errs drop fifo frame compressed multicast
+    /// tx bytes packets errs drop …" by interface name.
+    static func parse(_ text: String) -> [String: VMStatus.NIC.Traffic] {
+        var traffic: [String: VMStatus.NIC.Traffic] = [:]
+        for line in text.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            guard let name = line[..<colon].split(separator: " ").last.map(String.init) else { continue }
+            let fields = line[line.index(after: colon)...].split(separator: " ").compactMap { UInt64($0) }
+            guard fields.count >= 12 else { continue }
+            traffic[name] = .init(sentFrames: fields[1], sentBytes: fields[0], receivedFrames: fields[9], receivedBytes: fields[8],
+                                  sentDropped: fields[3], receivedDropped: fields[11])
+        }
+        return traffic
+    }
+}

@@ -530,6 +530,8 @@ final class VMControl: Sendable {
             liveNICs[i].rxRateLimit = standing.nics[i].rxRateLimit
             liveNICs[i].txRateLimit = standing.nics[i].txRateLimit
         }
+        let taps = liveNICs.contains { $0.tap != nil } ? TapTraffic.read() : [:]
+        for i in liveNICs.indices { if let tap = liveNICs[i].tap { liveNICs[i].traffic = taps[tap] } }
         return VMStatus(name: name, pid: getpid(), state: machine?.guestStarted != true ? "starting" : pausedSince == nil ? "running" : "paused", boot: bootMode,
                         uptimeSeconds: (now - started) / 1_000_000_000,
                         pausedSeconds: pausedSince.map { (now - $0) / 1_000_000_000 },

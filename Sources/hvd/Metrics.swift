@@ -58,6 +58,35 @@ enum Metrics {
                         registry.makeGauge(name: "hv_device_resident_bytes", labels: deviceLabels,
                                            help: "Resident memory of the device's process.").set(resident)
                     }
+                    // The kernel's count of the process's I/O, not the device's own word: a disk's
+                    // guest reads and writes of its image (preadv/pwritev, page cache hits
+                    // included), plus a few bytes per doorbell (eventfd) read or write.
+                    if let pid = device.pid, let io = ProcFS.io(pid) {
+                        for (name, key, help) in [
+                            ("hv_device_read_bytes_total", "rchar", "Bytes the device's current process read (a disk: the guest's reads of its image, cached or not)."),
+                            ("hv_device_written_bytes_total", "wchar", "Bytes the device's current process wrote (a disk: the guest's writes to its image)."),
+                            ("hv_device_read_calls_total", "syscr", "Read system calls of the device's current process (a disk: about one per guest read, plus doorbell reads)."),
+                            ("hv_device_write_calls_total", "syscw", "Write system calls of the device's current process (a disk: about one per guest write, plus doorbell writes)."),
+                            ("hv_device_storage_read_bytes_total", "read_bytes", "Bytes the device's current process had fetched from storage (page cache misses)."),
+                            ("hv_device_storage_written_bytes_total", "write_bytes", "Bytes the device's current process dirtied for storage."),
+                        ] {
+                            if let value = io[key] { registry.makeCounter(name: name, labels: deviceLabels, help: help).increment(by: value) }
+                        }
+                    }
+                }
+                for nic in status.nics {
+                    guard let traffic = nic.traffic else { continue }
+                    let nicLabels = labels + [("device", nic.device)]
+                    for (name, value, help) in [
+                        ("hv_nic_sent_frames_total", traffic.sentFrames, "Frames the guest sent on a tap NIC (the host kernel's count of the tap)."),
+                        ("hv_nic_sent_bytes_total", traffic.sentBytes, "Bytes the guest sent on a tap NIC."),
+                        ("hv_nic_received_frames_total", traffic.receivedFrames, "Frames the tap passed to the guest's NIC."),
+                        ("hv_nic_received_bytes_total", traffic.receivedBytes, "Bytes the tap passed to the guest's NIC."),
+                        ("hv_nic_sent_dropped_total", traffic.sentDropped, "Frames the guest sent that the host dropped."),
+                        ("hv_nic_received_dropped_total", traffic.receivedDropped, "Frames for the guest the tap dropped (the NIC did not take them in time)."),
+                    ] {
+                        registry.makeCounter(name: name, labels: nicLabels, help: help).increment(by: Int64(clamping: value))
+                    }
                 }
             }
             for (state, count) in states.sorted(by: { $0.key < $1.key }) {
@@ -101,6 +130,17 @@ enum ProcFS {
                   let seconds = cpuSeconds(pid, thread: tid) else { return nil }
             return (vcpu, seconds)
         }.sorted { $0.0 < $1.0 }
+    }
+
+    /// The counters of /proc/PID/io (rchar, wchar, syscr, syscw, read_bytes, write_bytes, …).
+    static func io(_ pid: Int32) -> [String: Int64]? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/io", encoding: .utf8) else { return nil }
+        var counters: [String: Int64] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            if parts.count == 2, let value = Int64(parts[1].trimmingCharacters(in: .whitespaces)) { counters[String(parts[0])] = value }
+        }
+        return counters
     }
 
     /// Resident set size from /proc/PID/statm.

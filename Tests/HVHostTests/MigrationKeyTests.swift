@@ -199,6 +199,26 @@ final class MigrationKeyTests: XCTestCase {
         XCTAssertNil(opens(sealed, [], 0), "a changed tag opened")
     }
 
+    /// A peer that trickles its opening, a byte at a time, each well within the per-read
+    /// timeout, is given up when the whole opening's time is spent, not 48 reads later.
+    func testATricklingOpeningIsGivenUpAtItsDeadline() throws {
+        let relay = Relay()
+        let opening = Array("HVMIGR\r\n".utf8) + [2, 0, 0, 0, 1, 0, 0, 0] + [UInt8](repeating: 3, count: 32)
+        let writer = relay.towardsDestination
+        let trickle = Thread {
+            for byte in opening {
+                var b = byte
+                guard send(writer, &b, 1, Int32(MSG_NOSIGNAL)) == 1 else { return }
+                Thread.sleep(forTimeInterval: 0.2)
+            }
+        }
+        trickle.start()
+        let started = Date()
+        let refusal = message { () throws(MigrationError) in try relay.destination.establish(.sharedKey(try! self.key(4)), as: .destination, timeoutSeconds: 1) }
+        XCTAssertEqual(refusal, "the source did not complete the opening within 1 s")
+        XCTAssertLessThan(Date().timeIntervalSince(started), 2.5)
+    }
+
     /// Key files: too short, readable by others, not a regular file, missing — one line each.
     func testBadKeyFilesAreRefusedInOneLine() throws {
         func write(_ name: String, _ bytes: [UInt8], mode: mode_t) -> String {

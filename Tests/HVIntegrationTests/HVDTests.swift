@@ -341,6 +341,35 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(try call("POST", "/v1/vms/a1/stop", on: alice).status, 200)
     }
 
+    /// A disk's I/O in /metrics, as the kernel counts its device process's: a guest that has
+    /// written and read back 64 blocks of 4 KiB ten times has moved at least 2.5 MiB each way in
+    /// at least 640 calls each way.
+    func testADisksIOShowsInMetrics() throws {
+        try startHVD()
+        let image = dir.appendingPathComponent("metrics.img").path
+        XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
+        XCTAssertEqual(truncate(image, 4 << 20), 0)
+        let guest = try Harness.testGuest()
+        XCTAssertEqual(try call("POST", "/v1/vms", """
+            {"name": "disky", "definition": {"memory_mib": 32, "disks": [{"path": "\(image)"}],
+             "boot": {"multiboot": "\(guest)", "cmdline": "mode=vscsireadback count=100000"}}}
+            """).status, 201)
+        XCTAssertEqual(try call("POST", "/v1/vms/disky/start").status, 200)
+        waitFor("ten passes of the disk pattern", timeout: 60) { consoleLog("disky").contains("vscsireadback: pass 10\n") }
+        let io = try call("GET", "/metrics").body
+        func counter(_ name: String) -> Double {
+            io.split(separator: "\n").first { $0.hasPrefix("\(name){vm=\"disky\",device=\"disk0\",kind=\"disk\"}") }
+                .flatMap { Double($0.split(separator: " ").last ?? "") } ?? -1
+        }
+        XCTAssertGreaterThanOrEqual(counter("hv_device_read_bytes_total"), 640 * 4096, io)
+        XCTAssertGreaterThanOrEqual(counter("hv_device_written_bytes_total"), 640 * 4096, io)
+        XCTAssertGreaterThanOrEqual(counter("hv_device_read_calls_total"), 640, io)
+        XCTAssertGreaterThanOrEqual(counter("hv_device_write_calls_total"), 640, io)
+        XCTAssertGreaterThanOrEqual(counter("hv_device_storage_read_bytes_total"), 0, io)
+        XCTAssertGreaterThanOrEqual(counter("hv_device_storage_written_bytes_total"), 0, io)
+        XCTAssertEqual(try call("POST", "/v1/vms/disky/stop").status, 200)
+    }
+
     /// The id of the job a 202 answer carries.
     private func job(_ r: (status: Int, body: String), file: StaticString = #filePath, line: UInt = #line) throws -> String {
         XCTAssertEqual(r.status, 202, r.body, file: file, line: line)

@@ -169,6 +169,18 @@ final class TapNetworkTests: XCTestCase {
         XCTAssertEqual(ping.status, 0, ping.output + vm.stdout)
         XCTAssertTrue(ping.output.contains("3 received"), ping.output)
         XCTAssertTrue(vm.waitForOutput("net: echo seq 3 from 10.77.0.1", timeout: 10), vm.stdout)
+        // The tap's own counters, as `hvctl status` reports them from the guest's side: it sent the
+        // DHCP discover and request, its ARP announcement and three echo replies, and received the
+        // offer, the ack and three echo requests; the second NIC's tap is counted too.
+        let status = try runHvctl(["status", "tapvm", "--json"])
+        XCTAssertEqual(status.status, 0, status.stderr)
+        let nics = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any])?["nics"] as? [[String: Any]])
+        let traffic = try XCTUnwrap(nics.first?["traffic"] as? [String: Any], status.stdout)
+        XCTAssertGreaterThanOrEqual(traffic["sent_frames"] as? Int ?? 0, 6, status.stdout)
+        XCTAssertGreaterThanOrEqual(traffic["received_frames"] as? Int ?? 0, 5, status.stdout)
+        XCTAssertGreaterThanOrEqual(traffic["sent_bytes"] as? Int ?? 0, 6 * 42, status.stdout)
+        XCTAssertNotNil(traffic["sent_dropped"] as? Int, status.stdout)
+        XCTAssertNotNil(nics.last?["traffic"] as? [String: Any], status.stdout)
 
         vm.process.terminate()
         vm.waitForExit(timeout: 20)
