@@ -491,7 +491,11 @@ public final class Machine: @unchecked Sendable {
         }
         if !stopping.load(ordering: .acquiring) {
             supervisor.guestStarted.store(true, ordering: .releasing)
-            for vcpu in vcpus {
+            // The boot vCPU's thread last, and none after a failure: a VM whose threads cannot
+            // all be made (a pids limit) stops before any guest instruction runs, so it leaves
+            // one line, not a guest half started. (The others wait for the boot vCPU's INIT and
+            // SIPI inside KVM; a restored VM's run at once, but as their threads are made.)
+            for vcpu in vcpus.dropFirst() + vcpus.prefix(1) {
                 do {
                     // Joinable: a vCPU that returned on its own (a triple fault, a reset) is
                     // still kicked at the stop, and a detached thread's handle dies with it.
@@ -499,6 +503,7 @@ public final class Machine: @unchecked Sendable {
                     threads.withLock { $0.append(t) }
                 } catch {
                     stop(.failure("cannot start vCPU thread: \(error)"))
+                    break
                 }
             }
             onGuestStarted?()
