@@ -403,25 +403,48 @@ def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 class LiveGuest:
     """A VM running in the background (hv or QEMU); its output lines timestamped as they arrive."""
 
-    def __init__(self, argv: list[str], env: Optional[dict]):
+    def __init__(self, argv: list[str], env: Optional[dict], stamper: Optional[Path] = None):
+        """With `stamper` (bench/tsline.c), the output goes through it and each line carries the
+        time tsline read it, rather than the time this process's reader thread got to it."""
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env)
+        self.stamper = None
+        if stamper:
+            self.stamper = subprocess.Popen([str(stamper)], stdin=self.proc.stdout, stdout=subprocess.PIPE)
+            self.proc.stdout.close()
         self.lines: list[tuple[int, bytes]] = []
+        # With a stamper: every piece of output as written (stamp, text, whether it ended a line).
+        self.pieces: list[tuple[int, bytes, bool]] = []
         self.lock = threading.Lock()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
         pending = b""
+        unfinished = b""  # with a stamper: the pieces of a line not yet ended
+        source = (self.stamper or self.proc).stdout
         while True:
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            chunk = os.read(source.fileno(), 65536)
             if not chunk:
                 break
             t = now_ns()
             pending += chunk
             *complete, pending = pending.split(b"\n")
-            with self.lock:
-                self.lines += [(t, line) for line in complete]
+            if not self.stamper:
+                with self.lock:
+                    self.lines += [(t, line) for line in complete]
+                continue
+            for entry in complete:
+                stamp, _, text = entry.partition(b" ")
+                ends_line = not text.startswith(b"~")
+                if not ends_line:
+                    text = text[1:]
+                with self.lock:
+                    self.pieces.append((int(stamp), text, ends_line))
+                    unfinished += text
+                    if ends_line:
+                        self.lines.append((int(stamp), unfinished))
+                        unfinished = b""
 
     def wait_for(self, prefix: bytes, timeout_s: float) -> Optional[tuple[int, bytes]]:
         deadline = time.monotonic() + timeout_s
@@ -444,7 +467,39 @@ class LiveGuest:
 
     def stop(self) -> None:
         stop(self.proc)
+        if self.stamper:
+            self.stamper.wait(5)
         self.reader.join(5)
+
+
+def console_output(pieces: list[tuple[int, bytes, bool]]) -> list[tuple[int, bool]]:
+    """When each piece of a guest's console output (`LiveGuest.pieces`, stamped by tsline) was
+    written, and whether it ended a line. The VM's own messages share the pipe (hvctl's stderr,
+    QEMU's warnings) and are left out; one that cut into a guest line leaves that line's start
+    unfinished."""
+    out = []
+    for t, text, ends_line in pieces:
+        for marker in (b"hvctl: ", b"qemu-system"):
+            cut = text.find(marker)
+            if cut >= 0:
+                text, ends_line = text[:cut], False
+        if text:
+            out.append((t, ends_line))
+    return out
+
+
+def console_pause_ms(source: list[tuple[int, bytes, bool]], dest: list[tuple[int, bytes, bool]],
+                     line_interval_ms: float = 2.0) -> Optional[float]:
+    """A migration's pause as the guest's console shows it, timed on the host the same way for
+    hv and QEMU: from the last output written at the source to the first at the destination,
+    less the `line_interval_ms` the guest waits between its lines when the source's last output
+    ended a line (stopped inside a line, the guest writes its next byte at once). None until both
+    sides have written something."""
+    before, after = console_output(source), console_output(dest)
+    if not before or not after:
+        return None
+    (last, ended_line), (first, _) = before[-1], after[0]
+    return max((first - last) / 1e6 - (line_interval_ms if ended_line else 0.0), 0.0)
 
 
 def run_capture(argv: list[str], *, timeout_s: float, markers: Iterable[bytes] = (),
@@ -624,6 +679,7 @@ def build_all(tmp: Path, skip_swift: bool, bin_dir: Optional[str]) -> tuple[Path
     guest = tmp / "testguest.elf"
     kvm_exit = tmp / "kvm_exit"
     sh(["gcc", "-O2", "-Wall", "-o", str(kvm_exit), str(REPO / "bench/kvm_exit.c")])
+    sh(["gcc", "-O2", "-Wall", "-o", str(tmp / "tsline"), str(REPO / "bench/tsline.c")])
     return hvctl, guest, kvm_exit
 
 
@@ -1874,14 +1930,15 @@ class Bench:
         hv = str(self.env.hvctl)
         env_a = dict(self.hv_env, HV_RUN_DIR=str(self.env.tmp / f"{tag}-a"))
         env_b = dict(self.hv_env, HV_RUN_DIR=str(self.env.tmp / f"{tag}-b"))
+        stamper = self.env.tmp / "tsline"
         source = LiveGuest([hv, "run", "--multiboot", str(self.env.guest), "--cmdline", cmd, "--memory", size,
-                            "--name", tag, "--serial", "stdio"], env_a)
+                            "--name", tag, "--serial", "stdio"], env_a, stamper)
         dest = None
         try:
             if source.wait_for(ready, 300) is None:
                 self.problems.append(f"{what}: guest did not get ready: {source.text()[-300:]}")
                 return None
-            dest = LiveGuest([hv, "run", "--incoming", f"tcp:127.0.0.1:{port}", "--serial", "stdio"] + security, env_b)
+            dest = LiveGuest([hv, "run", "--incoming", f"tcp:127.0.0.1:{port}", "--serial", "stdio"] + security, env_b, stamper)
             if dest.wait_for(b"hvctl: waiting for a VM", 30) is None:
                 self.problems.append(f"{what}: the destination did not listen: {dest.text()[-300:]}")
                 return None
@@ -1913,20 +1970,20 @@ class Bench:
         import socket
         sizes = ["256M"] if self.quick else ["256M", "1G"]
         loads = [("idle", "mode=ticks count=100000000 delay=2", b"tick 10"),
-                 ("dirtying", "mode=memdirty count=4", b"memdirty: ready")]
+                 ("dirtying", "mode=memdirty count=4 delay=2", b"tick 10")]
         print(f"case: live migration over loopback ({', '.join(sizes)} guests, idle (a serial tick every 2 ms) and "
               f"dirtying 4 MiB without pause; hv vs QEMU)", flush=True)
 
         def silence_ms(source: LiveGuest, dest: LiveGuest) -> Optional[float]:
-            """The host-observed gap between the last tick printed at the source and the first at
-            the destination, less the 2 ms between ticks."""
+            """The pause as the guest's console shows it (`console_pause_ms`), once the
+            destination has printed something (at most 10 s)."""
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 with source.lock, dest.lock:
-                    last = max((t for t, line in source.lines if line.startswith(b"tick")), default=None)
-                    first = min((t for t, line in dest.lines if line.startswith(b"tick")), default=None)
-                if last is not None and first is not None:
-                    return max((first - last) / 1e6 - 2.0, 0.0)
+                    before, after = list(source.pieces), list(dest.pieces)
+                pause = console_pause_ms(before, after)
+                if pause is not None:
+                    return pause
                 time.sleep(0.01)
             return None
 
@@ -1949,7 +2006,7 @@ class Bench:
                     if side == "hv":
                         done = self.hv_migrate_once(f"hv migration {size} {load}", f"m{i}{size}{load}", size, cmd, ready,
                                                     ["--key", str(key_file)],
-                                                    measure=lambda src, dst: silence_ms(src, dst) if load == "idle" else None)
+                                                    measure=silence_ms)
                         if done is None:
                             continue
                         result, silence = done
@@ -1958,13 +2015,14 @@ class Bench:
                         qmp_src, qmp_dst = str(self.env.tmp / f"qmp-ms-{i}.sock"), str(self.env.tmp / f"qmp-md-{i}.sock")
                         base = [self.env.qemu, *[x if x != GUEST_RAM else size for x in QEMU_BASE_ARGS],
                                 "-kernel", str(self.env.guest), "-append", cmd]
-                        source = LiveGuest(base + ["-qmp", f"unix:{qmp_src},server=on,wait=off"], None)
+                        source = LiveGuest(base + ["-qmp", f"unix:{qmp_src},server=on,wait=off"], None, self.env.tmp / "tsline")
                         dest = None
                         try:
                             if source.wait_for(ready, 300) is None:
                                 self.problems.append(f"QEMU migration {size} {load}: guest did not get ready: {source.text()[-300:]}")
                                 continue
-                            dest = LiveGuest(base + ["-qmp", f"unix:{qmp_dst},server=on,wait=off", "-incoming", f"tcp:127.0.0.1:{port}"], None)
+                            dest = LiveGuest(base + ["-qmp", f"unix:{qmp_dst},server=on,wait=off", "-incoming", f"tcp:127.0.0.1:{port}"], None,
+                                             self.env.tmp / "tsline")
                             self.qmp(qmp_dst, {"execute": "query-status"})  # listening once QMP answers
                             self.qmp(qmp_src, {"execute": "migrate", "arguments": {"uri": f"tcp:127.0.0.1:{port}"}})
                             deadline = time.monotonic() + 300
@@ -1979,7 +2037,7 @@ class Bench:
                                 continue
                             total, down = float(info.get("total-time", 0)), float(info.get("downtime", 0))
                             sent = info.get("ram", {}).get("transferred", 0) / (1 << 20)
-                            silence = silence_ms(source, dest) if load == "idle" else None
+                            silence = silence_ms(source, dest)
                         finally:
                             source.stop()
                             if dest:
@@ -1999,30 +2057,31 @@ class Bench:
         for size in sizes:
             for load, _, _ in loads:
                 key = f"mig_{size}_{load}"
-                # The issue's targets: below QEMU on every row, and at most 100 ms for an idle 256 MiB guest.
+                # The issue's targets: below QEMU on every row, and at most 100 ms for an idle
+                # 256 MiB guest. The pause is the guest's, seen the same way for both: the silence
+                # on its serial port. The downtimes each side reports are not comparable (QEMU's
+                # ends when the source has sent its last byte, hv's when the destination confirms
+                # that the guest runs there) and are reported only.
                 cap = 100.0 if (size, load) == ("256M", "idle") else None
-                down = Row(f"migration downtime, {size} guest, {load}", self.get(f"{key}_down", "hv"), self.get(f"{key}_down", "qemu"),
-                           unit="ms", target="≤ QEMU" + (", ≤ 100 ms" if cap else ""), note="QEMU's limit: 300 ms")
-                if down.hv is not None and down.qemu is not None:
-                    down.met = down.hv.median <= down.qemu.median and (cap is None or down.hv.median <= cap)
+                silent = Row(f"migration pause seen on the serial port, {size} guest, {load}", self.get(f"{key}_silence", "hv"),
+                             self.get(f"{key}_silence", "qemu"), unit="ms", target="≤ QEMU" + (", ≤ 100 ms" if cap else ""),
+                             note="host clock, same method both sides")
+                if silent.hv is not None and silent.qemu is not None:
+                    silent.met = silent.hv.median <= silent.qemu.median and (cap is None or silent.hv.median <= cap)
                 rows += [
                     Row(f"migration total time, {size} guest, {load}", self.get(f"{key}_total", "hv"), self.get(f"{key}_total", "qemu"),
                         unit="ms", target="≤ QEMU"),
-                    down,
+                    silent,
+                    Row(f"migration downtime as reported, {size} guest, {load}", self.get(f"{key}_down", "hv"),
+                        self.get(f"{key}_down", "qemu"), unit="ms", target="report",
+                        note="hv: to the destination's confirmation; QEMU: to the source's last byte"),
                 ]
-                if load == "idle":
-                    silent = Row(f"migration pause seen on the serial port, {size} guest, {load}", self.get(f"{key}_silence", "hv"),
-                                 self.get(f"{key}_silence", "qemu"), unit="ms", target="≤ QEMU" + (", ≤ 100 ms" if cap else ""),
-                                 note="host clock, same method both sides")
-                    if silent.hv is not None and silent.qemu is not None:
-                        silent.met = silent.hv.median <= silent.qemu.median and (cap is None or silent.hv.median <= cap)
-                    rows.append(silent)
                 rows += [
                     Row(f"migration data sent, {size} guest, {load}", self.get(f"{key}_sent", "hv"), self.get(f"{key}_sent", "qemu"),
                         unit="MiB", target="≤ QEMU"),
                 ]
         for r in rows:
-            if r.met is None and r.hv is not None and r.qemu is not None:
+            if r.met is None and r.target != "report" and r.hv is not None and r.qemu is not None:
                 r.met = r.hv.median <= r.qemu.median
         return rows
 
@@ -2035,7 +2094,7 @@ class Bench:
         guest that wrote 128 MiB (quick: 32) and idles: the stream's throughput."""
         fill = 32 if self.quick else 128
         loads = [("256M", "idle", "mode=ticks count=100000000 delay=2", b"tick 10"),
-                 ("256M", "dirtying", "mode=memdirty count=4", b"memdirty: ready"),
+                 ("256M", "dirtying", "mode=memdirty count=4 delay=2", b"tick 10"),
                  ("1G", f"{fill} MiB written", f"mode=memfill count={fill}", b"memfill: ready")]
         key_file = self.env.tmp / "migration-ab.key"
         key_file.write_bytes(os.urandom(32))

@@ -5,7 +5,10 @@ Run: python3 -m unittest bench/test_bench.py
 
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import unittest
 
 # Loaded from its path under its own name: `bench` alone would be this directory (a namespace
@@ -107,6 +110,46 @@ class MarkerTests(unittest.TestCase):
         s = bench.MarkerScanner([bench.THROUGHPUT_MARKER])
         s.feed(b"xxxx", 1)
         self.assertIsNone(bench.throughput_bps(s))
+
+
+class ConsolePauseTests(unittest.TestCase):
+    MS = 1_000_000
+
+    def test_stopped_at_a_line_end(self):
+        # The source's last line at 10 ms, the destination's first at 17 ms: 7 ms apart, 2 of
+        # which the guest would have waited anyway.
+        src = [(8 * self.MS, b"tick 4", True), (10 * self.MS, b"tick 5", True)]
+        dst = [(1 * self.MS, b"hvctl: waiting for a VM on tcp:127.0.0.1:1", True), (17 * self.MS, b"tick 6", True)]
+        self.assertAlmostEqual(bench.console_pause_ms(src, dst), 5.0)
+
+    def test_stopped_inside_a_line(self):
+        # "tic" at the source, "k 6" at the destination: consecutive bytes, nothing subtracted.
+        src = [(10 * self.MS, b"tick 5", True), (11 * self.MS, b"tic", False)]
+        dst = [(15 * self.MS, b"k 6", True)]
+        self.assertAlmostEqual(bench.console_pause_ms(src, dst), 4.0)
+
+    def test_vm_messages_are_not_guest_output(self):
+        # hvctl's message glued to an unfinished guest line leaves that line unfinished; a
+        # message alone is no output at all.
+        src = [(10 * self.MS, b"tichvctl: m1 migrated to tcp:127.0.0.1:1; this copy ends", True),
+               (30 * self.MS, b"hvctl: bye", True)]
+        dst = [(12 * self.MS, b"hvctl: receiving m1 (256 MiB) from the source", True), (14 * self.MS, b"k 6", True)]
+        self.assertAlmostEqual(bench.console_pause_ms(src, dst), 4.0)
+
+    def test_nothing_yet(self):
+        self.assertIsNone(bench.console_pause_ms([(1, b"tick 1", True)], []))
+        self.assertIsNone(bench.console_pause_ms([], [(1, b"tick 1", True)]))
+        self.assertEqual(bench.console_pause_ms([(10 * self.MS, b"tick 1", True)], [(11 * self.MS, b"tick 2", True)]), 0.0)
+
+    @unittest.skipUnless(shutil.which("gcc"), "gcc builds bench/tsline.c")
+    def test_tsline_stamps_lines_and_unfinished_pieces(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            tsline = os.path.join(tmp, "tsline")
+            subprocess.run(["gcc", "-O2", "-o", tsline, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tsline.c")], check=True)
+            out = subprocess.run([tsline], input=b"tick 1\ntick 2\ntic", capture_output=True, check=True).stdout
+        pieces = [line.split(b" ", 1) for line in out.splitlines()]
+        self.assertEqual([p[1] for p in pieces], [b"tick 1", b"tick 2", b"~tic"])
+        self.assertTrue(all(int(p[0]) > 0 for p in pieces))
 
 
 class PioreadTests(unittest.TestCase):

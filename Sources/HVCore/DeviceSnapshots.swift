@@ -40,16 +40,33 @@ extension DeviceSupervisor {
     }
 
     /// Sends QUIESCE to every device (the vCPUs must be paused and the rings drained) and reads
-    /// each state page. On failure every device already quiesced is resumed.
+    /// each state page. On failure every device already quiesced is resumed. Every QUIESCE is
+    /// sent before any reply is awaited: the processes, often asleep, wake and finish their work
+    /// in parallel (waking an idle one took up to a few ms on this host), which shortens a
+    /// migration's pause and a snapshot's.
     func quiesceForSnapshot() throws(SnapshotError) -> [DeviceSavedState] {
-        var quiesced: [ManagedDevice] = []
-        var states: [DeviceSavedState] = []
-        for d in devices {
-            let status: Int32? = d.controlChannel.withLock { control -> Int32? in
-                guard let control, d.endpoint.state == .running else { return nil }
-                guard let (reply, _) = try? control.request(.quiesce, payload: [], timeoutMilliseconds: 5000) else { return -1 }
-                return reply.status
+        // Per device: its reply's status; nil while it is restarting, -1 without an answer.
+        let statuses: [Int32?] = withEveryControlChannel { channels in
+            let sent: [ControlChannel.SentRequest??] = zip(devices, channels).map { d, control in
+                guard let control, d.endpoint.state == .running else { return .none }
+                return .some(try? control.sendRequest(.quiesce, payload: []))
             }
+            return zip(channels, sent).map { control, request -> Int32? in
+                guard let control, let request else { return nil }
+                guard let request else { return -1 }
+                do throws(ChannelError) {
+                    return try control.awaitReply(to: request, timeoutMilliseconds: 5000).0.status
+                } catch {
+                    if case .rejected(let status, _) = error { return status.rawValue }
+                    return -1
+                }
+            }
+        }
+        // Resumed if this fails: those that quiesced, and those that did not answer in time (they
+        // may still quiesce).
+        let quiesced = zip(devices, statuses).filter { $0.1 == Status.ok.rawValue || $0.1 == -1 }.map(\.0)
+        var states: [DeviceSavedState] = []
+        for (d, status) in zip(devices, statuses) {
             guard status == Status.ok.rawValue else {
                 resumeAfterSnapshot(quiesced)
                 switch status {
@@ -59,7 +76,6 @@ extension DeviceSupervisor {
                 default: throw SnapshotError("device \(d.spec.name) could not finish its work in flight; the VM carries on")
                 }
             }
-            quiesced.append(d)
             guard let page = d.readStatePage() else {
                 resumeAfterSnapshot(quiesced)
                 throw SnapshotError("cannot read device \(d.spec.name)'s state page: \(Errno.current)")
@@ -68,6 +84,17 @@ extension DeviceSupervisor {
             states.append(DeviceSavedState(name: d.spec.name, model: reported.model, stateVersion: reported.stateVersion, page: page))
         }
         return states
+    }
+
+    /// Runs `body` holding every device's control channel lock (taken in device order, the only
+    /// code that holds more than one), so no other request on those channels can take a reply
+    /// meant for `body`'s.
+    private func withEveryControlChannel(from index: Int = 0, holding held: [ControlChannel?] = [],
+                                         _ body: ([ControlChannel?]) -> [Int32?]) -> [Int32?] {
+        guard index < devices.count else { return body(held) }
+        return devices[index].controlChannel.withLock { control in
+            withEveryControlChannel(from: index + 1, holding: held + [control], body)
+        }
     }
 
     /// Sends RESUME to `devices` (all by default).

@@ -290,10 +290,31 @@ final class DeviceSupervisor: @unchecked Sendable {
     /// are spawned first, so their jails and runtimes start up in parallel.
     func startAll() throws(CoreError) {
         var started: [(ManagedDevice, Spawned)] = []
+        let ahead = spawnedAhead.withLock { list -> [Spawned]? in
+            defer { list = nil }
+            return list
+        }
         do throws(CoreError) {
-            for d in devices { started.append((d, try spawn(d))) }
-            for (d, s) in started {
-                try launchBeforeTheGuest(d, spawned: s)
+            if let ahead {
+                for (d, s) in zip(devices, ahead) {
+                    // One that ended while it waited (killed; or built with an SDK that gives up
+                    // on a late HELLO) is simply started again.
+                    if s.child.reapIfExited() == nil {
+                        started.append((d, s))
+                    } else {
+                        drainStderr(d, final: true)
+                        started.append((d, try spawn(d)))
+                    }
+                }
+            } else {
+                for d in devices { started.append((d, try spawn(d))) }
+            }
+            // Every HELLO first, then the replies: the processes wake and map what they were
+            // given in parallel (waking one that has been asleep took up to 4 ms on this host).
+            var hellos: [PendingHello] = []
+            for (d, s) in started { hellos.append(try sendHello(d, s)) }
+            for ((d, s), hello) in zip(started, hellos) {
+                try launchBeforeTheGuest(d, spawned: s, helloSent: hello)
                 d.endpoint.state = .running
             }
         } catch {
@@ -302,25 +323,56 @@ final class DeviceSupervisor: @unchecked Sendable {
         }
     }
 
+    /// Device processes started by `spawnAhead`, one per device in order, until `startAll`
+    /// takes them over (or `abandonSpawnedAhead` ends them).
+    private let spawnedAhead = Mutex<[Spawned]?>(nil)
+
+    /// Starts every device process now, without its handshake: each gets through its jail and
+    /// runtime start-up and waits for HELLO, which `startAll` sends. A migration's destination
+    /// calls it when memory starts to arrive, so the switch-over only has the handshakes left.
+    /// Call on the thread that will call `startAll` (a device dies with the thread that made it:
+    /// `PR_SET_PDEATHSIG`).
+    func spawnAhead() throws(CoreError) {
+        var list: [Spawned] = []
+        do throws(CoreError) {
+            for d in devices { list.append(try spawn(d)) }
+        } catch {
+            for s in list { s.child.killAndReap() }
+            throw error
+        }
+        spawnedAhead.withLock { $0 = list }
+    }
+
+    /// Ends the processes `spawnAhead` started that `startAll` has not taken over.
+    func abandonSpawnedAhead() {
+        let ahead = spawnedAhead.withLock { list -> [Spawned]? in
+            defer { list = nil }
+            return list
+        }
+        for s in ahead ?? [] { s.child.killAndReap() }
+    }
+
     /// How many times a device killed before the guest started is started again.
     static let startupRetries = 3
 
     /// Completes the handshake of `spawned` (or spawns `d` first): while the guest has not run, a
     /// process killed during its start-up is replaced by a fresh one, as `mayStartAgain` allows.
-    private func launchBeforeTheGuest(_ d: ManagedDevice, spawned: Spawned? = nil) throws(CoreError) {
+    private func launchBeforeTheGuest(_ d: ManagedDevice, spawned: Spawned? = nil, helloSent: PendingHello? = nil) throws(CoreError) {
         var next = spawned
+        var hello = helloSent
         while true {
             d.handshakeTermination = nil
             do throws(CoreError) {
                 let process: Spawned
                 if let next { process = next } else { process = try spawn(d) }
-                try handshake(d, process)
+                if let hello { try finishHandshake(d, process, hello) } else { try handshake(d, process) }
                 return
             } catch {
                 guard let ended = d.handshakeTermination, mayStartAgain(d, ended: ended) else { throw error }
                 d.startupRetries += 1
                 Diagnostics.line("device \(d.spec.name) \(ended) during its start-up; starting it again")
                 next = nil
+                hello = nil
             }
         }
     }
@@ -337,7 +389,7 @@ final class DeviceSupervisor: @unchecked Sendable {
     }
 
     /// A device process that is running but has not completed its handshake yet.
-    struct Spawned {
+    struct Spawned: Sendable {
         let child: ChildProcess
         let control: SeqPacketSocket
         let events: SeqPacketSocket
@@ -398,10 +450,23 @@ final class DeviceSupervisor: @unchecked Sendable {
     }
 
     private func handshake(_ d: ManagedDevice, _ spawned: Spawned) throws(CoreError) {
+        try finishHandshake(d, spawned, try sendHello(d, spawned))
+    }
+
+    /// A HELLO sent to a device process whose reply `finishHandshake` waits for.
+    struct PendingHello {
+        let control: ControlChannel
+        let offered: Capabilities
+        /// The request, or why it could not be sent (reported by `finishHandshake`).
+        let sent: Result<ControlChannel.SentRequest, ChannelError>
+    }
+
+    /// Sends device `d`'s HELLO to `spawned` without waiting for its reply. Throws only when
+    /// the HELLO cannot be made (the process is then ended).
+    private func sendHello(_ d: ManagedDevice, _ spawned: Spawned) throws(CoreError) -> PendingHello {
         let spec = d.spec
         let child = spawned.child
         let coreControl = spawned.control
-        let coreEvents = spawned.events
         var fds: [Int32] = []
         var roles: [FDAssignment] = []
         func pass(_ fd: FileDescriptor, _ role: FDRole, _ index: UInt16 = 0) {
@@ -433,8 +498,20 @@ final class DeviceSupervisor: @unchecked Sendable {
             throw .device(name: spec.name, reason: "its settings do not fit in a HELLO message (\(error))")
         }
         let control = ControlChannel(socket: coreControl)
+        let sent: Result<ControlChannel.SentRequest, ChannelError>
+        do { sent = .success(try control.sendRequest(.hello, payload: helloPayload, fds: fds)) } catch { sent = .failure(error) }
+        return PendingHello(control: control, offered: offered, sent: sent)
+    }
+
+    /// Waits for the reply to `pending` (sent by `sendHello` to `spawned`), checks it, and makes
+    /// the process device `d`'s; on failure the process is ended and why is thrown.
+    private func finishHandshake(_ d: ManagedDevice, _ spawned: Spawned, _ pending: PendingHello) throws(CoreError) {
+        let spec = d.spec
+        let child = spawned.child
+        let control = pending.control
+        let offered = pending.offered
         do {
-            let (frame, unexpected) = try control.request(.hello, payload: helloPayload, fds: fds, timeoutMilliseconds: 10_000)
+            let (frame, unexpected) = try control.awaitReply(to: try pending.sent.get(), timeoutMilliseconds: 10_000)
             guard unexpected.isEmpty else { throw ChannelError.malformed(.invalidField("device sent descriptors with its HELLO reply")) }
             let reply = try HelloReply.decode(frame.payload)
             guard reply.major == ProtocolVersion.major else {
@@ -491,7 +568,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         d.publishedPid.store(child.pid, ordering: .releasing)
         if d.generation > d.firstGeneration { d.restarts.wrappingAdd(1, ordering: .relaxed) }
         d.control = control
-        d.events = ControlChannel(socket: coreEvents)
+        d.events = ControlChannel(socket: spawned.events)
         if verbose { Diagnostics.line("device \(spec.name) started (pid \(child.pid), generation \(d.generation))") }
     }
 

@@ -16,7 +16,20 @@ public final class IncomingMigration: @unchecked Sendable {
     /// Whether the operator had paused the VM on the source (it then stays paused here).
     public private(set) var sourcePaused = false
 
-    public init(channel: MigrationChannel) { self.channel = channel }
+    /// A VM made while the destination waited (see `PreparedVM`), which the arriving machine
+    /// takes over; nil builds one then.
+    private var preparedVM: PreparedVM?
+
+    public init(channel: MigrationChannel, preparedVM: PreparedVM? = nil) {
+        self.channel = channel
+        self.preparedVM = preparedVM
+    }
+
+    /// The prepared VM, handed over once.
+    func takePreparedVM() -> PreparedVM? {
+        defer { preparedVM = nil }
+        return preparedVM
+    }
 
     /// Reads the source's header (the version is checked here; a mismatch is refused at once).
     public func receiveHello() throws(MigrationError) -> MigrationHello {
@@ -47,12 +60,20 @@ public final class IncomingMigration: @unchecked Sendable {
         return MigrationError(reason)
     }
 
-    /// Accepts the VM: allocates its RAM and says so.
-    public func accept() throws(MigrationError) {
+    /// Allocates the VM's RAM, which the memory is received into (a `Machine` built before
+    /// `accept` takes it over); refuses the migration if it cannot.
+    public func allocateMemory() throws(MigrationError) {
         guard let hello else { throw MigrationError("no migration header was received") }
+        guard ram == nil else { return }
         do throws(CoreError) { ram = try GuestRAM(size: hello.memoryBytes) } catch {
             throw refusing("the destination cannot allocate \(hello.memoryBytes >> 20) MiB of guest memory: \(error)")
         }
+    }
+
+    /// Accepts the VM (allocating its RAM if `allocateMemory` was not called) and says so: the
+    /// source starts sending memory.
+    public func accept() throws(MigrationError) {
+        try allocateMemory()
         try channel.send(.accept, MigrationChannel.versionStamp())
     }
 

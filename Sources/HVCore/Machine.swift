@@ -38,10 +38,12 @@ public final class Machine: @unchecked Sendable {
         /// A snapshot to bring back instead of booting (`hvctl run --restore`): its memory size,
         /// vCPUs and devices must be the ones configured here.
         public var restore: MachineSnapshot?
-        /// With `restore`: leave the vCPUs paused (`resume()` starts them).
+        /// With `restore` (or an incoming migration): leave the vCPUs paused (`resume()` starts them).
         public var startPaused: Bool
-        /// With `restore`: guest RAM already filled by an incoming migration (the snapshot then
-        /// has no memory file to read).
+        /// A live migration arriving (`hvctl run --incoming`, its header received and its RAM
+        /// allocated): the VM is built and its device processes started while memory is still
+        /// being copied, with no `restore`; the state comes at the switch-over, through
+        /// `applyArrivedState`, before `run`.
         public var incoming: IncomingMigration?
         public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false,
                     firmwareROM: FileDescriptor? = nil, restore: MachineSnapshot? = nil, startPaused: Bool = false,
@@ -91,6 +93,9 @@ public final class Machine: @unchecked Sendable {
 
     // Pause: vCPU threads park outside KVM_RUN while `pauseRequested` is set.
     private let pauseRequested = Atomic<Bool>(false)
+    /// Readable from `resume()` (or `stop`) until the next `pause()`: parked vCPUs wait on it,
+    /// so they run again at once rather than at their next poll.
+    private let unparked: EventFD
     private let parkedVCPUs = Atomic<Int>(0)
     private let liveVCPUThreads = Atomic<Int>(0)
     /// Serialises pause and resume; holds the kvmclock read at the pause.
@@ -101,6 +106,9 @@ public final class Machine: @unchecked Sendable {
     let snapshotLock = Mutex(())
     /// Set while a status request wants every vCPU's RIP; the next probe records it.
     private let registersWanted = Atomic<Bool>(false)
+    /// The saved machine this VM carries on from (a snapshot, or a migration's state), once it
+    /// is in place; nil for a VM that boots.
+    private let restored = Mutex<MachineSnapshot?>(nil)
 
     /// Builds the VM and its platform. Nothing runs yet.
     public init(_ configuration: Configuration) throws(CoreError) {
@@ -110,14 +118,22 @@ public final class Machine: @unchecked Sendable {
         }
         // Conflicting devices are refused before any resource is taken.
         try ResourceClaims.check(configuration.devices)
-        do {
-            kvm = try KVM()
-            vm = try kvm.createVM()
-            try vm.createPlatform()
-        } catch { throw .kvm(error) }
-        if let incoming = configuration.incoming {
-            guard let received = incoming.ram, received.size == configuration.memoryBytes, configuration.restore != nil else {
-                throw .configuration("the incoming migration's memory does not match this VM")
+        let arriving = configuration.incoming
+        let prepared = arriving?.takePreparedVM()
+        if let prepared {
+            kvm = prepared.kvm
+            vm = prepared.vm
+        } else {
+            do {
+                kvm = try KVM()
+                vm = try kvm.createVM()
+                try vm.createPlatform()
+            } catch { throw .kvm(error) }
+        }
+        if let arriving {
+            guard let received = arriving.ram, received.size == configuration.memoryBytes, configuration.restore == nil,
+                  let hello = arriving.hello, hello.cpus == configuration.cpus else {
+                throw .configuration("the incoming migration's memory or vCPUs do not match this VM")
             }
             ram = received
         } else {
@@ -130,47 +146,33 @@ public final class Machine: @unchecked Sendable {
             guard size >= 65536, size <= 16 << 20, size % 65536 == 0 else {
                 throw .configuration("firmware ROM of \(size) bytes: it must be a multiple of 64 KiB, at most 16 MiB")
             }
-            if let saved = configuration.restore {
-                // The firmware as it was when the snapshot was taken (hv-bios does not load it again).
-                guard let bytes = saved.firmwareROM, bytes.count == Int(size) else {
-                    throw .configuration("the snapshot's firmware ROM does not match this VM's (\(saved.firmwareROM?.count ?? 0) bytes, not \(size))")
-                }
-                let n = bytes.withUnsafeBytes { pwrite(rom.rawValue, $0.baseAddress, $0.count, 0) }
-                guard n == bytes.count else { throw .system(SystemError("cannot fill the firmware ROM", .current)) }
-            }
             do { romMapping = try SharedMapping(fd: rom, count: Int(size), readOnly: true) } catch { throw .system(error) }
         } else {
             romMapping = nil
         }
         firmwareMapping = romMapping
-        // Registered while the devices start; `run` waits for it before any vCPU runs.
-        memorySlots = MemorySlotRegistration.start { [vm, ram] () throws(KVMError) in
-            try ram.register(with: vm)
-            if let rom = romMapping {
-                // Read-only slot ending at 4 GiB: guest writes to it exit as MMIO and are dropped.
-                try vm.setMemoryRegion(slot: UInt32(ram.regions.count), guestAddress: (1 << 32) - UInt64(rom.count),
-                                       size: UInt64(rom.count), hostAddress: rom.base, readOnly: true)
-            }
-        }
-        let restore = configuration.restore
-        if let restore {
-            guard restore.memoryBytes == configuration.memoryBytes, restore.cpus == configuration.cpus else {
-                throw .configuration("the snapshot is of a VM with \(restore.memoryBytes >> 20) MiB and \(restore.cpus) vCPUs, not \(configuration.memoryBytes >> 20) MiB and \(configuration.cpus)")
-            }
-            guard (restore.firmwareROM == nil) == (configuration.firmwareROM == nil) else {
-                throw .configuration("the snapshot's boot mode (firmware or direct) is not this VM's")
+        // Registered while the devices start; `run` waits for it before any vCPU runs. A VM that
+        // arrives by migration registers nothing yet (RAM registered with KVM while the copy
+        // writes it made the copy slow and erratic here): only the first slot's fixed cost is
+        // paid, with a slot made and deleted (by `PreparedVM` while hvctl waited for the source,
+        // else now), so the real ones take ~0.1 ms in the pause.
+        memorySlots = prepared?.warmUp ?? MemorySlotRegistration.start { [vm, ram] () throws(KVMError) in
+            if arriving != nil {
+                try vm.warmUpMemorySlots(scratchPage: ram.mapping.base)
+            } else {
+                try Self.registerMemory(ram, firmware: romMapping, with: vm)
             }
         }
         do throws(KVMError) {
             let supported = try kvm.supportedCPUID()
             var cpuid = supported
-            if let restore {
-                // The guest keeps the CPU it saw; a host that cannot offer all of it is refused.
-                let missing = MachineSnapshot.missingFeatures(saved: restore.cpuid, host: supported)
+            // The guest keeps the CPU it saw; a host that cannot offer all of it is refused.
+            if let saved = configuration.restore?.cpuid ?? arriving?.hello?.cpuid {
+                let missing = MachineSnapshot.missingFeatures(saved: saved, host: supported)
                 guard missing.isEmpty else {
                     throw KVMError.invalidState("this host's CPU lacks features the guest saw: \(missing.prefix(8).joined(separator: ", "))\(missing.count > 8 ? ", …" : ""); restore it on a host with the same CPU")
                 }
-                cpuid = restore.cpuid
+                cpuid = saved
             }
             var list: [VCPU] = []
             for id in 0..<configuration.cpus {
@@ -180,24 +182,9 @@ public final class Machine: @unchecked Sendable {
             }
             vcpus = list
             cpuidTable = cpuid
-            if let restore {
-                try vm.restorePlatform(restore.platform)
-                for (vcpu, state) in zip(vcpus, restore.vcpus) {
-                    if restore.tscKHz != 0, try vcpu.tscKHz() != restore.tscKHz { try vcpu.setTSCKHz(restore.tscKHz) }
-                    try vcpu.restoreState(state)
-                }
-            }
         } catch { throw .kvm(error) }
-        if let restore, configuration.incoming == nil {
-            let memoryFile: FileDescriptor
-            do { memoryFile = try FileDescriptor.openHostFile(MachineSnapshot.memoryPath(restore.directory), flags: O_RDONLY, kinds: .regular) } catch {
-                throw .configuration("cannot read snapshot \(restore.directory)'s memory: \(error)")
-            }
-            do throws(SnapshotError) { try ram.load(restore.memoryExtents, from: memoryFile, name: "snapshot \(restore.directory)") } catch {
-                throw .configuration(error.description)
-            }
-        }
         probeAnswers = (0..<configuration.cpus).map { _ in ProbeAnswer() }
+        do { unparked = try EventFD(nonBlocking: true) } catch { throw .system(error) }
         supervisor = try DeviceSupervisor(specs: configuration.devices, memory: ram, vm: vm, verbose: configuration.verbose)
         // Memory BARs may go anywhere that is not RAM, the firmware ROM, the IOAPIC or local APIC
         // windows, or another device's range.
@@ -250,10 +237,88 @@ public final class Machine: @unchecked Sendable {
                 }
             }
         }
-        if let restore {
-            try pci.restore(restore.pci)
-            do throws(SnapshotError) { try supervisor.prepareRestore(restore.devices) } catch { throw .configuration(error.description) }
+        if let restore = configuration.restore {
+            try applyRestore(restore)
+            let memoryFile: FileDescriptor
+            do { memoryFile = try FileDescriptor.openHostFile(MachineSnapshot.memoryPath(restore.directory), flags: O_RDONLY, kinds: .regular) } catch {
+                throw .configuration("cannot read snapshot \(restore.directory)'s memory: \(error)")
+            }
+            do throws(SnapshotError) { try ram.load(restore.memoryExtents, from: memoryFile, name: "snapshot \(restore.directory)") } catch {
+                throw .configuration(error.description)
+            }
         }
+    }
+
+    /// Registers guest RAM, and the firmware ROM read-only just below 4 GiB, with KVM.
+    private static func registerMemory(_ ram: GuestRAM, firmware: SharedMapping?, with vm: VirtualMachine) throws(KVMError) {
+        try ram.register(with: vm)
+        if let rom = firmware {
+            // Read-only slot ending at 4 GiB: guest writes to it exit as MMIO and are dropped.
+            try vm.setMemoryRegion(slot: UInt32(ram.regions.count), guestAddress: (1 << 32) - UInt64(rom.count),
+                                   size: UInt64(rom.count), hostAddress: rom.base, readOnly: true)
+        }
+    }
+
+    /// The saved machine `restore` describes, put in place: the firmware as it was, the
+    /// platform, each vCPU, PCI, and each device's state page (its process starts from it).
+    private func applyRestore(_ restore: MachineSnapshot) throws(CoreError) {
+        guard restore.memoryBytes == configuration.memoryBytes, restore.cpus == configuration.cpus else {
+            throw .configuration("the snapshot is of a VM with \(restore.memoryBytes >> 20) MiB and \(restore.cpus) vCPUs, not \(configuration.memoryBytes >> 20) MiB and \(configuration.cpus)")
+        }
+        guard (restore.firmwareROM == nil) == (configuration.firmwareROM == nil) else {
+            throw .configuration("the snapshot's boot mode (firmware or direct) is not this VM's")
+        }
+        guard Self.sameCPUID(restore.cpuid, cpuidTable) else {
+            throw .configuration("the saved CPUID table differs from the one the VM was built with")
+        }
+        if let rom = configuration.firmwareROM, let mapping = firmwareMapping {
+            // The firmware as it was when the snapshot was taken (hv-bios does not load it again).
+            guard let bytes = restore.firmwareROM, bytes.count == mapping.count else {
+                throw .configuration("the snapshot's firmware ROM does not match this VM's (\(restore.firmwareROM?.count ?? 0) bytes, not \(mapping.count))")
+            }
+            let n = bytes.withUnsafeBytes { pwrite(rom.rawValue, $0.baseAddress, $0.count, 0) }
+            guard n == bytes.count else { throw .system(SystemError("cannot fill the firmware ROM", .current)) }
+        }
+        do throws(KVMError) {
+            try vm.restorePlatform(restore.platform)
+            for (vcpu, state) in zip(vcpus, restore.vcpus) {
+                if restore.tscKHz != 0, try vcpu.tscKHz() != restore.tscKHz { try vcpu.setTSCKHz(restore.tscKHz) }
+                try vcpu.restoreState(state)
+            }
+        } catch { throw .kvm(error) }
+        try pci.restore(restore.pci)
+        do throws(SnapshotError) { try supervisor.prepareRestore(restore.devices) } catch { throw .configuration(error.description) }
+        restored.withLock { $0 = restore }
+    }
+
+    private static func sameCPUID(_ a: [kvm_cpuid_entry2], _ b: [kvm_cpuid_entry2]) -> Bool {
+        a.withUnsafeBytes { x in b.withUnsafeBytes { y in x.elementsEqual(y) } }
+    }
+
+    /// Starts every device process now, ahead of `run`: they get ready (jail, runtime) while a
+    /// migration copies memory, and `run` only completes their handshakes. For an incoming VM.
+    public func startDeviceProcessesAhead() throws(CoreError) {
+        try supervisor.spawnAhead()
+    }
+
+    /// Ends device processes started ahead that `run` has not taken over (a migration that failed
+    /// before its switch-over). Safe to call more than once, from any thread.
+    public func abandonDeviceProcessesAhead() {
+        supervisor.abandonSpawnedAhead()
+    }
+
+    /// An incoming migration's machine state, received at its switch-over (the memory is in RAM
+    /// already): puts it in place and registers the memory with KVM. Then `run` starts the VM
+    /// paused (the caller resumes it on the source's GO).
+    public func applyArrivedState(_ state: MachineSnapshot) throws(CoreError) {
+        guard configuration.incoming != nil, restored.withLock({ $0 }) == nil else {
+            throw .configuration("this VM is not waiting for a migration's state")
+        }
+        try applyRestore(state)
+        do throws(KVMError) {
+            try memorySlots.wait()  // the first slot's cost, long paid
+            try Self.registerMemory(ram, firmware: firmwareMapping, with: vm)
+        } catch { throw .kvm(error) }
     }
 
     // MARK: Pause and resume
@@ -277,12 +342,14 @@ public final class Machine: @unchecked Sendable {
             guard supervisor.guestStarted.load(ordering: .acquiring), !stopping.load(ordering: .acquiring) else {
                 throw .notRunning("the VM is not running guest code yet (or is stopping); try again")
             }
+            _ = unparked.drain()
             pauseRequested.store(true, ordering: .releasing)
             kickAll()
             let deadline = monotonicNanoseconds() + 2_000_000_000
             while parkedVCPUs.load(ordering: .acquiring) < liveVCPUThreads.load(ordering: .acquiring) {
                 if monotonicNanoseconds() > deadline || stopping.load(ordering: .acquiring) {
                     pauseRequested.store(false, ordering: .releasing)
+                    unparked.signal()
                     throw .notRunning("the vCPUs did not stop within 2 s; the VM keeps running")
                 }
                 kickAll()
@@ -306,6 +373,7 @@ public final class Machine: @unchecked Sendable {
             state.paused = false
             state.clock = nil
             pauseRequested.store(false, ordering: .releasing)
+            unparked.signal()
         }
     }
 
@@ -389,6 +457,7 @@ public final class Machine: @unchecked Sendable {
     public func stop(_ exit: MachineExit) {
         outcome.withLock { if $0 == nil { $0 = exit } }
         stopping.store(true, ordering: .releasing)
+        unparked.signal()
         wakeMonitor()
     }
 
@@ -458,6 +527,12 @@ public final class Machine: @unchecked Sendable {
             kickAll()
         }
         supervisor.onEarlyDeath = { [self] why in stop(.failure(why)) }
+        let restore = restored.withLock { $0 }
+        if configuration.incoming != nil && restore == nil {
+            supervisor.abandonSpawnedAhead()
+            try? memorySlots.wait()
+            return .failure("the migrated VM's state was never put in place")
+        }
         do {
             try supervisor.startAll()
             try supervisor.startThread()
@@ -471,7 +546,7 @@ public final class Machine: @unchecked Sendable {
             return .failure("cannot register guest memory with KVM: \(error)")
         }
 
-        if let restore = configuration.restore {
+        if let restore {
             // The guest carries on from the snapshot: no boot state; its clock from the pause.
             if configuration.startPaused {
                 pauseRequested.store(true, ordering: .releasing)
@@ -482,7 +557,7 @@ public final class Machine: @unchecked Sendable {
         }
         // The BIOS device loads the guest and then names the entry state.
         let deadline = monotonicNanoseconds() + 30_000_000_000
-        while configuration.restore == nil && bootState.withLock({ $0 }) == nil && !stopping.load(ordering: .acquiring) {
+        while restore == nil && bootState.withLock({ $0 }) == nil && !stopping.load(ordering: .acquiring) {
             if monotonicNanoseconds() > deadline {
                 stop(.failure("the BIOS device did not hand over a boot state within 30 s"))
                 break
@@ -669,11 +744,13 @@ public final class Machine: @unchecked Sendable {
                 // guest instruction, so the registers a snapshot reads are an instruction boundary.
                 vcpu.requestExit()
                 _ = try? vcpu.runOnce()
-                // Parked outside KVM_RUN until resumed or stopped; a millisecond's poll costs
-                // nothing measurable and needs no wake-up protocol.
+                // Parked outside KVM_RUN until resumed or stopped: `unparked` wakes it (the
+                // timeout is only a backstop).
                 let before = slot.state.exchange(VCPUState.paused.rawValue, ordering: .acquiringAndReleasing)
                 parkedVCPUs.add(1, ordering: .acquiringAndReleasing)
-                while pauseRequested.load(ordering: .acquiring) && !stopping.load(ordering: .acquiring) { usleep(1000) }
+                while pauseRequested.load(ordering: .acquiring) && !stopping.load(ordering: .acquiring) {
+                    _ = try? Poll.wait([.init(fd: unparked.fd.rawValue)], timeoutMilliseconds: 100)
+                }
                 parkedVCPUs.subtract(1, ordering: .acquiringAndReleasing)
                 slot.state.store(before, ordering: .releasing)
                 continue

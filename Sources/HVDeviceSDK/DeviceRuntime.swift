@@ -114,7 +114,9 @@ public final class DeviceRuntime: @unchecked Sendable {
     public var spinNanoseconds: UInt64 = 50_000
 
     /// Connects to the core on the inherited descriptors and completes the handshake; on any
-    /// failure prints one line to stderr and exits with status 2.
+    /// failure prints one line to stderr and exits with status 2. Waits for the core's HELLO
+    /// with no deadline: the core may start the process long before it needs it (a migration's
+    /// destination does), and a core that goes away ends the wait.
     ///
     /// A device that can be snapshotted asks for `.snapshot` (with `.statePage`) and names the
     /// version of its state page layout in `stateVersion` (1 or more; bump it whenever the layout
@@ -139,7 +141,10 @@ public final class DeviceRuntime: @unchecked Sendable {
         events = ControlChannel(socket: SeqPacketSocket(adopting: FileDescriptor(owning: InheritedDescriptor.events)))
         let frame: Frame
         var fds: [FileDescriptor]
-        do { (frame, fds) = try control.receive(timeoutMilliseconds: 10_000) } catch { throw .channel(error) }
+        // No deadline: the core may start a device well before it needs it (a migration's
+        // destination starts them as memory starts arriving) and sends HELLO when it does. A
+        // core that goes away closes the socket, which ends this wait.
+        do { (frame, fds) = try control.receive(timeoutMilliseconds: -1) } catch { throw .channel(error) }
         guard frame.type == MessageType.hello.rawValue, !frame.flags.contains(.reply) else {
             throw .protocolViolation("first message is type 0x\(String(frame.type, radix: 16)), expected HELLO")
         }

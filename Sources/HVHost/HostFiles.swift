@@ -136,8 +136,10 @@ func openCDROM(_ definition: VMDefinition) throws(UsageError) -> FileDescriptor?
 }
 
 /// Opens every --disk: a missing, unreadable, locked or empty image, one that is not whole
-/// sectors, or the same file given twice is a one-line error before the VM starts.
-func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
+/// sectors, or the same file given twice is a one-line error before the VM starts. Each image is
+/// locked unless `lock` is false (a migration's destination opens them while the source still
+/// holds them, and takes the locks with `lockDisks` at the switch-over).
+func openDisks(_ definition: VMDefinition, lock: Bool = true) throws(UsageError) -> [DiskImage] {
     var disks: [DiskImage] = []
     var seen: [(dev: UInt64, ino: UInt64, path: String)] = []
     for disk in definition.disks {
@@ -172,7 +174,7 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
         // Another VM (or tool) writing the same image would corrupt it: take a lock, shared for
         // read-only use, exclusive for writing; both the flock hv always took and an OFD byte-range
         // lock over the whole file, which QEMU's image locking also sees.
-        guard lockImage(file, exclusive: !readOnly) else {
+        guard !lock || lockImage(file, exclusive: !readOnly) else {
             throw UsageError(message: "disk image '\(path)' is locked by another process (another VM using it?); stop that first")
         }
         var image = DiskImage(path: path, file: file, readOnly: readOnly, format: format)
@@ -186,6 +188,15 @@ func openDisks(_ definition: VMDefinition) throws(UsageError) -> [DiskImage] {
         disks.append(image)
     }
     return disks
+}
+
+/// Takes the image locks `openDisks(_:lock: false)` left out; nil when every one is held, else
+/// why not.
+func lockDisks(_ disks: [DiskImage]) -> String? {
+    for disk in disks where !lockImage(disk.file, exclusive: !disk.readOnly) {
+        return "disk image '\(disk.path)' is still locked by another process on this host; the source may not have let go of it"
+    }
+    return nil
 }
 
 /// Where a backing file named `name` in the image at `image` is: an absolute name as it is, a

@@ -59,26 +59,23 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     // the signal thread starts after; a signal meanwhile waits, blocked, for it.
     let resources = makeResourceGroups(name: name, options)
     startSignalWatcher(current)
-    var restore = restore
     if let incoming {
         // Until GO, whatever ends this process tells the source why, so it carries on there.
+        // Everything up to the machine and its device processes is made before the source is
+        // told ACCEPT: a destination that cannot host the VM refuses it before memory is sent,
+        // and the switch-over's pause is left with little to build.
         FailureReport.install { why in incoming.channel.refuse("the destination failed: \(why)") }
-        do throws(MigrationError) {
-            try incoming.accept()
-            warn("receiving \(name) (\(options.memoryMiB) MiB) from the source")
-            restore = try incoming.receiveMemoryAndState()
-        } catch {
-            fail("migration of \(name) failed: \(error)")
-        }
+        do throws(MigrationError) { try incoming.allocateMemory() } catch { fail("migration of \(name) failed: \(error)") }
     }
 
     // The trusted side opens every host file; devices only receive descriptors. Nothing is
-    // truncated until every check below has passed.
+    // truncated until every check below has passed. An arriving VM's images are locked at the
+    // switch-over, when the source has let go of them.
     let boot: BootFiles, disks: [DiskImage], cdrom: FileDescriptor?
     var outputs: [OutputFile] = []
     do {
         boot = try openBootFiles(options.boot, beneath: options.confinement)
-        disks = try openDisks(options)
+        disks = try openDisks(options, lock: incoming == nil)
         cdrom = try openCDROM(options)
         if options.serial.output == .file, let path = options.serial.path { outputs.append(try OutputFile.open(path, what: "the --serial file")) }
         if options.serial.output == .console {
@@ -211,6 +208,34 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     }
     var prepared = prepareDevices()
     var restoring = restore
+    // A migrating VM's machine is built, and its device processes started, while its memory
+    // arrives; the state received at the switch-over is put in place before it runs.
+    var built: Machine?
+    if let incoming {
+        let machine: Machine
+        do {
+            machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: prepared.devices, verbose: verbose,
+                                        firmwareROM: prepared.firmwareROM, startPaused: true, incoming: incoming))
+            try machine.startDeviceProcessesAhead()
+        } catch {
+            fail("cannot build the migrated VM: \(error)\(limitHint())")
+        }
+        // A failure from here to the switch-over ends those processes (weak: a machine that ran
+        // and rebooted must not be kept alive by this).
+        ExitCleanup.add { [weak machine] in machine?.abandonDeviceProcessesAhead() }
+        do throws(MigrationError) {
+            try incoming.accept()
+            warn("receiving \(name) (\(options.memoryMiB) MiB) from the source")
+            let state = try incoming.receiveMemoryAndState()
+            if let why = lockDisks(disks) { throw incoming.refusing(why) }
+            do throws(CoreError) { try machine.applyArrivedState(state) } catch {
+                throw incoming.refusing("cannot build the migrated VM: \(error)")
+            }
+        } catch {
+            fail("migration of \(name) failed: \(error)")
+        }
+        built = machine
+    }
     // Every check has passed: only now are the console files emptied for this run.
     for output in outputs { output.truncate() }
     // `onRunning` is for the first boot only, not for each reboot.
@@ -218,17 +243,19 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     while true {
         let devices = prepared.devices, firmwareROM = prepared.firmwareROM
         let machine: Machine
-        do {
-            let arriving = restoring == nil ? nil : incoming
-            machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: devices, verbose: verbose,
-                                        firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused || arriving != nil,
-                                        incoming: arriving))
-        } catch {
-            let hint = limitHint()
-            if incoming != nil && restoring != nil { fail("cannot build the migrated VM: \(error)\(hint)") }
-            fail(restoring == nil ? "\(error)\(hint)" : "cannot restore snapshot \(restoring!.directory): \(error)\(hint)")
+        let arriving = built == nil ? nil : incoming
+        if let prebuilt = built {
+            machine = prebuilt
+            built = nil
+        } else {
+            do {
+                machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: devices, verbose: verbose,
+                                            firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused))
+            } catch {
+                let hint = limitHint()
+                fail(restoring == nil ? "\(error)\(hint)" : "cannot restore snapshot \(restoring!.directory): \(error)\(hint)")
+            }
         }
-        let arriving = restoring == nil ? nil : incoming
         restoring = nil  // a reboot after a restore boots afresh
         machine.onGuestStarted = { [unowned machine] in
             if let arriving {

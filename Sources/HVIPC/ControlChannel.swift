@@ -68,9 +68,28 @@ public final class ControlChannel: @unchecked Sendable {
 
     /// Sends a request and waits for its reply; a non-OK status throws `.rejected`.
     public func request(_ type: MessageType, payload: [UInt8], fds: [Int32] = [], timeoutMilliseconds: Int32) throws(ChannelError) -> (Frame, [FileDescriptor]) {
+        let sent = try sendRequest(type, payload: payload, fds: fds)
+        return try awaitReply(to: sent, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    /// A request sent by `sendRequest`, whose reply `awaitReply` waits for.
+    public struct SentRequest: Sendable {
+        public let type: MessageType
+        public let id: UInt32
+    }
+
+    /// Sends a request without waiting: requests to several peers are sent first and their
+    /// replies collected after (the peers then work, and wake, in parallel).
+    public func sendRequest(_ type: MessageType, payload: [UInt8], fds: [Int32] = []) throws(ChannelError) -> SentRequest {
         let id = nextID
         nextID &+= 1
         try send(Frame(type: type.rawValue, id: id, payload: payload), fds: fds)
+        return SentRequest(type: type, id: id)
+    }
+
+    /// Waits for the reply to `sent`; a non-OK status throws `.rejected`.
+    public func awaitReply(to sent: SentRequest, timeoutMilliseconds: Int32) throws(ChannelError) -> (Frame, [FileDescriptor]) {
+        let id = sent.id, type = sent.type
         let deadline = timeoutMilliseconds < 0 ? UInt64.max : monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
         var reply: Frame
         var replyFDs: [FileDescriptor]

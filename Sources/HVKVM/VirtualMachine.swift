@@ -41,6 +41,15 @@ public final class VirtualMachine: Sendable {
         _ = try kvmIoctl(fd.rawValue, hv_KVM_SET_USER_MEMORY_REGION, &region, "SET_USER_MEMORY_REGION slot \(slot)")
     }
 
+    /// Pays the fixed cost of a VM's first memory slot now: a VM's first
+    /// `KVM_SET_USER_MEMORY_REGION` waits 5–14 ms in the kernel on this host (almost no CPU; later
+    /// ones take ~0.1 ms), so one page is mapped as slot 0 at guest address 0 and deleted again.
+    /// Call before any slot exists; `scratchPage` must stay mapped for the call's duration.
+    public func warmUpMemorySlots(scratchPage: UnsafeMutableRawPointer) throws(KVMError) {
+        try setMemoryRegion(slot: 0, guestAddress: 0, size: 4096, hostAddress: scratchPage)
+        try setMemoryRegion(slot: 0, guestAddress: 0, size: 0, hostAddress: scratchPage)
+    }
+
     /// The pages of slot `slot` (`pages` of them) the vCPUs wrote since logging began or since
     /// the last call, one bit per page, in 64-bit words; KVM clears its log and write-protects
     /// those pages again, so the next call reports only newer writes.

@@ -199,6 +199,10 @@ extension HVCtl {
                 let listener: FileDescriptor
                 do throws(UsageError) { listener = try address.listen() } catch { fail(error.message) }
                 let wait = { () -> (VMDefinition, IncomingMigration) in
+                    // The KVM VM is made, and its first memory slot's cost paid, while nothing
+                    // waits for them (here: in the process that will run the VM, as KVM wants);
+                    // if that fails, the arriving VM's build says why.
+                    let preparedVM = try? PreparedVM()
                     warn("waiting for a VM on \(address)")
                     // A connection that cannot open the stream (not hv, another version, another
                     // key, silence) is dropped and the wait goes on: whoever can reach the port must
@@ -207,7 +211,7 @@ extension HVCtl {
                     while accepted == nil {
                         let socket: FileDescriptor
                         do throws(UsageError) { socket = try acceptMigration(on: listener, address: address) } catch { fail(error.message) }
-                        let candidate = IncomingMigration(channel: MigrationChannel(socket: socket, peer: "source"))
+                        let candidate = IncomingMigration(channel: MigrationChannel(socket: socket, peer: "source"), preparedVM: preparedVM)
                         do throws(MigrationError) {
                             try candidate.channel.establish(security, as: .destination)
                             accepted = candidate

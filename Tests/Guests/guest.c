@@ -2523,9 +2523,16 @@ static void mode_memfill(uint32_t mib)
 
 /* memdirty: memfill's `count` MiB, then rewrites one word in every page of them, round after
  * round, for good: a guest that keeps dirtying `count` MiB as fast as its vCPU can (the live
- * migration benchmark's busy guest). */
-static void mode_memdirty(uint32_t mib)
+ * migration benchmark's busy guest). With `delay`, it also prints "tick N" every `delay` ms of
+ * its TSC (checked after each round), so a host can time the pause a migration makes. */
+static void mode_memdirty(uint32_t mib, uint32_t delay)
 {
+    uint64_t next_tick = 0;
+    uint32_t tick = 0;
+    if (delay) {
+        tsc_calibrate();
+        next_tick = rdtsc() + ms_to_tsc(delay);
+    }
     for (uint32_t m = 0; m < mib; m++) {
         uint32_t *p = (uint32_t *)(uintptr_t)((16u + m) << 20);
         for (uint32_t i = 0; i < (1u << 18); i++)
@@ -2534,9 +2541,14 @@ static void mode_memdirty(uint32_t mib)
     outb(0x21, 0xFF);
     outb(0xA1, 0xFF);
     kprintf("memdirty: ready mib=%u\n", mib);
-    for (uint32_t round = 1;; round++)
+    for (uint32_t round = 1;; round++) {
         for (uint32_t page = 0; page < mib * 256u; page++)
             *(volatile uint32_t *)(uintptr_t)((16u << 20) + page * 4096u) = round;
+        if (delay && rdtsc() >= next_tick) {
+            next_tick = rdtsc() + ms_to_tsc(delay);
+            kprintf("tick %u\n", ++tick);
+        }
+    }
 }
 
 /* migrant: the live-migration guest, all at once. It answers ARP and pings at `ip` on nic0,
@@ -2932,7 +2944,7 @@ void kmain(uint32_t magic, uint32_t mbi_addr)
     else if (streq(cfg.mode, "migrant"))
         mode_migrant(&cfg);
     else if (streq(cfg.mode, "memdirty"))
-        mode_memdirty(cfg.count_given ? cfg.count : 16);
+        mode_memdirty(cfg.count_given ? cfg.count : 16, cfg.delay);
     else if (streq(cfg.mode, "balloon"))
         mode_balloon(cfg.count_given ? cfg.count : 16, mbi);
     else if (streq(cfg.mode, "ticks"))

@@ -281,6 +281,10 @@ final class MigrationTests: XCTestCase {
         setenv("HV_RUN_DIR", source, 1)
         let migrating = try VMProcess(["migrate", "stay", "--key", key, "--to", "tcp:127.0.0.1:\(slowPort)", "--bandwidth", "4096"])
         Thread.sleep(forTimeInterval: 1.5)
+        // The destination starts the VM's device processes while memory is copied (the pause
+        // then has only their handshakes left); they end with the migration that failed.
+        let startedAhead = destinationVM.children(named: "hv-serial") + destinationVM.children(named: "hv-bios")
+        XCTAssertEqual(startedAhead.count, 2, "device processes at the destination during the copy: \(startedAhead)")
         let cancel = try hvctl(source, ["migrate", "stay", "--cancel"])
         let cancelledAt = Date()
         XCTAssertEqual(cancel.status, 0, cancel.stderr)
@@ -290,6 +294,7 @@ final class MigrationTests: XCTestCase {
         XCTAssertTrue(migrating.stderr.contains("cancelled; the VM carries on here"), migrating.stderr)
         XCTAssertNotEqual(destinationVM.waitForExit(timeout: 30), 0)
         XCTAssertTrue(destinationVM.stderr.contains("migration of stay failed"), destinationVM.stderr)
+        for pid in startedAhead { XCTAssertNotEqual(kill(pid, 0), 0, "device process \(pid) outlived the failed migration") }
         XCTAssertEqual(try state("stay"), "running")
         let before = ticks(log("stay")).last ?? 0
         XCTAssertTrue(waitFor("tick \(before + 2)\n", in: { log("stay") }), "the VM does not run on after the cancel")
