@@ -302,6 +302,14 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     }
 }
 
+/// Whole seconds from `start` to `now` (monotonic nanoseconds); 0 when `start` is later. A
+/// status request reads the clock first: a pause that begins while it asks the devices and vCPUs
+/// starts after `now`, and must read as just begun (an unsigned underflow here trapped and ended
+/// the VM when hvd polled during a migration's pause).
+func wholeSeconds(from start: UInt64, to now: UInt64) -> UInt64 {
+    now > start ? (now - start) / 1_000_000_000 : 0
+}
+
 /// Answers the control socket's requests for one running VM (any number of reboots).
 final class VMControl: Sendable {
     let name: String
@@ -560,8 +568,8 @@ final class VMControl: Sendable {
         let taps = liveNICs.contains { $0.tap != nil } ? TapTraffic.read() : [:]
         for i in liveNICs.indices { if let tap = liveNICs[i].tap { liveNICs[i].traffic = taps[tap] } }
         return VMStatus(name: name, pid: getpid(), state: machine?.guestStarted != true ? "starting" : pausedSince == nil ? "running" : "paused", boot: bootMode,
-                        uptimeSeconds: (now - started) / 1_000_000_000,
-                        pausedSeconds: pausedSince.map { (now - $0) / 1_000_000_000 },
+                        uptimeSeconds: wholeSeconds(from: started, to: now),
+                        pausedSeconds: pausedSince.map { wholeSeconds(from: $0, to: now) },
                         memoryMiB: definition.memoryMiB, cpus: definition.cpus, tenant: tenant, vcpus: vcpus, devices: devices,
                         disks: liveDisks, cdrom: hasCDROM ? VMStatus.CDROM(device: "cdrom0", medium: medium.withLock { $0 }) : nil, nics: liveNICs,
                         consoleLog: consoleLog, consoleAttachable: definition.serial.output == .console,

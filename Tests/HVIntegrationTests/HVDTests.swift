@@ -496,7 +496,8 @@ final class HVDTests: XCTestCase {
         // The same key: the VM moves, and hvd keeps it under its new name.
         let wait = try job(try call("POST", "/v1/vms/arrived/incoming", #"{"address": "tcp:127.0.0.1:\#(base + 1)", "key_file": "\#(key)", "autostart": true}"#))
         let send = try job(try call("POST", "/v1/vms/traveller/migrate", #"{"to": "tcp:127.0.0.1:\#(base + 1)", "key_file": "\#(key)"}"#))
-        XCTAssertEqual(finished(send)["state"] as? String, "succeeded")
+        let sent = finished(send)
+        XCTAssertEqual(sent["state"] as? String, "succeeded", "\(sent)")
         let arrivedJob = finished(wait)
         XCTAssertEqual(arrivedJob["state"] as? String, "succeeded", "\(arrivedJob)")
         XCTAssertEqual(arrivedJob["message"] as? String, "arrived arrived and runs here")
