@@ -2788,6 +2788,16 @@ def plot_time_to_x(bench: Bench, path: str) -> Optional[str]:
     return None
 
 
+def end_on_termination() -> None:
+    """Makes SIGTERM and SIGHUP (timeout(1), a cancelled CI job, a closed terminal) unwind the
+    way Ctrl-C does: every `finally` runs, so the VMs a case started are stopped and the
+    temporary directory is removed, where the default action left both behind."""
+    def terminated(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGHUP, terminated)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="hv benchmarks, side by side with QEMU")
     ap.add_argument("--quick", action="store_true", help="small sizes and 2 runs (~2 minutes; CI)")
@@ -2800,7 +2810,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="use hvctl, hv-serial and hv-bios from DIR instead of building release")
     ap.add_argument("--only", metavar="CASE", action="append",
                     help="run only this case (repeatable): pioread, time_to_x, throughput, memory, density, noisy, seabios, "
-                         "sandbox, plugins, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, net, api, api_fuzz, hostile, kill_storms")
+                         "sandbox, plugins, vm_rate, vms_at_once, grub, scsi, qcow2, snapshot, migration, migration_key, net, api, api_fuzz, "
+                         "hostile, kill_storms")
     ap.add_argument("--kills", type=int, default=100, help="kills per device kind in the kill storms (default 100)")
     ap.add_argument("--hostile-ops", type=int, help="operations per device for --only hostile (default 10^6, --quick 2000)")
     ap.add_argument("--hostile-seed", type=int, help="the hostile guest's seed (default: a random one, printed)")
@@ -2810,6 +2821,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--runs must be at least 1")
 
     t_start = time.monotonic()
+    end_on_termination()
     ensure_prerequisites()
     with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmpdir:
         tmp = Path(tmpdir)

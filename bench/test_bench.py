@@ -152,6 +152,27 @@ class ConsolePauseTests(unittest.TestCase):
         self.assertTrue(all(int(p[0]) > 0 for p in pieces))
 
 
+class TerminationTests(unittest.TestCase):
+    def test_sigterm_unwinds_and_cleans_up(self):
+        # A child that holds a temporary directory, as main() does, and is sent SIGTERM: the
+        # directory must be gone and the exit status say which signal ended it.
+        code = (
+            "import importlib.util, os, signal, sys, tempfile, time\n"
+            f"spec = importlib.util.spec_from_file_location('hv_bench', {os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench.py')!r})\n"
+            "bench = importlib.util.module_from_spec(spec); sys.modules['hv_bench'] = bench; spec.loader.exec_module(bench)\n"
+            "bench.end_on_termination()\n"
+            "with tempfile.TemporaryDirectory(prefix='hv-bench-test-') as d:\n"
+            "    print(d, flush=True)\n"
+            "    time.sleep(30)\n"
+        )
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        directory = child.stdout.readline().strip()
+        self.assertTrue(os.path.isdir(directory), directory)
+        child.send_signal(15)
+        self.assertEqual(child.wait(10), 143)
+        self.assertFalse(os.path.exists(directory), "the temporary directory outlived SIGTERM")
+
+
 class PioreadTests(unittest.TestCase):
     def test_parse(self):
         out = b"hv-testguest: mode=pioread\npioread: count=100000 cycles=1234567890123\nhv-testguest: done\n"
