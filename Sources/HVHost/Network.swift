@@ -556,17 +556,7 @@ public func segmentStatuses() -> [JSONObject] {
 /// from the guest: the tap's receive side is what the guest sent.
 enum TapTraffic {
     static func read() -> [String: VMStatus.NIC.Traffic] {
-        let fd = open("/proc/self/net/dev", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return [:] }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 8192)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0, bytes.count < 1 << 20 else { break }
-            bytes += buffer[0..<n]
-        }
+        guard let file = try? FileDescriptor.open("/proc/self/net/dev", flags: O_RDONLY), let bytes = try? file.readAll() else { return [:] }
         return parse(String(decoding: bytes, as: UTF8.self))
     }
 
