@@ -59,8 +59,8 @@ let package = Package(
         // Trusted jail stage run inside the device's new namespaces before the device binary.
         .executableTarget(name: "hv-jail", dependencies: ["HVSandbox", "HVSys", "CHVShim", "CSeccomp", "CLibcap"],
                           path: "Sources/hv-jail", swiftSettings: strict),
-        // Removes a VM's cgroups once its hvctl has ended, however it ended (Glibc only).
-        .executableTarget(name: "hv-cgroup-reaper", path: "Sources/hv-cgroup-reaper", swiftSettings: strict),
+        // Removes a VM's cgroups once its hvctl has ended, however it ended, and tears its KVM VM down (Glibc and HVSys only).
+        .executableTarget(name: "hv-cgroup-reaper", dependencies: ["HVSys", "CHVShim"], path: "Sources/hv-cgroup-reaper", swiftSettings: strict),
         // The trusted VMM core.
         .target(name: "HVCore", dependencies: ["HVKVM", "HVIPC", "HVSys", "HVSandbox", "CSeccomp"], path: "Sources/HVCore", swiftSettings: strict),
         // The trusted host layer: turns a VMDefinition into a running machine (board layout, host

@@ -453,6 +453,12 @@ public final class Machine: @unchecked Sendable {
     /// Called once, from `run()`'s thread, when the vCPUs start running the guest.
     public var onGuestStarted: (@Sendable () -> Void)?
 
+    /// Sends this VM's KVM handle over `socket` (see `VirtualMachine.lend(through:)`). Call when
+    /// the VM will not run again: whoever holds the other end keeps its kernel state alive.
+    public func lendKVMHandle(through socket: SeqPacketSocket) throws(SystemError) {
+        try vm.lend(through: socket)
+    }
+
     /// Requests a stop with `exit` (the first request wins).
     public func stop(_ exit: MachineExit) {
         outcome.withLock { if $0 == nil { $0 = exit } }

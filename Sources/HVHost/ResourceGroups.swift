@@ -1,4 +1,5 @@
 import Glibc
+import HVCore
 import HVSys
 import Synchronization
 
@@ -95,7 +96,10 @@ public struct CGroupLayout: Equatable, Sendable {
 ///
 /// Groups are removed when hvctl ends, however it ends (`kill -9` included), by
 /// `hv-cgroup-reaper`: a small process started with the groups, outside them, that waits for
-/// hvctl's end (a pipe only hvctl holds closes) and for the groups to empty, then removes them.
+/// hvctl's end (a socket only hvctl holds closes) and for the groups to empty, then removes them.
+/// hvctl also lends it the VM's KVM handle on the way out (`outlive`), so that KVM's teardown of
+/// the VM, which waits out grace periods (about 16 ms here, most of it the in-kernel PIT's),
+/// happens there rather than in hvctl's exit.
 public final class ResourceGroups: Sendable {
     /// Each hierarchy with the VM's group directory in it.
     public let groups: [(hierarchy: CGroupHierarchy, directory: String)]
@@ -103,6 +107,8 @@ public final class ResourceGroups: Sendable {
     /// Each disk device's block devices (`MAJ:MIN` of the whole disks its images lie on), which
     /// its I/O limits apply to.
     private let blockDevices = Mutex<[String: [String]]>([:])
+    /// hvctl's end of the socket to the reaper; its closing at hvctl's exit is the reaper's signal.
+    private let reaperChannel = Mutex<SeqPacketSocket?>(nil)
 
     /// The OOM score devices get: they are restartable, the core is not.
     static let deviceOOMScoreAdjust: Int32 = 500
@@ -334,11 +340,10 @@ public final class ResourceGroups: Sendable {
     /// put the Swift runtime's start-up on the VM's launch, and a thread to wait for it made now
     /// would stop hvctl from moving itself into `core` as a single thread.
     private func startReaper(_ executable: String) throws(UsageError) -> ChildProcess {
-        var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { throw UsageError(message: "cannot make a pipe for the cgroup reaper: \(Errno.current)") }
-        _ = fcntl(ends[0], F_SETFD, FD_CLOEXEC)
-        _ = fcntl(ends[1], F_SETFD, FD_CLOEXEC)
-        let readEnd = FileDescriptor(owning: ends[0]), writeEnd = FileDescriptor(owning: ends[1])
+        let (ours, theirs): (SeqPacketSocket, SeqPacketSocket)
+        do { (ours, theirs) = try SeqPacketSocket.pair() } catch {
+            throw UsageError(message: "cannot make a socket for the cgroup reaper: \(error)")
+        }
         // On v1 it is born where hvctl still is (outside the VM's groups); on v2 it goes to the root.
         let moves = groups.filter { $0.hierarchy.version == .v2 }.flatMap { ["--move-to", $0.hierarchy.mountPoint] }
         let launcher: ChildProcess
@@ -346,15 +351,27 @@ public final class ResourceGroups: Sendable {
             let null = try FileDescriptor.open("/dev/null", flags: O_RDWR)
             // It forks and its first process exits at once: the reaper is no child of hvctl's.
             launcher = try ChildProcess.spawn(path: executable, arguments: moves + groups.map(\.directory),
-                                              inherit: [(0, null.rawValue), (1, null.rawValue), (2, null.rawValue), (3, readEnd.rawValue)])
+                                              inherit: [(0, null.rawValue), (1, null.rawValue), (2, null.rawValue), (3, theirs.fd.rawValue)])
         } catch {
             throw UsageError(message: "cannot start \(executable): \(error); rebuild hv with 'swift build'")
         }
-        // The write end stays open, unused, for the rest of hvctl's life: its closing (at any
-        // exit) is the reaper's signal. Never inherited: it is close-on-exec and devices get
-        // only the descriptors they are handed.
-        _ = writeEnd.take()
+        // Our end stays open for the rest of hvctl's life: its closing (at any exit) is the
+        // reaper's signal. Never inherited: it is close-on-exec and devices get only the
+        // descriptors they are handed.
+        reaperChannel.withLock { $0 = ours }
         return launcher
+    }
+
+    /// Lends the reaper `machine`'s KVM handle, when the VM has run its course and hvctl is about
+    /// to exit: the reaper closes it once hvctl is gone, before it removes the groups, so KVM's
+    /// teardown of the VM (grace periods, the in-kernel PIT's worker) is not on hvctl's exit.
+    /// Guest memory is hvctl's and goes with it; the reaper only holds the VM's kernel state, for
+    /// milliseconds. Without a reaper (or if the lending fails) hvctl's exit tears the VM down.
+    public func outlive(_ machine: Machine) {
+        reaperChannel.withLock { channel in
+            guard let channel else { return }
+            try? machine.lendKVMHandle(through: channel)
+        }
     }
 
     /// Reaps the reaper's first process in a thread of its own: its start-up (the Swift

@@ -274,7 +274,10 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
             if let onRunning, once.withLock({ first in defer { first = false }; return first }) { onRunning(name) }
         }
         current.install(machine)
-        switch machine.run() {
+        let exit = machine.run()
+        // Every way out but a reboot: the reaper tears the VM down after hvctl has gone.
+        if case .resetRequested = exit, options.onReset != .stop {} else { resources?.outlive(machine) }
+        switch exit {
         case .poweredOff:
             return 0
         case .resetRequested:

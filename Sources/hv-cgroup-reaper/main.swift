@@ -1,11 +1,17 @@
 import Glibc
+import CHVShim
+import HVSys
 
 // hv-cgroup-reaper [--move-to DIR]... DIR...: removes a VM's cgroups (each DIR with its
 // subgroups) once the hvctl that made them has ended, however it ended. hvctl starts it with
-// fd 3 the read end of a pipe whose write end only hvctl holds: end of file there means hvctl is
-// gone (exit, crash or kill -9). Its devices die with it (parent-death signal), leaving the
+// fd 3 one end of a socket pair whose other end only hvctl holds: end of file there means hvctl
+// is gone (exit, crash or kill -9). Its devices die with it (parent-death signal), leaving the
 // groups empty; a group can be removed only when empty, so this retries for up to a minute, then
 // gives up (the next VM started under the same parent sweeps what is left).
+//
+// On its way out hvctl may send the VM's KVM descriptor over that socket: it is closed here,
+// after hvctl has gone and before the groups are removed, so KVM's teardown of the VM (which
+// waits out grace periods: ~16 ms for the in-kernel PIT alone) is not part of hvctl's exit.
 //
 // It leaves hvctl at once (forks; the first process exits and hvctl reaps it), so it is nobody's
 // child that anyone counts, and moves itself to each `--move-to` group (the v2 root: on v2,
@@ -29,6 +35,10 @@ guard !directories.isEmpty, directories.count == arguments.count else {
     exit(2)
 }
 
+// hvctl, watched through a pidfd: its end of the socket closes early in its exit, but the VM's
+// descriptor must be closed here only once hvctl has wholly gone, or hvctl's own (deferred) close
+// of the VM would be the last one after all.
+let hvctlProcess = hv_pidfd_open(getppid())
 let child = fork()
 if child != 0 { _exit(child > 0 ? 0 : 1) }
 _ = setsid()
@@ -41,10 +51,18 @@ for group in moveTo {
     }
 }
 
-var byte: UInt8 = 0
+let hvctl = SeqPacketSocket(adopting: FileDescriptor(owning: 3))
+var held: [FileDescriptor] = []
 while true {
-    let n = read(3, &byte, 1)
-    if n == 0 || (n < 0 && errno != EINTR) { break }
+    // nil: hvctl's end is closed. An error (not a socket: an older hvctl's pipe) ends the wait too.
+    guard let message = try? hvctl.receive(maxBytes: 64) else { break }
+    held += message.fds
+}
+if !held.isEmpty {
+    // Closing the last descriptor of the VM is what makes KVM tear it down.
+    var gone = pollfd(fd: hvctlProcess, events: Int16(POLLIN), revents: 0)
+    if hvctlProcess >= 0 { while poll(&gone, 1, 10_000) < 0 && errno == EINTR {} }
+    held.removeAll()
 }
 
 func subgroups(_ directory: String) -> [String] {

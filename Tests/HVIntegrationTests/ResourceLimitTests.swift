@@ -193,6 +193,48 @@ final class ResourceLimitTests: XCTestCase {
         }
     }
 
+    /// hvctl lends the reaper the VM's KVM descriptor on its way out, so that KVM's teardown of
+    /// the VM happens after hvctl's exit, not in it. The reaper must hold what it is lent until
+    /// hvctl has wholly gone (closing it as soon as hvctl's socket closes would leave hvctl's own
+    /// deferred close the last one), then close it, then remove the groups. Here Python plays
+    /// hvctl, a FIFO's write end plays the VM, and a plain directory the group.
+    func testTheReaperHoldsWhatHvctlLendsItUntilHvctlHasGone() throws {
+        let group = dir.appendingPathComponent("hv-lent-group").path
+        let fifo = dir.appendingPathComponent("lent.fifo").path
+        try FileManager.default.createDirectory(atPath: group, withIntermediateDirectories: false)
+        XCTAssertEqual(mkfifo(fifo, 0o600), 0)
+        let watch = open(fifo, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(watch, 0)
+        defer { close(watch) }
+        let hvctl = Process()
+        hvctl.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        hvctl.arguments = ["-c", """
+            import os, socket, subprocess, sys, time
+            reaper, group, fifo = sys.argv[1:4]
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            lent = os.open(fifo, os.O_WRONLY)
+            subprocess.run([reaper, group], preexec_fn=lambda: os.dup2(theirs.fileno(), 3), pass_fds=(3,), check=True)
+            theirs.close()
+            socket.send_fds(ours, [b"kvm-vm"], [lent])
+            os.close(lent)
+            ours.close()
+            print("lent", flush=True)
+            time.sleep(0.5)
+            """, Harness.productsDirectory.appendingPathComponent("hv-cgroup-reaper").path, group, fifo]
+        let out = Pipe()
+        hvctl.standardOutput = out
+        try hvctl.run()
+        XCTAssertEqual(String(decoding: out.fileHandleForReading.availableData, as: UTF8.self), "lent\n")
+        // "hvctl" has closed its copy and its socket, but still runs: the reaper holds on.
+        var fd = pollfd(fd: watch, events: Int16(POLLIN), revents: 0)
+        XCTAssertEqual(poll(&fd, 1, 200), 0, "the reaper let go of the VM while hvctl still ran")
+        hvctl.waitUntilExit()
+        XCTAssertEqual(hvctl.terminationStatus, 0)
+        XCTAssertEqual(poll(&fd, 1, 10_000), 1, "the reaper kept the VM after hvctl had gone")
+        XCTAssertNotEqual(fd.revents & Int16(POLLHUP), 0)
+        XCTAssertEqual(waitUntilGone([group]), [], "the reaper did not remove the group")
+    }
+
     func testBadLimitsAreRefusedWithOneLine() throws {
         let guest = try Harness.testGuest()
         for (flags, message) in [
