@@ -149,6 +149,10 @@ public final class VCPU: @unchecked Sendable {
         _ = try kvmIoctl(fd.rawValue, hv_KVM_SET_SREGS, &sregs, "SET_SREGS")
     }
 
+    /// This vCPU's halt statistics, read from any thread without a kick; nil on kernels without
+    /// `KVM_GET_STATS_FD` or its `blocking` statistic.
+    public func openStatistics() -> VCPUStatistics? { VCPUStatistics(vcpuFD: fd.rawValue) }
+
     /// KVM_MP_STATE_* of this vCPU (runnable, uninitialized, init-received, halted, sipi-received).
     public func mpState() throws(KVMError) -> UInt32 {
         var state = kvm_mp_state()

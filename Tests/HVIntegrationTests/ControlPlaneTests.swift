@@ -126,6 +126,29 @@ final class ControlPlaneTests: XCTestCase {
 
     /// A paused guest makes no progress: a guest printing a line every 50 ms of TSC time prints
     /// none while paused, and carries on after resume.
+    /// The halt monitor reads the vCPUs' KVM statistics (`blocking`, `halt_exits`) instead of
+    /// kicking them out of the guest: a vCPU that never halts is never kicked by it (it was every
+    /// 10 ms), and status still reports it running.
+    func testTheHaltMonitorDoesNotKickAVCPUThatRuns() throws {
+        try Harness.requireKVM()
+        var name = utsname()
+        uname(&name)
+        let release = withUnsafeBytes(of: name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let version = release.split(separator: ".").prefix(2).compactMap { Int($0.prefix { $0.isNumber }) }
+        guard version.count == 2, (version[0], version[1]) >= (5, 16) else { throw XCTSkip("KVM's vCPU 'blocking' statistic needs Linux 5.16; this is \(release)") }
+        let guest = try Harness.testGuest()
+        let vm = try VMProcess(["run", "--multiboot", guest, "--cmdline", "mode=pioread count=4000000000", "--name", "busy"])
+        defer { vm.terminateAndWait() }
+        XCTAssertTrue(vm.waitForOutput("hv-testguest: mode=pioread"), vm.stdout + vm.stderr)
+        Thread.sleep(forTimeInterval: 1.0)
+        let s = try status("busy")
+        let vcpu = try XCTUnwrap((s["vcpus"] as? [[String: Any]])?.first, "\(s)")
+        XCTAssertEqual(vcpu["state"] as? String, "running")
+        let exits = try XCTUnwrap(vcpu["exits"] as? [String: Any], "\(vcpu)")
+        XCTAssertGreaterThan(exits["io"] as? Int ?? 0, 1000, "\(exits)")
+        XCTAssertLessThanOrEqual(exits["interrupted"] as? Int ?? .max, 2, "the halt monitor kicked a running vCPU: \(exits)")
+    }
+
     func testPauseStopsEveryVCPUAndResumeCarriesOn() throws {
         try Harness.requireKVM()
         let guest = try Harness.testGuest()

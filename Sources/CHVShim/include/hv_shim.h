@@ -107,7 +107,9 @@ extern const unsigned long hv_KVM_GET_API_VERSION, hv_KVM_CREATE_VM, hv_KVM_CHEC
     hv_KVM_SET_VCPU_EVENTS, hv_KVM_GET_XSAVE, hv_KVM_SET_XSAVE, hv_KVM_GET_XCRS, hv_KVM_SET_XCRS,
     hv_KVM_GET_LAPIC, hv_KVM_SET_LAPIC, hv_KVM_GET_MSRS, hv_KVM_SET_MSRS, hv_KVM_GET_MSR_INDEX_LIST,
     hv_KVM_GET_DEBUGREGS, hv_KVM_SET_DEBUGREGS, hv_KVM_GET_IRQCHIP, hv_KVM_SET_IRQCHIP,
-    hv_KVM_GET_PIT2, hv_KVM_SET_PIT2, hv_KVM_GET_TSC_KHZ, hv_KVM_SET_TSC_KHZ;
+    hv_KVM_GET_PIT2, hv_KVM_SET_PIT2, hv_KVM_GET_TSC_KHZ, hv_KVM_SET_TSC_KHZ,
+    // A vCPU's binary statistics (Linux 5.14+): the halt monitor reads whether it is blocked.
+    hv_KVM_GET_STATS_FD;
 
 // Live migration: the pages the vCPUs wrote to slot `slot` since the last call, one bit per page
 // into `bitmap` (KVM_GET_DIRTY_LOG, which also write-protects them again). struct kvm_dirty_log's
