@@ -99,12 +99,23 @@ public final class GuestMemory: @unchecked Sendable {
         if let dst = buffer.baseAddress { dst.copyMemory(from: p, byteCount: buffer.count) }
     }
 
-    /// Zero-fills `count` bytes at `address`.
+    /// Zero-fills `count` bytes at `address`. The whole pages of the range are given back to the
+    /// host (as `discard` does: they read as zeros and take no memory) rather than written, so
+    /// zeroing a large range (a kernel's BSS) touches no page; only a partial page at either end
+    /// is written.
     public func zero(at address: UInt64, count: UInt64) throws(GuestMemoryAccessError) {
         guard count <= UInt64(Int.max), let p = translate(address, count: count) else {
             throw GuestMemoryAccessError(address: address, count: count)
         }
-        p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
+        let pageMask: UInt64 = 4095
+        let end = address + count  // no overflow: `translate` found the range inside guest RAM
+        let first = min((address + pageMask) & ~pageMask, end), last = max(end & ~pageMask, first)
+        if last > first, discard(first, count: last - first) == last - first {
+            p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(first - address))
+            (p + Int(last - address)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(end - last))
+        } else {
+            p.initializeMemory(as: UInt8.self, repeating: 0, count: Int(count))
+        }
         markDirty(address, count: count)
     }
 
