@@ -14,7 +14,6 @@ let package = Package(
         .executable(name: "hv-net", targets: ["hv-net"]),
         .executable(name: "hv-switch", targets: ["hv-switch"]),
         .executable(name: "hv-balloon", targets: ["hv-balloon"]),
-        .executable(name: "hv-jail", targets: ["hv-jail"]),
         .executable(name: "hv-cgroup-reaper", targets: ["hv-cgroup-reaper"]),
         .executable(name: "hvd", targets: ["hvd"]),
         .executable(name: "hv-firecracker", targets: ["hv-firecracker"]),
@@ -51,14 +50,10 @@ let package = Package(
         .target(name: "HVDeviceSDK", dependencies: ["HVIPC", "HVSys", "CHVShim", .product(name: "Atomics", package: "swift-atomics")],
                 path: "Sources/HVDeviceSDK", exclude: ["README.md"],
                 swiftSettings: strict),
-        // libseccomp and libcap, for the jail (Debian: libseccomp-dev, libcap-dev).
+        // libseccomp, for the jails' filters (Debian: libseccomp-dev).
         .systemLibrary(name: "CSeccomp", path: "Sources/CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
-        .systemLibrary(name: "CLibcap", path: "Sources/CLibcap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
         // Sandbox profiles: the format, its loader and its rendering (pure Swift).
         .target(name: "HVSandbox", path: "Sources/HVSandbox", swiftSettings: strict),
-        // Trusted jail stage run inside the device's new namespaces before the device binary.
-        .executableTarget(name: "hv-jail", dependencies: ["HVSandbox", "HVSys", "CHVShim", "CSeccomp", "CLibcap"],
-                          path: "Sources/hv-jail", swiftSettings: strict),
         // Removes a VM's cgroups once its hvctl has ended, however it ended, and tears its KVM VM down (Glibc and HVSys only).
         .executableTarget(name: "hv-cgroup-reaper", dependencies: ["HVSys", "CHVShim"], path: "Sources/hv-cgroup-reaper", swiftSettings: strict),
         // The trusted VMM core.

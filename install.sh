@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev zlib1g-dev libssl-dev seabios)
+packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev zlib1g-dev libssl-dev seabios)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 log=$(mktemp)
 trap 'rm -f "$log" "$log.py"' EXIT
 
-packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev libcap-dev zlib1g-dev libssl-dev python3 seabios
+packages=(gcc binutils libc6-dev bsdutils util-linux pkg-config libseccomp-dev zlib1g-dev libssl-dev python3 seabios
           grub-pc-bin grub-common xorriso mtools e2fsprogs iproute2 dnsmasq-base tcpdump iputils-ping qemu-utils qemu-system-x86
           curl socat python3-venv)
 missing=()

@@ -149,7 +149,10 @@ unsigned int hv_crc32c(unsigned int crc, const void *data, unsigned long length)
     return ~crc;
 }
 
-int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
+int hv_jail_enter(const struct hv_jail *jail, int err_fd);  // hv_jail.c
+void hv_jail_limit(const struct hv_jail *jail);
+
+int hv_spawn_in_namespaces(const struct hv_jail *jail, int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
                            const int *join_fds, int njoin,
                            unsigned long long namespace_flags, int new_process_group, int sync_read_fd, int *pidfd_out) {
@@ -188,7 +191,7 @@ int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
         _exit(127);
     }
     // Its own process group, as for every device: a terminal's Ctrl-C reaches hvctl only, which
-    // stops the devices in order. (A detached process makes its own session in hv-jail instead,
+    // stops the devices in order. (A detached process makes its own session in its jail instead,
     // which a group leader could not.)
     if (new_process_group && setpgid(0, 0) != 0) _exit(127);
     if (namespace_flags & CLONE_NEWUSER) {
@@ -197,6 +200,11 @@ int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
         if (syscall(SYS_setgroups, 0, NULL) != 0) _exit(127);
         if (syscall(SYS_setresgid, 0, 0, 0) != 0) _exit(127);
         if (syscall(SYS_setresuid, 0, 0, 0) != 0) _exit(127);
+    }
+    if (jail) {
+        int stderr_fd = -1;
+        for (int k = 0; k < nfds; k++) if (child_fds[k] == 2) stderr_fd = parent_fds[k];
+        hv_jail_enter(jail, stderr_fd);
     }
     // Park every source above any target first, so moving one can't clobber another.
     int parked[32];
@@ -211,6 +219,25 @@ int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
+    if (jail) {
+        // Only 0–5 reach the device (stdio, its two channels, the stage-2 filter); the binary on
+        // 7 goes with the exec. Then the start-up filter, which still allows what the dynamic
+        // loader and the runtime's start need; the SDK installs the stage-2 one before reading
+        // any message.
+        if (fcntl(7, F_SETFD, FD_CLOEXEC) != 0) _exit(126);
+        (void)syscall(SYS_close_range, 6, 6, 0);
+        (void)syscall(SYS_close_range, 8, ~0U, 0);
+        hv_jail_limit(jail);
+        if (hv_install_seccomp_filter(jail->startup_filter, jail->startup_filter_bytes) != 0) {
+            static const char message[] = "jail: cannot load the start-up seccomp filter\n";
+            (void)!write(2, message, sizeof message - 1);
+            _exit(126);
+        }
+        hv_execveat_fd(7, argv, envp);
+        static const char message[] = "jail: cannot execute the device\n";
+        (void)!write(2, message, sizeof message - 1);
+        _exit(126);
+    }
     hv_execveat_fd(exec_fd, argv, envp);
     _exit(127);
 }

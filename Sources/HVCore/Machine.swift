@@ -45,10 +45,15 @@ public final class Machine: @unchecked Sendable {
         /// being copied, with no `restore`; the state comes at the switch-over, through
         /// `applyArrivedState`, before `run`.
         public var incoming: IncomingMigration?
+        /// A KVM VM made ahead, its first memory slot's fixed cost paid meanwhile (hvctl makes
+        /// one as soon as it has its cgroups, so the wait is over before the devices are up). An
+        /// incoming migration brings its own.
+        public var preparedVM: PreparedVM?
         public init(memoryBytes: UInt64, cpus: Int, devices: [DeviceSpec], verbose: Bool = false,
                     firmwareROM: FileDescriptor? = nil, restore: MachineSnapshot? = nil, startPaused: Bool = false,
-                    incoming: IncomingMigration? = nil) {
+                    incoming: IncomingMigration? = nil, preparedVM: PreparedVM? = nil) {
             self.incoming = incoming
+            self.preparedVM = preparedVM
             self.memoryBytes = memoryBytes
             self.cpus = cpus
             self.devices = devices
@@ -122,7 +127,7 @@ public final class Machine: @unchecked Sendable {
         // Conflicting devices are refused before any resource is taken.
         try ResourceClaims.check(configuration.devices)
         let arriving = configuration.incoming
-        let prepared = arriving?.takePreparedVM()
+        let prepared = arriving?.takePreparedVM() ?? configuration.preparedVM
         if let prepared {
             kvm = prepared.kvm
             vm = prepared.vm
@@ -159,10 +164,15 @@ public final class Machine: @unchecked Sendable {
         // writes it made the copy slow and erratic here): only the first slot's fixed cost is
         // paid, with a slot made and deleted (by `PreparedVM` while hvctl waited for the source,
         // else now), so the real ones take ~0.1 ms in the pause.
-        memorySlots = prepared?.warmUp ?? MemorySlotRegistration.start { [vm, ram] () throws(KVMError) in
-            if arriving != nil {
+        if arriving != nil {
+            memorySlots = prepared?.warmUp ?? MemorySlotRegistration.start { [vm, ram] () throws(KVMError) in
                 try vm.warmUpMemorySlots(scratchPage: ram.mapping.base)
-            } else {
+            }
+        } else {
+            // After a prepared VM's warm-up (begun long before), the real slots take ~0.1 ms.
+            let warmUp = prepared?.warmUp
+            memorySlots = MemorySlotRegistration.start { [vm, ram] () throws(KVMError) in
+                try warmUp?.wait()
                 try Self.registerMemory(ram, firmware: romMapping, with: vm)
             }
         }

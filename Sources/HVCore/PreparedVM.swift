@@ -1,11 +1,13 @@
 import HVKVM
 import HVSys
 
-/// A KVM VM with its platform, made while `hvctl run --incoming` waits for the source, and the
-/// fixed cost of its first memory slot paid meanwhile on a thread of its own (a VM's first
-/// `KVM_SET_USER_MEMORY_REGION` waits 5–14 ms in the kernel here; see
-/// `VirtualMachine.warmUpMemorySlots`). The arriving VM's `Machine` takes it over
-/// (`IncomingMigration.preparedVM`), so neither cost lands on the migration, nor in its pause.
+/// A KVM VM with its platform, made ahead, and the fixed cost of its first memory slot paid
+/// meanwhile on a thread of its own (a VM's first `KVM_SET_USER_MEMORY_REGION` waits 5–14 ms in
+/// the kernel here; see `VirtualMachine.warmUpMemorySlots`). `hvctl run --incoming` makes one
+/// while it waits for the source, and the arriving VM's `Machine` takes it over
+/// (`IncomingMigration.preparedVM`), so neither cost lands on the migration, nor in its pause;
+/// any other `hvctl run` makes one as soon as it has its cgroups (`Configuration.preparedVM`),
+/// so the wait is over before its devices have started.
 public final class PreparedVM: Sendable {
     let kvm: KVM
     let vm: VirtualMachine

@@ -4,10 +4,9 @@ import HVSandbox
 import HVSys
 
 /// How one device process is jailed: which profile, which tenant identity, which host paths it
-/// may see (read-only). Built by hvctl; applied by `DeviceSupervisor` and `hv-jail`.
+/// may see (read-only). Built by hvctl; applied by `DeviceSupervisor`, whose clone3 child builds
+/// the jail (`JailPlan`, `hv_jail_enter`) before it execs the device.
 public struct SandboxPlan: Sendable {
-    /// The trusted jail stage (`hv-jail`), next to hvctl.
-    public var jailExecutable: String
     /// The device's profile file, e.g. sandbox-profiles/serial.json.
     public var profilePath: String
     /// The parsed profile (validated at VM start, before anything runs).
@@ -24,16 +23,15 @@ public struct SandboxPlan: Sendable {
     public var pluginFiles: [String] = []
     /// The directory inside the jail that holds `pluginFiles`.
     public static let pluginDirectory = "/plugin"
-    /// The most files `pluginFiles` may hold (each is a descriptor handed to hv-jail).
+    /// The most files `pluginFiles` may hold (each is a descriptor the jail copies from).
     public static let maximumPluginFiles = 32
     /// The name a plugin file has in `pluginDirectory`: its host path's last component.
     public static func fileName(_ path: String) -> String {
         path.split(separator: "/").last.map(String.init) ?? path
     }
 
-    public init(jailExecutable: String, profilePath: String, profile: SandboxProfile, outsideUID: uid_t,
+    public init(profilePath: String, profile: SandboxProfile, outsideUID: uid_t,
                 outsideGID: gid_t, exposedPaths: [String]) {
-        self.jailExecutable = jailExecutable
         self.profilePath = profilePath
         self.profile = profile
         self.outsideUID = outsideUID
@@ -93,11 +91,10 @@ public struct SandboxPlan: Sendable {
         }
     }
 
-    /// Descriptors hv-jail receives: the device executable and the profile, opened by the core.
-    static let jailDeviceFD: Int32 = 7
-    static let jailProfileFD: Int32 = 8
-    /// hv-jail's descriptors from here on are `pluginFiles`, in order.
-    static let jailFirstPluginFileFD: Int32 = 9
+    /// Descriptors the device process gets besides stdio and `inherit`: the stage-2 seccomp
+    /// filter (read by the SDK's `LockDown`) and, until its exec, its own binary.
+    static let stage2FilterFD: Int32 = 5
+    static let deviceBinaryFD: Int32 = 7
 
     /// clone3 flags for the profile's namespaces.
     var cloneFlags: UInt64 {
@@ -107,8 +104,12 @@ public struct SandboxPlan: Sendable {
     /// Starts `executable` under the jail with `inherit` (child fd → parent fd) and returns it.
     /// A `detached` process outlives its parent (in a session of its own) instead of dying with
     /// it; `stderr` is the parent descriptor it writes its messages to.
-    /// `placement` (cgroups, OOM score) is applied while the child waits, before the jail runs
+    /// `placement` (cgroups, OOM score) is applied while the child waits, before the jail is built
     /// (v1 groups the child joins itself, as its first act after the wait).
+    ///
+    /// The jail is planned here (`JailPlan`: the root's steps, the rlimits, both seccomp programs
+    /// compiled from the profile as loaded and checked, so the device gets exactly what `hvctl
+    /// sandbox show` prints) and built by the clone3 child itself before it execs the device.
     public func spawn(executable: String, arguments: [String], memoryBytes: UInt64,
                       inherit: [(child: Int32, parent: Int32)], detached: Bool = false, stderr: Int32 = 2,
                       placement: ProcessPlacement? = nil) throws(SystemError) -> ChildProcess {
@@ -129,42 +130,66 @@ public struct SandboxPlan: Sendable {
                 throw SystemError("open \(path): \(error)", error.errno ?? Errno(rawValue: EINVAL))
             }
         }
-        let jail = try openRegular(jailExecutable)
         let deviceBinary = try openRegular(executable)
-        // The profile as loaded and checked here, its bases merged: hv-jail applies exactly what
-        // `hvctl sandbox show` prints, whatever happens to the files meanwhile.
-        let profileFile = try MemFD.holding(Array(profile.jsonText().utf8), name: "hv-profile")
         guard pluginFiles.count <= Self.maximumPluginFiles else {
             throw SystemError("\(executable) brings \(pluginFiles.count) files; at most \(Self.maximumPluginFiles) go into a jail", Errno(rawValue: E2BIG))
         }
         let copied = try pluginFiles.map { path throws(SystemError) in try openRegular(path) }
 
-        var argv = [jailExecutable, "--profile", profilePath, "--memory", String(memoryBytes)]
-        for p in exposedPaths { argv += ["--expose", p] }
-        for (i, path) in pluginFiles.enumerated() {
-            argv += ["--plugin-file", "\(Self.jailFirstPluginFileFD + Int32(i)):" + Self.fileName(path)]
-        }
-        if detached { argv.append("--outlive-parent") }
-        argv += ["--", executable] + arguments
+        // The root: mount points for what the device may see, and an interpreted plugin's files
+        // (the tmpfs sized to fit them, no more).
+        var plan = JailPlan()
+        try plan.expose(exposedPaths)
+        plan.copy(zip(copied, pluginFiles).map { ($0.rawValue, Self.fileName($1)) }, into: Self.pluginDirectory)
+        var pluginBytes = 0
+        for file in copied { pluginBytes += (Int(try file.size()) + 4095) / 4096 * 4096 }
+        let programs = try JailPlan.seccompPrograms(for: profile)
+        let stage2 = try MemFD.holding(programs.lockdown, name: "hv-seccomp-stage2")
+        // Linux RLIMIT_* numbers (some are macros the Glibc module drops); nil is no limit.
+        let limits: [(Int32, UInt64?)] = [(7, profile.limits.openFiles), (6, profile.limits.processes), (4, profile.limits.coreBytes),
+                                          (1, profile.limits.fileSizeBytes), (9, profile.limits.addressSpaceLimit(guestRAMBytes: memoryBytes))]
+        let cLimits = limits.map { hv_jail_limit(resource: $0.0, value: $0.1 ?? UInt64.max) }
+
+        let argv = [executable] + arguments
         let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        let cEnv: [UnsafeMutablePointer<CChar>?] = [nil]
-        defer { cArgs.forEach { free($0) } }
+        let cEnv: [UnsafeMutablePointer<CChar>?] = [strdup("HV_SANDBOXED=1"), nil]
+        var cStrings: [UnsafeMutablePointer<CChar>?] = []
+        func c(_ text: String) -> UnsafePointer<CChar>? {
+            let copy = strdup(text)
+            cStrings.append(copy)
+            return UnsafePointer(copy)
+        }
+        let cSteps = plan.steps.map { step in
+            hv_jail_step(kind: step.kind.rawValue, directory: step.directory ? 1 : 0, fd: step.fd, flags: step.flags,
+                         path: c(step.path), source: c(step.source))
+        }
+        let cRoot = c(JailPlan.root), cRootOptions = c("size=\(64 * 1024 + pluginBytes),mode=0755")
+        defer { (cArgs + cEnv + cStrings).forEach { free($0) } }
         // The device's stdin and stdout are /dev/null; stderr is what the caller gives (for a VM's
         // device, a pipe the core reads and prefixes, so a device cannot pose as hvctl).
         let mapping = [(Int32(0), devNull.rawValue), (Int32(1), devNull.rawValue), (Int32(2), stderr),
-                       (Self.jailDeviceFD, deviceBinary.rawValue), (Self.jailProfileFD, profileFile.rawValue)]
-            + copied.enumerated().map { (Self.jailFirstPluginFileFD + Int32($0.offset), $0.element.rawValue) } + inherit
+                       (Self.stage2FilterFD, stage2.rawValue), (Self.deviceBinaryFD, deviceBinary.rawValue)] + inherit
         let childFDs = mapping.map(\.0)
         let parentFDs = mapping.map(\.1)
-        // v1 groups the child joins itself, before hv-jail runs; the rest is done by pid below.
+        // v1 groups the child joins itself, before its jail is built; the rest is done by pid below.
         let (taskFiles, byPID) = try placement?.openingV1TaskFiles() ?? ([], nil)
         let joinFDs = taskFiles.map(\.rawValue)
         var pidfd: Int32 = -1
-        // The mapping holds bare numbers: every owner must outlive the clone, which dups them
-        // (an optimized build otherwise closes an owner right after its last use above).
-        let pid = withExtendedLifetime((jail, deviceBinary, profileFile, copied, devNull, taskFiles)) {
-            hv_spawn_in_namespaces(jail.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
-                                   joinFDs, Int32(joinFDs.count), cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
+        // The mapping and the jail hold bare numbers and pointers: every owner must outlive the
+        // clone, which dups them (an optimized build otherwise closes an owner right after its
+        // last use above).
+        let pid = withExtendedLifetime((deviceBinary, stage2, copied, devNull, taskFiles)) {
+            cSteps.withUnsafeBufferPointer { steps in
+                cLimits.withUnsafeBufferPointer { limitList in
+                    programs.startup.withUnsafeBytes { startup in
+                        var jail = hv_jail(root: cRoot, root_options: cRootOptions, steps: steps.baseAddress, nsteps: Int32(steps.count),
+                                           limits: limitList.baseAddress, nlimits: Int32(limitList.count), outlive_parent: detached ? 1 : 0,
+                                           startup_filter: startup.baseAddress, startup_filter_bytes: UInt(startup.count))
+                        return hv_spawn_in_namespaces(&jail, deviceBinary.rawValue, cArgs, cEnv, childFDs, parentFDs, Int32(mapping.count),
+                                                      joinFDs, Int32(joinFDs.count), cloneFlags, detached ? 0 : 1, syncRead.rawValue, &pidfd)
+                    }
+                }
+            }
         }
         try check("clone3 into new namespaces for \(executable)", pid)
         let child = ChildProcess(pid: pid, pidfd: FileDescriptor(owning: pidfd))

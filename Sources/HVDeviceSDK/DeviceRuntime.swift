@@ -227,7 +227,7 @@ public final class DeviceRuntime: @unchecked Sendable {
     /// Descriptor on which a sandboxed device finds its lock-down seccomp filter (classic BPF).
     public static let lockDownFilterDescriptor: Int32 = LockDown.filterDescriptor
 
-    /// Under hv's sandbox, installs the stricter second-stage seccomp filter that hv-jail
+    /// Under hv's sandbox, installs the stricter second-stage seccomp filter that the core
     /// compiled from the device's profile (no execve, no open), and makes the process
     /// non-dumpable. Runs before the first message is read: no untrusted input has been seen yet.
     /// A denied syscall traps: the core hears which one, then the device exits.

@@ -101,13 +101,8 @@ public enum DeviceCatalog {
 
     /// The jail plan for a device run as host uid/gid `outsideID`.
     public static func plan(profilePath: String, outsideID id: UInt32, executable: String? = nil) throws(UsageError) -> SandboxPlan {
-        let jail = executableDirectory() + "/hv-jail"
-        guard access(jail, X_OK) == 0 else {
-            throw UsageError(message: "hv-jail not found next to hvctl (\(jail)); rebuild hv with 'swift build'")
-        }
-        return SandboxPlan(jailExecutable: jail, profilePath: profilePath, profile: try loadProfile(profilePath),
-                           outsideUID: id, outsideGID: id,
-                           exposedPaths: executable.map { SandboxPlan.runtimeLibraryPaths(for: [$0]) } ?? libraryPaths)
+        SandboxPlan(profilePath: profilePath, profile: try loadProfile(profilePath), outsideUID: id, outsideGID: id,
+                    exposedPaths: executable.map { SandboxPlan.runtimeLibraryPaths(for: [$0]) } ?? libraryPaths)
     }
 }
 

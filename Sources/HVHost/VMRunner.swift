@@ -58,6 +58,10 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
     // itself into `core` while it is still single-threaded (fast on v1, see ResourceGroups), so
     // the signal thread starts after; a signal meanwhile waits, blocked, for it.
     let resources = makeResourceGroups(name: name, options)
+    // The KVM VM, made now that hvctl is in its cgroups (its kernel memory is charged there; the
+    // warm-up's thread must come after hvctl's single-threaded move), while the rest is set up.
+    // An arriving VM brings one made while it waited; if this fails, the Machine's own attempt says why.
+    var preparedVM = incoming == nil ? try? PreparedVM() : nil
     startSignalWatcher(current)
     if let incoming {
         // Until GO, whatever ends this process tells the source why, so it carries on there.
@@ -250,7 +254,9 @@ public func runVM(_ definition: VMDefinition, verbose: Bool, restore: MachineSna
         } else {
             do {
                 machine = try Machine(.init(memoryBytes: memoryBytes, cpus: options.cpus, devices: devices, verbose: verbose,
-                                            firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused))
+                                            firmwareROM: firmwareROM, restore: restoring, startPaused: startPaused,
+                                            preparedVM: preparedVM))
+                preparedVM = nil  // a reboot builds a VM of its own
             } catch {
                 let hint = limitHint()
                 fail(restoring == nil ? "\(error)\(hint)" : "cannot restore snapshot \(restoring!.directory): \(error)\(hint)")

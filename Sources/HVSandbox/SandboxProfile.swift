@@ -406,7 +406,7 @@ extension SandboxProfile {
     ///     libseccomp's resolver). A negative number (libseccomp's pseudo-syscalls for names that exist
     ///     only on other architectures) is rejected.
     ///   - include: loads the base profile a name in `include` names (already merged with its own
-    ///     bases); nil refuses `include` (hv-jail reads profiles the core has already flattened).
+    ///     bases); nil refuses `include` (for a profile the core has already flattened).
     /// - Returns: the profile, with its bases merged in: their rules come first, a syscall any of them
     ///   allows unconditionally stays unconditional, identical rules appear once, and `namespaces` and
     ///   each `rlimits` key the file leaves out come from the bases (the last base that sets one wins).
@@ -503,7 +503,7 @@ extension SandboxProfile {
             }
         }
 
-        // hv-jail needs both: the tenant's uid is mapped in a new user namespace (without one the
+        // The jail needs both: the tenant's uid is mapped in a new user namespace (without one the
         // core's uid_map write fails with a bare EPERM), and pivot_root needs a mount namespace.
         // Checked last, so every other mistake in the file is reported first.
         for required in [Namespace.user, .mount] where !namespaces.contains(required) {
@@ -757,7 +757,7 @@ extension SandboxProfile {
     }
 
     /// The profile as one self-contained profile file (bases merged, no `include`), which `load`
-    /// reads back to an equal profile (less `includes`): what the core hands hv-jail.
+    /// reads back to an equal profile (less `includes`): what `hvctl sandbox show` prints and the jail applies.
     public func jsonText() -> String {
         func text(_ s: String) -> String {
             var out = "\""

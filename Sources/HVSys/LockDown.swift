@@ -1,11 +1,11 @@
 import CHVShim
 import Glibc
 
-/// The second, stricter seccomp stage that hv-jail compiles from a sandboxed process's profile
-/// (no execve, no open) and leaves on a descriptor; the process installs it itself before it
+/// The second, stricter seccomp stage that the core compiles from a sandboxed process's profile
+/// (no execve, no open) and its jail leaves on a descriptor; the process installs it itself before it
 /// reads any untrusted input. Device processes (through the SDK) and the segment switch share it.
 public enum LockDown {
-    /// Where hv-jail leaves the compiled filter (classic BPF).
+    /// Where the jail leaves the compiled filter (classic BPF, in a sealed memfd).
     public static let filterDescriptor: Int32 = 5
 
     /// Why the filter could not be installed.
@@ -20,7 +20,7 @@ public enum LockDown {
     public static func apply(reportingDeniedSyscallsTo deniedSyscallReport: Int32) throws(Failure) -> Bool {
         let raw = filterDescriptor
         guard fcntl(raw, F_GETFD) >= 0 else {
-            if getenv("HV_SANDBOXED") != nil { throw Failure(description: "started by hv-jail without its lock-down filter on fd \(raw)") }
+            if getenv("HV_SANDBOXED") != nil { throw Failure(description: "started in a jail without its lock-down filter on fd \(raw)") }
             return false
         }
         let fd = FileDescriptor(owning: raw)

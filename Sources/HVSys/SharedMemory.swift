@@ -16,7 +16,7 @@ public enum MemFD {
     }
 
     /// A memfd holding `bytes`, read from its start, sealed against any change: a small document
-    /// handed to another process (the flattened sandbox profile hv-jail applies).
+    /// handed to another process (a jail's stage-2 seccomp filter).
     public static func holding(_ bytes: [UInt8], name: String) throws(SystemError) -> FileDescriptor {
         let raw = hv_memfd_create(name, UInt32(hv_MFD_CLOEXEC | hv_MFD_ALLOW_SEALING))
         try check("memfd_create \(name)", raw)

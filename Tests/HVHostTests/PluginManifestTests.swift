@@ -7,7 +7,7 @@ import XCTest
 
 /// Plugin manifests: a good one becomes the device it describes (resources, settings typed and
 /// defaulted, overrides from the command line), every bad one is one line naming its field; and
-/// the shipped sandbox profiles, built on base-device, flatten to what hv-jail applies.
+/// the shipped sandbox profiles, built on base-device, flatten to what the jail applies.
 final class PluginManifestTests: XCTestCase {
     private static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
@@ -185,7 +185,7 @@ final class PluginManifestTests: XCTestCase {
     }
 
     /// Every shipped profile, built on base-device, flattens to JSON that loads back to itself:
-    /// what hv-jail receives is what `hvctl sandbox show` prints.
+    /// what the jail applies is what `hvctl sandbox show` prints.
     func testShippedProfilesRoundTripThroughTheirFlatForm() throws {
         let dir = Self.repository.appendingPathComponent("sandbox-profiles")
         let names = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".json") }

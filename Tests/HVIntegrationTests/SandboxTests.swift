@@ -83,9 +83,17 @@ final class SandboxTests: XCTestCase {
             }
             let limits = (try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8)) ?? ""
             XCTAssertTrue(limits.contains { _ in true } && limits.split(separator: "\n").contains { $0.hasPrefix("Max core file size") && $0.contains(" 0 ") })
-            // Its root holds no host files beyond the read-only library binds.
+            // The profile's nofile (base-device: 32), soft and hard alike.
+            XCTAssertTrue(limits.split(separator: "\n").contains { $0.hasPrefix("Max open files") && $0.split(separator: " ").filter { !$0.isEmpty }.dropFirst(3).prefix(2) == ["32", "32"] }, limits)
+            // Its root holds no host files beyond the read-only library binds, and is read-only itself.
             XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(pid)/root/etc/passwd"))
             XCTAssertFalse(FileManager.default.fileExists(atPath: "/proc/\(pid)/root/home"))
+            let mounts = (try? String(contentsOfFile: "/proc/\(pid)/mountinfo", encoding: .utf8)) ?? ""
+            let root = mounts.split(separator: "\n").map { $0.split(separator: " ") }.first { $0.count > 5 && $0[4] == "/" }
+            XCTAssertEqual(root.map { $0[5].split(separator: ",").contains("ro") }, true, "the device's root is not read-only: \(mounts)")
+            for line in mounts.split(separator: "\n") {
+                XCTAssertTrue(line.split(separator: " ")[5].split(separator: ",").contains("ro"), "a mount in the device's root is writable: \(line)")
+            }
             let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
             XCTAssertLessThanOrEqual(fds.count, 12, "only handed-over descriptors: \(fds)")
             // Its own process group (a terminal's Ctrl-C reaches hvctl only), and a stderr that is

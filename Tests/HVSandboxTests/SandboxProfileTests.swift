@@ -682,7 +682,7 @@ final class SandboxProfileTests: XCTestCase {
         XCTAssertEqual(flat.limits, profile.limits)
         XCTAssertEqual(flat.namespaces, profile.namespaces)
         XCTAssertEqual(flat.includes, [])
-        // A base named twice, or include where nothing resolves bases (hv-jail): refused.
+        // A base named twice, or include where nothing resolves bases: refused.
         XCTAssertEqual(loadError(#"{"profile": "p", "version": 1, "include": ["a"], "syscalls": []}"#)?.problem, .includeNotAllowed)
         XCTAssertThrowsError(try SandboxProfile.load(json: Array(#"{"profile": "p", "version": 1, "include": ["a", "a"]}"#.utf8), source: "p",
                                                      resolveSyscall: { Self.syscallTable[$0] }) { _ in base }) { error in

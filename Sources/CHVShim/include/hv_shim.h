@@ -54,12 +54,56 @@ int hv_set_thread_name(const char *name);
 // `tasks` files the parent opened): a single-threaded process moving itself that way skips the
 // global lock a move by pid takes, and with it an RCU grace period (ResourceGroups.swift); on a
 // failed write it says so on the descriptor that becomes its stderr and exits 127.
+// With `jail` (not NULL), the child then builds the device's jail itself (hv_jail_enter, below)
+// and executes the device from child fd 7 (a mapping must put the device's binary there, and the
+// stage-2 filter on 5); without, it executes `exec_fd`.
 // Returns the child's pid (and *pidfd_out) or -1 with errno set. The child exits 127 if it
-// cannot exec.
-int hv_spawn_in_namespaces(int exec_fd, char *const argv[], char *const envp[],
+// cannot exec, 126 if it cannot build its jail (having said why on its stderr).
+struct hv_jail;
+int hv_spawn_in_namespaces(const struct hv_jail *jail, int exec_fd, char *const argv[], char *const envp[],
                            const int *child_fds, const int *parent_fds, int nfds,
                            const int *join_fds, int njoin,
                            unsigned long long namespace_flags, int new_process_group, int sync_read_fd, int *pidfd_out);
+
+// A device's jail, as the clone3 child of hv_spawn_in_namespaces builds it: every decision (what
+// the root holds, the limits, the seccomp programs) is made beforehand by the trusted parent
+// (`SandboxPlan` in HVCore); this only performs the steps, async-signal-safe, in order:
+// make mounts private; a tmpfs on `root` (`root_options`); `steps` under it; pivot_root into it
+// and detach the old root; remount it read-only; hostname "hv-device"; drop every capability
+// (bounding set, securebits locked, capset to empty, ambient cleared) and set no_new_privs;
+// a session of its own (`outlive_parent`) or SIGKILL at the parent's death. Then the spawn moves
+// the descriptors into place, sets the rlimits (a low RLIMIT_NOFILE would refuse the moves) and,
+// last, just before the exec, loads the start-up seccomp program.
+enum hv_jail_step_kind {
+    HV_JAIL_MKDIR = 1,      // mkdir `path` (0755; one that exists is fine)
+    HV_JAIL_SYMLINK = 2,    // symlink `path` → `source` (one that exists is fine)
+    HV_JAIL_BIND = 3,       // a mount point at `path` (a directory if `directory`, else an empty file),
+                            // `source` bound there (recursively), remounted with `flags`
+    HV_JAIL_COPY = 4,       // a new file `path` (0444) holding what descriptor `fd` reads to its end
+};
+struct hv_jail_step {
+    int kind;
+    int directory;
+    int fd;
+    unsigned long flags;
+    const char *path;       // inside the new root: already prefixed with `root`
+    const char *source;
+};
+struct hv_jail_limit {
+    int resource;           // RLIMIT_*
+    unsigned long long value;  // both soft and hard; RLIM_INFINITY for none
+};
+struct hv_jail {
+    const char *root;
+    const char *root_options;
+    const struct hv_jail_step *steps;
+    int nsteps;
+    const struct hv_jail_limit *limits;
+    int nlimits;
+    int outlive_parent;
+    const void *startup_filter;     // classic BPF (struct sock_filter[]), as libseccomp exports it
+    unsigned long startup_filter_bytes;
+};
 
 // execveat(fd, "", argv, envp, AT_EMPTY_PATH): runs an executable from a descriptor (no wrapper
 // in older glibc). Returns only on failure (-1, errno set).
