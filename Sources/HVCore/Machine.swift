@@ -629,7 +629,7 @@ public final class Machine: @unchecked Sendable {
             monitorBackedOff.store(false, ordering: .releasing)
             if sig == Self.wakeSignal {
                 // `stop`, a status that wants registers, or the guest's first exit after a quiet
-                // spell: probe now, and every 10 ms again.
+                // spell: probe now, and every busy interval again.
                 probeInterval = busyProbeInterval
                 continue
             }
