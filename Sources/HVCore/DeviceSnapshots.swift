@@ -89,7 +89,7 @@ extension DeviceSupervisor {
     /// Runs `body` holding every device's control channel lock (taken in device order, the only
     /// code that holds more than one), so no other request on those channels can take a reply
     /// meant for `body`'s.
-    private func withEveryControlChannel(from index: Int = 0, holding held: [ControlChannel?] = [],
+    func withEveryControlChannel(from index: Int = 0, holding held: [ControlChannel?] = [],
                                          _ body: ([ControlChannel?]) -> [Int32?]) -> [Int32?] {
         guard index < devices.count else { return body(held) }
         return devices[index].controlChannel.withLock { control in

@@ -1171,9 +1171,18 @@ final class DeviceSupervisor: @unchecked Sendable {
                 usleep(200)
             }
             d.endpoint.state = .failed
-            if let control = d.control {
-                _ = try? control.request(.shutdown, payload: [], timeoutMilliseconds: 1000)
+        }
+        // Every SHUTDOWN is sent before any reply is awaited, and every process signalled before
+        // any is reaped: the devices finish (a disk flushes) and die in parallel, not one by one.
+        _ = withEveryControlChannel { channels in
+            let sent = channels.map { control in try? control?.sendRequest(.shutdown, payload: []) }
+            return zip(channels, sent).map { control, request -> Int32? in
+                guard let control, let request else { return nil }
+                return (try? control.awaitReply(to: request, timeoutMilliseconds: 1000)).map { $0.0.status }
             }
+        }
+        for d in devices { d.process?.signal(SIGKILL) }
+        for d in devices {
             d.process?.killAndReap()
             d.process = nil
             let dropped = d.endpoint.droppedWrites.load(ordering: .relaxed)
