@@ -1183,7 +1183,7 @@ final class DeviceSupervisor: @unchecked Sendable {
         }
         for d in devices { d.process?.signal(SIGKILL) }
         for d in devices {
-            d.process?.killAndReap()
+            _ = d.process?.waitForExit()
             d.process = nil
             let dropped = d.endpoint.droppedWrites.load(ordering: .relaxed)
             if dropped > 0 { Diagnostics.line("device \(d.spec.name): \(dropped) guest writes could not be delivered") }
