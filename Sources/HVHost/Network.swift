@@ -96,7 +96,8 @@ struct NICOption: Equatable {
     }
 }
 
-func parseMAC(_ text: String) -> [UInt8]? { MACAddress(parsing: text)?.bytes }
+/// The six octets of `text` (`52:54:00:12:34:56`), or nil when it is not a MAC address.
+public func parseMAC(_ text: String) -> [UInt8]? { MACAddress(parsing: text)?.bytes }
 
 func formatMAC(_ mac: [UInt8]) -> String { MACAddress(bytes: mac).description }
 

@@ -18,8 +18,10 @@ public func cloneDirectory(snapshot: String, name: String) -> String { snapshot 
 /// writable disk replaced by a new qcow2 overlay (in `cloneDirectory`) whose backing file is the
 /// template's image, so a clone never writes the template. Read-only disks and the CD are shared.
 /// Refuses an overlay that exists already (a clone of that name ran before from this snapshot:
-/// its disks do not match the snapshot's memory any more).
-public func cloneDefinition(_ definition: VMDefinition, snapshot: String, name: String, macs: [String]) throws(UsageError) -> VMDefinition {
+/// its disks do not match the snapshot's memory any more). With `makingOverlays` false, only the
+/// definition: no file is made or checked.
+public func cloneDefinition(_ definition: VMDefinition, snapshot: String, name: String, macs: [String],
+                            makingOverlays: Bool = true) throws(UsageError) -> VMDefinition {
     var clone = definition
     clone.name = name
     guard macs.count <= clone.nics.count else {
@@ -40,6 +42,10 @@ public func cloneDefinition(_ definition: VMDefinition, snapshot: String, name: 
     let writable = clone.disks.indices.filter { !clone.disks[$0].readonly }
     guard !writable.isEmpty else { return clone }
     let directory = cloneDirectory(snapshot: snapshot, name: name)
+    guard makingOverlays else {
+        for i in writable { clone.disks[i] = VMDefinition.Disk(path: directory + "/disk\(i).qcow2", readonly: false, format: .qcow2) }
+        return clone
+    }
     for path in [snapshot + "/clones", directory] where mkdir(path, 0o700) != 0 && errno != EEXIST {
         throw UsageError(message: "cannot create \(path): \(Errno.current)")
     }

@@ -26,6 +26,7 @@ func runDetached(_ definition: VMDefinition, verbose: Bool, restore: MachineSnap
         dup2(fds[1], 2)  // start-up errors reach the waiting parent
         closeDescriptors(from: 3)
         exit(runVM(definition, verbose: verbose, restore: restore, startPaused: startPaused) { name in
+            UnstartedClone.ran()
             // The guest runs: tell the parent, then keep the core's messages in a log of its own.
             let log = open(RunDirectory.coreLog(name), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             let line = readyMarker + name + "\n"
@@ -35,6 +36,8 @@ func runDetached(_ definition: VMDefinition, verbose: Bool, restore: MachineSnap
         })
     }
     close(fds[1])
+    // A clone's overlays are the child's to keep or discard.
+    UnstartedClone.ran()
     // Until EOF: the child closes its end once the guest runs, or by ending.
     var bytes: [UInt8] = []
     var buffer = [UInt8](repeating: 0, count: 4096)

@@ -113,7 +113,7 @@ extension HVCtl {
             abstract: "Boot a VM (with no options: hv's built-in demo guest).",
             discussion: """
                 The VM is described by the flags below or by a JSON document (--config); \
-                --print-config prints the document the flags describe instead of running it. With \
+                --print-config prints the document the flags (or --restore's snapshot) describe instead of running it. With \
                 --serial stdio on a terminal, keystrokes go to the guest; Ctrl-A x quits (Ctrl-A \
                 Ctrl-A sends a literal Ctrl-A). Exits 0 when the guest powers off (ACPI S5), halts \
                 every vCPU with interrupts disabled, or asks for a reset under --no-reboot (a reset \
@@ -133,7 +133,7 @@ extension HVCtl {
             $HV_RUN_DIR/NAME.log ('hvctl logs NAME') and 'hvctl console NAME' attaches to it.
             """))
         var detach = false
-        @Option(help: ArgumentHelp("Bring back the VM saved in this directory by 'hvctl snapshot' (only --name, --serial, --detach, --paused, --clone and --mac may be added).", valueName: "dir"))
+        @Option(help: ArgumentHelp("Bring back the VM saved in this directory by 'hvctl snapshot' (only --name, --serial, --detach, --paused, --clone, --mac and --print-config may be added).", valueName: "dir"))
         var restore: String?
         @Flag(help: "With --restore: leave the restored VM paused ('hvctl resume NAME' starts it).")
         var paused = false
@@ -258,8 +258,12 @@ extension HVCtl {
                 throw UsageError(message: "--key and --insecure-plaintext go with --incoming (and with 'hvctl migrate')")
             }
             if let restore {
-                guard config == nil, !flags.anyGivenButSerial, !printConfig else {
-                    throw UsageError(message: "--restore brings back the whole VM as it was saved: only --name, --serial, --detach, --paused, --clone and --mac may be added")
+                guard config == nil, !flags.anyGivenButSerial else {
+                    throw UsageError(message: "--restore brings back the whole VM as it was saved: only --name, --serial, --detach, --paused, --clone, --mac and --print-config may be added")
+                }
+                // A clone's overlays are made as its definition is: printing one would leave them.
+                guard !(printConfig && clone) else {
+                    throw UsageError(message: "--print-config with --clone: a clone's disk overlays are made with its definition; print the snapshot's own (without --clone)")
                 }
                 guard !clone || flags.name != nil else { throw UsageError(message: "--clone needs --name: a clone is a new VM with its own name") }
                 guard clone || mac.isEmpty else { throw UsageError(message: "--mac goes with --clone (a restored VM keeps its MACs)") }
@@ -278,6 +282,8 @@ extension HVCtl {
                     do throws(UsageError) {
                         definition = try cloneDefinition(definition, snapshot: directory, name: flags.name ?? "", macs: mac)
                     } catch { fail(error.message) }
+                    let made = cloneDirectory(snapshot: directory, name: flags.name ?? "")
+                    UnstartedClone.discardAtExit(overlays: definition.disks.map(\.path).filter { $0.hasPrefix(made + "/") }, directory: made)
                 }
                 snapshot = saved
             } else if paused || clone || !mac.isEmpty {
@@ -302,9 +308,33 @@ extension HVCtl {
                 return
             }
             if detach { runDetached(definition, verbose: verbose, restore: snapshot, startPaused: paused) }
-            Glibc.exit(runVM(definition, verbose: verbose, restore: snapshot, startPaused: paused))
+            Glibc.exit(runVM(definition, verbose: verbose, restore: snapshot, startPaused: paused) { _ in UnstartedClone.ran() })
         }
     }
+}
+
+/// The disk overlays `run --restore --clone` made for a clone whose guest has not run yet. If
+/// hvctl ends before it runs (a refusal, a lock, a device that would not start: `fail` exits
+/// from anywhere), they are removed, so trying again under the same name is not refused for a
+/// clone that never was. Once the guest runs they are the clone's disks.
+enum UnstartedClone {
+    private static let pending = Mutex<(overlays: [String], directory: String)?>(nil)
+
+    static func discardAtExit(overlays: [String], directory: String) {
+        guard !overlays.isEmpty else { return }
+        pending.withLock { $0 = (overlays, directory) }
+        atexit {
+            UnstartedClone.pending.withLock { made in
+                guard let (overlays, directory) = made else { return }
+                for path in overlays { unlink(path) }
+                rmdir(directory)
+                made = nil
+            }
+        }
+    }
+
+    /// The guest runs (or, in `run --detach`'s waiting parent, the child owns the clone now).
+    static func ran() { pending.withLock { $0 = nil } }
 }
 
 // MARK: ls, status, stop, pause, resume
@@ -471,8 +501,35 @@ extension HVCtl {
         func run() throws {
             let path = absolutePath(directory)
             guard path.utf8.first == UInt8(ascii: "/"), path.utf8.count < 4000 else { throw UsageError(message: "cannot resolve the directory '\(directory)'") }
+            // Through hvd when it keeps the VM: its audit log and event stream tell the snapshot.
+            struct Body: Encodable { var path: String, stop: Bool }
+            if let answer = throughHVD(vm.name, "POST", "/snapshot", body: ControlJSON.encode(Body(path: path, stop: stop))) {
+                print(Self.follow(answer, vm: vm.name) ?? "saved \(vm.name) to \(path)")
+                return
+            }
             let reply = ask(vm.name, ControlRequest(.snapshot, path: path, stop: stop), timeoutSeconds: 600)
             print(reply.message ?? "saved \(vm.name) to \(path)")
+        }
+
+        /// Follows hvd's snapshot job until it ends: its message, or hvctl ends with its error.
+        static func follow(_ started: HVDClient.Response, vm: String) -> String? {
+            struct Job: Decodable { var id: String, state: String, message: String?, error: String? }
+            guard var job = try? ControlJSON.decode(Job.self, started.body) else {
+                fail("hvd answered the snapshot of '\(vm)' without a job: \(String(decoding: started.body, as: UTF8.self))")
+            }
+            // The VM's own limit for a snapshot is 600 s; hvd's job ends by then.
+            let deadline = monotonicNanoseconds() + 610_000_000_000
+            while job.state == "running" {
+                guard monotonicNanoseconds() < deadline else { fail("hvd's snapshot job \(job.id) of '\(vm)' has not ended in 610 s") }
+                usleep(20_000)
+                guard let answer = HVDClient.request("GET", "/v1/jobs/\(job.id)", timeoutSeconds: 10) else {
+                    fail("hvd stopped answering on \(HVDClient.socketPath) during the snapshot of '\(vm)' (job \(job.id)); the VM goes on with it")
+                }
+                guard answer.status == 200, let next = try? ControlJSON.decode(Job.self, answer.body) else { fail(answer.errorMessage) }
+                job = next
+            }
+            guard job.state == "succeeded" else { fail(job.error ?? "the snapshot of '\(vm)' \(job.state)") }
+            return job.message
         }
     }
 }

@@ -113,6 +113,11 @@ enum API {
                 try await service.snapshot(try name(context), try await body(SnapshotRequest.self, request), scope)
             }
         }
+        router.post("/v1/vms/:name/restore") { request, context in
+            await answer { () async throws(APIError) in
+                try await service.restore(try name(context), try await body(RestoreRequest.self, request), scope)
+            }
+        }
         router.post("/v1/vms/:name/migrate") { request, context in
             await answer(status: 202) { () async throws(APIError) in
                 try await service.migrate(try name(context), try await body(MigrateRequest.self, request), scope)
@@ -183,7 +188,7 @@ enum API {
         ("/v1/vms/:name/pause", ["POST"]), ("/v1/vms/:name/resume", ["POST"]), ("/v1/vms/:name/cdrom", ["PUT", "DELETE"]),
         ("/v1/vms/:name/balloon", ["PUT"]), ("/v1/vms/:name/limits", ["PUT"]),
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
-        ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
+        ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/restore", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
         ("/v1/vms/:name/incoming", ["POST"]), ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),
         ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
     ].map { ($0.0.split(separator: "/"), $0.1) }

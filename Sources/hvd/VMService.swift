@@ -55,7 +55,7 @@ final class VMService: Sendable {
     }
 
     /// The VM's state as its control socket reports it (stopped when nothing answers).
-    private func info(_ vm: StoredVM) -> VMInfo {
+    func info(_ vm: StoredVM) -> VMInfo {
         let status = liveStatus(vm.name)
         return VMInfo(name: vm.name, state: status?.state ?? "stopped", autostart: vm.autostart, definition: vm.definition, status: status)
     }
@@ -265,39 +265,81 @@ final class VMService: Sendable {
 /// last stderr line (with `stdoutToo`, its last line on stdout or stderr) without hvctl's
 /// "hvctl: " prefix.
 func runTool(_ path: String, _ arguments: [String], stdoutToo: Bool = false) -> (ChildProcess.Termination, String) {
-    var fds: [Int32] = [-1, -1]
-    guard pipe(&fds) == 0 else { return (.exited(1), "cannot create a pipe: \(Errno.current)") }
-    // Other children hvd starts at the same time must not inherit it (their end would hold it open).
-    for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    let run = runTool(path, arguments, stdout: stdoutToo ? .merged : .discarded)
+    return (run.termination, run.said)
+}
+
+/// How `runTool` treats the child's standard output.
+enum ToolOutput { case discarded, merged, captured }
+
+/// A child run to its end: how it ended, its last line (see `runTool(_:_:stdoutToo:)`), and its
+/// whole standard output when that was `captured` (at most 1 MiB).
+struct ToolRun {
+    var termination: ChildProcess.Termination
+    var said: String
+    var printed: [UInt8]
+}
+
+func runTool(_ path: String, _ arguments: [String], stdout: ToolOutput) -> ToolRun {
+    var errPipe: [Int32] = [-1, -1], outPipe: [Int32] = [-1, -1]
+    guard pipe(&errPipe) == 0 else { return ToolRun(termination: .exited(1), said: "cannot create a pipe: \(Errno.current)", printed: []) }
+    if case .captured = stdout, pipe(&outPipe) != 0 {
+        let why = "cannot create a pipe: \(Errno.current)"
+        close(errPipe[0])
+        close(errPipe[1])
+        return ToolRun(termination: .exited(1), said: why, printed: [])
+    }
+    // Other children hvd starts at the same time must not inherit them (their end would hold them open).
+    for fd in errPipe + outPipe where fd >= 0 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
     let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
     defer { close(devNull) }
     let environment = ProcessInfo.processInfo.environment.map { "\($0.key)=\($0.value)" }
+    let stdoutFD: Int32 = switch stdout {
+    case .discarded: devNull
+    case .merged: errPipe[1]
+    case .captured: outPipe[1]
+    }
     let child: ChildProcess
     do {
         child = try ChildProcess.spawn(path: path, arguments: arguments, environment: environment,
-                                       inherit: [(0, devNull), (1, stdoutToo ? fds[1] : devNull), (2, fds[1])])
+                                       inherit: [(0, devNull), (1, stdoutFD), (2, errPipe[1])])
     } catch {
-        close(fds[0])
-        close(fds[1])
-        return (.exited(1), "cannot run \(path): \(error)")
+        for fd in errPipe + outPipe where fd >= 0 { close(fd) }
+        return ToolRun(termination: .exited(1), said: "cannot run \(path): \(error)", printed: [])
     }
-    close(fds[1])
-    var bytes: [UInt8] = []
+    close(errPipe[1])
+    if outPipe[1] >= 0 { close(outPipe[1]) }
+    // Both pipes are read as they fill: a child blocked writing one while this reads the
+    // other would never end.
+    var said: [UInt8] = [], printed: [UInt8] = []
+    var open = [errPipe[0], outPipe[0]].filter { $0 >= 0 }
     var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = buffer.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        if bytes.count < 1 << 16 { bytes += buffer.prefix(n) }
+    while !open.isEmpty {
+        var fds = open.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        guard poll(&fds, nfds_t(fds.count), -1) >= 0 || errno == EINTR else { break }
+        for entry in fds where entry.revents != 0 {
+            let n = buffer.withUnsafeMutableBytes { read(entry.fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 {
+                close(entry.fd)
+                open.removeAll { $0 == entry.fd }
+                continue
+            }
+            if entry.fd == outPipe[0] {
+                if printed.count < 1 << 20 { printed += buffer.prefix(n) }
+            } else if said.count < 1 << 16 {
+                said += buffer.prefix(n)
+            }
+        }
     }
-    close(fds[0])
+    for fd in open { close(fd) }
     var status: Int32 = 0
     _ = retryOnInterrupt { waitpid(child.pid, &status, 0) }
     let termination: ChildProcess.Termination = status & 0x7F == 0 ? .exited((status >> 8) & 0xFF) : .signalled(status & 0x7F)
-    let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n")
-    var said = lines.last.map(String.init) ?? termination.description
-    if said.hasPrefix("hvctl: ") { said.removeFirst(7) }
-    return (termination, said)
+    let lines = String(decoding: said, as: UTF8.self).split(separator: "\n")
+    var last = lines.last.map(String.init) ?? termination.description
+    if last.hasPrefix("hvctl: ") { last.removeFirst(7) }
+    return ToolRun(termination: termination, said: last, printed: printed)
 }
 
 /// hvd's own messages go to stderr, one line each (journald adds the time).

@@ -165,7 +165,8 @@ final class SnapshotTests: XCTestCase {
     }
 
     /// Three clones of one snapshot run side by side, each with its own MAC and its own overlay
-    /// on the template's disk, which none of them changes; a fourth under a used name is refused.
+    /// on the template's disk, which none of them changes; a fourth under a used name is refused,
+    /// and one refused before it ran (the template still running) leaves no overlay behind.
     func testClonesRunSideBySideOnOverlaysAndLeaveTheTemplateUnchanged() throws {
         let image = path("template.img")
         XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
@@ -175,6 +176,11 @@ final class SnapshotTests: XCTestCase {
         XCTAssertTrue(waitForLog("template", "vscsi: ready"), log("template"))
         let snapshot = path("template.snap")
         XCTAssertEqual(try runHvctl(["snapshot", "template", snapshot, "--stop"]).status, 0)
+        // Not while the template holds its disk: refused, and the overlay made for it is gone.
+        let early = try runHvctl(["run", "--restore", snapshot, "--clone", "--name", "clone1"])
+        XCTAssertEqual(early.status, 1, early.stderr)
+        XCTAssertTrue(early.stderr.contains("is locked by a process writing it"), early.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(snapshot)/clones/clone1"), "a clone that never ran left its overlay")
         XCTAssertEqual(try runHvctl(["stop", "template"]).status, 0)
         let before = try Data(contentsOf: URL(fileURLWithPath: image))
 
@@ -254,6 +260,17 @@ final class SnapshotTests: XCTestCase {
         var flipped = state
         flipped[flipped.count - 10] ^= 0x40
         try refused(try variant("flipped", state: flipped), "is corrupt (section")
+        // --print-config reads the state file as a restore does: the saved definition, or the same refusal.
+        let printed = try runHvctl(["run", "--restore", good, "--print-config"])
+        XCTAssertEqual(printed.status, 0, printed.stderr)
+        let definition = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(printed.stdout.utf8)) as? [String: Any], printed.stdout)
+        XCTAssertEqual(definition["name"] as? String, "source")
+        let corrupt = try runHvctl(["run", "--restore", path("flipped"), "--print-config"])
+        XCTAssertEqual(corrupt.status, 1, corrupt.stderr)
+        XCTAssertTrue(corrupt.stderr.contains("is corrupt (section") && corrupt.stdout.isEmpty, corrupt.stderr + corrupt.stdout)
+        let cloned = try runHvctl(["run", "--restore", good, "--print-config", "--clone", "--name", "c"])
+        XCTAssertEqual(cloned.status, 2, cloned.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: good + "/clones"))
         try refused(try variant("short", state: state.prefix(state.count - 100)), "is truncated")
         var newer = state
         newer[8] = 2
