@@ -26,7 +26,7 @@ enum API {
     static let version = "hv 0.1.0 (hvd API v1)"
 
     /// The routes for one socket: the admin's (`scope` .admin) or a tenant's.
-    static func router(service: VMService, audit: AuditLog, scope: Scope) -> Router<HVDContext> {
+    static func router(service: VMService, audit: AuditLog, scope: Scope, tenants: TenantListeners) -> Router<HVDContext> {
         let router = Router(context: HVDContext.self)
         router.add(middleware: audit)
 
@@ -128,6 +128,28 @@ enum API {
                 try await service.receive(try name(context), try await body(IncomingRequest.self, request), scope)
             }
         }
+        // Tenants are the host's admin's to add and remove.
+        @Sendable func adminOnly() throws(APIError) {
+            guard case .admin = scope else { throw .forbidden("only the host's admin manages tenants") }
+        }
+        router.get("/v1/tenants") { _, _ in
+            await answer { () async throws(APIError) in
+                try adminOnly()
+                return TenantList(tenants: tenants.list())
+            }
+        }
+        router.post("/v1/tenants") { request, _ in
+            await answer(status: 201) { () async throws(APIError) in
+                try adminOnly()
+                return try await tenants.add(try await body(CreateTenantRequest.self, request))
+            }
+        }
+        router.delete("/v1/tenants/:tenant") { _, context in
+            await answerEmpty { () async throws(APIError) in
+                try adminOnly()
+                try await tenants.remove(context.parameters.get("tenant") ?? "")
+            }
+        }
         router.get("/v1/jobs") { _, _ in
             json(JobList(jobs: service.jobs.all.filter { job in service.store.get(job.vm).map(scope.sees) ?? (scope.owner == nil) }))
         }
@@ -190,7 +212,7 @@ enum API {
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
         ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/restore", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
         ("/v1/vms/:name/incoming", ["POST"]), ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),
-        ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
+        ("/v1/tenants", ["GET", "POST"]), ("/v1/tenants/:tenant", ["DELETE"]), ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
     ].map { ($0.0.split(separator: "/"), $0.1) }
 
     /// `?bytes=N` of `GET …/console`: 1 to 1 MiB, 64 KiB when absent.

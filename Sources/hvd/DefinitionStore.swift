@@ -92,7 +92,8 @@ final class DefinitionStore: Sendable {
         try replace(dir + "/settings.json", with: ControlJSON.encode(Settings(autostart: vm.autostart, owner: vm.owner), pretty: true) + [0x0A])
     }
 
-    private static func replace(_ path: String, with bytes: [UInt8]) throws(APIError) {
+    /// Replaces the file at `path` by rename: a crash leaves the old file or the new one.
+    static func replace(_ path: String, with bytes: [UInt8]) throws(APIError) {
         let temporary = path + ".new"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw APIError.internalFailure("cannot write \(temporary): \(String(cString: strerror(errno)))") }

@@ -73,40 +73,42 @@ struct HVD: AsyncParsableCommand {
         }
         defer { lock.close() }
 
+        var logger = Logger(label: "hvd")
+        logger.logLevel = .warning
         let store: DefinitionStore
         let audit: AuditLog
-        var tenantAudits: [(Tenant, AuditLog)] = []
+        let service: VMService
+        let listeners: TenantListeners
         do throws(UsageError) {
             store = try DefinitionStore(stateDirectory: state)
             audit = try AuditLog(path: state + "/audit.log", socket: socketPath)
+            let events = EventMonitor(names: { store.all.map(\.name) }, status: VMService.status(of:))
+            service = VMService(store: store, events: events, hvctl: hvctlPath, stateDirectory: state)
             let sockets = tenantSockets ?? Self.beside(RunDirectory.path, "hvd-tenants")
             let files = tenantFiles ?? Self.beside(state, "hv-tenants")
+            var given: [Tenant] = []
             for spec in tenants {
                 let tenant = try Tenant.parse(spec, sockets: sockets, files: files)
-                guard !tenantAudits.contains(where: { $0.0.name == tenant.name }) else { throw UsageError(message: "--tenant \(tenant.name) is given twice") }
-                try tenant.prepare()
-                tenantAudits.append((tenant, try AuditLog(path: state + "/audit.log", socket: tenant.socket)))
+                guard !given.contains(where: { $0.name == tenant.name }) else { throw UsageError(message: "--tenant \(tenant.name) is given twice") }
+                given.append(tenant)
             }
+            listeners = try TenantListeners(given: given, stateDirectory: state, sockets: sockets, files: files, service: service, logger: logger)
         } catch {
             fail(error.message)
         }
         for skipped in store.skipped { log("skipped the definition \(skipped); fix or remove it") }
-        let events = EventMonitor(names: { store.all.map(\.name) }, status: VMService.status(of:))
-        let service = VMService(store: store, events: events, hvctl: hvctlPath, stateDirectory: state)
-        let adopted = events.start(interval: Double(pollInterval) / 1000)
+        let adopted = service.events.start(interval: Double(pollInterval) / 1000)
         if !adopted.isEmpty { log("found \(adopted.count) VM\(adopted.count == 1 ? "" : "s") running: \(adopted.joined(separator: ", "))") }
 
-        var logger = Logger(label: "hvd")
-        logger.logLevel = .warning
-        // Each socket's path appears only once it accepts (see StagedSocketPath).
+        // Each socket's path appears only once it accepts (see StagedSocketPath); each tenant's
+        // listener removes its own when it stops.
         let adminSocket = StagedSocketPath(socketPath)
-        let sockets = [socketPath] + tenantAudits.map(\.0.socket)
         @Sendable func failServing(_ problem: String) -> Never {
-            sockets.forEach { StagedSocketPath($0).remove() }
+            adminSocket.remove()
             fail(problem)
         }
         let app = Application(
-            router: API.router(service: service, audit: audit, scope: .admin),
+            router: API.router(service: service, audit: audit, scope: .admin, tenants: listeners),
             configuration: .init(address: .unixDomainSocket(path: adminSocket.bindPath), serverName: "hvd"),
             onServerRunning: { _ in
                 if let problem = adminSocket.publish() { failServing(problem) }
@@ -114,27 +116,15 @@ struct HVD: AsyncParsableCommand {
                 await service.autostart()
             },
             logger: logger)
-        var services: [any Service] = [app]
-        for (tenant, tenantAudit) in tenantAudits {
-            services.append(Application(
-                router: API.router(service: service, audit: tenantAudit, scope: .tenant(tenant)),
-                configuration: .init(address: .unixDomainSocket(path: StagedSocketPath(tenant.socket).bindPath), serverName: "hvd"),
-                onServerRunning: { _ in
-                    // Owner and mode first, then the path: a tenant never sees its socket as root's.
-                    let staged = StagedSocketPath(tenant.socket)
-                    tenant.handOverSocket(at: staged.bindPath)
-                    if let problem = staged.publish() { failServing(problem) }
-                    log("serving tenant \(tenant.name) (uid \(tenant.uid)) on \(tenant.socket), its files in \(tenant.files)")
-                },
-                logger: logger))
-        }
-        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let group = ServiceGroup(services: [app, listeners], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do {
             try await group.run()
+        } catch let error as UsageError {
+            failServing(error.message)
         } catch {
             failServing("cannot serve \(socketPath): \(error)")
         }
-        sockets.forEach { StagedSocketPath($0).remove() }
+        adminSocket.remove()
         log("stopped; the VMs keep running")
     }
 

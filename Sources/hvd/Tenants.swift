@@ -21,9 +21,14 @@ struct Tenant: Sendable, Equatable {
         guard (2...3).contains(parts.count), let uid = UInt32(parts[1]), let gid = parts.count == 3 ? UInt32(parts[2]) : uid else {
             throw UsageError(message: "--tenant '\(spec)': use NAME:UID or NAME:UID:GID (numbers)")
         }
-        try RunDirectory.validate(parts[0], flag: "--tenant name")
-        guard uid != 0 else { throw UsageError(message: "--tenant '\(spec)': a tenant is not root; give it a uid of its own") }
-        return Tenant(name: parts[0], uid: uid, gid: gid, socket: "\(sockets)/\(parts[0])/api.sock", files: "\(files)/\(parts[0])")
+        return try make(name: parts[0], uid: uid, gid: gid, sockets: sockets, files: files, what: "--tenant '\(spec)'")
+    }
+
+    /// Tenant `name` with its socket in `sockets` and its files in `files`; `what` names it in errors.
+    static func make(name: String, uid: UInt32, gid: UInt32, sockets: String, files: String, what: String) throws(UsageError) -> Tenant {
+        do { try RunDirectory.validate(name, flag: "name") } catch { throw UsageError(message: "\(what): \(error.message)") }
+        guard uid != 0 else { throw UsageError(message: "\(what): a tenant is not root; give it a uid of its own") }
+        return Tenant(name: name, uid: uid, gid: gid, socket: "\(sockets)/\(name)/api.sock", files: "\(files)/\(name)")
     }
 
     /// Creates the tenant's directories (or checks the ones there): the socket's directory is

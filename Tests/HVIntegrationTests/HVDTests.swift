@@ -344,6 +344,77 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(try call("POST", "/v1/vms/a1/stop", on: alice).status, 200)
     }
 
+    /// Tenants added and removed while hvd and a tenant's VM run: a new tenant's socket is served
+    /// at once (owned by its uid) and again after hvd restarts; names and uids are one tenant's;
+    /// a tenant with VMs, or one from the command line, is not removed; a removed tenant's
+    /// socket is gone. Only the admin manages tenants.
+    func testTenantsAreAddedAndRemovedWhileHVDRuns() throws {
+        let flags = ["--tenant", "alice:61001"]
+        try startHVD(flags)
+        let alice = dir.appendingPathComponent("hvd-tenants/alice/api.sock").path
+        let carol = dir.appendingPathComponent("hvd-tenants/carol/api.sock").path
+        let carolFiles = dir.appendingPathComponent("hv-tenants/carol").path
+        try FileManager.default.copyItem(atPath: try Harness.testGuest(), toPath: dir.appendingPathComponent("hv-tenants/alice/guest.elf").path)
+        let vm = #"{"name": "%@", "definition": {"memory_mib": 32, "boot": {"multiboot": "guest.elf", "cmdline": "mode=ticks count=100000 delay=50"}}}"#
+        XCTAssertEqual(try call("POST", "/v1/vms", vm.replacingOccurrences(of: "%@", with: "a1"), on: alice).status, 201)
+        XCTAssertEqual(try call("POST", "/v1/vms/a1/start", on: alice).status, 200)
+        let pid = try self.pid("a1")
+
+        let added = try call("POST", "/v1/tenants", #"{"name": "carol", "uid": 61004}"#)
+        XCTAssertEqual(added.status, 201, added.body)
+        let info = try object(added.body)
+        XCTAssertEqual(info["socket"] as? String, carol)
+        XCTAssertEqual(info["origin"] as? String, "api")
+        for (path, mode) in [(carol, 0o600), (carolFiles, 0o700)] {
+            var st = stat()
+            XCTAssertEqual(lstat(path, &st), 0, path)
+            XCTAssertEqual([Int(st.st_uid), Int(st.st_gid), Int(st.st_mode & 0o777)], [61004, 61004, mode], path)
+        }
+        // Carol's socket is a tenant's: her own VMs, nobody else's, and no tenants to manage.
+        try FileManager.default.copyItem(atPath: try Harness.testGuest(), toPath: carolFiles + "/guest.elf")
+        XCTAssertEqual(try call("POST", "/v1/vms", vm.replacingOccurrences(of: "%@", with: "c1"), on: carol).status, 201)
+        XCTAssertEqual(try call("GET", "/v1/vms/a1", on: carol).status, 404)
+        XCTAssertEqual(try call("GET", "/v1/tenants", on: carol).status, 403)
+        XCTAssertEqual(try call("POST", "/v1/tenants", #"{"name": "mallory", "uid": 61009}"#, on: alice).status, 403)
+        // A name or a uid is one tenant's; root is no tenant.
+        for (body, status, text) in [(#"{"name": "carol", "uid": 61005}"#, 409, "tenant 'carol' exists already"),
+                                     (#"{"name": "dave", "uid": 61001}"#, 409, "uid 61001 is tenant alice's already"),
+                                     (#"{"name": "dave", "uid": 0}"#, 400, "a tenant is not root"),
+                                     (#"{"name": ".dave", "uid": 61006}"#, 400, "invalid name '.dave'"),
+                                     (#"{"name": "dave", "uid": 61006, "home": "/"}"#, 400, "home")] {
+            let r = try call("POST", "/v1/tenants", body)
+            XCTAssertEqual(r.status, status, "\(body): \(r.body)")
+            XCTAssertTrue(r.body.contains(text), "\(body): \(r.body)")
+        }
+        XCTAssertEqual(try call("POST", "/v1/tenants", #"{"name": "dave", "uid": 61006, "gid": 61007}"#).status, 201)
+        // Not while it has VMs, nor one hvd's command line gives.
+        let busy = try call("DELETE", "/v1/tenants/carol")
+        XCTAssertEqual(busy.status, 409, busy.body)
+        XCTAssertTrue(busy.body.contains("tenant 'carol' has VMs (c1)"), busy.body)
+        let given = try call("DELETE", "/v1/tenants/alice")
+        XCTAssertEqual(given.status, 409, given.body)
+        XCTAssertTrue(given.body.contains("remove it from hvd's command line"), given.body)
+        XCTAssertEqual(try call("DELETE", "/v1/tenants/nobody").status, 404)
+        XCTAssertEqual(try call("DELETE", "/v1/vms/c1", on: carol).status, 204)
+        XCTAssertEqual(try call("DELETE", "/v1/tenants/carol").status, 204)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: carol), "carol's socket is left")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("hvd-tenants/carol").path), "carol's socket directory is left")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: carolFiles + "/guest.elf"), "carol's files went with her")
+
+        // Kept across a restart of hvd; the tenant's VM ran on throughout.
+        hvd?.terminateAndWait()
+        try startHVD(flags)
+        let tenants = try XCTUnwrap(try object(try call("GET", "/v1/tenants").body)["tenants"] as? [[String: Any]])
+        XCTAssertEqual(tenants.compactMap { $0["name"] as? String }, ["alice", "dave"])
+        XCTAssertEqual(tenants.compactMap { $0["origin"] as? String }, ["command-line", "api"])
+        XCTAssertEqual(tenants.last?["gid"] as? Int, 61007)
+        XCTAssertEqual(try call("GET", "/v1/vms", on: dir.appendingPathComponent("hvd-tenants/dave/api.sock").path).status, 200)
+        XCTAssertEqual(try self.pid("a1"), pid, "alice's VM did not run on")
+        let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
+        XCTAssertTrue(audit.contains("\"method\":\"DELETE\",\"path\":\"/v1/tenants/carol\"") && audit.contains("\"status\":204"), audit)
+        XCTAssertEqual(try call("POST", "/v1/vms/a1/stop", on: alice).status, 200)
+    }
+
     /// A disk's I/O in /metrics, as the kernel counts its device process's: a guest that has
     /// written and read back 64 blocks of 4 KiB ten times has moved at least 2.5 MiB each way in
     /// at least 640 calls each way.
