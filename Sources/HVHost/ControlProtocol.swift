@@ -262,16 +262,16 @@ public struct VMStatus: Codable, Equatable, Sendable {
         /// Its rate limits, host → guest and guest → host (absent: unlimited).
         public var rxRateLimit: VMDefinition.RateLimit?
         public var txRateLimit: VMDefinition.RateLimit?
-        /// A tap NIC's frames and drops, from the host kernel's counters of the tap (absent for a
-        /// segment NIC, whose switch keeps none).
+        /// The NIC's frames and drops: a tap's from the host kernel's counters of the tap, a
+        /// segment NIC's from its switch's (`SegmentTraffic`); absent when neither answers.
         public var traffic: Traffic?
 
         enum CodingKeys: String, CodingKey {
             case device, mac, tap, segment, bridge, rxRateLimit = "rx_rate_limit", txRateLimit = "tx_rate_limit", traffic
         }
 
-        /// Counted by the host's kernel on the tap, named from the guest's side: what the host
-        /// receives on the tap is what the guest sent.
+        /// Counted by the host's kernel on the tap (or by the segment's switch), named from the
+        /// guest's side: what the host receives on the tap is what the guest sent.
         public struct Traffic: Codable, Equatable, Sendable {
             public var sentFrames: UInt64
             public var sentBytes: UInt64

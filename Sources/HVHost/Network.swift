@@ -552,6 +552,35 @@ public func segmentStatuses() -> [JSONObject] {
     return segments
 }
 
+/// A segment NIC's frames as its segment's switch counts them: no host interface carries a
+/// segment's frames, so the switch is the one place they are counted. (The switch is sandboxed
+/// like every device: its counts are its word, good for metrics, not for billing a tenant.) A
+/// guest's frames are never dropped on their way to the switch (the NIC waits for room in its
+/// port), so `sentDropped` is 0; `receivedDropped` is what the switch could not hand to the NIC.
+enum SegmentTraffic {
+    /// The counters of NIC `nic` of VM `vm` on `segment`; nil when the switch does not answer
+    /// within 200 ms or does not list it.
+    static func read(segment: String, vm: String, nic: String) -> VMStatus.NIC.Traffic? {
+        guard let fd = connectTo(SegmentDirectory.socket(segment)) else { return nil }
+        let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
+        // The status is asked on the control socket's thread: a stuck switch must not hold it.
+        var timeout = timeval(tv_sec: 0, tv_usec: 200_000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
+              case .object(let status)? = try? JSONValue.parse(reply.bytes), case .array(let members)? = status["members"] else { return nil }
+        for case .object(let member) in members {
+            guard case .string(vm)? = member["vm"], case .string(nic)? = member["nic"] else { continue }
+            func count(_ key: String) -> UInt64 {
+                if case .number(let n)? = member[key] { return n.uint64Value ?? 0 }
+                return 0
+            }
+            return .init(sentFrames: count("frames_from_vm"), sentBytes: count("bytes_from_vm"), receivedFrames: count("frames_to_vm"),
+                         receivedBytes: count("bytes_to_vm"), sentDropped: 0, receivedDropped: count("dropped_to_vm"))
+        }
+        return nil
+    }
+}
+
 /// The host kernel's counters of every interface in this process's network namespace (where the
 /// VM's core made or opened its taps), from /proc/self/net/dev, as `VMStatus.NIC.Traffic` seen
 /// from the guest: the tap's receive side is what the guest sent.

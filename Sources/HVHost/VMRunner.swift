@@ -575,7 +575,13 @@ final class VMControl: Sendable {
             liveNICs[i].txRateLimit = standing.nics[i].txRateLimit
         }
         let taps = liveNICs.contains { $0.tap != nil } ? TapTraffic.read() : [:]
-        for i in liveNICs.indices { if let tap = liveNICs[i].tap { liveNICs[i].traffic = taps[tap] } }
+        for i in liveNICs.indices {
+            if let tap = liveNICs[i].tap {
+                liveNICs[i].traffic = taps[tap]
+            } else if let segment = liveNICs[i].segment {
+                liveNICs[i].traffic = SegmentTraffic.read(segment: segment, vm: name, nic: liveNICs[i].device)
+            }
+        }
         return VMStatus(name: name, pid: getpid(), state: machine?.guestStarted != true ? "starting" : pausedSince == nil ? "running" : "paused", boot: bootMode,
                         uptimeSeconds: wholeSeconds(from: started, to: now),
                         pausedSeconds: pausedSince.map { wholeSeconds(from: $0, to: now) },

@@ -78,12 +78,12 @@ enum Metrics {
                     guard let traffic = nic.traffic else { continue }
                     let nicLabels = labels + [("device", nic.device)]
                     for (name, value, help) in [
-                        ("hv_nic_sent_frames_total", traffic.sentFrames, "Frames the guest sent on a tap NIC (the host kernel's count of the tap)."),
-                        ("hv_nic_sent_bytes_total", traffic.sentBytes, "Bytes the guest sent on a tap NIC."),
-                        ("hv_nic_received_frames_total", traffic.receivedFrames, "Frames the tap passed to the guest's NIC."),
-                        ("hv_nic_received_bytes_total", traffic.receivedBytes, "Bytes the tap passed to the guest's NIC."),
+                        ("hv_nic_sent_frames_total", traffic.sentFrames, "Frames the guest sent (the host kernel's count of a tap, the switch's of a segment port)."),
+                        ("hv_nic_sent_bytes_total", traffic.sentBytes, "Bytes the guest sent."),
+                        ("hv_nic_received_frames_total", traffic.receivedFrames, "Frames the tap or the segment passed to the guest's NIC."),
+                        ("hv_nic_received_bytes_total", traffic.receivedBytes, "Bytes the tap or the segment passed to the guest's NIC."),
                         ("hv_nic_sent_dropped_total", traffic.sentDropped, "Frames the guest sent that the host dropped."),
-                        ("hv_nic_received_dropped_total", traffic.receivedDropped, "Frames for the guest the tap dropped (the NIC did not take them in time)."),
+                        ("hv_nic_received_dropped_total", traffic.receivedDropped, "Frames for the guest the tap or the segment dropped (the NIC did not take them in time)."),
                     ] {
                         registry.makeCounter(name: name, labels: nicLabels, help: help).increment(by: Int64(clamping: value))
                     }

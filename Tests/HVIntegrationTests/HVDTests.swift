@@ -444,6 +444,43 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(try call("POST", "/v1/vms/disky/stop").status, 200)
     }
 
+    /// A NIC on a segment in /metrics and in the VM's status, as its segment's switch counts it:
+    /// a guest pinging its peer has sent and received at least as many frames as it has had
+    /// replies, and the two sides' counts mirror each other.
+    func testASegmentNICsTrafficShowsInMetrics() throws {
+        try startHVD()
+        let guest = try Harness.testGuest()
+        let segment = "m\(getpid())"
+        for (name, cmdline, mac) in [("peer", "mode=netpeer ip=10.9.0.2", "52:54:00:5d:00:02"),
+                                     ("pinger", "mode=netping ip=10.9.0.1 peer=10.9.0.2 count=100000", "52:54:00:5d:00:01")] {
+            XCTAssertEqual(try call("POST", "/v1/vms", """
+                {"name": "\(name)", "definition": {"memory_mib": 32, "nics": [{"segment": "\(segment)", "mac": "\(mac)"}],
+                 "boot": {"multiboot": "\(guest)", "cmdline": "\(cmdline)"}}}
+                """).status, 201)
+            XCTAssertEqual(try call("POST", "/v1/vms/\(name)/start").status, 200)
+        }
+        waitFor("five replies", timeout: 60) { consoleLog("pinger").contains("net: reply seq 5 ") }
+        XCTAssertEqual(try call("POST", "/v1/vms/pinger/pause").status, 200)
+        XCTAssertEqual(try call("POST", "/v1/vms/peer/pause").status, 200)
+        Thread.sleep(forTimeInterval: 0.2)  // the switch forwards what the ports still held
+        let text = try call("GET", "/metrics").body
+        func counter(_ name: String, _ vm: String) -> Double {
+            text.split(separator: "\n").first { $0.hasPrefix("\(name){vm=\"\(vm)\",device=\"net0\"}") }
+                .flatMap { Double($0.split(separator: " ").last ?? "") } ?? -1
+        }
+        XCTAssertGreaterThanOrEqual(counter("hv_nic_sent_frames_total", "pinger"), 5, text)
+        XCTAssertGreaterThanOrEqual(counter("hv_nic_received_frames_total", "pinger"), 5, text)
+        XCTAssertGreaterThanOrEqual(counter("hv_nic_sent_bytes_total", "pinger"), 5 * 60, text)
+        XCTAssertEqual(counter("hv_nic_sent_dropped_total", "pinger"), 0, text)
+        // Two members: what one sent, the other received (both paused, so nothing is in flight).
+        XCTAssertEqual(counter("hv_nic_sent_frames_total", "pinger"), counter("hv_nic_received_frames_total", "peer"), text)
+        XCTAssertEqual(counter("hv_nic_received_bytes_total", "pinger"), counter("hv_nic_sent_bytes_total", "peer"), text)
+        let status = try XCTUnwrap(try object(try call("GET", "/v1/vms/pinger").body)["status"] as? [String: Any])
+        let traffic = try XCTUnwrap((status["nics"] as? [[String: Any]])?.first?["traffic"] as? [String: Any], "\(status)")
+        XCTAssertEqual(Double(traffic["sent_frames"] as? Int ?? -1), counter("hv_nic_sent_frames_total", "pinger"), "\(traffic)")
+        for name in ["pinger", "peer"] { XCTAssertEqual(try call("POST", "/v1/vms/\(name)/stop").status, 200) }
+    }
+
     /// The id of the job a 202 answer carries.
     private func job(_ r: (status: Int, body: String), file: StaticString = #filePath, line: UInt = #line) throws -> String {
         XCTAssertEqual(r.status, 202, r.body, file: file, line: line)
