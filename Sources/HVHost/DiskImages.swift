@@ -107,11 +107,12 @@ public enum DiskConvert {
     static let chunk = 1 << 20
 
     /// Converts `source` (raw or qcow2, with its chain) to a new `format` image at `destination`;
-    /// `progress(done, total)` is called after each step. The source and its chain are share-locked
-    /// (nobody may write them meanwhile); the destination never overwrites a file and is removed
-    /// if the conversion fails.
+    /// `progress(done, total)` is called after each step, and the conversion stops (failing)
+    /// at the first step `cancelled` says so. The source and its chain are share-locked (nobody
+    /// may write them meanwhile); the destination never overwrites a file and is removed if the
+    /// conversion fails or is cancelled.
     public static func convert(_ source: String, to destination: String, format: VMDefinition.DiskFormat,
-                               progress: (UInt64, UInt64) -> Void) throws(UsageError) {
+                               cancelled: () -> Bool = { false }, progress: (UInt64, UInt64) -> Void) throws(UsageError) {
         let file: FileDescriptor
         do { file = try FileDescriptor.openHostFile(source, flags: O_RDONLY, kinds: .regular) } catch {
             throw UsageError(message: "cannot open disk image '\(source)': \(error)")
@@ -168,6 +169,7 @@ public enum DiskConvert {
         var buffer = [UInt8](repeating: 0, count: chunk)
         var done: UInt64 = 0
         while done < size {
+            if cancelled() { throw UsageError(message: "the conversion of '\(source)' was cancelled; '\(destination)' is removed") }
             let n = Int(min(UInt64(chunk), size - done))
             let read = buffer.withUnsafeMutableBytes { input.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: done) }
             if let read { throw UsageError(message: "cannot read '\(source)' at byte \(done): \(Errno(rawValue: read))") }

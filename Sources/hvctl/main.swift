@@ -502,8 +502,7 @@ extension HVCtl {
             let path = absolutePath(directory)
             guard path.utf8.first == UInt8(ascii: "/"), path.utf8.count < 4000 else { throw UsageError(message: "cannot resolve the directory '\(directory)'") }
             // Through hvd when it keeps the VM: its audit log and event stream tell the snapshot.
-            struct Body: Encodable { var path: String, stop: Bool }
-            if let answer = throughHVD(vm.name, "POST", "/snapshot", body: ControlJSON.encode(Body(path: path, stop: stop))) {
+            if let answer = throughHVD(vm.name, "POST", "/snapshot", body: ControlJSON.encode(SnapshotRequest(path: path, stop: stop))) {
                 print(Self.follow(answer, vm: vm.name) ?? "saved \(vm.name) to \(path)")
                 return
             }
@@ -513,21 +512,8 @@ extension HVCtl {
 
         /// Follows hvd's snapshot job until it ends: its message, or hvctl ends with its error.
         static func follow(_ started: HVDClient.Response, vm: String) -> String? {
-            struct Job: Decodable { var id: String, state: String, message: String?, error: String? }
-            guard var job = try? ControlJSON.decode(Job.self, started.body) else {
-                fail("hvd answered the snapshot of '\(vm)' without a job: \(String(decoding: started.body, as: UTF8.self))")
-            }
             // The VM's own limit for a snapshot is 600 s; hvd's job ends by then.
-            let deadline = monotonicNanoseconds() + 610_000_000_000
-            while job.state == "running" {
-                guard monotonicNanoseconds() < deadline else { fail("hvd's snapshot job \(job.id) of '\(vm)' has not ended in 610 s") }
-                usleep(20_000)
-                guard let answer = HVDClient.request("GET", "/v1/jobs/\(job.id)", timeoutSeconds: 10) else {
-                    fail("hvd stopped answering on \(HVDClient.socketPath) during the snapshot of '\(vm)' (job \(job.id)); the VM goes on with it")
-                }
-                guard answer.status == 200, let next = try? ControlJSON.decode(Job.self, answer.body) else { fail(answer.errorMessage) }
-                job = next
-            }
+            let job = followHVDJob(started, what: "the snapshot of '\(vm)'", cancelOnInterrupt: false, seconds: 610)
             guard job.state == "succeeded" else { fail(job.error ?? "the snapshot of '\(vm)' \(job.state)") }
             return job.message
         }
@@ -573,6 +559,15 @@ extension HVCtl {
                 guard to == nil, maxDowntime == nil, timeout == nil, bandwidth == nil, !finishOnTimeout, key == nil, !insecurePlaintext else {
                     throw UsageError(message: "--cancel takes no other option")
                 }
+                // hvd's migration job of the VM, when hvd runs one: cancelled through hvd.
+                if let job = HVDMigration.runningJob(of: vm.name) {
+                    guard let answer = HVDClient.request("DELETE", "/v1/jobs/\(job)", timeoutSeconds: 15) else {
+                        fail("hvd stopped answering on \(HVDClient.socketPath) while cancelling job \(job)")
+                    }
+                    guard answer.status == 200 else { fail(answer.errorMessage) }
+                    print("cancelling the migration of \(vm.name) (hvd's job \(job)); it carries on here")
+                    return
+                }
                 let reply = ask(vm.name, ControlRequest(.migrateCancel))
                 print(reply.message ?? "cancelling")
                 return
@@ -589,14 +584,52 @@ extension HVCtl {
             } else {
                 request.insecurePlaintext = true
             }
+            let terminal = isatty(2) == 1
+            func report(_ progress: MigrationProgressReport) {
+                if json {
+                    print(String(decoding: ControlJSON.encode(progress), as: UTF8.self))
+                    fflush(nil)
+                } else {
+                    let line = "round \(progress.round) (\(progress.phase)): \(progress.bytesSent >> 20) MiB sent, \(progress.dirtyBytes >> 10) KiB dirty at \(progress.dirtyRateBytesPerSecond >> 20) MiB/s, network \(progress.bandwidthBytesPerSecond >> 20) MiB/s, expected pause \(oneDecimal(progress.expectedDowntimeMilliseconds)) ms"
+                    _ = (terminal ? "\r\u{1B}[K" + line : line + "\n").withCString { write(2, $0, strlen($0)) }
+                }
+            }
+            func end(_ result: MigrationResultReport?, message: String?) {
+                if terminal && !json { _ = "\n".withCString { write(2, $0, 1) } }
+                if json, let result {
+                    print(String(decoding: ControlJSON.encode(result), as: UTF8.self))
+                } else {
+                    print(message ?? "migrated \(vm.name)")
+                }
+            }
+            // Ctrl-C cancels the migration (the VM carries on here) rather than leaving it running unseen.
+            signal(SIGINT) { _ in interrupted.store(true, ordering: .relaxed) }
+
+            // Through hvd when it keeps the VM: hvd's job does it (audited, in its events), and
+            // hvd reads the key file, on this same host.
+            let body = MigrateRequest(to: to, maxDowntimeMs: request.maxDowntimeMs, timeoutSeconds: request.timeoutSeconds,
+                                         bandwidth: request.bandwidth, finishOnTimeout: request.finishOnTimeout,
+                                         keyFile: key.map(absolutePath), insecurePlaintext: insecurePlaintext ? true : nil)
+            if let started = throughHVD(vm.name, "POST", "/migrate", body: ControlJSON.encode(body)) {
+                var reported: MigrationProgressReport?
+                let job = followHVDJob(started, what: "the migration of '\(vm.name)'", cancelOnInterrupt: true) { job in
+                    guard let progress = job.progress, progress != reported else { return }
+                    reported = progress
+                    report(progress)
+                }
+                guard job.state == "succeeded" else {
+                    if reported != nil, terminal && !json { _ = "\n".withCString { write(2, $0, 1) } }
+                    fail(job.error ?? "the migration of '\(vm.name)' \(job.state)")
+                }
+                end(job.migration, message: job.message)
+                return
+            }
+
             guard let fd = connectTo(RunDirectory.socket(vm.name)) else { failNoAnswer(vm.name) }
             defer { close(fd) }
             guard ControlJSON.encode(request).withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 else { failNoAnswer(vm.name) }
-            // Ctrl-C cancels the migration (the VM carries on here) rather than leaving it running unseen.
-            signal(SIGINT) { _ in interrupted.store(true, ordering: .relaxed) }
             var cancelSent = false
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
-            let terminal = isatty(2) == 1
             while true {
                 var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
                 if poll(&p, 1, 200) <= 0 {
@@ -613,26 +646,55 @@ extension HVCtl {
                     fail("VM '\(vm.name)' sent a malformed reply: \(error.message)")
                 }
                 if let progress = reply.progress, reply.ok, reply.migration == nil, reply.message == nil {
-                    if json {
-                        print(String(decoding: ControlJSON.encode(progress), as: UTF8.self))
-                        fflush(nil)
-                    } else {
-                        let line = "round \(progress.round) (\(progress.phase)): \(progress.bytesSent >> 20) MiB sent, \(progress.dirtyBytes >> 10) KiB dirty at \(progress.dirtyRateBytesPerSecond >> 20) MiB/s, network \(progress.bandwidthBytesPerSecond >> 20) MiB/s, expected pause \(oneDecimal(progress.expectedDowntimeMilliseconds)) ms"
-                        _ = (terminal ? "\r\u{1B}[K" + line : line + "\n").withCString { write(2, $0, strlen($0)) }
-                    }
+                    report(progress)
                     continue
                 }
-                if terminal && !json { _ = "\n".withCString { write(2, $0, 1) } }
+                if !reply.ok, terminal && !json { _ = "\n".withCString { write(2, $0, 1) } }
                 guard reply.ok else { fail(reply.error ?? "the migration failed") }
-                if json, let result = reply.migration {
-                    print(String(decoding: ControlJSON.encode(result), as: UTF8.self))
-                } else {
-                    print(reply.message ?? "migrated \(vm.name)")
-                }
+                end(reply.migration, message: reply.message)
                 return
             }
         }
     }
+}
+
+/// `hvctl migrate` through hvd: its `POST …/migrate` job (`MigrateRequest`).
+enum HVDMigration {
+    /// The id of hvd's running migration job of VM `name`, if hvd runs one.
+    static func runningJob(of name: String) -> String? {
+        struct List: Decodable { var jobs: [HVDJob] }
+        guard let answer = HVDClient.request("GET", "/v1/jobs", timeoutSeconds: 5), answer.status == 200,
+              let list = try? ControlJSON.decode(List.self, answer.body) else { return nil }
+        return list.jobs.last { $0.vm == name && $0.type == "migrate" && $0.state == "running" }?.id
+    }
+}
+
+/// Follows the job hvd answered `started` with until it ends (`seconds` at most, when given),
+/// calling `update` with each state of it read while it runs; with `cancelOnInterrupt`, Ctrl-C
+/// asks hvd to cancel it. Returns the job as it ended; hvctl ends with one line if hvd stops
+/// answering (the job goes on).
+func followHVDJob(_ started: HVDClient.Response, what: String, cancelOnInterrupt: Bool, seconds: UInt64? = nil,
+                  update: (HVDJob) -> Void = { _ in }) -> HVDJob {
+    guard var job = try? ControlJSON.decode(HVDJob.self, started.body) else {
+        fail("hvd answered \(what) without a job: \(String(decoding: started.body, as: UTF8.self))")
+    }
+    let deadline = seconds.map { monotonicNanoseconds() + $0 * 1_000_000_000 }
+    var cancelSent = false
+    while job.state == "running" {
+        if let deadline, monotonicNanoseconds() > deadline { fail("hvd's job \(job.id), \(what), has not ended in \(seconds ?? 0) s") }
+        usleep(20_000)
+        if cancelOnInterrupt && interrupted.load(ordering: .relaxed) && !cancelSent {
+            cancelSent = true
+            _ = HVDClient.request("DELETE", "/v1/jobs/\(job.id)", timeoutSeconds: 15)
+        }
+        guard let answer = HVDClient.request("GET", "/v1/jobs/\(job.id)", timeoutSeconds: 10) else {
+            fail("hvd stopped answering on \(HVDClient.socketPath) during \(what) (job \(job.id)); the job goes on")
+        }
+        guard answer.status == 200, let next = try? ControlJSON.decode(HVDJob.self, answer.body) else { fail(answer.errorMessage) }
+        job = next
+        if job.state == "running" { update(job) }
+    }
+    return job
 }
 
 /// What protects a migration: the key in the file the operator named, or (nil, said out loud

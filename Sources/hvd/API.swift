@@ -2,6 +2,7 @@ import Foundation
 import HVHost
 import Hummingbird
 import NIOCore
+import ServiceLifecycle
 
 /// The request context: Hummingbird's own, plus the connection, whose peer credentials the
 /// audit log records.
@@ -128,6 +129,16 @@ enum API {
                 try await service.receive(try name(context), try await body(IncomingRequest.self, request), scope)
             }
         }
+        router.post("/v1/disks/convert") { request, _ in
+            await answer(status: 202) { () async throws(APIError) in
+                try service.convertDisk(try await body(ConvertDiskRequest.self, request), scope)
+            }
+        }
+        router.post("/v1/disks/commit") { request, _ in
+            await answer(status: 202) { () async throws(APIError) in
+                try service.commitDisk(try await body(CommitDiskRequest.self, request), scope)
+            }
+        }
         // Tenants are the host's admin's to add and remove.
         @Sendable func adminOnly() throws(APIError) {
             guard case .admin = scope else { throw .forbidden("only the host's admin manages tenants") }
@@ -189,7 +200,8 @@ enum API {
             return Response(status: .ok, headers: headers, body: ResponseBody { writer in
                 // A first line at once, so a client knows it is subscribed before anything happens.
                 try await writer.write(ByteBuffer(bytes: ControlJSON.encode(Event(type: "subscribed", vm: "")) + [0x0A]))
-                for await event in stream {
+                // Until the client goes, or hvd stops: a watcher must not hold hvd's shutdown.
+                for await event in stream.cancelOnGracefulShutdown() {
                     try await writer.write(ByteBuffer(bytes: ControlJSON.encode(event) + [0x0A]))
                 }
                 try await writer.finish(nil)
@@ -212,7 +224,7 @@ enum API {
         ("/v1/vms/:name/devices/:device/restart", ["POST"]), ("/v1/vms/:name/devices/:device/upgrade", ["POST"]),
         ("/v1/vms/:name/console", ["GET"]), ("/v1/vms/:name/snapshot", ["POST"]), ("/v1/vms/:name/restore", ["POST"]), ("/v1/vms/:name/migrate", ["POST"]),
         ("/v1/vms/:name/incoming", ["POST"]), ("/v1/jobs", ["GET"]), ("/v1/jobs/:id", ["GET", "DELETE"]),
-        ("/v1/tenants", ["GET", "POST"]), ("/v1/tenants/:tenant", ["DELETE"]), ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
+        ("/v1/disks/convert", ["POST"]), ("/v1/disks/commit", ["POST"]), ("/v1/tenants", ["GET", "POST"]), ("/v1/tenants/:tenant", ["DELETE"]), ("/v1/events", ["GET"]), ("/metrics", ["GET"]),
     ].map { ($0.0.split(separator: "/"), $0.1) }
 
     /// `?bytes=N` of `GET …/console`: 1 to 1 MiB, 64 KiB when absent.

@@ -125,6 +125,10 @@ struct HVD: AsyncParsableCommand {
             failServing("cannot serve \(socketPath): \(error)")
         }
         adminSocket.remove()
+        // Disk jobs are hvd's own work: a conversion stops and removes its copy, a commit ends.
+        for job in service.jobs.settleDiskJobs(seconds: 30) {
+            log("stopping with \(job.type) job \(job.id) of \(job.disk ?? "") unfinished")
+        }
         log("stopped; the VMs keep running")
     }
 

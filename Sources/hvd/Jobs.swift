@@ -3,76 +3,8 @@ import HVHost
 import HVSys
 import Synchronization
 
-/// A long operation hvd runs for a client that does not wait for it: `POST …/snapshot` and
-/// `POST …/migrate` answer 202 with one, `GET /v1/jobs/{id}` tells where it stands, events
-/// (`job-progress`, `job-finished`) tell as it goes, `DELETE /v1/jobs/{id}` cancels a migration.
-/// Jobs live in hvd's memory: the VM does the work, so a job whose hvd restarts is lost from the
-/// list but not from the VM (its migration or snapshot goes on).
-struct Job: Encodable, Sendable {
-    var id: String
-    /// `snapshot` or `migrate`.
-    var type: String
-    var vm: String
-    /// `running`, `succeeded`, `failed` or `cancelled`.
-    var state: String
-    var started: String
-    var finished: String?
-    /// A migration's last progress report.
-    var progress: MigrationProgressReport?
-    /// A migration's outcome.
-    var migration: MigrationResultReport?
-    /// The VM's one-line report when it succeeded.
-    var message: String?
-    /// Why it failed, in one line.
-    var error: String?
-
-    enum CodingKeys: String, CodingKey { case id, type, vm, state, started, finished, progress, migration, message, error }
-}
-
-/// `POST /v1/vms/{name}/snapshot`.
-struct SnapshotRequest: Decodable, Sendable {
-    var path: String
-    var stop: Bool
-
-    enum CodingKeys: String, CodingKey, CaseIterable { case path, stop }
-
-    init(from decoder: any Decoder) throws {
-        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        path = try c.decode(String.self, forKey: .path)
-        stop = try c.decodeIfPresent(Bool.self, forKey: .stop) ?? false
-    }
-}
-
-/// `POST /v1/vms/{name}/migrate`: `hvctl migrate`'s options.
-struct MigrateRequest: Decodable, Sendable {
-    var to: String
-    var maxDowntimeMs: UInt64?
-    var timeoutSeconds: UInt64?
-    var bandwidth: UInt64?
-    var finishOnTimeout: Bool?
-    /// The key file both hosts hold, on hvd's host (`hvctl migrate --key`).
-    var keyFile: String?
-    /// Unauthenticated, unencrypted (`hvctl migrate --insecure-plaintext`).
-    var insecurePlaintext: Bool?
-
-    enum CodingKeys: String, CodingKey, CaseIterable {
-        case to, maxDowntimeMs = "max_downtime_ms", timeoutSeconds = "timeout_seconds", bandwidth = "bandwidth_bytes_per_second"
-        case finishOnTimeout = "finish_on_timeout", keyFile = "key_file", insecurePlaintext = "insecure_plaintext"
-    }
-
-    init(from decoder: any Decoder) throws {
-        try decoder.refuseUnknownKeys(CodingKeys.allCases.map(\.rawValue))
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        to = try c.decode(String.self, forKey: .to)
-        maxDowntimeMs = try c.decodeIfPresent(UInt64.self, forKey: .maxDowntimeMs)
-        timeoutSeconds = try c.decodeIfPresent(UInt64.self, forKey: .timeoutSeconds)
-        bandwidth = try c.decodeIfPresent(UInt64.self, forKey: .bandwidth)
-        finishOnTimeout = try c.decodeIfPresent(Bool.self, forKey: .finishOnTimeout)
-        keyFile = try c.decodeIfPresent(String.self, forKey: .keyFile)
-        insecurePlaintext = try c.decodeIfPresent(Bool.self, forKey: .insecurePlaintext)
-    }
-}
+/// hvd's jobs are HVHost's `HVDJob`, the type hvctl reads them as too.
+typealias Job = HVDJob
 
 /// `POST /v1/vms/{name}/incoming`: `hvctl run --incoming`'s options.
 struct IncomingRequest: Decodable, Sendable {
@@ -115,13 +47,19 @@ final class JobTable: Sendable {
 
     func get(_ id: String) -> Job? { state.withLock { $0.jobs[id] } }
 
-    /// A job of `type` on `vm`, running from now; refused when that VM has one running already.
-    func begin(_ type: String, vm: String) throws(APIError) -> Job {
+    /// A job of `type` on `vm` (or, for a disk job, on image `disk`), running from now; refused
+    /// when that VM or image has one running already.
+    func begin(_ type: String, vm: String, disk: String? = nil) throws(APIError) -> Job {
         try state.withLock { (s: inout State) throws(APIError) -> Job in
-            if let busy = s.order.compactMap({ s.jobs[$0] }).first(where: { $0.vm == vm && $0.state == "running" }) {
+            let running = s.order.compactMap({ s.jobs[$0] }).filter { $0.state == "running" }
+            if let disk, let busy = running.first(where: { $0.disk == disk }) {
+                throw .conflict("'\(disk)' has a \(busy.type) job running (\(busy.id)); wait for it or cancel it")
+            }
+            if !vm.isEmpty, let busy = running.first(where: { $0.vm == vm }) {
                 throw .conflict("VM '\(vm)' has a \(busy.type) job running (\(busy.id)); wait for it or cancel it")
             }
-            let job = Job(id: "job-\(s.next)", type: type, vm: vm, state: "running", started: Event(type: "", vm: "").time)
+            var job = Job(id: "job-\(s.next)", type: type, vm: vm, state: "running", started: Event(type: "", vm: "").time)
+            job.disk = disk
             s.next += 1
             s.jobs[job.id] = job
             s.order.append(job.id)
@@ -135,6 +73,16 @@ final class JobTable: Sendable {
         }
     }
 
+    /// At hvd's stop: every running conversion is cancelled (each removes its destination) and
+    /// every disk job is waited for, `seconds` at most; returns those that were still running.
+    func settleDiskJobs(seconds: Double) -> [Job] {
+        func running() -> [Job] { all.filter { $0.vm.isEmpty && $0.state == "running" } }
+        for job in running() where job.type == "convert" { requestCancel(job.id) }
+        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        while !running().isEmpty && monotonicNanoseconds() < deadline { usleep(10_000) }
+        return running()
+    }
+
     /// Notes that a client asked to cancel job `id`, so its failure is told as `cancelled`.
     func requestCancel(_ id: String) { _ = state.withLock { $0.cancelling.insert(id) } }
 
@@ -144,6 +92,20 @@ final class JobTable: Sendable {
     func progress(_ id: String, _ report: MigrationProgressReport) {
         guard let job = update(id, { $0.progress = report }) else { return }
         events.publish(Event(type: "job-progress", vm: job.vm, message: "round \(report.round) (\(report.phase)): \(report.bytesSent >> 20) MiB sent",
+                             job: job.id))
+    }
+
+    /// A disk job's progress; an event each time another whole percent is done.
+    func progress(_ id: String, done: UInt64, of total: UInt64) {
+        var before: UInt64?
+        guard let job = update(id, { job in
+            before = job.bytesDone
+            job.bytesDone = done
+            job.bytesTotal = total
+        }) else { return }
+        func percent(_ bytes: UInt64?) -> UInt64? { bytes.map { total == 0 ? 100 : $0 * 100 / total } }
+        guard percent(before) != percent(done) else { return }
+        events.publish(Event(type: "job-progress", vm: job.vm, message: "\(percent(done) ?? 0)% of \(job.disk ?? "") (\(done >> 20) of \(total >> 20) MiB)",
                              job: job.id))
     }
 
@@ -213,9 +175,9 @@ extension VMService {
         DispatchQueue.global().async {
             let outcome = Self.streamMigration(name, request) { jobs.progress(job.id, $0) }
             switch outcome {
-            case .success(let result):
+            case .success(let (result, message)):
                 events.expectStop(name, reason: "migrated")
-                jobs.finish(job.id, state: "succeeded", message: "moved to \(result.destination)", migration: result)
+                jobs.finish(job.id, state: "succeeded", message: message ?? "migrated \(name) to \(result.destination)", migration: result)
             case .failure(let error):
                 jobs.finish(job.id, state: "failed", error: error.message)
             }
@@ -323,7 +285,8 @@ extension VMService {
         return line
     }
 
-    /// Cancels job `id`: a migration stops and the VM carries on here; a snapshot cannot be.
+    /// Cancels job `id`: a migration stops and the VM carries on here, a wait ends, a conversion
+    /// stops and removes its destination; a snapshot or a commit cannot be.
     func cancel(_ id: String, _ scope: Scope) async throws(APIError) -> Job {
         guard let job = jobs.get(id), store.get(job.vm).map(scope.sees) ?? (scope.owner == nil) else {
             throw .notFound("no job '\(id)' (see GET /v1/jobs)")
@@ -338,7 +301,15 @@ extension VMService {
             jobs.requestCancel(id)
             return jobs.get(id) ?? job
         }
-        guard job.type == "migrate" else { throw .conflict("a snapshot cannot be cancelled: it ends when its copy is made") }
+        if job.type == "convert" {
+            // The conversion stops at its next step and removes what it wrote.
+            jobs.requestCancel(id)
+            return jobs.get(id) ?? job
+        }
+        guard job.type == "migrate" else {
+            throw .conflict(job.type == "commit" ? "a commit cannot be cancelled: it is writing the backing image"
+                                                 : "a snapshot cannot be cancelled: it ends when its copy is made")
+        }
         jobs.requestCancel(id)
         let reply = await blocking { controlRequest(job.vm, ControlRequest(.migrateCancel), timeoutSeconds: 10) }
         guard let reply, reply.ok else { throw .unprocessable(reply?.error ?? "VM '\(job.vm)' did not answer") }
@@ -352,9 +323,9 @@ extension VMService {
         return vm
     }
 
-    /// Sends `migrate` and reads the VM's replies until the last one.
+    /// Sends `migrate` and reads the VM's replies until the last one: its figures and its one-line report.
     private static func streamMigration(_ name: String, _ request: ControlRequest,
-                                        progress: (MigrationProgressReport) -> Void) -> Result<MigrationResultReport, APIError> {
+                                        progress: (MigrationProgressReport) -> Void) -> Result<(MigrationResultReport, String?), APIError> {
         guard let fd = connectTo(RunDirectory.socket(name)) else { return .failure(.unprocessable("VM '\(name)' does not answer")) }
         defer { close(fd) }
         guard ControlJSON.encode(request).withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) > 0 else {
@@ -369,7 +340,7 @@ extension VMService {
                 return .failure(.unprocessable("VM '\(name)' sent a malformed reply"))
             }
             guard reply.ok else { return .failure(.unprocessable(reply.error ?? "the migration failed")) }
-            if let result = reply.migration { return .success(result) }
+            if let result = reply.migration { return .success((result, reply.message)) }
             if let report = reply.progress { progress(report) }
         }
     }

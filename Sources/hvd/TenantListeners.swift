@@ -138,7 +138,10 @@ final class TenantListeners: Service, Sendable {
             await stop(tenant.name)
             throw error
         }
-        return list().first { $0.name == tenant.name }!
+        guard let info = list().first(where: { $0.name == tenant.name }) else {
+            throw .internalFailure("tenant '\(tenant.name)' was served and is gone")
+        }
+        return info
     }
 
     /// Stops serving tenant `name` and forgets it; its files directory stays (its images are its own).

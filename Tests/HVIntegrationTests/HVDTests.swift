@@ -481,6 +481,87 @@ final class HVDTests: XCTestCase {
         for name in ["pinger", "peer"] { XCTAssertEqual(try call("POST", "/v1/vms/\(name)/stop").status, 200) }
     }
 
+    /// Disk conversions and commits as jobs, checked by qemu-img and qemu-io: a qcow2 image
+    /// converted to raw compares identical; a conversion cancelled halfway leaves no destination;
+    /// an overlay's writes, committed, are in its base; bad requests are refused before any job.
+    func testDiskConversionsAndCommitsRunAsJobs() throws {
+        try startHVD()
+        func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+        func run(_ tool: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+            let r = try HVIntegrationTests.tool("/usr/bin/" + tool, arguments)
+            XCTAssertEqual(r.status, 0, "\(tool) \(arguments): \(r.output)", file: file, line: line)
+            return r.output
+        }
+        let base = path("base.qcow2"), copy = path("copy.raw"), overlay = path("overlay.qcow2")
+        _ = try run("qemu-img", ["create", "-q", "-f", "qcow2", base, "64M"])
+        _ = try run("qemu-io", ["-c", "write -P 0xab 1M 2M", base])
+        let stream = try subscribe()
+
+        let converted = finished(try job(try call("POST", "/v1/disks/convert", #"{"source": "\#(base)", "destination": "\#(copy)", "format": "raw"}"#)))
+        XCTAssertEqual(converted["state"] as? String, "succeeded", "\(converted)")
+        XCTAssertEqual(converted["vm"] as? String, "")
+        XCTAssertEqual(converted["disk"] as? String, copy)
+        XCTAssertEqual(converted["bytes_done"] as? Int, 64 << 20, "\(converted)")
+        XCTAssertEqual(converted["bytes_total"] as? Int, 64 << 20, "\(converted)")
+        XCTAssertEqual(converted["message"] as? String, "converted \(base) to \(copy) (raw)")
+        XCTAssertTrue(try run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", base, copy]).contains("Images are identical"))
+        let id = try XCTUnwrap(converted["id"] as? String)
+        waitFor("the conversion's events") {
+            let mine = self.events(stream).filter { $0["job"] as? String == id }
+            return mine.contains { $0["type"] as? String == "job-progress" && ($0["message"] as? String)?.hasPrefix("100% of \(copy)") == true }
+                && mine.contains { $0["type"] as? String == "job-finished" && $0["reason"] as? String == "succeeded" }
+        }
+
+        // Refused before any job.
+        let refusals: [(action: String, body: String, status: Int, text: String)] = [
+            ("convert", #"{"source": "base.qcow2", "destination": "\#(path("x"))", "format": "raw"}"#, 400, "source 'base.qcow2' must be an absolute path"),
+            ("convert", #"{"source": "\#(base)", "destination": "\#(path("x"))", "format": "vmdk"}"#, 400, "format 'vmdk': use raw or qcow2"),
+            ("convert", #"{"source": "\#(path("none"))", "destination": "\#(path("x"))", "format": "raw"}"#, 422, "cannot open disk image '\(path("none"))'"),
+            ("convert", #"{"source": "\#(base)", "destination": "\#(copy)", "format": "qcow2"}"#, 409, "'\(copy)' exists"),
+            ("commit", #"{"overlay": "\#(path("none"))"}"#, 422, "cannot open disk image"),
+        ]
+        for (action, body, status, text) in refusals {
+            let r = try call("POST", "/v1/disks/\(action)", body)
+            XCTAssertEqual(r.status, status, "\(body): \(r.body)")
+            XCTAssertTrue(r.body.contains(text), "\(body): \(r.body)")
+        }
+
+        // Cancelled while it copies: failed as cancelled, and no destination left.
+        let big = path("big.raw"), bigCopy = path("big.qcow2")
+        XCTAssertTrue(FileManager.default.createFile(atPath: big, contents: nil))
+        XCTAssertEqual(truncate(big, 64 << 30), 0)
+        let long = try job(try call("POST", "/v1/disks/convert", #"{"source": "\#(big)", "destination": "\#(bigCopy)", "format": "qcow2"}"#))
+        waitFor("the long conversion to begin") { ((try? self.object(try self.call("GET", "/v1/jobs/\(long)").body))?["bytes_done"] as? Int ?? 0) > 0 }
+        XCTAssertEqual(try call("DELETE", "/v1/jobs/\(long)").status, 200)
+        let cancelled = finished(long)
+        XCTAssertEqual(cancelled["state"] as? String, "cancelled", "\(cancelled)")
+        XCTAssertLessThan(cancelled["bytes_done"] as? Int ?? .max, 64 << 30, "\(cancelled)")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: bigCopy), "a cancelled conversion left its destination")
+
+        // An overlay's writes committed into its base, which then reads them.
+        _ = try run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay])
+        _ = try run("qemu-io", ["-c", "write -P 0xcd 8M 1M", overlay])
+        let committed = finished(try job(try call("POST", "/v1/disks/commit", #"{"overlay": "\#(overlay)"}"#)))
+        XCTAssertEqual(committed["state"] as? String, "succeeded", "\(committed)")
+        XCTAssertEqual(committed["message"] as? String, "committed \(overlay) into \(base)")
+        for image in [base, overlay] {
+            let read = try run("qemu-io", ["-c", "read -P 0xcd 8M 1M", "-c", "read -P 0xab 1M 2M", image])
+            XCTAssertFalse(read.contains("Pattern verification failed"), "\(image): \(read)")
+        }
+        _ = try run("qemu-img", ["check", "-q", base])
+        let late = try call("DELETE", "/v1/jobs/\(try XCTUnwrap(committed["id"] as? String))")
+        XCTAssertEqual(late.status, 409, late.body)
+
+        // hvd stopped (SIGTERM) during a conversion, with a client watching its events: it stops at
+        // once (the event stream ends), the conversion ends and its copy goes with it.
+        let unfinished = try job(try call("POST", "/v1/disks/convert", #"{"source": "\#(big)", "destination": "\#(bigCopy)", "format": "raw"}"#))
+        waitFor("the conversion to begin") { ((try? self.object(try self.call("GET", "/v1/jobs/\(unfinished)").body))?["bytes_done"] as? Int ?? 0) > 0 }
+        let process = try XCTUnwrap(hvd)
+        process.terminateAndWait()
+        XCTAssertEqual(process.process.terminationStatus, 0, process.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: bigCopy), "hvd stopped and left an unfinished conversion's destination")
+    }
+
     /// The id of the job a 202 answer carries.
     private func job(_ r: (status: Int, body: String), file: StaticString = #filePath, line: UInt = #line) throws -> String {
         XCTAssertEqual(r.status, 202, r.body, file: file, line: line)
@@ -761,13 +842,65 @@ final class HVDTests: XCTestCase {
         XCTAssertTrue(alone.stderr.contains("'hvctl start' needs hvd"), alone.stderr)
     }
 
+    /// `hvctl migrate` of a VM hvd keeps is hvd's job: hvctl follows it (progress as JSON lines,
+    /// then the result), `hvctl migrate --cancel` cancels it through hvd (the first hvctl ends
+    /// with the reason, the VM carries on), and both are in hvd's audit log.
+    func testHvctlMigrateGoesThroughHVD() throws {
+        try startHVD()
+        XCTAssertEqual(try create("walker").status, 201)
+        XCTAssertEqual(try call("POST", "/v1/vms/walker/start").status, 200)
+        let key = try Harness.migrationKey(in: dir)
+        let port = 30_020 + Int(getpid() % 20_000)
+        let destinationRun = dir.appendingPathComponent("destination").path
+        setenv("HV_RUN_DIR", destinationRun, 1)
+        let destination = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port)", "--name", "walked", "--key", key])
+        background.append(destination)
+        setenv("HV_RUN_DIR", runDir, 1)
+        waitFor("the destination to listen") { destination.stderr.contains("waiting for a VM") }
+
+        // At 4 KiB/s it would take hours: cancelled through hvd, the VM carries on here.
+        let slow = try VMProcess(["migrate", "walker", "--to", "tcp:127.0.0.1:\(port)", "--key", key, "--bandwidth", "4096", "--json"])
+        background.append(slow)
+        waitFor("hvd's migration job") { (try? self.call("GET", "/v1/jobs").body.contains("\"running\"")) == true }
+        let cancel = try runHvctl(["migrate", "walker", "--cancel"])
+        XCTAssertEqual(cancel.status, 0, cancel.stderr)
+        XCTAssertTrue(cancel.stdout.contains("hvd's job"), cancel.stdout)
+        waitFor("the cancelled hvctl migrate to end") { !slow.process.isRunning }
+        XCTAssertEqual(slow.process.terminationStatus, 1, slow.stderr)
+        XCTAssertTrue(slow.stderr.hasPrefix("hvctl: ") && slow.stderr.contains("cancel"), slow.stderr)
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/walker").body)["state"] as? String, "running")
+        // The destination gave up with it; another one waits.
+        XCTAssertNotEqual(destination.waitForExit(timeout: 30), 0)
+        setenv("HV_RUN_DIR", destinationRun, 1)
+        let second = try VMProcess(["run", "--incoming", "tcp:127.0.0.1:\(port + 1)", "--name", "walked", "--key", key])
+        background.append(second)
+        setenv("HV_RUN_DIR", runDir, 1)
+        waitFor("the second destination to listen") { second.stderr.contains("waiting for a VM") }
+
+        // Then for real: progress lines and the result as JSON, the VM gone from here.
+        let moved = try runHvctl(["migrate", "walker", "--to", "tcp:127.0.0.1:\(port + 1)", "--key", key, "--json"], timeout: 120)
+        XCTAssertEqual(moved.status, 0, moved.stderr)
+        let last = try XCTUnwrap(moved.stdout.split(separator: "\n").last.map(String.init))
+        let result = try object(last)
+        XCTAssertEqual(result["destination"] as? String, "tcp:127.0.0.1:\(port + 1)", last)
+        XCTAssertNotNil(result["downtime_ms"], last)
+        XCTAssertEqual(try object(try call("GET", "/v1/vms/walker").body)["state"] as? String, "stopped")
+        let jobs = try XCTUnwrap(try object(try call("GET", "/v1/jobs").body)["jobs"] as? [[String: Any]])
+        XCTAssertEqual(jobs.compactMap { $0["state"] as? String }, ["cancelled", "succeeded"], "\(jobs)")
+        XCTAssertTrue((jobs.last?["message"] as? String)?.hasPrefix("migrated walker to tcp:127.0.0.1:\(port + 1) in ") == true, "\(jobs)")
+        let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
+        XCTAssertEqual(audit.components(separatedBy: "\"path\":\"/v1/vms/walker/migrate\"").count - 1, 2, audit)
+        XCTAssertTrue(audit.contains("\"method\":\"DELETE\",\"path\":\"/v1/jobs/"), audit)
+        second.terminateAndWait()
+    }
+
     /// schemathesis (PyPI) generates requests from api/hvd.yaml, valid and not, and checks every
     /// answer against the document: no 5xx, the documented statuses, bodies and content types,
     /// 405 for methods a path does not take. It also reuses names it reads from responses, so the
     /// VM running beside it gets paused, killed and deleted by valid requests: afterwards hvd's
     /// account of what runs must match the host's, and hvd must still start and run a VM.
-    /// (Starting VMs is left out: the fuzzer would start hundreds; so are snapshots and
-    /// migrations, which would write to and connect to whatever the fuzzer made up. Restores,
+    /// (Starting VMs is left out: the fuzzer would start hundreds; so are snapshots, migrations
+    /// and disk jobs, which would write to and connect to whatever the fuzzer made up. Restores,
     /// which only read, are fuzzed in a run of their own that accepts a made-up snapshot's 422.)
     func testAPIFuzzedAgainstItsOpenAPIDocument() throws {
         let schemathesis = Harness.repositoryRoot.appendingPathComponent(".build/pyenv/bin/schemathesis").path
@@ -785,11 +918,13 @@ final class HVDTests: XCTestCase {
         let run = try tool(schemathesis, ["run", Harness.repositoryRoot.appendingPathComponent("api/hvd.yaml").path,
                                           "--url", "http://127.0.0.1:\(port)", "--max-examples", "25", "--seed", "1",
                                           "--exclude-operation-id", "startVM", "--exclude-operation-id", "streamEvents",
-                                          // These write snapshots where they are told, connect or listen where they
-                                          // are told: not for generated paths and addresses (testSnapshotAndMigration-
-                                          // RunAsJobs and testAVMArrivesThroughTheAPI drive them).
+                                          // These write snapshots and images where they are told, connect or listen
+                                          // where they are told: not for generated paths and addresses (testSnapshotAnd-
+                                          // MigrationRunAsJobs, testAVMArrivesThroughTheAPI, testDiskConversionsAnd-
+                                          // CommitsRunAsJobs drive them).
                                           "--exclude-operation-id", "snapshotVM", "--exclude-operation-id", "migrateVM",
                                           "--exclude-operation-id", "receiveVM", "--exclude-operation-id", "restoreVM",
+                                          "--exclude-operation-id", "convertDisk", "--exclude-operation-id", "commitDisk",
                                           "--generation-database", "none", "--no-color", "--request-timeout", "40"])
         XCTAssertEqual(run.status, 0, String(run.output.suffix(6000)))
         XCTAssertTrue(run.output.contains(" passed"), String(run.output.suffix(2000)))
