@@ -71,6 +71,8 @@ final class TenantListeners: Service, Sendable {
     private let logger: Logger
     /// The tenants hvd starts with: `--tenant`'s, then the book's.
     private let initial: [(Tenant, fromCommandLine: Bool)]
+    /// Whether every one of `initial` is served (or was, and has been removed since).
+    private let servedInitial = Mutex(false)
 
     /// Reads the book and checks it against `--tenant`'s (`given`); nothing is served yet.
     init(given: [Tenant], stateDirectory: String, sockets: String, files: String, service: VMService, logger: Logger) throws(UsageError) {
@@ -97,8 +99,6 @@ final class TenantListeners: Service, Sendable {
         self.initial = initial
     }
 
-    var sockets: [String] { served.withLock { $0.values.map(\.tenant.socket) } }
-
     func run() async throws {
         for (tenant, fromCommandLine) in initial {
             do throws(UsageError) { try await serve(tenant, fromCommandLine: fromCommandLine) } catch {
@@ -106,6 +106,7 @@ final class TenantListeners: Service, Sendable {
                 throw error
             }
         }
+        servedInitial.withLock { $0 = true }
         try? await gracefulShutdown()
         await stopAll()
     }
@@ -128,10 +129,13 @@ final class TenantListeners: Service, Sendable {
         }
         try beginChange()
         defer { endChange() }
-        if let twin = served.withLock({ $0.values.first { $0.tenant.name == tenant.name || $0.tenant.uid == tenant.uid } }) {
-            throw twin.tenant.name == tenant.name
-                ? .conflict("tenant '\(tenant.name)' exists already (uid \(twin.tenant.uid)); DELETE /v1/tenants/\(tenant.name) first")
-                : .conflict("uid \(tenant.uid) is tenant \(twin.tenant.name)'s already; give each tenant a uid of its own")
+        // While hvd starts, the tenants it starts with count too: one may not be served yet.
+        let starting = servedInitial.withLock { !$0 } ? initial.map(\.0) : []
+        let taken = served.withLock { $0.values.map(\.tenant) } + starting
+        if let twin = taken.first(where: { $0.name == tenant.name || $0.uid == tenant.uid }) {
+            throw twin.name == tenant.name
+                ? .conflict("tenant '\(tenant.name)' exists already (uid \(twin.uid)); DELETE /v1/tenants/\(tenant.name) first")
+                : .conflict("uid \(tenant.uid) is tenant \(twin.name)'s already; give each tenant a uid of its own")
         }
         do throws(UsageError) { try await serve(tenant, fromCommandLine: false) } catch { throw .unprocessable(error.message) }
         do throws(APIError) { try writeBook() } catch {

@@ -409,6 +409,9 @@ final class HVDTests: XCTestCase {
         XCTAssertEqual(tenants.compactMap { $0["origin"] as? String }, ["command-line", "api"])
         XCTAssertEqual(tenants.last?["gid"] as? Int, 61007)
         XCTAssertEqual(try call("GET", "/v1/vms", on: dir.appendingPathComponent("hvd-tenants/dave/api.sock").path).status, 200)
+        // One the book brought back is removed and added again like any other.
+        XCTAssertEqual(try call("DELETE", "/v1/tenants/dave").status, 204)
+        XCTAssertEqual(try call("POST", "/v1/tenants", #"{"name": "dave", "uid": 61006}"#).status, 201)
         XCTAssertEqual(try self.pid("a1"), pid, "alice's VM did not run on")
         let audit = try String(contentsOfFile: stateDir + "/audit.log", encoding: .utf8)
         XCTAssertTrue(audit.contains("\"method\":\"DELETE\",\"path\":\"/v1/tenants/carol\"") && audit.contains("\"status\":204"), audit)
