@@ -536,12 +536,7 @@ public func segmentStatuses() -> [JSONObject] {
     sweepStaleSegments()
     var segments: [JSONObject] = []
     for name in entryStems(in: SegmentDirectory.path, suffixes: [".sock"]) {
-        guard let fd = connectTo(SegmentDirectory.socket(name)) else { continue }  // a switch that has exited
-        let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
-        var timeout = timeval(tv_sec: 5, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
-              case .object(let object)? = try? JSONValue.parse(reply.bytes) else { continue }
+        guard let object = switchStatus(name, timeout: timeval(tv_sec: 5, tv_usec: 0)) else { continue }  // a switch that has exited
         // Whose segment it is: the host's record, not the (sandboxed) switch's word.
         let ownership = SegmentOwnership.read(name)
         segments.append(JSONObject(object.members + [
@@ -550,6 +545,18 @@ public func segmentStatuses() -> [JSONObject] {
         ]))
     }
     return segments
+}
+
+/// What segment `name`'s switch answers to `status` (its members and their counters), or nil
+/// when no switch answers within `timeout`.
+func switchStatus(_ name: String, timeout: timeval) -> JSONObject? {
+    guard let fd = connectTo(SegmentDirectory.socket(name)) else { return nil }
+    let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
+    var timeout = timeout
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
+          case .object(let object)? = try? JSONValue.parse(reply.bytes) else { return nil }
+    return object
 }
 
 /// A segment NIC's frames as its segment's switch counts them: no host interface carries a
@@ -561,13 +568,9 @@ enum SegmentTraffic {
     /// The counters of NIC `nic` of VM `vm` on `segment`; nil when the switch does not answer
     /// within 200 ms or does not list it.
     static func read(segment: String, vm: String, nic: String) -> VMStatus.NIC.Traffic? {
-        guard let fd = connectTo(SegmentDirectory.socket(segment)) else { return nil }
-        let connection = SeqPacketSocket(adopting: FileDescriptor(owning: fd))
         // The status is asked on the control socket's thread: a stuck switch must not hold it.
-        var timeout = timeval(tv_sec: 0, tv_usec: 200_000)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        guard (try? connection.send(Array("status".utf8))) != nil, let reply = try? connection.receive(),
-              case .object(let status)? = try? JSONValue.parse(reply.bytes), case .array(let members)? = status["members"] else { return nil }
+        guard let status = switchStatus(segment, timeout: timeval(tv_sec: 0, tv_usec: 200_000)),
+              case .array(let members)? = status["members"] else { return nil }
         for case .object(let member) in members {
             guard case .string(vm)? = member["vm"], case .string(nic)? = member["nic"] else { continue }
             func count(_ key: String) -> UInt64 {
